@@ -1,0 +1,126 @@
+"""The V2 request a layerstream model expects, and the events its stream carries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# Parameters the client sends as given; numbers are sent as they are over REST and as
+# strings over gRPC (which drops floats), the server accepts both.
+_PARAMS = (
+    "mode",
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "do_sample",
+    "seed",
+    "stop",
+    "repetition_penalty",
+    "layers",
+    "pooling",
+)
+
+
+class StreamError(RuntimeError):
+    """The server ended the stream with ``finish_reason: "error"``."""
+
+
+@dataclass(frozen=True)
+class Token:
+    token_id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class HiddenState:
+    layer: int
+    shape: tuple[int, ...]
+    values: list[float] = field(repr=False)  # row-major float32 values
+
+    def rows(self) -> list[list[float]]:
+        """``[seq][hidden]`` nested lists."""
+        width = self.shape[-1]
+        return [self.values[i : i + width] for i in range(0, len(self.values), width)]
+
+
+@dataclass(frozen=True)
+class Final:
+    finish_reason: str
+    stats: dict[str, int]
+    text: str = ""
+    embedding: list[float] | None = None
+    error: str | None = None
+
+
+def build_request(
+    prompt: str | None = None,
+    input_ids: list[int] | None = None,
+    request_id: str | None = None,
+    **parameters: Any,
+) -> dict[str, Any]:
+    """A V2 inference request (JSON form) for a prompt or pre-tokenised ids."""
+    if (prompt is None) == (input_ids is None):
+        raise ValueError("pass exactly one of prompt or input_ids")
+    unknown = set(parameters) - set(_PARAMS)
+    if unknown:
+        raise ValueError(f"unknown parameters {sorted(unknown)}; known: {', '.join(_PARAMS)}")
+    if prompt is not None:
+        inputs = [{"name": "prompt", "datatype": "BYTES", "shape": [1], "data": [prompt]}]
+    else:
+        inputs = [
+            {
+                "name": "input_ids",
+                "datatype": "INT64",
+                "shape": [len(input_ids)],
+                "data": list(input_ids),
+            }
+        ]
+    request: dict[str, Any] = {"inputs": inputs}
+    if request_id:
+        request["id"] = request_id
+    params = {k: v for k, v in parameters.items() if v is not None}
+    if params:
+        request["parameters"] = params
+    return request
+
+
+def _output(response: dict[str, Any], name: str) -> dict[str, Any] | None:
+    return next((o for o in response.get("outputs") or [] if o["name"] == name), None)
+
+
+def parse_response(response: dict[str, Any]) -> list[Token | HiddenState | Final]:
+    """Events in one streamed InferenceResponse (JSON form); raises StreamError on error."""
+    params = {k: v for k, v in (response.get("parameters") or {}).items() if k != "headers"}
+    reason = params.pop("finish_reason", None)
+    if reason == "error":
+        raise StreamError(params.get("error") or "the server reported an error")
+    text = _output(response, "text")
+    if reason is not None:
+        embedding = _output(response, "embedding")
+        stats = {
+            k: int(v)
+            for k, v in params.items()
+            if isinstance(v, int | str) and str(v).lstrip("-").isdigit()
+        }
+        return [
+            Final(
+                finish_reason=reason,
+                stats=stats,
+                text=text["data"][0] if text else "",
+                embedding=list(embedding["data"]) if embedding else None,
+            )
+        ]
+    token = _output(response, "token_id")
+    if token is not None:
+        return [Token(token_id=int(token["data"][0]), text=text["data"][0] if text else "")]
+    hidden = _output(response, "hidden_state")
+    if hidden is not None:
+        return [
+            HiddenState(
+                layer=int(params["layer"]),
+                shape=tuple(hidden["shape"]),
+                values=list(hidden["data"]),
+            )
+        ]
+    raise ValueError(f"unexpected response: {sorted(response)}")

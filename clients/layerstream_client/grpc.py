@@ -1,0 +1,108 @@
+"""gRPC client: ``ModelStreamInfer`` through MLServer's own generated stubs.
+
+(tritonclient's stream API does not work against MLServer: it expects Triton's
+``ModelStreamInferResponse`` wrapper, MLServer sends plain ``ModelInferResponse``.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+from mlserver.grpc import dataplane_pb2 as pb
+from mlserver.grpc import dataplane_pb2_grpc as pb_grpc
+
+from .events import Final, HiddenState, Token, build_request, parse_response
+
+
+def _parameter(value: Any) -> pb.InferParameter:
+    # gRPC has no float parameter: floats and lists travel as strings, which the server parses.
+    if isinstance(value, bool):
+        return pb.InferParameter(bool_param=value)
+    if isinstance(value, int):
+        return pb.InferParameter(int64_param=value)
+    if isinstance(value, list):
+        return pb.InferParameter(string_param=",".join(str(v) for v in value))
+    return pb.InferParameter(string_param=str(value))
+
+
+def to_grpc_request(model: str, request: dict[str, Any]) -> pb.ModelInferRequest:
+    message = pb.ModelInferRequest(model_name=model, id=request.get("id", ""))
+    for item in request["inputs"]:
+        tensor = message.inputs.add(
+            name=item["name"], datatype=item["datatype"], shape=item["shape"]
+        )
+        if item["datatype"] == "BYTES":
+            tensor.contents.bytes_contents.extend(s.encode() for s in item["data"])
+            tensor.parameters["content_type"].string_param = "str"
+        else:
+            tensor.contents.int64_contents.extend(item["data"])
+    for key, value in (request.get("parameters") or {}).items():
+        message.parameters[key].CopyFrom(_parameter(value))
+    return message
+
+
+def _to_json(response: pb.ModelInferResponse) -> dict[str, Any]:
+    params = {k: MessageToDict(v) for k, v in response.parameters.items()}
+    out: dict[str, Any] = {"parameters": {}}
+    for key, value in params.items():
+        ((kind, raw),) = value.items()
+        out["parameters"][key] = int(raw) if kind == "int64Param" else raw
+    outputs = []
+    for tensor in response.outputs:
+        c = tensor.contents
+        data: list[Any]
+        if tensor.datatype == "BYTES":
+            data = [b.decode() for b in c.bytes_contents]
+        elif tensor.datatype.startswith("INT"):
+            data = list(c.int64_contents) or list(c.int_contents)
+        else:
+            data = list(c.fp32_contents)
+        outputs.append(
+            {
+                "name": tensor.name,
+                "shape": list(tensor.shape),
+                "datatype": tensor.datatype,
+                "data": data,
+            }
+        )
+    out["outputs"] = outputs
+    return out
+
+
+class GRPCClient:
+    def __init__(self, target: str = "127.0.0.1:8081", timeout: float = 300.0):
+        self.target = target
+        self.timeout = timeout
+
+    def stream(self, model: str, request: dict[str, Any]) -> Iterator[Token | HiddenState | Final]:
+        """Events as they arrive; a failed call raises grpc.RpcError (code + details)."""
+        options = [("grpc.max_receive_message_length", 256 * 2**20)]
+        with grpc.insecure_channel(self.target, options=options) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            calls = stub.ModelStreamInfer(
+                iter([to_grpc_request(model, request)]), timeout=self.timeout
+            )
+            for response in calls:
+                yield from parse_response(_to_json(response))
+
+    def generate(
+        self,
+        model: str,
+        prompt: str | None = None,
+        input_ids: list[int] | None = None,
+        **params: Any,
+    ):
+        return self.stream(model, build_request(prompt, input_ids, **params))
+
+    def hidden_states(
+        self,
+        model: str,
+        prompt: str | None = None,
+        input_ids: list[int] | None = None,
+        **params: Any,
+    ):
+        params.setdefault("mode", "hidden_states")
+        return self.stream(model, build_request(prompt, input_ids, **params))

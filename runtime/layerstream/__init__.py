@@ -1,0 +1,51 @@
+"""layerstream: serve Hugging Face transformers whose weights stream layer by layer.
+
+The flow, by module:
+
+- ``chunker``   a checkpoint -> one safetensors chunk per block + ``manifest.json``
+- ``stores``    where chunks live (``ChunkStore``; a local directory)
+- ``engine``    the model on a meta skeleton; hooks install/release blocks while it runs
+- ``streamer``  reads chunks: pinned blocks once, the others through a buffer pool, ahead
+- ``runtime``   ``LayerStreamRuntime``, the MLServer model (``predict_stream``/``predict``)
+
+MLServer imports ``layerstream.LayerStreamRuntime`` and then reloads this module, so it
+has no side effects: the heavy imports happen on first attribute access.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__all__ = [
+    "Engine",
+    "EngineOptions",
+    "LayerStreamRuntime",
+    "Manifest",
+    "chunk_checkpoint",
+    "open_store",
+]
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Engine": "engine",
+    "EngineOptions": "engine",
+    "LayerStreamRuntime": "runtime",
+    "Manifest": "manifest",
+    "chunk_checkpoint": "chunker",
+    "open_store": "stores",
+}
+
+if TYPE_CHECKING:
+    from .chunker import chunk_checkpoint
+    from .engine import Engine, EngineOptions
+    from .manifest import Manifest
+    from .runtime import LayerStreamRuntime
+    from .stores import open_store
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'layerstream' has no attribute {name!r}")

@@ -1,0 +1,112 @@
+"""``layerstream chunk``: turn a Hugging Face checkpoint into a chunk store + model-repo entry."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .presets import PRESETS
+
+log = logging.getLogger("layerstream")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="layerstream", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    chunk = sub.add_parser(
+        "chunk",
+        help="split a checkpoint into per-block safetensors chunks",
+        description="layerstream chunk SOURCE DEST --name NAME, or "
+        "layerstream chunk --random-init PRESET|CONFIG.json DEST --name NAME",
+    )
+    chunk.add_argument(
+        "paths",
+        nargs="+",
+        metavar="SOURCE DEST",
+        help="SOURCE: a local Hugging Face checkpoint directory or a Hub id (omit it with "
+        "--random-init); DEST: the chunk store directory, e.g. model-repo/NAME/chunks",
+    )
+    chunk.add_argument("--name", required=True, help="model name served by MLServer")
+    chunk.add_argument(
+        "--dtype", choices=["float32", "float16", "bfloat16"], help="cast weights (default: keep)"
+    )
+    chunk.add_argument(
+        "--model-repo",
+        type=Path,
+        help="MLServer model repository to write NAME/model-settings.json into "
+        "(default: DEST's parent folder when it is named NAME)",
+    )
+    chunk.add_argument(
+        "--random-init",
+        metavar="PRESET|CONFIG.json",
+        help=f"build a random-init model offline, with a local tokenizer; presets: {', '.join(PRESETS)}",
+    )
+    chunk.add_argument("--force", action="store_true", help="overwrite an existing store")
+    chunk.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def _model_dir(args: argparse.Namespace, dest: Path) -> Path | None:
+    if args.model_repo is not None:
+        return args.model_repo / args.name
+    if dest.resolve().parent.name == args.name:
+        return dest.resolve().parent
+    return None
+
+
+def chunk_command(args: argparse.Namespace) -> int:
+    from .chunker import ChunkerError, chunk_checkpoint, random_source, resolve_source
+    from .repo import write_model_settings
+
+    expected = 1 if args.random_init else 2
+    if len(args.paths) != expected:
+        usage = "--random-init SPEC DEST" if args.random_init else "SOURCE DEST"
+        log.error("expected %s, got %s", usage, " ".join(args.paths))
+        return 2
+    dest = Path(args.paths[-1])
+    model_dir = _model_dir(args, dest)
+    settings_path = model_dir / "model-settings.json" if model_dir else None
+    if settings_path is not None and settings_path.exists() and not args.force:
+        log.error("%s exists; pass --force to overwrite it", settings_path)
+        return 1
+    tmp = None
+    try:
+        if args.random_init:
+            tmp = random_source(args.random_init)
+            source = Path(tmp.name)
+        else:
+            source = resolve_source(args.paths[0])
+        manifest = chunk_checkpoint(
+            source, dest, args.name, dtype=args.dtype, force=args.force, progress=not args.quiet
+        )
+    except (ChunkerError, ValueError) as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    print(f"{dest}: {len(manifest.blocks)} blocks, {manifest.total_bytes / 2**20:.1f} MiB")
+    if model_dir is None:
+        log.warning(
+            "no model-settings.json written: pass --model-repo DIR, or chunk into "
+            "model-repo/%s/chunks",
+            args.name,
+        )
+        return 0
+    path = write_model_settings(model_dir, args.name, dest, force=True)
+    print(f"{path}: serve it with `mlserver start {model_dir.parent}`")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = _parser().parse_args(argv)
+    if args.command == "chunk":
+        return chunk_command(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

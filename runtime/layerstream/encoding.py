@@ -1,0 +1,111 @@
+"""Engine events -> V2 InferenceResponses (the same for REST SSE and gRPC).
+
+Response parameters are ints and strings only: gRPC drops floats and nested objects.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from mlserver.types import InferenceResponse, Parameters, ResponseOutput
+
+from .events import FinalEvent, HiddenStateEvent, TokenEvent
+from .protocol import Request
+
+
+def _text(name: str, text: str) -> ResponseOutput:
+    return ResponseOutput(
+        name=name,
+        shape=[1],
+        datatype="BYTES",
+        data=[text.encode("utf-8")],
+        parameters=Parameters(content_type="str"),
+    )
+
+
+def _ids(name: str, ids: list[int]) -> ResponseOutput:
+    return ResponseOutput(
+        name=name,
+        shape=[len(ids)],
+        datatype="INT64",
+        data=ids,
+        parameters=Parameters(content_type="np"),
+    )
+
+
+def _floats(name: str, array: np.ndarray) -> ResponseOutput:
+    # float32 always: gRPC cannot encode fp16 contents, and clients get one dtype to parse
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    return ResponseOutput(
+        name=name,
+        shape=list(array.shape),
+        datatype="FP32",
+        data=array.reshape(-1).tolist(),
+        parameters=Parameters(content_type="np"),
+    )
+
+
+def _response(
+    model: str, version: str | None, request_id: str | None, outputs, **params
+) -> InferenceResponse:
+    return InferenceResponse(
+        model_name=model,
+        model_version=version,
+        id=request_id,
+        outputs=outputs,
+        parameters=Parameters(**params),
+    )
+
+
+def encode_event(
+    model: str, version: str | None, request_id: str | None, event: object
+) -> InferenceResponse:
+    if isinstance(event, TokenEvent):
+        return _response(
+            model,
+            version,
+            request_id,
+            [_text("text", event.text), _ids("token_id", [event.token_id])],
+        )
+    if isinstance(event, HiddenStateEvent):
+        output = _floats("hidden_state", event.hidden_state)
+        return _response(model, version, request_id, [output], layer=event.layer)
+    if isinstance(event, FinalEvent):
+        outputs = []
+        if event.text:
+            outputs.append(_text("text", event.text))
+        if event.embedding is not None:
+            outputs.append(_floats("embedding", event.embedding))
+        return _response(
+            model, version, request_id, outputs, finish_reason=event.finish_reason, **event.stats
+        )
+    raise TypeError(f"unknown event {type(event).__name__}")
+
+
+def error_response(
+    model: str, version: str | None, request_id: str | None, message: str
+) -> InferenceResponse:
+    return _response(model, version, request_id, [], finish_reason="error", error=message)
+
+
+def encode_unary(
+    model: str, version: str | None, request_id: str | None, request: Request, events: list[object]
+) -> InferenceResponse:
+    """The whole answer in one response: full text and ids, or stacked hidden states."""
+    final = events[-1]
+    assert isinstance(final, FinalEvent)
+    outputs: list[ResponseOutput] = []
+    if request.mode == "tokens":
+        tokens = [e for e in events if isinstance(e, TokenEvent)]
+        outputs.append(_text("text", "".join(e.text for e in tokens) + final.text))
+        outputs.append(_ids("token_ids", [e.token_id for e in tokens]))
+    else:
+        hidden = [e for e in events if isinstance(e, HiddenStateEvent)]
+        if hidden:
+            outputs.append(_floats("hidden_states", np.stack([e.hidden_state for e in hidden])))
+        outputs.append(_floats("embedding", final.embedding))
+    params = dict(final.stats)
+    if request.mode == "hidden_states":
+        params["layers"] = ",".join(str(e.layer) for e in events if isinstance(e, HiddenStateEvent))
+    return _response(
+        model, version, request_id, outputs, finish_reason=final.finish_reason, **params
+    )

@@ -1,0 +1,242 @@
+"""One model, built from its chunk store, whose blocks are streamed while it runs.
+
+transformers' own classes run unchanged on a meta skeleton: the non-block weights and the
+pinned blocks are installed once, the other blocks are installed by a pre-forward hook and
+released by a post-forward hook. ``forward`` and ``generate`` (KV cache, sampling, masks,
+RoPE) are transformers' own, so any architecture it can build from a config works.
+
+Threading: the model runs on one thread at a time (the scheduler's); store reads run on the
+streamer's I/O threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedModel
+
+from .errors import ManifestError, RequestCancelled
+from .hooks import BlockSlots
+from .manifest import MANIFEST_NAME, Manifest
+from .residency import ResidencyPlan, plan_residency, resolve_budget
+from .skeleton import block_prefixes, build_skeleton, get_tensor, scope_of, set_tensor
+from .stores import ChunkStore
+from .streamer import Loaded, StreamStats, WeightStreamer
+from .units import format_size
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineOptions:
+    memory_budget: str | int = "auto"  # weights held in memory: bytes, '2GiB', '25%', 'auto'
+    read_ahead: int = 2
+    io_threads: int = 2
+    verify_checksums: bool = True
+
+
+@dataclass
+class RequestScope:
+    """Per-request view of the engine's counters (one request runs at a time)."""
+
+    cancelled: Callable[[], bool]
+    started: float = field(default_factory=time.perf_counter)
+    before: StreamStats | None = None
+    stats: StreamStats = field(default_factory=StreamStats)
+
+
+class Engine:
+    def __init__(self, store: ChunkStore, options: EngineOptions):
+        started = time.perf_counter()
+        self.store = store
+        self.options = options
+        self.manifest = Manifest.from_json(
+            store.read(MANIFEST_NAME), f"{store.uri}/{MANIFEST_NAME}"
+        )
+        self._files = tempfile.TemporaryDirectory(prefix="layerstream-model-")
+        self.files_dir = Path(self._files.name)
+        for name in self.manifest.files:
+            (self.files_dir / name).write_bytes(store.read(name))
+        self.config = AutoConfig.from_pretrained(self.files_dir)
+        self.model: PreTrainedModel = build_skeleton(
+            self.config, self.manifest.architecture, self.manifest.dtype
+        )
+        self.prefixes = block_prefixes(self.model)
+        if self.prefixes != [b.prefix for b in self.manifest.blocks]:
+            raise ManifestError(
+                f"the model built by this transformers version has blocks {self.prefixes[:3]}…, "
+                f"the manifest {[b.prefix for b in self.manifest.blocks][:3]}…; re-chunk the model"
+            )
+        budget = resolve_budget(options.memory_budget, self.manifest.total_bytes)
+        self.plan: ResidencyPlan = plan_residency(self.manifest, budget, options.read_ahead)
+        self.streamer = WeightStreamer(
+            store, self.manifest, self.plan, options.io_threads, options.verify_checksums
+        )
+        self.blocks = [BlockSlots(p, self.model.get_submodule(p)) for p in self.prefixes]
+        self._scope: RequestScope | None = None
+        self._active: dict[int, Loaded] = {}
+        try:
+            self._load_rest()
+            for j in sorted(self.plan.resident):
+                self.blocks[j].install(self.streamer.load_resident(self.manifest.blocks[j].chunk))
+            self._check_materialised()
+        except BaseException:
+            self.close()
+            raise
+        self._hooks = [self._register(j) for j in range(len(self.blocks))]
+        self.tokenizer = self._load_tokenizer()
+        self.generation_config = self._load_generation_config()
+        load_s = time.perf_counter() - started
+        stats = self.streamer.stats
+        log.info(
+            "loaded %s (%s, %s) in %.2fs: read %s at %.2f GB/s; %s",
+            self.manifest.name,
+            self.manifest.architecture,
+            self.manifest.dtype,
+            load_s,
+            format_size(stats.bytes_read),
+            stats.bytes_read / max(stats.read_s, 1e-9) / 1e9,
+            self.plan.describe(self.manifest),
+        )
+
+    # -- loading -----------------------------------------------------------------------------
+    def _load_rest(self) -> None:
+        present: dict[str, torch.Tensor] = {}
+        for chunk in self.manifest.rest:
+            for key, tensor in self.streamer.load_resident(chunk).items():
+                if scope_of(key, self.prefixes) is not None:
+                    raise ManifestError(f"non-block chunk {chunk} holds block tensor {key}")
+                set_tensor(self.model, key, tensor)
+                present[key] = tensor
+        # Tied weights (lm_head = embeddings, T5's 4-way tie): one Parameter for the group.
+        for group in self.manifest.tied:
+            rest_keys = [k for k in group if scope_of(k, self.prefixes) is None]
+            source = next((k for k in rest_keys if k in present), None)
+            if source is None:
+                continue
+            shared = get_tensor(self.model, source)
+            for key in rest_keys:
+                if key != source:
+                    set_tensor(self.model, key, shared)
+
+    def _check_materialised(self) -> None:
+        missing = [
+            key
+            for key, value in [*self.model.named_parameters(), *self.model.named_buffers()]
+            if value.device.type == "meta" and scope_of(key, self.prefixes) is None
+        ]
+        if missing:
+            raise ManifestError(
+                f"the chunk store has no values for {missing[:5]}; re-run the chunker"
+            )
+
+    def _load_tokenizer(self):
+        if not any(
+            name.startswith("tokenizer") or name == "vocab.json" for name in self.manifest.files
+        ):
+            return None
+        return AutoTokenizer.from_pretrained(self.files_dir)
+
+    def _load_generation_config(self) -> GenerationConfig | None:
+        if not self.model.can_generate():
+            return None
+        if "generation_config.json" in self.manifest.files:
+            return GenerationConfig.from_pretrained(self.files_dir)
+        return GenerationConfig.from_model_config(self.config)
+
+    # -- hooks -------------------------------------------------------------------------------
+    def _register(self, j: int) -> list[torch.utils.hooks.RemovableHandle]:
+        module = self.model.get_submodule(self.prefixes[j])
+        if j in self.plan.resident:
+            return [module.register_forward_pre_hook(self._resident_pre(j))]
+        return [
+            module.register_forward_pre_hook(self._streamed_pre(j)),
+            module.register_forward_hook(self._streamed_post(j), always_call=True),
+        ]
+
+    def _check_cancel(self) -> None:
+        if self._scope is not None and self._scope.cancelled():
+            raise RequestCancelled()
+
+    def _resident_pre(self, j: int) -> Callable[[nn.Module, tuple], None]:
+        def pre(module: nn.Module, args: tuple) -> None:
+            self._check_cancel()
+            self.streamer.hit()
+
+        return pre
+
+    def _streamed_pre(self, j: int) -> Callable[[nn.Module, tuple], None]:
+        def pre(module: nn.Module, args: tuple) -> None:
+            self._check_cancel()
+            loaded = self.streamer.acquire(j)
+            self._active[j] = loaded
+            self.blocks[j].install(loaded.tensors)
+
+        return pre
+
+    def _streamed_post(self, j: int) -> Callable[[nn.Module, tuple, object], None]:
+        def post(module: nn.Module, args: tuple, output: object) -> None:
+            self.blocks[j].release()
+            loaded = self._active.pop(j, None)
+            if loaded is not None:
+                self.streamer.release(loaded)
+
+        return post
+
+    # -- requests ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def request(self, cancelled: Callable[[], bool] = lambda: False) -> Iterator[RequestScope]:
+        """Run one request's model calls inside this block (on the engine thread)."""
+        scope = RequestScope(cancelled=cancelled, before=self.streamer.stats.snapshot())
+        self._scope = scope
+        try:
+            with torch.inference_mode():
+                yield scope
+        except BaseException:
+            # A failed or cancelled forward may leave read-aheads for blocks that will not run.
+            self.streamer.drop_read_ahead()
+            for j in list(self._active):
+                self.blocks[j].release()
+                self.streamer.release(self._active.pop(j))
+            raise
+        finally:
+            self._scope = None
+            scope.stats = self.streamer.stats.since(scope.before)
+
+    @contextlib.contextmanager
+    def capture_block_outputs(
+        self, on_output: Callable[[int, torch.Tensor], None]
+    ) -> Iterator[None]:
+        """Call ``on_output(j, hidden)`` as soon as block j has produced its hidden states."""
+
+        def hook_for(j: int):
+            def hook(module: nn.Module, args: tuple, output: object) -> None:
+                hidden = output[0] if isinstance(output, tuple | list) else output
+                on_output(j, hidden)
+
+            return hook
+
+        handles = [
+            self.model.get_submodule(p).register_forward_hook(hook_for(j))
+            for j, p in enumerate(self.prefixes)
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def close(self) -> None:
+        for handles in getattr(self, "_hooks", []):
+            for handle in handles:
+                handle.remove()
+        self.streamer.close()
+        self._files.cleanup()

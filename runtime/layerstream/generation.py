@@ -1,0 +1,190 @@
+"""Token generation: transformers' ``generate`` with a streamer that emits one event per token.
+
+Text is decoded incrementally (a token that ends inside a multi-byte character adds no
+text until the character is complete) and held back while it could be the start of a stop
+string, so a stop string never reaches the client.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from .engine import Engine
+from .events import FinalEvent, TokenEvent
+from .protocol import Request
+
+Emit = Callable[[object], None]
+
+
+class IncrementalDecoder:
+    """Text deltas of a growing id sequence (the prefix-offset method of TGI/vLLM)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        if self.tokenizer is None:
+            return ""
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        text = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        if len(text) > len(prefix) and not text.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return text[len(prefix) :]
+        return ""
+
+
+class StopMatcher:
+    """Cuts the text at the first stop string; holds back a possible stop-string prefix."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.sent = ""
+        self.pending = ""
+        self.stopped = False
+
+    def feed(self, delta: str) -> str:
+        if not self.stops:
+            return delta
+        self.pending += delta
+        full = self.sent + self.pending
+        window = max(len(self.sent) - max(len(s) for s in self.stops), 0)
+        hits = [i for i in (full.find(s, window) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            return self._release(min(hits) - len(self.sent))
+        hold = max(
+            (n for s in self.stops for n in range(1, len(s)) if full.endswith(s[:n])), default=0
+        )
+        return self._release(len(self.pending) - hold)
+
+    def _release(self, n: int) -> str:
+        out, self.pending = self.pending[:n], self.pending[n:]
+        self.sent += out
+        return out
+
+    def flush(self) -> str:
+        if self.stopped:
+            return ""
+        return self._release(len(self.pending))
+
+
+class _EventStreamer(BaseStreamer):
+    """transformers calls put() with the prompt first, then with each new token."""
+
+    def __init__(self, tokenizer, stops: list[str], emit: Emit, started: float):
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.matcher = StopMatcher(stops)
+        self.emit = emit
+        self.started = started
+        self.first_token_at: float | None = None
+        self.tokens = 0
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        if self.matcher.stopped:
+            return  # generate may finish the step in which a stop string completed
+        for token_id in value.reshape(-1).tolist():
+            text = self.matcher.feed(self.decoder.add(token_id))
+            if self.first_token_at is None:
+                self.first_token_at = time.perf_counter()
+            self.tokens += 1
+            self.emit(TokenEvent(token_id=token_id, text=text))
+
+    def end(self) -> None:
+        pass
+
+
+class _StopWhen(StoppingCriteria):
+    def __init__(self, condition: Callable[[], bool]):
+        self.condition = condition
+
+    def __call__(
+        self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs
+    ) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.condition(), dtype=torch.bool)
+
+
+def generation_config(engine: Engine, request: Request) -> GenerationConfig:
+    config = GenerationConfig.from_dict(engine.generation_config.to_dict())
+    config.max_new_tokens = request.max_new_tokens
+    config.max_length = None
+    for name in ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty"):
+        value = getattr(request, name)
+        if value is not None:
+            setattr(config, name, value)
+    if request.do_sample is None and request.temperature is not None:
+        config.do_sample = True  # a temperature is a request to sample
+    if config.pad_token_id is None and config.eos_token_id is not None:
+        eos = config.eos_token_id
+        config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+    return config
+
+
+def run_generation(
+    engine: Engine,
+    request: Request,
+    input_ids: list[int],
+    emit: Emit,
+    cancelled: Callable[[], bool],
+) -> FinalEvent:
+    """Generate on the engine thread, emitting a TokenEvent per token; return the last event."""
+    config = generation_config(engine, request)
+    ids = torch.tensor([input_ids], dtype=torch.long)
+    with engine.request(cancelled) as scope:
+        streamer = _EventStreamer(engine.tokenizer, request.stop, emit, scope.started)
+        if request.seed is not None:
+            torch.manual_seed(request.seed)
+        output = engine.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            generation_config=config,
+            streamer=streamer,
+            stopping_criteria=StoppingCriteriaList(
+                [_StopWhen(lambda: streamer.matcher.stopped or cancelled())]
+            ),
+        )
+    new_ids = output[0, ids.shape[1] :].tolist()
+    eos = config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if streamer.matcher.stopped or (new_ids and new_ids[-1] in eos_ids):
+        reason = "stop"
+    else:
+        reason = "length"
+    final = FinalEvent(finish_reason=reason, text=streamer.matcher.flush())
+    final.stats = request_stats(scope, len(input_ids), streamer.tokens, streamer.first_token_at)
+    return final
+
+
+def request_stats(
+    scope, prompt_tokens: int, tokens: int, first_token_at: float | None
+) -> dict[str, int]:
+    """Integer stats (gRPC keeps only bool/int/string parameters)."""
+    now = time.perf_counter()
+    s = scope.stats
+    total_us = int((now - scope.started) * 1e6)
+    wait_us = int(s.wait_s * 1e6)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "tokens": tokens,
+        "ttft_us": int((first_token_at - scope.started) * 1e6) if first_token_at else 0,
+        "total_us": total_us,
+        "weight_wait_us": wait_us,
+        "compute_us": max(total_us - wait_us, 0),
+        "bytes_streamed": s.bytes_read,
+        "chunks_streamed": s.chunks_read,
+        "cache_hits": s.cache_hits,
+        "cache_misses": s.cache_misses,
+    }

@@ -1,0 +1,205 @@
+"""Random-init demo models and a working local tokenizer, for machines without the Hub.
+
+``layerstream chunk --random-init tiny-llama`` (a preset) or ``--random-init config.json``
+builds the model from its config with a fixed seed and trains a small byte-level BPE
+tokenizer on a built-in text, so the chunked model can be served and prompted end to end
+offline. The weights are random: the text it generates is gibberish, but every path
+(tokenize, stream, generate, decode) is the real one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerFast
+
+log = logging.getLogger(__name__)
+
+PAD, BOS, EOS, UNK = "<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"
+CLS, SEP, MASK = "[CLS]", "[SEP]", "[MASK]"
+
+# name -> (model_type, config kwargs). Small enough for tests; "llama-demo" is the quick start.
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "tiny-gpt2": (
+        "gpt2",
+        dict(
+            n_embd=64,
+            n_layer=4,
+            n_head=4,
+            vocab_size=512,
+            n_positions=256,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+    ),
+    "tiny-llama": (
+        "llama",
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=512,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "tiny-qwen2": (
+        "qwen2",
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=512,
+            max_position_embeddings=256,
+        ),
+    ),
+    "tiny-bert": (
+        "bert",
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            vocab_size=512,
+            max_position_embeddings=256,
+        ),
+    ),
+    "llama-demo": (
+        "llama",
+        dict(
+            hidden_size=512,
+            intermediate_size=1408,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            vocab_size=4096,
+            max_position_embeddings=1024,
+            tie_word_embeddings=False,
+        ),
+    ),
+}
+
+_ARCHITECTURES = {
+    "gpt2": "GPT2LMHeadModel",
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "bert": "BertModel",
+}
+
+_CORPUS = """\
+Once upon a time there was a small model that did not fit in memory. It was served one layer
+at a time, streamed from a chunk store, and it answered every request exactly as the full
+model would have. The quick brown fox jumps over the lazy dog. Layer streaming trades memory
+for bandwidth: a block is read just before it runs and released right after. Tokens stream
+back to the client over server-sent events or gRPC, one event per token, while the next
+block is already being read. Hidden states stream too, one event per layer. The weights are
+checked against their sha256 before use, and a chunk that fails the check is an error, never
+a wrong answer. 0123456789 + - * / = ( ) [ ] { } < > , . ; : ! ? ' " @ # $ % & _ ~
+"""
+
+
+def random_init_config(spec: str) -> PretrainedConfig:
+    """A preset name, or a path to a config.json (a Hugging Face model config)."""
+    if spec in PRESETS:
+        model_type, kwargs = PRESETS[spec]
+        config = AutoConfig.for_model(model_type, **kwargs)
+    elif Path(spec).is_file():
+        data = json.loads(Path(spec).read_text())
+        if "model_type" not in data:
+            raise ValueError(f"{spec} has no 'model_type'; it is not a transformers config")
+        config = AutoConfig.for_model(data.pop("model_type"), **data)
+    else:
+        raise ValueError(
+            f"--random-init {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a config file"
+        )
+    if not getattr(config, "architectures", None):
+        default = _ARCHITECTURES.get(config.model_type)
+        if default is None:
+            raise ValueError(f"{spec}: set 'architectures' in the config (e.g. ['BertModel'])")
+        config.architectures = [default]
+    return config
+
+
+def build_tokenizer(config: PretrainedConfig) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on the built-in text; its vocabulary fits the model's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    encoder_only = not _is_causal(config)
+    specials = [PAD, UNK, CLS, SEP, MASK] if encoder_only else [PAD, BOS, EOS, UNK]
+    tok = Tokenizer(models.BPE(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=config.vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
+    if encoder_only:
+        cls_id, sep_id = tok.token_to_id(CLS), tok.token_to_id(SEP)
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{CLS} $A {SEP}",
+            pair=f"{CLS} $A {SEP} $B {SEP}",
+            special_tokens=[(CLS, cls_id), (SEP, sep_id)],
+        )
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            pad_token=PAD,
+            unk_token=UNK,
+            cls_token=CLS,
+            sep_token=SEP,
+            mask_token=MASK,
+        )
+    else:
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK
+        )
+    fast.model_max_length = _context_length(config) or 1024
+    if fast.vocab_size > config.vocab_size:
+        raise ValueError(f"tokenizer vocabulary {fast.vocab_size} > model's {config.vocab_size}")
+    return fast
+
+
+def _is_causal(config: PretrainedConfig) -> bool:
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures or [])
+
+
+def _context_length(config: PretrainedConfig) -> int | None:
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def write_random_checkpoint(spec: str, dest: Path, seed: int = 0) -> Path:
+    """Save a random-init model + tokenizer with ``save_pretrained``; return ``dest``."""
+    config = random_init_config(spec)
+    tokenizer = build_tokenizer(config)
+    # The built-in text yields fewer BPE merges than a big vocabulary asks for; shrink the
+    # model's vocabulary to the tokenizer's so every id it generates decodes to text.
+    config.vocab_size = min(config.vocab_size, len(tokenizer))
+    for attr, token in (("pad_token_id", PAD), ("bos_token_id", BOS), ("eos_token_id", EOS)):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token in tokenizer.get_vocab():
+            setattr(config, attr, token_id)
+    cls = getattr(transformers, config.architectures[0])
+    torch.manual_seed(seed)
+    model = cls(config)
+    log.info(
+        "random-init %s: %.1fM parameters", spec, sum(p.numel() for p in model.parameters()) / 1e6
+    )
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    return dest

@@ -1,0 +1,35 @@
+"""The MLServer model-repository entry that serves a chunk store."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+IMPLEMENTATION = "layerstream.LayerStreamRuntime"
+
+
+def model_settings(name: str, chunk_store: str, extra: dict[str, Any] | None = None) -> dict:
+    """model-settings.json content; everything the runtime reads sits in ``parameters.extra``
+    because Seldon Core v2 keeps only that when it rewrites the file."""
+    return {
+        "name": name,
+        "implementation": IMPLEMENTATION,
+        "parameters": {"extra": {"chunk_store": chunk_store, **(extra or {})}},
+    }
+
+
+def write_model_settings(model_dir: Path, name: str, store_dir: Path, force: bool) -> Path:
+    """Write ``model_dir/model-settings.json`` pointing at ``store_dir`` (relative when inside)."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    path = model_dir / "model-settings.json"
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} exists; pass --force to overwrite it")
+    store = store_dir.resolve()
+    try:
+        uri = "./" + store.relative_to(model_dir.resolve()).as_posix()
+    except ValueError:
+        uri = os.path.relpath(store, model_dir.resolve())
+    path.write_text(json.dumps(model_settings(name, uri), indent=2) + "\n")
+    return path

@@ -1,0 +1,109 @@
+"""Which blocks stay in memory and how many stream through the buffer pool.
+
+Every token sweeps all blocks in order, so the access pattern is cyclic and LRU never hits
+once the budget is below the model size. Pinning a fixed set of blocks (the first ones that
+fit) and streaming the rest gives the optimal hit rate, pinned/total. The budget covers the
+non-block weights, the pinned blocks and the pool of streaming buffers (the block being
+computed plus the read-ahead).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from .errors import SettingsError
+from .manifest import Manifest
+from .sysinfo import available_memory
+from .units import format_size, parse_size
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ResidencyPlan:
+    budget: int
+    resident: frozenset[int]  # block indexes held in memory for good
+    pool_slots: int  # streaming buffers: 1 for the block computing + the read-ahead
+    slot_bytes: int
+    n_blocks: int
+    rest_bytes: int
+
+    @property
+    def read_ahead(self) -> int:
+        return max(self.pool_slots - 1, 0)
+
+    @property
+    def streamed(self) -> list[int]:
+        return [j for j in range(self.n_blocks) if j not in self.resident]
+
+    @property
+    def fully_resident(self) -> bool:
+        return len(self.resident) == self.n_blocks
+
+    def weight_bytes(self, manifest: Manifest) -> int:
+        """Bytes of weights this plan holds in memory at most."""
+        sizes = manifest.block_bytes
+        return (
+            self.rest_bytes
+            + sum(sizes[j] for j in self.resident)
+            + self.pool_slots * self.slot_bytes
+        )
+
+    def describe(self, manifest: Manifest) -> str:
+        if self.fully_resident:
+            return f"all {self.n_blocks} blocks resident ({format_size(manifest.total_bytes)})"
+        return (
+            f"{len(self.resident)}/{self.n_blocks} blocks pinned, {len(self.streamed)} streamed "
+            f"through {self.pool_slots} x {format_size(self.slot_bytes)} buffers "
+            f"(read-ahead {self.read_ahead}); weights in memory <= "
+            f"{format_size(self.weight_bytes(manifest))} of a {format_size(self.budget)} budget"
+        )
+
+
+AUTO_SHARE = 0.6  # of the memory this process can still use, for memory_budget="auto"
+
+
+def resolve_budget(spec: str | int, model_bytes: int) -> int:
+    """``"auto"``, ``"25%"`` (of the model), ``"2GiB"`` or bytes -> bytes."""
+    if spec == "auto":
+        return min(model_bytes, int(available_memory() * AUTO_SHARE))
+    try:
+        return parse_size(spec, reference=model_bytes)
+    except ValueError as exc:
+        raise SettingsError(f"memory_budget: {exc}") from exc
+
+
+def plan_residency(manifest: Manifest, budget: int, read_ahead: int) -> ResidencyPlan:
+    """Pin the first blocks that fit beside the non-block weights and the streaming pool."""
+    sizes = manifest.block_bytes
+    n, rest = len(sizes), manifest.rest_bytes
+    if budget >= manifest.total_bytes:
+        return ResidencyPlan(budget, frozenset(range(n)), 0, 0, n, rest)
+    slot = max(sizes)
+    minimum = rest + slot
+    if budget < minimum:
+        raise SettingsError(
+            f"memory_budget {format_size(budget)} is below this model's minimum of "
+            f"{format_size(minimum)} (non-block weights {format_size(rest)} + one block "
+            f"{format_size(slot)}); raise memory_budget"
+        )
+    slots = 1 + max(read_ahead, 0)
+    while slots > 1 and rest + slots * slot > budget:
+        slots -= 1
+    if slots < 1 + read_ahead:
+        log.warning(
+            "memory_budget %s leaves room for a read-ahead of %d blocks, not %d",
+            format_size(budget),
+            slots - 1,
+            read_ahead,
+        )
+    room = budget - rest - slots * slot
+    resident: list[int] = []
+    for j, size in enumerate(sizes):
+        if size > room:
+            break
+        resident.append(j)
+        room -= size
+    streamed = n - len(resident)
+    return ResidencyPlan(budget, frozenset(resident), min(slots, streamed), slot, n, rest)

@@ -1,0 +1,181 @@
+"""The MLServer runtime: translates between V2 requests/responses and the engine.
+
+Configure it in model-settings.json (``implementation: layerstream.LayerStreamRuntime``,
+settings in ``parameters.extra``, see settings.py). Serve with ``mlserver start`` and a
+settings.json that has ``parallel_workers: 0`` and ``gzip_enabled: false``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import torch
+from mlserver import MLModel
+from mlserver.types import InferenceRequest, InferenceResponse
+
+from . import metrics
+from .encoding import encode_event, encode_unary, error_response
+from .engine import Engine, EngineOptions
+from .errors import InvalidRequest, LayerStreamError
+from .events import FinalEvent
+from .generation import run_generation
+from .hidden import run_hidden_states
+from .protocol import ModelCapabilities, Request, check_context, parse_request
+from .scheduler import Scheduler
+from .settings import LayerStreamSettings
+from .skeleton import find_block_lists
+from .stores import open_store
+
+log = logging.getLogger(__name__)
+
+
+def is_grpc(payload: InferenceRequest) -> bool:
+    """MLServer puts HTTP headers or gRPC metadata into ``parameters.headers``; only gRPC
+    metadata carries a ``grpc-`` user agent or lacks the HTTP ``host`` header."""
+    headers = (payload.parameters.headers if payload.parameters else None) or {}
+    agent = str(headers.get("user-agent", ""))
+    return "grpc" in agent.lower() or ("host" not in headers and bool(headers))
+
+
+class LayerStreamRuntime(MLModel):
+    """Streams a chunked Hugging Face model's weights while it answers."""
+
+    async def load(self) -> bool:
+        settings = LayerStreamSettings.from_extra(
+            self.settings.parameters.extra if self.settings.parameters else None
+        )
+        folder = self._model_folder()
+        # Building the engine reads chunks and builds the model: off the event loop, which
+        # serves every other model and the health probes meanwhile.
+        self._engine = await asyncio.to_thread(_build_engine, settings, folder)
+        self._settings_ls = settings
+        self._caps = capabilities(self._engine)
+        self._scheduler = Scheduler(self.name, settings.max_queued_requests)
+        return True
+
+    def _model_folder(self) -> Path | None:
+        source = getattr(self.settings, "_source", None)
+        return Path(source).parent if source else None
+
+    async def unload(self) -> bool:
+        scheduler, engine = getattr(self, "_scheduler", None), getattr(self, "_engine", None)
+        if scheduler is not None:
+            await asyncio.to_thread(scheduler.close)
+        if engine is not None:
+            engine.close()
+        return True
+
+    async def predict_stream(
+        self, payloads: AsyncIterator[InferenceRequest]
+    ) -> AsyncIterator[InferenceResponse]:
+        # One request in, a stream out; don't wait for the client to half-close the stream.
+        payload = await payloads.__anext__()
+        grpc = is_grpc(payload)
+        try:
+            request = self._parse(payload)
+            async for event in self._scheduler.stream(self._job(request)):
+                if isinstance(event, FinalEvent):
+                    metrics.record(self.name, request.mode, event.finish_reason, event.stats)
+                    self._log_request(request, event)
+                yield encode_event(self.name, self.version, payload.id, event)
+        except LayerStreamError as exc:
+            # Over gRPC the error becomes the call's status (INVALID_ARGUMENT for a bad
+            # request); over SSE the 200 is already sent, so it becomes the last event.
+            if grpc:
+                raise
+            log.warning("request %s failed: %s", payload.id, exc)
+            yield error_response(self.name, self.version, payload.id, str(exc))
+
+    async def predict(self, payload: InferenceRequest) -> InferenceResponse:
+        request = self._parse(payload)
+        events = [event async for event in self._scheduler.stream(self._job(request))]
+        final = events[-1]
+        metrics.record(self.name, request.mode, final.finish_reason, final.stats)
+        self._log_request(request, final)
+        return encode_unary(self.name, self.version, payload.id, request, events)
+
+    def _parse(self, payload: InferenceRequest) -> Request:
+        if not self.ready:
+            raise InvalidRequest(f"model {self.name} is not loaded")
+        s = self._settings_ls
+        return parse_request(payload, self._caps, s.max_new_tokens_limit, s.default_max_new_tokens)
+
+    def _job(self, request: Request):
+        engine, caps = self._engine, self._caps
+
+        def job(emit, cancelled) -> FinalEvent:
+            ids = request.input_ids
+            if ids is None:
+                ids = engine.tokenizer(request.prompt)["input_ids"]
+                if not ids:
+                    raise InvalidRequest("the prompt tokenizes to nothing")
+            check_context(len(ids), request, caps)
+            run = run_generation if request.mode == "tokens" else run_hidden_states
+            return run(engine, request, ids, emit, cancelled)
+
+        return job
+
+    def _log_request(self, request: Request, final: FinalEvent) -> None:
+        s = final.stats
+        log.info(
+            "%s %s: %s, %d prompt + %d tokens in %.3fs (ttft %.3fs), weights waited %.3fs, "
+            "streamed %.1f MiB, cache %d hit / %d miss",
+            self.name,
+            request.mode,
+            final.finish_reason,
+            s.get("prompt_tokens", 0),
+            s.get("tokens", 0),
+            s.get("total_us", 0) / 1e6,
+            s.get("ttft_us", 0) / 1e6,
+            s.get("weight_wait_us", 0) / 1e6,
+            s.get("bytes_streamed", 0) / 2**20,
+            s.get("cache_hits", 0),
+            s.get("cache_misses", 0),
+        )
+
+
+def _build_engine(settings: LayerStreamSettings, folder: Path | None) -> Engine:
+    started = time.perf_counter()
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    store = open_store(settings.chunk_store, base_dir=folder)
+    options = EngineOptions(
+        memory_budget=settings.memory_budget,
+        read_ahead=settings.read_ahead,
+        io_threads=settings.io_threads,
+        verify_checksums=settings.verify_checksums,
+    )
+    engine = Engine(store, options)
+    log.info("engine for %s ready in %.2fs", store.uri, time.perf_counter() - started)
+    return engine
+
+
+def capabilities(engine: Engine) -> ModelCapabilities:
+    model = engine.model
+    modes = []
+    if model.can_generate():
+        modes.append("tokens")
+    if len(find_block_lists(model)) == 1:
+        modes += ["hidden_states", "embedding"]
+    config = (
+        model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    )
+    context = None
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            context = value
+            break
+    return ModelCapabilities(
+        modes=tuple(modes),
+        default_mode="tokens" if "tokens" in modes else "embedding",
+        vocab_size=int(config.vocab_size),
+        context_length=context,
+        num_layers=len(engine.prefixes),
+        has_pooler=getattr(model.base_model, "pooler", None) is not None,
+        has_tokenizer=engine.tokenizer is not None,
+    )

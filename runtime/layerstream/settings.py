@@ -1,0 +1,73 @@
+"""The runtime's settings, validated once at load.
+
+Read from ``parameters.extra`` in model-settings.json (Seldon Core v2 keeps only that block
+when it rewrites the file, and passes every value as a string), with environment variables
+``MLSERVER_MODEL_LAYERSTREAM_<FIELD>`` as fallback.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .errors import SettingsError
+from .units import parse_size
+
+
+class LayerStreamSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="MLSERVER_MODEL_LAYERSTREAM_", extra="forbid", protected_namespaces=()
+    )
+
+    chunk_store: str = Field(
+        description="Where the chunks are: a directory (relative paths resolve against the "
+        "model folder) or file:// URL."
+    )
+    memory_budget: str = Field(
+        default="auto",
+        description="Bytes of weights held in memory: '2GiB', '512MB', '25%' of the model, "
+        "or 'auto' (the whole model if it takes at most 60% of the memory this process can "
+        "still use, else 60% of that memory).",
+    )
+    read_ahead: int = Field(
+        default=2, ge=0, le=64, description="Streamed blocks read ahead of the one computing."
+    )
+    io_threads: int = Field(default=2, ge=1, le=64, description="Threads reading chunks.")
+    torch_threads: int | None = Field(
+        default=None, ge=1, description="torch intra-op threads; unset keeps torch's default."
+    )
+    verify_checksums: bool = Field(
+        default=True, description="Check every chunk's sha256 against the manifest before use."
+    )
+    max_new_tokens_limit: int = Field(
+        default=1024, ge=1, description="Largest max_new_tokens a request may ask for."
+    )
+    default_max_new_tokens: int = Field(
+        default=64, ge=1, description="max_new_tokens when a request does not say."
+    )
+    max_queued_requests: int = Field(
+        default=64, ge=1, description="Requests waiting for the model before new ones get 503."
+    )
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _check_budget(cls, value: str) -> str:
+        if value != "auto":
+            parse_size(value, reference=1)  # raises ValueError with the accepted forms
+        return value
+
+    @classmethod
+    def from_extra(cls, extra: dict[str, Any] | None) -> LayerStreamSettings:
+        try:
+            return cls(**(extra or {}))
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+                for err in exc.errors()
+            )
+            raise SettingsError(
+                f"invalid layerstream settings in parameters.extra: {problems}. "
+                f"Known settings: {', '.join(cls.model_fields)}"
+            ) from exc

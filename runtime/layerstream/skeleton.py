@@ -1,0 +1,135 @@
+"""The model's own transformers classes, built on the meta device the way from_pretrained does.
+
+Parameters stay on meta (no memory); non-persistent buffers (rotary ``inv_freq``, BERT
+``position_ids``, ...) are materialised and recomputed by the model's own
+``_init_weights``, because zero-filling them gives silently wrong outputs. Nothing here
+knows any particular architecture: blocks are found as the homogeneous ``ModuleList`` s
+that transformers itself marks as "do not split".
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+
+import torch
+import transformers
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+from .errors import ManifestError
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# torch's default dtype is process-global; building two skeletons at once must not interleave.
+_DEFAULT_DTYPE_LOCK = threading.Lock()
+
+
+def model_class(architecture: str) -> type[PreTrainedModel]:
+    """The transformers class named in a config's ``architectures`` (no remote code, ever)."""
+    cls = getattr(transformers, architecture, None)
+    if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
+        raise ManifestError(
+            f"architecture {architecture!r} is not a model class of transformers "
+            f"{transformers.__version__}; upgrade transformers or re-chunk the model"
+        )
+    return cls
+
+
+def build_skeleton(config: PretrainedConfig, architecture: str, dtype: str) -> PreTrainedModel:
+    """Instantiate ``architecture`` with every parameter on meta and real buffers."""
+    from transformers import initialization as hf_init
+
+    cls = model_class(architecture)
+    with _DEFAULT_DTYPE_LOCK:
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(TORCH_DTYPES[dtype])
+        try:
+            with torch.device("meta"), hf_init.meta_device_safe_creation_ops():
+                model = cls(config)
+            for key, buf in list(model.named_non_persistent_buffers()):
+                owner, _, name = key.rpartition(".")
+                model.get_submodule(owner)._buffers[name] = torch.empty_like(buf, device="cpu")
+            # Re-run the model's own init: parameters are meta (a no-op), buffers get their
+            # real values (rotary frequencies, position ids, embed scales...).
+            for module in model.modules():
+                if hasattr(module, "_is_hf_initialized"):
+                    del module._is_hf_initialized
+            model.initialize_weights()
+        finally:
+            torch.set_default_dtype(previous)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _param_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def find_block_lists(model: PreTrainedModel) -> list[str]:
+    """Qualified names of the ModuleLists that hold the repeated transformer blocks.
+
+    A candidate is a ModuleList of >= 2 children of one class. transformers'
+    ``_no_split_modules`` names the block classes (decoder/encoder layer); without it, the
+    candidate holding the most parameters wins. Lists nested inside a chosen list (MoE
+    experts inside a layer) are not blocks of their own.
+    """
+    no_split = set(getattr(model, "_no_split_modules", None) or [])
+    candidates = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) >= 2:
+            classes = {type(child).__name__ for child in module}
+            if len(classes) == 1:
+                candidates.append((name, classes.pop(), _param_count(module)))
+    preferred = [c for c in candidates if c[1] in no_split]
+    chosen = preferred or sorted(candidates, key=lambda c: -c[2])[:1]
+    names = [c[0] for c in chosen]
+    return [n for n in names if not any(n != o and n.startswith(o + ".") for o in names)]
+
+
+def block_prefixes(model: PreTrainedModel) -> list[str]:
+    """``["model.layers.0", "model.layers.1", ...]`` in module order."""
+    out = []
+    for list_name in find_block_lists(model):
+        for i in range(len(model.get_submodule(list_name))):
+            out.append(f"{list_name}.{i}" if list_name else str(i))
+    return out
+
+
+def scope_of(key: str, prefixes: list[str]) -> int | None:
+    """Index of the block a state-dict key belongs to, or None for the rest of the model."""
+    for j, prefix in enumerate(prefixes):
+        if key.startswith(prefix + "."):
+            return j
+    return None
+
+
+def tied_groups(model: PreTrainedModel) -> list[list[str]]:
+    """Tied weights, generically: state-dict keys that resolve to the very same tensor."""
+    by_id: dict[int, list[str]] = collections.defaultdict(list)
+    for key, value in model.state_dict(keep_vars=True).items():
+        by_id[id(value)].append(key)
+    return [sorted(keys) for keys in by_id.values() if len(keys) > 1]
+
+
+def get_tensor(model: nn.Module, key: str) -> torch.Tensor:
+    owner, _, name = key.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    if name in module._parameters:
+        return module._parameters[name]
+    return module._buffers[name]
+
+
+def set_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    """Put ``tensor`` in place of the parameter or buffer ``key`` (no copy)."""
+    owner, _, name = key.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    if name in module._parameters:
+        if isinstance(tensor, nn.Parameter):
+            module._parameters[name] = tensor
+        else:
+            module._parameters[name] = nn.Parameter(tensor, requires_grad=False)
+    elif name in module._buffers:
+        module._buffers[name] = tensor
+    else:
+        raise KeyError(f"{key} is neither a parameter nor a buffer of the model")

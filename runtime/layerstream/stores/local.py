@@ -1,0 +1,73 @@
+"""Chunk store on a local (or mounted) file system."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import ChunkStoreError
+from ..manifest import check_relative_name
+
+
+class LocalStore:
+    """Files under one directory; reads go straight into the caller's buffer."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = Path(root).expanduser().resolve()
+        self.uri = str(self.root)
+        if not self.root.is_dir():
+            raise ChunkStoreError(
+                f"chunk store {self.root} does not exist or is not a directory; "
+                "run `layerstream chunk` to create it or fix `chunk_store` in model-settings.json"
+            )
+
+    def _path(self, name: str) -> Path:
+        check_relative_name(name, f"chunk store {self.root}")
+        return self.root / name
+
+    def read(self, name: str) -> bytes:
+        path = self._path(name)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError as exc:
+            raise ChunkStoreError(
+                f"{path} is missing from the chunk store; re-run the chunker"
+            ) from exc
+        except OSError as exc:
+            raise ChunkStoreError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+    def read_into(self, name: str, buffer: memoryview) -> int:
+        path = self._path(name)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError as exc:
+            raise ChunkStoreError(
+                f"chunk file {path} is missing; re-run the chunker or check the store"
+            ) from exc
+        except OSError as exc:
+            raise ChunkStoreError(f"cannot open chunk file {path}: {exc.strerror or exc}") from exc
+        try:
+            size = os.fstat(fd).st_size
+            if size > len(buffer):
+                raise ChunkStoreError(
+                    f"chunk file {path} has {size} bytes, more than the manifest allows "
+                    f"({len(buffer)}); the store was modified: re-run the chunker"
+                )
+            got = 0
+            # readv/readinto may return short counts (signals, network file systems): loop.
+            while got < size:
+                n = os.readv(fd, [buffer[got:size]])
+                if n == 0:
+                    raise ChunkStoreError(f"chunk file {path} ended after {got} of {size} bytes")
+                got += n
+            return size
+        except OSError as exc:
+            raise ChunkStoreError(f"cannot read chunk file {path}: {exc.strerror or exc}") from exc
+        finally:
+            os.close(fd)
+
+    def exists(self, name: str) -> bool:
+        return self._path(name).is_file()
+
+    def list(self) -> list[str]:
+        return sorted(str(p.relative_to(self.root)) for p in self.root.rglob("*") if p.is_file())

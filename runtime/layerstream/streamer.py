@@ -1,0 +1,216 @@
+"""Reads block chunks from the store: resident ones once, streamed ones through the pool.
+
+The compute thread asks for block j; the streamer hands it the read-ahead it already
+started, or reads synchronously on a miss. Read-ahead follows the learned block order
+(what ran after j last time), so encoder-decoder models and decode loops that wrap from
+the last block to the first are predicted correctly.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from .buffers import BufferPool
+from .chunkfile import tensors_from_buffer, verify
+from .errors import ChunkStoreError
+from .manifest import ChunkInfo, Manifest
+from .residency import ResidencyPlan
+from .stores import ChunkStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StreamStats:
+    """Counters since the engine started; requests report differences of two snapshots."""
+
+    cache_hits: int = 0  # block runs served by a resident block
+    cache_misses: int = 0  # block runs that needed a streamed block
+    prefetch_ready: int = 0  # misses whose read-ahead had finished in time
+    bytes_read: int = 0
+    chunks_read: int = 0
+    read_s: float = 0.0  # time spent in store reads (I/O threads)
+    wait_s: float = 0.0  # time the compute thread waited for weights
+    verify_s: float = 0.0
+
+    def snapshot(self) -> StreamStats:
+        return StreamStats(**self.__dict__)
+
+    def since(self, before: StreamStats) -> StreamStats:
+        return StreamStats(**{k: v - getattr(before, k) for k, v in self.__dict__.items()})
+
+
+@dataclass
+class Loaded:
+    """A streamed block's tensors, viewing ``buffer`` (returned to the pool on release)."""
+
+    index: int
+    tensors: dict[str, torch.Tensor]
+    buffer: torch.Tensor | None = field(repr=False, default=None)
+
+
+class BlockOrder:
+    """Learned successor of each streamed block, defaulting to the next block in its list."""
+
+    def __init__(self, manifest: Manifest):
+        lists = [b.prefix.rsplit(".", 1)[0] for b in manifest.blocks]
+        self._default: list[int] = []
+        for j, name in enumerate(lists):
+            first = lists.index(name)
+            last = len(lists) - 1 - lists[::-1].index(name)
+            self._default.append(j + 1 if j < last else first)
+        self._next: dict[int, int] = {}
+        self._last: int | None = None
+
+    def observe(self, j: int) -> None:
+        if self._last is not None:
+            self._next[self._last] = j
+        self._last = j
+
+    def upcoming(self, j: int, skip: frozenset[int], count: int) -> list[int]:
+        """The next ``count`` blocks after ``j`` that are not in ``skip``."""
+        out: list[int] = []
+        if count <= 0:
+            return out
+        k = j
+        for _ in range(len(self._default)):
+            k = self._next.get(k, self._default[k])
+            if k == j:
+                break
+            if k not in skip and k not in out:
+                out.append(k)
+                if len(out) == count:
+                    break
+        return out
+
+
+class WeightStreamer:
+    def __init__(
+        self,
+        store: ChunkStore,
+        manifest: Manifest,
+        plan: ResidencyPlan,
+        io_threads: int,
+        verify_checksums: bool,
+    ):
+        self.store = store
+        self.manifest = manifest
+        self.plan = plan
+        self.verify_checksums = verify_checksums
+        self.stats = StreamStats()
+        self.order = BlockOrder(manifest)
+        self._lock = threading.Lock()
+        self._inflight: dict[int, Future[Loaded]] = {}
+        self._pool = BufferPool(plan.pool_slots, plan.slot_bytes) if plan.pool_slots else None
+        self._io = (
+            ThreadPoolExecutor(max_workers=max(io_threads, 1), thread_name_prefix="layerstream-io")
+            if plan.pool_slots
+            else None
+        )
+
+    # -- reading -------------------------------------------------------------------------
+    def read_chunk(self, info: ChunkInfo, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Read and verify one chunk into ``buffer`` (or a new exact-size one); return its bytes."""
+        start = time.perf_counter()
+        if buffer is None:
+            buffer = torch.empty(info.bytes, dtype=torch.uint8)
+        if buffer.numel() < info.bytes:
+            raise ChunkStoreError(f"chunk {info.name} is larger than its streaming buffer")
+        view = buffer[: info.bytes]
+        size = self.store.read_into(info.file, memoryview(buffer.numpy()))
+        read_done = time.perf_counter()
+        if size != info.bytes or self.verify_checksums:
+            verify(info, buffer[:size])
+        with self._lock:
+            self.stats.bytes_read += size
+            self.stats.chunks_read += 1
+            self.stats.read_s += read_done - start
+            self.stats.verify_s += time.perf_counter() - read_done
+        return view
+
+    def load_resident(self, chunk: str) -> dict[str, torch.Tensor]:
+        info = self.manifest.chunks[chunk]
+        return tensors_from_buffer(info, self.read_chunk(info))
+
+    def _load_streamed(self, j: int) -> Loaded:
+        assert self._pool is not None
+        info = self.manifest.chunks[self.manifest.blocks[j].chunk]
+        buffer = self._pool.acquire()
+        try:
+            view = self.read_chunk(info, buffer)
+            return Loaded(j, tensors_from_buffer(info, view), buffer)
+        except BaseException:
+            self._pool.release(buffer)
+            raise
+
+    # -- the compute thread's side ---------------------------------------------------------
+    def hit(self) -> None:
+        self.stats.cache_hits += 1
+
+    def acquire(self, j: int) -> Loaded:
+        """Block j's tensors, from its read-ahead if one was started, else read now.
+
+        Buffer accounting: the pool has 1 + read_ahead buffers and the previous block has
+        been released, so the block being computed plus the blocks read ahead always fit.
+        """
+        self.stats.cache_misses += 1
+        self.order.observe(j)
+        future = self._inflight.pop(j, None)
+        start = time.perf_counter()
+        if future is None:
+            # Mispredicted: give back the other read-aheads' buffers before reading j, then
+            # read ahead from here once j holds its buffer.
+            self.drop_read_ahead()
+            loaded = self._load_streamed(j)
+            self.read_ahead(j)
+        else:
+            self.read_ahead(j)  # start the next reads before waiting for this one
+            if future.done():
+                self.stats.prefetch_ready += 1
+            loaded = future.result()
+        self.stats.wait_s += time.perf_counter() - start
+        return loaded
+
+    def read_ahead(self, j: int) -> None:
+        """Start reading the blocks predicted to run after ``j``."""
+        if self._io is None:
+            return
+        wanted = self.order.upcoming(j, self.plan.resident, self.plan.read_ahead)
+        for k in list(self._inflight):
+            if k not in wanted:
+                self._discard(self._inflight.pop(k))
+        for k in wanted:
+            if k not in self._inflight:
+                self._inflight[k] = self._io.submit(self._load_streamed, k)
+
+    def release(self, loaded: Loaded) -> None:
+        if loaded.buffer is not None and self._pool is not None:
+            loaded.tensors.clear()
+            self._pool.release(loaded.buffer)
+            loaded.buffer = None
+
+    def drop_read_ahead(self) -> None:
+        """Give back every read-ahead buffer (after a request ends or fails)."""
+        for k in list(self._inflight):
+            self._discard(self._inflight.pop(k))
+
+    def _discard(self, future: Future[Loaded]) -> None:
+        if future.cancel():
+            return
+
+        def give_back(done: Future[Loaded]) -> None:
+            if done.exception() is None:
+                self.release(done.result())
+
+        future.add_done_callback(give_back)
+
+    def close(self) -> None:
+        self.drop_read_ahead()
+        if self._io is not None:
+            self._io.shutdown(wait=True, cancel_futures=True)
