@@ -200,7 +200,7 @@ def chunk_checkpoint(
     handles = [safe_open(str(f), framework="pt", backend="pread") for f in source.files]
     scoped: dict[int | None, dict] = collections.defaultdict(dict)
     for handle in handles:
-        for key in handle.keys():
+        for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
             renamed, _ = rename_source_key(
                 key, renamings, converters, model.base_model_prefix, meta_sd
             )

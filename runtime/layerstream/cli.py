@@ -41,7 +41,13 @@ def _parser() -> argparse.ArgumentParser:
     chunk.add_argument(
         "--random-init",
         metavar="PRESET|CONFIG.json",
-        help=f"build a random-init model offline, with a local tokenizer; presets: {', '.join(PRESETS)}",
+        help="build a random-init model offline, with a local tokenizer; presets: "
+        + ", ".join(PRESETS),
+    )
+    chunk.add_argument(
+        "--memory-budget",
+        metavar="SIZE",
+        help="memory_budget written into model-settings.json, e.g. 25%% or 2GiB (default: auto)",
     )
     chunk.add_argument("--force", action="store_true", help="overwrite an existing store")
     chunk.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -65,6 +71,14 @@ def chunk_command(args: argparse.Namespace) -> int:
         usage = "--random-init SPEC DEST" if args.random_init else "SOURCE DEST"
         log.error("expected %s, got %s", usage, " ".join(args.paths))
         return 2
+    if args.memory_budget and args.memory_budget != "auto":
+        from .units import parse_size
+
+        try:
+            parse_size(args.memory_budget, reference=1)
+        except ValueError as exc:
+            log.error("--memory-budget: %s", exc)
+            return 2
     dest = Path(args.paths[-1])
     model_dir = _model_dir(args, dest)
     settings_path = model_dir / "model-settings.json" if model_dir else None
@@ -95,7 +109,8 @@ def chunk_command(args: argparse.Namespace) -> int:
             args.name,
         )
         return 0
-    path = write_model_settings(model_dir, args.name, dest, force=True)
+    extra = {"memory_budget": args.memory_budget} if args.memory_budget else None
+    path = write_model_settings(model_dir, args.name, dest, force=True, extra=extra)
     print(f"{path}: serve it with `mlserver start {model_dir.parent}`")
     return 0
 

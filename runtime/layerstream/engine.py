@@ -40,7 +40,7 @@ class EngineOptions:
     memory_budget: str | int = "auto"  # weights held in memory: bytes, '2GiB', '25%', 'auto'
     read_ahead: int = 2
     io_threads: int = 2
-    verify_checksums: bool = True
+    verify_checksums: str = "once"  # see streamer.VERIFY_MODES
 
 
 @dataclass

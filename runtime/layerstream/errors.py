@@ -21,7 +21,7 @@ __all__ = [
 
 
 class LayerStreamError(MLServerError):
-    """Base class; a server-side failure (HTTP 500, gRPC INTERNAL) unless a subclass says otherwise."""
+    """Base class: a server-side failure (HTTP 500, gRPC INTERNAL) unless a subclass says so."""
 
     status = 500
 

@@ -159,10 +159,8 @@ def run_generation(
     new_ids = output[0, ids.shape[1] :].tolist()
     eos = config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if streamer.matcher.stopped or (new_ids and new_ids[-1] in eos_ids):
-        reason = "stop"
-    else:
-        reason = "length"
+    ended = streamer.matcher.stopped or (bool(new_ids) and new_ids[-1] in eos_ids)
+    reason = "stop" if ended else "length"
     final = FinalEvent(finish_reason=reason, text=streamer.matcher.flush())
     final.stats = request_stats(scope, len(input_ids), streamer.tokens, streamer.first_token_at)
     return final

@@ -110,8 +110,8 @@ def _parse(data: Any, source: str) -> Manifest:
     version = _require(data, "format_version", int, source)
     if version > FORMAT_VERSION:
         raise ManifestError(
-            f"{source} has format_version {version}; this layerstream reads up to {FORMAT_VERSION}. "
-            "Upgrade layerstream or re-chunk the model."
+            f"{source} has format_version {version}; this layerstream reads up to "
+            f"{FORMAT_VERSION}. Upgrade layerstream or re-chunk the model."
         )
     dtype = _require(data, "dtype", str, source)
     if dtype not in DTYPES:

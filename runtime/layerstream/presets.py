@@ -77,8 +77,8 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         "llama",
         dict(
             hidden_size=512,
-            intermediate_size=1408,
-            num_hidden_layers=8,
+            intermediate_size=1024,
+            num_hidden_layers=16,
             num_attention_heads=8,
             num_key_value_heads=2,
             vocab_size=4096,

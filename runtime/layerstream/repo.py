@@ -20,7 +20,9 @@ def model_settings(name: str, chunk_store: str, extra: dict[str, Any] | None = N
     }
 
 
-def write_model_settings(model_dir: Path, name: str, store_dir: Path, force: bool) -> Path:
+def write_model_settings(
+    model_dir: Path, name: str, store_dir: Path, force: bool, extra: dict[str, Any] | None = None
+) -> Path:
     """Write ``model_dir/model-settings.json`` pointing at ``store_dir`` (relative when inside)."""
     model_dir.mkdir(parents=True, exist_ok=True)
     path = model_dir / "model-settings.json"
@@ -31,5 +33,5 @@ def write_model_settings(model_dir: Path, name: str, store_dir: Path, force: boo
         uri = "./" + store.relative_to(model_dir.resolve()).as_posix()
     except ValueError:
         uri = os.path.relpath(store, model_dir.resolve())
-    path.write_text(json.dumps(model_settings(name, uri), indent=2) + "\n")
+    path.write_text(json.dumps(model_settings(name, uri, extra), indent=2) + "\n")
     return path

@@ -21,7 +21,7 @@ from . import metrics
 from .encoding import encode_event, encode_unary, error_response
 from .engine import Engine, EngineOptions
 from .errors import InvalidRequest, LayerStreamError
-from .events import FinalEvent
+from .events import FinalEvent, HiddenStateEvent
 from .generation import run_generation
 from .hidden import run_hidden_states
 from .protocol import ModelCapabilities, Request, check_context, parse_request
@@ -81,7 +81,13 @@ class LayerStreamRuntime(MLModel):
                 if isinstance(event, FinalEvent):
                     metrics.record(self.name, request.mode, event.finish_reason, event.stats)
                     self._log_request(request, event)
-                yield encode_event(self.name, self.version, payload.id, event)
+                if isinstance(event, HiddenStateEvent):
+                    # a [seq, hidden] tensor becomes a long list of floats: not on the loop
+                    yield await asyncio.to_thread(
+                        encode_event, self.name, self.version, payload.id, event
+                    )
+                else:
+                    yield encode_event(self.name, self.version, payload.id, event)
         except LayerStreamError as exc:
             # Over gRPC the error becomes the call's status (INVALID_ARGUMENT for a bad
             # request); over SSE the 200 is already sent, so it becomes the last event.

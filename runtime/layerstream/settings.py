@@ -7,7 +7,7 @@ when it rewrites the file, and passes every value as a string), with environment
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -38,8 +38,10 @@ class LayerStreamSettings(BaseSettings):
     torch_threads: int | None = Field(
         default=None, ge=1, description="torch intra-op threads; unset keeps torch's default."
     )
-    verify_checksums: bool = Field(
-        default=True, description="Check every chunk's sha256 against the manifest before use."
+    verify_checksums: Literal["once", "always", "off"] = Field(
+        default="once",
+        description="sha256 of each chunk against the manifest: 'once' (on first read, and "
+        "again whenever the store's file changes), 'always' (every read), 'off' (sizes only).",
     )
     max_new_tokens_limit: int = Field(
         default=1024, ge=1, description="Largest max_new_tokens a request may ask for."

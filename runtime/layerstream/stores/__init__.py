@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import ChunkStoreError
-from .base import ChunkStore
+from .base import ChunkStore, ReadResult
 from .local import LocalStore
 
-__all__ = ["ChunkStore", "LocalStore", "open_store"]
+__all__ = ["ChunkStore", "LocalStore", "ReadResult", "open_store"]
 
 
 def open_store(uri: str, base_dir: str | Path | None = None) -> ChunkStore:

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
+
+
+class ReadResult(NamedTuple):
+    size: int
+    # Identifies this content of the file (local: inode, size, mtime; remote: ETag), or None
+    # when unknown or the file changed during the read. Equal versions mean equal bytes, so
+    # a chunk verified once need not be hashed again until its version changes.
+    version: str | None
 
 
 @runtime_checkable
@@ -19,8 +27,8 @@ class ChunkStore(Protocol):
         """Return a whole (small) file: manifest, config, tokenizer files."""
         ...
 
-    def read_into(self, name: str, buffer: memoryview) -> int:
-        """Fill ``buffer`` from the start of ``name``; return the file's size.
+    def read_into(self, name: str, buffer: memoryview) -> ReadResult:
+        """Fill ``buffer`` from the start of ``name``; return its size and version.
 
         Raises when the file is larger than the buffer or cannot be read completely.
         """

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..errors import ChunkStoreError
 from ..manifest import check_relative_name
+from .base import ReadResult
 
 
 class LocalStore:
@@ -36,7 +37,7 @@ class LocalStore:
         except OSError as exc:
             raise ChunkStoreError(f"cannot read {path}: {exc.strerror or exc}") from exc
 
-    def read_into(self, name: str, buffer: memoryview) -> int:
+    def read_into(self, name: str, buffer: memoryview) -> ReadResult:
         path = self._path(name)
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -47,7 +48,8 @@ class LocalStore:
         except OSError as exc:
             raise ChunkStoreError(f"cannot open chunk file {path}: {exc.strerror or exc}") from exc
         try:
-            size = os.fstat(fd).st_size
+            before = os.fstat(fd)
+            size = before.st_size
             if size > len(buffer):
                 raise ChunkStoreError(
                     f"chunk file {path} has {size} bytes, more than the manifest allows "
@@ -60,7 +62,10 @@ class LocalStore:
                 if n == 0:
                     raise ChunkStoreError(f"chunk file {path} ended after {got} of {size} bytes")
                 got += n
-            return size
+            after = os.fstat(fd)
+            stable = (before.st_mtime_ns, before.st_size) == (after.st_mtime_ns, after.st_size)
+            version = f"{before.st_dev}:{before.st_ino}:{size}:{before.st_mtime_ns}"
+            return ReadResult(size, version if stable else None)
         except OSError as exc:
             raise ChunkStoreError(f"cannot read chunk file {path}: {exc.strerror or exc}") from exc
         finally:

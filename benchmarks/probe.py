@@ -1,0 +1,81 @@
+"""One benchmark run in a fresh process: prints a JSON line (timings, peak RSS, ids)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+
+def rss(field: str) -> int:
+    # VmHWM/VmRSS from /proc: getrusage's ru_maxrss survives fork+exec from the parent.
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+
+def main() -> None:
+    system, source, store, new_tokens, threads = sys.argv[1:6]
+    new_tokens = int(new_tokens)
+    import torch
+    import transformers
+    from transformers.generation.streamers import BaseStreamer
+
+    from layerstream.engine import Engine, EngineOptions
+    from layerstream.stores import open_store
+
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(int(threads))
+
+    class Clock(BaseStreamer):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    result: dict = {"system": system, "baseline": rss("VmRSS")}
+    engine = None
+    if system == "resident":
+        model = transformers.AutoModelForCausalLM.from_pretrained(source).eval()
+        context = torch.inference_mode
+    else:
+        budget = system.split(":", 1)[1]
+        engine = Engine(open_store(store), EngineOptions(memory_budget=budget, read_ahead=2))
+        model, context = engine.model, engine.request
+        result["weights_held"] = engine.plan.weight_bytes(engine.manifest)
+    result["model_bytes"] = _model_bytes(store)
+    ids = torch.arange(5, 69).unsqueeze(0)  # a 64-token prompt
+    kwargs = dict(
+        max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0
+    )
+    with context():
+        model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
+    clock = Clock()
+    with context() as scope:
+        start = time.perf_counter()
+        out = model.generate(ids, streamer=clock, **kwargs)
+    # times[0] is the prompt, times[1] the first new token, then one per decode step
+    result["ttft_s"] = clock.times[1] - start
+    result["per_token_s"] = (clock.times[-1] - clock.times[1]) / (len(clock.times) - 2)
+    if engine is not None:
+        result["bytes_per_token"] = scope.stats.bytes_read / new_tokens
+        result["wait_s"] = scope.stats.wait_s
+    result["ids"] = out[0].tolist()
+    result["peak"] = rss("VmHWM")
+    print(json.dumps(result))
+
+
+def _model_bytes(store: str) -> int:
+    with open(f"{store}/manifest.json") as f:
+        manifest = json.load(f)
+    return sum(c["bytes"] for c in manifest["chunks"].values())
+
+
+if __name__ == "__main__":
+    main()

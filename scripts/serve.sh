@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The quick start: install, chunk a demo model into model-repo/, serve it with mlserver.
+#
+# The demo is a random-init Llama (offline; no Hub needed) served at a 25% memory budget so
+# that its blocks really stream. Pass a Hub id or a local checkpoint directory to serve that
+# instead:  scripts/serve.sh Qwen/Qwen2.5-0.5B
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SOURCE=${1:-}
+NAME=${NAME:-demo}
+BUDGET=${BUDGET:-25%}
+
+scripts/install.sh
+if [ ! -f "model-repo/$NAME/chunks/manifest.json" ]; then
+    # the quick start streams: a quarter of the weights held in memory, the rest read per token
+    if [ -n "$SOURCE" ]; then
+        .venv/bin/layerstream chunk "$SOURCE" "model-repo/$NAME/chunks" --name "$NAME" \
+            --memory-budget "$BUDGET" --force
+    else
+        .venv/bin/layerstream chunk --random-init llama-demo "model-repo/$NAME/chunks" \
+            --name "$NAME" --memory-budget "$BUDGET" --force
+    fi
+fi
+echo "serving model-repo/ (REST :8080, gRPC :8081, metrics :8082); try:"
+echo "  .venv/bin/layerstream-client generate --model $NAME \"Once upon a time\""
+exec .venv/bin/mlserver start model-repo

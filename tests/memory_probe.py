@@ -1,0 +1,64 @@
+"""Run in a subprocess by test_memory.py: peak RSS of a streamed or resident model.
+
+usage: python memory_probe.py (stream BUDGET | resident) STORE SOURCE
+Prints one JSON line: baseline (after imports) and peak RSS in bytes, budget, timings.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+
+
+def rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def peak_rss() -> int:
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over fork+exec, so a child
+    # of a big pytest process would start with the parent's peak.
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def main() -> None:
+    mode, store, source = sys.argv[1], sys.argv[-2], sys.argv[-1]
+    import torch
+    import transformers
+
+    from layerstream.engine import Engine, EngineOptions
+    from layerstream.stores import open_store
+
+    torch.set_num_threads(1)
+    transformers.logging.set_verbosity_error()
+    ids = torch.arange(5, 37).unsqueeze(0)
+    baseline = rss_now()
+    result: dict = {"mode": mode, "baseline": baseline, "baseline_peak": peak_rss()}
+    if mode == "stream":
+        engine = Engine(open_store(store), EngineOptions(memory_budget=sys.argv[2], read_ahead=1))
+        model = engine.model
+        result["budget"] = engine.plan.budget
+        result["weights_held"] = engine.plan.weight_bytes(engine.manifest)
+        context = engine.request
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(source).eval()
+        context = torch.inference_mode
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with context():
+        model.generate(ids, **kwargs)  # warm-up: first call allocates the working set
+        start = time.perf_counter()
+        out = model.generate(ids, **kwargs)
+        result["per_token_s"] = (time.perf_counter() - start) / 8
+    result["ids"] = out[0].tolist()
+    result["peak"] = peak_rss()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

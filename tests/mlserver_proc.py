@@ -1,0 +1,318 @@
+"""Run a real ``mlserver start`` subprocess on a temporary model repository.
+
+Not a conftest: test modules load it with ``pytest_plugins = ["mlserver_proc"]``, which
+registers :func:`layerstream_server` once for the whole session (importing the fixture into
+two modules would start two servers), and import the helpers they need. The server is
+started in its own process group and stopped by that group's id (SIGTERM, then SIGKILL),
+never by name. Everything it writes (log, .metrics, .envs) stays in a temporary folder.
+
+PYTEST_DONT_REWRITE: the test modules import this module before pytest loads it as a
+plugin, too late for assertion rewriting (pytest would warn about it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from httpx_sse import connect_sse
+
+from layerstream.repo import model_settings
+
+HOST = "127.0.0.1"
+READY_TIMEOUT_S = 90.0
+STOP_TIMEOUT_S = 15.0
+
+
+@dataclass
+class ModelSpec:
+    """One model folder in the repository.
+
+    ``store_mode``: ``"absolute"`` puts the store's absolute path in model-settings.json;
+    ``"symlink"``/``"copy"`` place the store in the model folder as ``chunks`` and use the
+    relative ``./chunks``; ``"raw"`` writes ``store`` as given (e.g. a missing path).
+    """
+
+    name: str
+    store: Path | str
+    extra: dict[str, Any] = field(default_factory=dict)
+    store_mode: str = "absolute"
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free TCP ports on 127.0.0.1 (all bound at once, so never the same twice)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((HOST, 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def mlserver_executable() -> str:
+    """The ``mlserver`` console script of the interpreter running the tests."""
+    path = os.path.join(os.path.dirname(sys.executable), "mlserver")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no mlserver console script next to {sys.executable}")
+    return path
+
+
+def write_repository(root: Path, models: list[ModelSpec], ports: tuple[int, int, int]) -> Path:
+    """settings.json plus one ``NAME/model-settings.json`` per model; returns the repo dir."""
+    repo = root / "repo"
+    repo.mkdir(parents=True)
+    http_port, grpc_port, metrics_port = ports
+    settings = {
+        "debug": False,
+        "parallel_workers": 0,
+        "gzip_enabled": False,
+        "host": HOST,
+        "http_port": http_port,
+        "grpc_port": grpc_port,
+        "metrics_port": metrics_port,
+    }
+    (repo / "settings.json").write_text(json.dumps(settings, indent=2))
+    for spec in models:
+        folder = repo / spec.name
+        folder.mkdir()
+        if spec.store_mode == "absolute":
+            uri = str(Path(spec.store).resolve())
+        elif spec.store_mode == "symlink":
+            (folder / "chunks").symlink_to(Path(spec.store).resolve(), target_is_directory=True)
+            uri = "./chunks"
+        elif spec.store_mode == "copy":
+            shutil.copytree(spec.store, folder / "chunks")
+            uri = "./chunks"
+        elif spec.store_mode == "raw":
+            uri = str(spec.store)
+        else:
+            raise ValueError(f"unknown store_mode {spec.store_mode!r}")
+        content = model_settings(spec.name, uri, spec.extra)
+        (folder / "model-settings.json").write_text(json.dumps(content, indent=2))
+    return repo
+
+
+class MLServerProcess:
+    """A started ``mlserver start REPO``; use :func:`serve` or :meth:`start` + :meth:`stop`."""
+
+    def __init__(self, root: Path, models: list[ModelSpec]):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.models = models
+        self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
+        self.repo = write_repository(
+            self.root, models, (self.http_port, self.grpc_port, self.metrics_port)
+        )
+        self.log_path = self.root / "mlserver.log"
+        self.proc: subprocess.Popen | None = None
+        self.chunked: dict[str, Any] = {}  # served name -> conftest ChunkedModel, if known
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{HOST}:{self.http_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"{HOST}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{HOST}:{self.metrics_port}/metrics"
+
+    def start(self) -> MLServerProcess:
+        env = dict(os.environ)
+        env.update(
+            TOKENIZERS_PARALLELISM="false",
+            PYTHONUNBUFFERED="1",
+            # Never reach out: the fixture models are local and have a local tokenizer.
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+        )
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [mlserver_executable(), "start", str(self.repo)],
+                cwd=self.root,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return self
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_ready(self, names: list[str] | None = None, timeout: float = READY_TIMEOUT_S) -> None:
+        """Until ``GET /v2/models/NAME/ready`` is 200 for every model; fail with the log tail
+        if the process exits or the timeout passes."""
+        names = [m.name for m in self.models] if names is None else names
+        pending = list(names)
+        deadline = time.monotonic() + timeout
+        with httpx.Client(timeout=5.0) as client:
+            while pending:
+                if not self.alive():
+                    raise RuntimeError(
+                        f"mlserver exited with {self.proc.returncode if self.proc else None} "
+                        f"before {pending} were ready; log tail:\n{self.log_tail()}"
+                    )
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"{pending} not ready after {timeout:.0f}s; log tail:\n{self.log_tail()}"
+                    )
+                name = pending[0]
+                try:
+                    ready = client.get(f"{self.http_url}/v2/models/{name}/ready")
+                except httpx.TransportError:
+                    ready = None
+                if ready is not None and ready.status_code == 200:
+                    pending.pop(0)
+                else:
+                    time.sleep(0.2)  # polling interval, not a timing assertion
+
+    def wait_exit(self, timeout: float) -> int | None:
+        """The exit code, or None if the process is still running after ``timeout``."""
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
+        """SIGTERM the process group this object started, SIGKILL it after ``timeout``."""
+        proc = self.proc
+        if proc is None:
+            return None
+        pgid = proc.pid  # start_new_session: the group id is the child's pid
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pgid, signal.SIGKILL)
+                proc.wait(timeout=timeout)
+        # Children that outlived the leader (none expected with parallel_workers=0).
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+        return proc.returncode
+
+
+@contextlib.contextmanager
+def serve(
+    root: Path, models: list[ModelSpec], timeout: float = READY_TIMEOUT_S
+) -> Iterator[MLServerProcess]:
+    """Start a server for ``models``, wait until all are ready, stop it on exit."""
+    server = MLServerProcess(root, models).start()
+    try:
+        server.wait_ready(timeout=timeout)
+        yield server
+    finally:
+        server.stop()
+
+
+# -- the shared server ---------------------------------------------------------------------
+
+LLAMA = "llama"  # fully resident (100%), served from ./chunks (a symlink into the model folder)
+LLAMA_25 = "llama-25"  # the same store at a 25% budget: most blocks stream on every request
+GPT2 = "gpt2"
+BERT = "bert"  # encoder: hidden_states and embedding modes only
+MAX_NEW_TOKENS_LIMIT = 32  # configured on LLAMA_25
+SOURCES = {LLAMA: "llama", LLAMA_25: "llama", GPT2: "gpt2", BERT: "bert"}
+
+
+@pytest.fixture(scope="session")
+def layerstream_server(model_factory, tmp_path_factory) -> Iterator[MLServerProcess]:
+    """One ``mlserver start`` serving all four models for the e2e and error tests.
+
+    ``server.chunked[name]`` is the conftest ChunkedModel behind each served model.
+    torch_threads=1 keeps the server's reductions in the order of the in-process reference
+    models (conftest sets one thread too), so results can be compared exactly.
+    """
+    chunked = {name: model_factory(source) for name, source in SOURCES.items()}
+    specs = [
+        ModelSpec(
+            LLAMA,
+            chunked[LLAMA].store,
+            {"memory_budget": "100%", "torch_threads": 1},
+            store_mode="symlink",
+        ),
+        ModelSpec(
+            LLAMA_25,
+            chunked[LLAMA_25].store,
+            {
+                "memory_budget": "25%",
+                "read_ahead": 1,
+                "torch_threads": 1,
+                "max_new_tokens_limit": MAX_NEW_TOKENS_LIMIT,
+            },
+        ),
+        ModelSpec(GPT2, chunked[GPT2].store, {"torch_threads": 1}),
+        ModelSpec(BERT, chunked[BERT].store, {"torch_threads": 1}),
+    ]
+    with serve(tmp_path_factory.mktemp("mlserver"), specs) as server:
+        server.chunked = chunked
+        yield server
+
+
+# -- raw wire helpers (independent of layerstream_client) -----------------------------------
+
+
+def prompt_input(text: str) -> dict[str, Any]:
+    return {"name": "prompt", "datatype": "BYTES", "shape": [1], "data": [text]}
+
+
+def ids_input(ids: list[int]) -> dict[str, Any]:
+    return {"name": "input_ids", "datatype": "INT64", "shape": [len(ids)], "data": list(ids)}
+
+
+def raw_sse(base_url: str, model: str, request: dict[str, Any]) -> list[dict[str, Any]]:
+    """POST generate_stream with plain httpx + httpx_sse; every event's JSON, in order."""
+    url = f"{base_url}/v2/models/{model}/generate_stream"
+    with (
+        httpx.Client(timeout=60.0) as client,
+        connect_sse(client, "POST", url, json=request) as source,
+    ):
+        assert source.response.status_code == 200, source.response.read()
+        content_type = source.response.headers["content-type"]
+        assert content_type.startswith("text/event-stream"), content_type
+        return [json.loads(event.data) for event in source.iter_sse()]
+
+
+def metric_samples(metrics_url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """``{(sample name, sorted labels): value}`` from a Prometheus text page."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(metrics_url, timeout=10.0).raise_for_status().text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }

@@ -1,0 +1,713 @@
+"""End to end: a real ``mlserver start`` serving layerstream models, checked against the fully
+loaded transformers model on the same weights (REST SSE, gRPC and unary ``/infer``)."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from mlserver_proc import (
+    BERT,
+    GPT2,
+    LLAMA,
+    LLAMA_25,
+    MAX_NEW_TOKENS_LIMIT,
+    SOURCES,
+    ids_input,
+    metric_samples,
+    prompt_input,
+    raw_sse,
+)
+from transformers import AutoTokenizer
+
+from layerstream_client import Final, GRPCClient, HiddenState, SSEClient, Token
+
+pytest_plugins = ["mlserver_proc"]
+pytestmark = pytest.mark.e2e
+
+PROMPT = "Once upon a time"
+STATS = (
+    "prompt_tokens",
+    "tokens",
+    "ttft_us",
+    "total_us",
+    "weight_wait_us",
+    "compute_us",
+    "bytes_streamed",
+    "chunks_streamed",
+    "cache_hits",
+    "cache_misses",
+)
+NUM_BLOCKS = 12  # every fixture model in conftest has 12 blocks
+TRANSPORTS = ("sse", "grpc")
+
+
+class Reference:
+    """The fully loaded transformers model and tokenizer behind a served model."""
+
+    def __init__(self, chunked):
+        self.model = chunked.resident()
+        self.tokenizer = AutoTokenizer.from_pretrained(chunked.store)
+
+    def encode(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt)["input_ids"]
+
+    def generate(self, ids: list[int], max_new_tokens: int, **kwargs: Any) -> list[int]:
+        tensor = torch.tensor([ids])
+        with torch.no_grad():
+            out = self.model.generate(
+                tensor,
+                attention_mask=torch.ones_like(tensor),
+                max_new_tokens=max_new_tokens,
+                **kwargs,
+            )
+        return out[0, len(ids) :].tolist()
+
+    def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
+        return self.generate(ids, max_new_tokens, do_sample=False)
+
+    def sample(self, ids: list[int], max_new_tokens: int, seed: int, **kwargs: Any) -> list[int]:
+        torch.manual_seed(seed)
+        return self.generate(ids, max_new_tokens, do_sample=True, **kwargs)
+
+    def finish_reason(self, new_ids: list[int], max_new_tokens: int) -> str:
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        if new_ids and new_ids[-1] in eos_ids:
+            return "stop"
+        assert len(new_ids) == max_new_tokens
+        return "length"
+
+    def forward(self, ids: list[int]):
+        """Base-model outputs with every hidden state (``resident.model`` for causal LMs)."""
+        base = getattr(self.model, "model", self.model)
+        with torch.no_grad():
+            return base(torch.tensor([ids]), output_hidden_states=True)
+
+    def hidden_states(self, ids: list[int]) -> list[np.ndarray]:
+        return [h[0].numpy() for h in self.forward(ids).hidden_states]
+
+
+@pytest.fixture(scope="module")
+def server(layerstream_server):
+    return layerstream_server
+
+
+@pytest.fixture(scope="module")
+def reference(server):
+    cache: dict[str, Reference] = {}
+
+    def get(name: str) -> Reference:
+        source = SOURCES[name]
+        if source not in cache:
+            cache[source] = Reference(server.chunked[name])
+        return cache[source]
+
+    return get
+
+
+def client(server, transport: str):
+    if transport == "sse":
+        return SSEClient(server.http_url, timeout=60.0)
+    return GRPCClient(server.grpc_target, timeout=60.0)
+
+
+def split(events: list) -> tuple[list[Token], list[HiddenState], Final]:
+    """Tokens, hidden states and the final event; the final event must come last, once."""
+    assert events, "the stream carried no events"
+    *body, final = events
+    assert isinstance(final, Final), events
+    assert not any(isinstance(e, Final) for e in body), events
+    tokens = [e for e in body if isinstance(e, Token)]
+    hidden = [e for e in body if isinstance(e, HiddenState)]
+    assert len(tokens) + len(hidden) == len(body)
+    return tokens, hidden, final
+
+
+def array(event: HiddenState) -> np.ndarray:
+    return np.asarray(event.values, dtype=np.float32).reshape(event.shape)
+
+
+def check_stats(final: Final, prompt_tokens: int, tokens: int) -> None:
+    stats = final.stats
+    assert set(STATS) <= set(stats), stats
+    for key in STATS:
+        assert type(stats[key]) is int and stats[key] >= 0, (key, stats[key])
+    assert stats["prompt_tokens"] == prompt_tokens
+    assert stats["tokens"] == tokens
+    assert stats["total_us"] > 0
+    assert stats["compute_us"] == max(stats["total_us"] - stats["weight_wait_us"], 0)
+    if tokens:
+        assert 0 < stats["ttft_us"] <= stats["total_us"]
+
+
+# -- 1. greedy tokens ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("model", [LLAMA, LLAMA_25, GPT2])
+def test_greedy_tokens_match_resident_generate(server, reference, model, transport):
+    ref = reference(model)
+    n = 12
+    ids = ref.encode(PROMPT)
+    expected = ref.greedy(ids, n)
+
+    tokens, hidden, final = split(
+        list(client(server, transport).generate(model, PROMPT, max_new_tokens=n))
+    )
+
+    assert not hidden
+    assert [t.token_id for t in tokens] == expected
+    assert final.finish_reason == ref.finish_reason(expected, n)
+    assert final.error is None
+    check_stats(final, prompt_tokens=len(ids), tokens=len(expected))
+    stats = final.stats
+    # Each generated token is one forward pass over every block.
+    assert stats["cache_hits"] + stats["cache_misses"] == NUM_BLOCKS * len(expected)
+    if model == LLAMA_25:
+        assert stats["cache_misses"] > 0
+        assert stats["bytes_streamed"] > 0 and stats["chunks_streamed"] > 0
+    else:
+        assert stats["cache_misses"] == 0
+        assert stats["bytes_streamed"] == 0 and stats["chunks_streamed"] == 0
+        assert stats["weight_wait_us"] == 0
+
+
+UTF8_TAIL_BUG = pytest.mark.xfail(
+    strict=True,
+    reason="runtime bug: generation.py never flushes IncrementalDecoder's held-back text, so "
+    "an output that ends inside an incomplete UTF-8 sequence loses its trailing replacement "
+    "characters (streamed text != tokenizer.decode(ids)); gpt2's greedy output ends so",
+)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("model", [LLAMA, LLAMA_25, pytest.param(GPT2, marks=UTF8_TAIL_BUG)])
+def test_greedy_text_matches_tokenizer_decode(server, reference, model, transport):
+    ref = reference(model)
+    n = 12
+    expected = ref.greedy(ref.encode(PROMPT), n)
+
+    tokens, _, final = split(
+        list(client(server, transport).generate(model, PROMPT, max_new_tokens=n))
+    )
+
+    assert [t.token_id for t in tokens] == expected
+    text = "".join(t.text for t in tokens) + final.text
+    assert text == ref.tokenizer.decode(expected, skip_special_tokens=True)
+
+
+# -- 2. seeded sampling ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("model", [LLAMA_25, GPT2])
+def test_seeded_sampling_matches_resident_generate(server, reference, model, transport):
+    ref = reference(model)
+    n, seed, top_k = 16, 1234, 40
+    ids = ref.encode(PROMPT)
+    expected = ref.sample(ids, n, seed, temperature=0.8, top_k=top_k)
+    assert expected != ref.greedy(ids, n)  # otherwise the test would not show sampling
+
+    events = client(server, transport).generate(
+        model,
+        PROMPT,
+        max_new_tokens=n,
+        do_sample=True,
+        temperature="0.8",  # a string: gRPC has no float parameters
+        top_k=top_k,
+        seed=seed,
+    )
+    tokens, _, final = split(list(events))
+
+    assert [t.token_id for t in tokens] == expected
+    assert final.finish_reason == ref.finish_reason(expected, n)
+
+
+# -- 3. input_ids ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_input_ids_instead_of_prompt(server, reference, transport):
+    ref = reference(LLAMA_25)
+    ids = [7, 42, 99, 150, 200, 11, 11, 300, 5]
+    n = 8
+    expected = ref.greedy(ids, n)
+
+    events = client(server, transport).generate(LLAMA_25, input_ids=ids, max_new_tokens=n)
+    tokens, _, final = split(list(events))
+
+    assert [t.token_id for t in tokens] == expected
+    assert final.stats["prompt_tokens"] == len(ids)
+    assert final.finish_reason == ref.finish_reason(expected, n)
+
+
+def test_input_ids_same_answer_as_the_prompt_they_encode(server, reference):
+    ref = reference(GPT2)
+    sse = SSEClient(server.http_url)
+    by_prompt = [t.token_id for t in split(list(sse.generate(GPT2, PROMPT, max_new_tokens=6)))[0]]
+    ids = ref.encode(PROMPT)
+    by_ids = [
+        t.token_id for t in split(list(sse.generate(GPT2, input_ids=ids, max_new_tokens=6)))[0]
+    ]
+    assert by_prompt == by_ids == ref.greedy(ids, 6)
+
+
+def test_input_ids_shape_1_by_n_flat(server, reference):
+    ref = reference(LLAMA)
+    ids = ref.encode(PROMPT)
+    request = {
+        "inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, len(ids)], "data": ids}],
+        "parameters": {"max_new_tokens": 4},
+    }
+    body = httpx.post(f"{server.http_url}/v2/models/{LLAMA}/infer", json=request, timeout=60)
+    assert body.status_code == 200, body.text
+    outputs = {o["name"]: o for o in body.json()["outputs"]}
+    assert outputs["token_ids"]["data"] == ref.greedy(ids, 4)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="runtime bug: protocol._parse_input rejects V2 JSON nested data for input_ids of "
+    "shape [1, n] ('must hold one sequence') although it accepts that shape",
+)
+def test_input_ids_shape_1_by_n_nested(server, reference):
+    ref = reference(LLAMA)
+    ids = ref.encode(PROMPT)
+    request = {
+        "inputs": [
+            {"name": "input_ids", "datatype": "INT64", "shape": [1, len(ids)], "data": [ids]}
+        ],
+        "parameters": {"max_new_tokens": 4},
+    }
+    body = httpx.post(f"{server.http_url}/v2/models/{LLAMA}/infer", json=request, timeout=60)
+    assert body.status_code == 200, body.text
+    outputs = {o["name"]: o for o in body.json()["outputs"]}
+    assert outputs["token_ids"]["data"] == ref.greedy(ids, 4)
+
+
+# -- 4. hidden states ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("transport", "layers", "expected_layers"),
+    [
+        ("sse", "0,-1", [0, NUM_BLOCKS]),
+        ("grpc", "0,-1", [0, NUM_BLOCKS]),
+        ("sse", [0, 3, -1], [0, 3, NUM_BLOCKS]),  # a JSON list over REST
+        ("grpc", [-1, 3, 0], [0, 3, NUM_BLOCKS]),  # any order in, ascending out
+    ],
+)
+def test_bert_hidden_states_match_output_hidden_states(
+    server, reference, transport, layers, expected_layers
+):
+    ref = reference(BERT)
+    ids = ref.encode(PROMPT)
+    states = ref.hidden_states(ids)
+    assert len(states) == NUM_BLOCKS + 1
+
+    events = client(server, transport).hidden_states(BERT, PROMPT, layers=layers)
+    tokens, hidden, final = split(list(events))
+
+    assert not tokens
+    assert [h.layer for h in hidden] == expected_layers
+    for event in hidden:
+        assert event.shape == (len(ids), 64)
+        np.testing.assert_allclose(array(event), states[event.layer], rtol=0, atol=1e-5)
+    assert final.finish_reason == "stop"
+    assert final.embedding is not None
+    np.testing.assert_allclose(
+        np.asarray(final.embedding, dtype=np.float32), states[-1].mean(axis=0), rtol=0, atol=1e-5
+    )
+    check_stats(final, prompt_tokens=len(ids), tokens=0)
+
+
+@pytest.mark.parametrize(
+    ("model", "transport", "layers"),
+    [(LLAMA_25, "sse", None), (LLAMA, "grpc", [0, 5, -1])],
+)
+def test_causal_lm_hidden_states_match_output_hidden_states(
+    server, reference, model, transport, layers
+):
+    ref = reference(model)
+    ids = ref.encode(PROMPT)
+    states = ref.hidden_states(ids)  # resident.model(ids, output_hidden_states=True)
+    wanted = list(range(NUM_BLOCKS + 1)) if layers is None else [0, 5, NUM_BLOCKS]
+
+    # max_new_tokens=1 only works around the default-limit bug below (LLAMA_25 has a limit).
+    params: dict[str, Any] = {"max_new_tokens": 1} if model == LLAMA_25 else {}
+    if layers is not None:
+        params["layers"] = layers
+    _, hidden, final = split(list(client(server, transport).hidden_states(model, PROMPT, **params)))
+
+    assert [h.layer for h in hidden] == wanted
+    for event in hidden:
+        np.testing.assert_allclose(array(event), states[event.layer], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(final.embedding, dtype=np.float32), states[-1].mean(axis=0), rtol=0, atol=1e-5
+    )
+    if model == LLAMA_25:
+        assert final.stats["cache_misses"] > 0 and final.stats["bytes_streamed"] > 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="runtime bug: protocol.parse_request range-checks the default max_new_tokens (64) "
+    "against max_new_tokens_limit even when the request does not set it, and in "
+    "hidden_states/embedding modes that generate nothing: on a model with "
+    "max_new_tokens_limit 32 every such request fails ('must be between 1 and 32, got 64')",
+)
+@pytest.mark.parametrize("mode", ["hidden_states", "embedding", "tokens"])
+def test_request_without_max_new_tokens_on_a_model_with_a_limit(server, reference, mode):
+    ref = reference(LLAMA_25)
+    ids = ref.encode(PROMPT)
+    events = SSEClient(server.http_url).stream(
+        LLAMA_25, {"inputs": [prompt_input(PROMPT)], "parameters": {"mode": mode}}
+    )
+    tokens, hidden, final = split(list(events))
+    if mode == "tokens":
+        assert 1 <= len(tokens) <= MAX_NEW_TOKENS_LIMIT
+        assert [t.token_id for t in tokens] == ref.greedy(ids, len(tokens))
+    else:
+        states = ref.hidden_states(ids)
+        assert [h.layer for h in hidden] == (
+            list(range(NUM_BLOCKS + 1)) if mode == "hidden_states" else []
+        )
+        np.testing.assert_allclose(
+            np.asarray(final.embedding, dtype=np.float32), states[-1].mean(0), rtol=0, atol=1e-5
+        )
+
+
+def test_hidden_states_wire_format_raw_sse(server, reference):
+    """Plain httpx + httpx_sse: one ``hidden_state`` FP32 [seq, hidden] event per layer with an
+    integer ``layer`` parameter, then a final event with ``embedding`` and integer stats."""
+    ref = reference(BERT)
+    ids = ref.encode(PROMPT)
+    states = ref.hidden_states(ids)
+    request = {
+        "inputs": [prompt_input(PROMPT)],
+        "parameters": {"mode": "hidden_states", "layers": "1,-1"},
+    }
+
+    events = raw_sse(server.http_url, BERT, request)
+
+    assert len(events) == 3
+    for event, layer in zip(events[:2], [1, NUM_BLOCKS], strict=True):
+        assert event["model_name"] == BERT
+        assert event["parameters"]["layer"] == layer
+        assert "finish_reason" not in event["parameters"]
+        (output,) = event["outputs"]
+        assert output["name"] == "hidden_state"
+        assert output["datatype"] == "FP32"
+        assert output["shape"] == [len(ids), 64]
+        values = np.asarray(output["data"], dtype=np.float32).reshape(output["shape"])
+        np.testing.assert_allclose(values, states[layer], rtol=0, atol=1e-5)
+    final = events[-1]
+    assert final["parameters"]["finish_reason"] == "stop"
+    assert all(type(final["parameters"][k]) is int for k in STATS)
+    (embedding,) = final["outputs"]
+    assert (embedding["name"], embedding["datatype"], embedding["shape"]) == (
+        "embedding",
+        "FP32",
+        [64],
+    )
+    np.testing.assert_allclose(embedding["data"], states[-1].mean(axis=0), rtol=0, atol=1e-5)
+
+
+# -- 5. unary /infer -------------------------------------------------------------------------
+
+
+def test_unary_infer_tokens_equal_streamed(server, reference):
+    ref = reference(LLAMA_25)
+    n = 10
+    tokens, _, final = split(
+        list(SSEClient(server.http_url).generate(LLAMA_25, PROMPT, max_new_tokens=n))
+    )
+
+    body = SSEClient(server.http_url).infer(
+        LLAMA_25, {"inputs": [prompt_input(PROMPT)], "parameters": {"max_new_tokens": n}}
+    )
+
+    outputs = {o["name"]: o for o in body["outputs"]}
+    assert set(outputs) == {"text", "token_ids"}
+    assert outputs["token_ids"]["datatype"] == "INT64"
+    assert outputs["token_ids"]["data"] == [t.token_id for t in tokens]
+    assert outputs["token_ids"]["data"] == ref.greedy(ref.encode(PROMPT), n)
+    assert outputs["text"]["datatype"] == "BYTES"
+    assert outputs["text"]["data"] == ["".join(t.text for t in tokens) + final.text]
+    params = body["parameters"]
+    assert params["finish_reason"] == final.finish_reason
+    assert params["tokens"] == len(tokens)
+    assert all(type(params[k]) is int for k in STATS)
+
+
+@pytest.mark.parametrize("pooling", [None, "mean", "cls", "last", "pooler"])
+def test_unary_infer_embedding_on_bert(server, reference, pooling):
+    ref = reference(BERT)
+    ids = ref.encode(PROMPT)
+    out = ref.forward(ids)
+    last = out.last_hidden_state[0].numpy()
+    expected = {
+        None: last.mean(axis=0),
+        "mean": last.mean(axis=0),
+        "cls": last[0],
+        "last": last[-1],
+        "pooler": out.pooler_output[0].numpy(),
+    }[pooling]
+    request: dict[str, Any] = {"inputs": [prompt_input(PROMPT)]}
+    if pooling is not None:
+        request["parameters"] = {"pooling": pooling}  # no mode: embedding is bert's default
+
+    body = SSEClient(server.http_url).infer(BERT, request)
+
+    outputs = {o["name"]: o for o in body["outputs"]}
+    assert set(outputs) == {"embedding"}
+    assert outputs["embedding"]["shape"] == [64]
+    np.testing.assert_allclose(outputs["embedding"]["data"], expected, rtol=0, atol=1e-5)
+    assert body["parameters"]["finish_reason"] == "stop"
+    assert body["parameters"]["prompt_tokens"] == len(ids)
+
+
+def test_unary_infer_hidden_states_stacked(server, reference):
+    ref = reference(BERT)
+    ids = ref.encode(PROMPT)
+    states = ref.hidden_states(ids)
+    request = {
+        "inputs": [prompt_input(PROMPT)],
+        "parameters": {"mode": "hidden_states", "layers": [0, 3, -1]},
+    }
+
+    body = SSEClient(server.http_url).infer(BERT, request)
+
+    outputs = {o["name"]: o for o in body["outputs"]}
+    stacked = outputs["hidden_states"]
+    assert stacked["shape"] == [3, len(ids), 64]
+    values = np.asarray(stacked["data"], dtype=np.float32).reshape(stacked["shape"])
+    for row, layer in zip(values, [0, 3, NUM_BLOCKS], strict=True):
+        np.testing.assert_allclose(row, states[layer], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        outputs["embedding"]["data"], states[-1].mean(axis=0), rtol=0, atol=1e-5
+    )
+    assert body["parameters"]["layers"] == f"0,3,{NUM_BLOCKS}"
+
+
+# -- 6. concurrency --------------------------------------------------------------------------
+
+
+def test_concurrent_streams_each_get_their_own_answer(server, reference):
+    ref = reference(LLAMA_25)
+    prompts = [PROMPT, "The quick brown fox", "Layer streaming trades memory"]
+    n = 10
+    expected = [ref.greedy(ref.encode(p), n) for p in prompts]
+    assert len({tuple(e) for e in expected}) > 1  # distinct answers, so a mix-up would show
+    start = threading.Barrier(len(prompts))
+
+    def run(prompt: str) -> list[int]:
+        start.wait(timeout=30)
+        events = SSEClient(server.http_url, timeout=60).generate(LLAMA_25, prompt, max_new_tokens=n)
+        tokens, _, final = split(list(events))
+        assert final.finish_reason in ("length", "stop")
+        return [t.token_id for t in tokens]
+
+    with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
+        results = list(pool.map(run, prompts))
+
+    assert results == expected
+
+
+# -- 7. client disconnect --------------------------------------------------------------------
+
+
+def _completed(server, model: str) -> float:
+    key = (
+        "layerstream_requests_total",
+        (("finish_reason", "length"), ("mode", "tokens"), ("model", model)),
+    )
+    return metric_samples(server.metrics_url).get(key, 0.0)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_client_disconnect_mid_stream(server, reference, transport):
+    ref = reference(LLAMA_25)
+    ids = ref.encode(PROMPT)
+    before = _completed(server, LLAMA_25)
+
+    stream = client(server, transport).generate(LLAMA_25, PROMPT, max_new_tokens=32)
+    first = next(stream)
+    stream.close()  # closes the HTTP connection / cancels the gRPC call after one token
+    assert isinstance(first, Token)
+    assert first.token_id == ref.greedy(ids, 1)[0]
+
+    assert httpx.get(f"{server.http_url}/v2/health/live", timeout=10).status_code == 200
+    assert httpx.get(f"{server.http_url}/v2/models/{LLAMA_25}/ready", timeout=10).status_code == 200
+    # The next request (queued behind the abandoned one if it still runs) is exact.
+    events = client(server, transport).generate(LLAMA_25, PROMPT, max_new_tokens=6)
+    tokens, _, final = split(list(events))
+    assert [t.token_id for t in tokens] == ref.greedy(ids, 6)
+    assert final.finish_reason == ref.finish_reason([t.token_id for t in tokens], 6)
+    # Only the second request completed: the abandoned one was cancelled, not run to the end.
+    assert _completed(server, LLAMA_25) == before + 1
+
+
+# -- 8. metrics ------------------------------------------------------------------------------
+
+
+def test_metrics_count_requests_and_tokens(server):
+    labels = (("finish_reason", "length"), ("mode", "tokens"), ("model", GPT2))
+    before = metric_samples(server.metrics_url)
+    n = 5
+    events = list(SSEClient(server.http_url).generate(GPT2, input_ids=[3, 4, 5], max_new_tokens=n))
+    tokens, _, final = split(events)
+    assert final.finish_reason == "length" and len(tokens) == n
+    list(SSEClient(server.http_url).hidden_states(BERT, PROMPT, layers="0"))
+
+    text = httpx.get(server.metrics_url, timeout=10).text
+    after = metric_samples(server.metrics_url)
+
+    assert "layerstream_requests_total" in text
+    requests = ("layerstream_requests_total", labels)
+    assert after[requests] == before.get(requests, 0.0) + 1
+    generated = ("layerstream_generated_tokens_total", (("model", GPT2),))
+    assert after[generated] == before.get(generated, 0.0) + n
+    hidden = (
+        "layerstream_requests_total",
+        (("finish_reason", "stop"), ("mode", "hidden_states"), ("model", BERT)),
+    )
+    assert after[hidden] == before.get(hidden, 0.0) + 1
+
+
+def test_metrics_report_streamed_bytes_of_the_small_budget_model(server):
+    list(SSEClient(server.http_url).generate(LLAMA_25, PROMPT, max_new_tokens=2))
+    list(SSEClient(server.http_url).generate(LLAMA, PROMPT, max_new_tokens=2))
+    after = metric_samples(server.metrics_url)
+    assert after[("layerstream_bytes_streamed_total", (("model", LLAMA_25),))] > 0
+    assert after[("layerstream_bytes_streamed_total", (("model", LLAMA),))] == 0
+    assert after[("layerstream_block_cache_misses_total", (("model", LLAMA),))] == 0
+
+
+# -- 9. parameters as strings, raw wire format -----------------------------------------------
+
+
+def test_string_parameters_and_token_wire_format_raw_sse(server, reference):
+    """Plain httpx + httpx_sse, JSON parsed here: every parameter sent as a string."""
+    ref = reference(LLAMA_25)
+    ids = ref.encode(PROMPT)
+    n = 5
+    expected = ref.greedy(ids, n)
+    request = {
+        "id": "string-params",
+        "inputs": [prompt_input(PROMPT)],
+        "parameters": {
+            "mode": "tokens",
+            "max_new_tokens": "5",
+            "do_sample": "false",
+            "top_k": "7",
+            "repetition_penalty": "1.0",
+        },
+    }
+
+    events = raw_sse(server.http_url, LLAMA_25, request)
+
+    assert len(events) == n + 1
+    for event, token_id in zip(events[:n], expected, strict=True):
+        assert event["model_name"] == LLAMA_25
+        assert event["id"] == "string-params"
+        assert "finish_reason" not in event["parameters"]
+        outputs = {o["name"]: o for o in event["outputs"]}
+        assert set(outputs) == {"text", "token_id"}
+        assert outputs["token_id"]["datatype"] == "INT64"
+        assert outputs["token_id"]["shape"] == [1]
+        assert outputs["token_id"]["data"] == [token_id]
+        assert outputs["text"]["datatype"] == "BYTES"
+        assert outputs["text"]["shape"] == [1]
+        assert isinstance(outputs["text"]["data"][0], str)
+    final = events[-1]
+    params = final["parameters"]
+    assert params["finish_reason"] == ref.finish_reason(expected, n)
+    for key in STATS:
+        assert type(params[key]) is int, (key, params[key])
+    assert params["tokens"] == n and params["prompt_tokens"] == len(ids)
+    assert "error" not in params
+    texts = [next(o for o in e["outputs"] if o["name"] == "text")["data"][0] for e in events[:n]]
+    tail = [o["data"][0] for o in final["outputs"] if o["name"] == "text"]
+    assert "".join(texts + tail) == ref.tokenizer.decode(expected, skip_special_tokens=True)
+
+
+def test_string_parameters_over_unary_infer(server, reference):
+    ref = reference(GPT2)
+    ids = ref.encode(PROMPT)
+    expected = ref.sample(ids, 6, 99, temperature=0.8, top_k=20)
+    request = {
+        "inputs": [ids_input(ids)],
+        "parameters": {
+            "max_new_tokens": "6",
+            "do_sample": "true",
+            "temperature": "0.8",
+            "top_k": "20",
+            "seed": "99",
+        },
+    }
+    body = SSEClient(server.http_url).infer(GPT2, request)
+    outputs = {o["name"]: o for o in body["outputs"]}
+    assert outputs["token_ids"]["data"] == expected
+
+
+# -- stop strings ----------------------------------------------------------------------------
+
+
+def _stop_case(ref: Reference) -> tuple[list[int], str, int]:
+    """Greedy ids, a stop string taken from their text, and the index of the token that
+    completes it (the text cut before it is what the client must see)."""
+    n = 16
+    ids = ref.greedy(ref.encode(PROMPT), n)
+    for k in range(1, len(ids)):
+        before = ref.tokenizer.decode(ids[:k], skip_special_tokens=True)
+        piece = ref.tokenizer.decode(ids[: k + 1], skip_special_tokens=True)[len(before) :]
+        if piece.strip() and piece not in before:
+            return ids, piece, k
+    pytest.skip("the greedy output has no token whose text is new")
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_single_stop_string(server, reference, transport):
+    ref = reference(LLAMA)
+    ids, stop, k = _stop_case(ref)
+    events = client(server, transport).generate(LLAMA, PROMPT, max_new_tokens=16, stop=stop)
+    tokens, _, final = split(list(events))
+    assert final.finish_reason == "stop"
+    assert [t.token_id for t in tokens] == ids[: k + 1]
+    text = "".join(t.text for t in tokens) + final.text
+    assert text == ref.tokenizer.decode(ids[:k], skip_special_tokens=True)
+    assert stop not in text
+
+
+def test_stop_string_list_over_sse(server, reference):
+    ref = reference(LLAMA)
+    ids, stop, k = _stop_case(ref)
+    events = SSEClient(server.http_url).generate(
+        LLAMA, PROMPT, max_new_tokens=16, stop=["never-in-the-output", stop]
+    )
+    tokens, _, final = split(list(events))
+    assert final.finish_reason == "stop"
+    assert [t.token_id for t in tokens] == ids[: k + 1]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="client bug: GRPCClient sends a list parameter as one comma-joined string, so "
+    "stop=['a', 'b'] reaches the server as the single stop string 'a,b' and never matches",
+)
+def test_stop_string_list_over_grpc(server, reference):
+    ref = reference(LLAMA)
+    ids, stop, k = _stop_case(ref)
+    events = GRPCClient(server.grpc_target).generate(
+        LLAMA, PROMPT, max_new_tokens=16, stop=["never-in-the-output", stop]
+    )
+    tokens, _, final = split(list(events))
+    assert final.finish_reason == "stop"
+    assert [t.token_id for t in tokens] == ids[: k + 1]

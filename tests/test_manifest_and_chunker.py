@@ -1,0 +1,141 @@
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from layerstream.chunker import ChunkerError, chunk_checkpoint
+from layerstream.errors import ManifestError
+from layerstream.manifest import Manifest
+
+
+def test_manifest_lists_every_chunk_with_its_sha256(model_factory):
+    model = model_factory("gpt2")
+    manifest = Manifest.from_json((model.store / "manifest.json").read_text())
+    assert manifest.architecture == "GPT2LMHeadModel"
+    assert [b.prefix for b in manifest.blocks] == [f"transformer.h.{i}" for i in range(12)]
+    assert manifest.tied == [["lm_head.weight", "transformer.wte.weight"]]
+    for info in manifest.chunks.values():
+        data = (model.store / info.file).read_bytes()
+        assert len(data) == info.bytes
+        assert hashlib.sha256(data).hexdigest() == info.sha256
+    assert {"config.json", "generation_config.json", "tokenizer.json"} <= set(manifest.files)
+
+
+def test_store_holds_no_pickle(model_factory):
+    store = model_factory("llama").store
+    suffixes = {p.suffix for p in store.iterdir()}
+    assert suffixes <= {".safetensors", ".json"}
+
+
+def test_manifest_round_trip(model_factory):
+    text = (model_factory("llama").store / "manifest.json").read_text()
+    assert (
+        Manifest.from_json(Manifest.from_json(text).to_json()).to_json()
+        == Manifest.from_json(text).to_json()
+    )
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/etc/passwd", "a/../../b"])
+def test_manifest_refuses_file_names_that_escape_the_store(model_factory, name):
+    data = json.loads((model_factory("llama").store / "manifest.json").read_text())
+    data["chunks"]["rest"]["file"] = name
+    with pytest.raises(ManifestError, match="unsafe file name"):
+        Manifest.from_json(json.dumps(data))
+
+
+def test_manifest_rejects_newer_format_and_missing_fields(model_factory):
+    data = json.loads((model_factory("llama").store / "manifest.json").read_text())
+    with pytest.raises(ManifestError, match="format_version 99"):
+        Manifest.from_json(json.dumps(dict(data, format_version=99)))
+    del data["blocks"]
+    with pytest.raises(ManifestError, match="'blocks'"):
+        Manifest.from_json(json.dumps(data))
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        Manifest.from_json("{truncated")
+
+
+def test_chunker_refuses_to_overwrite_without_force(model_factory, tmp_path):
+    model = model_factory("llama")
+    dest = tmp_path / "chunks"
+    chunk_checkpoint(model.source, dest, "x", progress=False)
+    with pytest.raises(ChunkerError, match="--force"):
+        chunk_checkpoint(model.source, dest, "x", progress=False)
+    chunk_checkpoint(model.source, dest, "x", force=True, progress=False)
+    assert (dest / "manifest.json").exists()
+
+
+def test_chunker_refuses_pickled_checkpoints(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    with pytest.raises(ChunkerError, match="never unpickles"):
+        chunk_checkpoint(tmp_path, tmp_path / "out", "x", progress=False)
+
+
+def test_chunker_refuses_missing_weights(model_factory, tmp_path):
+    """A checkpoint lacking a tensor must not become a model with random weights."""
+    from safetensors.torch import load_file, save_file
+
+    model = model_factory("llama")
+    source = tmp_path / "src"
+    source.mkdir()
+    for f in model.source.iterdir():
+        if f.suffix != ".safetensors":
+            (source / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(model.source / "model.safetensors")
+    del tensors["model.layers.3.mlp.up_proj.weight"]
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ChunkerError, match=r"model\.layers\.3\.mlp\.up_proj\.weight"):
+        chunk_checkpoint(source, tmp_path / "out", "x", progress=False)
+
+
+def test_cli_random_init_writes_store_and_model_settings(tmp_path):
+    repo = tmp_path / "model-repo"
+    cmd = [
+        sys.executable,
+        "-m",
+        "layerstream.cli",
+        "chunk",
+        "--random-init",
+        "tiny-llama",
+        str(repo / "tiny" / "chunks"),
+        "--name",
+        "tiny",
+        "--quiet",
+    ]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    settings = json.loads((repo / "tiny" / "model-settings.json").read_text())
+    assert settings == {
+        "name": "tiny",
+        "implementation": "layerstream.LayerStreamRuntime",
+        "parameters": {"extra": {"chunk_store": "./chunks"}},
+    }
+    assert (repo / "tiny" / "chunks" / "manifest.json").exists()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 1 and "--force" in again.stderr
+
+
+def test_cli_model_repo_option_with_store_elsewhere(tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "layerstream.cli",
+        "chunk",
+        "--random-init",
+        "tiny-bert",
+        str(tmp_path / "stores" / "enc"),
+        "--name",
+        "enc",
+        "--model-repo",
+        str(tmp_path / "repo"),
+        "--quiet",
+    ]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    settings = json.loads((tmp_path / "repo" / "enc" / "model-settings.json").read_text())
+    store = settings["parameters"]["extra"]["chunk_store"]
+    assert (tmp_path / "repo" / "enc" / store / "manifest.json").resolve().exists()
+    assert Path(store).parts[0] == ".."

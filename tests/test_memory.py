@@ -1,0 +1,69 @@
+"""Memory is a promise: with a budget, peak RSS stays near budget + a small working set.
+
+A ~300 MB Llama is served at a 25% budget in a fresh subprocess; its peak RSS above the
+import baseline must stay under the budget plus a working set that does not grow with the
+model (activations, KV cache, the skeleton's buffers, allocator slack).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from layerstream.chunker import chunk_checkpoint
+from layerstream.presets import write_random_checkpoint
+
+WORKING_SET = 64 * 2**20
+CONFIG = dict(
+    model_type="llama",
+    architectures=["LlamaForCausalLM"],
+    hidden_size=768,
+    intermediate_size=2048,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    num_key_value_heads=4,
+    vocab_size=4096,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+)
+
+
+@pytest.fixture(scope="module")
+def big_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("big")
+    (root / "config.json").write_text(json.dumps(CONFIG))
+    source = write_random_checkpoint(str(root / "config.json"), root / "source")
+    manifest = chunk_checkpoint(source, root / "chunks", "big", progress=False)
+    assert manifest.total_bytes > 250 * 2**20
+    return root / "chunks", source, manifest
+
+
+def probe(*args: str) -> dict:
+    script = Path(__file__).with_name("memory_probe.py")
+    out = subprocess.run(
+        [sys.executable, str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_peak_rss_stays_within_budget_plus_working_set(big_model):
+    store, source, manifest = big_model
+    streamed = probe("stream", "25%", str(store), str(source))
+    resident = probe("resident", str(store), str(source))
+    assert streamed["ids"] == resident["ids"]
+    growth = streamed["peak"] - streamed["baseline"]
+    assert streamed["budget"] <= manifest.total_bytes * 0.25 + 1
+    assert growth <= streamed["budget"] + WORKING_SET, (
+        f"peak RSS grew {growth / 2**20:.0f} MiB for a {streamed['budget'] / 2**20:.0f} MiB budget"
+    )
+    # and the resident model really needs the whole model: the budget made the difference
+    assert resident["peak"] - resident["baseline"] >= manifest.total_bytes * 0.9

@@ -1,0 +1,111 @@
+"""The runtime's request paths (generation and hidden states) on the engine, without a server."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from layerstream.engine import Engine, EngineOptions
+from layerstream.events import FinalEvent, HiddenStateEvent, TokenEvent
+from layerstream.generation import run_generation
+from layerstream.hidden import run_hidden_states
+from layerstream.protocol import Request
+from layerstream.stores import open_store
+
+IDS = [5, 17, 99, 3, 250, 7, 42, 130]
+
+
+def engine_for(model, budget="25%") -> Engine:
+    return Engine(open_store(str(model.store)), EngineOptions(memory_budget=budget, read_ahead=1))
+
+
+def collect(fn, engine, request, ids=IDS):
+    events: list = []
+    final = fn(engine, request, ids, events.append, lambda: False)
+    return events, final
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "qwen2", "mistral", "bert"])
+def test_hidden_state_stream_equals_output_hidden_states(model_factory, name):
+    model = model_factory(name)
+    reference = model.resident()
+    engine = engine_for(model)
+    try:
+        n = len(engine.prefixes)
+        request = Request(mode="hidden_states", layers=list(range(n + 1)))
+        events, final = collect(run_hidden_states, engine, request)
+        with torch.inference_mode():
+            ids = torch.tensor([IDS])
+            expected = reference.base_model(ids, output_hidden_states=True).hidden_states
+        assert [e.layer for e in events] == list(range(n + 1))
+        for event in events:
+            assert isinstance(event, HiddenStateEvent)
+            assert event.hidden_state.dtype == np.float32
+            assert np.array_equal(event.hidden_state, expected[event.layer][0].numpy())
+        assert isinstance(final, FinalEvent) and final.finish_reason == "stop"
+        assert np.allclose(final.embedding, expected[-1][0].mean(0).numpy(), atol=1e-6)
+    finally:
+        engine.close()
+
+
+def test_generation_events_and_stop_string(model_factory):
+    model = model_factory("llama")
+    reference = model.resident()
+    engine = engine_for(model)
+    try:
+        events, final = collect(
+            run_generation, engine, Request(mode="tokens", max_new_tokens=12, do_sample=False)
+        )
+        ids = torch.tensor([IDS])
+        expected = reference.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False
+        )
+        new = expected[0, len(IDS) :].tolist()
+        assert [e.token_id for e in events] == new
+        text = "".join(e.text for e in events)
+        assert text == engine.tokenizer.decode(new, skip_special_tokens=True)
+        assert final.finish_reason == (
+            "stop" if new[-1] == engine.generation_config.eos_token_id else "length"
+        )
+        assert final.stats["tokens"] == 12 and final.stats["cache_misses"] > 0
+
+        # Stop at a piece of that text: the stream is cut before it, finish_reason is stop.
+        stop = text[len(text) // 2 : len(text) // 2 + 3]
+        if stop.strip():
+            events, final = collect(
+                run_generation, engine, Request(mode="tokens", max_new_tokens=12, stop=[stop])
+            )
+            streamed = "".join(e.text for e in events) + final.text
+            assert streamed == text[: text.find(stop)]
+            assert final.finish_reason == "stop"
+            assert [e.token_id for e in events] == new[: len(events)]
+    finally:
+        engine.close()
+
+
+def test_cancelled_request_stops_between_blocks_and_engine_recovers(model_factory):
+    model = model_factory("llama")
+    engine = engine_for(model)
+    try:
+        calls = {"n": 0}
+
+        def cancelled() -> bool:
+            calls["n"] += 1
+            return calls["n"] > 20  # mid-way through the second token
+
+        from layerstream.errors import RequestCancelled
+
+        tokens: list = []
+        request = Request(mode="tokens", max_new_tokens=12, do_sample=False)
+        with pytest.raises(RequestCancelled):
+            run_generation(engine, request, IDS, tokens.append, cancelled)
+        assert 0 < len(tokens) < 12
+        # no buffer leaked, nothing left installed: the next request is complete and exact
+        events, _ = collect(run_generation, engine, request)
+        assert len(events) == 12 and [e.token_id for e in events[: len(tokens)]] == [
+            t.token_id for t in tokens
+        ]
+        assert all(isinstance(e, TokenEvent) for e in events)
+    finally:
+        engine.close()
