@@ -18,25 +18,12 @@ from layerstream.chunker import chunk_checkpoint
 from layerstream.presets import write_random_checkpoint
 
 WORKING_SET = 64 * 2**20
-CONFIG = dict(
-    model_type="llama",
-    architectures=["LlamaForCausalLM"],
-    hidden_size=768,
-    intermediate_size=2048,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    num_key_value_heads=4,
-    vocab_size=4096,
-    max_position_embeddings=256,
-    tie_word_embeddings=False,
-)
 
 
 @pytest.fixture(scope="module")
 def big_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("big")
-    (root / "config.json").write_text(json.dumps(CONFIG))
-    source = write_random_checkpoint(str(root / "config.json"), root / "source")
+    source = write_random_checkpoint("llama-300m", root / "source")
     manifest = chunk_checkpoint(source, root / "chunks", "big", progress=False)
     assert manifest.total_bytes > 250 * 2**20
     return root / "chunks", source, manifest

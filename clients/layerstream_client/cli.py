@@ -13,7 +13,7 @@ import math
 import sys
 from typing import Any
 
-from .events import Final, HiddenState, StreamError, Token
+from .events import GENERATION_PARAMS, Final, HiddenState, StreamError, Token
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,21 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-_GENERATION = (
-    "max_new_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "do_sample",
-    "seed",
-    "stop",
-    "repetition_penalty",
-)
-
-
 def _params(args: argparse.Namespace) -> dict[str, Any]:
     if args.command == "generate":
-        params = {k: getattr(args, k) for k in _GENERATION}
+        params = {k: getattr(args, k) for k in GENERATION_PARAMS}
         if params["stop"] and len(params["stop"]) == 1:
             params["stop"] = params["stop"][0]
         params["mode"] = "tokens"

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 # Parameters the client sends as given; numbers are sent as they are over REST and as
 # strings over gRPC (which drops floats), the server accepts both.
-_PARAMS = (
-    "mode",
+GENERATION_PARAMS = (
     "max_new_tokens",
     "temperature",
     "top_p",
@@ -17,9 +17,8 @@ _PARAMS = (
     "seed",
     "stop",
     "repetition_penalty",
-    "layers",
-    "pooling",
 )
+_PARAMS = ("mode", *GENERATION_PARAMS, "layers", "pooling")
 
 
 class StreamError(RuntimeError):
@@ -124,3 +123,30 @@ def parse_response(response: dict[str, Any]) -> list[Token | HiddenState | Final
             )
         ]
     raise ValueError(f"unexpected response: {sorted(response)}")
+
+
+class StreamingClient:
+    """What the SSE and gRPC clients share: requests built the same way, one ``stream``."""
+
+    def stream(self, model: str, request: dict[str, Any]) -> Iterator[Token | HiddenState | Final]:
+        raise NotImplementedError
+
+    def generate(
+        self,
+        model: str,
+        prompt: str | None = None,
+        input_ids: list[int] | None = None,
+        **params: Any,
+    ) -> Iterator[Token | HiddenState | Final]:
+        """Token events then a Final (or hidden-state events with ``mode="hidden_states"``)."""
+        return self.stream(model, build_request(prompt, input_ids, **params))
+
+    def hidden_states(
+        self,
+        model: str,
+        prompt: str | None = None,
+        input_ids: list[int] | None = None,
+        **params: Any,
+    ) -> Iterator[Token | HiddenState | Final]:
+        params.setdefault("mode", "hidden_states")
+        return self.stream(model, build_request(prompt, input_ids, **params))

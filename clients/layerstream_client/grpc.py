@@ -14,7 +14,7 @@ from google.protobuf.json_format import MessageToDict
 from mlserver.grpc import dataplane_pb2 as pb
 from mlserver.grpc import dataplane_pb2_grpc as pb_grpc
 
-from .events import Final, HiddenState, Token, build_request, parse_response
+from .events import Final, HiddenState, StreamingClient, Token, parse_response
 
 
 def _parameter(value: Any) -> pb.InferParameter:
@@ -72,7 +72,7 @@ def _to_json(response: pb.ModelInferResponse) -> dict[str, Any]:
     return out
 
 
-class GRPCClient:
+class GRPCClient(StreamingClient):
     def __init__(self, target: str = "127.0.0.1:8081", timeout: float = 300.0):
         self.target = target
         self.timeout = timeout
@@ -87,22 +87,3 @@ class GRPCClient:
             )
             for response in calls:
                 yield from parse_response(_to_json(response))
-
-    def generate(
-        self,
-        model: str,
-        prompt: str | None = None,
-        input_ids: list[int] | None = None,
-        **params: Any,
-    ):
-        return self.stream(model, build_request(prompt, input_ids, **params))
-
-    def hidden_states(
-        self,
-        model: str,
-        prompt: str | None = None,
-        input_ids: list[int] | None = None,
-        **params: Any,
-    ):
-        params.setdefault("mode", "hidden_states")
-        return self.stream(model, build_request(prompt, input_ids, **params))

@@ -9,10 +9,10 @@ from typing import Any
 import httpx
 from httpx_sse import connect_sse
 
-from .events import Final, HiddenState, Token, build_request, parse_response
+from .events import Final, HiddenState, StreamingClient, Token, parse_response
 
 
-class SSEClient:
+class SSEClient(StreamingClient):
     def __init__(self, url: str = "http://127.0.0.1:8080", timeout: float = 300.0):
         self.url = url.rstrip("/")
         self.timeout = timeout
@@ -40,25 +40,6 @@ class SSEClient:
                     yield event
         if not finished:
             raise ConnectionError(f"the stream from {url} ended without a final event")
-
-    def generate(
-        self,
-        model: str,
-        prompt: str | None = None,
-        input_ids: list[int] | None = None,
-        **params: Any,
-    ):
-        return self.stream(model, build_request(prompt, input_ids, **params))
-
-    def hidden_states(
-        self,
-        model: str,
-        prompt: str | None = None,
-        input_ids: list[int] | None = None,
-        **params: Any,
-    ):
-        params.setdefault("mode", "hidden_states")
-        return self.stream(model, build_request(prompt, input_ids, **params))
 
     def infer(self, model: str, request: dict[str, Any]) -> dict[str, Any]:
         """Unary ``/infer``: the whole answer in one response (raises on HTTP errors)."""

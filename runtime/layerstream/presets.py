@@ -73,6 +73,20 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
             max_position_embeddings=256,
         ),
     ),
+    # ~300 MB fp32: the memory test and benchmarks/per_token.py
+    "llama-300m": (
+        "llama",
+        dict(
+            hidden_size=768,
+            intermediate_size=2048,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            num_key_value_heads=4,
+            vocab_size=4096,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+        ),
+    ),
     "llama-demo": (
         "llama",
         dict(
