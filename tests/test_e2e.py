@@ -178,16 +178,8 @@ def test_greedy_tokens_match_resident_generate(server, reference, model, transpo
         assert stats["weight_wait_us"] == 0
 
 
-UTF8_TAIL_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="runtime bug: generation.py never flushes IncrementalDecoder's held-back text, so "
-    "an output that ends inside an incomplete UTF-8 sequence loses its trailing replacement "
-    "characters (streamed text != tokenizer.decode(ids)); gpt2's greedy output ends so",
-)
-
-
 @pytest.mark.parametrize("transport", TRANSPORTS)
-@pytest.mark.parametrize("model", [LLAMA, LLAMA_25, pytest.param(GPT2, marks=UTF8_TAIL_BUG)])
+@pytest.mark.parametrize("model", [LLAMA, LLAMA_25, GPT2])
 def test_greedy_text_matches_tokenizer_decode(server, reference, model, transport):
     ref = reference(model)
     n = 12
@@ -271,11 +263,6 @@ def test_input_ids_shape_1_by_n_flat(server, reference):
     assert outputs["token_ids"]["data"] == ref.greedy(ids, 4)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runtime bug: protocol._parse_input rejects V2 JSON nested data for input_ids of "
-    "shape [1, n] ('must hold one sequence') although it accepts that shape",
-)
 def test_input_ids_shape_1_by_n_nested(server, reference):
     ref = reference(LLAMA)
     ids = ref.encode(PROMPT)
@@ -355,13 +342,6 @@ def test_causal_lm_hidden_states_match_output_hidden_states(
         assert final.stats["cache_misses"] > 0 and final.stats["bytes_streamed"] > 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runtime bug: protocol.parse_request range-checks the default max_new_tokens (64) "
-    "against max_new_tokens_limit even when the request does not set it, and in "
-    "hidden_states/embedding modes that generate nothing: on a model with "
-    "max_new_tokens_limit 32 every such request fails ('must be between 1 and 32, got 64')",
-)
 @pytest.mark.parametrize("mode", ["hidden_states", "embedding", "tokens"])
 def test_request_without_max_new_tokens_on_a_model_with_a_limit(server, reference, mode):
     ref = reference(LLAMA_25)
@@ -697,11 +677,6 @@ def test_stop_string_list_over_sse(server, reference):
     assert [t.token_id for t in tokens] == ids[: k + 1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="client bug: GRPCClient sends a list parameter as one comma-joined string, so "
-    "stop=['a', 'b'] reaches the server as the single stop string 'a,b' and never matches",
-)
 def test_stop_string_list_over_grpc(server, reference):
     ref = reference(LLAMA)
     ids, stop, k = _stop_case(ref)

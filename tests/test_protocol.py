@@ -138,3 +138,23 @@ def test_context_length():
     check_context(64, hidden, CAUSAL)
     with pytest.raises(InvalidRequest, match="prompt of 65 tokens"):
         check_context(65, hidden, CAUSAL)
+
+
+def test_default_max_new_tokens_respects_the_limit_and_other_modes_ignore_it():
+    r = parse_request(request(), CAUSAL, max_new_tokens_limit=8, default_max_new_tokens=64)
+    assert r.max_new_tokens == 8
+    hidden = parse_request(
+        request(mode="embedding", max_new_tokens=500), CAUSAL, 8, default_max_new_tokens=64
+    )
+    assert hidden.mode == "embedding"
+
+
+def test_stop_list_as_json_string_as_grpc_sends_it():
+    assert parse(request(stop='["a,b", "END"]')).stop == ["a,b", "END"]
+    with pytest.raises(InvalidRequest, match="JSON list"):
+        parse(request(stop="[not json"))
+
+
+def test_nested_input_ids_for_shape_1_by_n():
+    nested = [{"name": "input_ids", "datatype": "INT64", "shape": [1, 3], "data": [[4, 5, 6]]}]
+    assert parse(request(nested)).input_ids == [4, 5, 6]

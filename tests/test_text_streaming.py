@@ -40,3 +40,14 @@ def test_no_stop_strings_passes_text_through():
     matcher = StopMatcher([])
     assert matcher.feed("abc") == "abc"
     assert matcher.flush() == ""
+
+
+def test_flush_releases_an_incomplete_character_at_the_end(model_factory):
+    tokenizer = AutoTokenizer.from_pretrained(model_factory("gpt2").store)
+    whole = tokenizer("✓")["input_ids"]
+    assert len(whole) > 1  # a multi-byte character spread over byte-level tokens
+    ids = [*tokenizer("ok ")["input_ids"], *whole[:-1]]  # ends inside the character
+    decoder = IncrementalDecoder(tokenizer)
+    text = "".join(decoder.add(i) for i in ids) + decoder.flush()
+    assert text == tokenizer.decode(ids, skip_special_tokens=True)
+    assert decoder.flush() == ""

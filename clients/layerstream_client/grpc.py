@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,7 +25,10 @@ def _parameter(value: Any) -> pb.InferParameter:
     if isinstance(value, int):
         return pb.InferParameter(int64_param=value)
     if isinstance(value, list):
-        return pb.InferParameter(string_param=",".join(str(v) for v in value))
+        # layers as "0,-1"; stop strings as a JSON list (they may contain commas)
+        if all(isinstance(v, int) for v in value):
+            return pb.InferParameter(string_param=",".join(str(v) for v in value))
+        return pb.InferParameter(string_param=json.dumps(value))
     return pb.InferParameter(string_param=str(value))
 
 

@@ -35,17 +35,18 @@ def sha256_of(buffer: torch.Tensor) -> str:
     return hashlib.sha256(memoryview(buffer.numpy())).hexdigest()
 
 
-def verify(info: ChunkInfo, buffer: torch.Tensor) -> None:
+def verify(info: ChunkInfo, buffer: torch.Tensor, store: str = "") -> None:
     """Raise ChunkIntegrityError unless ``buffer`` holds exactly the manifest's bytes."""
+    where = f" in {store}" if store else ""
     if buffer.numel() != info.bytes:
         raise ChunkIntegrityError(
-            f"chunk {info.name} ({info.file}) has {buffer.numel()} bytes, the manifest says "
+            f"chunk {info.name} ({info.file}{where}) has {buffer.numel()} bytes, the manifest says "
             f"{info.bytes}; the store is truncated or was modified: re-run the chunker"
         )
     digest = sha256_of(buffer)
     if digest != info.sha256:
         raise ChunkIntegrityError(
-            f"chunk {info.name} ({info.file}) failed its sha256 check: expected "
+            f"chunk {info.name} ({info.file}{where}) failed its sha256 check: expected "
             f"{info.sha256[:12]}…, got {digest[:12]}…; re-run the chunker or check the store"
         )
 

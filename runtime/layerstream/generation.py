@@ -7,8 +7,10 @@ string, so a stop string never reaches the client.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
@@ -41,6 +43,17 @@ class IncrementalDecoder:
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             return text[len(prefix) :]
         return ""
+
+    def flush(self) -> str:
+        """Text still held back at the end (an incomplete character decodes as U+FFFD, as
+        ``tokenizer.decode`` shows it): the deltas then add up to the full decode."""
+        if self.tokenizer is None or self.read_offset == len(self.ids):
+            return ""
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        text = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return text[len(prefix) :]
 
 
 class StopMatcher:
@@ -117,6 +130,22 @@ class _StopWhen(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.condition(), dtype=torch.bool)
 
 
+# transformers samples from torch's process-wide RNG: two models sampling at once would
+# interleave their draws and break seeded reproducibility, so sampling runs one at a time.
+_RNG_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _sampling_rng(do_sample: bool, seed: int | None) -> Iterator[None]:
+    if not do_sample:
+        yield
+        return
+    with _RNG_LOCK:
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield
+
+
 def generation_config(engine: Engine, request: Request) -> GenerationConfig:
     config = GenerationConfig.from_dict(engine.generation_config.to_dict())
     config.max_new_tokens = request.max_new_tokens
@@ -145,23 +174,23 @@ def run_generation(
     ids = torch.tensor([input_ids], dtype=torch.long)
     with engine.request(cancelled) as scope:
         streamer = _EventStreamer(engine.tokenizer, request.stop, emit, scope.started)
-        if request.seed is not None:
-            torch.manual_seed(request.seed)
-        output = engine.model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            generation_config=config,
-            streamer=streamer,
-            stopping_criteria=StoppingCriteriaList(
-                [_StopWhen(lambda: streamer.matcher.stopped or cancelled())]
-            ),
-        )
+        with _sampling_rng(config.do_sample, request.seed):
+            output = engine.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                generation_config=config,
+                streamer=streamer,
+                stopping_criteria=StoppingCriteriaList(
+                    [_StopWhen(lambda: streamer.matcher.stopped or cancelled())]
+                ),
+            )
     new_ids = output[0, ids.shape[1] :].tolist()
     eos = config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     ended = streamer.matcher.stopped or (bool(new_ids) and new_ids[-1] in eos_ids)
     reason = "stop" if ended else "length"
-    final = FinalEvent(finish_reason=reason, text=streamer.matcher.flush())
+    tail = "" if streamer.matcher.stopped else streamer.matcher.feed(streamer.decoder.flush())
+    final = FinalEvent(finish_reason=reason, text=tail + streamer.matcher.flush())
     final.stats = request_stats(scope, len(input_ids), streamer.tokens, streamer.first_token_at)
     return final
 

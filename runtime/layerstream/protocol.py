@@ -8,6 +8,7 @@ Unknown parameter names are errors: a typo must not silently change the answer.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +90,14 @@ def _as_bool(name: str, value: Any) -> bool:
 
 
 def _as_stop(value: Any) -> list[str]:
+    if isinstance(value, str) and value.startswith("["):
+        # gRPC parameters are scalars: a list of stop strings travels as a JSON string
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise InvalidRequest(
+                f"parameter stop looks like a JSON list but is not ({exc})"
+            ) from exc
     if isinstance(value, str):
         stops = [value]
     elif isinstance(value, list) and all(isinstance(v, str) for v in value):
@@ -162,6 +171,8 @@ def _parse_input(
                 f"input 'input_ids' must have shape [n] or [1, n], not {item.shape}"
             )
         ids = list(item.data.root if hasattr(item.data, "root") else item.data)
+        if len(item.shape) == 2 and len(ids) == 1 and isinstance(ids[0], list):
+            ids = ids[0]  # V2 JSON allows nested data: [[1, 2, 3]] for shape [1, 3]
         ids = [_flatten_one(v) for v in ids]
         if not ids:
             raise InvalidRequest("input 'input_ids' is empty")
@@ -205,7 +216,10 @@ def parse_request(
         )
     prompt, input_ids = _parse_input(payload, caps)
     request = Request(
-        mode=mode, prompt=prompt, input_ids=input_ids, max_new_tokens=default_max_new_tokens
+        mode=mode,
+        prompt=prompt,
+        input_ids=input_ids,
+        max_new_tokens=min(default_max_new_tokens, max_new_tokens_limit),
     )
     for name, convert in _NUMERIC.items():
         if name in params:
@@ -223,7 +237,7 @@ def parse_request(
 
 
 def _check_ranges(request: Request, caps: ModelCapabilities, limit: int) -> None:
-    if not 1 <= request.max_new_tokens <= limit:
+    if request.mode == "tokens" and not 1 <= request.max_new_tokens <= limit:
         raise InvalidRequest(
             f"max_new_tokens must be between 1 and {limit}, got {request.max_new_tokens}"
         )

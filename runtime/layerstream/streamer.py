@@ -135,7 +135,7 @@ class WeightStreamer:
         size, version = self.store.read_into(info.file, memoryview(buffer.numpy()))
         read_done = time.perf_counter()
         if size != info.bytes or self._must_verify(info.name, version):
-            verify(info, buffer[:size])
+            verify(info, buffer[:size], self.store.uri)
             with self._lock:
                 self.stats.chunks_verified += 1
                 if version is not None:
