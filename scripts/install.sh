@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install layerstream (+ test tools) into it.
+# Create .venv and install layerstream into it; `scripts/install.sh dev` adds the test tools.
 #
 # torch: without an NVIDIA GPU, take a CPU-only build (a plain `pip install torch` pulls
 # several GB of CUDA libraries). `torch==X+cpu` resolves where pip is configured with a CPU
@@ -33,5 +33,9 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     fi
 fi
 
-pip install --quiet -e ".[dev]"
+if [ "${1:-}" = "dev" ]; then
+    pip install --quiet -e ".[dev]"
+else
+    pip install --quiet -e .
+fi
 "$VENV/bin/python" -c "import torch, transformers, mlserver; print(f'torch {torch.__version__}, transformers {transformers.__version__}, mlserver {mlserver.__version__}')"
