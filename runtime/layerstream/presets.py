@@ -18,6 +18,8 @@ import torch
 import transformers
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerFast
 
+from .skeleton import context_length
+
 log = logging.getLogger(__name__)
 
 PAD, BOS, EOS, UNK = "<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"
@@ -179,7 +181,7 @@ def build_tokenizer(config: PretrainedConfig) -> PreTrainedTokenizerFast:
         fast = PreTrainedTokenizerFast(
             tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK
         )
-    fast.model_max_length = _context_length(config) or 1024
+    fast.model_max_length = context_length(config) or 1024
     if fast.vocab_size > config.vocab_size:
         raise ValueError(f"tokenizer vocabulary {fast.vocab_size} > model's {config.vocab_size}")
     return fast
@@ -187,14 +189,6 @@ def build_tokenizer(config: PretrainedConfig) -> PreTrainedTokenizerFast:
 
 def _is_causal(config: PretrainedConfig) -> bool:
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures or [])
-
-
-def _context_length(config: PretrainedConfig) -> int | None:
-    for attr in ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def write_random_checkpoint(spec: str, dest: Path, seed: int = 0) -> Path:

@@ -27,7 +27,7 @@ from .hidden import run_hidden_states
 from .protocol import ModelCapabilities, Request, check_context, parse_request
 from .scheduler import Scheduler
 from .settings import LayerStreamSettings
-from .skeleton import find_block_lists
+from .skeleton import context_length
 from .stores import open_store
 
 log = logging.getLogger(__name__)
@@ -162,25 +162,17 @@ def _build_engine(settings: LayerStreamSettings, folder: Path | None) -> Engine:
 
 def capabilities(engine: Engine) -> ModelCapabilities:
     model = engine.model
-    modes = []
-    if model.can_generate():
-        modes.append("tokens")
-    if len(find_block_lists(model)) == 1:
+    modes = ["tokens"] if model.can_generate() else []
+    block_lists = {prefix.rsplit(".", 1)[0] for prefix in engine.prefixes}
+    if len(block_lists) == 1:  # one stack of blocks: hidden state k is well defined
         modes += ["hidden_states", "embedding"]
-    config = (
-        model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    )
-    context = None
-    for attr in ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            context = value
-            break
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return ModelCapabilities(
         modes=tuple(modes),
         default_mode="tokens" if "tokens" in modes else "embedding",
-        vocab_size=int(config.vocab_size),
-        context_length=context,
+        vocab_size=int(text_config.vocab_size),
+        context_length=context_length(config),
         num_layers=len(engine.prefixes),
         has_pooler=getattr(model.base_model, "pooler", None) is not None,
         has_tokenizer=engine.tokenizer is not None,

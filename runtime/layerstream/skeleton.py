@@ -62,6 +62,16 @@ def build_skeleton(config: PretrainedConfig, architecture: str, dtype: str) -> P
     return model
 
 
+def context_length(config: PretrainedConfig) -> int | None:
+    """The longest sequence the model's positions cover, under whichever name its config uses."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def _param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
