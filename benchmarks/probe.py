@@ -45,8 +45,10 @@ def main() -> None:
         model = transformers.AutoModelForCausalLM.from_pretrained(source).eval()
         context = torch.inference_mode
     else:
-        budget = system.split(":", 1)[1]
-        engine = Engine(open_store(store), EngineOptions(memory_budget=budget, read_ahead=2))
+        _, budget, *reader = system.split(":")  # stream:BUDGET[:READER]
+        options = EngineOptions(memory_budget=budget, read_ahead=2, reader=(reader or ["auto"])[0])
+        engine = Engine(open_store(store), options)
+        result["reader"] = engine.streamer.reader
         model, context = engine.model, engine.request
         result["weights_held"] = engine.plan.weight_bytes(engine.manifest)
     result["model_bytes"] = _model_bytes(store)

@@ -148,3 +148,24 @@ def test_cache_hit_rate_is_pinned_over_total(model_factory):
         assert 6 * streamed <= scope.stats.chunks_read <= 6 * streamed + 1
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("reader", ["read", "mmap"])
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_both_readers_are_exact(model_factory, resident_models, name, reader):
+    """Streamed blocks copied into pooled buffers, or mapped from the page cache."""
+    engine = Engine(
+        open_store(str(model_factory(name).store)),
+        EngineOptions(memory_budget="25%", read_ahead=1, reader=reader),
+    )
+    reference = resident_models(name)
+    try:
+        assert engine.streamer.reader == reader and engine.plan.streamed
+        kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+        with engine.request() as scope:
+            ids = engine.model.generate(PROMPT, **kwargs)
+        assert torch.equal(ids, reference.generate(PROMPT, **kwargs))
+        # prefill + 7 decode steps run every streamed block
+        assert scope.stats.cache_misses == 8 * len(engine.plan.streamed)
+    finally:
+        engine.close()

@@ -120,3 +120,15 @@ def test_verify_modes(model_factory, mode, hashed_every_read):
         assert stats.chunks_verified == (stats.chunks_read if hashed_every_read else distinct)
     finally:
         engine.close()
+
+
+def test_auto_reader_maps_local_files_unless_every_read_is_hashed(model_factory):
+    store = open_store(str(model_factory("llama").store))
+    for verify, reader in (("once", "mmap"), ("off", "mmap"), ("always", "read")):
+        engine = Engine(store, EngineOptions(memory_budget="25%", verify_checksums=verify))
+        try:
+            assert engine.streamer.reader == reader
+        finally:
+            engine.close()
+    with pytest.raises(ValueError, match="reader must be one of"):
+        Engine(store, EngineOptions(memory_budget="25%", reader="carrier-pigeon"))

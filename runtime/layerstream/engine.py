@@ -41,6 +41,7 @@ class EngineOptions:
     read_ahead: int = 2
     io_threads: int = 2
     verify_checksums: str = "once"  # see streamer.VERIFY_MODES
+    reader: str = "auto"  # see streamer.READERS
 
 
 @dataclass
@@ -78,7 +79,12 @@ class Engine:
         budget = resolve_budget(options.memory_budget, self.manifest.total_bytes)
         self.plan: ResidencyPlan = plan_residency(self.manifest, budget, options.read_ahead)
         self.streamer = WeightStreamer(
-            store, self.manifest, self.plan, options.io_threads, options.verify_checksums
+            store,
+            self.manifest,
+            self.plan,
+            options.io_threads,
+            options.verify_checksums,
+            options.reader,
         )
         self.blocks = [BlockSlots(p, self.model.get_submodule(p)) for p in self.prefixes]
         self._scope: RequestScope | None = None

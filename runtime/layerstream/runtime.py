@@ -154,6 +154,7 @@ def _build_engine(settings: LayerStreamSettings, folder: Path | None) -> Engine:
         read_ahead=settings.read_ahead,
         io_threads=settings.io_threads,
         verify_checksums=settings.verify_checksums,
+        reader=settings.reader,
     )
     engine = Engine(store, options)
     log.info("engine for %s ready in %.2fs", store.uri, time.perf_counter() - started)

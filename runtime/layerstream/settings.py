@@ -43,6 +43,12 @@ class LayerStreamSettings(BaseSettings):
         description="sha256 of each chunk against the manifest: 'once' (on first read, and "
         "again whenever the store's file changes), 'always' (every read), 'off' (sizes only).",
     )
+    reader: Literal["auto", "mmap", "read"] = Field(
+        default="auto",
+        description="How streamed blocks are read: 'mmap' maps local chunk files (no copy), "
+        "'read' copies them into reusable buffers; 'auto' maps local stores unless "
+        "verify_checksums is 'always'.",
+    )
     max_new_tokens_limit: int = Field(
         default=1024, ge=1, description="Largest max_new_tokens a request may ask for."
     )

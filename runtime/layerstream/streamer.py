@@ -8,9 +8,13 @@ the last block to the first are predicted correctly.
 
 from __future__ import annotations
 
+import functools
 import logging
+import mmap
 import threading
 import time
+import warnings
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -29,6 +33,7 @@ log = logging.getLogger(__name__)
 # different version of it (a file rewritten in place, a new object); "always": hash every
 # read (costs a core's worth of sha256 per streamed byte); "off": sizes only.
 VERIFY_MODES = ("once", "always", "off")
+READERS = ("auto", "mmap", "read")
 
 
 @dataclass
@@ -54,11 +59,20 @@ class StreamStats:
 
 @dataclass
 class Loaded:
-    """A streamed block's tensors, viewing ``buffer`` (returned to the pool on release)."""
+    """A streamed block's tensors: views of a pool buffer or of a mapping, given back by
+    ``release`` once the block has run."""
 
     index: int
     tensors: dict[str, torch.Tensor]
-    buffer: torch.Tensor | None = field(repr=False, default=None)
+    release: Callable[[], None] | None = field(repr=False, default=None)
+
+
+def _unmap(mapping: mmap.mmap) -> None:
+    try:
+        mapping.close()
+    except BufferError:
+        # A view is still alive somewhere; the mapping goes when the last one does.
+        log.debug("chunk mapping still referenced; left to the garbage collector")
 
 
 class BlockOrder:
@@ -96,6 +110,19 @@ class BlockOrder:
         return out
 
 
+def _pick_reader(reader: str, store: ChunkStore, verify_checksums: str) -> str:
+    """ "mmap" streams without a copy; "read" copies into the pool. "auto" maps local files,
+    except with verify_checksums="always", which must hash the very bytes it then uses."""
+    if reader not in READERS:
+        raise ValueError(f"reader must be one of {', '.join(READERS)}, not {reader!r}")
+    mappable = callable(getattr(store, "map", None))
+    if reader == "mmap" and not mappable:
+        raise ChunkStoreError(f"chunk store {store.uri} cannot be memory-mapped; use reader=read")
+    if reader == "auto":
+        return "mmap" if mappable and verify_checksums != "always" else "read"
+    return reader
+
+
 class WeightStreamer:
     def __init__(
         self,
@@ -104,6 +131,7 @@ class WeightStreamer:
         plan: ResidencyPlan,
         io_threads: int,
         verify_checksums: str,
+        reader: str = "auto",
     ):
         self.store = store
         self.manifest = manifest
@@ -116,7 +144,13 @@ class WeightStreamer:
         self.order = BlockOrder(manifest)
         self._lock = threading.Lock()
         self._inflight: dict[int, Future[Loaded]] = {}
-        self._pool = BufferPool(plan.pool_slots, plan.slot_bytes) if plan.pool_slots else None
+        self.reader = _pick_reader(reader, store, verify_checksums)
+        self._pool: BufferPool | None = None
+        self._slots: threading.BoundedSemaphore | None = None
+        if plan.pool_slots and self.reader == "read":
+            self._pool = BufferPool(plan.pool_slots, plan.slot_bytes)
+        elif plan.pool_slots:
+            self._slots = threading.BoundedSemaphore(plan.pool_slots)
         self._io = (
             ThreadPoolExecutor(max_workers=max(io_threads, 1), thread_name_prefix="layerstream-io")
             if plan.pool_slots
@@ -131,21 +165,42 @@ class WeightStreamer:
             buffer = torch.empty(info.bytes, dtype=torch.uint8)
         if buffer.numel() < info.bytes:
             raise ChunkStoreError(f"chunk {info.name} is larger than its streaming buffer")
-        view = buffer[: info.bytes]
         size, version = self.store.read_into(info.file, memoryview(buffer.numpy()))
+        self._check(info, buffer[:size], version, start)
+        return buffer[: info.bytes]
+
+    def _map_chunk(self, info: ChunkInfo) -> tuple[torch.Tensor, mmap.mmap]:
+        """Map one chunk (no copy: the tensors view the page cache) and verify it."""
+        start = time.perf_counter()
+        mapped = self.store.map(info.file)
+        data: torch.Tensor | None = None
+        try:
+            with warnings.catch_warnings():
+                # read-only on purpose: weights are never written
+                warnings.filterwarnings("ignore", message="The given buffer is not writable")
+                data = torch.frombuffer(mapped.data, dtype=torch.uint8)
+            self._check(info, data, mapped.version, start)
+        except BaseException:
+            data = None  # release the view before unmapping
+            _unmap(mapped.data)
+            raise
+        return data, mapped.data
+
+    def _check(
+        self, info: ChunkInfo, data: torch.Tensor, version: str | None, start: float
+    ) -> None:
         read_done = time.perf_counter()
-        if size != info.bytes or self._must_verify(info.name, version):
-            verify(info, buffer[:size], self.store.uri)
+        if data.numel() != info.bytes or self._must_verify(info.name, version):
+            verify(info, data, self.store.uri)
             with self._lock:
                 self.stats.chunks_verified += 1
                 if version is not None:
                     self._verified[info.name] = version
         with self._lock:
-            self.stats.bytes_read += size
+            self.stats.bytes_read += data.numel()
             self.stats.chunks_read += 1
             self.stats.read_s += read_done - start
             self.stats.verify_s += time.perf_counter() - read_done
-        return view
 
     def _must_verify(self, chunk: str, version: str | None) -> bool:
         if self.verify_checksums == "off":
@@ -160,15 +215,30 @@ class WeightStreamer:
         return tensors_from_buffer(info, self.read_chunk(info))
 
     def _load_streamed(self, j: int) -> Loaded:
-        assert self._pool is not None
         info = self.manifest.chunks[self.manifest.blocks[j].chunk]
-        buffer = self._pool.acquire()
+        if self._pool is not None:
+            buffer = self._pool.acquire()
+            try:
+                tensors = tensors_from_buffer(info, self.read_chunk(info, buffer))
+            except BaseException:
+                self._pool.release(buffer)
+                raise
+            return Loaded(j, tensors, functools.partial(self._pool.release, buffer))
+        assert self._slots is not None
+        self._slots.acquire()
         try:
-            view = self.read_chunk(info, buffer)
-            return Loaded(j, tensors_from_buffer(info, view), buffer)
+            data, mapping = self._map_chunk(info)
+            tensors = tensors_from_buffer(info, data)
         except BaseException:
-            self._pool.release(buffer)
+            self._slots.release()
             raise
+        del data
+
+        def unmap() -> None:
+            _unmap(mapping)
+            self._slots.release()
+
+        return Loaded(j, tensors, unmap)
 
     # -- the compute thread's side ---------------------------------------------------------
     def hit(self) -> None:
@@ -211,10 +281,10 @@ class WeightStreamer:
                 self._inflight[k] = self._io.submit(self._load_streamed, k)
 
     def release(self, loaded: Loaded) -> None:
-        if loaded.buffer is not None and self._pool is not None:
-            loaded.tensors.clear()
-            self._pool.release(loaded.buffer)
-            loaded.buffer = None
+        if loaded.release is not None:
+            loaded.tensors.clear()  # drop the views first: the buffer or mapping is reused next
+            release, loaded.release = loaded.release, None
+            release()
 
     def drop_read_ahead(self) -> None:
         """Give back every read-ahead buffer (after a request ends or fails)."""

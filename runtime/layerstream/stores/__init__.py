@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import ChunkStoreError
-from .base import ChunkStore, ReadResult
+from .base import ChunkStore, Mapped, ReadResult
 from .local import LocalStore
 
-__all__ = ["ChunkStore", "LocalStore", "ReadResult", "open_store"]
+__all__ = ["ChunkStore", "LocalStore", "Mapped", "ReadResult", "open_store"]
 
 
 def open_store(uri: str, base_dir: str | Path | None = None) -> ChunkStore:

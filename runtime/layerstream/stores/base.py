@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 from typing import NamedTuple, Protocol, runtime_checkable
 
 
@@ -10,6 +11,14 @@ class ReadResult(NamedTuple):
     # Identifies this content of the file (local: inode, size, mtime; remote: ETag), or None
     # when unknown or the file changed during the read. Equal versions mean equal bytes, so
     # a chunk verified once need not be hashed again until its version changes.
+    version: str | None
+
+
+class Mapped(NamedTuple):
+    """A read-only memory mapping of a whole file (stores on a local file system only)."""
+
+    data: mmap.mmap
+    size: int
     version: str | None
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 from pathlib import Path
 
 from ..errors import ChunkStoreError
 from ..manifest import check_relative_name
-from .base import ReadResult
+from .base import Mapped, ReadResult
 
 
 class LocalStore:
@@ -70,6 +71,30 @@ class LocalStore:
             raise ChunkStoreError(f"cannot read chunk file {path}: {exc.strerror or exc}") from exc
         finally:
             os.close(fd)
+
+    def map(self, name: str) -> Mapped:
+        """Map ``name`` read-only, its pages populated now (by the calling I/O thread) so that
+        compute never page-faults on it. Chunk files are immutable while served (the chunker
+        replaces files by rename, which leaves a live mapping intact); a file rewritten in
+        place gets a new version and is verified again on its next mapping."""
+        path = self._path(name)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError as exc:
+            raise ChunkStoreError(
+                f"chunk file {path} is missing; re-run the chunker or check the store"
+            ) from exc
+        except OSError as exc:
+            raise ChunkStoreError(f"cannot open chunk file {path}: {exc.strerror or exc}") from exc
+        try:
+            st = os.fstat(fd)
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            data = mmap.mmap(fd, st.st_size, flags=flags, prot=mmap.PROT_READ)
+        except (OSError, ValueError) as exc:
+            raise ChunkStoreError(f"cannot map chunk file {path}: {exc}") from exc
+        finally:
+            os.close(fd)
+        return Mapped(data, st.st_size, f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}")
 
     def exists(self, name: str) -> bool:
         return self._path(name).is_file()
