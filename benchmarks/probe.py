@@ -23,7 +23,7 @@ def main() -> None:
     import transformers
     from transformers.generation.streamers import BaseStreamer
 
-    from layerstream.engine import Engine, EngineOptions
+    from layerstream.engine import Engine
     from layerstream.stores import open_store
 
     transformers.logging.set_verbosity_error()
@@ -45,10 +45,10 @@ def main() -> None:
         model = transformers.AutoModelForCausalLM.from_pretrained(source).eval()
         context = torch.inference_mode
     else:
-        _, budget, *reader = system.split(":")  # stream:BUDGET[:READER]
-        options = EngineOptions(memory_budget=budget, read_ahead=2, reader=(reader or ["auto"])[0])
+        options = engine_options(system)
         engine = Engine(open_store(store), options)
         result["reader"] = engine.streamer.reader
+        result["plan"] = engine.plan.describe(engine.manifest)
         model, context = engine.model, engine.request
         result["weights_held"] = engine.plan.weight_bytes(engine.manifest)
     result["model_bytes"] = _model_bytes(store)
@@ -66,11 +66,26 @@ def main() -> None:
     result["ttft_s"] = clock.times[1] - start
     result["per_token_s"] = (clock.times[-1] - clock.times[1]) / (len(clock.times) - 2)
     if engine is not None:
-        result["bytes_per_token"] = scope.stats.bytes_read / new_tokens
-        result["wait_s"] = scope.stats.wait_s
+        stats = scope.stats
+        result["bytes_per_token"] = stats.bytes_read / (new_tokens + 1)  # + the prefill sweep
+        result["wait_s"] = stats.wait_s
+        result["hit_rate"] = stats.cache_hits / max(stats.cache_hits + stats.cache_misses, 1)
+        result["pinned_fraction"] = len(engine.plan.resident) / engine.plan.n_blocks
     result["ids"] = out[0].tolist()
     result["peak"] = rss("VmHWM")
     print(json.dumps(result))
+
+
+def engine_options(system: str):
+    """``ls:BUDGET[:key=value...]``, e.g. ``ls:25%:read_ahead=0`` or ``ls:25%:reader=read``."""
+    from layerstream.engine import EngineOptions
+
+    _, budget, *pairs = system.split(":")
+    extra = dict(pair.split("=", 1) for pair in pairs)
+    for key in ("read_ahead", "io_threads"):
+        if key in extra:
+            extra[key] = int(extra[key])
+    return EngineOptions(memory_budget=budget, **{"read_ahead": 2, **extra})
 
 
 def _model_bytes(store: str) -> int:

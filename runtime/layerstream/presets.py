@@ -89,6 +89,20 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
             tie_word_embeddings=False,
         ),
     ),
+    # ~1 GB fp32 (24 blocks of 45 MB): the streaming benchmark's model
+    "llama-1b": (
+        "llama",
+        dict(
+            hidden_size=1024,
+            intermediate_size=2816,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+            vocab_size=4096,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+        ),
+    ),
     "llama-demo": (
         "llama",
         dict(

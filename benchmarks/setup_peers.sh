@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Creates benchmarks/.venv-peers: the peer systems (accelerate disk offload, AirLLM) that
+# benchmarks/peers.py probes, kept out of layerstream's own environment and pyproject.toml.
+# Idempotent: re-running reuses the venv and leaves pinned packages as they are.
+#
+#     bash benchmarks/setup_peers.sh          # then: benchmarks/.venv-peers/bin/python ...
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+VENV="$HERE/.venv-peers"
+PYTHON="${PYTHON:-python3}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PYTHON" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip install --quiet)
+
+# The same torch/transformers/safetensors as layerstream's .venv, so the runs compare like with like.
+"${PIP[@]}" "torch==2.13.0+cpu" "transformers==5.23.0" "safetensors==0.8.0" "tokenizers==0.23.3"
+"${PIP[@]}" "accelerate==1.15.0" "airllm==4.0.0"
+# Not layerstream itself: even layerstream.presets imports mlserver (via layerstream.errors), which
+# this venv leaves out. Make the test checkpoint with layerstream's own venv, e.g.
+#   .venv/bin/python -c 'from layerstream.presets import write_random_checkpoint as w; \
+#       w("llama-300m", "/tmp/llama300-source")'
+
+"$VENV/bin/python" - <<'PY'
+import accelerate, airllm, torch, transformers  # noqa: F401
+from importlib.metadata import version
+print("peers venv:", {p: version(p) for p in ("torch", "transformers", "accelerate", "airllm")})
+PY

@@ -1,0 +1,310 @@
+"""Decode speed, memory and bytes read: resident transformers vs layerstream vs its peers.
+
+Each run is its own process (so its peak RSS is its own), systems interleaved A B C A B C
+over the repetitions, medians reported; every run's greedy ids are checked against the
+resident model's. Two regimes:
+
+- warm: chunk files in the page cache, no memory limit;
+- cold ("a box smaller than the model"): the page cache is dropped before each run and the
+  run sits in a memory cgroup (which also caps its page cache) of import baseline + budget
+  + margin. Needs root; skipped with the reason where the machine does not allow it.
+
+The floor of a streamed run is measured in the same invocation: max(resident compute per
+token, streamed bytes per token / the store's read bandwidth through the same reader).
+
+    .venv/bin/python benchmarks/streaming.py                       # ~1 GB Llama, both regimes
+    .venv/bin/python benchmarks/streaming.py --preset llama-300m --regimes warm --reps 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cgroup
+
+log = logging.getLogger("benchmarks.streaming")
+ROOT = Path(__file__).resolve().parent
+CACHE = ROOT / ".cache"
+PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
+MARGIN = 128 * 2**20  # activations, KV cache, allocator slack in the cold cgroup
+DEFAULT_SYSTEMS = [
+    "resident",
+    "ls:100%",
+    "ls:50%",
+    "ls:25%",
+    "ls:10%",
+    "ls:25%:read_ahead=0",
+    "accelerate:25%",
+    "airllm:25%",
+]
+
+
+def prepare(preset: str) -> tuple[Path, Path]:
+    from layerstream.chunker import chunk_checkpoint
+    from layerstream.presets import write_random_checkpoint
+
+    source, store = CACHE / f"{preset}-source", CACHE / f"{preset}-chunks"
+    if not (store / "manifest.json").exists():
+        CACHE.mkdir(exist_ok=True)
+        write_random_checkpoint(preset, source)
+        chunk_checkpoint(source, store, preset, force=True, progress=False)
+    return source, store
+
+
+def model_bytes(store: Path) -> int:
+    manifest = json.loads((store / "manifest.json").read_text())
+    return sum(c["bytes"] for c in manifest["chunks"].values())
+
+
+def command(
+    system: str, source: Path, store: Path, args: argparse.Namespace, work: Path
+) -> list[str]:
+    kind = system.split(":", 1)[0]
+    if kind in ("accelerate", "airllm"):
+        budget = int(model_bytes(store) * float(system.split(":")[1].rstrip("%")) / 100)
+        offload = work / f"offload-{kind}"
+        return [
+            str(PEERS_PYTHON),
+            str(ROOT / "peers.py"),
+            kind,
+            str(source),
+            str(budget),
+            str(args.new_tokens),
+            str(args.threads),
+            str(offload),
+        ]
+    return [
+        sys.executable,
+        str(ROOT / "probe.py"),
+        system,
+        str(source),
+        str(store),
+        str(args.new_tokens),
+        str(args.threads),
+    ]
+
+
+def budget_of(system: str, total: int) -> int | None:
+    if system == "resident":
+        return None
+    return int(total * float(system.split(":")[1].rstrip("%")) / 100)
+
+
+def run(system: str, regime: str, cmd: list[str], limit: int | None) -> dict:
+    started = time.perf_counter()
+    if regime == "cold":
+        result, cgroup_peak = cgroup.run_capped(cmd, limit, timeout=3600)
+    else:
+        result, cgroup_peak = (
+            subprocess.run(cmd, capture_output=True, text=True, timeout=3600),
+            None,
+        )
+    if result.returncode != 0:
+        reason = "killed by the memory limit" if result.returncode == -9 else result.stderr[-400:]
+        return {"system": system, "error": f"exit {result.returncode}: {reason}"}
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    data["cgroup_peak"] = cgroup_peak
+    data["wall_s"] = time.perf_counter() - started
+    return data
+
+
+def baseline_usage() -> int:
+    """What the probe's imports cost inside a cgroup (anon + library page cache)."""
+    cmd = [sys.executable, "-c", "import torch, transformers, layerstream.engine"]
+    _, peak = cgroup.run_capped(cmd, 8 * 2**30, timeout=600)
+    return peak or 0
+
+
+def read_bandwidth(store: Path, cold: bool) -> dict[str, float]:
+    """Bytes/s of the block chunks through the runtime's readers ("read" copies into one
+    buffer, "mmap" maps with pages populated); cold drops the page cache before each."""
+    import torch
+
+    from layerstream.manifest import Manifest
+    from layerstream.stores import LocalStore
+
+    manifest = Manifest.from_json((store / "manifest.json").read_text())
+    local = LocalStore(store)
+    files = [manifest.chunks[b.chunk].file for b in manifest.blocks]
+    view = memoryview(torch.empty(max(manifest.block_bytes), dtype=torch.uint8).numpy())
+
+    def mapped(name: str) -> int:
+        m = local.map(name)
+        m.data.close()
+        return m.size
+
+    readers = {"read": lambda name: local.read_into(name, view).size, "mmap": mapped}
+    out = {}
+    for reader, read in readers.items():
+        best = 0.0
+        for _ in range(1 if cold else 3):
+            if cold:
+                cgroup.drop_caches()
+            start = time.perf_counter()
+            total = sum(read(f) for f in files)
+            best = max(best, total / (time.perf_counter() - start))
+        out[reader] = best
+    return out
+
+
+def summarise(system: str, results: list[dict], reference: list[int] | None) -> dict:
+    ok = [r for r in results if "error" not in r]
+    if not ok:
+        return {"system": system, "error": results[0]["error"]}
+
+    def median(key, default=0.0) -> float:
+        values = [key(r) for r in ok if key(r) is not None]
+        return statistics.median(values) if values else default
+
+    first = ok[0]
+    return {
+        "system": system,
+        "runs": len(ok),
+        "per_token_ms": median(lambda r: r["per_token_s"]) * 1e3,
+        "ttft_ms": median(lambda r: r["ttft_s"]) * 1e3,
+        "peak_rss_mib": median(lambda r: r["peak"]) / 2**20,
+        "rss_over_baseline_mib": median(lambda r: r["peak"] - r["baseline"]) / 2**20,
+        "cgroup_peak_mib": median(lambda r: r.get("cgroup_peak")) / 2**20,
+        "weights_held_mib": first.get("weights_held", first["model_bytes"]) / 2**20,
+        "bytes_read_per_token_mib": median(lambda r: r.get("bytes_per_token", 0)) / 2**20,
+        "hit_rate": first.get("hit_rate"),
+        "pinned_fraction": first.get("pinned_fraction"),
+        "wait_ms_per_token": median(lambda r: r.get("wait_s", 0)) * 1e3 / (len(first["ids"]) or 1),
+        "reader": first.get("reader", ""),
+        "identical_to_resident": reference is not None and all(r["ids"] == reference for r in ok),
+        "errors": [r["error"] for r in results if "error" in r],
+    }
+
+
+def add_floor(rows: list[dict], compute_ms: float, bandwidth: dict[str, float]) -> None:
+    for row in rows:
+        if "error" in row:
+            continue
+        reader = row.get("reader") or "read"
+        io_ms = (
+            row["bytes_read_per_token_mib"] * 2**20 / bandwidth.get(reader, bandwidth["read"]) * 1e3
+        )
+        row["floor_ms"] = max(compute_ms, io_ms)
+        row["x_floor"] = row["per_token_ms"] / row["floor_ms"]
+
+
+def print_table(regime: str, rows: list[dict], compute_ms: float, header: str) -> None:
+    print(f"\n== {regime}: {header}")
+    cols = [
+        "system",
+        "ms/tok",
+        "tok/s",
+        "x res",
+        "floor",
+        "x floor",
+        "ttft ms",
+        "peakRSS",
+        "RSS-base",
+        "cgroup",
+        "MiB/tok",
+        "hit",
+        "wait/tok",
+        "exact",
+    ]
+    print(f"{cols[0]:<22}" + "".join(f"{c:>9}" for c in cols[1:]))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['system']:<22}  {r['error'][:110]}")
+            continue
+        hit = "" if r["hit_rate"] is None else f"{r['hit_rate']:.2f}"
+        print(
+            f"{r['system']:<22}{r['per_token_ms']:>9.1f}{1e3 / r['per_token_ms']:>9.2f}"
+            f"{r['per_token_ms'] / compute_ms:>9.2f}{r['floor_ms']:>9.1f}{r['x_floor']:>9.2f}"
+            f"{r['ttft_ms']:>9.0f}{r['peak_rss_mib']:>9.0f}{r['rss_over_baseline_mib']:>9.0f}"
+            f"{r['cgroup_peak_mib']:>9.0f}{r['bytes_read_per_token_mib']:>9.1f}{hit:>9}"
+            f"{r['wait_ms_per_token']:>9.1f}{r['identical_to_resident']!s:>9}"
+        )
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", default="llama-1b")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, the same for all")
+    parser.add_argument("--regimes", default="warm,cold")
+    parser.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS))
+    parser.add_argument("--out", type=Path, default=ROOT / "streaming.json")
+    args = parser.parse_args()
+    source, store = prepare(args.preset)
+    total = model_bytes(store)
+    systems = args.systems.split(",")
+    if not PEERS_PYTHON.exists():
+        skipped = [s for s in systems if s.startswith(("accelerate", "airllm"))]
+        systems = [s for s in systems if s not in skipped]
+        log.warning("peers %s skipped: run benchmarks/setup_peers.sh first", skipped)
+    report: dict = {
+        "preset": args.preset,
+        "model_bytes": total,
+        "args": vars(args) | {"out": str(args.out)},
+    }
+    work = Path(tempfile.mkdtemp(prefix="layerstream-bench-"))
+    compute_ms = None
+    reference = None
+    for regime in args.regimes.split(","):
+        if regime == "cold" and (why := cgroup.available()):
+            log.warning("cold regime skipped: %s", why)
+            report[regime] = {"skipped": why}
+            continue
+        limit_base = baseline_usage() if regime == "cold" else 0
+        runs: dict[str, list[dict]] = {s: [] for s in systems}
+        for rep in range(args.reps):
+            for system in systems:
+                budget = budget_of(system, total)
+                if regime == "cold" and budget is None:
+                    continue  # the resident model does not fit the box: that is the point
+                limit = limit_base + (budget or 0) + MARGIN
+                result = run(system, regime, command(system, source, store, args, work), limit)
+                runs[system].append(result)
+                shown = (
+                    f"{result['per_token_s'] * 1e3:.1f} ms/token"
+                    if "error" not in result
+                    else result["error"][:80]
+                )
+                log.info("%s rep %d %-22s %s", regime, rep, system, shown)
+        if regime == "warm" and runs.get("resident"):
+            reference = runs["resident"][0]["ids"]
+            compute_ms = statistics.median(r["per_token_s"] for r in runs["resident"]) * 1e3
+        rows = [summarise(s, runs[s], reference) for s in systems if runs[s]]
+        bandwidth = read_bandwidth(store, cold=regime == "cold")
+        add_floor(rows, compute_ms or rows[0]["per_token_ms"], bandwidth)
+        rates = ", ".join(f"{k} {v / 1e9:.2f} GB/s" for k, v in bandwidth.items())
+        header = (
+            f"{args.preset} {total / 2**20:.0f} MiB fp32, 64-token prompt, {args.new_tokens} "
+            f"greedy tokens, {args.threads} torch thread(s), median of {args.reps}; store "
+            f"bandwidth {rates}"
+            + (
+                f"; cgroup = {limit_base / 2**20:.0f} MiB imports + budget + {MARGIN // 2**20} MiB"
+                if regime == "cold"
+                else ""
+            )
+        )
+        print_table(regime, rows, compute_ms or rows[0]["per_token_ms"], header)
+        report[regime] = {
+            "bandwidth": bandwidth,
+            "limit_base": limit_base,
+            "rows": rows,
+            "runs": runs,
+        }
+    args.out.write_text(json.dumps(report, indent=1, default=str))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
