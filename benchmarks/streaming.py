@@ -155,7 +155,7 @@ def read_bandwidth(store: Path, cold: bool) -> dict[str, float]:
     return out
 
 
-def summarise(system: str, results: list[dict], reference: list[int] | None) -> dict:
+def summarise(system: str, results: list[dict], reference: list[int] | None, sweeps: int) -> dict:
     ok = [r for r in results if "error" not in r]
     if not ok:
         return {"system": system, "error": results[0]["error"]}
@@ -177,7 +177,7 @@ def summarise(system: str, results: list[dict], reference: list[int] | None) -> 
         "bytes_read_per_token_mib": median(lambda r: r.get("bytes_per_token", 0)) / 2**20,
         "hit_rate": first.get("hit_rate"),
         "pinned_fraction": first.get("pinned_fraction"),
-        "wait_ms_per_token": median(lambda r: r.get("wait_s", 0)) * 1e3 / (len(first["ids"]) or 1),
+        "wait_ms_per_token": median(lambda r: r.get("wait_s", 0)) * 1e3 / sweeps,
         "reader": first.get("reader", ""),
         "identical_to_resident": reference is not None and all(r["ids"] == reference for r in ok),
         "errors": [r["error"] for r in results if "error" in r],
@@ -281,7 +281,8 @@ def main() -> None:
         if regime == "warm" and runs.get("resident"):
             reference = runs["resident"][0]["ids"]
             compute_ms = statistics.median(r["per_token_s"] for r in runs["resident"]) * 1e3
-        rows = [summarise(s, runs[s], reference) for s in systems if runs[s]]
+        # the prefill and each decode step sweep the blocks once
+        rows = [summarise(s, runs[s], reference, args.new_tokens + 1) for s in systems if runs[s]]
         bandwidth = read_bandwidth(store, cold=regime == "cold")
         add_floor(rows, compute_ms or rows[0]["per_token_ms"], bandwidth)
         rates = ", ".join(f"{k} {v / 1e9:.2f} GB/s" for k, v in bandwidth.items())

@@ -75,7 +75,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
             max_position_embeddings=256,
         ),
     ),
-    # ~300 MB fp32: the memory test and benchmarks/per_token.py
+    # ~300 MB fp32: the memory test and quick benchmark runs
     "llama-300m": (
         "llama",
         dict(
