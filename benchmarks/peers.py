@@ -38,16 +38,9 @@ from collections import Counter
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import timing
+
 PACKAGES = ("torch", "transformers", "accelerate", "airllm", "safetensors")
-
-
-def rss(field: str) -> int:
-    # VmHWM/VmRSS from /proc: getrusage's ru_maxrss survives fork+exec from the parent.
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
 
 
 def model_bytes(source: Path) -> int:
@@ -98,7 +91,6 @@ def run(result: dict, source: Path, budget: str, new_tokens: int, threads: int, 
         raise ValueError(f"unknown system {system!r}: accelerate or airllm")
     import torch
     import transformers
-    from transformers.generation.streamers import BaseStreamer
 
     if system == "accelerate":
         import accelerate  # noqa: F401  (transformers imports it lazily; count it in the baseline)
@@ -108,17 +100,7 @@ def run(result: dict, source: Path, budget: str, new_tokens: int, threads: int, 
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(threads)
 
-    class Clock(BaseStreamer):
-        def __init__(self):
-            self.times: list[float] = []
-
-        def put(self, value):
-            self.times.append(time.perf_counter())
-
-        def end(self):
-            pass
-
-    result["baseline"] = rss("VmRSS")
+    result["baseline"] = timing.rss("VmRSS")
     result["versions"] = versions()
     result["model_bytes"] = model_bytes(source)
     result["budget"] = parse_budget(budget, result["model_bytes"])
@@ -179,7 +161,7 @@ def run(result: dict, source: Path, budget: str, new_tokens: int, threads: int, 
     )
     with context():
         generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
-    clock = Clock()
+    clock = timing.clock()
     with context():
         start = time.perf_counter()
         out = generate(ids, streamer=clock, **kwargs)
@@ -192,10 +174,10 @@ def run(result: dict, source: Path, budget: str, new_tokens: int, threads: int, 
     # As probe.py's (bytes read / (new tokens + the prefill)), but from the sizes, not measured.
     result["bytes_per_token"] = per_forward
     result["ids"] = out[0].tolist()
-    result["peak"] = rss("VmHWM")
+    result["peak"] = timing.rss("VmHWM")
     # What the final RSS is made of: file-backed pages (the mapped checkpoint/layer files,
     # reclaimable page cache) vs anonymous memory (weights copied in, activations, allocator).
-    result["rss_anon"], result["rss_file"] = rss("RssAnon"), rss("RssFile")
+    result["rss_anon"], result["rss_file"] = timing.rss("RssAnon"), timing.rss("RssFile")
 
 
 def airllm_split(source: str, offload: str) -> None:

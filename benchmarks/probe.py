@@ -6,14 +6,7 @@ import json
 import sys
 import time
 
-
-def rss(field: str) -> int:
-    # VmHWM/VmRSS from /proc: getrusage's ru_maxrss survives fork+exec from the parent.
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
+import timing
 
 
 def main() -> None:
@@ -21,7 +14,6 @@ def main() -> None:
     new_tokens = int(new_tokens)
     import torch
     import transformers
-    from transformers.generation.streamers import BaseStreamer
 
     from layerstream.engine import Engine
     from layerstream.stores import open_store
@@ -29,17 +21,7 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(int(threads))
 
-    class Clock(BaseStreamer):
-        def __init__(self):
-            self.times: list[float] = []
-
-        def put(self, value):
-            self.times.append(time.perf_counter())
-
-        def end(self):
-            pass
-
-    result: dict = {"system": system, "baseline": rss("VmRSS")}
+    result: dict = {"system": system, "baseline": timing.rss("VmRSS")}
     engine = None
     if system == "resident":
         model = transformers.AutoModelForCausalLM.from_pretrained(source).eval()
@@ -58,7 +40,7 @@ def main() -> None:
     )
     with context():
         model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
-    clock = Clock()
+    clock = timing.clock()
     with context() as scope:
         start = time.perf_counter()
         out = model.generate(ids, streamer=clock, **kwargs)
@@ -72,7 +54,7 @@ def main() -> None:
         result["hit_rate"] = stats.cache_hits / max(stats.cache_hits + stats.cache_misses, 1)
         result["pinned_fraction"] = len(engine.plan.resident) / engine.plan.n_blocks
     result["ids"] = out[0].tolist()
-    result["peak"] = rss("VmHWM")
+    result["peak"] = timing.rss("VmHWM")
     print(json.dumps(result))
 
 

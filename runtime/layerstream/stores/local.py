@@ -40,14 +40,7 @@ class LocalStore:
 
     def read_into(self, name: str, buffer: memoryview) -> ReadResult:
         path = self._path(name)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError as exc:
-            raise ChunkStoreError(
-                f"chunk file {path} is missing; re-run the chunker or check the store"
-            ) from exc
-        except OSError as exc:
-            raise ChunkStoreError(f"cannot open chunk file {path}: {exc.strerror or exc}") from exc
+        fd = _open_chunk(path)
         try:
             before = os.fstat(fd)
             size = before.st_size
@@ -78,14 +71,7 @@ class LocalStore:
         replaces files by rename, which leaves a live mapping intact); a file rewritten in
         place gets a new version and is verified again on its next mapping."""
         path = self._path(name)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError as exc:
-            raise ChunkStoreError(
-                f"chunk file {path} is missing; re-run the chunker or check the store"
-            ) from exc
-        except OSError as exc:
-            raise ChunkStoreError(f"cannot open chunk file {path}: {exc.strerror or exc}") from exc
+        fd = _open_chunk(path)
         try:
             st = os.fstat(fd)
             flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
@@ -101,3 +87,14 @@ class LocalStore:
 
     def list(self) -> list[str]:
         return sorted(str(p.relative_to(self.root)) for p in self.root.rglob("*") if p.is_file())
+
+
+def _open_chunk(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDONLY)
+    except FileNotFoundError as exc:
+        raise ChunkStoreError(
+            f"chunk file {path} is missing; re-run the chunker or check the store"
+        ) from exc
+    except OSError as exc:
+        raise ChunkStoreError(f"cannot open chunk file {path}: {exc.strerror or exc}") from exc

@@ -1,0 +1,37 @@
+"""What every benchmark probe measures the same way: RSS from /proc and per-token times.
+
+Imported by probe.py (layerstream's venv) and peers.py (the peers' venv): no layerstream
+imports here.
+"""
+
+from __future__ import annotations
+
+import time
+
+
+def rss(field: str) -> int:
+    """``VmRSS`` or ``VmHWM`` in bytes. Not getrusage's ru_maxrss: Linux carries that over
+    fork+exec, so a probe started by a big parent would inherit the parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def clock():
+    """A transformers streamer recording when each put() arrives: times[0] is the prompt,
+    times[1] the first new token, then one per decode step."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def put(self, value) -> None:
+            self.times.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    return Clock()
