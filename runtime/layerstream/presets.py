@@ -103,6 +103,20 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
             tie_word_embeddings=False,
         ),
     ),
+    # ~4 GB fp32 (22 blocks of 180 MB): the chunker benchmark's large model
+    "llama-4b": (
+        "llama",
+        dict(
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=22,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+            vocab_size=4096,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+        ),
+    ),
     "llama-demo": (
         "llama",
         dict(
