@@ -666,21 +666,12 @@ def test_single_stop_string(server, reference, transport):
     assert stop not in text
 
 
-def test_stop_string_list_over_sse(server, reference):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_stop_string_list(server, reference, transport):
+    """A list of stop strings; over gRPC it travels as a JSON string."""
     ref = reference(LLAMA)
     ids, stop, k = _stop_case(ref)
-    events = SSEClient(server.http_url).generate(
-        LLAMA, PROMPT, max_new_tokens=16, stop=["never-in-the-output", stop]
-    )
-    tokens, _, final = split(list(events))
-    assert final.finish_reason == "stop"
-    assert [t.token_id for t in tokens] == ids[: k + 1]
-
-
-def test_stop_string_list_over_grpc(server, reference):
-    ref = reference(LLAMA)
-    ids, stop, k = _stop_case(ref)
-    events = GRPCClient(server.grpc_target).generate(
+    events = client(server, transport).generate(
         LLAMA, PROMPT, max_new_tokens=16, stop=["never-in-the-output", stop]
     )
     tokens, _, final = split(list(events))

@@ -36,22 +36,23 @@ class IncrementalDecoder:
         self.ids.append(token_id)
         if self.tokenizer is None:
             return ""
-        decode = self.tokenizer.decode
-        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
-        text = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
-        if len(text) > len(prefix) and not text.endswith("\ufffd"):
-            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            return text[len(prefix) :]
-        return ""
+        return self._advance(final=False)
 
     def flush(self) -> str:
         """Text still held back at the end (an incomplete character decodes as U+FFFD, as
         ``tokenizer.decode`` shows it): the deltas then add up to the full decode."""
         if self.tokenizer is None or self.read_offset == len(self.ids):
             return ""
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        """The text the ids after ``read_offset`` add; held back (``""``) while it ends in an
+        incomplete character, unless this is the end."""
         decode = self.tokenizer.decode
         prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
         text = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        if not final and (len(text) <= len(prefix) or text.endswith("\ufffd")):
+            return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return text[len(prefix) :]
 
