@@ -46,6 +46,7 @@ def timed_cp(source: Path, dest: Path) -> float:
 
 def timed_chunk(source: Path, dest: Path) -> dict:
     """One chunker run in a fresh process (``--probe``): its seconds and its VmHWM."""
+    shutil.rmtree(dest, ignore_errors=True)  # as for cp: an empty destination, not timed
     cmd = [sys.executable, __file__, "--probe", str(source), str(dest)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])

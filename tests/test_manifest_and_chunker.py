@@ -139,3 +139,33 @@ def test_cli_model_repo_option_with_store_elsewhere(tmp_path):
     store = settings["parameters"]["extra"]["chunk_store"]
     assert (tmp_path / "repo" / "enc" / store / "manifest.json").resolve().exists()
     assert Path(store).parts[0] == ".."
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
+def test_direct_copy_writes_the_same_bytes_as_conversion(
+    model_factory, tmp_path, monkeypatch, name
+):
+    """Blocks whose tensors are plain renames are copied byte range by byte range from the
+    source; the result must be byte-identical to the path that loads them through
+    transformers' conversion (same files, same sha256)."""
+    import layerstream.chunker as chunker
+
+    model = model_factory(name)
+    direct = chunk_checkpoint(model.source, tmp_path / "direct", name, progress=False)
+    monkeypatch.setattr(chunker, "_direct_entries", lambda *args: None)
+    converted = chunk_checkpoint(model.source, tmp_path / "converted", name, progress=False)
+    assert direct.chunks == converted.chunks
+    for info in direct.chunks.values():
+        assert (tmp_path / "direct" / info.file).read_bytes() == (
+            tmp_path / "converted" / info.file
+        ).read_bytes()
+
+
+def test_chunker_copies_plain_blocks_without_converting(model_factory, tmp_path, caplog):
+    model = model_factory("llama")
+    with caplog.at_level("DEBUG", logger="layerstream.chunker"):
+        chunk_checkpoint(model.source, tmp_path / "s", "llama", progress=False)
+    assert "block_0000: copied from the source" in caplog.text
+    with caplog.at_level("DEBUG", logger="layerstream.chunker"):
+        chunk_checkpoint(model.source, tmp_path / "h", "llama", dtype="bfloat16", progress=False)
+    assert "block_0000: converted" in caplog.text  # a dtype change goes through torch

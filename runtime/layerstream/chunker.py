@@ -10,24 +10,30 @@ without it is incomplete and is never served.
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import transformers
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import AutoConfig
 from transformers.utils import logging as hf_logging
 
+from .chunkio import (
+    SAFETENSORS_DTYPES,
+    ChunkEntry,
+    SourceTensor,
+    read_safetensors_index,
+    write_chunk,
+    write_durably,
+)
 from .manifest import MANIFEST_NAME, BlockInfo, ChunkInfo, Manifest
 from .skeleton import (
     TORCH_DTYPES,
@@ -110,35 +116,48 @@ def resolve_source(source: str) -> Path:
         raise ChunkerError(f"cannot download {source!r} from the Hub: {exc}") from exc
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class _Writer:
-    """Writes chunk files into ``dest`` and records them for the manifest."""
+    """Writes chunk files into ``dest`` and records them for the manifest.
+
+    Chunks are written by several threads at once: a file's sha256 is sequential and runs
+    at about one core's speed (~1 GB/s), and each chunk is fsynced before the next is
+    taken, so hashing one file while another waits for the disk is what keeps the chunker
+    near the speed of the disk.
+    """
+
+    WORKERS = 3
 
     def __init__(self, dest: Path):
         self.dest = dest
-        self.chunks: dict[str, ChunkInfo] = {}
+        self._pool = ThreadPoolExecutor(self.WORKERS, thread_name_prefix="layerstream-chunk")
+        self._pending: dict[str, Future[ChunkInfo]] = {}
 
-    def write(self, name: str, tensors: dict[str, torch.Tensor], scope: str) -> ChunkInfo:
+    def submit(self, name: str, entries: list[ChunkEntry], scope: str) -> Future[ChunkInfo]:
+        """Queue one chunk; returns once at most WORKERS chunks are still being written (so
+        progress shows written chunks, and a failure stops the chunker early)."""
+        future = self._pool.submit(self._write, name, entries, scope)
+        self._pending[name] = future
+        running = [f for f in self._pending.values() if not f.done()]
+        if len(running) > self.WORKERS:
+            running[0].result()
+        return future
+
+    def _write(self, name: str, entries: list[ChunkEntry], scope: str) -> ChunkInfo:
         file = f"{name}.safetensors"
-        tmp = self.dest / f".{file}.tmp"
-        save_file(tensors, str(tmp), metadata={"scope": scope, "format": "pt"})
-        os.replace(tmp, self.dest / file)
-        info = ChunkInfo(
-            name=name,
-            file=file,
-            bytes=(self.dest / file).stat().st_size,
-            sha256=_sha256_file(self.dest / file),
-            tensors=sorted(tensors),
+        size, sha256 = write_chunk(self.dest / file, entries, {"scope": scope, "format": "pt"})
+        return ChunkInfo(
+            name=name, file=file, bytes=size, sha256=sha256, tensors=sorted(e.key for e in entries)
         )
-        self.chunks[name] = info
-        return info
+
+    def finish(self) -> dict[str, ChunkInfo]:
+        """Every chunk's info, in submission order; the first failure is raised."""
+        try:
+            return {name: future.result() for name, future in self._pending.items()}
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _prepare_dest(dest: Path, force: bool) -> None:
@@ -183,7 +202,7 @@ def chunk_checkpoint(
         raise ChunkerError(f"{source_dir}/config.json names no 'architectures'; add one")
     architecture = config.architectures[0]
     dtype = _pick_dtype(config, dtype)
-    model = build_skeleton(config, architecture, dtype)
+    model = build_skeleton(config, architecture, dtype, buffers=False)
     prefixes = block_prefixes(model)
     if not prefixes:
         raise ChunkerError(f"{architecture}: found no repeated transformer blocks to stream")
@@ -199,17 +218,24 @@ def chunk_checkpoint(
     # the source mapped, so RSS would grow to the whole checkpoint.
     handles = [safe_open(str(f), framework="pt", backend="pread") for f in source.files]
     scoped: dict[int | None, dict] = collections.defaultdict(dict)
-    for handle in handles:
+    direct: dict[int | None, list[tuple[str, str | None, SourceTensor]]] = collections.defaultdict(
+        list
+    )
+    for path, handle in zip(source.files, handles, strict=True):
+        index = read_safetensors_index(path)
         for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-            renamed, _ = rename_source_key(
+            renamed, converter = rename_source_key(
                 key, renamings, converters, model.base_model_prefix, meta_sd
             )
-            scoped[scope_of(renamed, prefixes)][key] = handle.get_slice(key)
+            scope = scope_of(renamed, prefixes)
+            scoped[scope][key] = handle.get_slice(key)
+            direct[scope].append((renamed, converter, index[key]))
 
     writer = _Writer(dest)
     target = TORCH_DTYPES[dtype]
     held: dict[tuple[str, ...], torch.Tensor] = {}  # rest tensors that blocks share through a tie
     cross = [g for g in groups if len({scope_of(k, prefixes) for k in g}) > 1]
+    cross_keys = {k for g in cross for k in g}
     scopes: list[int | None] = [None, *range(len(prefixes))]
     bar = tqdm(scopes, desc=f"chunking {name}", unit="chunk", disable=not progress or None)
     # transformers draws its own "Loading weights" bar for every block; ours is enough.
@@ -217,19 +243,32 @@ def chunk_checkpoint(
     hf_logging.disable_progress_bar()
     try:
         for scope in bar:
-            convert_and_load_state_dict_in_model(
-                model, scoped.get(scope, {}), LoadStateDictConfig(weight_mapping=mapping)
-            )
             keys = [k for k in meta_sd if scope_of(k, prefixes) == scope]
-            tensors = _collect(model, keys, groups, cross, held, target, scope, prefixes)
             chunk_name = "rest" if scope is None else f"block_{scope:04d}"
-            info = writer.write(chunk_name, tensors, "rest" if scope is None else prefixes[scope])
-            bar.set_postfix_str(f"{chunk_name} {info.bytes / 2**20:.1f} MiB")
+            label = "rest" if scope is None else prefixes[scope]
+            entries = None
+            converted = False
+            if not any(k in cross_keys for k in keys):
+                entries = _direct_entries(keys, meta_sd, direct.get(scope, []), target)
+            if entries is None:
+                convert_and_load_state_dict_in_model(
+                    model, scoped.get(scope, {}), LoadStateDictConfig(weight_mapping=mapping)
+                )
+                tensors = _collect(model, keys, groups, cross, held, target, scope, prefixes)
+                entries = [ChunkEntry.of_tensor(k, v) for k, v in tensors.items()]
+                converted = True
+                del tensors
+            log.debug("%s: %s", chunk_name, "converted" if converted else "copied from the source")
+            written = writer.submit(chunk_name, entries, label)
+            if converted:
+                written.result()  # its tensors live in the model until written
             if scope is not None:  # back to meta: one block in memory at a time
                 for key in keys:
                     set_tensor(model, key, originals[key])
-            del tensors
+            del entries
+        chunks = writer.finish()
     finally:
+        writer.close()
         if hf_bars:
             hf_logging.enable_progress_bar()
 
@@ -241,14 +280,12 @@ def chunk_checkpoint(
         dtype=dtype,
         blocks=[BlockInfo(prefix=p, chunk=f"block_{j:04d}") for j, p in enumerate(prefixes)],
         rest=["rest"],
-        chunks=writer.chunks,
+        chunks=chunks,
         tied=groups,
         files=side_files,
         transformers_version=transformers.__version__,
     )
-    tmp = dest / f".{MANIFEST_NAME}.tmp"
-    tmp.write_text(manifest.to_json())
-    os.replace(tmp, dest / MANIFEST_NAME)
+    write_durably(dest / MANIFEST_NAME, manifest.to_json().encode())
     log.info(
         "chunked %s: %d blocks + rest, %.1f MiB (%s) into %s",
         name,
@@ -258,6 +295,39 @@ def chunk_checkpoint(
         dest,
     )
     return manifest
+
+
+def _direct_entries(
+    keys: list[str],
+    meta_sd: dict[str, torch.Tensor],
+    sources: list[tuple[str, str | None, SourceTensor]],
+    target: torch.dtype,
+) -> list[ChunkEntry] | None:
+    """The scope's chunk as byte ranges of the source files, when every tensor is a plain
+    rename of one checkpoint tensor already in the right dtype and shape (the common case):
+    then no tensor is ever materialised and memory stays at one staging buffer. ``None``
+    sends the scope through transformers' conversion instead (fused or split weights, a
+    dtype change, ties, a missing tensor, which that path reports)."""
+    by_key: dict[str, list[SourceTensor]] = collections.defaultdict(list)
+    for renamed, converter, src in sources:
+        if converter is not None:
+            return None
+        by_key[renamed].append(src)
+    entries: list[ChunkEntry] = []
+    seen: set[int] = set()
+    for key in keys:
+        meta = meta_sd[key]
+        if id(meta) in seen:
+            continue
+        seen.add(id(meta))
+        found = [s for k in keys if meta_sd[k] is meta for s in by_key.get(k, ())]
+        if len(found) != 1:
+            return None
+        want = target if meta.is_floating_point() else meta.dtype
+        if found[0].dtype != SAFETENSORS_DTYPES.get(want) or found[0].shape != tuple(meta.shape):
+            return None
+        entries.append(ChunkEntry.of_source(key, found[0]))
+    return entries
 
 
 def _collect(
@@ -281,7 +351,7 @@ def _collect(
         value = tensor.detach()
         if value.is_floating_point():
             value = value.to(target)
-        out[key] = value.contiguous().clone()
+        out[key] = value.contiguous()
     for group in cross:
         if scope is None:
             for key in group:
@@ -293,8 +363,9 @@ def _collect(
             value = held.get(tuple(group))
             if value is None:
                 raise ChunkerError(f"tied weights {group} span blocks in a way not supported")
-            # Each chunk stays self-contained: a block gets its own copy of a shared tensor.
-            out[mine[0]] = value.clone()
+            # Each chunk stays self-contained: a block gets its own copy of a shared tensor
+            # (written into its file; the rest's tensor stays loaded until the end).
+            out[mine[0]] = value
     missing = [
         k
         for k in keys

@@ -35,8 +35,11 @@ def model_class(architecture: str) -> type[PreTrainedModel]:
     return cls
 
 
-def build_skeleton(config: PretrainedConfig, architecture: str, dtype: str) -> PreTrainedModel:
-    """Instantiate ``architecture`` with every parameter on meta and real buffers."""
+def build_skeleton(
+    config: PretrainedConfig, architecture: str, dtype: str, buffers: bool = True
+) -> PreTrainedModel:
+    """Instantiate ``architecture`` with every parameter on meta and, with ``buffers``, real
+    non-persistent buffers (the chunker, which never runs the model, skips computing them)."""
     from transformers import initialization as hf_init
 
     cls = model_class(architecture)
@@ -46,6 +49,8 @@ def build_skeleton(config: PretrainedConfig, architecture: str, dtype: str) -> P
         try:
             with torch.device("meta"), hf_init.meta_device_safe_creation_ops():
                 model = cls(config)
+            if not buffers:
+                return model.eval().requires_grad_(False)
             for key, buf in list(model.named_non_persistent_buffers()):
                 owner, _, name = key.rpartition(".")
                 model.get_submodule(owner)._buffers[name] = torch.empty_like(buf, device="cpu")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import mmap
 import os
 from pathlib import Path
@@ -66,7 +68,7 @@ class LocalStore:
             os.close(fd)
 
     def map(self, name: str) -> Mapped:
-        """Map ``name`` read-only, its pages populated now (by the calling I/O thread) so that
+        """Map ``name`` read-only with its pages populated now (by the calling I/O thread), so
         compute never page-faults on it. Chunk files are immutable while served (the chunker
         replaces files by rename, which leaves a live mapping intact); a file rewritten in
         place gets a new version and is verified again on its next mapping."""
@@ -74,8 +76,7 @@ class LocalStore:
         fd = _open_chunk(path)
         try:
             st = os.fstat(fd)
-            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-            data = mmap.mmap(fd, st.st_size, flags=flags, prot=mmap.PROT_READ)
+            data = _map_populated(fd, st.st_size)
         except (OSError, ValueError) as exc:
             raise ChunkStoreError(f"cannot map chunk file {path}: {exc}") from exc
         finally:
@@ -98,3 +99,33 @@ def _open_chunk(path: Path) -> int:
         ) from exc
     except OSError as exc:
         raise ChunkStoreError(f"cannot open chunk file {path}: {exc.strerror or exc}") from exc
+
+
+MADV_POPULATE_READ = 22  # Linux 5.14+; not exported by Python 3.11's mmap module
+_populate_read = True  # cleared once the kernel has refused it
+
+
+def _map_populated(fd: int, size: int) -> mmap.mmap:
+    """Map ``size`` bytes of ``fd`` and fault every page in, in 2 MiB pages where possible.
+
+    MADV_HUGEPAGE before MADV_POPULATE_READ makes a cold read fill the page cache with
+    2 MiB folios (large sequential reads) and maps warm ones with one PMD entry per 2 MiB:
+    mapping and unmapping a 45 MiB chunk then costs ~0.1 ms instead of ~2-3 ms of per-page
+    table updates, which on a 2-core box is time taken from compute. Kernels without
+    MADV_POPULATE_READ get MAP_POPULATE (same pages, 4 KiB entries).
+    """
+    global _populate_read
+    if _populate_read:
+        data = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        try:
+            with contextlib.suppress(OSError):  # THP disabled: 4 KiB pages, still correct
+                data.madvise(mmap.MADV_HUGEPAGE)
+            data.madvise(MADV_POPULATE_READ)
+            return data
+        except OSError as exc:
+            data.close()
+            if exc.errno != errno.EINVAL:
+                raise
+            _populate_read = False
+    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ)

@@ -1,0 +1,213 @@
+"""Write safetensors chunk files as a stream of bytes, hashed on the way out.
+
+A chunk's tensors come either as byte ranges of a source safetensors file (copied without
+ever becoming tensors, so memory stays at one staging buffer whatever the block size) or
+as in-memory tensors (the chunker's conversion path). Bytes are gathered into a staging
+buffer and written in large writes at offsets that are multiples of its size; the kernel
+then keeps the file in the page cache as large folios, which the runtime maps with 2 MiB
+page-table entries. The sha256 is computed from the staging buffer while it is written,
+so nothing is read back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+STAGING_BYTES = 8 << 20  # a multiple of 2 MiB: every write starts on a huge-page boundary
+
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_ITEMSIZE = {code: dtype.itemsize for dtype, code in SAFETENSORS_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """One tensor of a source safetensors file, by position: never loaded as a tensor."""
+
+    path: Path
+    key: str
+    dtype: str  # safetensors code, e.g. "F32"
+    shape: tuple[int, ...]
+    offset: int  # absolute file offset of the first byte
+    nbytes: int
+
+
+def read_safetensors_index(path: Path) -> dict[str, SourceTensor]:
+    """Where each tensor of a safetensors file lies, from its header alone."""
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    base = 8 + length
+    out = {}
+    for key, entry in header.items():
+        begin, end = entry["data_offsets"]
+        out[key] = SourceTensor(
+            path, key, entry["dtype"], tuple(entry["shape"]), base + begin, end - begin
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class ChunkEntry:
+    """A tensor to write under ``key``: bytes from a source file, or an in-memory tensor."""
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    source: SourceTensor | torch.Tensor
+
+    @classmethod
+    def of_tensor(cls, key: str, tensor: torch.Tensor) -> ChunkEntry:
+        tensor = tensor.detach().contiguous()
+        code = SAFETENSORS_DTYPES[tensor.dtype]
+        return cls(key, code, tuple(tensor.shape), tensor.numel() * tensor.itemsize, tensor)
+
+    @classmethod
+    def of_source(cls, key: str, source: SourceTensor) -> ChunkEntry:
+        return cls(key, source.dtype, source.shape, source.nbytes, source)
+
+
+def _header(entries: list[ChunkEntry], metadata: dict[str, str]) -> bytes:
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for e in entries:
+        header[e.key] = {
+            "dtype": e.dtype,
+            "shape": list(e.shape),
+            "data_offsets": [offset, offset + e.nbytes],
+        }
+        offset += e.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    # safetensors pads the header with spaces so the data starts 8-byte aligned
+    raw += b" " * (-(8 + len(raw)) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+class _Staging:
+    """Fills a fixed buffer, writes it whole and hashes it meanwhile (hashlib and os.write
+    both release the GIL, so the two run on two cores)."""
+
+    def __init__(self, fd: int, hasher: ThreadPoolExecutor):
+        self.fd = fd
+        self.buffer = memoryview(bytearray(STAGING_BYTES))
+        self.fill = 0
+        self.written = 0
+        self.digest = hashlib.sha256()
+        self._hasher = hasher
+
+    def room(self) -> memoryview:
+        return self.buffer[self.fill :]
+
+    def advance(self, n: int) -> None:
+        self.fill += n
+        if self.fill == len(self.buffer):
+            self.flush()
+
+    def put(self, data: memoryview) -> None:
+        while len(data):
+            n = min(len(data), len(self.buffer) - self.fill)
+            self.buffer[self.fill : self.fill + n] = data[:n]
+            data = data[n:]
+            self.advance(n)
+
+    def flush(self) -> None:
+        if not self.fill:
+            return
+        view = self.buffer[: self.fill]
+        hashing = self._hasher.submit(self.digest.update, view)
+        done = 0
+        while done < len(view):
+            done += os.write(self.fd, view[done:])
+        hashing.result()
+        self.written += self.fill
+        self.fill = 0
+
+
+def _copy_range(staging: _Staging, source: SourceTensor, fd: int) -> None:
+    """Read ``source``'s bytes straight into the staging buffer (no intermediate copy)."""
+    position, left = source.offset, source.nbytes
+    while left:
+        room = staging.room()
+        n = os.preadv(fd, [room[: min(left, len(room))]], position)
+        if n == 0:
+            raise OSError(f"{source.path} ended inside tensor {source.key}")
+        position += n
+        left -= n
+        staging.advance(n)
+
+
+def write_chunk(
+    path: Path, entries: Iterable[ChunkEntry], metadata: dict[str, str]
+) -> tuple[int, str]:
+    """Write a safetensors file at ``path`` (via a temporary name, fsync, then a rename);
+    return its size and sha256. Tensors are laid out largest item size first, like safetensors, so
+    every tensor is aligned to its element size."""
+    ordered = sorted(entries, key=lambda e: (-_ITEMSIZE[e.dtype], e.key))
+    for e in ordered:
+        want = _ITEMSIZE[e.dtype] * math.prod(e.shape)
+        if want != e.nbytes:
+            raise ValueError(f"tensor {e.key}: {e.nbytes} bytes for shape {e.shape} {e.dtype}")
+    tmp = path.with_name(f".{path.name}.tmp")
+    sources: dict[Path, int] = {}
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="layerstream-sha256") as hasher:
+            staging = _Staging(fd, hasher)
+            staging.put(memoryview(_header(ordered, metadata)))
+            for e in ordered:
+                if isinstance(e.source, SourceTensor):
+                    if e.source.path not in sources:
+                        sources[e.source.path] = os.open(e.source.path, os.O_RDONLY)
+                    _copy_range(staging, e.source, sources[e.source.path])
+                elif e.nbytes:
+                    staging.put(memoryview(e.source.reshape(-1).view(torch.uint8).numpy()))
+            staging.flush()
+        # On disk before the manifest that names it is written (see write_durably).
+        os.fdatasync(fd)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
+        for src_fd in sources.values():
+            os.close(src_fd)
+    os.replace(tmp, path)
+    return staging.written, staging.digest.hexdigest()
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Replace ``path`` atomically and durably: temp file, fsync, rename, fsync the directory.
+    The chunker writes the manifest this way after every chunk is on disk, so a crash never
+    leaves a manifest naming chunks that are not there."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
