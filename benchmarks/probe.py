@@ -30,6 +30,8 @@ def main() -> None:
         options = engine_options(system)
         engine = Engine(open_store(store), options)
         result["reader"] = engine.streamer.reader
+        result["read_ahead"] = engine.plan.read_ahead
+        result["io_threads"] = engine.io_threads
         result["plan"] = engine.plan.describe(engine.manifest)
         model, context = engine.model, engine.request
         result["weights_held"] = engine.plan.weight_bytes(engine.manifest)
@@ -59,15 +61,13 @@ def main() -> None:
 
 
 def engine_options(system: str):
-    """``ls:BUDGET[:key=value...]``, e.g. ``ls:25%:read_ahead=0`` or ``ls:25%:reader=read``."""
+    """``ls:BUDGET[:key=value...]``, e.g. ``ls:25%:read_ahead=0`` or ``ls:25%:reader=read``;
+    knobs not named keep the runtime's defaults."""
     from layerstream.engine import EngineOptions
 
     _, budget, *pairs = system.split(":")
     extra = dict(pair.split("=", 1) for pair in pairs)
-    for key in ("read_ahead", "io_threads"):
-        if key in extra:
-            extra[key] = int(extra[key])
-    return EngineOptions(memory_budget=budget, **{"read_ahead": 2, **extra})
+    return EngineOptions(memory_budget=budget, **extra)
 
 
 def _model_bytes(store: str) -> int:

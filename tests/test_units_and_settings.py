@@ -70,3 +70,40 @@ def test_settings_require_a_chunk_store():
 def test_settings_from_environment(monkeypatch):
     monkeypatch.setenv("MLSERVER_MODEL_LAYERSTREAM_IO_THREADS", "5")
     assert LayerStreamSettings.from_extra({"chunk_store": "x"}).io_threads == 5
+
+
+def test_tuning_defaults_follow_the_machine_and_the_plan(monkeypatch):
+    from layerstream import sysinfo, tuning
+
+    assert tuning.read_ahead("auto") == tuning.DEFAULT_READ_AHEAD
+    assert tuning.read_ahead(0) == 0
+    assert tuning.io_threads("auto", planned_read_ahead=3) == 3
+    assert tuning.io_threads("auto", planned_read_ahead=0) == 1  # resident loads still read
+    assert tuning.io_threads(4, planned_read_ahead=1) == 4
+    monkeypatch.setattr(tuning, "cpu_count", lambda: 3)
+    assert tuning.torch_threads("auto") == 3
+    assert tuning.torch_threads(1) == 1
+    assert 1 <= sysinfo.cpu_count() <= (len(__import__("os").sched_getaffinity(0)))
+
+
+def test_cpu_quota_from_cgroup_v1_and_v2(tmp_path):
+    from layerstream.sysinfo import _cpu_quota
+
+    (tmp_path / "cpu.max").write_text("250000 100000\n")
+    assert _cpu_quota(tmp_path) == 3  # 2.5 CPUs: round up, a pod may burst into the third
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert _cpu_quota(tmp_path) is None
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert _cpu_quota(tmp_path) is None
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
+    assert _cpu_quota(tmp_path) == 2
+
+
+def test_auto_knobs_are_the_settings_defaults():
+    settings = LayerStreamSettings.from_extra({"chunk_store": "x"})
+    assert (settings.read_ahead, settings.io_threads, settings.torch_threads) == ("auto",) * 3
+    with pytest.raises(SettingsError, match=r"read_ahead: .* or Input should be 'auto'"):
+        LayerStreamSettings.from_extra({"chunk_store": "x", "read_ahead": "many"})

@@ -1,15 +1,18 @@
 """Turn the bytes of one safetensors chunk into tensors without copying them.
 
-The whole file is read into one uint8 buffer (one ``readinto``, so the real I/O happens in
-the reading thread rather than as page faults during compute) and every tensor is a view
-of that buffer. safetensors pads its header to 8 bytes and orders tensors by alignment, so
-the views are aligned; a misaligned tensor (a hand-made file) is copied instead.
+The whole file is in one uint8 buffer (read into it, or mapped with its pages populated, so
+the real I/O happens on the reading thread rather than as page faults during compute) and
+every tensor is a view of that buffer. safetensors pads its header to 8 bytes and orders
+tensors by alignment, so the views are aligned; a misaligned tensor (a hand-made file) is
+copied instead.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+from dataclasses import dataclass
 
 import torch
 
@@ -51,8 +54,18 @@ def verify(info: ChunkInfo, buffer: torch.Tensor, store: str = "") -> None:
         )
 
 
-def tensors_from_buffer(info: ChunkInfo, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Parse a safetensors file held in ``buffer`` into named tensor views."""
+@dataclass(frozen=True)
+class TensorSlot:
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute offsets in the chunk file
+    end: int
+
+
+def parse_layout(info: ChunkInfo, buffer: torch.Tensor) -> list[TensorSlot]:
+    """Where each tensor of the safetensors file held in ``buffer`` lies, checked against the
+    file's size and the manifest's tensor list."""
     size = buffer.numel()
     header_len = int.from_bytes(bytes(buffer[:8].numpy()), "little") if size >= 8 else -1
     if header_len < 2 or 8 + header_len > size:
@@ -60,21 +73,34 @@ def tensors_from_buffer(info: ChunkInfo, buffer: torch.Tensor) -> dict[str, torc
     header = json.loads(bytes(buffer[8 : 8 + header_len].numpy()))
     header.pop("__metadata__", None)
     base = 8 + header_len
-    out: dict[str, torch.Tensor] = {}
+    layout = []
     for key, entry in header.items():
         dtype = _DTYPES.get(entry["dtype"])
         begin, end = entry["data_offsets"]
-        if dtype is None or not 0 <= begin <= end <= size - base:
-            raise ChunkIntegrityError(f"chunk {info.name}: tensor {key} has a bad dtype or offsets")
-        raw = buffer[base + begin : base + end]
-        if (base + begin) % dtype.itemsize:
-            raw = raw.clone()
-        shape = entry["shape"]
-        tensor = raw.view(dtype)
-        out[key] = tensor.view(shape) if shape else tensor.view(())
-    missing = set(info.tensors) - set(out)
+        shape = tuple(entry["shape"])
+        if (
+            dtype is None
+            or not 0 <= begin <= end <= size - base
+            or end - begin != math.prod(shape) * dtype.itemsize
+        ):
+            raise ChunkIntegrityError(
+                f"chunk {info.name}: tensor {key} has a bad dtype, shape or offsets"
+            )
+        layout.append(TensorSlot(key, dtype, shape, base + begin, base + end))
+    missing = set(info.tensors) - {t.key for t in layout}
     if missing:
         raise ChunkIntegrityError(
             f"chunk {info.name} lacks tensors the manifest lists: {sorted(missing)[:5]}"
         )
+    return layout
+
+
+def tensors_from_layout(layout: list[TensorSlot], buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Named tensor views of ``buffer`` (a misaligned tensor, from a hand-made file, is copied)."""
+    out: dict[str, torch.Tensor] = {}
+    for t in layout:
+        raw = buffer[t.begin : t.end]
+        if t.begin % t.dtype.itemsize:
+            raw = raw.clone()
+        out[t.key] = raw.view(t.dtype).view(t.shape)
     return out

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedModel
 
+from . import tuning
 from .errors import ManifestError, RequestCancelled
 from .hooks import BlockSlots
 from .manifest import MANIFEST_NAME, Manifest
@@ -38,8 +39,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class EngineOptions:
     memory_budget: str | int = "auto"  # weights held in memory: bytes, '2GiB', '25%', 'auto'
-    read_ahead: int = 2
-    io_threads: int = 2
+    read_ahead: int | str = "auto"  # see tuning.py for what "auto" means
+    io_threads: int | str = "auto"
     verify_checksums: str = "once"  # see streamer.VERIFY_MODES
     reader: str = "auto"  # see streamer.READERS
 
@@ -77,12 +78,15 @@ class Engine:
                 f"the manifest {[b.prefix for b in self.manifest.blocks][:3]}…; re-chunk the model"
             )
         budget = resolve_budget(options.memory_budget, self.manifest.total_bytes)
-        self.plan: ResidencyPlan = plan_residency(self.manifest, budget, options.read_ahead)
+        self.plan: ResidencyPlan = plan_residency(
+            self.manifest, budget, tuning.read_ahead(options.read_ahead)
+        )
+        self.io_threads = tuning.io_threads(options.io_threads, self.plan.read_ahead)
         self.streamer = WeightStreamer(
             store,
             self.manifest,
             self.plan,
-            options.io_threads,
+            self.io_threads,
             options.verify_checksums,
             options.reader,
         )
@@ -103,7 +107,7 @@ class Engine:
         load_s = time.perf_counter() - started
         stats = self.streamer.stats
         log.info(
-            "loaded %s (%s, %s) in %.2fs: read %s at %.2f GB/s; %s",
+            "loaded %s (%s, %s) in %.2fs: read %s at %.2f GB/s; %s; %d I/O thread(s), reader %s",
             self.manifest.name,
             self.manifest.architecture,
             self.manifest.dtype,
@@ -111,6 +115,8 @@ class Engine:
             format_size(stats.bytes_read),
             stats.bytes_read / max(stats.read_s, 1e-9) / 1e9,
             self.plan.describe(self.manifest),
+            self.io_threads,
+            self.streamer.reader,
         )
 
     # -- loading -----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import torch
 from mlserver import MLModel
 from mlserver.types import InferenceRequest, InferenceResponse
 
-from . import metrics
+from . import metrics, tuning
 from .encoding import encode_event, encode_unary, error_response
 from .engine import Engine, EngineOptions
 from .errors import InvalidRequest, LayerStreamError
@@ -146,8 +146,7 @@ class LayerStreamRuntime(MLModel):
 
 def _build_engine(settings: LayerStreamSettings, folder: Path | None) -> Engine:
     started = time.perf_counter()
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+    torch.set_num_threads(tuning.torch_threads(settings.torch_threads))
     store = open_store(settings.chunk_store, base_dir=folder)
     options = EngineOptions(
         memory_budget=settings.memory_budget,

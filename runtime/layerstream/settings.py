@@ -7,7 +7,7 @@ when it rewrites the file, and passes every value as a string), with environment
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -31,12 +31,19 @@ class LayerStreamSettings(BaseSettings):
         "or 'auto' (the whole model if it takes at most 60% of the memory this process can "
         "still use, else 60% of that memory).",
     )
-    read_ahead: int = Field(
-        default=2, ge=0, le=64, description="Streamed blocks read ahead of the one computing."
+    read_ahead: Annotated[int, Field(ge=0, le=64)] | Literal["auto"] = Field(
+        default="auto",
+        description="Streamed blocks read ahead of the one computing; 'auto' is 2 (lowered "
+        "when the budget cannot hold that many streaming buffers).",
     )
-    io_threads: int = Field(default=2, ge=1, le=64, description="Threads reading chunks.")
-    torch_threads: int | None = Field(
-        default=None, ge=1, description="torch intra-op threads; unset keeps torch's default."
+    io_threads: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
+        default="auto",
+        description="Threads reading chunks; 'auto' is one per block read in flight.",
+    )
+    torch_threads: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = Field(
+        default="auto",
+        description="torch intra-op threads; 'auto' is the CPUs this process may use "
+        "(affinity and cgroup CPU quota, which torch's own default ignores).",
     )
     verify_checksums: Literal["once", "always", "off"] = Field(
         default="once",
@@ -71,11 +78,13 @@ class LayerStreamSettings(BaseSettings):
         try:
             return cls(**(extra or {}))
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
-                for err in exc.errors()
-            )
+            # "read_ahead" may fail as an int and as "auto": one line per setting
+            problems: dict[str, list[str]] = {}
+            for err in exc.errors():
+                name = str(err["loc"][0]) if err["loc"] else "settings"
+                problems.setdefault(name, []).append(err["msg"])
+            text = "; ".join(f"{name}: {' or '.join(msgs)}" for name, msgs in problems.items())
             raise SettingsError(
-                f"invalid layerstream settings in parameters.extra: {problems}. "
+                f"invalid layerstream settings in parameters.extra: {text}. "
                 f"Known settings: {', '.join(cls.model_fields)}"
             ) from exc

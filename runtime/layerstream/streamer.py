@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .buffers import BufferPool
-from .chunkfile import tensors_from_buffer, verify
+from .chunkfile import TensorSlot, parse_layout, tensors_from_layout, verify
 from .errors import ChunkStoreError
 from .manifest import ChunkInfo, Manifest
 from .residency import ResidencyPlan
@@ -140,6 +140,9 @@ class WeightStreamer:
             raise ValueError(f"verify_checksums must be one of {', '.join(VERIFY_MODES)}")
         self.verify_checksums = verify_checksums
         self._verified: dict[str, str] = {}  # chunk name -> store version whose sha256 passed
+        # chunk name -> (store version, parsed header): a streamed block's header is parsed
+        # once, not on every token (less Python on the I/O thread, less GIL for compute)
+        self._layouts: dict[str, tuple[str, list[TensorSlot]]] = {}
         self.stats = StreamStats()
         self.order = BlockOrder(manifest)
         self._lock = threading.Lock()
@@ -158,8 +161,11 @@ class WeightStreamer:
         )
 
     # -- reading -------------------------------------------------------------------------
-    def read_chunk(self, info: ChunkInfo, buffer: torch.Tensor | None = None) -> torch.Tensor:
-        """Read and verify one chunk into ``buffer`` (or a new exact-size one); return its bytes."""
+    def read_chunk(
+        self, info: ChunkInfo, buffer: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, str | None]:
+        """Read and verify one chunk into ``buffer`` (or a new exact-size one); return its
+        bytes and the store's version of it."""
         start = time.perf_counter()
         if buffer is None:
             buffer = torch.empty(info.bytes, dtype=torch.uint8)
@@ -167,9 +173,9 @@ class WeightStreamer:
             raise ChunkStoreError(f"chunk {info.name} is larger than its streaming buffer")
         size, version = self.store.read_into(info.file, memoryview(buffer.numpy()))
         self._check(info, buffer[:size], version, start)
-        return buffer[: info.bytes]
+        return buffer[: info.bytes], version
 
-    def _map_chunk(self, info: ChunkInfo) -> tuple[torch.Tensor, mmap.mmap]:
+    def _map_chunk(self, info: ChunkInfo) -> tuple[torch.Tensor, mmap.mmap, str | None]:
         """Map one chunk (no copy: the tensors view the page cache) and verify it."""
         start = time.perf_counter()
         mapped = self.store.map(info.file)
@@ -184,7 +190,19 @@ class WeightStreamer:
             data = None  # release the view before unmapping
             _unmap(mapped.data)
             raise
-        return data, mapped.data
+        return data, mapped.data, mapped.version
+
+    def _tensors(
+        self, info: ChunkInfo, data: torch.Tensor, version: str | None
+    ) -> dict[str, torch.Tensor]:
+        cached = self._layouts.get(info.name)
+        if cached is None or version is None or cached[0] != version:
+            layout = parse_layout(info, data)
+            if version is not None:
+                self._layouts[info.name] = (version, layout)
+        else:
+            layout = cached[1]
+        return tensors_from_layout(layout, data)
 
     def _check(
         self, info: ChunkInfo, data: torch.Tensor, version: str | None, start: float
@@ -211,15 +229,30 @@ class WeightStreamer:
             return self._verified.get(chunk) != version
 
     def load_resident(self, chunk: str) -> dict[str, torch.Tensor]:
+        """A chunk's tensors in memory of their own, for good (the rest, pinned blocks).
+
+        With the mmap reader the bytes are copied out of a mapping rather than read: the
+        page cache then holds the file in 2 MiB folios like every streamed chunk (see
+        LocalStore.map), instead of the small ones a plain read() leaves behind.
+        """
         info = self.manifest.chunks[chunk]
-        return tensors_from_buffer(info, self.read_chunk(info))
+        if self.reader == "mmap":
+            data, mapping, version = self._map_chunk(info)
+            try:
+                copy = data.clone()
+            finally:
+                del data
+                _unmap(mapping)
+            return self._tensors(info, copy, version)
+        buffer, version = self.read_chunk(info)
+        return self._tensors(info, buffer, version)
 
     def _load_streamed(self, j: int) -> Loaded:
         info = self.manifest.chunks[self.manifest.blocks[j].chunk]
         if self._pool is not None:
             buffer = self._pool.acquire()
             try:
-                tensors = tensors_from_buffer(info, self.read_chunk(info, buffer))
+                tensors = self._tensors(info, *self.read_chunk(info, buffer))
             except BaseException:
                 self._pool.release(buffer)
                 raise
@@ -227,9 +260,15 @@ class WeightStreamer:
         assert self._slots is not None
         self._slots.acquire()
         try:
-            data, mapping = self._map_chunk(info)
-            tensors = tensors_from_buffer(info, data)
+            data, mapping, version = self._map_chunk(info)
         except BaseException:
+            self._slots.release()
+            raise
+        try:
+            tensors = self._tensors(info, data, version)
+        except BaseException:
+            del data
+            _unmap(mapping)
             self._slots.release()
             raise
         del data

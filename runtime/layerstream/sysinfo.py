@@ -1,7 +1,9 @@
-"""How much memory this process may use: the cgroup limit if there is one, else the machine's."""
+"""What this process may use of the machine: memory and CPUs, cgroup limits included."""
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 
 
@@ -32,3 +34,29 @@ def available_memory() -> int:
         if limit is not None and usage is not None and limit < (1 << 60):
             free = min(free, max(limit - usage, 0))
     return free
+
+
+def cpu_count() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (a pod's
+    ``limits.cpu``), which os.cpu_count() and torch's default thread count both ignore."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    quota = _cpu_quota()
+    return max(1, min(cpus, quota)) if quota else cpus
+
+
+def _cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """CPUs a cgroup quota allows, rounded up; None without a quota."""
+    try:  # cgroup v2: "max 100000" or "200000 100000"
+        quota, period = (root / "cpu.max").read_text().split()
+        if quota != "max":
+            return math.ceil(int(quota) / int(period))
+    except (OSError, ValueError):
+        pass
+    quota_us = _read_int(str(root / "cpu" / "cpu.cfs_quota_us"))  # v1: -1 means none
+    period_us = _read_int(str(root / "cpu" / "cpu.cfs_period_us"))
+    if quota_us and period_us:
+        return math.ceil(quota_us / period_us)
+    return None
