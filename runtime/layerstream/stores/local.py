@@ -83,6 +83,29 @@ class LocalStore:
             os.close(fd)
         return Mapped(data, st.st_size, f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}")
 
+    def in_memory(self, name: str) -> bool:
+        """Whether ``name`` is in the page cache (mapping it then costs ~0.1 ms): one
+        non-blocking 1-byte read (RWF_NOWAIT) per 4 MiB, which fails rather than wait for
+        the disk. False when unsure (no RWF_NOWAIT, an error)."""
+        nowait = getattr(os, "RWF_NOWAIT", None)
+        if nowait is None:
+            return False
+        try:
+            fd = os.open(self._path(name), os.O_RDONLY)
+        except OSError:
+            return False
+        probe = bytearray(1)
+        try:
+            size = os.fstat(fd).st_size
+            return all(
+                os.preadv(fd, [probe], offset, nowait) == 1
+                for offset in range(0, size, PROBE_STRIDE)
+            )
+        except OSError:  # BlockingIOError: not cached; others: let the real read report
+            return False
+        finally:
+            os.close(fd)
+
     def exists(self, name: str) -> bool:
         return self._path(name).is_file()
 
@@ -101,6 +124,7 @@ def _open_chunk(path: Path) -> int:
         raise ChunkStoreError(f"cannot open chunk file {path}: {exc.strerror or exc}") from exc
 
 
+PROBE_STRIDE = 4 << 20
 MADV_POPULATE_READ = 22  # Linux 5.14+; not exported by Python 3.11's mmap module
 _populate_read = True  # cleared once the kernel has refused it
 

@@ -1,0 +1,86 @@
+"""The local store's zero-copy reader: page-cache probes, populated mappings, and read-ahead
+only for what is not already in memory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import layerstream.stores.local as local
+from layerstream.engine import Engine, EngineOptions
+from layerstream.stores import LocalStore, open_store
+
+PROMPT = torch.tensor([[5, 17, 99, 3, 250, 7, 42, 130]])
+
+needs_nowait = pytest.mark.skipif(
+    not hasattr(os, "RWF_NOWAIT"), reason="no RWF_NOWAIT: every chunk counts as not cached"
+)
+
+
+def evict(directory: Path) -> None:
+    """Drop the files' pages from the page cache (clean pages only, hence the fsync)."""
+    for path in directory.iterdir():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+@pytest.fixture
+def store_copy(model_factory, tmp_path):
+    path = tmp_path / "chunks"
+    shutil.copytree(model_factory("llama").store, path)
+    return path
+
+
+@needs_nowait
+def test_in_memory_tells_cached_chunks_from_evicted_ones(store_copy):
+    store = LocalStore(store_copy)
+    store.map("block_0003.safetensors").data.close()
+    assert store.in_memory("block_0003.safetensors")
+    evict(store_copy)
+    if store.in_memory("block_0003.safetensors"):
+        pytest.skip("this file system ignores POSIX_FADV_DONTNEED")
+    assert not store.in_memory("missing.safetensors")  # unsure means "read it"
+
+
+def test_mapping_falls_back_to_map_populate_on_old_kernels(store_copy, monkeypatch):
+    monkeypatch.setattr(local, "MADV_POPULATE_READ", 0x7FFF)  # an advice no kernel knows
+    monkeypatch.setattr(local, "_populate_read", True)
+    mapped = LocalStore(store_copy).map("rest.safetensors")
+    try:
+        assert mapped.size == (store_copy / "rest.safetensors").stat().st_size
+        assert mapped.data[:8] == (store_copy / "rest.safetensors").read_bytes()[:8]
+    finally:
+        mapped.data.close()
+    assert local._populate_read is False  # asked once, then MAP_POPULATE from then on
+
+
+@needs_nowait
+def test_read_ahead_skips_blocks_already_in_the_page_cache(model_factory, store_copy):
+    """Cold chunks are read ahead on the I/O threads; once they are in the page cache they
+    are mapped on the compute thread. The outputs are the same either way."""
+    reference = model_factory("llama").resident()
+    with torch.inference_mode():
+        expected = reference(PROMPT).logits
+    engine = Engine(open_store(str(store_copy)), EngineOptions(memory_budget="25%", read_ahead=2))
+    try:
+        assert len(engine.plan.streamed) > 3
+        evict(store_copy)
+        if LocalStore(store_copy).in_memory(engine.manifest.chunks["block_0011"].file):
+            pytest.skip("this file system ignores POSIX_FADV_DONTNEED")
+        with engine.request() as cold:
+            assert torch.equal(engine.model(PROMPT).logits, expected)
+        assert cold.stats.read_aheads > 0
+        with engine.request() as warm:
+            assert torch.equal(engine.model(PROMPT).logits, expected)
+        assert warm.stats.read_aheads == 0
+        assert warm.stats.cache_misses == len(engine.plan.streamed)
+    finally:
+        engine.close()
