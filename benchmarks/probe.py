@@ -32,6 +32,7 @@ def main() -> None:
         result["reader"] = engine.streamer.reader
         result["read_ahead"] = engine.plan.read_ahead
         result["io_threads"] = engine.io_threads
+        result["evict_after_use"] = engine.evict_after_use
         result["plan"] = engine.plan.describe(engine.manifest)
         model, context = engine.model, engine.request
         result["weights_held"] = engine.plan.weight_bytes(engine.manifest)

@@ -3,6 +3,7 @@ loaded transformers model on the same weights (REST SSE, gRPC and unary ``/infer
 
 from __future__ import annotations
 
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -568,6 +569,23 @@ def test_metrics_report_streamed_bytes_of_the_small_budget_model(server):
     assert after[("layerstream_bytes_streamed_total", (("model", LLAMA_25),))] > 0
     assert after[("layerstream_bytes_streamed_total", (("model", LLAMA),))] == 0
     assert after[("layerstream_block_cache_misses_total", (("model", LLAMA),))] == 0
+    compute = ("layerstream_compute_seconds_total", (("model", LLAMA_25),))
+    wait = ("layerstream_weight_wait_seconds_total", (("model", LLAMA_25),))
+    assert after[compute] > 0 and wait in after
+
+
+def test_request_log_says_whether_it_waited_on_weights_or_compute(server):
+    list(SSEClient(server.http_url).generate(LLAMA_25, PROMPT, max_new_tokens=2))
+    lines = [
+        line
+        for line in server.log_path.read_text().splitlines()
+        if f"{LLAMA_25} tokens:" in line and "weights waited" in line
+    ]
+    assert lines, "no per-request log line"
+    assert re.search(
+        r"compute [0-9.]+s, weights waited [0-9.]+s \(\d+% waiting: (I/O|compute) bound\)",
+        lines[-1],
+    )
 
 
 # -- 9. parameters as strings, raw wire format -----------------------------------------------

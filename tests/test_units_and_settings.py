@@ -89,17 +89,40 @@ def test_tuning_defaults_follow_the_machine_and_the_plan(monkeypatch):
 def test_cpu_quota_from_cgroup_v1_and_v2(tmp_path):
     from layerstream.sysinfo import _cpu_quota
 
-    (tmp_path / "cpu.max").write_text("250000 100000\n")
-    assert _cpu_quota(tmp_path) == 3  # 2.5 CPUs: round up, a pod may burst into the third
-    (tmp_path / "cpu.max").write_text("max 100000\n")
-    assert _cpu_quota(tmp_path) is None
-    (tmp_path / "cpu.max").unlink()
-    (tmp_path / "cpu").mkdir()
-    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
-    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
-    assert _cpu_quota(tmp_path) is None
-    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
-    assert _cpu_quota(tmp_path) == 2
+    v2 = tmp_path / "v2"
+    (v2 / "pod" / "app").mkdir(parents=True)
+    (v2 / "cgroup.controllers").write_text("cpu memory\n")
+    (v2 / "pod" / "cpu.max").write_text("250000 100000\n")
+    (v2 / "pod" / "app" / "cpu.max").write_text("max 100000\n")
+    # the tightest quota on the process's cgroup or an ancestor; 2.5 CPUs round up
+    assert _cpu_quota("0::/pod/app\n", v2) == 3
+    assert _cpu_quota("0::/\n", v2) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu,cpuacct" / "job").mkdir(parents=True)
+    (v1 / "cpu,cpuacct" / "job" / "cpu.cfs_quota_us").write_text("200000\n")
+    (v1 / "cpu,cpuacct" / "job" / "cpu.cfs_period_us").write_text("100000\n")
+    (v1 / "cpu,cpuacct" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert _cpu_quota("4:cpu,cpuacct:/job\n0::/\n", v1) == 2
+    assert _cpu_quota("4:cpu,cpuacct:/\n", v1) is None
+
+
+def test_memory_limits_come_from_the_process_own_nested_cgroup(tmp_path):
+    """The benchmark's cold runs (and systemd slices) put the process in a nested cgroup:
+    its limit is in that cgroup's directory, not at the hierarchy's root."""
+    from layerstream.sysinfo import cgroup_dirs
+
+    (tmp_path / "memory" / "bench" / "run").mkdir(parents=True)
+    dirs, v2 = cgroup_dirs("memory", "9:memory:/bench/run\n0::/\n", tmp_path)
+    assert not v2
+    assert dirs == [
+        tmp_path / "memory" / "bench" / "run",
+        tmp_path / "memory" / "bench",
+        tmp_path / "memory",
+    ]
+    # a path from outside our cgroup namespace: only the mount is ours
+    dirs, _ = cgroup_dirs("memory", "9:memory:/elsewhere\n", tmp_path)
+    assert dirs == [tmp_path / "memory"]
+    assert cgroup_dirs("memory", "1:cpu:/\n", tmp_path) == ([], False)
 
 
 def test_auto_knobs_are_the_settings_defaults():

@@ -82,6 +82,7 @@ class Engine:
             self.manifest, budget, tuning.read_ahead(options.read_ahead)
         )
         self.io_threads = tuning.io_threads(options.io_threads, self.plan.read_ahead)
+        self.evict_after_use = tuning.evict_after_use(self.manifest, self.plan)
         self.streamer = WeightStreamer(
             store,
             self.manifest,
@@ -89,6 +90,7 @@ class Engine:
             self.io_threads,
             options.verify_checksums,
             options.reader,
+            self.evict_after_use,
         )
         self.blocks = [BlockSlots(p, self.model.get_submodule(p)) for p in self.prefixes]
         self._scope: RequestScope | None = None
@@ -117,6 +119,9 @@ class Engine:
             self.plan.describe(self.manifest),
             self.io_threads,
             self.streamer.reader,
+            "; streamed chunks leave the page cache after use (it cannot hold them)"
+            if self.evict_after_use
+            else "",
         )
 
     # -- loading -----------------------------------------------------------------------------

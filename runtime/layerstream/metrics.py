@@ -37,6 +37,12 @@ _SPECS = {
         "Time compute waited for weights",
         ("model",),
     ),
+    "compute": (
+        Counter,
+        "layerstream_compute_seconds",
+        "Request time not spent waiting for weights",
+        ("model",),
+    ),
     "ttft": (
         Histogram,
         "layerstream_time_to_first_token_seconds",
@@ -62,5 +68,6 @@ def record(model: str, mode: str, finish_reason: str, stats: dict[str, int]) -> 
     metric("hits").labels(model).inc(stats.get("cache_hits", 0))
     metric("misses").labels(model).inc(stats.get("cache_misses", 0))
     metric("wait").labels(model).inc(stats.get("weight_wait_us", 0) / 1e6)
+    metric("compute").labels(model).inc(stats.get("compute_us", 0) / 1e6)
     if stats.get("ttft_us"):
         metric("ttft").labels(model).observe(stats["ttft_us"] / 1e6)

@@ -45,6 +45,7 @@ class LayerStreamRuntime(MLModel):
     """Streams a chunked Hugging Face model's weights while it answers."""
 
     async def load(self) -> bool:
+        _route_logs_to_mlserver()
         settings = LayerStreamSettings.from_extra(
             self.settings.parameters.extra if self.settings.parameters else None
         )
@@ -127,21 +128,46 @@ class LayerStreamRuntime(MLModel):
 
     def _log_request(self, request: Request, final: FinalEvent) -> None:
         s = final.stats
+        total, wait = s.get("total_us", 0), s.get("weight_wait_us", 0)
         log.info(
-            "%s %s: %s, %d prompt + %d tokens in %.3fs (ttft %.3fs), weights waited %.3fs, "
-            "streamed %.1f MiB, cache %d hit / %d miss",
+            "%s %s: %s, %d prompt + %d tokens in %.3fs (ttft %.3fs): compute %.3fs, weights "
+            "waited %.3fs (%s); streamed %.1f MiB, cache %d hit / %d miss",
             self.name,
             request.mode,
             final.finish_reason,
             s.get("prompt_tokens", 0),
             s.get("tokens", 0),
-            s.get("total_us", 0) / 1e6,
+            total / 1e6,
             s.get("ttft_us", 0) / 1e6,
-            s.get("weight_wait_us", 0) / 1e6,
+            s.get("compute_us", 0) / 1e6,
+            wait / 1e6,
+            bound(wait, total),
             s.get("bytes_streamed", 0) / 2**20,
             s.get("cache_hits", 0),
             s.get("cache_misses", 0),
         )
+
+
+def bound(wait_us: int, total_us: int) -> str:
+    """A word for the operator: waiting on weights for over half the time means the store
+    (or the budget) sets the pace, not the CPU."""
+    share = wait_us / total_us if total_us else 0.0
+    return f"{share:.0%} waiting: " + ("I/O bound" if share > 0.5 else "compute bound")
+
+
+def _route_logs_to_mlserver() -> None:
+    """Send layerstream's records through MLServer's handlers (its format, its level).
+
+    MLServer configures only its own "mlserver" logger; without this, the load summary and
+    the per-request wait-vs-compute lines would stop at the root logger's WARNING level.
+    """
+    ours, server = logging.getLogger("layerstream"), logging.getLogger("mlserver")
+    if ours.handlers or not server.handlers:
+        return  # configured by the embedding application already, or not under MLServer
+    for handler in server.handlers:
+        ours.addHandler(handler)
+    ours.setLevel(server.level or logging.INFO)
+    ours.propagate = False
 
 
 def _build_engine(settings: LayerStreamSettings, folder: Path | None) -> Engine:

@@ -137,6 +137,7 @@ class WeightStreamer:
         io_threads: int,
         verify_checksums: str,
         reader: str = "auto",
+        evict_after_use: bool = False,
     ):
         self.store = store
         self.manifest = manifest
@@ -156,6 +157,8 @@ class WeightStreamer:
         self.reader = _pick_reader(reader, store, verify_checksums)
         probe = getattr(store, "in_memory", None)
         self._probe: Callable[[str], bool] | None = probe if self.reader == "mmap" else None
+        evict = getattr(store, "evict", None)
+        self._evict: Callable[[str], None] | None = evict if evict_after_use else None
         self._pool: BufferPool | None = None
         self._slots: threading.BoundedSemaphore | None = None
         if plan.pool_slots and self.reader == "read":
@@ -167,6 +170,7 @@ class WeightStreamer:
             if plan.pool_slots
             else None
         )
+        self._reaper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerstream-unmap")
 
     # -- reading -------------------------------------------------------------------------
     def read_chunk(
@@ -251,6 +255,8 @@ class WeightStreamer:
             finally:
                 del data
                 _unmap(mapping)
+            if self._evict is not None:
+                self._evict(info.file)  # the copy is what stays; its page cache would not
             return self._tensors(info, copy, version)
         buffer, version = self.read_chunk(info)
         return self._tensors(info, buffer, version)
@@ -278,9 +284,16 @@ class WeightStreamer:
 
         def unmap() -> None:
             _unmap(mapping)
+            assert self._slots is not None
             self._slots.release()
+            if self._evict is not None:
+                self._evict(info.file)
 
-        return Loaded(j, info, data, version, unmap)
+        # munmap takes the process's mmap lock for writing, so on the compute thread it
+        # would wait for the I/O threads' cold populates (which hold it for reading while
+        # the disk works) and every fault and mmap of the compute thread would queue
+        # behind it: unmapping is handed to a thread of its own.
+        return Loaded(j, info, data, version, functools.partial(self._reaper.submit, unmap))
 
     # -- the compute thread's side ---------------------------------------------------------
     def hit(self) -> None:
@@ -367,4 +380,6 @@ class WeightStreamer:
     def close(self) -> None:
         self.drop_read_ahead()
         if self._io is not None:
+            # in-flight reads finish and hand their mappings to the reaper, which goes last
             self._io.shutdown(wait=True, cancel_futures=True)
+        self._reaper.shutdown(wait=True)

@@ -12,7 +12,9 @@ mostly wait on the disk.
 from __future__ import annotations
 
 from .errors import SettingsError
-from .sysinfo import cpu_count
+from .manifest import Manifest
+from .residency import ResidencyPlan
+from .sysinfo import cpu_count, memory_limit, resident_set
 
 AUTO = "auto"
 DEFAULT_READ_AHEAD = 2
@@ -42,3 +44,14 @@ def io_threads(value: int | str, planned_read_ahead: int) -> int:
 
 def torch_threads(value: int | str) -> int:
     return cpu_count() if value == AUTO else max(1, _explicit("torch_threads", value))
+
+
+def evict_after_use(manifest: Manifest, plan: ResidencyPlan) -> bool:
+    """Whether streamed chunks should leave the page cache as soon as they have run: when
+    this process's memory (its cgroup's, page cache included) cannot hold them besides what
+    it holds already, each would be evicted before its next use anyway."""
+    if plan.fully_resident:
+        return False
+    sizes = manifest.block_bytes
+    streamed = sum(sizes[j] for j in plan.streamed)
+    return resident_set() + plan.weight_bytes(manifest) + streamed > memory_limit()
