@@ -84,3 +84,14 @@ def test_read_ahead_skips_blocks_already_in_the_page_cache(model_factory, store_
         assert warm.stats.cache_misses == len(engine.plan.streamed)
     finally:
         engine.close()
+
+
+@needs_nowait
+def test_evict_drops_a_chunk_from_the_page_cache(store_copy):
+    store = LocalStore(store_copy)
+    evict(store_copy)  # fsynced: clean pages, which the kernel can drop
+    store.map("block_0005.safetensors").data.close()
+    assert store.in_memory("block_0005.safetensors")
+    store.evict("block_0005.safetensors")
+    assert not store.in_memory("block_0005.safetensors")
+    store.evict("no-such-chunk.safetensors")  # advisory: never an error

@@ -130,3 +130,22 @@ def test_auto_knobs_are_the_settings_defaults():
     assert (settings.read_ahead, settings.io_threads, settings.torch_threads) == ("auto",) * 3
     with pytest.raises(SettingsError, match=r"read_ahead: .* or Input should be 'auto'"):
         LayerStreamSettings.from_extra({"chunk_store": "x", "read_ahead": "many"})
+
+
+def test_streamed_chunks_leave_the_page_cache_only_when_it_cannot_hold_them(
+    model_factory, monkeypatch
+):
+    from layerstream import tuning
+    from layerstream.manifest import Manifest
+    from layerstream.residency import plan_residency
+
+    store = model_factory("llama").store
+    manifest = Manifest.from_json((store / "manifest.json").read_text())
+    streaming = plan_residency(manifest, manifest.total_bytes // 4, read_ahead=1)
+    resident = plan_residency(manifest, manifest.total_bytes, read_ahead=1)
+    monkeypatch.setattr(tuning, "resident_set", lambda: 100 << 20)
+    monkeypatch.setattr(tuning, "memory_limit", lambda: 64 << 30)  # a roomy machine
+    assert not tuning.evict_after_use(manifest, streaming)
+    monkeypatch.setattr(tuning, "memory_limit", lambda: (100 << 20) + manifest.total_bytes // 2)
+    assert tuning.evict_after_use(manifest, streaming)  # a box smaller than the model
+    assert not tuning.evict_after_use(manifest, resident)  # nothing streams
