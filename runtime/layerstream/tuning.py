@@ -1,12 +1,12 @@
 """Defaults for the knobs a user may leave at "auto", computed from the machine and the plan.
 
-Measured on a 2-core box with a 1 GB Llama (benchmarks/streaming.py and the read test in
-the README): two block reads in flight fetch cold chunks 13% faster than one (1331 vs 1178
-MB/s), which is worth more than the one extra block a shallower read-ahead could pin at a
-25% budget (4.5% fewer bytes per token); warm, read-ahead depth makes no measurable
-difference. Each block read in flight blocks one I/O thread, so the threads follow the
-depth. torch gets every CPU the process may use (cgroup quota included): the I/O threads
-mostly wait on the disk.
+Read-ahead 2: on the 2-core benchmark machine, two block reads in flight fetch cold chunks
+13% faster than one (1331 vs 1178 MB/s, reads alone). End to end the evidence is mixed
+(benchmarks/streaming.py, 3 noisy repetitions: read-ahead 1 was fastest warm, read-ahead
+off fastest in the memory-capped regime, where fewer buffers leave room to pin more
+blocks), not clear enough to move the default. Each block read in flight blocks one I/O
+thread, so the threads follow the depth. torch gets every CPU the process may use (cgroup
+quota included): the I/O threads mostly wait on the disk.
 """
 
 from __future__ import annotations

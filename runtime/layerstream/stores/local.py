@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import mmap
 import os
 from pathlib import Path
@@ -11,6 +12,8 @@ from pathlib import Path
 from ..errors import ChunkStoreError
 from ..manifest import check_relative_name
 from .base import Mapped, ReadResult
+
+log = logging.getLogger(__name__)
 
 
 class LocalStore:
@@ -166,5 +169,6 @@ def _map_populated(fd: int, size: int) -> mmap.mmap:
             if exc.errno != errno.EINVAL:
                 raise
             _populate_read = False
+            log.info("no MADV_POPULATE_READ in this kernel: chunks are mapped with 4 KiB pages")
     flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
     return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ)
