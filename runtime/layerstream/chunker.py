@@ -1,10 +1,12 @@
 """Split a Hugging Face checkpoint into one safetensors chunk per transformer block.
 
-Tensors are pulled lazily from the source shards and converted into the model's module key
-space with transformers' own conversion mapping (transformers 5 renames and fuses some
-checkpoint keys, e.g. MoE experts), one block at a time, so peak memory is one block plus
-the non-block parts, whatever the model size. ``manifest.json`` is written last: a store
-without it is incomplete and is never served.
+Checkpoint keys are mapped into the model's module key space with transformers' own
+conversion mapping (transformers 5 renames and fuses some checkpoint keys, e.g. MoE
+experts). A block whose tensors are plain renames in the target dtype is copied byte range
+by byte range (chunkio.py: one staging buffer per writer, whatever the block size); any
+other block is loaded and converted by transformers, one block at a time. ``manifest.json``
+is written last, after every chunk is on disk: a store without it is incomplete and is
+never served.
 """
 
 from __future__ import annotations
