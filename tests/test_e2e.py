@@ -582,6 +582,11 @@ def test_request_log_says_whether_it_waited_on_weights_or_compute(server):
         if f"{LLAMA_25} tokens:" in line and "weights waited" in line
     ]
     assert lines, "no per-request log line"
+    log = server.log_path.read_text()
+    assert "--- Logging error ---" not in log  # a record whose format and arguments disagree
+    assert re.search(
+        rf"\[{LLAMA_25}\] INFO - loaded .* blocks pinned, .* I/O thread\(s\), reader", log
+    )
     assert re.search(
         r"compute [0-9.]+s, weights waited [0-9.]+s \(\d+% waiting: (I/O|compute) bound\)",
         lines[-1],

@@ -109,7 +109,7 @@ class Engine:
         load_s = time.perf_counter() - started
         stats = self.streamer.stats
         log.info(
-            "loaded %s (%s, %s) in %.2fs: read %s at %.2f GB/s; %s; %d I/O thread(s), reader %s",
+            "loaded %s (%s, %s) in %.2fs: read %s at %.2f GB/s; %s; %d I/O thread(s), reader %s%s",
             self.manifest.name,
             self.manifest.architecture,
             self.manifest.dtype,
