@@ -162,6 +162,7 @@ def run(result: dict, source: Path, budget: str, new_tokens: int, threads: int, 
     with context():
         generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
     clock = timing.clock()
+    io_before = timing.io_counters()
     with context():
         start = time.perf_counter()
         out = generate(ids, streamer=clock, **kwargs)
@@ -173,6 +174,11 @@ def run(result: dict, source: Path, budget: str, new_tokens: int, threads: int, 
     result["weights_held"] = resident + streamed
     # As probe.py's (bytes read / (new tokens + the prefill)), but from the sizes, not measured.
     result["bytes_per_token"] = per_forward
+    io_after = timing.io_counters()
+    result["disk_read_per_token"] = (io_after["disk_read"] - io_before["disk_read"]) / (
+        new_tokens + 1
+    )
+    result["major_faults"] = io_after["major_faults"] - io_before["major_faults"]
     result["ids"] = out[0].tolist()
     result["peak"] = timing.rss("VmHWM")
     # What the final RSS is made of: file-backed pages (the mapped checkpoint/layer files,

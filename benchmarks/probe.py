@@ -44,6 +44,7 @@ def main() -> None:
     with context():
         model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
     clock = timing.clock()
+    io_before = timing.io_counters()
     with context() as scope:
         start = time.perf_counter()
         out = model.generate(ids, streamer=clock, **kwargs)
@@ -56,6 +57,11 @@ def main() -> None:
         result["wait_s"] = stats.wait_s
         result["hit_rate"] = stats.cache_hits / max(stats.cache_hits + stats.cache_misses, 1)
         result["pinned_fraction"] = len(engine.plan.resident) / engine.plan.n_blocks
+    io_after = timing.io_counters()
+    result["disk_read_per_token"] = (io_after["disk_read"] - io_before["disk_read"]) / (
+        new_tokens + 1
+    )
+    result["major_faults"] = io_after["major_faults"] - io_before["major_faults"]
     result["ids"] = out[0].tolist()
     result["peak"] = timing.rss("VmHWM")
     print(json.dumps(result))

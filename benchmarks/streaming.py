@@ -10,7 +10,8 @@ resident model's. Two regimes:
   + margin. Needs root; skipped with the reason where the machine does not allow it.
 
 The floor of a streamed run is measured in the same invocation: max(resident compute per
-token, streamed bytes per token / the store's read bandwidth through the same reader).
+token, streamed bytes per token / the store's read bandwidth through the same reader), with
+the bandwidth measured again just before each repetition.
 
     .venv/bin/python benchmarks/streaming.py                       # ~1 GB Llama, both regimes
     .venv/bin/python benchmarks/streaming.py --preset llama-300m --regimes warm --reps 1
@@ -195,6 +196,7 @@ def summarise(system: str, results: list[dict], reference: list[int] | None, swe
         "cgroup_peak_mib": median(lambda r: r.get("cgroup_peak")) / 2**20,
         "weights_held_mib": first.get("weights_held", first["model_bytes"]) / 2**20,
         "bytes_read_per_token_mib": median(lambda r: r.get("bytes_per_token", 0)) / 2**20,
+        "disk_read_per_token_mib": median(lambda r: r.get("disk_read_per_token", 0)) / 2**20,
         "hit_rate": first.get("hit_rate"),
         "pinned_fraction": first.get("pinned_fraction"),
         "wait_ms_per_token": median(lambda r: r.get("wait_s", 0)) * 1e3 / sweeps,
@@ -204,16 +206,23 @@ def summarise(system: str, results: list[dict], reference: list[int] | None, swe
     }
 
 
-def add_floor(rows: list[dict], compute_ms: float, bandwidth: dict[str, float]) -> None:
+def add_floor(rows: list[dict], runs: dict[str, list[dict]], compute_ms: float) -> None:
+    """Each run's floor uses the bandwidth measured just before its repetition (the disk
+    of a shared machine drifts by tens of percent over minutes); the row reports medians."""
     for row in rows:
         if "error" in row:
             continue
         reader = row.get("reader") or "read"
-        io_ms = (
-            row["bytes_read_per_token_mib"] * 2**20 / bandwidth.get(reader, bandwidth["read"]) * 1e3
-        )
-        row["floor_ms"] = max(compute_ms, io_ms)
-        row["x_floor"] = row["per_token_ms"] / row["floor_ms"]
+        floors, ratios = [], []
+        for r in runs[row["system"]]:
+            if "error" in r:
+                continue
+            io_ms = r.get("bytes_per_token", 0) / r["bandwidth"].get(reader, 1) * 1e3
+            floor = max(compute_ms, io_ms)
+            floors.append(floor)
+            ratios.append(r["per_token_s"] * 1e3 / floor)
+        row["floor_ms"] = statistics.median(floors)
+        row["x_floor"] = statistics.median(ratios)
 
 
 def print_table(regime: str, rows: list[dict], compute_ms: float, header: str) -> None:
@@ -230,6 +239,7 @@ def print_table(regime: str, rows: list[dict], compute_ms: float, header: str) -
         "RSS-base",
         "cgroup",
         "MiB/tok",
+        "disk/tok",
         "hit",
         "wait/tok",
         "exact",
@@ -244,7 +254,8 @@ def print_table(regime: str, rows: list[dict], compute_ms: float, header: str) -
             f"{r['system']:<22}{r['per_token_ms']:>9.1f}{1e3 / r['per_token_ms']:>9.2f}"
             f"{r['per_token_ms'] / compute_ms:>9.2f}{r['floor_ms']:>9.1f}{r['x_floor']:>9.2f}"
             f"{r['ttft_ms']:>9.0f}{r['peak_rss_mib']:>9.0f}{r['rss_over_baseline_mib']:>9.0f}"
-            f"{r['cgroup_peak_mib']:>9.0f}{r['bytes_read_per_token_mib']:>9.1f}{hit:>9}"
+            f"{r['cgroup_peak_mib']:>9.0f}{r['bytes_read_per_token_mib']:>9.1f}"
+            f"{r['disk_read_per_token_mib']:>9.1f}{hit:>9}"
             f"{r['wait_ms_per_token']:>9.1f}{r['identical_to_resident']!s:>9}"
         )
 
@@ -286,13 +297,23 @@ def main() -> None:
         if regime == "warm":
             warm_page_cache(store)
         runs: dict[str, list[dict]] = {s: [] for s in systems}
+        bandwidths = []
         for rep in range(args.reps):
+            bandwidth = read_bandwidth(store, cold=regime == "cold")
+            bandwidths.append(bandwidth)
+            log.info(
+                "%s rep %d store bandwidth %s",
+                regime,
+                rep,
+                ", ".join(f"{k} {v / 1e9:.2f} GB/s" for k, v in bandwidth.items()),
+            )
             for system in systems:
                 budget = budget_of(system, total)
                 if regime == "cold" and budget is None:
                     continue  # the resident model does not fit the box: that is the point
                 limit = limit_base + (budget or 0) + MARGIN
                 result = run(system, regime, command(system, source, store, args, work), limit)
+                result["bandwidth"] = bandwidth
                 runs[system].append(result)
                 shown = (
                     f"{result['per_token_s'] * 1e3:.1f} ms/token"
@@ -305,13 +326,15 @@ def main() -> None:
             compute_ms = statistics.median(r["per_token_s"] for r in runs["resident"]) * 1e3
         # the prefill and each decode step sweep the blocks once
         rows = [summarise(s, runs[s], reference, args.new_tokens + 1) for s in systems if runs[s]]
-        bandwidth = read_bandwidth(store, cold=regime == "cold")
-        add_floor(rows, compute_ms or rows[0]["per_token_ms"], bandwidth)
-        rates = ", ".join(f"{k} {v / 1e9:.2f} GB/s" for k, v in bandwidth.items())
+        add_floor(rows, runs, compute_ms or rows[0]["per_token_ms"])
+        rates = ", ".join(
+            f"{k} {statistics.median(b[k] for b in bandwidths) / 1e9:.2f} GB/s"
+            for k in bandwidths[0]
+        )
         header = (
             f"{args.preset} {total / 2**20:.0f} MiB fp32, 64-token prompt, {args.new_tokens} "
             f"greedy tokens, {args.threads} torch thread(s), median of {args.reps}; store "
-            f"bandwidth {rates}"
+            f"bandwidth (median of the per-repetition measurements) {rates}"
             + (
                 f"; cgroup = {limit_base / 2**20:.0f} MiB imports + budget + {MARGIN // 2**20} MiB"
                 if regime == "cold"
@@ -320,7 +343,7 @@ def main() -> None:
         )
         print_table(regime, rows, compute_ms or rows[0]["per_token_ms"], header)
         report[regime] = {
-            "bandwidth": bandwidth,
+            "bandwidth": bandwidths,
             "limit_base": limit_base,
             "rows": rows,
             "runs": runs,
