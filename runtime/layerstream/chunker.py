@@ -33,11 +33,11 @@ from .chunkio import (
     ChunkEntry,
     SourceTensor,
     read_safetensors_index,
-    sync_files,
+    sha256_file,
     write_chunk,
-    write_durably,
 )
-from .manifest import MANIFEST_NAME, BlockInfo, ChunkInfo, Manifest
+from .manifest import BlockInfo, ChunkInfo, Manifest
+from .sinks import ChunkerError, Sink, open_sink
 from .skeleton import (
     TORCH_DTYPES,
     block_prefixes,
@@ -47,6 +47,7 @@ from .skeleton import (
     set_tensor,
     tied_groups,
 )
+from .stores.remote import StoreOptions
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +68,6 @@ SIDE_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-
-
-class ChunkerError(Exception):
-    """The source cannot be chunked as asked; the message says why and what to do."""
 
 
 @dataclass
@@ -120,7 +117,7 @@ def resolve_source(source: str) -> Path:
 
 
 class _Writer:
-    """Writes chunk files into ``dest`` and records them for the manifest.
+    """Writes chunk files into the sink's staging folder and records them for the manifest.
 
     Chunks are written by two threads at once: a file's sha256 is sequential and runs at
     about one core's speed (~1 GB/s), so hashing two files at a time is what lets the
@@ -129,8 +126,8 @@ class _Writer:
 
     WORKERS = 2
 
-    def __init__(self, dest: Path):
-        self.dest = dest
+    def __init__(self, sink: Sink):
+        self.sink = sink
         self._pool = ThreadPoolExecutor(self.WORKERS, thread_name_prefix="layerstream-chunk")
         self._pending: dict[str, Future[ChunkInfo]] = {}
 
@@ -146,7 +143,10 @@ class _Writer:
 
     def _write(self, name: str, entries: list[ChunkEntry], scope: str) -> ChunkInfo:
         file = f"{name}.safetensors"
-        size, sha256 = write_chunk(self.dest / file, entries, {"scope": scope, "format": "pt"})
+        size, sha256 = write_chunk(
+            self.sink.staging / file, entries, {"scope": scope, "format": "pt"}
+        )
+        self.sink.file_done(file)
         return ChunkInfo(
             name=name, file=file, bytes=size, sha256=sha256, tensors=sorted(e.key for e in entries)
         )
@@ -162,14 +162,6 @@ class _Writer:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _prepare_dest(dest: Path, force: bool) -> None:
-    if dest.exists() and any(dest.iterdir()):
-        if not force:
-            raise ChunkerError(f"{dest} is not empty; pass --force to overwrite it")
-        shutil.rmtree(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-
-
 def _pick_dtype(config: transformers.PretrainedConfig, requested: str | None) -> str:
     if requested is not None:
         if requested not in TORCH_DTYPES:
@@ -182,13 +174,38 @@ def _pick_dtype(config: transformers.PretrainedConfig, requested: str | None) ->
 
 def chunk_checkpoint(
     source_dir: Path,
-    dest: Path,
+    dest: str | Path,
     name: str,
     dtype: str | None = None,
     force: bool = False,
     progress: bool = True,
+    store_options: StoreOptions | None = None,
 ) -> Manifest:
-    """Chunk the safetensors checkpoint in ``source_dir`` into the store directory ``dest``."""
+    """Chunk the safetensors checkpoint in ``source_dir`` into ``dest``: a store directory or
+    ``s3://bucket/prefix`` (uploaded chunk by chunk; ``store_options`` for the endpoint)."""
+    source = _source_files(source_dir)
+    config = AutoConfig.from_pretrained(source_dir)
+    if not getattr(config, "architectures", None):
+        raise ChunkerError(f"{source_dir}/config.json names no 'architectures'; add one")
+    architecture = config.architectures[0]
+    dtype = _pick_dtype(config, dtype)
+    sink = open_sink(dest, force, store_options)
+    try:
+        return _chunk_into(sink, source_dir, source, config, architecture, dtype, name, progress)
+    finally:
+        sink.close()
+
+
+def _chunk_into(
+    sink: Sink,
+    source_dir: Path,
+    source: _Source,
+    config: transformers.PretrainedConfig,
+    architecture: str,
+    dtype: str,
+    name: str,
+    progress: bool,
+) -> Manifest:
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import (
         WeightConverter,
@@ -198,12 +215,6 @@ def chunk_checkpoint(
     )
     from transformers.modeling_utils import LoadStateDictConfig
 
-    source = _source_files(source_dir)
-    config = AutoConfig.from_pretrained(source_dir)
-    if not getattr(config, "architectures", None):
-        raise ChunkerError(f"{source_dir}/config.json names no 'architectures'; add one")
-    architecture = config.architectures[0]
-    dtype = _pick_dtype(config, dtype)
     model = build_skeleton(config, architecture, dtype, buffers=False)
     prefixes = block_prefixes(model)
     if not prefixes:
@@ -215,7 +226,6 @@ def chunk_checkpoint(
     renamings = [w for w in mapping if isinstance(w, WeightRenaming)]
     converters = [w for w in mapping if isinstance(w, WeightConverter)]
 
-    _prepare_dest(dest, force)
     # backend="pread": real reads; the default mmap backend would keep every touched page of
     # the source mapped, so RSS would grow to the whole checkpoint.
     handles = [safe_open(str(f), framework="pt", backend="pread") for f in source.files]
@@ -233,7 +243,7 @@ def chunk_checkpoint(
             scoped[scope][key] = handle.get_slice(key)
             direct[scope].append((renamed, converter, index[key]))
 
-    writer = _Writer(dest)
+    writer = _Writer(sink)
     target = TORCH_DTYPES[dtype]
     held: dict[tuple[str, ...], torch.Tensor] = {}  # rest tensors that blocks share through a tie
     cross = [g for g in groups if len({scope_of(k, prefixes) for k in g}) > 1]
@@ -274,7 +284,7 @@ def chunk_checkpoint(
         if hf_bars:
             hf_logging.enable_progress_bar()
 
-    side_files = _copy_side_files(source_dir, dest, config, dtype)
+    side_files = _copy_side_files(source_dir, sink.staging, config, dtype)
     manifest = Manifest(
         name=name,
         architecture=architecture,
@@ -285,17 +295,17 @@ def chunk_checkpoint(
         chunks=chunks,
         tied=groups,
         files=side_files,
+        file_sha256={f: sha256_file(sink.staging / f) for f in side_files},
         transformers_version=transformers.__version__,
     )
-    sync_files([dest / info.file for info in chunks.values()] + [dest / f for f in side_files])
-    write_durably(dest / MANIFEST_NAME, manifest.to_json().encode())
+    sink.commit([info.file for info in chunks.values()] + side_files, manifest.to_json().encode())
     log.info(
         "chunked %s: %d blocks + rest, %.1f MiB (%s) into %s",
         name,
         len(prefixes),
         manifest.total_bytes / 2**20,
         dtype,
-        dest,
+        sink.uri,
     )
     return manifest
 

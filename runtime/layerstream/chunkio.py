@@ -253,3 +253,8 @@ def write_durably(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_directory(path.parent)
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a (small) side file: config, tokenizer files."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()

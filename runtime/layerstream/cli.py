@@ -26,7 +26,9 @@ def _parser() -> argparse.ArgumentParser:
         nargs="+",
         metavar="SOURCE DEST",
         help="SOURCE: a local Hugging Face checkpoint directory or a Hub id (omit it with "
-        "--random-init); DEST: the chunk store directory, e.g. model-repo/NAME/chunks",
+        "--random-init); DEST: the chunk store directory, e.g. model-repo/NAME/chunks, or "
+        "s3://bucket/prefix (credentials from the standard AWS chain: environment, profile, "
+        "IAM role; never on the command line)",
     )
     chunk.add_argument("--name", required=True, help="model name served by MLServer")
     chunk.add_argument(
@@ -49,17 +51,31 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="memory_budget written into model-settings.json, e.g. 25%% or 2GiB (default: auto)",
     )
+    chunk.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (MinIO, Ceph, R2...)")
+    chunk.add_argument("--s3-region", help="S3 region (default: from the AWS configuration)")
+    chunk.add_argument("--s3-profile", help="profile in ~/.aws/config")
     chunk.add_argument("--force", action="store_true", help="overwrite an existing store")
     chunk.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
-def _model_dir(args: argparse.Namespace, dest: Path) -> Path | None:
+def _model_dir(args: argparse.Namespace, dest: str) -> Path | None:
     if args.model_repo is not None:
         return args.model_repo / args.name
-    if dest.resolve().parent.name == args.name:
-        return dest.resolve().parent
+    if "://" not in dest and Path(dest).resolve().parent.name == args.name:
+        return Path(dest).resolve().parent
     return None
+
+
+def _s3_settings(args: argparse.Namespace) -> dict[str, str]:
+    """The S3 connection flags, as model-settings.json's names: the server reads the store
+    through the same endpoint the chunker wrote it to."""
+    pairs = {
+        "s3_endpoint_url": args.s3_endpoint_url,
+        "s3_region": args.s3_region,
+        "s3_profile": args.s3_profile,
+    }
+    return {k: v for k, v in pairs.items() if v}
 
 
 def chunk_command(args: argparse.Namespace) -> int:
@@ -79,7 +95,14 @@ def chunk_command(args: argparse.Namespace) -> int:
         except ValueError as exc:
             log.error("--memory-budget: %s", exc)
             return 2
-    dest = Path(args.paths[-1])
+    from .errors import LayerStreamError
+    from .stores import StoreOptions
+
+    dest = args.paths[-1]
+    s3 = _s3_settings(args)
+    options = StoreOptions(
+        endpoint_url=args.s3_endpoint_url, region=args.s3_region, profile=args.s3_profile
+    )
     model_dir = _model_dir(args, dest)
     settings_path = model_dir / "model-settings.json" if model_dir else None
     if settings_path is not None and settings_path.exists() and not args.force:
@@ -93,9 +116,15 @@ def chunk_command(args: argparse.Namespace) -> int:
         else:
             source = resolve_source(args.paths[0])
         manifest = chunk_checkpoint(
-            source, dest, args.name, dtype=args.dtype, force=args.force, progress=not args.quiet
+            source,
+            dest,
+            args.name,
+            dtype=args.dtype,
+            force=args.force,
+            progress=not args.quiet,
+            store_options=options,
         )
-    except (ChunkerError, ValueError) as exc:
+    except (ChunkerError, ValueError, LayerStreamError) as exc:
         log.error("%s", exc)
         return 1
     finally:
@@ -109,7 +138,7 @@ def chunk_command(args: argparse.Namespace) -> int:
             args.name,
         )
         return 0
-    extra = {"memory_budget": args.memory_budget} if args.memory_budget else None
+    extra = ({"memory_budget": args.memory_budget} if args.memory_budget else {}) | s3
     path = write_model_settings(model_dir, args.name, dest, force=True, extra=extra)
     print(f"{path}: serve it with `mlserver start {model_dir.parent}`")
     return 0

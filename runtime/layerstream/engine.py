@@ -12,6 +12,7 @@ streamer's I/O threads.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import tempfile
 import time
@@ -24,7 +25,7 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedModel
 
 from . import tuning
-from .errors import ManifestError, RequestCancelled
+from .errors import ChunkIntegrityError, ManifestError, RequestCancelled
 from .hooks import BlockSlots
 from .manifest import MANIFEST_NAME, Manifest
 from .residency import ResidencyPlan, plan_residency, resolve_budget
@@ -55,6 +56,24 @@ class RequestScope:
     stats: StreamStats = field(default_factory=StreamStats)
 
 
+def read_side_file(store: ChunkStore, manifest: Manifest, name: str) -> bytes:
+    """A config or tokenizer file, checked against the manifest's sha256 (when it has one);
+    a mismatch is fetched once more from the origin, then fails the load."""
+    expected = manifest.file_sha256.get(name)
+    for attempt in (1, 2):
+        data = store.read(name)
+        if expected is None or hashlib.sha256(data).hexdigest() == expected:
+            return data
+        invalidate = getattr(store, "invalidate", None)
+        if invalidate is not None:
+            invalidate(name)
+        log.warning("%s/%s failed its sha256 check (attempt %d)", store.uri, name, attempt)
+    raise ChunkIntegrityError(
+        f"{store.uri}/{name} does not match the manifest's sha256 (fetched twice); "
+        "re-run the chunker or check the store"
+    )
+
+
 class Engine:
     def __init__(self, store: ChunkStore, options: EngineOptions):
         started = time.perf_counter()
@@ -63,10 +82,13 @@ class Engine:
         self.manifest = Manifest.from_json(
             store.read(MANIFEST_NAME), f"{store.uri}/{MANIFEST_NAME}"
         )
+        expect = getattr(store, "expect", None)
+        if expect is not None:  # a disk cache finds its entries by the manifest's digests
+            expect(self.manifest)
         self._files = tempfile.TemporaryDirectory(prefix="layerstream-model-")
         self.files_dir = Path(self._files.name)
         for name in self.manifest.files:
-            (self.files_dir / name).write_bytes(store.read(name))
+            (self.files_dir / name).write_bytes(read_side_file(store, self.manifest, name))
         self.config = AutoConfig.from_pretrained(self.files_dir)
         self.model: PreTrainedModel = build_skeleton(
             self.config, self.manifest.architecture, self.manifest.dtype
@@ -256,4 +278,5 @@ class Engine:
             for handle in handles:
                 handle.remove()
         self.streamer.close()
+        self.store.close()
         self._files.cleanup()

@@ -54,6 +54,8 @@ class Manifest:
     chunks: dict[str, ChunkInfo]
     tied: list[list[str]] = field(default_factory=list)
     files: list[str] = field(default_factory=list)  # config, generation config, tokenizer files
+    # sha256 of each of ``files`` (stores written before this field have none: not checked)
+    file_sha256: dict[str, str] = field(default_factory=dict)
     transformers_version: str = ""
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
@@ -132,6 +134,12 @@ def _parse(data: Any, source: str) -> Manifest:
         if chunk not in chunks:
             raise ManifestError(f"{source} refers to chunk {chunk!r}, which it does not list")
     files = [check_relative_name(f, source) for f in data.get("files", [])]
+    file_sha256 = data.get("file_sha256", {})
+    if not isinstance(file_sha256, dict) or any(
+        name not in files or not isinstance(d, str) or not re.fullmatch(r"[0-9a-f]{64}", d)
+        for name, d in file_sha256.items()
+    ):
+        raise ManifestError(f"{source}: 'file_sha256' must map listed files to sha256 digests")
     return Manifest(
         name=_require(data, "name", str, source),
         architecture=_require(data, "architecture", str, source),
@@ -142,6 +150,7 @@ def _parse(data: Any, source: str) -> Manifest:
         chunks=chunks,
         tied=[list(g) for g in data.get("tied", [])],
         files=files,
+        file_sha256=file_sha256,
         transformers_version=data.get("transformers_version", ""),
         format_version=version,
     )

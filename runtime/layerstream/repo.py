@@ -21,17 +21,25 @@ def model_settings(name: str, chunk_store: str, extra: dict[str, Any] | None = N
 
 
 def write_model_settings(
-    model_dir: Path, name: str, store_dir: Path, force: bool, extra: dict[str, Any] | None = None
+    model_dir: Path,
+    name: str,
+    store: Path | str,
+    force: bool,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``model_dir/model-settings.json`` pointing at ``store_dir`` (relative when inside)."""
+    """Write ``model_dir/model-settings.json`` pointing at ``store``: a directory (relative
+    when inside the model folder) or a remote URI, written as given."""
     model_dir.mkdir(parents=True, exist_ok=True)
     path = model_dir / "model-settings.json"
     if path.exists() and not force:
         raise FileExistsError(f"{path} exists; pass --force to overwrite it")
-    store = store_dir.resolve()
-    try:
-        uri = "./" + store.relative_to(model_dir.resolve()).as_posix()
-    except ValueError:
-        uri = os.path.relpath(store, model_dir.resolve())
+    if isinstance(store, str) and "://" in store:
+        uri = store
+    else:
+        local = Path(store).resolve()
+        try:
+            uri = "./" + local.relative_to(model_dir.resolve()).as_posix()
+        except ValueError:
+            uri = os.path.relpath(local, model_dir.resolve())
     path.write_text(json.dumps(model_settings(name, uri, extra), indent=2) + "\n")
     return path

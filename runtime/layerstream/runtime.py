@@ -173,7 +173,7 @@ def _route_logs_to_mlserver() -> None:
 def _build_engine(settings: LayerStreamSettings, folder: Path | None) -> Engine:
     started = time.perf_counter()
     torch.set_num_threads(tuning.torch_threads(settings.torch_threads))
-    store = open_store(settings.chunk_store, base_dir=folder)
+    store = open_store(settings.chunk_store, base_dir=folder, options=settings.store_options())
     options = EngineOptions(
         memory_budget=settings.memory_budget,
         read_ahead=settings.read_ahead,
@@ -181,7 +181,11 @@ def _build_engine(settings: LayerStreamSettings, folder: Path | None) -> Engine:
         verify_checksums=settings.verify_checksums,
         reader=settings.reader,
     )
-    engine = Engine(store, options)
+    try:
+        engine = Engine(store, options)
+    except BaseException:
+        store.close()  # idempotent: the engine may have closed it already
+        raise
     log.info("engine for %s ready in %.2fs", store.uri, time.perf_counter() - started)
     return engine
 

@@ -17,21 +17,24 @@ import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
 from .buffers import BufferPool
 from .chunkfile import TensorSlot, parse_layout, tensors_from_layout, verify
-from .errors import ChunkStoreError
+from .errors import ChunkIntegrityError, ChunkStoreError
 from .manifest import ChunkInfo, Manifest
 from .residency import ResidencyPlan
 from .stores import ChunkStore
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # "once": hash each chunk the first time it is read, and again whenever the store reports a
-# different version of it (a file rewritten in place, a new object); "always": hash every
-# read (costs a core's worth of sha256 per streamed byte); "off": sizes only.
+# different version of it (a local file rewritten in place); remote stores report no version,
+# so bytes that crossed a network are hashed on every read; "always": hash every read (costs
+# a core's worth of sha256 per streamed byte); "off": sizes only (local stores only).
 VERIFY_MODES = ("once", "always", "off")
 READERS = ("auto", "mmap", "read")
 
@@ -50,6 +53,7 @@ class StreamStats:
     wait_s: float = 0.0  # time the compute thread waited for weights
     verify_s: float = 0.0
     chunks_verified: int = 0
+    refetches: int = 0  # chunks read again after failing their sha256 check
 
     def snapshot(self) -> StreamStats:
         return StreamStats(**self.__dict__)
@@ -178,17 +182,38 @@ class WeightStreamer:
     ) -> tuple[torch.Tensor, str | None]:
         """Read and verify one chunk into ``buffer`` (or a new exact-size one); return its
         bytes and the store's version of it."""
-        start = time.perf_counter()
         if buffer is None:
             buffer = torch.empty(info.bytes, dtype=torch.uint8)
         if buffer.numel() < info.bytes:
             raise ChunkStoreError(f"chunk {info.name} is larger than its streaming buffer")
-        size, version = self.store.read_into(info.file, memoryview(buffer.numpy()))
-        self._check(info, buffer[:size], version, start)
-        return buffer[: info.bytes], version
+
+        def read() -> tuple[torch.Tensor, str | None]:
+            start = time.perf_counter()
+            got = self.store.read_into(info.file, memoryview(buffer.numpy()))
+            self._check(info, buffer[: got.size], got.version, start, got.verified)
+            return buffer[: info.bytes], got.version
+
+        return self._refetching(info, read)
+
+    def _refetching(self, info: ChunkInfo, read: Callable[[], T]) -> T:
+        """``read()``; if its bytes fail the sha256 check (corrupted in transit, a bad cache
+        entry), drop any cached copy and read once more from the origin, then give up."""
+        try:
+            return read()
+        except ChunkIntegrityError as exc:
+            log.warning("%s; reading %s once more from %s", exc, info.file, self.store.uri)
+            invalidate = getattr(self.store, "invalidate", None)
+            if invalidate is not None:
+                invalidate(info.file)
+            with self._lock:
+                self.stats.refetches += 1
+        return read()
 
     def _map_chunk(self, info: ChunkInfo) -> tuple[torch.Tensor, mmap.mmap, str | None]:
         """Map one chunk (no copy: the tensors view the page cache) and verify it."""
+        return self._refetching(info, lambda: self._map_once(info))
+
+    def _map_once(self, info: ChunkInfo) -> tuple[torch.Tensor, mmap.mmap, str | None]:
         start = time.perf_counter()
         mapped = self.store.map(info.file)
         data: torch.Tensor | None = None
@@ -217,10 +242,15 @@ class WeightStreamer:
         return tensors_from_layout(layout, data)
 
     def _check(
-        self, info: ChunkInfo, data: torch.Tensor, version: str | None, start: float
+        self,
+        info: ChunkInfo,
+        data: torch.Tensor,
+        version: str | None,
+        start: float,
+        verified: bool = False,
     ) -> None:
         read_done = time.perf_counter()
-        if data.numel() != info.bytes or self._must_verify(info.name, version):
+        if data.numel() != info.bytes or (not verified and self._must_verify(info.name, version)):
             verify(info, data, self.store.uri)
             with self._lock:
                 self.stats.chunks_verified += 1

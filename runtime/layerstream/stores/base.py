@@ -12,6 +12,9 @@ class ReadResult(NamedTuple):
     # when unknown or the file changed during the read. Equal versions mean equal bytes, so
     # a chunk verified once need not be hashed again until its version changes.
     version: str | None
+    # True when the store itself checked these bytes against the manifest's sha256 (the
+    # disk cache does): the streamer then does not hash them a second time.
+    verified: bool = False
 
 
 class Mapped(NamedTuple):
@@ -46,3 +49,7 @@ class ChunkStore(Protocol):
     def exists(self, name: str) -> bool: ...
 
     def list(self) -> list[str]: ...
+
+    def close(self) -> None:
+        """Release connections and threads (idempotent)."""
+        ...

@@ -130,6 +130,9 @@ class LocalStore:
     def list(self) -> list[str]:
         return sorted(str(p.relative_to(self.root)) for p in self.root.rglob("*") if p.is_file())
 
+    def close(self) -> None:
+        pass  # nothing held between reads
+
 
 def _open_chunk(path: Path) -> int:
     try:

@@ -1,0 +1,149 @@
+"""Where the chunker's files go: a local directory, or S3 through a local staging folder.
+
+Either way the manifest is written last, and only once every chunk is durable (fsynced
+locally, acknowledged by S3): a store without a manifest is incomplete, so an interrupted
+chunker never leaves something that looks servable.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Protocol
+
+from .chunkio import sync_files, write_durably
+from .errors import ChunkStoreError
+from .manifest import MANIFEST_NAME
+from .stores.remote import StoreOptions
+
+log = logging.getLogger(__name__)
+
+
+class ChunkerError(Exception):
+    """The checkpoint or the destination cannot be chunked as asked (bad input, not a bug)."""
+
+
+class Sink(Protocol):
+    uri: str
+    staging: Path  # the chunker writes each file here first
+
+    def file_done(self, name: str) -> None:
+        """``staging/name`` is complete (called from the chunker's writer threads)."""
+        ...
+
+    def commit(self, names: list[str], manifest: bytes) -> None:
+        """Every file is done: make them durable, then write the manifest."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class LocalSink:
+    def __init__(self, dest: Path, force: bool):
+        if dest.exists() and any(dest.iterdir()):
+            if not force:
+                raise ChunkerError(f"{dest} is not empty; pass --force to overwrite it")
+            shutil.rmtree(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        self.staging = dest
+        self.uri = str(dest)
+
+    def file_done(self, name: str) -> None:
+        pass  # written in place; made durable all at once in commit
+
+    def commit(self, names: list[str], manifest: bytes) -> None:
+        sync_files([self.staging / n for n in names])
+        write_durably(self.staging / MANIFEST_NAME, manifest)
+
+    def close(self) -> None:
+        pass
+
+
+class S3Sink:
+    """Uploads each finished file (multipart above 64 MiB) and removes its staged copy, so
+    the local disk holds only the chunks in flight; the manifest goes up last."""
+
+    MULTIPART_BYTES = 64 << 20
+
+    def __init__(self, uri: str, force: bool, options: StoreOptions | None = None):
+        from boto3.s3.transfer import TransferConfig
+
+        from .stores.s3 import BOTO_ERRORS, describe_error, make_client, split_s3_uri
+
+        self._errors, self._describe = BOTO_ERRORS, describe_error
+        self.options = options or StoreOptions()
+        self.bucket, self.prefix = split_s3_uri(uri)
+        self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        self._client = make_client(self.options)
+        self._transfer = TransferConfig(
+            multipart_threshold=self.MULTIPART_BYTES,
+            multipart_chunksize=self.MULTIPART_BYTES // 4,
+            max_concurrency=self.options.max_concurrency,
+        )
+        existing = self._keys()
+        if existing and not force:
+            raise ChunkerError(f"{self.uri} already holds {len(existing)} objects; pass --force")
+        # A store being replaced loses its manifest first: until the new one is written last,
+        # a server cannot mistake the mix of old and new chunks for a complete store.
+        if self._key(MANIFEST_NAME) in existing:
+            self._call(
+                lambda: self._client.delete_object(Bucket=self.bucket, Key=self._key(MANIFEST_NAME))
+            )
+        self._stale = existing - {self._key(MANIFEST_NAME)}
+        self._tmp = tempfile.TemporaryDirectory(prefix="layerstream-staging-")
+        self.staging = Path(self._tmp.name)
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def _call(self, op):
+        try:
+            return op()
+        except self._errors as exc:
+            raise self._describe(exc, self.uri) from exc
+
+    def _keys(self) -> set[str]:
+        start = f"{self.prefix}/" if self.prefix else ""
+        pages = self._client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=start
+        )
+        return self._call(lambda: {o["Key"] for p in pages for o in p.get("Contents", [])})
+
+    def file_done(self, name: str) -> None:
+        path = self.staging / name
+        self._call(
+            lambda: self._client.upload_file(
+                str(path), self.bucket, self._key(name), Config=self._transfer
+            )
+        )
+        path.unlink()
+        log.debug("uploaded %s to %s", name, self.uri)
+
+    def commit(self, names: list[str], manifest: bytes) -> None:
+        for name in names:
+            if (self.staging / name).exists():  # side files are staged, not yet uploaded
+                self.file_done(name)
+        for key in sorted(self._stale - {self._key(n) for n in names}):
+            self._call(lambda key=key: self._client.delete_object(Bucket=self.bucket, Key=key))
+        self._call(
+            lambda: self._client.put_object(
+                Bucket=self.bucket, Key=self._key(MANIFEST_NAME), Body=manifest
+            )
+        )
+
+    def close(self) -> None:
+        self._tmp.cleanup()
+
+
+def open_sink(dest: str | Path, force: bool, options: StoreOptions | None = None) -> Sink:
+    text = str(dest)
+    if text.startswith("s3://"):
+        try:
+            return S3Sink(text, force, options)
+        except ChunkStoreError as exc:
+            raise ChunkerError(str(exc)) from exc
+    if "://" in text and not text.startswith("file://"):
+        raise ChunkerError(f"{text}: the chunker writes to a directory or s3://bucket/prefix")
+    return LocalSink(Path(text.removeprefix("file://")), force)

@@ -1,0 +1,216 @@
+"""A local disk cache in front of a remote store, addressed by the manifest's sha256.
+
+Files are named by their content's sha256 (``<dir>/sha256/ab/abcdef…``), so a cache entry can
+never be stale (a re-chunked model has new digests), can be shared by several models and
+several server processes, and is checked by hashing it on every read. Entries are written
+to a unique temporary name and renamed into place: a reader sees a whole file or none, and
+a crash mid-write leaves only a temporary file, removed by the next eviction. Over the byte
+budget, the least recently used entries (by mtime, bumped on every hit) are removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ChunkIntegrityError, ChunkStoreError
+from ..manifest import Manifest
+from .base import ChunkStore, ReadResult
+
+log = logging.getLogger(__name__)
+STALE_TEMP_S = 3600  # temporary files older than this were left by a crashed writer
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    discarded: int = 0  # entries that failed their sha256 check and were removed
+    bytes_from_origin: int = 0
+
+
+class DiskCache:
+    """Verified, content-addressed files under ``directory``, at most ``budget`` bytes."""
+
+    def __init__(self, directory: str | os.PathLike[str], budget: int):
+        self.root = Path(directory).expanduser().resolve() / "sha256"
+        self.budget = budget
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ChunkStoreError(f"cannot create the disk cache at {self.root}: {exc}") from exc
+        if not os.access(self.root, os.W_OK):
+            raise ChunkStoreError(f"the disk cache {self.root} is not writable by this process")
+        self.stats = CacheStats()
+        self._lock = threading.Lock()
+
+    def path(self, digest: str) -> Path:
+        return self.root / digest[:2] / digest
+
+    def read_into(self, digest: str, size: int, buffer: memoryview) -> bool:
+        """Fill ``buffer[:size]`` from the entry and check its sha256. False on a miss; a
+        corrupt or truncated entry is removed (and counted) and also gives False."""
+        path = self.path(digest)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            self.count(misses=1)
+            return False
+        try:
+            got = 0
+            if os.fstat(fd).st_size == size:
+                while got < size:
+                    n = os.readv(fd, [buffer[got:size]])
+                    if n == 0:
+                        break
+                    got += n
+        finally:
+            os.close(fd)
+        if got == size and hashlib.sha256(buffer[:size]).hexdigest() == digest:
+            _touch(path)
+            self.count(hits=1)
+            return True
+        log.warning("disk cache entry %s is corrupt or truncated: removed, fetching again", path)
+        _unlink(path)
+        self.count(misses=1, discarded=1)
+        return False
+
+    def put(self, digest: str, data: memoryview) -> None:
+        """Store verified bytes (a failure to cache is logged: the bytes are still good)."""
+        if len(data) > self.budget:
+            return
+        path = self.path(digest)
+        temp = path.parent / f".tmp-{os.getpid()}-{uuid.uuid4().hex}"
+        try:
+            path.parent.mkdir(exist_ok=True)
+            with open(temp, "wb") as f:
+                f.write(data)
+            os.replace(temp, path)  # atomic: other processes see all of it or nothing
+        except OSError as exc:
+            _unlink(temp)
+            log.warning("could not write disk cache entry %s: %s", path, exc)
+            return
+        self.evict_to_budget()
+
+    def evict_to_budget(self) -> None:
+        entries = []
+        now = time.time()
+        for path in self.root.glob("*/*"):
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue  # another process removed it
+            if path.name.startswith(".tmp-"):
+                if now - st.st_mtime > STALE_TEMP_S:
+                    _unlink(path)
+                continue
+            entries.append((st.st_mtime, st.st_size, path))
+        total = sum(size for _, size, _ in entries)
+        for _, size, path in sorted(entries):
+            if total <= self.budget:
+                break
+            _unlink(path)
+            total -= size
+
+    def count(self, **deltas: int) -> None:
+        with self._lock:
+            for key, value in deltas.items():
+                setattr(self.stats, key, getattr(self.stats, key) + value)
+
+
+class CachedStore:
+    """A remote store with a DiskCache in front: files the manifest gives a sha256 for are
+    served from the cache when it holds them, else fetched, verified and cached."""
+
+    def __init__(self, origin: ChunkStore, cache: DiskCache):
+        self.origin = origin
+        self.cache = cache
+        self.uri = origin.uri
+        self._digests: dict[str, tuple[int | None, str]] = {}
+
+    def expect(self, manifest: Manifest) -> None:
+        """Learn each file's size and sha256 (called once the manifest has been read)."""
+        digests: dict[str, tuple[int | None, str]] = {
+            info.file: (info.bytes, info.sha256) for info in manifest.chunks.values()
+        }
+        digests.update({name: (None, sha) for name, sha in manifest.file_sha256.items()})
+        self._digests = digests
+
+    @property
+    def digests(self) -> Mapping[str, tuple[int | None, str]]:
+        return self._digests
+
+    def read(self, name: str) -> bytes:
+        if name not in self._digests:
+            return self.origin.read(name)  # the manifest itself: always the origin's
+        _, digest = self._digests[name]
+        path = self.cache.path(digest)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            data = None
+        if data is not None and hashlib.sha256(data).hexdigest() == digest:
+            _touch(path)
+            self.cache.count(hits=1)
+            return data
+        if data is not None:
+            _unlink(path)
+            self.cache.count(discarded=1)
+        self.cache.count(misses=1)
+        data = self.origin.read(name)
+        self._check(name, memoryview(data), digest)
+        self.cache.put(digest, memoryview(data))
+        return data
+
+    def read_into(self, name: str, buffer: memoryview) -> ReadResult:
+        if name not in self._digests:
+            return self.origin.read_into(name, buffer)
+        size, digest = self._digests[name]
+        if size is not None and size <= len(buffer) and self.cache.read_into(digest, size, buffer):
+            return ReadResult(size, f"sha256:{digest}", verified=True)
+        got = self.origin.read_into(name, buffer)
+        self._check(name, buffer[: got.size], digest)
+        self.cache.put(digest, buffer[: got.size])
+        return ReadResult(got.size, f"sha256:{digest}", verified=True)
+
+    def _check(self, name: str, data: memoryview, digest: str) -> None:
+        with self.cache._lock:
+            self.cache.stats.bytes_from_origin += len(data)
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != digest:
+            raise ChunkIntegrityError(
+                f"{self.uri}/{name} failed its sha256 check: expected {digest[:12]}…, got "
+                f"{actual[:12]}…; not cached. Re-run the chunker or check the store"
+            )
+
+    def invalidate(self, name: str) -> None:
+        if name in self._digests:
+            _unlink(self.cache.path(self._digests[name][1]))
+
+    def exists(self, name: str) -> bool:
+        return self.origin.exists(name)
+
+    def list(self) -> list[str]:
+        return self.origin.list()
+
+    def close(self) -> None:
+        self.origin.close()
+
+
+def _touch(path: Path) -> None:
+    # Removed meanwhile by another process's eviction: fine, the bytes read were verified.
+    with contextlib.suppress(OSError):
+        os.utime(path)  # most recently used: evicted last
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()

@@ -1,0 +1,179 @@
+"""Chunk store behind any HTTP(S) static file server (nginx, S3 website, a CDN): ranged GETs
+over a pool of reused connections."""
+
+from __future__ import annotations
+
+import logging
+from urllib.parse import quote, urlsplit
+
+import httpx
+
+from ..errors import ChunkStoreError
+from ..manifest import check_relative_name
+from .base import ReadResult
+from .remote import Permanent, RangedReader, StoreOptions, Transient, parse_content_range
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
+
+
+class HTTPStore:
+    """``http(s)://host/path``: the store's files are ``http(s)://host/path/<name>``."""
+
+    def __init__(self, url: str, options: StoreOptions | None = None):
+        self.options = options or StoreOptions()
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ChunkStoreError(f"chunk store {url!r} is not an http(s):// URL")
+        if parts.query or parts.fragment:
+            raise ChunkStoreError(f"chunk store {url!r}: no query or fragment allowed")
+        self.uri = url.rstrip("/")
+        headers = {"Accept-Encoding": "identity", **self.options.headers}
+        if self.options.bearer_token:
+            headers["Authorization"] = f"Bearer {self.options.bearer_token}"
+        verify: bool | str = self.options.verify_tls
+        if self.options.verify_tls and self.options.ca_bundle:
+            verify = self.options.ca_bundle
+        if parts.scheme == "http" and self.options.bearer_token:
+            log.warning("chunk store %s: sending a bearer token over plain http", self.uri)
+        self._client = httpx.Client(
+            headers=headers,
+            verify=verify,
+            timeout=httpx.Timeout(
+                self.options.read_timeout_s, connect=self.options.connect_timeout_s
+            ),
+            limits=httpx.Limits(
+                max_connections=self.options.max_concurrency + 2,
+                max_keepalive_connections=self.options.max_concurrency + 2,
+            ),
+            follow_redirects=True,
+        )
+        self._ranged = RangedReader(self.options)
+
+    def _url(self, name: str) -> str:
+        check_relative_name(name, f"chunk store {self.uri}")
+        return f"{self.uri}/{quote(name)}"
+
+    # -- one request ---------------------------------------------------------------------
+    def _get(
+        self, name: str, view: memoryview | None, headers: dict[str, str]
+    ) -> tuple[httpx.Response, bytes | int]:
+        """One GET: the body into ``view`` (returns bytes filled) or as bytes. Transient
+        failures raise Transient, the rest a ChunkStoreError naming the URL."""
+        url = self._url(name)
+        try:
+            with self._client.stream("GET", url, headers=headers) as response:
+                self._check_status(response, url)
+                if view is None:
+                    body = response.read()
+                    _check_length(response, len(body), url)
+                    return response, body
+                filled = 0
+                for piece in response.iter_raw():
+                    end = filled + len(piece)
+                    if end > len(view):
+                        raise Transient("the server sent more bytes than asked for")
+                    view[filled:end] = piece
+                    filled = end
+                _check_length(response, filled, url)
+                return response, filled
+        except httpx.TimeoutException as exc:
+            raise Transient(f"timed out ({type(exc).__name__})") from exc
+        except httpx.TransportError as exc:  # refused, reset, truncated body, TLS, DNS...
+            if _is_tls_failure(exc):
+                raise Permanent(
+                    f"{url}: TLS verification failed ({exc}); set http_ca_bundle to the CA "
+                    "that signed the server's certificate"
+                ) from exc
+            raise Transient(f"{type(exc).__name__}: {exc or 'connection failed'}") from exc
+
+    @staticmethod
+    def _check_status(response: httpx.Response, url: str) -> None:
+        status = response.status_code
+        if status in (200, 206):
+            return
+        if status in RETRY_STATUS:
+            raise Transient(f"HTTP {status}")
+        if status == 404:
+            raise Permanent(f"{url} is missing (HTTP 404); check chunk_store or re-run the chunker")
+        if status in (401, 403):
+            raise Permanent(
+                f"{url}: HTTP {status}, access denied; set http_bearer_token or http_headers "
+                "to credentials the server accepts"
+            )
+        if status == 412:
+            raise Permanent(f"{url} changed while it was being read; retry the request")
+        raise Permanent(f"{url}: unexpected HTTP {status}")
+
+    # -- the ChunkStore contract ----------------------------------------------------------
+    def read(self, name: str) -> bytes:
+        _, body = self._ranged.policy.run(lambda: self._get(name, None, {}), self._url(name))
+        assert isinstance(body, bytes)
+        return body
+
+    def read_into(self, name: str, buffer: memoryview) -> ReadResult:
+        url = self._url(name)
+
+        def first(view: memoryview) -> tuple[int, int, str | None]:
+            response, filled = self._get(name, view, {"Range": f"bytes=0-{len(view) - 1}"})
+            assert isinstance(filled, int)
+            if response.status_code == 200:  # no range support: the body is the whole file
+                return filled, filled, _version(response)
+            _, _, total = parse_content_range(response.headers.get("content-range"), url)
+            return filled, total, _version(response)
+
+        def part(offset: int, view: memoryview, version: str | None) -> None:
+            headers = {"Range": f"bytes={offset}-{offset + len(view) - 1}"}
+            if version and version.startswith('"'):
+                headers["If-Match"] = version  # a strong ETag: refuse a changed file
+            response, filled = self._get(name, view, headers)
+            if response.status_code != 206 or filled != len(view):
+                raise Transient(f"asked for {len(view)} bytes at {offset}, got {filled}")
+
+        # The ETag kept the parts consistent (If-Match); it is not returned as the version,
+        # which would let the streamer skip hashing: bytes that crossed a network are
+        # checked on every read.
+        size, _ = self._ranged.read(url, buffer, first, part)
+        return ReadResult(size, None)
+
+    def exists(self, name: str) -> bool:
+        url = self._url(name)
+
+        def head() -> bool:
+            try:
+                response = self._client.head(url)
+            except httpx.TransportError as exc:
+                raise Transient(f"{type(exc).__name__}: {exc}") from exc
+            if response.status_code == 404:
+                return False
+            self._check_status(response, url)
+            return True
+
+        return self._ranged.policy.run(head, url)
+
+    def list(self) -> list[str]:
+        raise ChunkStoreError(
+            f"chunk store {self.uri}: HTTP servers offer no listing; read manifest.json instead"
+        )
+
+    def close(self) -> None:
+        self._ranged.close()
+        self._client.close()
+
+
+def _version(response: httpx.Response) -> str | None:
+    """A strong ETag names the bytes exactly; a weak one (W/...) or none leaves the version
+    unknown, so the chunk is hashed on every read."""
+    etag = response.headers.get("etag")
+    return etag if etag and etag.startswith('"') else None
+
+
+def _check_length(response: httpx.Response, got: int, url: str) -> None:
+    expected = response.headers.get("content-length")
+    if expected is not None and int(expected) != got:
+        raise Transient(f"body cut short ({got} of {expected} bytes)")
+
+
+def _is_tls_failure(exc: httpx.TransportError) -> bool:
+    return "CERTIFICATE_VERIFY_FAILED" in str(exc) or "certificate verify failed" in str(exc)

@@ -1,0 +1,211 @@
+"""Chunk store in S3 or any S3-compatible object store (MinIO, Ceph RGW, R2, GCS with HMAC
+keys): boto3 with the standard credential chain, chunks fetched as parallel ranged GETs."""
+
+from __future__ import annotations
+
+import logging
+from urllib.parse import urlsplit
+
+import boto3
+import botocore.exceptions as bce
+from botocore.config import Config
+
+from ..errors import ChunkStoreError
+from ..manifest import check_relative_name
+from .base import ReadResult
+from .remote import Permanent, RangedReader, StoreOptions, Transient, parse_content_range
+
+log = logging.getLogger(__name__)
+
+RETRY_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "InternalError",
+    "ServiceUnavailable",
+    "503",
+    "500",
+}
+CREDENTIAL_CODES = {
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "403",
+}
+CREDENTIALS_HINT = (
+    "check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the "
+    "s3_profile setting, or the pod's IAM role) and that they may read this bucket"
+)
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix`` -> ("bucket", "some/prefix")."""
+    parts = urlsplit(uri)
+    if parts.scheme != "s3" or not parts.netloc:
+        raise ChunkStoreError(f"{uri!r} is not an s3://bucket/prefix URI")
+    return parts.netloc, parts.path.strip("/")
+
+
+def make_client(options: StoreOptions):
+    """A boto3 S3 client: credentials from the standard chain (or the named profile); our own
+    retry policy replaces botocore's, so it can honour one deadline across a ranged read."""
+    try:
+        session = boto3.session.Session(profile_name=options.profile)
+    except bce.ProfileNotFound as exc:
+        raise ChunkStoreError(f"s3_profile {options.profile!r} is not in ~/.aws/config") from exc
+    config = Config(
+        connect_timeout=options.connect_timeout_s,
+        read_timeout=options.read_timeout_s,
+        retries={"total_max_attempts": 1},
+        max_pool_connections=options.max_concurrency + 2,
+        s3={"addressing_style": options.addressing_style},
+    )
+    return session.client(
+        "s3", endpoint_url=options.endpoint_url, region_name=options.region, config=config
+    )
+
+
+def describe_error(exc: Exception, where: str) -> Exception:
+    """Turn a botocore error into Transient (worth retrying) or Permanent (with the fix)."""
+    if isinstance(exc, bce.ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        message = error.get("Message") or code
+        if code in RETRY_CODES or (status is not None and status >= 500) or status == 429:
+            return Transient(f"{code or status} ({message})")
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return Permanent(f"{where} does not exist; check chunk_store or re-run the chunker")
+        if code == "NoSuchBucket":
+            return Permanent(f"{where}: the bucket does not exist (check chunk_store)")
+        if code in CREDENTIAL_CODES:
+            return Permanent(f"{where}: access denied ({code}); {CREDENTIALS_HINT}")
+        if code in ("PreconditionFailed", "412"):
+            return Permanent(f"{where} changed while it was being read; retry the request")
+        return Permanent(f"{where}: {code} ({message})")
+    if isinstance(exc, (bce.NoCredentialsError, bce.PartialCredentialsError)):
+        return Permanent(f"{where}: no usable AWS credentials ({exc}); {CREDENTIALS_HINT}")
+    if isinstance(exc, bce.EndpointConnectionError):
+        return Transient(
+            f"cannot connect to the endpoint ({exc}); check s3_endpoint_url / s3_region and "
+            "that the object store is reachable"
+        )
+    if isinstance(exc, (bce.HTTPClientError, bce.IncompleteReadError, bce.ResponseStreamingError)):
+        return Transient(f"{type(exc).__name__}: {exc}")
+    return Permanent(f"{where}: {type(exc).__name__}: {exc}")
+
+
+BOTO_ERRORS = (bce.BotoCoreError, bce.ClientError)
+
+
+class S3Store:
+    """``s3://bucket/prefix``: the store's files are objects ``prefix/<name>``."""
+
+    def __init__(self, uri: str, options: StoreOptions | None = None):
+        self.options = options or StoreOptions()
+        self.bucket, self.prefix = split_s3_uri(uri)
+        self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        self._client = make_client(self.options)
+        self._ranged = RangedReader(self.options)
+
+    def _key(self, name: str) -> str:
+        check_relative_name(name, f"chunk store {self.uri}")
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def _where(self, name: str) -> str:
+        return f"s3://{self.bucket}/{self._key(name)}"
+
+    def _get(self, name: str, view: memoryview | None, **kwargs) -> tuple[dict, bytes | int]:
+        where = self._where(name)
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=self._key(name), **kwargs)
+            body = response["Body"]
+            try:
+                if view is None:
+                    return response, body.read()  # botocore checks Content-Length
+                filled = 0
+                while filled < len(view):
+                    piece = body.read(min(1 << 20, len(view) - filled))
+                    if not piece:
+                        break
+                    view[filled : filled + len(piece)] = piece
+                    filled += len(piece)
+                if body.read(1):
+                    raise Transient("the server sent more bytes than asked for")
+                return response, filled
+            finally:
+                body.close()
+        except BOTO_ERRORS as exc:
+            raise describe_error(exc, where) from exc
+
+    # -- the ChunkStore contract ----------------------------------------------------------
+    def read(self, name: str) -> bytes:
+        _, body = self._ranged.policy.run(lambda: self._get(name, None), self._where(name))
+        assert isinstance(body, bytes)
+        return body
+
+    def read_into(self, name: str, buffer: memoryview) -> ReadResult:
+        where = self._where(name)
+
+        def first(view: memoryview) -> tuple[int, int, str | None]:
+            response, filled = self._get(name, view, Range=f"bytes=0-{len(view) - 1}")
+            assert isinstance(filled, int)
+            content_range = response.get("ContentRange")
+            total = (
+                parse_content_range(content_range, where)[2]
+                if content_range
+                else response["ContentLength"]
+            )
+            if filled < min(len(view), total):
+                raise Transient(f"body cut short ({filled} bytes)")
+            return filled, total, response.get("ETag")
+
+        def part(offset: int, view: memoryview, version: str | None) -> None:
+            extra = {"IfMatch": version} if version else {}
+            rng = f"bytes={offset}-{offset + len(view) - 1}"
+            _, filled = self._get(name, view, Range=rng, **extra)
+            if filled != len(view):
+                raise Transient(f"asked for {len(view)} bytes at {offset}, got {filled}")
+
+        # The ETag kept the parts consistent (If-Match); it is not returned as the version,
+        # which would let the streamer skip hashing: bytes that crossed a network are
+        # checked on every read.
+        size, _ = self._ranged.read(where, buffer, first, part)
+        return ReadResult(size, None)
+
+    def exists(self, name: str) -> bool:
+        where = self._where(name)
+
+        def head() -> bool:
+            try:
+                self._client.head_object(Bucket=self.bucket, Key=self._key(name))
+                return True
+            except BOTO_ERRORS as exc:
+                if isinstance(exc, bce.ClientError) and exc.response.get("Error", {}).get(
+                    "Code"
+                ) in ("404", "NoSuchKey", "NotFound"):
+                    return False
+                raise describe_error(exc, where) from exc
+
+        return self._ranged.policy.run(head, where)
+
+    def list(self) -> list[str]:
+        start = f"{self.prefix}/" if self.prefix else ""
+
+        def listing() -> list[str]:
+            try:
+                pages = self._client.get_paginator("list_objects_v2").paginate(
+                    Bucket=self.bucket, Prefix=start
+                )
+                return sorted(o["Key"][len(start) :] for p in pages for o in p.get("Contents", []))
+            except BOTO_ERRORS as exc:
+                raise describe_error(exc, self.uri) from exc
+
+        return self._ranged.policy.run(listing, self.uri)
+
+    def close(self) -> None:
+        self._ranged.close()

@@ -1,0 +1,331 @@
+"""S3 and HTTP(S) chunk stores against real servers on 127.0.0.1, and how the engine
+behaves when the store misbehaves (a TCP proxy between them injects the faults)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from remote_servers import FaultProxy, S3Server, StaticServer
+
+from layerstream.chunker import chunk_checkpoint
+from layerstream.engine import Engine, EngineOptions
+from layerstream.errors import ChunkIntegrityError, ChunkStoreError
+from layerstream.sinks import ChunkerError
+from layerstream.stores import StoreOptions, open_store
+from layerstream.stores.http import HTTPStore
+from layerstream.stores.s3 import S3Store
+
+PROMPT = torch.arange(5, 21).unsqueeze(0)
+NEW_TOKENS = 8
+FAST = dict(connect_timeout_s=1.0, read_timeout_s=1.0, deadline_s=3.0, part_bytes=64 << 10)
+
+
+@pytest.fixture(scope="module")
+def llama(model_factory):
+    return model_factory("llama")
+
+
+@pytest.fixture(scope="module")
+def reference_ids(llama) -> list[int]:
+    model = llama.resident()
+    with torch.inference_mode():
+        out = model.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    return out[0].tolist()
+
+
+def generate(engine: Engine, streamer=None) -> list[int]:
+    with engine.request():
+        out = engine.model.generate(
+            PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, streamer=streamer
+        )
+    return out[0].tolist()
+
+
+def remote_engine(uri: str, budget: str = "25%", **options) -> Engine:
+    store = open_store(uri, options=StoreOptions(**(FAST | options)))
+    try:
+        return Engine(store, EngineOptions(memory_budget=budget, read_ahead=1))
+    except BaseException:
+        store.close()
+        raise
+
+
+@pytest.fixture
+def static(llama):
+    server = StaticServer(llama.store).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def proxy(static):
+    fault = FaultProxy(static.port).up()
+    yield fault
+    fault.stop()
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    server = S3Server(tmp_path_factory.mktemp("moto")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3, monkeypatch):
+    for key, value in s3.env().items():
+        monkeypatch.setenv(key, value)
+    return s3
+
+
+# -- HTTP ------------------------------------------------------------------------------------
+
+
+def test_http_store_reads_every_file_exactly_in_ranged_parts(llama, static):
+    store = HTTPStore(static.url, StoreOptions(**FAST))
+    try:
+        for path in sorted(llama.store.iterdir()):
+            expected = path.read_bytes()
+            assert store.read(path.name) == expected
+            buffer = bytearray(len(expected) + 100)
+            got = store.read_into(path.name, memoryview(buffer))
+            assert got.size == len(expected) and bytes(buffer[: got.size]) == expected
+            assert got.version is None  # bytes that crossed a network are hashed every time
+        assert store.exists("manifest.json") and not store.exists("nope.json")
+    finally:
+        store.close()
+
+
+def test_http_store_names_the_missing_file(static):
+    store = HTTPStore(static.url, StoreOptions(**FAST))
+    with pytest.raises(ChunkStoreError, match=r"block_9999.safetensors is missing \(HTTP 404\)"):
+        store.read_into("block_9999.safetensors", memoryview(bytearray(10)))
+    store.close()
+
+
+def test_http_store_refuses_a_file_larger_than_the_manifest_allows(llama, static):
+    store = HTTPStore(static.url, StoreOptions(**FAST))
+    with pytest.raises(ChunkStoreError, match="more than the manifest allows"):
+        store.read_into("block_0000.safetensors", memoryview(bytearray(64)))
+    store.close()
+
+
+def test_http_bearer_token(llama, reference_ids):
+    server = StaticServer(llama.store, token="s3cret").start()
+    try:
+        with pytest.raises(ChunkStoreError, match="access denied; set http_bearer_token"):
+            remote_engine(server.url)
+        engine = remote_engine(server.url, bearer_token="s3cret")
+        try:
+            assert generate(engine) == reference_ids
+        finally:
+            engine.close()
+    finally:
+        server.stop()
+
+
+def test_engine_over_http_is_exact(static, reference_ids):
+    engine = remote_engine(static.url)
+    try:
+        assert engine.streamer.reader == "read"
+        assert generate(engine) == reference_ids
+        assert engine.streamer.stats.chunks_verified == engine.streamer.stats.chunks_read
+    finally:
+        engine.close()
+
+
+# -- S3 --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def s3_model(s3, llama):
+    """The llama fixture model chunked straight into the S3 server."""
+    import os
+
+    saved = {k: os.environ.get(k) for k in s3.env()}
+    os.environ.update(s3.env())
+    try:
+        s3.client().create_bucket(Bucket="models")
+        chunk_checkpoint(
+            llama.source,
+            "s3://models/llama",
+            "llama",
+            progress=False,
+            store_options=StoreOptions(endpoint_url=s3.endpoint),
+        )
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return "s3://models/llama"
+
+
+def test_chunker_uploads_the_same_files_to_s3(s3, s3_env, s3_model, llama):
+    store = S3Store(s3_model, StoreOptions(endpoint_url=s3.endpoint, **FAST))
+    try:
+        local = sorted(p.name for p in llama.store.iterdir())
+        assert store.list() == local
+        for name in local:
+            assert store.read(name) == (llama.store / name).read_bytes(), name
+    finally:
+        store.close()
+
+
+def test_engine_over_s3_is_exact(s3, s3_env, s3_model, reference_ids):
+    engine = remote_engine(s3_model, endpoint_url=s3.endpoint)
+    try:
+        assert generate(engine) == reference_ids
+    finally:
+        engine.close()
+
+
+def test_s3_wrong_credentials_say_so(s3, s3_model, monkeypatch):
+    for key, value in s3.env(wrong=True).items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ChunkStoreError) as info:
+        remote_engine(s3_model, endpoint_url=s3.endpoint)
+    message = str(info.value)
+    assert "s3://models/llama/manifest.json" in message
+    assert "access denied (SignatureDoesNotMatch)" in message
+    assert "AWS_ACCESS_KEY_ID" in message
+
+
+def test_s3_missing_bucket_and_key_say_so(s3, s3_env):
+    with pytest.raises(ChunkStoreError, match="the bucket does not exist"):
+        remote_engine("s3://no-such-bucket/x", endpoint_url=s3.endpoint)
+    with pytest.raises(ChunkStoreError, match=r"s3://models/nothing-here/manifest.json does not"):
+        remote_engine("s3://models/nothing-here", endpoint_url=s3.endpoint)
+
+
+def test_s3_chunker_refuses_to_overwrite_without_force(s3, s3_env, s3_model, llama):
+    options = StoreOptions(endpoint_url=s3.endpoint)
+    with pytest.raises(ChunkerError, match="already holds"):
+        chunk_checkpoint(llama.source, s3_model, "llama", progress=False, store_options=options)
+
+
+def test_interrupted_s3_chunking_leaves_no_manifest(s3, s3_env, llama, monkeypatch):
+    """The manifest goes up last: a chunker that dies half-way leaves a store that no server
+    mistakes for a complete one."""
+    from layerstream.sinks import S3Sink
+
+    uploaded = []
+    real = S3Sink.file_done
+
+    def failing(self, name):
+        if len(uploaded) == 3:
+            raise OSError("disk on fire")
+        uploaded.append(name)
+        real(self, name)
+
+    monkeypatch.setattr(S3Sink, "file_done", failing)
+    options = StoreOptions(endpoint_url=s3.endpoint)
+    with pytest.raises(OSError, match="disk on fire"):
+        chunk_checkpoint(
+            llama.source, "s3://models/partial", "x", progress=False, store_options=options
+        )
+    keys = {o["Key"] for o in s3.client().list_objects_v2(Bucket="models")["Contents"]}
+    assert {f"partial/{n}" for n in uploaded} <= keys
+    assert "partial/manifest.json" not in keys
+    with pytest.raises(ChunkStoreError, match=r"manifest\.json does not exist"):
+        remote_engine("s3://models/partial", endpoint_url=s3.endpoint)
+
+
+# -- faults ----------------------------------------------------------------------------------
+
+
+def run_with_bound(fn, bound_s: float):
+    """fn() in a thread; fails the test if it has not returned after bound_s (a hang)."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(bound_s)
+    assert not thread.is_alive(), f"still running after {bound_s}s: the deadline did not fire"
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def test_store_down_at_load_fails_within_the_deadline(proxy):
+    proxy.down()
+    with pytest.raises(ChunkStoreError) as info:
+        run_with_bound(lambda: remote_engine(proxy.url, deadline_s=1.0), 30)
+    assert f"{proxy.url}/manifest.json" in str(info.value)
+    assert "gave up after" in str(info.value) and "ConnectError" in str(info.value)
+
+
+def test_slow_store_times_out(proxy):
+    proxy.delay_s = 2.0
+    with pytest.raises(ChunkStoreError, match="timed out"):
+        run_with_bound(lambda: remote_engine(proxy.url, read_timeout_s=0.3, deadline_s=1.0), 30)
+
+
+def test_truncated_bodies_are_retried_and_output_stays_exact(proxy, reference_ids):
+    engine = remote_engine(proxy.url)
+    try:
+        proxy.truncate = 3
+        assert generate(engine) == reference_ids
+        assert proxy.truncate == 0  # all three faults happened
+    finally:
+        engine.close()
+
+
+def test_corrupted_chunk_is_fetched_again_then_exact(proxy, reference_ids):
+    engine = remote_engine(proxy.url)
+    try:
+        proxy.corrupt = 1
+        assert generate(engine) == reference_ids
+        assert proxy.corrupt == 0
+        assert engine.streamer.stats.refetches == 1
+    finally:
+        engine.close()
+
+
+def test_chunk_corrupted_on_every_fetch_fails_the_request(proxy, reference_ids):
+    engine = remote_engine(proxy.url)
+    try:
+        proxy.corrupt = 10**6
+        with pytest.raises(ChunkIntegrityError, match="failed its sha256 check"):
+            generate(engine)
+        proxy.corrupt = 0
+        assert generate(engine) == reference_ids
+    finally:
+        engine.close()
+
+
+def test_store_down_mid_generation_fails_then_recovers_exactly(proxy, reference_ids):
+    from transformers.generation.streamers import BaseStreamer
+
+    class StopStoreAfter(BaseStreamer):
+        def __init__(self, tokens: int):
+            self.seen = 0
+            self.tokens = tokens
+
+        def put(self, value):
+            self.seen += 1
+            if self.seen == self.tokens:
+                proxy.down()
+
+        def end(self):
+            pass
+
+    engine = remote_engine(proxy.url, deadline_s=1.0)
+    try:
+        stopper = StopStoreAfter(3)
+        with pytest.raises(ChunkStoreError, match="gave up after"):
+            run_with_bound(lambda: generate(engine, stopper), 60)
+        assert stopper.seen == 3  # it failed mid-way, after streaming tokens
+        proxy.up()
+        assert generate(engine) == reference_ids
+    finally:
+        engine.close()
