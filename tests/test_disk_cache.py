@@ -1,0 +1,180 @@
+"""The local disk cache in front of remote stores: verified, atomic, shared, bounded."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from remote_servers import FaultProxy, StaticServer
+from test_remote_stores import FAST, generate, reference_ids  # noqa: F401 (fixtures)
+
+from layerstream.engine import Engine, EngineOptions
+from layerstream.stores import CachedStore, DiskCache, StoreOptions, open_store
+
+
+@pytest.fixture(scope="module")
+def llama(model_factory):
+    return model_factory("llama")
+
+
+@pytest.fixture
+def proxy(llama):
+    server = StaticServer(llama.store).start()
+    fault = FaultProxy(server.port).up()
+    yield fault
+    fault.stop()
+    server.stop()
+
+
+def cached_engine(url: str, cache_dir, budget: str = "25%", cache_bytes: int = 1 << 30) -> Engine:
+    options = StoreOptions(**FAST, cache_dir=str(cache_dir), cache_bytes=cache_bytes)
+    return Engine(open_store(url, options=options), EngineOptions(memory_budget=budget))
+
+
+def cache_files(cache_dir) -> dict[str, bytes]:
+    root = cache_dir / "sha256"
+    return {p.name: p.read_bytes() for p in root.glob("*/*") if not p.name.startswith(".tmp")}
+
+
+def test_warm_restart_reads_no_chunk_from_the_remote(
+    proxy,
+    tmp_path,
+    llama,
+    reference_ids,  # noqa: F811
+):
+    first = cached_engine(proxy.url, tmp_path)
+    try:
+        assert generate(first) == reference_ids
+    finally:
+        first.close()
+    assert proxy.chunk_gets(), "the first server fetched its chunks"
+    files = cache_files(tmp_path)
+    assert all(hashlib.sha256(data).hexdigest() == name for name, data in files.items())
+    before, bytes_before = len(proxy.requests), proxy.body_bytes
+
+    restarted = cached_engine(proxy.url, tmp_path)
+    try:
+        assert generate(restarted) == reference_ids
+        assert isinstance(restarted.store, CachedStore)
+        assert restarted.store.cache.stats.bytes_from_origin == 0
+    finally:
+        restarted.close()
+    # Only the manifest (which says what the current chunks are) came from the remote.
+    assert proxy.requests[before:] == [("GET", "/manifest.json")]
+    assert proxy.body_bytes - bytes_before == (llama.store / "manifest.json").stat().st_size
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_damaged_cache_entry_is_discarded_and_fetched_again(
+    proxy,
+    tmp_path,
+    reference_ids,  # noqa: F811
+    damage,
+):
+    engine = cached_engine(proxy.url, tmp_path, budget="100%")  # every chunk read once
+    engine.close()
+    victim = next(p for p in (tmp_path / "sha256").glob("*/*"))
+    data = bytearray(victim.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0xFF
+    else:
+        data = data[: len(data) // 2]
+    victim.write_bytes(bytes(data))
+    gets = len(proxy.chunk_gets())
+
+    engine = cached_engine(proxy.url, tmp_path)
+    try:
+        assert generate(engine) == reference_ids
+        assert engine.store.cache.stats.discarded == 1
+    finally:
+        engine.close()
+    assert len(proxy.chunk_gets()) > gets  # the damaged one came from the origin again
+    assert hashlib.sha256(victim.read_bytes()).hexdigest() == victim.name  # and was rewritten
+
+
+def test_bytes_corrupted_in_transit_are_never_cached(proxy, tmp_path, reference_ids):  # noqa: F811
+    engine = cached_engine(proxy.url, tmp_path)
+    try:
+        proxy.corrupt = 1
+        assert generate(engine) == reference_ids
+        assert proxy.corrupt == 0 and engine.streamer.stats.refetches == 1
+    finally:
+        engine.close()
+    files = cache_files(tmp_path)
+    assert files and all(hashlib.sha256(d).hexdigest() == n for n, d in files.items())
+
+
+def test_budget_keeps_the_most_recently_used(tmp_path):
+    cache = DiskCache(tmp_path, budget=3000)
+    blobs = [bytes([i]) * 1000 for i in range(4)]
+    digests = [hashlib.sha256(b).hexdigest() for b in blobs]
+    for digest, blob in zip(digests[:3], blobs[:3], strict=True):
+        cache.put(digest, memoryview(blob))
+        time.sleep(0.01)  # distinct mtimes: the eviction order is by last use
+    buffer = memoryview(bytearray(1000))
+    assert cache.read_into(digests[0], 1000, buffer)  # a hit makes it the most recent
+    time.sleep(0.01)
+    cache.put(digests[3], memoryview(blobs[3]))
+    kept = set(cache_files(tmp_path))
+    assert kept == {digests[0], digests[2], digests[3]}  # the least recently used went
+    cache.put(hashlib.sha256(b"x" * 4000).hexdigest(), memoryview(b"x" * 4000))
+    assert set(cache_files(tmp_path)) == kept  # larger than the whole budget: not cached
+
+
+def test_leftover_temp_files_of_a_crashed_writer_are_removed(tmp_path):
+    cache = DiskCache(tmp_path, budget=1 << 20)
+    folder = tmp_path / "sha256" / "ab"
+    folder.mkdir()
+    old, new = folder / ".tmp-1-old", folder / ".tmp-2-new"
+    old.write_bytes(b"half")
+    new.write_bytes(b"being written")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    cache.evict_to_budget()
+    assert not old.exists() and new.exists()
+
+
+def test_unusable_cache_dir_fails_at_open(tmp_path):
+    from layerstream.errors import ChunkStoreError
+
+    (tmp_path / "a-file").write_text("not a directory")
+    with pytest.raises(ChunkStoreError, match="cannot create the disk cache"):
+        open_store(
+            "http://127.0.0.1:9/x", options=StoreOptions(cache_dir=str(tmp_path / "a-file" / "c"))
+        )
+
+
+WORKER = textwrap.dedent(
+    """
+    import sys
+    from layerstream.manifest import Manifest
+    from layerstream.stores import StoreOptions, open_store
+
+    url, cache_dir = sys.argv[1:3]
+    store = open_store(url, options=StoreOptions(cache_dir=cache_dir, cache_bytes=1 << 30))
+    manifest = Manifest.from_json(store.read("manifest.json"))
+    store.expect(manifest)
+    for _ in range(3):
+        for info in manifest.chunks.values():
+            buffer = bytearray(info.bytes)
+            got = store.read_into(info.file, memoryview(buffer))
+            assert got.verified and got.size == info.bytes
+    store.close()
+    """
+)
+
+
+def test_two_processes_share_one_cache_dir(proxy, tmp_path, llama):
+    procs = [
+        subprocess.Popen([sys.executable, "-c", WORKER, proxy.url, str(tmp_path)]) for _ in range(2)
+    ]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    files = cache_files(tmp_path)
+    expected = {c["sha256"] for c in llama.manifest["chunks"].values()}
+    assert expected <= set(files)
+    assert all(hashlib.sha256(d).hexdigest() == n for n, d in files.items())
+    assert not list((tmp_path / "sha256").glob("*/.tmp-*"))  # no temporary file left behind
