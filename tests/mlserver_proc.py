@@ -112,8 +112,9 @@ def write_repository(root: Path, models: list[ModelSpec], ports: tuple[int, int,
 class MLServerProcess:
     """A started ``mlserver start REPO``; use :func:`serve` or :meth:`start` + :meth:`stop`."""
 
-    def __init__(self, root: Path, models: list[ModelSpec]):
+    def __init__(self, root: Path, models: list[ModelSpec], env: dict[str, str] | None = None):
         self.root = Path(root)
+        self.extra_env = dict(env or {})  # e.g. credentials, as a pod gets them
         self.root.mkdir(parents=True, exist_ok=True)
         self.models = models
         self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
@@ -145,6 +146,7 @@ class MLServerProcess:
             HF_HUB_OFFLINE="1",
             TRANSFORMERS_OFFLINE="1",
         )
+        env.update(self.extra_env)
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [mlserver_executable(), "start", str(self.repo)],
@@ -227,10 +229,13 @@ class MLServerProcess:
 
 @contextlib.contextmanager
 def serve(
-    root: Path, models: list[ModelSpec], timeout: float = READY_TIMEOUT_S
+    root: Path,
+    models: list[ModelSpec],
+    timeout: float = READY_TIMEOUT_S,
+    env: dict[str, str] | None = None,
 ) -> Iterator[MLServerProcess]:
     """Start a server for ``models``, wait until all are ready, stop it on exit."""
-    server = MLServerProcess(root, models).start()
+    server = MLServerProcess(root, models, env).start()
     try:
         server.wait_ready(timeout=timeout)
         yield server

@@ -81,7 +81,10 @@ def test_budget_below_the_minimum_says_what_is_needed(model_factory):
 
 
 def test_unsupported_scheme_is_a_clear_error():
-    with pytest.raises(ChunkStoreError, match="ftp:// scheme is not supported"):
+    with pytest.raises(
+        ChunkStoreError,
+        match=r"unknown scheme ftp://; use a directory, file://, s3:// or http\(s\)://",
+    ):
         open_store("ftp://host/chunks")
 
 
