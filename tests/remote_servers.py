@@ -195,7 +195,9 @@ class _RangeHandler(SimpleHTTPRequestHandler):
 class StaticServer:
     """Serves ``directory`` on a free port from a thread of the test process."""
 
-    def __init__(self, directory: Path, token: str | None = None):
+    def __init__(
+        self, directory: Path, token: str | None = None, tls: tuple[Path, Path] | None = None
+    ):
         handler = type(
             "Handler",
             (_RangeHandler,),
@@ -203,12 +205,20 @@ class StaticServer:
         )
         self.httpd = ThreadingHTTPServer((HOST, 0), handler)
         self.httpd.daemon_threads = True
+        self.scheme = "http"
+        if tls is not None:  # (certificate, key): serve https
+            import ssl
+
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+            self.scheme = "https"
         self.port = self.httpd.server_address[1]
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     @property
     def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
+        return f"{self.scheme}://{HOST}:{self.port}"
 
     def start(self) -> StaticServer:
         self._thread.start()
@@ -228,6 +238,14 @@ def _bind_directory(directory: str):
 
 # -- fault injection -------------------------------------------------------------------------
 
+_SLOW_DOWN_BODY = (
+    b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code>"
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
+SLOW_DOWN = (
+    b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
+    b"Content-Length: " + str(len(_SLOW_DOWN_BODY)).encode() + b"\r\n\r\n" + _SLOW_DOWN_BODY
+)
 _REQUEST_LINE = re.compile(rb"(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP/1\.[01]\r\n")
 
 
@@ -239,6 +257,7 @@ class FaultProxy:
     - ``delay_s``: each chunk of the response waits this long (a slow store).
     - ``truncate``: the next N responses are cut after ``truncate_after`` body bytes.
     - ``corrupt``: the next N responses get one byte of their body flipped.
+    - ``throttle``: the next N requests are answered 503 SlowDown by the proxy itself.
 
     ``requests`` lists the (method, path) of every request forwarded, ``body_bytes`` counts
     response bytes sent to clients.
@@ -251,6 +270,7 @@ class FaultProxy:
         self.truncate = 0
         self.truncate_after = 1000
         self.corrupt = 0
+        self.throttle = 0
         self.requests: list[tuple[str, str]] = []
         self.body_bytes = 0
         self._lock = threading.Lock()
@@ -314,6 +334,9 @@ class FaultProxy:
                 with self._lock:
                     for method, path in _REQUEST_LINE.findall(data):
                         self.requests.append((method.decode(), path.decode()))
+                if _REQUEST_LINE.match(data) and self._take("throttle"):
+                    client.sendall(SLOW_DOWN)  # as S3 answers a client over its request rate
+                    continue
                 server.sendall(data)
         with contextlib.suppress(OSError):
             server.shutdown(socket.SHUT_WR)

@@ -3,6 +3,9 @@ behaves when the store misbehaves (a TCP proxy between them injects the faults).
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
 import threading
 
 import pytest
@@ -329,3 +332,78 @@ def test_store_down_mid_generation_fails_then_recovers_exactly(proxy, reference_
         assert generate(engine) == reference_ids
     finally:
         engine.close()
+
+
+def test_throttled_http_requests_are_retried(proxy, reference_ids):
+    engine = remote_engine(proxy.url, deadline_s=20.0)  # room for the backoff
+    try:
+        proxy.throttle = 3
+        assert generate(engine) == reference_ids
+        assert proxy.throttle == 0
+    finally:
+        engine.close()
+
+
+def test_s3_slow_down_and_cut_bodies_are_retried(s3, s3_env, s3_model, reference_ids):
+    fault = FaultProxy(s3.port).up()
+    try:
+        engine = remote_engine(
+            s3_model, endpoint_url=fault.url, addressing_style="path", deadline_s=20.0
+        )
+        try:
+            fault.throttle, fault.truncate = 3, 2
+            assert generate(engine) == reference_ids
+            assert (fault.throttle, fault.truncate) == (0, 0)
+        finally:
+            engine.close()
+    finally:
+        fault.stop()
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory) -> tuple:
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"),
+            *("-addext", "subjectAltName=IP:127.0.0.1"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+def test_https_verifies_the_certificate_and_takes_a_ca_bundle(llama, certificate, reference_ids):
+    server = StaticServer(llama.store, tls=certificate).start()
+    try:
+        with pytest.raises(ChunkStoreError, match=r"TLS verification failed.*http_ca_bundle"):
+            remote_engine(server.url)
+        engine = remote_engine(server.url, ca_bundle=str(certificate[0]))
+        try:
+            assert generate(engine) == reference_ids
+        finally:
+            engine.close()
+    finally:
+        server.stop()
+
+
+def test_side_files_are_checked_against_the_manifest(llama, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(llama.store, store)
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert set(manifest["file_sha256"]) == set(manifest["files"]) >= {"config.json"}
+    config = store / "config.json"
+    config.write_text(config.read_text().replace('"hidden_size": 64', '"hidden_size":  64'))
+    server = StaticServer(store).start()
+    try:
+        with pytest.raises(ChunkIntegrityError, match=r"config\.json does not match .* twice"):
+            remote_engine(server.url)
+        # a store chunked before file checksums existed still loads
+        del manifest["file_sha256"]
+        (store / "manifest.json").write_text(json.dumps(manifest))
+        remote_engine(server.url).close()
+    finally:
+        server.stop()

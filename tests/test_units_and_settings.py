@@ -149,3 +149,106 @@ def test_streamed_chunks_leave_the_page_cache_only_when_it_cannot_hold_them(
     monkeypatch.setattr(tuning, "memory_limit", lambda: (100 << 20) + manifest.total_bytes // 2)
     assert tuning.evict_after_use(manifest, streaming)  # a box smaller than the model
     assert not tuning.evict_after_use(manifest, resident)  # nothing streams
+
+
+def test_remote_store_settings_as_seldon_sends_them(monkeypatch):
+    monkeypatch.setenv("MLSERVER_MODEL_LAYERSTREAM_HTTP_BEARER_TOKEN", "t0ken")
+    settings = LayerStreamSettings.from_extra(
+        {
+            "chunk_store": "https://models.example/llama",
+            "store_deadline_s": "12.5",
+            "store_max_concurrency": "16",
+            "store_part_size": "4MiB",
+            "http_headers": '{"X-Team": "serving"}',
+            "http_verify_tls": "true",
+            "cache_dir": "/var/cache/layerstream",
+            "cache_size": "20GiB",
+        }
+    )
+    options = settings.store_options()
+    assert options.deadline_s == 12.5 and options.max_concurrency == 16
+    assert options.part_bytes == 4 << 20 and options.cache_bytes == 20 << 30
+    assert options.headers == {"X-Team": "serving"} and options.bearer_token == "t0ken"
+    # the token never shows in a repr or a log line of the settings or the options
+    assert "t0ken" not in repr(settings) and "t0ken" not in repr(options)
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        ({"http_headers": "{not json"}, ["http_headers", "not a JSON object"]),
+        ({"store_part_size": "25%"}, ["store_part_size", "percentage"]),
+        ({"store_deadline_s": "0"}, ["store_deadline_s"]),
+        ({"s3_addressing_style": "sideways"}, ["s3_addressing_style", "path", "virtual"]),
+        ({"verify_checksums": "off"}, ["verify_checksums='off' is for local stores only"]),
+    ],
+)
+def test_bad_remote_store_settings_are_refused(extra, words):
+    with pytest.raises(SettingsError) as err:
+        LayerStreamSettings.from_extra({"chunk_store": "s3://bucket/model"} | extra)
+    for word in words:
+        assert word in str(err.value)
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def test_retry_policy_backs_off_with_jitter_until_the_deadline():
+    from layerstream.errors import ChunkStoreError
+    from layerstream.stores.remote import RetryPolicy, Transient
+
+    fake = FakeClock()
+    policy = RetryPolicy(deadline_s=10.0, base_delay_s=0.1, max_delay_s=2.0)
+    policy.clock, policy.sleep = fake.clock, fake.sleep
+    calls = []
+
+    def flaky():
+        calls.append(fake.now)
+        fake.now += 0.5  # each attempt takes half a second
+        raise Transient("HTTP 503")
+
+    with pytest.raises(ChunkStoreError, match=r"x: gave up after \d+ attempt\(s\).*HTTP 503"):
+        policy.run(flaky, "x")
+    assert fake.now <= 10.0 + 0.5  # never sleeps past the deadline
+    assert all(0 <= s <= 2.0 for s in fake.sleeps)  # capped
+    assert len(calls) >= 5
+
+
+def test_retry_policy_does_not_retry_permanent_errors_and_returns_successes():
+    from layerstream.stores.remote import Permanent, RetryPolicy, Transient
+
+    fake = FakeClock()
+    policy = RetryPolicy(deadline_s=10.0)
+    policy.clock, policy.sleep = fake.clock, fake.sleep
+    with pytest.raises(Permanent, match="missing"):
+        policy.run(lambda: (_ for _ in ()).throw(Permanent("missing")), "x")
+    assert fake.sleeps == []
+    outcomes = iter([Transient("reset"), Transient("reset"), "ok"])
+
+    def twice_then_ok():
+        outcome = next(outcomes)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    assert policy.run(twice_then_ok, "x") == "ok" and len(fake.sleeps) == 2
+
+
+def test_content_range_parsing():
+    from layerstream.stores.remote import Transient, parse_content_range
+
+    assert parse_content_range("bytes 0-99/1000", "x") == (0, 99, 1000)
+    with pytest.raises(Transient):
+        parse_content_range("bytes */1000", "x")
+    with pytest.raises(Transient):
+        parse_content_range(None, "x")

@@ -4,6 +4,7 @@ over a pool of reused connections."""
 from __future__ import annotations
 
 import logging
+import ssl
 from urllib.parse import quote, urlsplit
 
 import httpx
@@ -32,9 +33,17 @@ class HTTPStore:
         headers = {"Accept-Encoding": "identity", **self.options.headers}
         if self.options.bearer_token:
             headers["Authorization"] = f"Bearer {self.options.bearer_token}"
-        verify: bool | str = self.options.verify_tls
+        verify: bool | ssl.SSLContext = self.options.verify_tls
         if self.options.verify_tls and self.options.ca_bundle:
-            verify = self.options.ca_bundle
+            try:
+                verify = ssl.create_default_context(cafile=self.options.ca_bundle)
+            except (OSError, ssl.SSLError) as exc:
+                raise ChunkStoreError(
+                    f"http_ca_bundle {self.options.ca_bundle!r} is not a readable PEM CA bundle "
+                    f"({exc})"
+                ) from exc
+        if not self.options.verify_tls:
+            log.warning("chunk store %s: TLS verification is OFF (http_verify_tls=false)", url)
         if parts.scheme == "http" and self.options.bearer_token:
             log.warning("chunk store %s: sending a bearer token over plain http", self.uri)
         self._client = httpx.Client(
