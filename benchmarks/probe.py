@@ -36,7 +36,7 @@ def main() -> None:
         result["plan"] = engine.plan.describe(engine.manifest)
         model, context = engine.model, engine.request
         result["weights_held"] = engine.plan.weight_bytes(engine.manifest)
-    result["model_bytes"] = _model_bytes(store)
+    result["model_bytes"] = _model_bytes(store if system != "resident" else source)
     ids = torch.arange(5, 69).unsqueeze(0)  # a 64-token prompt
     kwargs = dict(
         max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0
@@ -78,8 +78,14 @@ def engine_options(system: str):
 
 
 def _model_bytes(store: str) -> int:
-    with open(f"{store}/manifest.json") as f:
-        manifest = json.load(f)
+    """From the store's manifest, wherever the store is (a directory, an http(s) URL)."""
+    from layerstream.stores import open_store
+
+    opened = open_store(store)
+    try:
+        manifest = json.loads(opened.read("manifest.json"))
+    finally:
+        opened.close()
     return sum(c["bytes"] for c in manifest["chunks"].values())
 
 

@@ -144,6 +144,7 @@ class _RangeHandler(SimpleHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"  # keep-alive, as nginx
     token: str | None = None
+    ranges = True  # False: ignore Range headers, as some servers do
 
     def log_message(self, format, *args) -> None:
         pass
@@ -170,7 +171,7 @@ class _RangeHandler(SimpleHTTPRequestHandler):
         data = path.read_bytes()
         etag = '"' + hashlib.sha256(data).hexdigest()[:32] + '"'
         status, start, end = 200, 0, len(data) - 1
-        match = _RANGE.match(self.headers.get("Range", ""))
+        match = _RANGE.match(self.headers.get("Range", "")) if self.ranges else None
         if match:
             start = int(match.group(1))
             end = min(int(match.group(2)) if match.group(2) else end, len(data) - 1)
@@ -196,12 +197,16 @@ class StaticServer:
     """Serves ``directory`` on a free port from a thread of the test process."""
 
     def __init__(
-        self, directory: Path, token: str | None = None, tls: tuple[Path, Path] | None = None
+        self,
+        directory: Path,
+        token: str | None = None,
+        tls: tuple[Path, Path] | None = None,
+        ranges: bool = True,
     ):
         handler = type(
             "Handler",
             (_RangeHandler,),
-            {"token": token, "__init__": _bind_directory(str(directory))},
+            {"token": token, "ranges": ranges, "__init__": _bind_directory(str(directory))},
         )
         self.httpd = ThreadingHTTPServer((HOST, 0), handler)
         self.httpd.daemon_threads = True

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -169,3 +170,35 @@ def test_chunker_copies_plain_blocks_without_converting(model_factory, tmp_path,
     with caplog.at_level("DEBUG", logger="layerstream.chunker"):
         chunk_checkpoint(model.source, tmp_path / "h", "llama", dtype="bfloat16", progress=False)
     assert "block_0000: converted" in caplog.text  # a dtype change goes through torch
+
+
+def test_conversion_table_is_built_only_for_foreign_keys(model_factory, tmp_path, monkeypatch):
+    """A checkpoint in the model's own key space is chunked without transformers' key
+    conversion table (~0.4 s to build); one saved with other names (here: without the
+    base-model prefix, as a bare LlamaModel writes it) goes through it, to the same bytes."""
+    import safetensors.torch
+    import transformers.conversion_mapping as conversion
+
+    model = model_factory("llama")
+    built = []
+    real = conversion.get_model_conversion_mapping
+    monkeypatch.setattr(
+        conversion, "get_model_conversion_mapping", lambda m: built.append(1) or real(m)
+    )
+    own = chunk_checkpoint(model.source, tmp_path / "own", "llama", progress=False)
+    assert built == []
+
+    foreign = tmp_path / "foreign"
+    shutil.copytree(model.source, foreign)
+    for path in foreign.glob("*.safetensors"):
+        tensors = safetensors.torch.load_file(path)
+        renamed = {k.removeprefix("model."): v for k, v in tensors.items()}
+        safetensors.torch.save_file(renamed, path, metadata={"format": "pt"})
+    index = foreign / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {k.removeprefix("model."): v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data))
+    again = chunk_checkpoint(foreign, tmp_path / "again", "llama", progress=False)
+    assert built  # renamed through transformers' table
+    assert again.chunks == own.chunks

@@ -164,3 +164,29 @@ def test_wrong_s3_credentials_stop_mlserver_with_a_clear_log(remote, tmp_path):
             assert words in log, server.log_tail()
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("transport", ["sse", "grpc"])
+def test_transient_faults_are_invisible_to_the_client(remote, transport):
+    """A cut body, a flipped byte and a throttled request, all during one generation: the
+    store retries or refetches, and the client gets exactly the right tokens."""
+    server, proxy, _, reference = remote
+    proxy.truncate, proxy.corrupt, proxy.throttle = 1, 1, 1
+    events = client(server, transport).generate(HTTP_MODEL, input_ids=IDS, max_new_tokens=N)
+    tokens, _, _ = split(list(events))
+    assert (proxy.truncate, proxy.corrupt, proxy.throttle) == (0, 0, 0)
+    assert [t.token_id for t in tokens] == reference.greedy(IDS, N)
+
+
+def test_bytes_corrupted_on_every_fetch_end_the_stream_with_an_error(remote):
+    server, proxy, _, reference = remote
+    proxy.corrupt = 10**6
+    try:
+        with pytest.raises(StreamError, match="sha256"):
+            list(SSEClient(server.http_url).generate(HTTP_MODEL, input_ids=IDS, max_new_tokens=N))
+    finally:
+        proxy.corrupt = 0
+    tokens, _, _ = split(
+        list(SSEClient(server.http_url).generate(HTTP_MODEL, input_ids=IDS, max_new_tokens=N))
+    )
+    assert [t.token_id for t in tokens] == reference.greedy(IDS, N)

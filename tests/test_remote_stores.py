@@ -101,6 +101,20 @@ def test_http_store_reads_every_file_exactly_in_ranged_parts(llama, static):
         store.close()
 
 
+def test_http_store_without_range_support_still_reads_whole_files(llama):
+    server = StaticServer(llama.store, ranges=False).start()
+    store = HTTPStore(server.url, StoreOptions(**FAST))
+    try:
+        path = llama.store / "block_0000.safetensors"
+        assert path.stat().st_size > FAST["part_bytes"]  # more than one part
+        buffer = bytearray(path.stat().st_size)
+        assert store.read_into(path.name, memoryview(buffer)).size == len(buffer)
+        assert bytes(buffer) == path.read_bytes()
+    finally:
+        store.close()
+        server.stop()
+
+
 def test_http_store_names_the_missing_file(static):
     store = HTTPStore(static.url, StoreOptions(**FAST))
     with pytest.raises(ChunkStoreError, match=r"block_9999.safetensors is missing \(HTTP 404\)"):

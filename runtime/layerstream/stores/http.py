@@ -81,6 +81,11 @@ class HTTPStore:
                 filled = 0
                 for piece in response.iter_raw():
                     end = filled + len(piece)
+                    if end > len(view) and response.status_code == 200:
+                        raise Permanent(
+                            f"{url} has more than {len(view)} bytes, more than the manifest "
+                            "allows; the store was modified after chunking: re-run the chunker"
+                        )
                     if end > len(view):
                         raise Transient("the server sent more bytes than asked for")
                     view[filled:end] = piece
@@ -124,11 +129,13 @@ class HTTPStore:
     def read_into(self, name: str, buffer: memoryview) -> ReadResult:
         url = self._url(name)
 
-        def first(view: memoryview) -> tuple[int, int, str | None]:
-            response, filled = self._get(name, view, {"Range": f"bytes=0-{len(view) - 1}"})
+        def first(whole: memoryview, length: int) -> tuple[int, int, str | None]:
+            response, filled = self._get(name, whole, {"Range": f"bytes=0-{length - 1}"})
             assert isinstance(filled, int)
             if response.status_code == 200:  # no range support: the body is the whole file
                 return filled, filled, _version(response)
+            if filled > length:
+                raise Transient(f"asked for {length} bytes at 0, got {filled}")
             _, _, total = parse_content_range(response.headers.get("content-range"), url)
             return filled, total, _version(response)
 
@@ -184,5 +191,8 @@ def _check_length(response: httpx.Response, got: int, url: str) -> None:
         raise Transient(f"body cut short ({got} of {expected} bytes)")
 
 
-def _is_tls_failure(exc: httpx.TransportError) -> bool:
-    return "CERTIFICATE_VERIFY_FAILED" in str(exc) or "certificate verify failed" in str(exc)
+def _is_tls_failure(exc: BaseException) -> bool:
+    causes = [exc, exc.__cause__, exc.__context__]
+    return any(isinstance(c, ssl.SSLCertVerificationError) for c in causes) or (
+        "CERTIFICATE_VERIFY_FAILED" in str(exc)
+    )

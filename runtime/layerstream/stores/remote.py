@@ -122,16 +122,16 @@ class RangedReader:
         self,
         what: str,
         buffer: memoryview,
-        first: Callable[[memoryview], tuple[int, int, str | None]],
+        first: Callable[[memoryview, int], tuple[int, int, str | None]],
         part: Callable[[int, memoryview, str | None], None],
     ) -> tuple[int, str | None]:
-        """``first(view)`` fills the first part, returning (bytes filled, file size,
-        version); ``part(offset, view, version)`` fills one later part exactly."""
+        """``first(buffer, length)`` asks for the first ``length`` bytes (a server without
+        range support may send the whole file: ``buffer`` has room for it) and returns
+        (bytes filled, file size, version); ``part(offset, view, version)`` fills one later
+        part exactly."""
         until = time.monotonic() + self.options.deadline_s
-        size_hint = min(len(buffer), self.options.part_bytes)
-        filled, size, version = self.policy.run(
-            lambda: first(buffer[:size_hint]), what, until=until
-        )
+        length = min(len(buffer), self.options.part_bytes)
+        filled, size, version = self.policy.run(lambda: first(buffer, length), what, until=until)
         if size > len(buffer):
             raise ChunkStoreError(
                 f"{what} has {size} bytes, more than the manifest allows ({len(buffer)}); "

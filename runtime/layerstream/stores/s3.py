@@ -151,8 +151,9 @@ class S3Store:
     def read_into(self, name: str, buffer: memoryview) -> ReadResult:
         where = self._where(name)
 
-        def first(view: memoryview) -> tuple[int, int, str | None]:
-            response, filled = self._get(name, view, Range=f"bytes=0-{len(view) - 1}")
+        def first(whole: memoryview, length: int) -> tuple[int, int, str | None]:
+            view = whole[:length]
+            response, filled = self._get(name, view, Range=f"bytes=0-{length - 1}")
             assert isinstance(filled, int)
             content_range = response.get("ContentRange")
             total = (
