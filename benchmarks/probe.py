@@ -36,7 +36,7 @@ def main() -> None:
         result["plan"] = engine.plan.describe(engine.manifest)
         model, context = engine.model, engine.request
         result["weights_held"] = engine.plan.weight_bytes(engine.manifest)
-    result["model_bytes"] = _model_bytes(store if system != "resident" else source)
+    result["model_bytes"] = _model_bytes(store)
     ids = torch.arange(5, 69).unsqueeze(0)  # a 64-token prompt
     kwargs = dict(
         max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0

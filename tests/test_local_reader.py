@@ -95,3 +95,36 @@ def test_evict_drops_a_chunk_from_the_page_cache(store_copy):
     store.evict("block_0005.safetensors")
     assert not store.in_memory("block_0005.safetensors")
     store.evict("no-such-chunk.safetensors")  # advisory: never an error
+
+
+def test_populate_runs_through_libc_with_the_gil_released(store_copy, monkeypatch):
+    """mmap.madvise keeps the GIL while the disk works (~35 ms per cold chunk), which froze
+    the compute thread between torch ops; the populate goes through ctypes, which releases
+    the GIL for the call (benchmarks/overlap.py measures the effect)."""
+    import ctypes
+
+    # a function of a CDLL (not a PyDLL): ctypes releases the GIL while it runs
+    assert local._madvise is not None
+    assert not local._madvise._flags_ & ctypes._FUNCFLAG_PYTHONAPI
+    calls = []
+    real = local._madvise
+
+    def spy(address, size, advice):
+        calls.append((size, advice))
+        return real(address, size, advice)
+
+    monkeypatch.setattr(local, "_madvise", spy)
+    mapped = LocalStore(store_copy).map("rest.safetensors")
+    try:
+        assert calls == [(mapped.size, local.MADV_POPULATE_READ)]
+        assert bytes(mapped.data[:64]) == (store_copy / "rest.safetensors").read_bytes()[:64]
+    finally:
+        mapped.data.close()  # no buffer export left behind by the address lookup
+
+
+def test_auto_read_ahead_is_one_for_local_stores_two_for_remote(model_factory):
+    engine = Engine(open_store(str(model_factory("llama").store)), EngineOptions("25%"))
+    try:
+        assert engine.plan.read_ahead == 1 and engine.io_threads == 1
+    finally:
+        engine.close()

@@ -37,8 +37,9 @@ class LayerStreamSettings(BaseSettings):
     )
     read_ahead: Annotated[int, Field(ge=0, le=64)] | Literal["auto"] = Field(
         default="auto",
-        description="Streamed blocks read ahead of the one computing; 'auto' is 2 (lowered "
-        "when the budget cannot hold that many streaming buffers).",
+        description="Streamed blocks read ahead of the one computing; 'auto' is 1 for a local "
+        "store and 2 for a remote one (lowered when the budget cannot hold that many "
+        "streaming buffers).",
     )
     io_threads: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
         default="auto",
