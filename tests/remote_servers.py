@@ -170,6 +170,11 @@ class _RangeHandler(SimpleHTTPRequestHandler):
             return
         data = path.read_bytes()
         etag = '"' + hashlib.sha256(data).hexdigest()[:32] + '"'
+        if self.headers.get("If-None-Match") == etag:
+            self.send_response(304)  # unchanged: no body, as nginx answers a revalidation
+            self.send_header("ETag", etag)
+            self.end_headers()
+            return
         status, start, end = 200, 0, len(data) - 1
         match = _RANGE.match(self.headers.get("Range", "")) if self.ranges else None
         if match:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -41,7 +42,7 @@ def cache_files(cache_dir) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in root.glob("*/*") if not p.name.startswith(".tmp")}
 
 
-def test_warm_restart_reads_no_chunk_from_the_remote(
+def test_warm_restart_reads_no_bytes_from_the_remote(
     proxy,
     tmp_path,
     llama,
@@ -64,9 +65,9 @@ def test_warm_restart_reads_no_chunk_from_the_remote(
         assert restarted.store.cache.stats.bytes_from_origin == 0
     finally:
         restarted.close()
-    # Only the manifest (which says what the current chunks are) came from the remote.
+    # One request went to the remote: is the manifest still current? (304, no body)
     assert proxy.requests[before:] == [("GET", "/manifest.json")]
-    assert proxy.body_bytes - bytes_before == (llama.store / "manifest.json").stat().st_size
+    assert proxy.body_bytes == bytes_before
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
@@ -178,3 +179,33 @@ def test_two_processes_share_one_cache_dir(proxy, tmp_path, llama):
     assert expected <= set(files)
     assert all(hashlib.sha256(d).hexdigest() == n for n, d in files.items())
     assert not list((tmp_path / "sha256").glob("*/.tmp-*"))  # no temporary file left behind
+
+
+def test_manifest_is_revalidated_not_refetched(llama, tmp_path):
+    """The manifest has no digest to be found by: the cache keeps it with its ETag and asks
+    the origin whether it changed (304: no body); a changed or damaged copy is read whole."""
+    from layerstream.stores.http import HTTPStore
+
+    served = tmp_path / "served"
+    shutil.copytree(llama.store, served)
+    server = StaticServer(served).start()
+    fault = FaultProxy(server.port).up()
+    cache = DiskCache(tmp_path / "cache", 1 << 30)
+    store = CachedStore(HTTPStore(fault.url, StoreOptions(**FAST)), cache)
+    try:
+        original = (served / "manifest.json").read_bytes()
+        assert store.read("manifest.json") == original
+        sent = fault.body_bytes
+        assert store.read("manifest.json") == original
+        assert fault.body_bytes == sent and cache.stats.hits == 1  # a 304
+
+        (served / "manifest.json").write_bytes(original + b" ")  # re-chunked upstream
+        assert store.read("manifest.json") == original + b" "
+
+        copy = next((tmp_path / "cache" / "revalidated").iterdir())
+        copy.write_bytes(copy.read_bytes()[:-5])  # damaged on disk: not trusted
+        assert store.read("manifest.json") == original + b" "
+    finally:
+        store.close()
+        fault.stop()
+        server.stop()

@@ -190,3 +190,28 @@ def test_bytes_corrupted_on_every_fetch_end_the_stream_with_an_error(remote):
         list(SSEClient(server.http_url).generate(HTTP_MODEL, input_ids=IDS, max_new_tokens=N))
     )
     assert [t.token_id for t in tokens] == reference.greedy(IDS, N)
+
+
+def test_restarted_server_with_a_warm_disk_cache_reads_nothing_from_the_remote(
+    model_factory, tmp_path
+):
+    llama = model_factory("llama")
+    static = StaticServer(llama.store).start()
+    proxy = FaultProxy(static.port).up()
+    extra = {"memory_budget": "25%", "torch_threads": 1, "cache_dir": str(tmp_path / "cache")}
+    spec = ModelSpec("cached", proxy.url, extra, store_mode="raw")
+    reference = Reference(llama)
+    try:
+        for run in ("cold", "restarted"):
+            before, sent = len(proxy.requests), proxy.body_bytes
+            with serve(tmp_path / run, [spec]) as server:
+                events = SSEClient(server.http_url).generate(
+                    "cached", input_ids=IDS, max_new_tokens=N
+                )
+                tokens, _, _ = split(list(events))
+                assert [t.token_id for t in tokens] == reference.greedy(IDS, N)
+        assert proxy.requests[before:] == [("GET", "/manifest.json")]  # answered 304
+        assert proxy.body_bytes == sent
+    finally:
+        proxy.stop()
+        static.stop()

@@ -421,3 +421,53 @@ def test_side_files_are_checked_against_the_manifest(llama, tmp_path):
         remote_engine(server.url).close()
     finally:
         server.stop()
+
+
+def test_known_size_fetches_every_part_at_once(llama, proxy, monkeypatch):
+    """With the manifest's size, a chunk is split across max_concurrency connections (a
+    store that caps each connection's rate is read that many times faster); a size that
+    differs from the manifest's is an error, never a short or padded chunk."""
+    from layerstream.stores import remote
+
+    monkeypatch.setattr(remote, "MIN_PART", 1024)
+    store = HTTPStore(proxy.url, StoreOptions(**(FAST | {"max_concurrency": 4})))
+    try:
+        path = llama.store / "block_0001.safetensors"
+        expected = path.read_bytes()
+        buffer = bytearray(len(expected))
+        store.read_into("block_0000.safetensors", memoryview(bytearray(1 << 20)))  # learns ranges
+        before = len(proxy.requests)
+        got = store.read_into(path.name, memoryview(buffer), len(expected))
+        assert got.size == len(expected) and bytes(buffer) == expected
+        assert proxy.requests[before:] == [("GET", "/block_0001.safetensors")] * 4
+        with pytest.raises(ChunkStoreError, match=r"the manifest says|HTTP 416"):
+            store.read_into(path.name, memoryview(bytearray(len(expected) + 8)), len(expected) + 8)
+    finally:
+        store.close()
+
+
+def test_cli_chunks_to_s3_and_points_the_model_repo_at_it(s3, s3_env, llama, tmp_path):
+    from layerstream.cli import main
+
+    code = main(
+        [
+            "chunk",
+            str(llama.source),
+            "s3://models/cli-llama",
+            "--name",
+            "cli-llama",
+            "--model-repo",
+            str(tmp_path / "repo"),
+            "--s3-endpoint-url",
+            s3.endpoint,
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    settings = json.loads((tmp_path / "repo" / "cli-llama" / "model-settings.json").read_text())
+    assert settings["parameters"]["extra"] == {
+        "chunk_store": "s3://models/cli-llama",
+        "s3_endpoint_url": s3.endpoint,
+    }
+    keys = {o["Key"] for o in s3.client().list_objects_v2(Bucket="models")["Contents"]}
+    assert "cli-llama/manifest.json" in keys and "cli-llama/block_0000.safetensors" in keys

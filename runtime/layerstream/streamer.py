@@ -189,7 +189,7 @@ class WeightStreamer:
 
         def read() -> tuple[torch.Tensor, str | None]:
             start = time.perf_counter()
-            got = self.store.read_into(info.file, memoryview(buffer.numpy()))
+            got = self.store.read_into(info.file, memoryview(buffer.numpy()), info.bytes)
             self._check(info, buffer[: got.size], got.version, start, got.verified)
             return buffer[: info.bytes], got.version
 

@@ -39,10 +39,12 @@ class ChunkStore(Protocol):
         """Return a whole (small) file: manifest, config, tokenizer files."""
         ...
 
-    def read_into(self, name: str, buffer: memoryview) -> ReadResult:
+    def read_into(self, name: str, buffer: memoryview, size: int | None = None) -> ReadResult:
         """Fill ``buffer`` from the start of ``name``; return its size and version.
 
-        Raises when the file is larger than the buffer or cannot be read completely.
+        ``size`` is what the manifest says the file holds, when known (a remote store then
+        fetches all of its parts at once). Raises when the file is larger than the buffer or
+        cannot be read completely.
         """
         ...
 

@@ -120,6 +120,36 @@ class DiskCache:
             _unlink(path)
             total -= size
 
+    # -- files revalidated with the origin (the manifest) ---------------------------------
+    def revalidated_path(self, key: str) -> Path:
+        return self.root.parent / "revalidated" / hashlib.sha256(key.encode()).hexdigest()
+
+    @staticmethod
+    def load_revalidated(path: Path) -> tuple[str | None, bytes | None]:
+        """(version, bytes) of a stored copy, or (None, None) if absent or damaged. One file
+        holds the version, the bytes' sha256 and the bytes, so they always go together."""
+        try:
+            raw = path.read_bytes()
+            version, digest, data = raw.split(b"\n", 2)
+        except (OSError, ValueError):
+            return None, None
+        if hashlib.sha256(data).hexdigest().encode() != digest:
+            return None, None
+        return version.decode(), data
+
+    def store_revalidated(self, path: Path, version: str, data: bytes) -> None:
+        if "\n" in version:
+            return
+        digest = hashlib.sha256(data).hexdigest()
+        temp = path.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex}")
+        try:
+            path.parent.mkdir(exist_ok=True)
+            temp.write_bytes(f"{version}\n{digest}\n".encode() + data)
+            os.replace(temp, path)
+        except OSError as exc:
+            _unlink(temp)
+            log.warning("could not keep %s in the disk cache: %s", path, exc)
+
     def count(self, **deltas: int) -> None:
         with self._lock:
             for key, value in deltas.items():
@@ -150,7 +180,7 @@ class CachedStore:
 
     def read(self, name: str) -> bytes:
         if name not in self._digests:
-            return self.origin.read(name)  # the manifest itself: always the origin's
+            return self._revalidated(name)
         _, digest = self._digests[name]
         path = self.cache.path(digest)
         try:
@@ -170,20 +200,40 @@ class CachedStore:
         self.cache.put(digest, memoryview(data))
         return data
 
-    def read_into(self, name: str, buffer: memoryview) -> ReadResult:
+    def _revalidated(self, name: str) -> bytes:
+        """A file the manifest gives no digest for (the manifest itself): always asked of the
+        origin, which tells whether the cached copy is still current (HTTP 304, no body), so
+        a warm restart transfers no bytes of it. Without conditional reads: read whole."""
+        conditional = getattr(self.origin, "read_if_changed", None)
+        if conditional is None:
+            return self.origin.read(name)
+        path = self.cache.revalidated_path(f"{self.uri}/{name}")
+        version, cached = self.cache.load_revalidated(path)
+        data, new_version = conditional(name, version if cached is not None else None)
+        if data is None and cached is not None:
+            self.cache.count(hits=1)
+            return cached
+        if data is None:  # 304 for a copy we no longer have: fetch it whole
+            data, new_version = conditional(name, None)
+            assert data is not None
+        self.cache.count(misses=1, bytes_from_origin=len(data))
+        if new_version:
+            self.cache.store_revalidated(path, new_version, data)
+        return data
+
+    def read_into(self, name: str, buffer: memoryview, size: int | None = None) -> ReadResult:
         if name not in self._digests:
-            return self.origin.read_into(name, buffer)
+            return self.origin.read_into(name, buffer, size)
         size, digest = self._digests[name]
         if size is not None and size <= len(buffer) and self.cache.read_into(digest, size, buffer):
             return ReadResult(size, f"sha256:{digest}", verified=True)
-        got = self.origin.read_into(name, buffer)
+        got = self.origin.read_into(name, buffer, size)
         self._check(name, buffer[: got.size], digest)
         self.cache.put(digest, buffer[: got.size])
         return ReadResult(got.size, f"sha256:{digest}", verified=True)
 
     def _check(self, name: str, data: memoryview, digest: str) -> None:
-        with self.cache._lock:
-            self.cache.stats.bytes_from_origin += len(data)
+        self.cache.count(bytes_from_origin=len(data))
         actual = hashlib.sha256(data).hexdigest()
         if actual != digest:
             raise ChunkIntegrityError(

@@ -59,6 +59,7 @@ class HTTPStore:
             follow_redirects=True,
         )
         self._ranged = RangedReader(self.options)
+        self._ranges = False  # whether the server honours Range (learned on the first read)
 
     def _url(self, name: str) -> str:
         check_relative_name(name, f"chunk store {self.uri}")
@@ -105,7 +106,7 @@ class HTTPStore:
     @staticmethod
     def _check_status(response: httpx.Response, url: str) -> None:
         status = response.status_code
-        if status in (200, 206):
+        if status in (200, 206, 304):
             return
         if status in RETRY_STATUS:
             raise Transient(f"HTTP {status}")
@@ -115,6 +116,11 @@ class HTTPStore:
             raise Permanent(
                 f"{url}: HTTP {status}, access denied; set http_bearer_token or http_headers "
                 "to credentials the server accepts"
+            )
+        if status == 416:
+            raise Permanent(
+                f"{url} ends before the range asked for (HTTP 416); the store was modified "
+                "after chunking: re-run the chunker"
             )
         if status == 412:
             raise Permanent(f"{url} changed while it was being read; retry the request")
@@ -126,12 +132,27 @@ class HTTPStore:
         assert isinstance(body, bytes)
         return body
 
-    def read_into(self, name: str, buffer: memoryview) -> ReadResult:
+    def read_if_changed(self, name: str, version: str | None) -> tuple[bytes | None, str | None]:
+        """(None, version) when the server says ``name`` still has ``version`` (HTTP 304: no
+        body sent), else (its bytes, their version)."""
+        headers = {"If-None-Match": version} if version else {}
+
+        def get() -> tuple[bytes | None, str | None]:
+            response, body = self._get(name, None, headers)
+            if response.status_code == 304:
+                return None, version
+            assert isinstance(body, bytes)
+            return body, _version(response)
+
+        return self._ranged.policy.run(get, self._url(name))
+
+    def read_into(self, name: str, buffer: memoryview, size: int | None = None) -> ReadResult:
         url = self._url(name)
 
         def first(whole: memoryview, length: int) -> tuple[int, int, str | None]:
             response, filled = self._get(name, whole, {"Range": f"bytes=0-{length - 1}"})
             assert isinstance(filled, int)
+            self._ranges = response.status_code == 206
             if response.status_code == 200:  # no range support: the body is the whole file
                 return filled, filled, _version(response)
             if filled > length:
@@ -139,19 +160,24 @@ class HTTPStore:
             _, _, total = parse_content_range(response.headers.get("content-range"), url)
             return filled, total, _version(response)
 
-        def part(offset: int, view: memoryview, version: str | None) -> None:
+        def part(offset: int, view: memoryview, version: str | None) -> int:
             headers = {"Range": f"bytes={offset}-{offset + len(view) - 1}"}
             if version and version.startswith('"'):
                 headers["If-Match"] = version  # a strong ETag: refuse a changed file
             response, filled = self._get(name, view, headers)
-            if response.status_code != 206 or filled != len(view):
+            if response.status_code != 206:
+                raise Transient(f"asked for bytes {offset}- and got HTTP {response.status_code}")
+            total = parse_content_range(response.headers.get("content-range"), url)[2]
+            if filled != len(view) and total >= offset + len(view):
                 raise Transient(f"asked for {len(view)} bytes at {offset}, got {filled}")
+            return total  # a file shorter than the manifest says: the caller reports it
 
-        # The ETag kept the parts consistent (If-Match); it is not returned as the version,
-        # which would let the streamer skip hashing: bytes that crossed a network are
-        # checked on every read.
-        size, _ = self._ranged.read(url, buffer, first, part)
-        return ReadResult(size, None)
+        # All parts at once needs a known size and a server known to honour ranges (learned
+        # from the first read). The ETag is not returned as the version, which would let the
+        # streamer skip hashing: bytes that crossed a network are checked on every read.
+        expected = size if self._ranges else None
+        got, _ = self._ranged.read(url, buffer, first, part, expected)
+        return ReadResult(got, None)
 
     def exists(self, name: str) -> bool:
         url = self._url(name)

@@ -47,7 +47,8 @@ class LocalStore:
         except OSError as exc:
             raise ChunkStoreError(f"cannot read {path}: {exc.strerror or exc}") from exc
 
-    def read_into(self, name: str, buffer: memoryview) -> ReadResult:
+    def read_into(self, name: str, buffer: memoryview, size: int | None = None) -> ReadResult:
+        del size  # the file's own size is read from its inode
         path = self._path(name)
         fd = _open_chunk(path)
         try:

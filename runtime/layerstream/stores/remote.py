@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MiB = 1 << 20
+MIN_PART = 1 * MiB  # below this, per-request overhead outweighs the parallelism
 
 
 @dataclass(frozen=True)
@@ -123,13 +124,37 @@ class RangedReader:
         what: str,
         buffer: memoryview,
         first: Callable[[memoryview, int], tuple[int, int, str | None]],
-        part: Callable[[int, memoryview, str | None], None],
+        part: Callable[[int, memoryview, str | None], int],
+        expected: int | None = None,
     ) -> tuple[int, str | None]:
         """``first(buffer, length)`` asks for the first ``length`` bytes (a server without
         range support may send the whole file: ``buffer`` has room for it) and returns
         (bytes filled, file size, version); ``part(offset, view, version)`` fills one later
-        part exactly."""
+        part exactly and returns the file size the server reported.
+
+        With ``expected`` (the size the manifest gives), every part is fetched at once, the
+        first one included, in parts small enough to keep ``max_concurrency`` connections
+        busy on one chunk: a store that limits each connection's rate is then read at
+        that many times the rate.
+        """
         until = time.monotonic() + self.options.deadline_s
+        if expected is not None:
+            if expected > len(buffer):
+                raise ChunkStoreError(f"{what}: a {expected}-byte chunk does not fit its buffer")
+            step = min(
+                self.options.part_bytes,
+                max(MIN_PART, -(-expected // self.options.max_concurrency)),
+            )
+            totals = self._parts(
+                what, buffer, part, range(0, expected, step), step, expected, None, until
+            )
+            wrong = {t for t in totals if t != expected}
+            if wrong:
+                raise ChunkStoreError(
+                    f"{what} has {wrong.pop()} bytes, the manifest says {expected}; the store "
+                    "was modified after chunking: re-run the chunker"
+                )
+            return expected, None
         length = min(len(buffer), self.options.part_bytes)
         filled, size, version = self.policy.run(lambda: first(buffer, length), what, until=until)
         if size > len(buffer):
@@ -138,7 +163,20 @@ class RangedReader:
                 "the store was modified after chunking: re-run the chunker"
             )
         step = self.options.part_bytes
-        offsets = list(range(filled, size, step))
+        self._parts(what, buffer, part, range(filled, size, step), step, size, version, until)
+        return size, version
+
+    def _parts(
+        self,
+        what: str,
+        buffer: memoryview,
+        part: Callable[[int, memoryview, str | None], int],
+        offsets: range,
+        step: int,
+        size: int,
+        version: str | None,
+        until: float,
+    ) -> list[int]:
         futures = [
             self._pool.submit(
                 self.policy.run,
@@ -149,8 +187,7 @@ class RangedReader:
             for o in offsets
         ]
         try:
-            for future in futures:
-                future.result()
+            return [future.result() for future in futures]
         except BaseException:
             # Parts still running write into the buffer, which the caller reuses for another
             # chunk once this read has failed: they must be finished before we return.
@@ -158,7 +195,6 @@ class RangedReader:
                 future.cancel()
             wait(futures)
             raise
-        return size, version
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -102,6 +102,10 @@ def describe_error(exc: Exception, where: str) -> Exception:
 BOTO_ERRORS = (bce.BotoCoreError, bce.ClientError)
 
 
+def _status(exc: bce.ClientError) -> int | None:
+    return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+
+
 class S3Store:
     """``s3://bucket/prefix``: the store's files are objects ``prefix/<name>``."""
 
@@ -148,7 +152,27 @@ class S3Store:
         assert isinstance(body, bytes)
         return body
 
-    def read_into(self, name: str, buffer: memoryview) -> ReadResult:
+    def read_if_changed(self, name: str, version: str | None) -> tuple[bytes | None, str | None]:
+        """(None, version) when the object still has ETag ``version`` (304: no body sent),
+        else (its bytes, their ETag)."""
+        where = self._where(name)
+
+        def get() -> tuple[bytes | None, str | None]:
+            try:
+                response, body = self._get(
+                    name, None, **({"IfNoneMatch": version} if version else {})
+                )
+            except Permanent as exc:
+                cause = exc.__cause__
+                if isinstance(cause, bce.ClientError) and _status(cause) == 304:
+                    return None, version
+                raise
+            assert isinstance(body, bytes)
+            return body, response.get("ETag")
+
+        return self._ranged.policy.run(get, where)
+
+    def read_into(self, name: str, buffer: memoryview, size: int | None = None) -> ReadResult:
         where = self._where(name)
 
         def first(whole: memoryview, length: int) -> tuple[int, int, str | None]:
@@ -165,18 +189,20 @@ class S3Store:
                 raise Transient(f"body cut short ({filled} bytes)")
             return filled, total, response.get("ETag")
 
-        def part(offset: int, view: memoryview, version: str | None) -> None:
+        def part(offset: int, view: memoryview, version: str | None) -> int:
             extra = {"IfMatch": version} if version else {}
             rng = f"bytes={offset}-{offset + len(view) - 1}"
-            _, filled = self._get(name, view, Range=rng, **extra)
-            if filled != len(view):
+            response, filled = self._get(name, view, Range=rng, **extra)
+            total = parse_content_range(response.get("ContentRange"), where)[2]
+            if filled != len(view) and total >= offset + len(view):
                 raise Transient(f"asked for {len(view)} bytes at {offset}, got {filled}")
+            return total  # an object shorter than the manifest says: the caller reports it
 
         # The ETag kept the parts consistent (If-Match); it is not returned as the version,
         # which would let the streamer skip hashing: bytes that crossed a network are
         # checked on every read.
-        size, _ = self._ranged.read(where, buffer, first, part)
-        return ReadResult(size, None)
+        got, _ = self._ranged.read(where, buffer, first, part, size)
+        return ReadResult(got, None)
 
     def exists(self, name: str) -> bool:
         where = self._where(name)
