@@ -35,7 +35,7 @@ from pathlib import Path
 log = logging.getLogger("benchmarks.remote")
 ROOT = Path(__file__).resolve().parent
 CONCURRENCY = [1, 2, 4, 8, 16]
-SYSTEMS = ["resident", "ls:25%", "ls:25%:read_ahead=0", "ls:25%:read_ahead=1"]
+SYSTEMS = ["resident", "ls:25%", "ls:25%:read_ahead=0", "ls:25%:read_ahead=2"]
 
 NGINX_CONF = """
 {user}

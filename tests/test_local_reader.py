@@ -122,7 +122,7 @@ def test_populate_runs_through_libc_with_the_gil_released(store_copy, monkeypatc
         mapped.data.close()  # no buffer export left behind by the address lookup
 
 
-def test_auto_read_ahead_is_one_for_local_stores_two_for_remote(model_factory):
+def test_auto_read_ahead_is_one_block(model_factory):
     engine = Engine(open_store(str(model_factory("llama").store)), EngineOptions("25%"))
     try:
         assert engine.plan.read_ahead == 1 and engine.io_threads == 1

@@ -75,8 +75,7 @@ def test_settings_from_environment(monkeypatch):
 def test_tuning_defaults_follow_the_machine_and_the_plan(monkeypatch):
     from layerstream import sysinfo, tuning
 
-    assert tuning.read_ahead("auto") == 1  # a local store
-    assert tuning.read_ahead("auto", remote=True) == 2
+    assert tuning.read_ahead("auto") == 1
     assert tuning.read_ahead(0) == 0
     assert tuning.io_threads("auto", planned_read_ahead=3) == 3
     assert tuning.io_threads("auto", planned_read_ahead=0) == 1  # resident loads still read

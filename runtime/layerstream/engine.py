@@ -100,9 +100,8 @@ class Engine:
                 f"the manifest {[b.prefix for b in self.manifest.blocks][:3]}…; re-chunk the model"
             )
         budget = resolve_budget(options.memory_budget, self.manifest.total_bytes)
-        remote = not callable(getattr(store, "map", None))  # no local file to map
         self.plan: ResidencyPlan = plan_residency(
-            self.manifest, budget, tuning.read_ahead(options.read_ahead, remote)
+            self.manifest, budget, tuning.read_ahead(options.read_ahead)
         )
         self.io_threads = tuning.io_threads(options.io_threads, self.plan.read_ahead)
         self.evict_after_use = tuning.evict_after_use(self.manifest, self.plan)

@@ -37,9 +37,8 @@ class LayerStreamSettings(BaseSettings):
     )
     read_ahead: Annotated[int, Field(ge=0, le=64)] | Literal["auto"] = Field(
         default="auto",
-        description="Streamed blocks read ahead of the one computing; 'auto' is 1 for a local "
-        "store and 2 for a remote one (lowered when the budget cannot hold that many "
-        "streaming buffers).",
+        description="Streamed blocks read ahead of the one computing; 'auto' is 1 (lowered "
+        "to 0 when the budget cannot hold two streaming buffers).",
     )
     io_threads: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
         default="auto",

@@ -1,15 +1,16 @@
 """Defaults for the knobs a user may leave at "auto", computed from the machine and the plan.
 
-Read-ahead 1 for a local store: one block read while the previous one computes is all the
-overlap there is to have (a block's read or its compute, whichever is longer, sets the
-pace), and each deeper buffer is a block that cannot be pinned. Measured on the 2-core
-benchmark machine (benchmarks/streaming.py, interleaved): warm, read-ahead 1 was 10-20%
-faster than 2 in every run; memory-capped, read-ahead 1 was faster than 2 in every run
-too (1.00x its floor against 1.29x in the last one). Remote stores get 2: network fetch
-times vary (retries, slow parts), and a second block in flight absorbs that. Each block
-read in flight blocks one I/O thread, so the threads follow the depth. torch gets every
-CPU the process may use (cgroup quota included): the I/O threads mostly wait on the disk
-or the network.
+Read-ahead 1: one block read while the previous one computes is all the overlap there is to
+have (a block's read or its compute, whichever is longer, sets the pace), and each deeper
+buffer is a block that cannot be pinned. Measured on the 2-core benchmark machine
+(interleaved runs): local store warm, read-ahead 1 was 2-20% faster than 2 in every run;
+memory-capped, faster in every run (681.9 vs 722.7 ms/token in the last); over HTTP with a
+per-connection rate limit (benchmarks/remote.py) 1 and 2 tied, one chunk's parallel
+ranged GETs already keeping every connection busy. Read-ahead off wins instead when a
+token's compute is shorter than one block's read (there, 72.7 ms against ~80 ms): the
+overlap it gives up is worth less than the block it pins. Each block read in flight blocks
+one I/O thread, so the threads follow the depth. torch gets every CPU the process may use
+(cgroup quota included): the I/O threads mostly wait on the disk or the network.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ from .residency import ResidencyPlan
 from .sysinfo import cpu_count, memory_limit, resident_set
 
 AUTO = "auto"
-LOCAL_READ_AHEAD = 1
-REMOTE_READ_AHEAD = 2
+DEFAULT_READ_AHEAD = 1
 
 
 def _explicit(name: str, value: int | str) -> int:
@@ -34,11 +34,9 @@ def _explicit(name: str, value: int | str) -> int:
     return number
 
 
-def read_ahead(value: int | str, remote: bool = False) -> int:
+def read_ahead(value: int | str) -> int:
     """Blocks read ahead of the one computing (the residency plan may lower it to fit)."""
-    if value == AUTO:
-        return REMOTE_READ_AHEAD if remote else LOCAL_READ_AHEAD
-    return _explicit("read_ahead", value)
+    return DEFAULT_READ_AHEAD if value == AUTO else _explicit("read_ahead", value)
 
 
 def io_threads(value: int | str, planned_read_ahead: int) -> int:
