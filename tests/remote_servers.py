@@ -109,6 +109,33 @@ class S3Server:
             "AWS_EC2_METADATA_DISABLED": "true",  # never probe an instance metadata service
         }
 
+    def chunk(self, source: Path, uri: str, name: str) -> str:
+        """Chunk the checkpoint at ``source`` into ``uri`` on this server (bucket created if
+        needed), with this server's keys in the environment as the chunker reads them."""
+        from layerstream.chunker import chunk_checkpoint
+        from layerstream.stores import StoreOptions
+
+        bucket = uri.removeprefix("s3://").split("/", 1)[0]
+        with contextlib.suppress(self.client().exceptions.BucketAlreadyOwnedByYou):
+            self.client().create_bucket(Bucket=bucket)
+        saved = {k: os.environ.get(k) for k in self.env()}
+        os.environ.update(self.env())
+        try:
+            chunk_checkpoint(
+                source,
+                uri,
+                name,
+                progress=False,
+                store_options=StoreOptions(endpoint_url=self.endpoint),
+            )
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+        return uri
+
     def client(self):
         import boto3
 

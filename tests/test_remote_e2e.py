@@ -15,14 +15,13 @@ from mlserver_proc import MLServerProcess, ModelSpec, serve
 from remote_servers import FaultProxy, S3Server, StaticServer
 from test_e2e import Reference, split
 
-from layerstream.chunker import chunk_checkpoint
-from layerstream.stores import StoreOptions
 from layerstream_client import GRPCClient, SSEClient, StreamError, Token
 
 pytest_plugins = ["mlserver_proc"]
 pytestmark = pytest.mark.e2e
 
 S3_MODEL, HTTP_MODEL = "s3-llama", "http-llama"
+PATIENT_MODEL = "http-llama-patient"  # the same store, with room to retry under a slow CI box
 IDS = [7, 42, 99, 150, 200, 11, 11, 300, 5]
 N = 8
 DEADLINE_S = 0.5
@@ -39,22 +38,7 @@ def remote(model_factory, tmp_path_factory):
     static = StaticServer(llama.store).start()
     proxy = FaultProxy(static.port).up()
     try:
-        import os
-
-        saved = dict(os.environ)
-        os.environ.update(s3.env())
-        try:
-            s3.client().create_bucket(Bucket="models")
-            chunk_checkpoint(
-                llama.source,
-                "s3://models/llama",
-                "llama",
-                progress=False,
-                store_options=StoreOptions(endpoint_url=s3.endpoint),
-            )
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
+        s3.chunk(llama.source, "s3://models/llama", "llama")
         common = {"memory_budget": "25%", "read_ahead": 1, "torch_threads": 1}
         specs = [
             ModelSpec(
@@ -64,6 +48,9 @@ def remote(model_factory, tmp_path_factory):
                 store_mode="raw",
             ),
             ModelSpec(HTTP_MODEL, proxy.url, common | RETRYING, store_mode="raw"),
+            ModelSpec(
+                PATIENT_MODEL, proxy.url, common | {"store_deadline_s": 30}, store_mode="raw"
+            ),
         ]
         with serve(root / "server", specs, env=s3.env()) as server:
             yield server, proxy, s3, Reference(llama)
@@ -172,7 +159,7 @@ def test_transient_faults_are_invisible_to_the_client(remote, transport):
     store retries or refetches, and the client gets exactly the right tokens."""
     server, proxy, _, reference = remote
     proxy.truncate, proxy.corrupt, proxy.throttle = 1, 1, 1
-    events = client(server, transport).generate(HTTP_MODEL, input_ids=IDS, max_new_tokens=N)
+    events = client(server, transport).generate(PATIENT_MODEL, input_ids=IDS, max_new_tokens=N)
     tokens, _, _ = split(list(events))
     assert (proxy.truncate, proxy.corrupt, proxy.throttle) == (0, 0, 0)
     assert [t.token_id for t in tokens] == reference.greedy(IDS, N)
