@@ -17,7 +17,6 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,10 +172,6 @@ class CachedStore:
         }
         digests.update({name: (None, sha) for name, sha in manifest.file_sha256.items()})
         self._digests = digests
-
-    @property
-    def digests(self) -> Mapping[str, tuple[int | None, str]]:
-        return self._digests
 
     def read(self, name: str) -> bytes:
         if name not in self._digests:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import random
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -117,7 +116,6 @@ class RangedReader:
         self._pool = ThreadPoolExecutor(
             max_workers=options.max_concurrency, thread_name_prefix="layerstream-fetch"
         )
-        self._closed = threading.Event()
 
     def read(
         self,
