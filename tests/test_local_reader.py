@@ -90,6 +90,9 @@ def test_read_ahead_skips_blocks_already_in_the_page_cache(model_factory, store_
 def test_evict_drops_a_chunk_from_the_page_cache(store_copy):
     store = LocalStore(store_copy)
     evict(store_copy)  # fsynced: clean pages, which the kernel can drop
+    if store.in_memory("block_0005.safetensors"):
+        # CI's overlay file system keeps the pages whatever the advice
+        pytest.skip("this file system ignores POSIX_FADV_DONTNEED")
     store.map("block_0005.safetensors").data.close()
     assert store.in_memory("block_0005.safetensors")
     store.evict("block_0005.safetensors")
