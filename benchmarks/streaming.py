@@ -208,24 +208,32 @@ def summarise(system: str, results: list[dict], reference: list[int] | None, swe
 
 def add_floor(rows: list[dict], runs: dict[str, list[dict]], compute_ms: float) -> None:
     """Each run's floor uses the bandwidth measured just before its repetition (the disk
-    of a shared machine drifts by tens of percent over minutes); the row reports medians."""
+    of a shared machine drifts by tens of percent over minutes), and, where the resident
+    model ran in the same repetition (warm), that repetition's resident compute; its
+    "× resident" is likewise against the resident run beside it. Rows report medians of
+    these per-repetition ratios."""
+    resident = runs.get("resident", [])
     for row in rows:
         if "error" in row:
             continue
         reader = row.get("reader") or "read"
-        floors, ratios = [], []
-        for r in runs[row["system"]]:
+        floors, ratios, x_resident = [], [], []
+        for rep, r in enumerate(runs[row["system"]]):
             if "error" in r:
                 continue
+            beside = resident[rep] if rep < len(resident) else {"error": "not run"}
+            compute = compute_ms if "error" in beside else beside["per_token_s"] * 1e3
             io_ms = r.get("bytes_per_token", 0) / r["bandwidth"].get(reader, 1) * 1e3
-            floor = max(compute_ms, io_ms)
+            floor = max(compute, io_ms)
             floors.append(floor)
             ratios.append(r["per_token_s"] * 1e3 / floor)
+            x_resident.append(r["per_token_s"] * 1e3 / compute)
         row["floor_ms"] = statistics.median(floors)
         row["x_floor"] = statistics.median(ratios)
+        row["x_resident"] = statistics.median(x_resident)
 
 
-def print_table(regime: str, rows: list[dict], compute_ms: float, header: str) -> None:
+def print_table(regime: str, rows: list[dict], header: str) -> None:
     print(f"\n== {regime}: {header}")
     cols = [
         "system",
@@ -252,7 +260,7 @@ def print_table(regime: str, rows: list[dict], compute_ms: float, header: str) -
         hit = "" if r["hit_rate"] is None else f"{r['hit_rate']:.2f}"
         print(
             f"{r['system']:<22}{r['per_token_ms']:>9.1f}{1e3 / r['per_token_ms']:>9.2f}"
-            f"{r['per_token_ms'] / compute_ms:>9.2f}{r['floor_ms']:>9.1f}{r['x_floor']:>9.2f}"
+            f"{r['x_resident']:>9.2f}{r['floor_ms']:>9.1f}{r['x_floor']:>9.2f}"
             f"{r['ttft_ms']:>9.0f}{r['peak_rss_mib']:>9.0f}{r['rss_over_baseline_mib']:>9.0f}"
             f"{r['cgroup_peak_mib']:>9.0f}{r['bytes_read_per_token_mib']:>9.1f}"
             f"{r['disk_read_per_token_mib']:>9.1f}{hit:>9}"
@@ -341,7 +349,7 @@ def main() -> None:
                 else ""
             )
         )
-        print_table(regime, rows, compute_ms or rows[0]["per_token_ms"], header)
+        print_table(regime, rows, header)
         report[regime] = {
             "bandwidth": bandwidths,
             "limit_base": limit_base,
