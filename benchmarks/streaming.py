@@ -42,7 +42,7 @@ DEFAULT_SYSTEMS = [
     "ls:50%",
     "ls:25%",
     "ls:10%",
-    "ls:25%:read_ahead=1",
+    "ls:25%:read_ahead=2",
     "ls:25%:read_ahead=0",
     "accelerate:25%",
     "airllm:25%",
