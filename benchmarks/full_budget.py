@@ -3,14 +3,15 @@
 Separate processes run minutes apart, and this VM's speed drifts by tens of percent within
 minutes (steal time), so `streaming.py`'s full-budget row can swing either way. This
 benchmark removes the drift: one process holds both models on the same weights and
-alternates them token batch by token batch, so each pair of timings sees the same machine.
-It also times decode-shaped GEMVs over the weight layouts the two models use, to test
-whether layout could explain a gap at all:
+alternates their generate runs, so each pair of timings sees the same machine. It also
+times decode-shaped GEMVs over weight layouts, to test whether layout could explain a gap
+at all:
 
-- alignment: a chunk's tensors are 8-byte aligned (safetensors pads its header to 8),
-  torch's own allocations 64-byte;
-- page size: copies of pinned blocks are anonymous memory in 4 KiB pages where transparent
-  huge pages are `madvise`-only, as on this machine.
+- alignment: tensors inside a safetensors file are only 8-byte aligned (the header is
+  padded to 8), torch's own allocations 64-byte;
+- page size: layerstream's pinned blocks are copies in anonymous memory, in 4 KiB pages
+  where transparent huge pages are `madvise`-only, as on this machine (resident
+  transformers maps the checkpoint file instead).
 
     .venv/bin/python benchmarks/full_budget.py [--pairs 16] [--preset llama-1b]
 """
@@ -29,6 +30,7 @@ from pathlib import Path
 log = logging.getLogger("benchmarks.full_budget")
 ROOT = Path(__file__).resolve().parent
 MADV_HUGEPAGE = 14
+GEMV_BLOCKS = 8
 # one Llama-1b block's linear layers (out, in): q, k, v, o, gate, up, down
 BLOCK_SHAPES = [
     (1024, 1024),
@@ -89,11 +91,11 @@ def paired_decode(preset: str, pairs: int, new_tokens: int) -> dict:
         "resident_ms": statistics.median(r["resident_ms"] for r in rows),
         "ls_ms": statistics.median(r["ls_ms"] for r in rows),
         "tok_s_ratio": statistics.median(ratios),
-        "tok_s_ratio_quartiles": statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios,
+        "tok_s_ratio_quartiles": statistics.quantiles(ratios, n=4),
     }
 
 
-def layout_gemv(rounds: int, blocks: int = 8) -> dict:
+def layout_gemv(rounds: int, blocks: int = GEMV_BLOCKS) -> dict:
     """GB/s of one-row GEMVs over `blocks` blocks' weights, per layout, rounds interleaved."""
     import torch
 
@@ -152,6 +154,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "full_budget.json")
     args = parser.parse_args()
+    if args.pairs < 2 or args.new_tokens < 2:
+        parser.error("--pairs and --new-tokens need at least 2 (quartiles; decode steps)")
     import torch
     import transformers
 
@@ -172,7 +176,8 @@ def main() -> None:
     print(f"  resident          {decode['resident_ms']:7.1f} ms/token (median)")
     print(f"  layerstream 100%  {decode['ls_ms']:7.1f} ms/token (median)")
     print(f"  tokens/s ratio    {decode['tok_s_ratio']:7.3f}  (quartiles {low:.3f} to {high:.3f})")
-    print(f"\nGEMV over {len(BLOCK_SHAPES) * 8} weights, medians (transparent huge pages: {thp})")
+    weights = len(BLOCK_SHAPES) * GEMV_BLOCKS
+    print(f"\nGEMV over {weights} weights, medians (transparent huge pages: {thp})")
     for name, rate in report["gemv_gb_s"].items():
         print(f"  {name:<30} {rate:6.1f} GB/s")
     args.out.write_text(json.dumps(report, indent=1))

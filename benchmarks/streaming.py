@@ -221,8 +221,11 @@ def add_floor(rows: list[dict], runs: dict[str, list[dict]], compute_ms: float) 
         for rep, r in enumerate(runs[row["system"]]):
             if "error" in r:
                 continue
-            beside = resident[rep] if rep < len(resident) else {"error": "not run"}
-            compute = compute_ms if "error" in beside else beside["per_token_s"] * 1e3
+            beside = resident[rep] if rep < len(resident) else None
+            if beside is None or "error" in beside:
+                compute = compute_ms  # cold: the resident model does not fit the box
+            else:
+                compute = beside["per_token_s"] * 1e3
             io_ms = r.get("bytes_per_token", 0) / r["bandwidth"].get(reader, 1) * 1e3
             floor = max(compute, io_ms)
             floors.append(floor)

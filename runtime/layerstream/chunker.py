@@ -239,12 +239,11 @@ def _chunk_into(
             mapping = get_model_conversion_mapping(model)
         return mapping
 
-    renamings = (
-        [] if identity else [w for w in conversion_mapping() if isinstance(w, WeightRenaming)]
-    )
-    converters = (
-        [] if identity else [w for w in conversion_mapping() if isinstance(w, WeightConverter)]
-    )
+    renamings: list[WeightRenaming] = []
+    converters: list[WeightConverter] = []
+    if not identity:
+        renamings = [w for w in conversion_mapping() if isinstance(w, WeightRenaming)]
+        converters = [w for w in conversion_mapping() if isinstance(w, WeightConverter)]
     scoped: dict[int | None, dict] = collections.defaultdict(dict)
     direct: dict[int | None, list[tuple[str, str | None, SourceTensor]]] = collections.defaultdict(
         list
