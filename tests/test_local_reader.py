@@ -12,6 +12,7 @@ import torch
 
 import layerstream.stores.local as local
 from layerstream.engine import Engine, EngineOptions
+from layerstream.errors import ChunkIntegrityError
 from layerstream.stores import LocalStore, open_store
 
 PROMPT = torch.tensor([[5, 17, 99, 3, 250, 7, 42, 130]])
@@ -126,5 +127,103 @@ def test_auto_read_ahead_is_one_block(model_factory):
     engine = Engine(open_store(str(model_factory("llama").store)), EngineOptions("25%"))
     try:
         assert engine.plan.read_ahead == 1 and engine.io_threads == 1
+    finally:
+        engine.close()
+
+
+def _mapped_chunk_files(store: Path) -> set[str]:
+    """Which of ``store``'s files this process has mapped (from /proc/self/maps)."""
+    root = str(store.resolve())
+    with open("/proc/self/maps") as f:
+        return {line.split()[-1] for line in f if line.rstrip().endswith(".safetensors")} & {
+            str(p) for p in Path(root).iterdir()
+        }
+
+
+def _rss_file_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+def test_streamed_chunks_are_mapped_once_and_their_pages_dropped_after_use(
+    model_factory, store_copy, monkeypatch
+):
+    """A streamed block's mapping, header and tensor views are made on its first use and
+    kept; each later use only populates its pages, and they leave the RSS after the block
+    has run. Outputs stay exact across requests."""
+    reference = model_factory("llama").resident()
+    with torch.inference_mode():
+        expected = reference(PROMPT).logits
+    maps = []
+    real_map = LocalStore.map
+    monkeypatch.setattr(
+        LocalStore, "map", lambda self, name: maps.append(name) or real_map(self, name)
+    )
+    engine = Engine(open_store(str(store_copy)), EngineOptions(memory_budget="25%", read_ahead=1))
+    try:
+        streamed = {
+            engine.manifest.chunks[engine.manifest.blocks[j].chunk].file
+            for j in engine.plan.streamed
+        }
+        maps.clear()  # the rest and the pinned blocks were mapped to be copied
+        rss_before = _rss_file_bytes()
+        for _ in range(3):
+            with engine.request() as scope:
+                assert torch.equal(engine.model(PROMPT).logits, expected)
+            assert scope.stats.cache_misses == len(engine.plan.streamed)
+        engine.streamer._reaper.submit(lambda: None).result()  # the page drops have run
+        assert sorted(maps) == sorted(streamed)  # each mapped once, not once per request
+        assert _mapped_chunk_files(store_copy) == {str(store_copy.resolve() / f) for f in streamed}
+        largest = max(c.bytes for c in engine.manifest.chunks.values())
+        # kept, yet not resident: at most the last block's pages may still be mapped
+        assert _rss_file_bytes() - rss_before < largest + (4 << 20)
+    finally:
+        engine.close()
+    assert not _mapped_chunk_files(store_copy)  # close unmapped them all
+
+
+def test_a_chunk_replaced_after_it_was_kept_is_mapped_and_verified_again(store_copy):
+    """A kept mapping follows the store: a chunk file replaced by rename (a new inode, the
+    old mapping still valid) is mapped again and checked against the manifest."""
+    engine = Engine(open_store(str(store_copy)), EngineOptions(memory_budget="25%", read_ahead=0))
+    try:
+        j = max(engine.plan.streamed)
+        path = store_copy / engine.manifest.chunks[engine.manifest.blocks[j].chunk].file
+        with engine.request():
+            expected = engine.model(PROMPT).logits
+        verified = engine.streamer.stats.chunks_verified
+        copy = path.with_suffix(".tmp")
+        shutil.copyfile(path, copy)
+        os.replace(copy, path)  # same bytes, new inode
+        with engine.request():
+            assert torch.equal(engine.model(PROMPT).logits, expected)
+        assert engine.streamer.stats.chunks_verified == verified + 1
+        data = bytearray(path.read_bytes())
+        data[-100] ^= 0xFF
+        copy.write_bytes(bytes(data))
+        os.replace(copy, path)
+        with pytest.raises(ChunkIntegrityError, match=path.name), engine.request():
+            engine.model(PROMPT)
+    finally:
+        engine.close()
+
+
+def test_kept_mappings_are_populated_by_touch_on_old_kernels(
+    model_factory, store_copy, monkeypatch
+):
+    """Without MADV_POPULATE_READ, a kept mapping's pages are faulted in by reading a byte of
+    each page; outputs are exact on every request."""
+    monkeypatch.setattr(local, "_populate_read", False)
+    reference = model_factory("llama").resident()
+    with torch.inference_mode():
+        expected = reference(PROMPT).logits
+    engine = Engine(open_store(str(store_copy)), EngineOptions(memory_budget="25%"))
+    try:
+        for _ in range(2):
+            with engine.request():
+                assert torch.equal(engine.model(PROMPT).logits, expected)
     finally:
         engine.close()

@@ -117,6 +117,8 @@ class Engine:
         self.blocks = [BlockSlots(p, self.model.get_submodule(p)) for p in self.prefixes]
         self._scope: RequestScope | None = None
         self._active: dict[int, Loaded] = {}
+        # streamed blocks whose module holds a kept mapping's tensors between runs
+        self._installed: dict[int, dict[str, torch.Tensor]] = {}
         try:
             self._load_rest()
             for j in sorted(self.plan.resident):
@@ -217,18 +219,26 @@ class Engine:
             self._check_cancel()
             loaded = self.streamer.acquire(j)
             self._active[j] = loaded
-            self.blocks[j].install(loaded.tensors)
+            if self._installed.get(j) is not loaded.tensors:
+                self.blocks[j].install(loaded.tensors)
+                if loaded.kept:
+                    self._installed[j] = loaded.tensors
 
         return pre
 
     def _streamed_post(self, j: int) -> Callable[[nn.Module, tuple, object], None]:
         def post(module: nn.Module, args: tuple, output: object) -> None:
-            self.blocks[j].release()
             loaded = self._active.pop(j, None)
+            if loaded is None or not loaded.kept:
+                self._uninstall(j)
             if loaded is not None:
                 self.streamer.release(loaded)
 
         return post
+
+    def _uninstall(self, j: int) -> None:
+        self.blocks[j].release()
+        self._installed.pop(j, None)
 
     # -- requests ----------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -243,7 +253,7 @@ class Engine:
             # A failed or cancelled forward may leave read-aheads for blocks that will not run.
             self.streamer.drop_read_ahead()
             for j in list(self._active):
-                self.blocks[j].release()
+                self._uninstall(j)
                 self.streamer.release(self._active.pop(j))
             raise
         finally:
@@ -277,6 +287,8 @@ class Engine:
         for handles in getattr(self, "_hooks", []):
             for handle in handles:
                 handle.remove()
+        for j in list(getattr(self, "_installed", {})):
+            self._uninstall(j)  # the views go first, so close can unmap the mappings
         self.streamer.close()
         self.store.close()
         self._files.cleanup()

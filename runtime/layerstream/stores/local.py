@@ -25,6 +25,7 @@ class LocalStore:
 
     def __init__(self, root: str | os.PathLike[str]):
         self.root = Path(root).expanduser().resolve()
+        self._paths: dict[str, str] = {}  # name -> checked path: looked up per block per token
         self.uri = str(self.root)
         if not self.root.is_dir():
             raise ChunkStoreError(
@@ -35,6 +36,12 @@ class LocalStore:
     def _path(self, name: str) -> Path:
         check_relative_name(name, f"chunk store {self.root}")
         return self.root / name
+
+    def _chunk_path(self, name: str) -> str:
+        path = self._paths.get(name)
+        if path is None:
+            path = self._paths[name] = str(self._path(name))
+        return path
 
     def read(self, name: str) -> bytes:
         path = self._path(name)
@@ -80,7 +87,7 @@ class LocalStore:
         compute never page-faults on it. Chunk files are immutable while served (the chunker
         replaces files by rename, which leaves a live mapping intact); a file rewritten in
         place gets a new version and is verified again on its next mapping."""
-        path = self._path(name)
+        path = self._chunk_path(name)
         fd = _open_chunk(path)
         try:
             st = os.fstat(fd)
@@ -89,7 +96,37 @@ class LocalStore:
             raise ChunkStoreError(f"cannot map chunk file {path}: {exc}") from exc
         finally:
             os.close(fd)
-        return Mapped(data, st.st_size, f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}")
+        return Mapped(data, st.st_size, _version(st))
+
+    def version(self, name: str) -> str:
+        """What :meth:`map` would report as ``name``'s version now (one stat): a kept
+        mapping whose file has another version since was rewritten and is mapped again."""
+        path = self._chunk_path(name)
+        try:
+            return _version(os.stat(path))
+        except FileNotFoundError as exc:
+            raise ChunkStoreError(
+                f"chunk file {path} is missing; re-run the chunker or check the store"
+            ) from exc
+        except OSError as exc:
+            raise ChunkStoreError(f"cannot stat chunk file {path}: {exc.strerror or exc}") from exc
+
+    def populate(self, mapping: mmap.mmap) -> None:
+        """Fault a mapping's pages in again after :meth:`drop_pages` (GIL released)."""
+        try:
+            if _populate_read:
+                _advise(mapping, MADV_POPULATE_READ)
+            else:
+                _touch(mapping)
+        except OSError as exc:
+            raise ChunkStoreError(f"cannot read mapped chunk pages of {self.uri}: {exc}") from exc
+
+    def drop_pages(self, mapping: mmap.mmap) -> None:
+        """Unmap a mapping's pages but keep the mapping (MADV_DONTNEED): the process's RSS
+        no longer holds them, the page cache still may, and the next touch or populate
+        maps them again. Takes the mmap lock for reading only, unlike munmap, so it does
+        not queue behind the I/O threads' cold populates."""
+        _advise(mapping, MADV_DONTNEED)
 
     def in_memory(self, name: str) -> bool:
         """Whether ``name`` is in the page cache (mapping it then costs ~0.1 ms): one
@@ -99,7 +136,7 @@ class LocalStore:
         if nowait is None:
             return False
         try:
-            fd = os.open(self._path(name), os.O_RDONLY)
+            fd = os.open(self._chunk_path(name), os.O_RDONLY)
         except OSError:
             return False
         probe = bytearray(1)
@@ -139,7 +176,11 @@ class LocalStore:
         pass  # nothing held between reads
 
 
-def _open_chunk(path: Path) -> int:
+def _version(st: os.stat_result) -> str:
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _open_chunk(path: str | Path) -> int:
     try:
         return os.open(path, os.O_RDONLY)
     except FileNotFoundError as exc:
@@ -152,6 +193,7 @@ def _open_chunk(path: Path) -> int:
 
 PROBE_STRIDE = 4 << 20
 MADV_POPULATE_READ = 22  # Linux 5.14+; not exported by Python 3.11's mmap module
+MADV_DONTNEED = mmap.MADV_DONTNEED
 _populate_read = True  # cleared once the kernel has refused it
 
 
@@ -169,23 +211,32 @@ def _libc_madvise() -> Callable[[int, int, int], int] | None:
 _madvise = _libc_madvise()
 
 
-def _populate(data: mmap.mmap, size: int) -> None:
-    """Fault every page of ``data`` in, without holding the GIL.
+def _advise(data: mmap.mmap, advice: int) -> None:
+    """madvise a whole mapping without holding the GIL.
 
     ``mmap.madvise`` keeps the GIL for the whole call, and a cold populate waits on the disk
     for ~35 ms per 45 MiB chunk: the compute thread, which needs the GIL between torch ops,
     stood still meanwhile (measured: decode GEMVs ran at 0.07x their speed during cold
     reads, benchmarks/overlap.py). libc's madvise through ctypes runs with the GIL released.
     """
+    size = len(data)
+    if not size:
+        return
     if _madvise is None:
-        data.madvise(MADV_POPULATE_READ)
+        data.madvise(advice)
         return
     view = np.frombuffer(data, dtype=np.uint8)  # read-only view, only for the address
     address = view.ctypes.data
     del view  # no export may outlive this call, or the mapping could not be closed
-    if _madvise(address, size, MADV_POPULATE_READ) != 0:
+    if _madvise(address, size, advice) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
+
+
+def _touch(data: mmap.mmap) -> None:
+    """Fault every page in by reading a byte of each (kernels without MADV_POPULATE_READ)."""
+    if len(data):
+        int(np.frombuffer(data, dtype=np.uint8)[:: mmap.PAGESIZE].sum())
 
 
 def _map_populated(fd: int, size: int) -> mmap.mmap:
@@ -203,8 +254,7 @@ def _map_populated(fd: int, size: int) -> mmap.mmap:
         try:
             with contextlib.suppress(OSError):  # THP disabled: 4 KiB pages, still correct
                 data.madvise(mmap.MADV_HUGEPAGE)
-            if size:
-                _populate(data, size)
+            _advise(data, MADV_POPULATE_READ)
             return data
         except OSError as exc:
             data.close()
