@@ -282,11 +282,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads, the same for all")
     parser.add_argument("--regimes", default="warm,cold")
     parser.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS))
+    parser.add_argument(
+        "--cold-only",
+        default="airllm:25%",
+        help="systems run in the cold regime only (AirLLM's warm runs take ~12 minutes and "
+        "no target is about them); '' runs every system in both",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "streaming.json")
     args = parser.parse_args()
     source, store = prepare(args.preset)
     total = model_bytes(store)
     systems = args.systems.split(",")
+    cold_only = set(filter(None, args.cold_only.split(",")))
     if not PEERS_PYTHON.exists():
         skipped = [s for s in systems if s.startswith(("accelerate", "airllm"))]
         systems = [s for s in systems if s not in skipped]
@@ -319,6 +326,8 @@ def main() -> None:
                 ", ".join(f"{k} {v / 1e9:.2f} GB/s" for k, v in bandwidth.items()),
             )
             for system in systems:
+                if regime != "cold" and system in cold_only:
+                    continue
                 budget = budget_of(system, total)
                 if regime == "cold" and budget is None:
                     continue  # the resident model does not fit the box: that is the point
