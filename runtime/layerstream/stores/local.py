@@ -8,7 +8,7 @@ import errno
 import logging
 import mmap
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -102,14 +102,8 @@ class LocalStore:
         """What :meth:`map` would report as ``name``'s version now (one stat): a kept
         mapping whose file has another version since was rewritten and is mapped again."""
         path = self._chunk_path(name)
-        try:
+        with _chunk_file_errors(path, "stat"):
             return _version(os.stat(path))
-        except FileNotFoundError as exc:
-            raise ChunkStoreError(
-                f"chunk file {path} is missing; re-run the chunker or check the store"
-            ) from exc
-        except OSError as exc:
-            raise ChunkStoreError(f"cannot stat chunk file {path}: {exc.strerror or exc}") from exc
 
     def populate(self, mapping: mmap.mmap) -> None:
         """Fault a mapping's pages in again after :meth:`drop_pages` (GIL released)."""
@@ -180,15 +174,22 @@ def _version(st: os.stat_result) -> str:
     return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def _open_chunk(path: str | Path) -> int:
+@contextlib.contextmanager
+def _chunk_file_errors(path: str | Path, action: str) -> Iterator[None]:
+    """OSErrors on a chunk file as ChunkStoreErrors that say which file and what to do."""
     try:
-        return os.open(path, os.O_RDONLY)
+        yield
     except FileNotFoundError as exc:
         raise ChunkStoreError(
             f"chunk file {path} is missing; re-run the chunker or check the store"
         ) from exc
     except OSError as exc:
-        raise ChunkStoreError(f"cannot open chunk file {path}: {exc.strerror or exc}") from exc
+        raise ChunkStoreError(f"cannot {action} chunk file {path}: {exc.strerror or exc}") from exc
+
+
+def _open_chunk(path: str | Path) -> int:
+    with _chunk_file_errors(path, "open"):
+        return os.open(path, os.O_RDONLY)
 
 
 PROBE_STRIDE = 4 << 20
