@@ -19,6 +19,14 @@ import torch
 from .errors import ChunkIntegrityError
 from .manifest import ChunkInfo
 
+# Chunk files place every tensor at a multiple of TENSOR_ALIGNMENT bytes from the file's
+# start: the CPU kernels' rounding depends on a weight's address mod 64, so tensors aligned
+# like a fresh torch allocation's give the very numbers of a from_pretrained model. The
+# safetensors format allows no gaps between tensors, so the gaps are U8 tensors whose keys
+# start with PADDING_PREFIX; readers skip them.
+TENSOR_ALIGNMENT = 64
+PADDING_PREFIX = "__layerstream_padding_"
+
 _DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -75,6 +83,8 @@ def parse_layout(info: ChunkInfo, buffer: torch.Tensor) -> list[TensorSlot]:
     base = 8 + header_len
     layout = []
     for key, entry in header.items():
+        if key.startswith(PADDING_PREFIX):
+            continue
         dtype = _DTYPES.get(entry["dtype"])
         begin, end = entry["data_offsets"]
         shape = tuple(entry["shape"])

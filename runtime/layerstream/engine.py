@@ -115,6 +115,9 @@ class Engine:
             self.evict_after_use,
         )
         self.blocks = [BlockSlots(p, self.model.get_submodule(p)) for p in self.prefixes]
+        # The first integrity failure found after load (a damaged streamed chunk): the model
+        # stops reporting ready and every request fails with it.
+        self.damage: ChunkIntegrityError | None = None
         self._scope: RequestScope | None = None
         self._active: dict[int, Loaded] = {}
         # streamed blocks whose module holds a kept mapping's tensors between runs

@@ -1,7 +1,21 @@
-"""Errors that carry their status: MLServer maps them to HTTP codes and gRPC status codes.
+"""Errors that carry their status and their kind: MLServer maps them to HTTP codes and gRPC
+status codes, and every error a client sees names its kind, so the client can tell what to
+retry.
 
 Every message says what failed and what to do next; none of them is ever swallowed into a
 default value or a partial answer.
+
+Kinds (``error_type``; HTTP status; gRPC status once ``grpc_status.install`` has run):
+
+- ``invalid_request``: the request cannot be served as sent; do not retry it (400,
+  INVALID_ARGUMENT).
+- ``overloaded``: the model's queue is full; retry later (503, RESOURCE_EXHAUSTED).
+- ``store_unavailable``: the chunk store could not be read; retry, here or elsewhere (502,
+  UNAVAILABLE).
+- ``integrity``: chunk bytes do not match the manifest; the model is damaged: re-chunk it,
+  the request may succeed on another replica (500, INTERNAL).
+- ``timeout``: the request ran past its deadline (504, DEADLINE_EXCEEDED).
+- ``internal``: anything else: a bug or a broken model store (500, INTERNAL).
 """
 
 from __future__ import annotations
@@ -9,36 +23,64 @@ from __future__ import annotations
 from mlserver.errors import MLServerError
 
 __all__ = [
+    "ERROR_TYPES",
     "ChunkIntegrityError",
     "ChunkStoreError",
     "InvalidRequest",
     "LayerStreamError",
     "ManifestError",
     "RequestCancelled",
+    "RequestTimeout",
     "ServerBusy",
     "SettingsError",
+    "error_type",
 ]
+
+ERROR_TYPES = (
+    "invalid_request",
+    "overloaded",
+    "store_unavailable",
+    "integrity",
+    "timeout",
+    "internal",
+)
 
 
 class LayerStreamError(MLServerError):
-    """Base class: a server-side failure (HTTP 500, gRPC INTERNAL) unless a subclass says so."""
+    """Base class: a server-side failure (HTTP 500, gRPC INTERNAL) unless a subclass says so.
+
+    ``str(exc)`` is ``"<kind>: <message>"``: MLServer's REST error body is fixed to
+    ``{"error": str(exc)}`` and gRPC carries one details string, so the kind travels in the
+    text there; SSE error events carry ``message`` and ``kind`` as separate fields.
+    """
 
     status = 500
+    kind = "internal"
 
     def __init__(self, message: str):
-        super().__init__(message, status_code=self.status)
+        self.message = message
+        super().__init__(f"{self.kind}: {message}", status_code=self.status)
 
 
 class InvalidRequest(LayerStreamError):
     """The request cannot be served as sent (HTTP 400, gRPC INVALID_ARGUMENT)."""
 
     status = 400
+    kind = "invalid_request"
 
 
 class ServerBusy(LayerStreamError):
     """The per-model request queue is full; retry later (HTTP 503)."""
 
     status = 503
+    kind = "overloaded"
+
+
+class RequestTimeout(LayerStreamError):
+    """The request ran past its deadline (``timeout`` or ``request_timeout_s``)."""
+
+    status = 504
+    kind = "timeout"
 
 
 class SettingsError(LayerStreamError):
@@ -52,9 +94,15 @@ class ManifestError(LayerStreamError):
 class ChunkStoreError(LayerStreamError):
     """A chunk could not be read from the store."""
 
+    status = 502
+    kind = "store_unavailable"
+
 
 class ChunkIntegrityError(ChunkStoreError):
-    """A chunk's bytes do not match the manifest (size or sha256)."""
+    """A chunk's bytes do not match the manifest (size, sha256, tensor shapes)."""
+
+    status = 500
+    kind = "integrity"
 
 
 class RequestCancelled(Exception):
@@ -62,3 +110,8 @@ class RequestCancelled(Exception):
 
     Not an MLServerError: nobody is left to receive it, it only unwinds the forward pass.
     """
+
+
+def error_type(exc: BaseException) -> str:
+    """The kind of any exception a request can end with (``internal`` for the unexpected)."""
+    return exc.kind if isinstance(exc, LayerStreamError) else "internal"

@@ -18,16 +18,16 @@ from mlserver import MLModel
 from mlserver.types import InferenceRequest, InferenceResponse
 
 from . import metrics, tuning
+from .capabilities import capabilities
 from .encoding import encode_event, encode_unary, error_response
 from .engine import Engine, EngineOptions
 from .errors import InvalidRequest, LayerStreamError
 from .events import FinalEvent, HiddenStateEvent
 from .generation import run_generation
 from .hidden import run_hidden_states
-from .protocol import ModelCapabilities, Request, check_context, parse_request
+from .protocol import Request, check_context, parse_request
 from .scheduler import Scheduler
 from .settings import LayerStreamSettings
-from .skeleton import context_length
 from .stores import open_store
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,18 @@ def is_grpc(payload: InferenceRequest) -> bool:
 
 class LayerStreamRuntime(MLModel):
     """Streams a chunked Hugging Face model's weights while it answers."""
+
+    @property
+    def ready(self) -> bool:
+        """MLServer's readiness (set from load()), withdrawn once the engine has found a
+        damaged chunk: an orchestrator then reschedules the model instead of sending it
+        requests that would fail."""
+        engine = getattr(self, "_engine", None)
+        return self._ready and (engine is None or engine.damage is None)
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        self._ready = value
 
     async def load(self) -> bool:
         _route_logs_to_mlserver()
@@ -188,22 +200,3 @@ def _build_engine(settings: LayerStreamSettings, folder: Path | None) -> Engine:
         raise
     log.info("engine for %s ready in %.2fs", store.uri, time.perf_counter() - started)
     return engine
-
-
-def capabilities(engine: Engine) -> ModelCapabilities:
-    model = engine.model
-    modes = ["tokens"] if model.can_generate() else []
-    block_lists = {prefix.rsplit(".", 1)[0] for prefix in engine.prefixes}
-    if len(block_lists) == 1:  # one stack of blocks: hidden state k is well defined
-        modes += ["hidden_states", "embedding"]
-    config = model.config
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return ModelCapabilities(
-        modes=tuple(modes),
-        default_mode="tokens" if "tokens" in modes else "embedding",
-        vocab_size=int(text_config.vocab_size),
-        context_length=context_length(config),
-        num_layers=len(engine.prefixes),
-        has_pooler=getattr(model.base_model, "pooler", None) is not None,
-        has_tokenizer=engine.tokenizer is not None,
-    )

@@ -54,6 +54,12 @@ class LayerStreamSettings(BaseSettings):
         description="sha256 of each chunk against the manifest: 'once' (on first read, and "
         "again whenever the store's file changes), 'always' (every read), 'off' (sizes only).",
     )
+    verify_in_background: bool = Field(
+        default=True,
+        description="After load, hash every streamed chunk of a local store on a low-priority "
+        "thread: a damaged chunk then takes the model out of readiness before a request "
+        "finds it. Remote stores are hashed on every read instead.",
+    )
     reader: Literal["auto", "mmap", "read"] = Field(
         default="auto",
         description="How streamed blocks are read: 'mmap' maps local chunk files (no copy), "
