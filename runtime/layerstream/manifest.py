@@ -85,12 +85,36 @@ class Manifest:
         return _parse(data, source)
 
 
+# A chunk is a safetensors file (at least its 8-byte header length) of at most 1 TiB: no
+# transformer block comes near that, and a larger number is a damaged or hand-edited manifest.
+MAX_CHUNK_BYTES = 1 << 40
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _kind(value: Any) -> str:
+    return "a boolean" if isinstance(value, bool) else f"a {type(value).__name__}"
+
+
 def _require(data: dict[str, Any], key: str, kind: type | tuple[type, ...], source: str) -> Any:
     if key not in data:
         raise ManifestError(f"{source} has no '{key}'; re-run the chunker")
-    if not isinstance(data[key], kind):
-        raise ManifestError(f"{source}: '{key}' has the wrong type ({type(data[key]).__name__})")
-    return data[key]
+    return _typed(data[key], kind, f"'{key}'", source)
+
+
+def _typed(value: Any, kind: type | tuple[type, ...], what: str, source: str) -> Any:
+    """``value`` if it has the JSON type ``kind`` (a boolean is not an int), else an error."""
+    if isinstance(value, kind) and not (isinstance(value, bool) and kind is int):
+        return value
+    expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+    raise ManifestError(
+        f"{source}: {what} must be {expected}, not {_kind(value)} ({value!r:.60}); "
+        "the manifest was edited or damaged: re-run the chunker"
+    )
+
+
+def _strings(value: Any, what: str, source: str) -> list[str]:
+    items = _typed(value, list, what, source)
+    return [_typed(item, str, f"an entry of {what}", source) for item in items]
 
 
 def check_relative_name(name: str, source: str) -> str:
@@ -100,6 +124,43 @@ def check_relative_name(name: str, source: str) -> str:
             f"{source}: refusing unsafe file name {name!r} (must stay inside the store)"
         )
     return name
+
+
+def _chunk(name: str, raw: Any, source: str) -> ChunkInfo:
+    what = f"chunk {name!r}"
+    raw = _typed(raw, dict, what, source)
+    fields = {"name", "file", "bytes", "sha256", "tensors"}
+    if set(raw) != fields:
+        raise ManifestError(
+            f"{source}: {what} must have exactly the fields {sorted(fields)}, has {sorted(raw)}"
+        )
+    info = ChunkInfo(
+        name=_typed(raw["name"], str, f"{what} 'name'", source),
+        file=check_relative_name(_typed(raw["file"], str, f"{what} 'file'", source), source),
+        bytes=_typed(raw["bytes"], int, f"{what} 'bytes'", source),
+        sha256=_typed(raw["sha256"], str, f"{what} 'sha256'", source),
+        tensors=_strings(raw["tensors"], f"{what} 'tensors'", source),
+    )
+    if info.name != name:
+        raise ManifestError(f"{source}: {what} is named {info.name!r} inside")
+    if not 8 <= info.bytes <= MAX_CHUNK_BYTES:
+        raise ManifestError(
+            f"{source}: {what} has an implausible size of {info.bytes} bytes (a chunk holds "
+            f"8 bytes to 1 TiB); the manifest was edited or damaged: re-run the chunker"
+        )
+    if not _SHA256.fullmatch(info.sha256):
+        raise ManifestError(f"{source}: {what} 'sha256' is not 64 lowercase hex digits")
+    return info
+
+
+def _block(raw: Any, source: str) -> BlockInfo:
+    raw = _typed(raw, dict, "an entry of 'blocks'", source)
+    if set(raw) != {"prefix", "chunk"}:
+        raise ManifestError(f"{source}: a block must have exactly 'prefix' and 'chunk'")
+    return BlockInfo(
+        prefix=_typed(raw["prefix"], str, "a block's 'prefix'", source),
+        chunk=_typed(raw["chunk"], str, "a block's 'chunk'", source),
+    )
 
 
 def _parse(data: Any, source: str) -> Manifest:
@@ -118,28 +179,25 @@ def _parse(data: Any, source: str) -> Manifest:
     dtype = _require(data, "dtype", str, source)
     if dtype not in DTYPES:
         raise ManifestError(f"{source}: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    chunks: dict[str, ChunkInfo] = {}
-    for name, raw in _require(data, "chunks", dict, source).items():
-        try:
-            info = ChunkInfo(**raw)
-        except TypeError as exc:
-            raise ManifestError(f"{source}: chunk {name!r} is malformed ({exc})") from exc
-        if info.name != name or not re.fullmatch(r"[0-9a-f]{64}", info.sha256) or info.bytes < 8:
-            raise ManifestError(f"{source}: chunk {name!r} has a bad name, size or sha256")
-        check_relative_name(info.file, source)
-        chunks[name] = info
-    blocks = [BlockInfo(**b) for b in _require(data, "blocks", list, source)]
-    rest = _require(data, "rest", list, source)
+    chunks = {
+        name: _chunk(name, raw, source)
+        for name, raw in _require(data, "chunks", dict, source).items()
+    }
+    blocks = [_block(b, source) for b in _require(data, "blocks", list, source)]
+    rest = _strings(_require(data, "rest", list, source), "'rest'", source)
     for chunk in [b.chunk for b in blocks] + rest:
         if chunk not in chunks:
             raise ManifestError(f"{source} refers to chunk {chunk!r}, which it does not list")
-    files = [check_relative_name(f, source) for f in data.get("files", [])]
-    file_sha256 = data.get("file_sha256", {})
-    if not isinstance(file_sha256, dict) or any(
-        name not in files or not isinstance(d, str) or not re.fullmatch(r"[0-9a-f]{64}", d)
+    files = [
+        check_relative_name(f, source) for f in _strings(data.get("files", []), "'files'", source)
+    ]
+    file_sha256 = _typed(data.get("file_sha256", {}), dict, "'file_sha256'", source)
+    if any(
+        name not in files or not isinstance(d, str) or not _SHA256.fullmatch(d)
         for name, d in file_sha256.items()
     ):
         raise ManifestError(f"{source}: 'file_sha256' must map listed files to sha256 digests")
+    tied = _typed(data.get("tied", []), list, "'tied'", source)
     return Manifest(
         name=_require(data, "name", str, source),
         architecture=_require(data, "architecture", str, source),
@@ -148,9 +206,11 @@ def _parse(data: Any, source: str) -> Manifest:
         blocks=blocks,
         rest=rest,
         chunks=chunks,
-        tied=[list(g) for g in data.get("tied", [])],
+        tied=[_strings(group, "a 'tied' group", source) for group in tied],
         files=files,
         file_sha256=file_sha256,
-        transformers_version=data.get("transformers_version", ""),
+        transformers_version=_typed(
+            data.get("transformers_version", ""), str, "'transformers_version'", source
+        ),
         format_version=version,
     )

@@ -236,9 +236,23 @@ class CachedStore:
                 f"{actual[:12]}…; not cached. Re-run the chunker or check the store"
             )
 
-    def invalidate(self, name: str) -> None:
+    def read_head(self, name: str, length: int) -> tuple[bytes, int | None]:
+        """From the cached copy when there is one (a warm restart asks nothing of the origin;
+        the copy is hashed whole when it is read), else from the origin."""
         if name in self._digests:
-            _unlink(self.cache.path(self._digests[name][1]))
+            path = self.cache.path(self._digests[name][1])
+            try:
+                with open(path, "rb") as f:
+                    return f.read(length), os.fstat(f.fileno()).st_size
+            except FileNotFoundError:
+                pass
+        return self.origin.read_head(name, length)
+
+    def invalidate(self, name: str) -> None:
+        """Drop the cached copy of ``name`` (its bytes failed a check): the next read fetches
+        it from the origin."""
+        if name in self._digests and _unlink(self.cache.path(self._digests[name][1])):
+            self.cache.count(discarded=1)
 
     def exists(self, name: str) -> bool:
         return self.origin.exists(name)
@@ -256,6 +270,10 @@ def _touch(path: Path) -> None:
         os.utime(path)  # most recently used: evicted last
 
 
-def _unlink(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
+def _unlink(path: Path) -> bool:
+    """Remove ``path``; whether it was there."""
+    try:
         path.unlink()
+    except FileNotFoundError:
+        return False
+    return True

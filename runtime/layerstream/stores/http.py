@@ -3,8 +3,10 @@ over a pool of reused connections."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
+from collections.abc import Iterator
 from urllib.parse import quote, urlsplit
 
 import httpx
@@ -72,36 +74,26 @@ class HTTPStore:
         """One GET: the body into ``view`` (returns bytes filled) or as bytes. Transient
         failures raise Transient, the rest a ChunkStoreError naming the URL."""
         url = self._url(name)
-        try:
-            with self._client.stream("GET", url, headers=headers) as response:
-                self._check_status(response, url)
-                if view is None:
-                    body = response.read()
-                    _check_length(response, len(body), url)
-                    return response, body
-                filled = 0
-                for piece in response.iter_raw():
-                    end = filled + len(piece)
-                    if end > len(view) and response.status_code == 200:
-                        raise Permanent(
-                            f"{url} has more than {len(view)} bytes, more than the manifest "
-                            "allows; the store was modified after chunking: re-run the chunker"
-                        )
-                    if end > len(view):
-                        raise Transient("the server sent more bytes than asked for")
-                    view[filled:end] = piece
-                    filled = end
-                _check_length(response, filled, url)
-                return response, filled
-        except httpx.TimeoutException as exc:
-            raise Transient(f"timed out ({type(exc).__name__})") from exc
-        except httpx.TransportError as exc:  # refused, reset, truncated body, TLS, DNS...
-            if _is_tls_failure(exc):
-                raise Permanent(
-                    f"{url}: TLS verification failed ({exc}); set http_ca_bundle to the CA "
-                    "that signed the server's certificate"
-                ) from exc
-            raise Transient(f"{type(exc).__name__}: {exc or 'connection failed'}") from exc
+        with _transport_errors(url), self._client.stream("GET", url, headers=headers) as response:
+            self._check_status(response, url)
+            if view is None:
+                body = response.read()
+                _check_length(response, len(body), url)
+                return response, body
+            filled = 0
+            for piece in response.iter_raw():
+                end = filled + len(piece)
+                if end > len(view) and response.status_code == 200:
+                    raise Permanent(
+                        f"{url} has more than {len(view)} bytes, more than the manifest "
+                        "allows; the store was modified after chunking: re-run the chunker"
+                    )
+                if end > len(view):
+                    raise Transient("the server sent more bytes than asked for")
+                view[filled:end] = piece
+                filled = end
+            _check_length(response, filled, url)
+            return response, filled
 
     @staticmethod
     def _check_status(response: httpx.Response, url: str) -> None:
@@ -179,6 +171,29 @@ class HTTPStore:
         got, _ = self._ranged.read(url, buffer, first, part, expected)
         return ReadResult(got, None)
 
+    def read_head(self, name: str, length: int) -> tuple[bytes, int | None]:
+        url = self._url(name)
+
+        def get() -> tuple[bytes, int | None]:
+            headers = {"Range": f"bytes=0-{length - 1}"}
+            with _transport_errors(url), self._client.stream("GET", url, headers=headers) as r:
+                self._check_status(r, url)
+                body = bytearray()
+                for piece in r.iter_raw():  # a server that ignores ranges: stop at length
+                    body += piece
+                    if len(body) >= length:
+                        break
+                if r.status_code == 206:
+                    total: int | None = parse_content_range(r.headers.get("content-range"), url)[2]
+                else:
+                    declared = r.headers.get("content-length")
+                    total = int(declared) if declared is not None else None
+            if total is not None and len(body) < min(length, total):
+                raise Transient(f"body cut short ({len(body)} bytes)")
+            return bytes(body[:length]), total
+
+        return self._ranged.policy.run(get, url)
+
     def exists(self, name: str) -> bool:
         url = self._url(name)
 
@@ -202,6 +217,22 @@ class HTTPStore:
     def close(self) -> None:
         self._ranged.close()
         self._client.close()
+
+
+@contextlib.contextmanager
+def _transport_errors(url: str) -> Iterator[None]:
+    """httpx's failures as Transient (retried) or Permanent (a TLS failure: the fix named)."""
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise Transient(f"timed out ({type(exc).__name__})") from exc
+    except httpx.TransportError as exc:  # refused, reset, truncated body, TLS, DNS...
+        if _is_tls_failure(exc):
+            raise Permanent(
+                f"{url}: TLS verification failed ({exc}); set http_ca_bundle to the CA "
+                "that signed the server's certificate"
+            ) from exc
+        raise Transient(f"{type(exc).__name__}: {exc or 'connection failed'}") from exc
 
 
 def _version(response: httpx.Response) -> str | None:

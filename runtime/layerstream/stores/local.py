@@ -5,15 +5,17 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
 import logging
 import mmap
 import os
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import ChunkStoreError
+from ..errors import ChunkIntegrityError, ChunkStoreError
 from ..manifest import check_relative_name
 from .base import Mapped, ReadResult
 
@@ -21,7 +23,13 @@ log = logging.getLogger(__name__)
 
 
 class LocalStore:
-    """Files under one directory; reads go straight into the caller's buffer."""
+    """Files under one directory; reads go straight into the caller's buffer.
+
+    A chunk file must stay inside the store: a symbolic link that resolves outside it is
+    refused (it would serve, or leak the size of, any file the server can read), and files
+    are opened with O_NOFOLLOW, so a chunk replaced by a link after it was checked is refused
+    too.
+    """
 
     def __init__(self, root: str | os.PathLike[str]):
         self.root = Path(root).expanduser().resolve()
@@ -33,38 +41,73 @@ class LocalStore:
                 "run `layerstream chunk` to create it or fix `chunk_store` in model-settings.json"
             )
 
-    def _path(self, name: str) -> Path:
-        check_relative_name(name, f"chunk store {self.root}")
-        return self.root / name
-
-    def _chunk_path(self, name: str) -> str:
+    def _path(self, name: str) -> str:
         path = self._paths.get(name)
         if path is None:
-            path = self._paths[name] = str(self._path(name))
+            check_relative_name(name, f"chunk store {self.root}")
+            path = os.path.realpath(self.root / name)
+            if os.path.commonpath([path, self.root]) != str(self.root):
+                raise ChunkIntegrityError(
+                    f"{self.root / name} is a symbolic link that resolves outside the chunk "
+                    f"store {self.root}; refusing to read it: keep the chunk files inside the "
+                    "store (copy them, or re-run the chunker)"
+                )
+            self._paths[name] = path
         return path
 
-    def read(self, name: str) -> bytes:
+    def _open(self, name: str, action: str = "open") -> int:
         path = self._path(name)
+        with _chunk_file_errors(path, action):
+            return os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+
+    def read(self, name: str) -> bytes:
+        fd = self._open(name)
         try:
-            return path.read_bytes()
-        except FileNotFoundError as exc:
-            raise ChunkStoreError(
-                f"{path} is missing from the chunk store; re-run the chunker"
-            ) from exc
-        except OSError as exc:
-            raise ChunkStoreError(f"cannot read {path}: {exc.strerror or exc}") from exc
+            with _chunk_file_errors(self._path(name), "read"):
+                size = os.fstat(fd).st_size
+                return _pread_all(fd, size, self._path(name))
+        finally:
+            os.close(fd)
+
+    def read_head(self, name: str, length: int) -> tuple[bytes, int]:
+        """The first ``length`` bytes of ``name`` (all of it if shorter) and its size."""
+        fd = self._open(name)
+        try:
+            with _chunk_file_errors(self._path(name), "read"):
+                size = os.fstat(fd).st_size
+                return _pread_all(fd, min(length, size), self._path(name)), size
+        finally:
+            os.close(fd)
+
+    def sha256(self, name: str, block: int = 8 << 20) -> tuple[str, int, str | None]:
+        """sha256 and size of ``name``, read ``block`` bytes at a time (a bounded buffer,
+        whatever the file's size), and its version, or None when the file changed meanwhile."""
+        fd = self._open(name)
+        digest = hashlib.sha256()
+        buffer = memoryview(bytearray(block))
+        try:
+            with _chunk_file_errors(self._path(name), "read"):
+                before = os.fstat(fd)
+                offset = 0
+                while n := os.preadv(fd, [buffer], offset):
+                    digest.update(buffer[:n])
+                    offset += n
+                after = os.fstat(fd)
+        finally:
+            os.close(fd)
+        return digest.hexdigest(), offset, _version(before) if _same(before, after) else None
 
     def read_into(self, name: str, buffer: memoryview, size: int | None = None) -> ReadResult:
         del size  # the file's own size is read from its inode
         path = self._path(name)
-        fd = _open_chunk(path)
+        fd = self._open(name)
         try:
             before = os.fstat(fd)
             size = before.st_size
             if size > len(buffer):
-                raise ChunkStoreError(
-                    f"chunk file {path} has {size} bytes, more than the manifest allows "
-                    f"({len(buffer)}); the store was modified: re-run the chunker"
+                raise ChunkIntegrityError(
+                    f"chunk file {path} has more than {len(buffer)} bytes, more than the "
+                    "manifest allows; the store was modified: re-run the chunker"
                 )
             got = 0
             # readv/readinto may return short counts (signals, network file systems): loop.
@@ -74,9 +117,7 @@ class LocalStore:
                     raise ChunkStoreError(f"chunk file {path} ended after {got} of {size} bytes")
                 got += n
             after = os.fstat(fd)
-            stable = (before.st_mtime_ns, before.st_size) == (after.st_mtime_ns, after.st_size)
-            version = f"{before.st_dev}:{before.st_ino}:{size}:{before.st_mtime_ns}"
-            return ReadResult(size, version if stable else None)
+            return ReadResult(size, _version(before) if _same(before, after) else None)
         except OSError as exc:
             raise ChunkStoreError(f"cannot read chunk file {path}: {exc.strerror or exc}") from exc
         finally:
@@ -87,8 +128,8 @@ class LocalStore:
         compute never page-faults on it. Chunk files are immutable while served (the chunker
         replaces files by rename, which leaves a live mapping intact); a file rewritten in
         place gets a new version and is verified again on its next mapping."""
-        path = self._chunk_path(name)
-        fd = _open_chunk(path)
+        path = self._path(name)
+        fd = self._open(name)
         try:
             st = os.fstat(fd)
             data = _map_populated(fd, st.st_size)
@@ -101,9 +142,11 @@ class LocalStore:
     def version(self, name: str) -> str:
         """What :meth:`map` would report as ``name``'s version now (one stat): a kept
         mapping whose file has another version since was rewritten and is mapped again."""
-        path = self._chunk_path(name)
+        path = self._path(name)
         with _chunk_file_errors(path, "stat"):
-            return _version(os.stat(path))
+            # lstat: a chunk replaced by a symbolic link gets a new version, and is then
+            # refused when it is opened (O_NOFOLLOW)
+            return _version(os.stat(path, follow_symlinks=False))
 
     def populate(self, mapping: mmap.mmap) -> None:
         """Fault a mapping's pages in again after :meth:`drop_pages` (GIL released)."""
@@ -130,8 +173,8 @@ class LocalStore:
         if nowait is None:
             return False
         try:
-            fd = os.open(self._chunk_path(name), os.O_RDONLY)
-        except OSError:
+            fd = self._open(name)
+        except ChunkStoreError:
             return False
         probe = bytearray(1)
         try:
@@ -150,8 +193,8 @@ class LocalStore:
         hold the streamed chunks until their next use, freeing them right away spares the
         reads of the next blocks from reclaiming memory first."""
         try:
-            fd = os.open(self._path(name), os.O_RDONLY)
-        except OSError:
+            fd = self._open(name)
+        except ChunkStoreError:
             return
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -161,7 +204,10 @@ class LocalStore:
             os.close(fd)
 
     def exists(self, name: str) -> bool:
-        return self._path(name).is_file()
+        try:
+            return stat.S_ISREG(os.stat(self._path(name), follow_symlinks=False).st_mode)
+        except FileNotFoundError:
+            return False
 
     def list(self) -> list[str]:
         return sorted(str(p.relative_to(self.root)) for p in self.root.rglob("*") if p.is_file())
@@ -171,7 +217,25 @@ class LocalStore:
 
 
 def _version(st: os.stat_result) -> str:
-    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+    """What identifies one content of a file. ctime is in it because userland can set mtime
+    back (``touch -d``) after rewriting a file in place, but not ctime, which any write or
+    metadata change moves forward."""
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
+def _same(before: os.stat_result, after: os.stat_result) -> bool:
+    return _version(before) == _version(after)
+
+
+def _pread_all(fd: int, size: int, path: str) -> bytes:
+    out = bytearray(size)
+    view, got = memoryview(out), 0
+    while got < size:
+        n = os.preadv(fd, [view[got:]], got)
+        if n == 0:
+            raise ChunkStoreError(f"{path} ended after {got} of {size} bytes")
+        got += n
+    return bytes(out)
 
 
 @contextlib.contextmanager
@@ -184,12 +248,12 @@ def _chunk_file_errors(path: str | Path, action: str) -> Iterator[None]:
             f"chunk file {path} is missing; re-run the chunker or check the store"
         ) from exc
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ChunkIntegrityError(
+                f"chunk file {path} is a symbolic link; refusing to follow it: keep the chunk "
+                "files inside the store (copy them, or re-run the chunker)"
+            ) from exc
         raise ChunkStoreError(f"cannot {action} chunk file {path}: {exc.strerror or exc}") from exc
-
-
-def _open_chunk(path: str | Path) -> int:
-    with _chunk_file_errors(path, "open"):
-        return os.open(path, os.O_RDONLY)
 
 
 PROBE_STRIDE = 4 << 20

@@ -204,6 +204,22 @@ class S3Store:
         got, _ = self._ranged.read(where, buffer, first, part, size)
         return ReadResult(got, None)
 
+    def read_head(self, name: str, length: int) -> tuple[bytes, int | None]:
+        where = self._where(name)
+
+        def get() -> tuple[bytes, int | None]:
+            response, body = self._get(name, None, Range=f"bytes=0-{length - 1}")
+            assert isinstance(body, bytes)
+            content_range = response.get("ContentRange")
+            total = (
+                parse_content_range(content_range, where)[2]
+                if content_range
+                else response["ContentLength"]
+            )
+            return body[:length], total
+
+        return self._ranged.policy.run(get, where)
+
     def exists(self, name: str) -> bool:
         where = self._where(name)
 
