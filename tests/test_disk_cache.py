@@ -70,7 +70,7 @@ def test_warm_restart_reads_no_bytes_from_the_remote(
     assert proxy.body_bytes == bytes_before
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "swap"])
 def test_damaged_cache_entry_is_discarded_and_fetched_again(
     proxy,
     tmp_path,
@@ -79,12 +79,16 @@ def test_damaged_cache_entry_is_discarded_and_fetched_again(
 ):
     engine = cached_engine(proxy.url, tmp_path, budget="100%")  # every chunk read once
     engine.close()
-    victim = next(p for p in (tmp_path / "sha256").glob("*/*"))
+    entries = sorted((tmp_path / "sha256").glob("*/*"), key=lambda p: (p.stat().st_size, p.name))
+    victim = next(p for p in entries if "model.layers." in _tensor_names(p))
     data = bytearray(victim.read_bytes())
     if damage == "flip":
         data[len(data) // 2] ^= 0xFF
-    else:
+    elif damage == "truncate":
         data = data[: len(data) // 2]
+    else:  # a whole, valid chunk file of the same size, but another block's
+        twin = next(p for p in entries if p != victim and p.stat().st_size == len(data))
+        data = bytearray(twin.read_bytes())
     victim.write_bytes(bytes(data))
     gets = len(proxy.chunk_gets())
 
@@ -209,3 +213,9 @@ def test_manifest_is_revalidated_not_refetched(llama, tmp_path):
         store.close()
         fault.stop()
         server.stop()
+
+
+def _tensor_names(path) -> str:
+    """The header of a cached chunk (enough to tell a block's chunk from the rest)."""
+    data = path.read_bytes()
+    return data[8 : 8 + int.from_bytes(data[:8], "little")].decode(errors="replace")

@@ -188,7 +188,9 @@ def test_streamed_chunks_are_mapped_once_and_their_pages_dropped_after_use(
 def test_a_chunk_replaced_after_it_was_kept_is_mapped_and_verified_again(store_copy):
     """A kept mapping follows the store: a chunk file replaced by rename (a new inode, the
     old mapping still valid) is mapped again and checked against the manifest."""
-    engine = Engine(open_store(str(store_copy)), EngineOptions(memory_budget="25%", read_ahead=0))
+    # no background verification: it could hash the replaced file before the request does
+    options = EngineOptions(memory_budget="25%", read_ahead=0, verify_in_background=False)
+    engine = Engine(open_store(str(store_copy)), options)
     try:
         j = max(engine.plan.streamed)
         path = store_copy / engine.manifest.chunks[engine.manifest.blocks[j].chunk].file
@@ -227,3 +229,46 @@ def test_kept_mappings_are_populated_by_touch_on_old_kernels(
                 assert torch.equal(engine.model(PROMPT).logits, expected)
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("read_ahead", [1, 2])
+def test_every_streamed_block_is_read_once_and_ahead_with_the_read_reader(
+    model_factory, read_ahead
+):
+    """With the read reader, every streamed block crosses from the store on every token: each
+    must be read once, by a read-ahead (all but the request's first), and never a second
+    time on the compute thread. A read-ahead aimed at the wrong block doubles the reads."""
+    options = EngineOptions(
+        memory_budget="40%", read_ahead=read_ahead, reader="read", verify_in_background=False
+    )
+    engine = Engine(open_store(str(model_factory("llama").store)), options)
+    tokens = 6
+    try:
+        assert engine.plan.read_ahead == read_ahead and len(engine.plan.streamed) > read_ahead
+        with engine.request() as scope:
+            engine.model.generate(PROMPT, max_new_tokens=tokens, do_sample=False, pad_token_id=0)
+        misses = scope.stats.cache_misses
+        assert misses == tokens * len(engine.plan.streamed)
+        # the read-aheads past the request's last block serve the next request
+        assert misses <= scope.stats.chunks_read <= misses + read_ahead
+        assert scope.stats.read_aheads >= misses - 1
+    finally:
+        engine.close()
+
+
+def test_block_order_predicts_the_next_blocks_and_learns_jumps():
+    from types import SimpleNamespace
+
+    from layerstream.streamer import BlockOrder
+
+    prefixes = ["encoder.block.0", "encoder.block.1", "decoder.block.0", "decoder.block.1"]
+    order = BlockOrder(SimpleNamespace(blocks=[SimpleNamespace(prefix=p) for p in prefixes]))
+    assert order.upcoming(0, frozenset(), 1) == [1]
+    assert order.upcoming(1, frozenset(), 1) == [0]  # a list wraps to its own first block
+    assert order.upcoming(2, frozenset(), 2) == [3]  # never past the block itself
+    assert order.upcoming(0, frozenset({1}), 1) == []  # skipped (pinned) blocks are not read
+    for j in (0, 1, 2, 3, 2, 3):  # an encoder pass, then the decoder loop
+        order.observe(j)
+    assert order.upcoming(1, frozenset(), 1) == [2]  # learned: the encoder hands over
+    assert order.upcoming(3, frozenset(), 1) == [2]
+    assert order.upcoming(1, frozenset(), 3) == [2, 3]

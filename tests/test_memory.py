@@ -54,3 +54,23 @@ def test_peak_rss_stays_within_budget_plus_working_set(big_model):
     )
     # and the resident model really needs the whole model: the budget made the difference
     assert resident["peak"] - resident["baseline"] >= manifest.total_bytes * 0.9
+
+
+@pytest.mark.parametrize("budget", ["100%", "25%"])
+@pytest.mark.parametrize("name", ["gpt2", "t5"])
+def test_tied_weights_are_one_tensor_after_load(model_factory, name, budget):
+    """lm_head = embeddings (and T5's shared embeddings) are one tensor, as in
+    from_pretrained, not a second copy of the largest weight in memory."""
+    from layerstream.engine import Engine, EngineOptions
+    from layerstream.skeleton import get_tensor
+    from layerstream.stores import open_store
+
+    engine = Engine(open_store(str(model_factory(name).store)), EngineOptions(budget))
+    try:
+        groups = engine.manifest.tied
+        assert groups
+        for group in groups:
+            tensors = [get_tensor(engine.model, key) for key in group]
+            assert all(t is tensors[0] for t in tensors), group
+    finally:
+        engine.close()

@@ -181,7 +181,9 @@ def test_engine_over_s3_is_exact(s3, s3_env, s3_model, reference_ids):
         engine.close()
 
 
-def test_s3_wrong_credentials_say_so(s3, s3_model, monkeypatch):
+def test_s3_wrong_credentials_say_so(s3, s3_model, monkeypatch, caplog):
+    """Access denied is permanent: it fails at the first answer, never retried until the
+    deadline (which would only delay the same error)."""
     for key, value in s3.env(wrong=True).items():
         monkeypatch.setenv(key, value)
     with pytest.raises(ChunkStoreError) as info:
@@ -190,6 +192,8 @@ def test_s3_wrong_credentials_say_so(s3, s3_model, monkeypatch):
     assert "s3://models/llama/manifest.json" in message
     assert "access denied (SignatureDoesNotMatch)" in message
     assert "AWS_ACCESS_KEY_ID" in message
+    assert "gave up after" not in message
+    assert not [r for r in caplog.records if "retry" in r.getMessage()]
 
 
 def test_s3_missing_bucket_and_key_say_so(s3, s3_env):

@@ -12,25 +12,24 @@ streamer's I/O threads.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedModel
+from transformers import PreTrainedModel
 
 from . import tuning
 from .errors import ChunkIntegrityError, ManifestError, RequestCancelled
 from .hooks import BlockSlots
-from .manifest import MANIFEST_NAME, Manifest
+from .integrity import BackgroundVerifier, check_chunk_heads, chunk_specs
+from .manifest import MANIFEST_NAME, ChunkInfo, Manifest
 from .residency import ResidencyPlan, plan_residency, resolve_budget
+from .sidefiles import load_side_files
 from .skeleton import block_prefixes, build_skeleton, get_tensor, scope_of, set_tensor
-from .stores import ChunkStore
+from .stores import ChunkStore, LocalStore
 from .streamer import Loaded, StreamStats, WeightStreamer
 from .units import format_size
 
@@ -43,6 +42,7 @@ class EngineOptions:
     read_ahead: int | str = "auto"  # see tuning.py for what "auto" means
     io_threads: int | str = "auto"
     verify_checksums: str = "once"  # see streamer.VERIFY_MODES
+    verify_in_background: bool = True  # hash streamed local chunks after load (integrity.py)
     reader: str = "auto"  # see streamer.READERS
 
 
@@ -56,24 +56,6 @@ class RequestScope:
     stats: StreamStats = field(default_factory=StreamStats)
 
 
-def read_side_file(store: ChunkStore, manifest: Manifest, name: str) -> bytes:
-    """A config or tokenizer file, checked against the manifest's sha256 (when it has one);
-    a mismatch is fetched once more from the origin, then fails the load."""
-    expected = manifest.file_sha256.get(name)
-    for attempt in (1, 2):
-        data = store.read(name)
-        if expected is None or hashlib.sha256(data).hexdigest() == expected:
-            return data
-        invalidate = getattr(store, "invalidate", None)
-        if invalidate is not None:
-            invalidate(name)
-        log.warning("%s/%s failed its sha256 check (attempt %d)", store.uri, name, attempt)
-    raise ChunkIntegrityError(
-        f"{store.uri}/{name} does not match the manifest's sha256 (fetched twice); "
-        "re-run the chunker or check the store"
-    )
-
-
 class Engine:
     def __init__(self, store: ChunkStore, options: EngineOptions):
         started = time.perf_counter()
@@ -85,11 +67,10 @@ class Engine:
         expect = getattr(store, "expect", None)
         if expect is not None:  # a disk cache finds its entries by the manifest's digests
             expect(self.manifest)
-        self._files = tempfile.TemporaryDirectory(prefix="layerstream-model-")
-        self.files_dir = Path(self._files.name)
-        for name in self.manifest.files:
-            (self.files_dir / name).write_bytes(read_side_file(store, self.manifest, name))
-        self.config = AutoConfig.from_pretrained(self.files_dir)
+        side = load_side_files(store, self.manifest)
+        self.config = side.config
+        self.tokenizer = side.tokenizer
+        self.generation_config = side.generation_config
         self.model: PreTrainedModel = build_skeleton(
             self.config, self.manifest.architecture, self.manifest.dtype
         )
@@ -105,6 +86,9 @@ class Engine:
         )
         self.io_threads = tuning.io_threads(options.io_threads, self.plan.read_ahead)
         self.evict_after_use = tuning.evict_after_use(self.manifest, self.plan)
+        self.blocks = [BlockSlots(p, self.model.get_submodule(p)) for p in self.prefixes]
+        specs = chunk_specs(self.model, self.manifest, self.prefixes, self.blocks)
+        self.verifier: BackgroundVerifier | None = None
         self.streamer = WeightStreamer(
             store,
             self.manifest,
@@ -113,16 +97,15 @@ class Engine:
             options.verify_checksums,
             options.reader,
             self.evict_after_use,
+            specs,
         )
-        self.blocks = [BlockSlots(p, self.model.get_submodule(p)) for p in self.prefixes]
-        # The first integrity failure found after load (a damaged streamed chunk): the model
-        # stops reporting ready and every request fails with it.
-        self.damage: ChunkIntegrityError | None = None
         self._scope: RequestScope | None = None
         self._active: dict[int, Loaded] = {}
         # streamed blocks whose module holds a kept mapping's tensors between runs
         self._installed: dict[int, dict[str, torch.Tensor]] = {}
+        streamed = [self.manifest.chunks[self.manifest.blocks[j].chunk] for j in self.plan.streamed]
         try:
+            check_chunk_heads(store, streamed, specs, max(self.io_threads, 4))
             self._load_rest()
             for j in sorted(self.plan.resident):
                 self.blocks[j].install(self.streamer.load_resident(self.manifest.blocks[j].chunk))
@@ -131,8 +114,7 @@ class Engine:
             self.close()
             raise
         self._hooks = [self._register(j) for j in range(len(self.blocks))]
-        self.tokenizer = self._load_tokenizer()
-        self.generation_config = self._load_generation_config()
+        self.verifier = self._start_verifier(streamed)
         load_s = time.perf_counter() - started
         stats = self.streamer.stats
         log.info(
@@ -171,6 +153,16 @@ class Engine:
                 if key != source:
                     set_tensor(self.model, key, shared)
 
+    def _start_verifier(self, streamed: list[ChunkInfo]) -> BackgroundVerifier | None:
+        """Remote chunks are hashed on every read; local ones once per version, so a damaged
+        one would go unnoticed until a request needs it, unless hashed now."""
+        options = self.options
+        if not (options.verify_in_background and options.verify_checksums != "off"):
+            return None
+        if not isinstance(self.store, LocalStore) or not streamed:
+            return None
+        return BackgroundVerifier(self.store, streamed, self.streamer.health, self.streamer.evict)
+
     def _check_materialised(self) -> None:
         missing = [
             key
@@ -181,20 +173,6 @@ class Engine:
             raise ManifestError(
                 f"the chunk store has no values for {missing[:5]}; re-run the chunker"
             )
-
-    def _load_tokenizer(self):
-        if not any(
-            name.startswith("tokenizer") or name == "vocab.json" for name in self.manifest.files
-        ):
-            return None
-        return AutoTokenizer.from_pretrained(self.files_dir)
-
-    def _load_generation_config(self) -> GenerationConfig | None:
-        if not self.model.can_generate():
-            return None
-        if "generation_config.json" in self.manifest.files:
-            return GenerationConfig.from_pretrained(self.files_dir)
-        return GenerationConfig.from_model_config(self.config)
 
     # -- hooks -------------------------------------------------------------------------------
     def _register(self, j: int) -> list[torch.utils.hooks.RemovableHandle]:
@@ -232,9 +210,14 @@ class Engine:
     def _streamed_post(self, j: int) -> Callable[[nn.Module, tuple, object], None]:
         def post(module: nn.Module, args: tuple, output: object) -> None:
             loaded = self._active.pop(j, None)
-            if loaded is None or not loaded.kept:
+            if loaded is None:
                 self._uninstall(j)
-            if loaded is not None:
+                return
+            try:
+                self.streamer.check_unchanged(loaded)
+            finally:
+                if not loaded.kept:
+                    self._uninstall(j)
                 self.streamer.release(loaded)
 
         return post
@@ -286,7 +269,15 @@ class Engine:
             for handle in handles:
                 handle.remove()
 
+    @property
+    def damage(self) -> ChunkIntegrityError | None:
+        """The first damaged chunk found after load (in the background or by a request), until
+        a verified version of it replaces it: the model is unusable meanwhile."""
+        return self.streamer.health.damage
+
     def close(self) -> None:
+        if self.verifier is not None:
+            self.verifier.close()
         for handles in getattr(self, "_hooks", []):
             for handle in handles:
                 handle.remove()
@@ -294,4 +285,3 @@ class Engine:
             self._uninstall(j)  # the views go first, so close can unmap the mappings
         self.streamer.close()
         self.store.close()
-        self._files.cleanup()

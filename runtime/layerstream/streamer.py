@@ -22,11 +22,19 @@ from typing import TypeVar
 import torch
 
 from .buffers import BufferPool
-from .chunkfile import TensorSlot, parse_layout, tensors_from_layout, verify
+from .chunkfile import (
+    ChunkSpec,
+    TensorSlot,
+    check_layout,
+    parse_layout,
+    tensors_from_layout,
+    verify,
+)
 from .errors import ChunkIntegrityError, ChunkStoreError
+from .integrity import ChunkHealth, once_more
 from .manifest import ChunkInfo, Manifest
 from .residency import ResidencyPlan
-from .stores import ChunkStore
+from .stores import ChunkStore, LocalStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -95,6 +103,13 @@ class KeptMapping:
     tensors: dict[str, torch.Tensor] | None = field(repr=False, default=None)
 
 
+def _view(mapping: mmap.mmap) -> torch.Tensor:
+    with warnings.catch_warnings():
+        # read-only on purpose: weights are never written
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        return torch.frombuffer(mapping, dtype=torch.uint8)
+
+
 def _unmap(mapping: mmap.mmap) -> None:
     try:
         mapping.close()
@@ -161,14 +176,17 @@ class WeightStreamer:
         verify_checksums: str,
         reader: str = "auto",
         evict_after_use: bool = False,
+        specs: dict[str, ChunkSpec] | None = None,
     ):
         self.store = store
+        # what each chunk must hold (names, dtypes, shapes of the model built from the config)
+        self.specs = specs or {}
         self.manifest = manifest
         self.plan = plan
         if verify_checksums not in VERIFY_MODES:
             raise ValueError(f"verify_checksums must be one of {', '.join(VERIFY_MODES)}")
         self.verify_checksums = verify_checksums
-        self._verified: dict[str, str] = {}  # chunk name -> store version whose sha256 passed
+        self.health = ChunkHealth()
         # chunk name -> (store version, parsed header): a streamed block's header is parsed
         # once, not on every token (less Python on the I/O thread, less GIL for compute)
         self._layouts: dict[str, tuple[str, list[TensorSlot]]] = {}
@@ -182,7 +200,7 @@ class WeightStreamer:
         self._probe: Callable[[str], bool] | None = probe if self.reader == "mmap" else None
         self._kept: dict[int, KeptMapping] = {}
         evict = getattr(store, "evict", None)
-        self._evict: Callable[[str], None] | None = evict if evict_after_use else None
+        self.evict: Callable[[str], None] | None = evict if evict_after_use else None
         self._pool: BufferPool | None = None
         self._slots: threading.BoundedSemaphore | None = None
         if plan.pool_slots and self.reader == "read":
@@ -216,32 +234,26 @@ class WeightStreamer:
         return self._refetching(info, read)
 
     def _refetching(self, info: ChunkInfo, read: Callable[[], T]) -> T:
-        """``read()``; if its bytes fail the sha256 check (corrupted in transit, a bad cache
-        entry), drop any cached copy and read once more from the origin, then give up."""
-        try:
-            return read()
-        except ChunkIntegrityError as exc:
-            log.warning("%s; reading %s once more from %s", exc, info.file, self.store.uri)
-            invalidate = getattr(self.store, "invalidate", None)
-            if invalidate is not None:
-                invalidate(info.file)
+        """``read()``, once more from the origin if its bytes fail their check; a local
+        chunk that still fails is damaged in the store, and the model with it."""
+
+        def counted(exc: ChunkIntegrityError) -> None:
             with self._lock:
                 self.stats.refetches += 1
-        return read()
 
-    def _map_chunk(self, info: ChunkInfo) -> tuple[torch.Tensor, mmap.mmap, str | None]:
-        """Map one chunk (no copy: the tensors view the page cache) and verify it."""
-        return self._refetching(info, lambda: self._map_once(info))
+        try:
+            return once_more(self.store, info.file, read, counted)
+        except ChunkIntegrityError as exc:
+            if isinstance(self.store, LocalStore):
+                self.health.failed(info.name, exc)
+            raise
 
     def _map_once(self, info: ChunkInfo) -> tuple[torch.Tensor, mmap.mmap, str | None]:
         start = time.perf_counter()
         mapped = self.store.map(info.file)
         data: torch.Tensor | None = None
         try:
-            with warnings.catch_warnings():
-                # read-only on purpose: weights are never written
-                warnings.filterwarnings("ignore", message="The given buffer is not writable")
-                data = torch.frombuffer(mapped.data, dtype=torch.uint8)
+            data = _view(mapped.data)
             self._check(info, data, mapped.version, start)
         except BaseException:
             data = None  # release the view before unmapping
@@ -255,6 +267,9 @@ class WeightStreamer:
         cached = self._layouts.get(info.name)
         if cached is None or version is None or cached[0] != version:
             layout = parse_layout(info, data)
+            spec = self.specs.get(info.name)
+            if spec is not None:
+                check_layout(info, layout, spec)
             if version is not None:
                 self._layouts[info.name] = (version, layout)
         else:
@@ -268,27 +283,34 @@ class WeightStreamer:
         version: str | None,
         start: float,
         verified: bool = False,
+        always: bool = False,
     ) -> None:
+        """Count a read and check its bytes: the size always, the sha256 unless the store
+        verified them (``verified``) or this version of the file passed before (``always``
+        overrides that: for a copy made after the file was checked)."""
         read_done = time.perf_counter()
-        if data.numel() != info.bytes or (not verified and self._must_verify(info.name, version)):
+        must = always and self.verify_checksums != "off"
+        if (
+            data.numel() != info.bytes
+            or must
+            or (not verified and self._must_verify(info, version))
+        ):
             verify(info, data, self.store.uri)
+            self.health.passed(info.name, version)
             with self._lock:
                 self.stats.chunks_verified += 1
-                if version is not None:
-                    self._verified[info.name] = version
         with self._lock:
             self.stats.bytes_read += data.numel()
             self.stats.chunks_read += 1
             self.stats.read_s += read_done - start
             self.stats.verify_s += time.perf_counter() - read_done
 
-    def _must_verify(self, chunk: str, version: str | None) -> bool:
+    def _must_verify(self, info: ChunkInfo, version: str | None) -> bool:
         if self.verify_checksums == "off":
             return False
-        if self.verify_checksums == "always" or version is None:
+        if self.verify_checksums == "always":
             return True
-        with self._lock:
-            return self._verified.get(chunk) != version
+        return not self.health.is_verified(info.name, version)
 
     def load_resident(self, chunk: str) -> dict[str, torch.Tensor]:
         """A chunk's tensors in memory of their own, for good (the rest, pinned blocks).
@@ -299,17 +321,24 @@ class WeightStreamer:
         """
         info = self.manifest.chunks[chunk]
         if self.reader == "mmap":
-            data, mapping, version = self._map_chunk(info)
-            try:
-                copy = data.clone()
-            finally:
-                del data
-                _unmap(mapping)
-            if self._evict is not None:
-                self._evict(info.file)  # the copy is what stays; its page cache would not
+            copy, version = self._refetching(info, lambda: self._copy_mapped(info))
+            if self.evict is not None:
+                self.evict(info.file)  # the copy is what stays; its page cache would not
             return self._tensors(info, copy, version)
         buffer, version = self.read_chunk(info)
         return self._tensors(info, buffer, version)
+
+    def _copy_mapped(self, info: ChunkInfo) -> tuple[torch.Tensor, str | None]:
+        """A copy of a mapped chunk, hashed after it was made: a file rewritten between a
+        check of the mapping and the copy would otherwise stay in memory unverified."""
+        start = time.perf_counter()
+        mapped = self.store.map(info.file)
+        try:
+            copy = _view(mapped.data).clone()
+        finally:
+            _unmap(mapped.data)
+        self._check(info, copy, mapped.version, start, always=True)
+        return copy, mapped.version
 
     def _load_streamed(self, j: int) -> Loaded:
         """Read or map block j and verify it (on an I/O thread when read ahead). The tensor
@@ -376,8 +405,8 @@ class WeightStreamer:
         finally:
             assert self._slots is not None
             self._slots.release()
-        if self._evict is not None:
-            self._evict(info.file)
+        if self.evict is not None:
+            self.evict(info.file)
 
     # -- the compute thread's side ---------------------------------------------------------
     def hit(self) -> None:
@@ -448,6 +477,22 @@ class WeightStreamer:
         if self._probe is None:
             return False
         return self._probe(self.manifest.chunks[self.manifest.blocks[k].chunk].file)
+
+    def check_unchanged(self, loaded: Loaded) -> None:
+        """After block ``loaded`` has run: a kept mapping's file must still have the version
+        checked before the block ran. A file rewritten in place shows through a shared
+        mapping at once, so a change means the block may have run on bytes nobody verified:
+        the request fails (its next use maps and verifies the file again)."""
+        if not loaded.kept:
+            return
+        info = loaded.info
+        now = self.store.version(info.file)
+        if now != loaded.version:
+            raise ChunkIntegrityError(
+                f"chunk {info.name} ({info.file} in {self.store.uri}) was modified while its "
+                "block ran, so this request's output cannot be trusted; retry it. Replace "
+                "chunk files by rename (as the chunker does), never rewrite them in place"
+            )
 
     def release(self, loaded: Loaded) -> None:
         if loaded.release is not None:

@@ -1,0 +1,232 @@
+"""Is the chunk store what the model needs? Checked at load, in the background, and on use.
+
+- At load, every streamed chunk's size and safetensors header are read (a few KiB each) and
+  checked against the manifest and against the tensors the model built from the config
+  needs (names, dtypes, shapes): a truncated chunk, or a chunk of another model with a
+  consistent sha256, fails the load instead of every request.
+- After load, a low-priority thread hashes every streamed chunk of a local store; a mismatch
+  takes the model out of readiness (so an orchestrator reschedules it) before a request
+  finds it. Remote chunks are hashed on every read instead.
+- ``ChunkHealth`` remembers which version of each chunk passed its sha256 check and which
+  chunks failed: the streamer hashes a local chunk again only when its version changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import torch
+from torch import nn
+
+from .chunkfile import (
+    HEADER_PROBE,
+    ChunkSpec,
+    TensorSpec,
+    check_layout,
+    header_length,
+    parse_header,
+)
+from .errors import ChunkIntegrityError
+from .hooks import BlockSlots
+from .manifest import ChunkInfo, Manifest
+from .skeleton import TORCH_DTYPES, scope_of
+from .stores import CachedStore, ChunkStore, LocalStore
+from .units import format_size
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class ChunkHealth:
+    """Thread-safe record of verified chunk versions and of damaged chunks."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._verified: dict[str, str] = {}  # chunk name -> store version whose sha256 passed
+        self._damaged: dict[str, ChunkIntegrityError] = {}
+
+    def is_verified(self, chunk: str, version: str | None) -> bool:
+        with self._lock:
+            return version is not None and self._verified.get(chunk) == version
+
+    def passed(self, chunk: str, version: str | None) -> None:
+        with self._lock:
+            if version is not None:
+                self._verified[chunk] = version
+            self._damaged.pop(chunk, None)
+
+    def failed(self, chunk: str, error: ChunkIntegrityError) -> None:
+        """``chunk`` is damaged in the store (not in transit): the model is unusable until a
+        verified version of it replaces it (or the model is reloaded)."""
+        with self._lock:
+            self._verified.pop(chunk, None)
+            first = not self._damaged
+            self._damaged[chunk] = error
+        if first:
+            log.error("model unusable, no longer ready: %s", error.message)
+
+    @property
+    def damage(self) -> ChunkIntegrityError | None:
+        with self._lock:
+            return next(iter(self._damaged.values()), None)
+
+
+def chunk_specs(
+    model: nn.Module, manifest: Manifest, prefixes: list[str], blocks: list[BlockSlots]
+) -> dict[str, ChunkSpec]:
+    """What each chunk must hold, from the model built on the meta device: a block's chunk
+    exactly its block's tensors (one of each group tied within the block), the rest chunks
+    any of the other tensors (whether together they cover them is checked once loaded)."""
+    dtype = TORCH_DTYPES[manifest.dtype]
+
+    def spec(value: torch.Tensor) -> TensorSpec:
+        # the chunker writes floating tensors in the manifest's dtype, the others as they are
+        return TensorSpec(dtype if value.is_floating_point() else value.dtype, tuple(value.shape))
+
+    rest = {
+        key: spec(value)
+        for key, value in model.state_dict(keep_vars=True).items()
+        if scope_of(key, prefixes) is None
+    }
+    specs = {name: ChunkSpec(rest) for name in manifest.rest}
+    for block, slots in zip(manifest.blocks, blocks, strict=True):
+        base = block.prefix + "."
+        groups = {frozenset(base + a for a in slots.aliases.get(k, (k,))) for k in slots.slots}
+        specs[block.chunk] = ChunkSpec(
+            {base + k: spec(v) for k, v in slots.placeholders.items()}, tuple(groups)
+        )
+    return specs
+
+
+def once_more(
+    store: ChunkStore,
+    name: str,
+    read: Callable[[], T],
+    on_retry: Callable[[ChunkIntegrityError], None] | None = None,
+) -> T:
+    """``read()``; if its bytes fail an integrity check (corrupted in transit, a damaged
+    disk-cache entry), drop any cached copy of ``name`` and read once more from the origin,
+    then give up."""
+    try:
+        return read()
+    except ChunkIntegrityError as exc:
+        log.warning("%s; reading %s once more from %s", exc.message, name, store.uri)
+        if isinstance(store, CachedStore):
+            store.invalidate(name)
+        if on_retry is not None:
+            on_retry(exc)
+    return read()
+
+
+def check_chunk_heads(
+    store: ChunkStore, infos: Iterable[ChunkInfo], specs: dict[str, ChunkSpec], threads: int
+) -> None:
+    """Read every chunk's size and header (in parallel: remote stores answer one ranged read
+    per chunk) and check them; the first problem fails the load."""
+    infos = list(infos)
+    if not infos:
+        return
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max(threads, 1), thread_name_prefix="layerstream-check") as pool:
+        for future in [pool.submit(_check_head, store, info, specs[info.name]) for info in infos]:
+            future.result()
+    log.info(
+        "checked the size and tensors of %d streamed chunks in %.3fs",
+        len(infos),
+        time.perf_counter() - started,
+    )
+
+
+def _check_head(store: ChunkStore, info: ChunkInfo, spec: ChunkSpec) -> None:
+    once_more(store, info.file, lambda: _check_head_once(store, info, spec))
+
+
+def _check_head_once(store: ChunkStore, info: ChunkInfo, spec: ChunkSpec) -> None:
+    head, size = store.read_head(info.file, HEADER_PROBE)
+    if size is not None and size != info.bytes:
+        raise ChunkIntegrityError(
+            f"chunk {info.name} ({info.file} in {store.uri}) has {size} bytes, the manifest "
+            f"says {info.bytes}; the store is truncated or was modified: re-run the chunker"
+        )
+    size = info.bytes if size is None else size
+    length = header_length(info, head[:8], size)
+    if len(head) < 8 + length:
+        head, _ = store.read_head(info.file, 8 + length)
+    check_layout(info, parse_header(info, head, size), spec)
+
+
+class BackgroundVerifier:
+    """Hashes the streamed chunks of a local store once, on a thread of lowest CPU priority,
+    recording each result in ``health``. ``done`` is set when the pass has ended."""
+
+    def __init__(
+        self,
+        store: LocalStore,
+        infos: list[ChunkInfo],
+        health: ChunkHealth,
+        evict: Callable[[str], None] | None = None,
+    ):
+        self.store, self.infos, self.health, self._evict = store, infos, health, evict
+        self.done = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="layerstream-verify", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            # Linux applies a thread id's nice value to that thread alone: hashing then uses
+            # only CPU time nothing else wants.
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except OSError:
+            log.debug("could not lower the background verifier's priority")
+        started, hashed, total = time.perf_counter(), 0, 0
+        try:
+            for info in self.infos:
+                if self._stop.is_set():
+                    return
+                total += self._verify(info)
+                hashed += 1
+            log.info(
+                "verified %d streamed chunks (%s) in the background in %.1fs",
+                hashed,
+                format_size(total),
+                time.perf_counter() - started,
+            )
+        except Exception:
+            # a failure to read is reported by the requests that need the chunk; the
+            # verifier only ever adds evidence of damage, it never withholds a request
+            log.exception("background verification stopped")
+        finally:
+            self.done.set()
+
+    def _verify(self, info: ChunkInfo) -> int:
+        if self.health.is_verified(info.name, self.store.version(info.file)):
+            return 0
+        digest, size, version = self.store.sha256(info.file)
+        if self._evict is not None:
+            self._evict(info.file)
+        if version is None:
+            return size  # rewritten while hashed: its next use checks the new version
+        if size == info.bytes and digest == info.sha256:
+            self.health.passed(info.name, version)
+        else:
+            self.health.failed(
+                info.name,
+                ChunkIntegrityError(
+                    f"chunk {info.name} ({info.file} in {self.store.uri}) failed its sha256 "
+                    f"check in the background ({size} bytes, sha256 {digest[:12]}…; the "
+                    f"manifest says {info.bytes} bytes, {info.sha256[:12]}…): the store is "
+                    "damaged; re-run the chunker, then reload the model"
+                ),
+            )
+        return size
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -1,0 +1,120 @@
+"""The model's config, generation config and tokenizer, read from the chunk store.
+
+transformers loads tokenizers only from files, so the side files go through a temporary
+directory that lives only while they are parsed. A process killed meanwhile would leave it
+behind: each directory holds a lock file locked (flock) by its owner for the directory's
+lifetime, so any later load removes directories whose lock nobody holds any more, and never
+one that a live process (this one or another) is still using.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig
+
+from .errors import ChunkIntegrityError
+from .integrity import once_more
+from .manifest import Manifest
+from .skeleton import model_class
+from .stores import ChunkStore
+
+log = logging.getLogger(__name__)
+
+PREFIX = "layerstream-model-"
+LOCK_NAME = ".owner.lock"
+
+
+@dataclass
+class SideFiles:
+    config: PretrainedConfig
+    tokenizer: object | None  # a transformers tokenizer, when the store has one
+    generation_config: GenerationConfig | None  # for models that can generate
+
+
+def read_side_file(store: ChunkStore, manifest: Manifest, name: str) -> bytes:
+    """A config or tokenizer file, checked against the manifest's sha256 (when it has one);
+    a mismatch is fetched once more from the origin, then fails the load."""
+    expected = manifest.file_sha256.get(name)
+
+    def read() -> bytes:
+        data = store.read(name)
+        if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+            raise ChunkIntegrityError(
+                f"{store.uri}/{name} does not match the manifest's sha256; re-run the chunker "
+                "or check the store"
+            )
+        return data
+
+    try:
+        return once_more(store, name, read)
+    except ChunkIntegrityError as exc:
+        raise ChunkIntegrityError(f"{exc.message} (fetched twice)") from exc
+
+
+def load_side_files(store: ChunkStore, manifest: Manifest) -> SideFiles:
+    remove_stale_directories()
+    with _owned_directory() as folder:
+        for name in manifest.files:
+            (folder / name).write_bytes(read_side_file(store, manifest, name))
+        config = AutoConfig.from_pretrained(folder)
+        tokenizer = None
+        if any(n.startswith("tokenizer") or n == "vocab.json" for n in manifest.files):
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        generation_config = None
+        if model_class(manifest.architecture).can_generate():
+            generation_config = (
+                GenerationConfig.from_pretrained(folder)
+                if "generation_config.json" in manifest.files
+                else GenerationConfig.from_model_config(config)
+            )
+    return SideFiles(config, tokenizer, generation_config)
+
+
+@contextlib.contextmanager
+def _owned_directory() -> Iterator[Path]:
+    folder = Path(tempfile.mkdtemp(prefix=PREFIX))
+    lock = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.close(lock)
+
+
+def remove_stale_directories(root: str | None = None) -> int:
+    """Remove side-file directories left by processes that died while loading; returns how
+    many. A directory is stale when its lock file is not locked: the kernel drops a dead
+    process's locks, and a live owner holds its lock until it removes the directory."""
+    removed = 0
+    for folder in Path(root or tempfile.gettempdir()).glob(f"{PREFIX}*"):
+        if folder.is_dir() and not folder.is_symlink() and _unowned(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+    if removed:
+        log.info("removed %d side-file director(ies) left by killed processes", removed)
+    return removed
+
+
+def _unowned(folder: Path) -> bool:
+    try:
+        fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_NOFOLLOW)
+    except OSError:  # no lock file yet (being created) or not ours to judge
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False  # a live process holds it
+    finally:
+        os.close(fd)  # closing drops the lock we may have taken
+    return True

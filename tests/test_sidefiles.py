@@ -1,0 +1,53 @@
+"""Config and tokenizer files pass through a temporary directory that never outlives a
+load, not even one killed with SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from layerstream.engine import Engine, EngineOptions
+from layerstream.sidefiles import PREFIX, _owned_directory, remove_stale_directories
+from layerstream.stores import open_store
+
+KILLED_WHILE_LOADING = """
+import os, signal, sys
+from layerstream.sidefiles import _owned_directory
+with _owned_directory() as folder:
+    (folder / "config.json").write_text("{}")
+    print(folder, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def leftovers(root: Path) -> list[Path]:
+    return sorted(root.glob(f"{PREFIX}*"))
+
+
+def test_a_load_leaves_no_directory_behind(model_factory, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    engine = Engine(open_store(str(model_factory("gpt2").store)), EngineOptions("25%"))
+    try:
+        assert engine.tokenizer is not None and not leftovers(tmp_path)
+    finally:
+        engine.close()
+
+
+def test_directories_of_killed_loads_are_removed_and_live_ones_kept(tmp_path, monkeypatch):
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    done = subprocess.run(
+        [sys.executable, "-c", KILLED_WHILE_LOADING], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == -signal.SIGKILL
+    killed = Path(done.stdout.strip())
+    assert killed.parent == tmp_path and (killed / "config.json").exists()
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with _owned_directory() as live:  # a load in progress in a live process: kept
+        assert remove_stale_directories(str(tmp_path)) == 1
+        assert leftovers(tmp_path) == [live]
+    assert not leftovers(tmp_path)
