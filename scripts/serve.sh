@@ -22,6 +22,6 @@ if [ ! -f "model-repo/$NAME/chunks/manifest.json" ]; then
             --name "$NAME" --memory-budget "$BUDGET" --force
     fi
 fi
-echo "serving model-repo/ (REST :8080, gRPC :8081, metrics :8082); try:"
+echo "serving model-repo/ (REST :${MLSERVER_HTTP_PORT:-8080}, gRPC :${MLSERVER_GRPC_PORT:-8081}, metrics :${MLSERVER_METRICS_PORT:-8082}); try:"
 echo "  .venv/bin/layerstream-client generate --model $NAME \"Once upon a time\""
 exec .venv/bin/mlserver start model-repo
