@@ -202,3 +202,114 @@ def test_conversion_table_is_built_only_for_foreign_keys(model_factory, tmp_path
     again = chunk_checkpoint(foreign, tmp_path / "again", "llama", progress=False)
     assert built  # renamed through transformers' table
     assert again.chunks == own.chunks
+
+
+def _tensor_offsets(path: Path) -> tuple[int, dict[str, tuple[str, int, int]]]:
+    """Header length and ``{key: (dtype, begin, end)}`` with absolute file offsets."""
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    header.pop("__metadata__", None)
+    base = 8 + length
+    return length, {
+        k: (e["dtype"], base + e["data_offsets"][0], base + e["data_offsets"][1])
+        for k, e in header.items()
+    }
+
+
+@pytest.mark.parametrize(("name", "dtype"), [("llama", None), ("gpt2", None), ("t5", "bfloat16")])
+def test_every_chunk_tensor_starts_64_byte_aligned(model_factory, name, dtype):
+    """Every tensor of every chunk sits at a multiple of 64 bytes from the file's start, and
+    the files stay plain safetensors: load_file reads the manifest's tensors (and padding)."""
+    from safetensors.torch import load_file
+
+    from layerstream.chunkfile import PADDING_PREFIX, TENSOR_ALIGNMENT
+
+    model = model_factory(name, dtype=dtype)
+    manifest = Manifest.from_json((model.store / "manifest.json").read_text())
+    for info in manifest.chunks.values():
+        length, tensors = _tensor_offsets(model.store / info.file)
+        assert (8 + length) % TENSOR_ALIGNMENT == 0
+        for key, (_, begin, _) in tensors.items():
+            assert begin % TENSOR_ALIGNMENT == 0 or key.startswith(PADDING_PREFIX), key
+        loaded = load_file(model.store / info.file)
+        assert {k for k in loaded if not k.startswith(PADDING_PREFIX)} == set(info.tensors)
+
+
+def test_padding_entries_align_tensors_of_any_size(tmp_path):
+    """Tensors whose sizes are not multiples of 64 bytes get zero-filled U8 padding entries
+    before the next one (safetensors allows no gaps); readers see only the real tensors."""
+    import torch
+    from safetensors.torch import load_file
+
+    from layerstream.chunkfile import PADDING_PREFIX, TENSOR_ALIGNMENT, parse_layout
+    from layerstream.chunkio import ChunkEntry, write_chunk
+    from layerstream.manifest import ChunkInfo
+
+    tensors = {
+        "a": torch.arange(3, dtype=torch.float32),
+        "b": torch.arange(5, dtype=torch.int64),
+        "c": torch.arange(7, dtype=torch.bfloat16),
+        "d": torch.ones(2, 3, dtype=torch.float16),
+        "e": torch.tensor([True, False, True]),
+    }
+    path = tmp_path / "odd.safetensors"
+    size, sha256 = write_chunk(
+        path, [ChunkEntry.of_tensor(k, v) for k, v in tensors.items()], {"format": "pt"}
+    )
+    data = path.read_bytes()
+    assert size == len(data) and sha256 == hashlib.sha256(data).hexdigest()
+    length, layout = _tensor_offsets(path)
+    assert (8 + length) % TENSOR_ALIGNMENT == 0
+    padding = {k: v for k, v in layout.items() if k.startswith(PADDING_PREFIX)}
+    assert len(padding) == len(tensors) - 1  # after every tensor but the last
+    for dtype, begin, end in padding.values():
+        assert dtype == "U8" and data[begin:end] == bytes(end - begin)
+        assert end % TENSOR_ALIGNMENT == 0
+    for key in tensors:
+        assert layout[key][1] % TENSOR_ALIGNMENT == 0, key
+    loaded = load_file(path)
+    for key, value in tensors.items():
+        assert torch.equal(loaded[key], value)
+    info = ChunkInfo("odd", path.name, size, sha256, sorted(tensors))
+    read = parse_layout(info, torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    assert sorted(t.key for t in read) == sorted(tensors)
+
+
+def test_chunker_refuses_tensor_names_with_the_padding_prefix(tmp_path):
+    import torch
+
+    from layerstream.chunkfile import PADDING_PREFIX
+    from layerstream.chunkio import ChunkEntry, write_chunk
+
+    entry = ChunkEntry.of_tensor(f"{PADDING_PREFIX}0", torch.zeros(3))
+    with pytest.raises(ValueError, match="reserved"):
+        write_chunk(tmp_path / "x.safetensors", [entry], {})
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "prefixes"),
+    [
+        ("albert", {}, ["encoder.albert_layer_groups.0"]),
+        ("albert", {"num_hidden_groups": 2}, [f"encoder.albert_layer_groups.{i}" for i in (0, 1)]),
+        ("llama", {"num_hidden_layers": 1}, ["model.layers.0"]),
+        ("distilbert", {"n_layers": 1}, ["transformer.layer.0"]),
+    ],
+)
+def test_blocks_in_lists_of_one_are_found(name, overrides, prefixes):
+    """ALBERT's shared group and one-layer models sit in ModuleLists of length 1; a
+    model without transformers' no-split marks (ALBERT, DistilBERT) gets its largest list."""
+    from architectures import ARCHITECTURES
+    from transformers import AutoConfig
+
+    from layerstream.skeleton import block_prefixes, build_skeleton
+
+    config = dict(ARCHITECTURES[name], **overrides)
+    architecture = config.pop("architectures")[0]
+    model = build_skeleton(
+        AutoConfig.for_model(config.pop("model_type"), **config),
+        architecture,
+        "float32",
+        buffers=False,
+    )
+    assert block_prefixes(model) == prefixes

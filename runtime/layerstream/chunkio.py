@@ -6,7 +6,9 @@ as in-memory tensors (the chunker's conversion path). Bytes are gathered into a 
 buffer and written in large writes at offsets that are multiples of its size; the kernel
 then keeps the file in the page cache as large folios, which the runtime maps with 2 MiB
 page-table entries. The sha256 is computed from the staging buffer while it is written,
-so nothing is read back.
+so nothing is read back. Every tensor starts 64-byte aligned in the file (header padding,
+then padding entries between tensors: ``_aligned``), so the runtime computes with weights
+aligned like those of a from_pretrained model.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .chunkfile import PADDING_PREFIX, TENSOR_ALIGNMENT
 
 STAGING_BYTES = 8 << 20  # a multiple of 2 MiB: every write starts on a huge-page boundary
 
@@ -91,6 +95,28 @@ class ChunkEntry:
         return cls(key, source.dtype, source.shape, source.nbytes, source)
 
 
+def _aligned(entries: list[ChunkEntry]) -> list[ChunkEntry]:
+    """``entries`` with a zero-filled U8 padding entry before every tensor that would not
+    start on a multiple of TENSOR_ALIGNMENT from the start of the data. The header is
+    padded to that multiple too (see ``_header``), so every tensor sits 64-byte aligned in
+    the file, hence in a mapping or a fresh buffer of it, like a fresh torch allocation (a
+    from_pretrained model's): a CPU kernel that handles unaligned rows apart may round
+    otherwise (reported on one machine; docs/exactness.md says what was measured where).
+    safetensors allows no gaps between tensors, so the gaps are tensors of their own, which
+    layerstream's reader skips."""
+    out: list[ChunkEntry] = []
+    offset = 0
+    for e in entries:
+        gap = -offset % TENSOR_ALIGNMENT
+        if gap:
+            key = f"{PADDING_PREFIX}{len(out)}"
+            out.append(ChunkEntry(key, "U8", (gap,), gap, torch.zeros(gap, dtype=torch.uint8)))
+            offset += gap
+        out.append(e)
+        offset += e.nbytes
+    return out
+
+
 def _header(entries: list[ChunkEntry], metadata: dict[str, str]) -> bytes:
     header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
@@ -102,8 +128,8 @@ def _header(entries: list[ChunkEntry], metadata: dict[str, str]) -> bytes:
         }
         offset += e.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
-    # safetensors pads the header with spaces so the data starts 8-byte aligned
-    raw += b" " * (-(8 + len(raw)) % 8)
+    # safetensors accepts trailing spaces in the header: the data starts 64-byte aligned
+    raw += b" " * (-(8 + len(raw)) % TENSOR_ALIGNMENT)
     return len(raw).to_bytes(8, "little") + raw
 
 
@@ -164,14 +190,17 @@ def write_chunk(
     path: Path, entries: Iterable[ChunkEntry], metadata: dict[str, str]
 ) -> tuple[int, str]:
     """Write a safetensors file at ``path`` (via a temporary name, then a rename); return its
-    size and sha256. Tensors are laid out largest item size first, like safetensors, so
-    every tensor is aligned to its element size. The data is on its way to disk but not yet
-    durable: ``sync_files`` waits for it before the manifest is written."""
+    size and sha256. Tensors are laid out largest item size first, like safetensors, each
+    at a multiple of TENSOR_ALIGNMENT bytes (``_aligned``). The data is on its way to disk
+    but not yet durable: ``sync_files`` waits for it before the manifest is written."""
     ordered = sorted(entries, key=lambda e: (-_ITEMSIZE[e.dtype], e.key))
     for e in ordered:
         want = _ITEMSIZE[e.dtype] * math.prod(e.shape)
         if want != e.nbytes:
             raise ValueError(f"tensor {e.key}: {e.nbytes} bytes for shape {e.shape} {e.dtype}")
+        if e.key.startswith(PADDING_PREFIX):
+            raise ValueError(f"tensor {e.key}: the name prefix {PADDING_PREFIX} is reserved")
+    ordered = _aligned(ordered)
     tmp = path.with_name(f".{path.name}.tmp")
     sources: dict[Path, int] = {}
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)

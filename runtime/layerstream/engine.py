@@ -246,29 +246,6 @@ class Engine:
             self._scope = None
             scope.stats = self.streamer.stats.since(scope.before)
 
-    @contextlib.contextmanager
-    def capture_block_outputs(
-        self, on_output: Callable[[int, torch.Tensor], None]
-    ) -> Iterator[None]:
-        """Call ``on_output(j, hidden)`` as soon as block j has produced its hidden states."""
-
-        def hook_for(j: int):
-            def hook(module: nn.Module, args: tuple, output: object) -> None:
-                hidden = output[0] if isinstance(output, tuple | list) else output
-                on_output(j, hidden)
-
-            return hook
-
-        handles = [
-            self.model.get_submodule(p).register_forward_hook(hook_for(j))
-            for j, p in enumerate(self.prefixes)
-        ]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-
     @property
     def damage(self) -> ChunkIntegrityError | None:
         """The first damaged chunk found after load (in the background or by a request), until

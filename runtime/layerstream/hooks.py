@@ -47,7 +47,9 @@ class BlockSlots:
                 if value is None:
                     value = tensors[base + source]
             if is_param and not isinstance(value, nn.Parameter):
-                value = nn.Parameter(value, requires_grad=False)
+                # the skeleton keeps from_pretrained's flag: torch.matmul decomposes
+                # differently on it alone, which changes decode-step rounding on CPU
+                value = nn.Parameter(value, requires_grad=self.placeholders[key].requires_grad)
             installed[key] = value
             if is_param:
                 sub._parameters[name] = value

@@ -219,8 +219,16 @@ def _is_causal(config: PretrainedConfig) -> bool:
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures or [])
 
 
-def write_random_checkpoint(spec: str, dest: Path, seed: int = 0) -> Path:
-    """Save a random-init model + tokenizer with ``save_pretrained``; return ``dest``."""
+def write_random_checkpoint(
+    spec: str, dest: Path, seed: int = 0, weight_scale: float = 1.0
+) -> Path:
+    """Save a random-init model + tokenizer with ``save_pretrained``; return ``dest``.
+
+    ``weight_scale`` multiplies every weight matrix (parameters named ``*weight`` with two
+    or more dimensions; norms, biases and state-space constants keep their init): at
+    transformers' default init the logits are nearly flat and greedy decoding repeats one
+    or two tokens, which makes "same ids" a weak check; at 8 they vary from token to token.
+    """
     config = random_init_config(spec)
     tokenizer = build_tokenizer(config)
     # The built-in text yields fewer BPE merges than a big vocabulary asks for; shrink the
@@ -233,6 +241,11 @@ def write_random_checkpoint(spec: str, dest: Path, seed: int = 0) -> Path:
     cls = getattr(transformers, config.architectures[0])
     torch.manual_seed(seed)
     model = cls(config)
+    if weight_scale != 1.0:
+        with torch.no_grad():
+            for name, param in model.named_parameters():  # a tied weight is listed once
+                if name.endswith("weight") and param.ndim >= 2:
+                    param.mul_(weight_scale)
     log.info(
         "random-init %s: %.1fM parameters", spec, sum(p.numel() for p in model.parameters()) / 1e6
     )

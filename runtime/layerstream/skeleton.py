@@ -4,7 +4,7 @@ Parameters stay on meta (no memory); non-persistent buffers (rotary ``inv_freq``
 ``position_ids``, ...) are materialised and recomputed by the model's own
 ``_init_weights``, because zero-filling them gives silently wrong outputs. Nothing here
 knows any particular architecture: blocks are found as the homogeneous ``ModuleList`` s
-that transformers itself marks as "do not split".
+that transformers itself marks as "do not split" (or, without that mark, the largest).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def build_skeleton(
             with torch.device("meta"), hf_init.meta_device_safe_creation_ops():
                 model = cls(config)
             if not buffers:
-                return model.eval().requires_grad_(False)
+                return model.eval()
             for key, buf in list(model.named_non_persistent_buffers()):
                 owner, _, name = key.rpartition(".")
                 model.get_submodule(owner)._buffers[name] = torch.empty_like(buf, device="cpu")
@@ -62,8 +62,12 @@ def build_skeleton(
             model.initialize_weights()
         finally:
             torch.set_default_dtype(previous)
+    # Parameters keep requires_grad as the model's own init sets it (True), like those of a
+    # from_pretrained model: ATen decomposes some products partly by it (torch.matmul of a
+    # 2-D weight by a batched input), so with other flags the same weights give other
+    # roundings (Mamba's dt_proj: logits 8e-5 apart after 16 steps, docs/exactness.md).
+    # The engine runs every forward in inference_mode, so no graph is ever recorded.
     model.eval()
-    model.requires_grad_(False)
     return model
 
 
@@ -84,15 +88,18 @@ def _param_count(module: nn.Module) -> int:
 def find_block_lists(model: PreTrainedModel) -> list[str]:
     """Qualified names of the ModuleLists that hold the repeated transformer blocks.
 
-    A candidate is a ModuleList of >= 2 children of one class. transformers'
-    ``_no_split_modules`` names the block classes (decoder/encoder layer); without it, the
-    candidate holding the most parameters wins. Lists nested inside a chosen list (MoE
-    experts inside a layer) are not blocks of their own.
+    A candidate is a ModuleList of children of one class; it may hold a single child: a
+    one-layer model, or ALBERT, whose one shared layer group is applied
+    ``num_hidden_layers`` times (the block hooks run on every application, so such a block
+    is pinned, or streamed once per application). transformers' ``_no_split_modules``
+    names the block classes (decoder/encoder layer); without it, the candidate holding the
+    most parameters wins. Lists nested inside a chosen list (MoE experts inside a layer,
+    ALBERT's layers inside a group) are not blocks of their own.
     """
     no_split = set(getattr(model, "_no_split_modules", None) or [])
     candidates = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) >= 2:
+        if isinstance(module, nn.ModuleList) and len(module) >= 1:
             classes = {type(child).__name__ for child in module}
             if len(classes) == 1:
                 candidates.append((name, classes.pop(), _param_count(module)))
@@ -136,14 +143,17 @@ def get_tensor(model: nn.Module, key: str) -> torch.Tensor:
 
 
 def set_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
-    """Put ``tensor`` in place of the parameter or buffer ``key`` (no copy)."""
+    """Put ``tensor`` in place of the parameter or buffer ``key`` (no copy); a parameter
+    keeps the ``requires_grad`` of the one it replaces (see build_skeleton)."""
     owner, _, name = key.rpartition(".")
     module = model.get_submodule(owner) if owner else model
     if name in module._parameters:
         if isinstance(tensor, nn.Parameter):
             module._parameters[name] = tensor
         else:
-            module._parameters[name] = nn.Parameter(tensor, requires_grad=False)
+            placeholder = module._parameters[name]
+            grad = placeholder is not None and placeholder.requires_grad
+            module._parameters[name] = nn.Parameter(tensor, requires_grad=grad)
     elif name in module._buffers:
         module._buffers[name] = tensor
     else:

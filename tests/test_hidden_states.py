@@ -1,0 +1,122 @@
+"""Hidden states follow transformers' own ``output_hidden_states`` numbering (learned by a
+meta-device pass, hidden.py), stream while the forward runs, and never go out wrong: a
+state that turns out not to be transformers' own ends the request with an error."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from conftest import SCALED
+from transformers import AutoConfig
+
+from layerstream import hidden
+from layerstream.capabilities import capabilities
+from layerstream.engine import Engine, EngineOptions
+from layerstream.errors import LayerStreamError
+from layerstream.events import HiddenStateEvent
+from layerstream.hidden import HiddenLayout, LayoutUnknown, learn_layout, run_hidden_states
+from layerstream.protocol import Request
+from layerstream.stores import open_store
+
+PROMPT = [5, 17, 99, 3, 250, 7, 42, 130, 11, 64]
+BLOCKS = 12  # every conftest model
+
+
+@pytest.fixture
+def engine(model_factory):
+    engine = Engine(
+        open_store(str(model_factory("llama", weight_scale=SCALED).store)),
+        EngineOptions(memory_budget="25%", read_ahead=1),
+    )
+    yield engine
+    engine.close()
+
+
+def all_layers(engine: Engine) -> Request:
+    return Request(mode="hidden_states", layers=list(range(capabilities(engine).num_layers + 1)))
+
+
+def test_layout_is_learned_on_the_meta_device(model_factory):
+    """No weights and no I/O: only the config. Llama's states: the embeddings' output, each
+    block's output, the last replaced by the final norm's."""
+    config = AutoConfig.from_pretrained(model_factory("llama").store)
+    layout = learn_layout(config, "LlamaForCausalLM", "float32")
+    assert layout.count == BLOCKS + 1
+    names = [(s.module, s.call, s.output) for s in layout.sources]
+    assert names[0] == ("embed_tokens", 0, True)
+    assert names[1:BLOCKS] == [(f"layers.{k}", 0, True) for k in range(BLOCKS - 1)]
+    assert names[BLOCKS] == ("norm", 0, True)
+
+
+def test_states_stream_as_their_blocks_finish(engine):
+    """State k goes out as soon as the module call producing it has run: the embeddings'
+    before any block, block k-1's output before block k starts, the final norm's last."""
+    runs_at_emit: list[int] = []
+    layers: list[int] = []
+
+    def emit(event: HiddenStateEvent) -> None:
+        stats = engine.streamer.stats
+        runs_at_emit.append(stats.cache_hits + stats.cache_misses)
+        layers.append(event.layer)
+
+    run_hidden_states(engine, all_layers(engine), PROMPT, emit, lambda: False)
+    assert layers == list(range(BLOCKS + 1))
+    before = runs_at_emit[0]
+    assert [r - before for r in runs_at_emit] == list(range(BLOCKS + 1))
+
+
+def test_selected_states_go_out_in_index_order(engine):
+    events: list[HiddenStateEvent] = []
+    request = Request(mode="hidden_states", layers=[0, 5, BLOCKS])
+    final = run_hidden_states(engine, request, PROMPT, events.append, lambda: False)
+    ids = torch.tensor([PROMPT])
+    with engine.request():
+        states = engine.model.base_model(
+            input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True
+        ).hidden_states
+    assert [e.layer for e in events] == [0, 5, BLOCKS]
+    for event in events:
+        assert np.array_equal(event.hidden_state, states[event.layer][0].numpy())
+    assert final.finish_reason == "stop" and final.embedding is not None
+
+
+def test_a_state_that_is_not_transformers_own_is_an_error(engine):
+    """The safety net: if the learned layout pointed at the wrong module call, the forward's
+    end finds the state sent is not the tensor transformers returned at that index."""
+    layout = hidden.hidden_layout(engine)
+    wrong = list(layout.sources)
+    wrong[3], wrong[4] = wrong[4], wrong[3]
+    hidden._LAYOUTS[engine] = HiddenLayout(layout.count, tuple(wrong))
+    with pytest.raises(LayerStreamError, match=r"hidden state 3 sent from .* is not the one"):
+        run_hidden_states(engine, all_layers(engine), PROMPT, lambda event: None, lambda: False)
+
+
+def test_states_without_a_source_come_from_transformers_tuple(engine):
+    """A state no module call hands over (made by a plain tensor op) is sent when the
+    forward ends, from the tuple transformers returns."""
+    layout = hidden.hidden_layout(engine)
+    late = list(layout.sources)
+    late[2] = None
+    hidden._LAYOUTS[engine] = HiddenLayout(layout.count, tuple(late))
+    events: list[HiddenStateEvent] = []
+    run_hidden_states(engine, all_layers(engine), PROMPT, events.append, lambda: False)
+    ids = torch.tensor([PROMPT])
+    with engine.request():
+        states = engine.model.base_model(
+            input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True
+        ).hidden_states
+    assert [e.layer for e in events] == list(range(BLOCKS + 1))
+    for event in events:
+        assert np.array_equal(event.hidden_state, states[event.layer][0].numpy())
+
+
+def test_a_model_whose_layout_is_unknown_serves_no_hidden_states(engine, caplog):
+    hidden._LAYOUTS[engine] = LayoutUnknown("its forward pass on the meta device failed")
+    with caplog.at_level(logging.WARNING, logger="layerstream.capabilities"):
+        caps = capabilities(engine)
+    assert "hidden_states" not in caps.modes
+    assert "embedding" in caps.modes and "tokens" in caps.modes
+    assert "serves no hidden_states mode: its forward pass on the meta device" in caplog.text
