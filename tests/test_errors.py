@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,10 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from httpx_sse import connect_sse
 from mlserver_proc import (
     BERT,
+    HOST,
     LLAMA,
     LLAMA_25,
     MAX_NEW_TOKENS_LIMIT,
@@ -158,14 +161,17 @@ def test_bad_request_over_sse(server, name, model, request_, words):
     with pytest.raises(StreamError) as caught:
         list(sse.stream(model, request_))
     assert_mentions(str(caught.value), words)
+    assert caught.value.error_type == "invalid_request"
 
-    # The wire: a 200 stream whose only event says finish_reason "error" and why.
+    # The wire: a 200 stream whose only event says finish_reason "error", why, and its kind.
     events = raw_sse(server.http_url, model, request_)
     assert len(events) == 1, events
     (event,) = events
     params = event["parameters"]
     assert params["finish_reason"] == "error"
     assert params["error"] == str(caught.value)
+    assert params["error_type"] == "invalid_request"
+    assert not params["error"].startswith("invalid_request:")  # the kind has its own field
     assert event["outputs"] == []
 
     check_good_events(model, list(sse.stream(model, good_request(model))))
@@ -178,6 +184,10 @@ def test_bad_request_over_grpc(server, name, model, request_, words):
         list(client.stream(model, request_))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value
     assert_mentions(caught.value.details(), words)
+    assert caught.value.details().startswith("invalid_request: ")
+    assert isinstance(caught.value, StreamError)  # our client reads the kind from the details
+    assert caught.value.error_type == "invalid_request"
+    assert caught.value.details() == f"invalid_request: {caught.value}"
 
     check_good_events(model, list(client.stream(model, good_request(model))))
 
@@ -189,6 +199,7 @@ def test_bad_request_over_infer(server, name, model, request_, words):
         response = http.post(url, json=request_)
         assert response.status_code == 400, response.text
         assert_mentions(response.json()["error"], words)
+        assert response.json()["error"].startswith("invalid_request: ")
 
         good = http.post(url, json=good_request(model))
     assert good.status_code == 200, good.text
@@ -199,9 +210,56 @@ def test_bad_request_over_infer(server, name, model, request_, words):
         assert len(outputs["token_ids"]["data"]) == 2
 
 
+# -- the transport is MLServer's, never a guess from headers ---------------------------------
+
+
+BAD = CASES[0][2]  # an unknown parameter
+
+
+def test_a_rest_client_with_grpc_in_its_user_agent_gets_sse_error_events(server):
+    """A gateway's user agent (``my-grpc-gateway/1.0``) does not make a REST stream gRPC."""
+    url = f"{server.http_url}/v2/models/{LLAMA}/generate_stream"
+    headers = {"User-Agent": "my-grpc-gateway/1.0", "Accept-Encoding": "identity"}
+    with httpx.Client(timeout=60) as client:
+        with connect_sse(client, "POST", url, json=BAD, headers=headers) as source:
+            assert source.response.status_code == 200
+            events = [json.loads(e.data) for e in source.iter_sse()]
+        with connect_sse(client, "POST", url, json=good_request(LLAMA), headers=headers) as ok:
+            good = [json.loads(e.data) for e in ok.iter_sse()]
+    (event,) = events
+    assert event["parameters"]["finish_reason"] == "error"
+    assert event["parameters"]["error_type"] == "invalid_request"
+    assert "temprature" in event["parameters"]["error"]
+    assert [e["parameters"].get("finish_reason") for e in good] == [None, None, "length"]
+
+
+def _http10(server, path: str, body: bytes) -> tuple[str, bytes]:
+    """POST over HTTP/1.0 with no Host header, from a raw socket; (status line, body)."""
+    request = (
+        f"POST {path} HTTP/1.0\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    with socket.create_connection((HOST, server.http_port), timeout=60) as sock:
+        sock.sendall(request)
+        chunks = []
+        while data := sock.recv(65536):  # HTTP/1.0: the server closes after the response
+            chunks.append(data)
+    head, _, payload = b"".join(chunks).partition(b"\r\n\r\n")
+    return head.split(b"\r\n")[0].decode(), payload
+
+
+def test_an_http10_request_without_host_gets_sse_error_events(server):
+    status, body = _http10(server, f"/v2/models/{LLAMA}/generate_stream", json.dumps(BAD).encode())
+    assert status.split()[1] == "200", status
+    events = [json.loads(line[len(b"data: ") :]) for line in body.split(b"\n\n") if line]
+    (event,) = events
+    assert event["parameters"]["finish_reason"] == "error"
+    assert event["parameters"]["error_type"] == "invalid_request"
+
+
 # -- a corrupted block chunk, streamed on every request --------------------------------------
 
-TAMPERED, HEALTHY = "tampered", "healthy"
+TAMPERED, TAMPERED_HIDDEN, HEALTHY = "tampered", "tampered-hidden", "healthy"
 
 
 def flip_middle(path: Path, count: int = 16) -> None:
@@ -226,12 +284,16 @@ def tampered(model_factory, tmp_path_factory):
     assert index in plan.streamed and index != 0  # not loaded at startup: read per request
     flip_middle(store / chunk.file)
 
+    # no background hashing: these tests are about what a request finds
+    extra = {
+        "memory_budget": "25%",
+        "read_ahead": 0,
+        "torch_threads": 1,
+        "verify_in_background": False,
+    }
     specs = [
-        ModelSpec(
-            TAMPERED,
-            store,
-            {"memory_budget": "25%", "read_ahead": 0, "torch_threads": 1},
-        ),
+        ModelSpec(TAMPERED, store, extra),
+        ModelSpec(TAMPERED_HIDDEN, store, extra),  # its first request asks for hidden states
         ModelSpec(HEALTHY, gpt2.store, {"torch_threads": 1}, store_mode="copy"),
     ]
     with serve(root / "server", specs) as server:
@@ -248,6 +310,7 @@ def test_tampered_block_is_an_sse_error_not_a_wrong_answer(tampered):
     # Every token needs every block: the stream must end with the error before any token.
     assert body == []
     assert last["parameters"]["finish_reason"] == "error"
+    assert last["parameters"]["error_type"] == "integrity"
     assert_mentions(last["parameters"]["error"], ["sha256", chunk_name])
     assert last["outputs"] == []
     # Our client raises it; a second request reads the chunk again and fails again.
@@ -262,11 +325,14 @@ def test_tampered_block_over_grpc_and_infer(tampered):
 
     with pytest.raises(grpc.RpcError) as caught:
         list(GRPCClient(server.grpc_target, timeout=60).stream(TAMPERED, request))
-    assert caught.value.code() != grpc.StatusCode.OK
+    assert caught.value.code() == grpc.StatusCode.INTERNAL
+    assert caught.value.details().startswith("integrity: ")
+    assert caught.value.error_type == "integrity"
     assert_mentions(caught.value.details(), ["sha256", chunk_name])
 
     response = httpx.post(f"{server.http_url}/v2/models/{TAMPERED}/infer", json=request, timeout=60)
-    assert response.status_code >= 400, response.text
+    assert response.status_code == 500, response.text
+    assert response.json()["error"].startswith("integrity: ")
     assert_mentions(response.json()["error"], ["sha256", chunk_name])
 
 
@@ -281,9 +347,10 @@ def test_tampered_block_hidden_states_stop_at_the_bad_layer(tampered):
 
     events: list = []
     with pytest.raises(StreamError) as caught:
-        for event in SSEClient(server.http_url).hidden_states(TAMPERED, input_ids=ids):
+        for event in SSEClient(server.http_url).hidden_states(TAMPERED_HIDDEN, input_ids=ids):
             events.append(event)
     assert_mentions(str(caught.value), ["sha256", chunk_name])
+    assert caught.value.error_type == "integrity"
 
     bad_layer = len(states) - 2  # block 11 (the last) would produce hidden state 12
     assert [e.layer for e in events] == list(range(bad_layer + 1))
@@ -292,6 +359,11 @@ def test_tampered_block_hidden_states_stop_at_the_bad_layer(tampered):
         values = np.asarray(event.values, dtype=np.float32).reshape(event.shape)
         np.testing.assert_allclose(values, states[event.layer][0].numpy(), rtol=0, atol=1e-5)
 
+    # Now the damage is known: the next request is refused before it runs, same message.
+    with pytest.raises(StreamError) as again:
+        list(SSEClient(server.http_url).hidden_states(TAMPERED_HIDDEN, input_ids=ids))
+    assert str(again.value) == str(caught.value)
+
 
 def test_server_stays_up_after_chunk_errors(tampered):
     server, _, _ = tampered
@@ -299,8 +371,16 @@ def test_server_stays_up_after_chunk_errors(tampered):
         list(SSEClient(server.http_url).generate(TAMPERED, "Once", max_new_tokens=2))
 
     assert server.alive()
-    assert httpx.get(f"{server.http_url}/v2/health/live", timeout=10).status_code == 200
-    assert httpx.get(f"{server.http_url}/v2/health/ready", timeout=10).status_code == 200
+    with httpx.Client(base_url=server.http_url, timeout=10) as http:
+        assert http.get("/v2/health/live").status_code == 200
+        assert http.get(f"/v2/models/{HEALTHY}/ready").status_code == 200
+        # the damaged model stops reporting ready (an orchestrator reschedules it), so the
+        # server as a whole is not ready either; requests still get the integrity error
+        assert http.get(f"/v2/models/{TAMPERED}/ready").status_code != 200
+        assert http.get("/v2/health/ready").status_code != 200
+    with pytest.raises(StreamError) as caught:
+        list(SSEClient(server.http_url).generate(TAMPERED, "Once", max_new_tokens=2))
+    assert caught.value.error_type == "integrity"
     events = list(SSEClient(server.http_url).generate(HEALTHY, "Once", max_new_tokens=3))
     *tokens, final = events
     assert final.finish_reason in ("length", "stop") and len(tokens) == 3
@@ -353,3 +433,17 @@ def test_unloadable_store_stops_mlserver_with_a_clear_log(failed_starts, case):
     for word in words:
         assert word in log, f"{word!r} not in the log:\n{server.log_tail()}"
     assert f"'{BROKEN}'" in log  # MLServer names the model that failed to load
+
+
+# -- the client CLI names the kind -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", ["sse", "grpc"])
+def test_the_cli_prints_the_error_kind(server, capsys, transport):
+    from layerstream_client.cli import main
+
+    target = ["--url", server.http_url] if transport == "sse" else ["--grpc", server.grpc_target]
+    code = main(["generate", *target, "--model", LLAMA, "--max-new-tokens", "0", "hi"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "error (invalid_request): max_new_tokens must be between 1 and" in err

@@ -7,10 +7,19 @@ Needs only httpx, httpx-sse and (for gRPC) MLServer's generated stubs; never tor
         print(event.text, end="", flush=True)
 """
 
-from .events import Final, HiddenState, StreamError, Token, build_request, parse_response
+from .events import (
+    ERROR_TYPES,
+    Final,
+    HiddenState,
+    StreamError,
+    Token,
+    build_request,
+    parse_response,
+)
 from .sse import SSEClient
 
 __all__ = [
+    "ERROR_TYPES",
     "Final",
     "GRPCClient",
     "HiddenState",

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         for event in client.generate(args.model, args.prompt, ids, **_params(args)):
             _print(event, args.json)
     except StreamError as exc:
-        print(f"\nerror: {exc}", file=sys.stderr)
+        print(f"\nerror ({exc.error_type or 'unknown kind'}): {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # connection refused, HTTP status, gRPC status: one clear line
         details = exc.details() if hasattr(exc, "details") else exc

@@ -18,11 +18,41 @@ GENERATION_PARAMS = (
     "stop",
     "repetition_penalty",
 )
-_PARAMS = ("mode", *GENERATION_PARAMS, "layers", "pooling")
+# timeout: the server-side deadline in microseconds (the name and unit tritonclient uses)
+_PARAMS = ("mode", *GENERATION_PARAMS, "layers", "pooling", "timeout")
+
+
+# The kinds a layerstream server gives its errors (``error_type``), and what they mean for
+# a retry: invalid_request (do not retry as is), overloaded (retry later), store_unavailable
+# (retry, here or elsewhere), integrity (the model is damaged: another replica may serve),
+# timeout (allow more time or ask for less), internal (a server bug).
+ERROR_TYPES = (
+    "invalid_request",
+    "overloaded",
+    "store_unavailable",
+    "integrity",
+    "timeout",
+    "internal",
+)
 
 
 class StreamError(RuntimeError):
-    """The server ended the stream with ``finish_reason: "error"``."""
+    """The server ended the request with an error: ``str(exc)`` is its message and
+    ``error_type`` its kind (one of ERROR_TYPES; None from a server that sends no kind)."""
+
+    def __init__(self, message: str, error_type: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.error_type = error_type
+
+
+def split_kind(text: str) -> tuple[str | None, str]:
+    """``"timeout: the request ran..."`` -> ``("timeout", "the request ran...")``: how the kind
+    travels where there is one text field (gRPC status details, the /infer error body)."""
+    kind, sep, message = text.partition(": ")
+    if sep and kind in ERROR_TYPES:
+        return kind, message
+    return None, text
 
 
 @dataclass(frozen=True)
@@ -93,7 +123,9 @@ def parse_response(response: dict[str, Any]) -> list[Token | HiddenState | Final
     params = {k: v for k, v in (response.get("parameters") or {}).items() if k != "headers"}
     reason = params.pop("finish_reason", None)
     if reason == "error":
-        raise StreamError(params.get("error") or "the server reported an error")
+        raise StreamError(
+            params.get("error") or "the server reported an error", params.get("error_type")
+        )
     text = _output(response, "text")
     if reason is not None:
         embedding = _output(response, "embedding")

@@ -15,7 +15,31 @@ from google.protobuf.json_format import MessageToDict
 from mlserver.grpc import dataplane_pb2 as pb
 from mlserver.grpc import dataplane_pb2_grpc as pb_grpc
 
-from .events import Final, HiddenState, StreamingClient, Token, parse_response
+from .events import (
+    Final,
+    HiddenState,
+    StreamError,
+    StreamingClient,
+    Token,
+    parse_response,
+    split_kind,
+)
+
+
+class GRPCStreamError(StreamError, grpc.RpcError):
+    """A failed call whose status details carry a layerstream error kind: a StreamError
+    (``error_type``, ``message``) that is still the grpc.RpcError it was (``code()``,
+    ``details()``)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, error_type: str, message: str):
+        super().__init__(message, error_type)
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
 
 
 def _parameter(value: Any) -> pb.InferParameter:
@@ -82,12 +106,21 @@ class GRPCClient(StreamingClient):
         self.timeout = timeout
 
     def stream(self, model: str, request: dict[str, Any]) -> Iterator[Token | HiddenState | Final]:
-        """Events as they arrive; a failed call raises grpc.RpcError (code + details)."""
+        """Events as they arrive. A call the server failed with a layerstream error raises
+        GRPCStreamError (a StreamError with ``error_type``, and a grpc.RpcError); any other
+        failed call (connection, unknown model) raises the grpc.RpcError as it came."""
         options = [("grpc.max_receive_message_length", 256 * 2**20)]
         with grpc.insecure_channel(self.target, options=options) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             calls = stub.ModelStreamInfer(
                 iter([to_grpc_request(model, request)]), timeout=self.timeout
             )
-            for response in calls:
-                yield from parse_response(_to_json(response))
+            try:
+                for response in calls:
+                    yield from parse_response(_to_json(response))
+            except grpc.RpcError as exc:
+                details = exc.details() if hasattr(exc, "details") else None
+                kind, message = split_kind(details or "")
+                if kind is None:
+                    raise
+                raise GRPCStreamError(exc.code(), details, kind, message) from exc

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 from mlserver.types import InferenceResponse, Parameters, ResponseOutput
 
+from .errors import LayerStreamError
 from .events import FinalEvent, HiddenStateEvent, TokenEvent
 from .protocol import Request
 
@@ -82,9 +83,20 @@ def encode_event(
 
 
 def error_response(
-    model: str, version: str | None, request_id: str | None, message: str
+    model: str, version: str | None, request_id: str | None, error: LayerStreamError
 ) -> InferenceResponse:
-    return _response(model, version, request_id, [], finish_reason="error", error=message)
+    """The last event of a stream that failed: what failed (``error``, the message without
+    the kind prefix ``str(exc)`` carries) and its kind (``error_type``), so a client can
+    tell what to retry."""
+    return _response(
+        model,
+        version,
+        request_id,
+        [],
+        finish_reason="error",
+        error=error.message,
+        error_type=error.kind,
+    )
 
 
 def encode_unary(

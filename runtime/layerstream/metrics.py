@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import threading
 
-from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
 _lock = threading.Lock()
-_metrics: dict[str, Counter | Histogram] = {}
+_metrics: dict[str, Counter | Gauge | Histogram] = {}
 
 _SPECS = {
     "requests": (
@@ -21,6 +21,18 @@ _SPECS = {
         "layerstream_requests",
         "Requests by mode and finish reason",
         ("model", "mode", "finish_reason"),
+    ),
+    "errors": (
+        Counter,
+        "layerstream_request_errors",
+        "Requests that ended with an error, by kind (error_type)",
+        ("model", "error_type"),
+    ),
+    "queued": (
+        Gauge,
+        "layerstream_queued_requests",
+        "Requests waiting for the model (not counting the one it runs)",
+        ("model",),
     ),
     "tokens": (Counter, "layerstream_generated_tokens", "Generated tokens", ("model",)),
     "bytes": (Counter, "layerstream_bytes_streamed", "Bytes read from the chunk store", ("model",)),
@@ -52,7 +64,7 @@ _SPECS = {
 }
 
 
-def metric(key: str) -> Counter | Histogram:
+def metric(key: str) -> Counter | Gauge | Histogram:
     with _lock:
         if key not in _metrics:
             kind, name, doc, labels = _SPECS[key]
@@ -71,3 +83,14 @@ def record(model: str, mode: str, finish_reason: str, stats: dict[str, int]) -> 
     metric("compute").labels(model).inc(stats.get("compute_us", 0) / 1e6)
     if stats.get("ttft_us"):
         metric("ttft").labels(model).observe(stats["ttft_us"] / 1e6)
+
+
+def record_error(model: str, mode: str, error_type: str) -> None:
+    """A request that ended with an error: counted with finish_reason ``error`` beside the
+    others, and by its kind (``mode`` is ``unknown`` when the request did not parse)."""
+    metric("requests").labels(model, mode, "error").inc()
+    metric("errors").labels(model, error_type).inc()
+
+
+def set_queued(model: str, waiting: int) -> None:
+    metric("queued").labels(model).set(waiting)

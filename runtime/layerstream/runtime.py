@@ -8,6 +8,7 @@ settings.json that has ``parallel_workers: 0`` and ``gzip_enabled: false``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -17,28 +18,22 @@ import torch
 from mlserver import MLModel
 from mlserver.types import InferenceRequest, InferenceResponse
 
-from . import metrics, tuning
+from . import grpc_status, metrics, tuning
 from .capabilities import capabilities
 from .encoding import encode_event, encode_unary, error_response
 from .engine import Engine, EngineOptions
-from .errors import InvalidRequest, LayerStreamError
+from .errors import ChunkIntegrityError, InvalidRequest, LayerStreamError
 from .events import FinalEvent, HiddenStateEvent
 from .generation import run_generation
 from .hidden import run_hidden_states
+from .prompts import prompt_byte_limit, tokenize
 from .protocol import Request, check_context, parse_request
-from .scheduler import Scheduler
+from .scheduler import Deadline, Scheduler
 from .settings import LayerStreamSettings
 from .stores import open_store
+from .transport import Transport, asked_before_a_request, transport_of
 
 log = logging.getLogger(__name__)
-
-
-def is_grpc(payload: InferenceRequest) -> bool:
-    """MLServer puts HTTP headers or gRPC metadata into ``parameters.headers``; only gRPC
-    metadata carries a ``grpc-`` user agent or lacks the HTTP ``host`` header."""
-    headers = (payload.parameters.headers if payload.parameters else None) or {}
-    agent = str(headers.get("user-agent", ""))
-    return "grpc" in agent.lower() or ("host" not in headers and bool(headers))
 
 
 class LayerStreamRuntime(MLModel):
@@ -48,9 +43,16 @@ class LayerStreamRuntime(MLModel):
     def ready(self) -> bool:
         """MLServer's readiness (set from load()), withdrawn once the engine has found a
         damaged chunk: an orchestrator then reschedules the model instead of sending it
-        requests that would fail."""
+        requests that would fail.
+
+        Withdrawn from the probes only: MLServer asks the same property before each request
+        and would refuse it with "not ready yet", which cuts an SSE stream (its 200 is sent)
+        and names no chunk. Requests go on to ``_parse``, which answers them with the
+        integrity error that names the chunk and the fix."""
         engine = getattr(self, "_engine", None)
-        return self._ready and (engine is None or engine.damage is None)
+        if engine is None or engine.damage is None:
+            return self._ready
+        return self._ready and asked_before_a_request()
 
     @ready.setter
     def ready(self, value: bool) -> None:
@@ -58,6 +60,7 @@ class LayerStreamRuntime(MLModel):
 
     async def load(self) -> bool:
         _route_logs_to_mlserver()
+        grpc_status.install()
         settings = LayerStreamSettings.from_extra(
             self.settings.parameters.extra if self.settings.parameters else None
         )
@@ -66,8 +69,18 @@ class LayerStreamRuntime(MLModel):
         # serves every other model and the health probes meanwhile.
         self._engine = await asyncio.to_thread(_build_engine, settings, folder)
         self._settings_ls = settings
-        self._caps = capabilities(self._engine)
-        self._scheduler = Scheduler(self.name, settings.max_queued_requests)
+        # capabilities run the model once on the meta device, the limit scans the vocabulary
+        self._caps = await asyncio.to_thread(capabilities, self._engine)
+        self._prompt_limit = await asyncio.to_thread(
+            prompt_byte_limit,
+            self._engine.tokenizer,
+            self._caps.context_length,
+            settings.max_prompt_bytes,
+        )
+        name = self.name
+        self._scheduler = Scheduler(
+            name, settings.max_queued_requests, lambda waiting: metrics.set_queued(name, waiting)
+        )
         return True
 
     def _model_folder(self) -> Path | None:
@@ -87,63 +100,140 @@ class LayerStreamRuntime(MLModel):
     ) -> AsyncIterator[InferenceResponse]:
         # One request in, a stream out; don't wait for the client to half-close the stream.
         payload = await payloads.__anext__()
-        grpc = is_grpc(payload)
+        arrived = time.monotonic()
+        transport = transport_of(payloads)
+        request: Request | None = None
+        sent = 0
         try:
             request = self._parse(payload)
-            async for event in self._scheduler.stream(self._job(request)):
-                if isinstance(event, FinalEvent):
-                    metrics.record(self.name, request.mode, event.finish_reason, event.stats)
-                    self._log_request(request, event)
-                if isinstance(event, HiddenStateEvent):
-                    # a [seq, hidden] tensor becomes a long list of floats: not on the loop
-                    yield await asyncio.to_thread(
-                        encode_event, self.name, self.version, payload.id, event
-                    )
-                else:
-                    yield encode_event(self.name, self.version, payload.id, event)
-        except LayerStreamError as exc:
-            # Over gRPC the error becomes the call's status (INVALID_ARGUMENT for a bad
-            # request); over SSE the 200 is already sent, so it becomes the last event.
-            if grpc:
-                raise
-            log.warning("request %s failed: %s", payload.id, exc)
-            yield error_response(self.name, self.version, payload.id, str(exc))
+            # closed here, not when garbage collected: closing flags the engine at once
+            async with contextlib.aclosing(self._stream(request, payload, arrived)) as events:
+                async for event in events:
+                    if isinstance(event, FinalEvent):
+                        self._finished(payload.id, request, event)
+                    if isinstance(event, HiddenStateEvent):
+                        # a [seq, hidden] tensor becomes a long list of floats: off the loop
+                        yield await asyncio.to_thread(
+                            encode_event, self.name, self.version, payload.id, event
+                        )
+                    else:
+                        yield encode_event(self.name, self.version, payload.id, event)
+                    sent += 1
+        except (asyncio.CancelledError, GeneratorExit):
+            # MLServer cancels or closes this generator when the client disconnects; the
+            # scheduler has flagged the request, the engine stops at its next block.
+            log.info("%s: request %s: the client left after %d events", self.name, payload.id, sent)
+            raise
+        # Every failure ends the stream with its kind, never a cut: an unexpected exception
+        # too (as kind "internal", its traceback logged).
+        except Exception as exc:
+            error = self._failed(payload, request, exc, sent, arrived)
+            if transport is Transport.GRPC:
+                # The call's status: INVALID_ARGUMENT, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED,
+                # UNAVAILABLE or INTERNAL (grpc_status.py), the details "<kind>: <message>".
+                if error is exc:
+                    raise
+                raise error from exc
+            # SSE (or a caller we do not know): the 200 is sent, so the error is the last event
+            yield error_response(self.name, self.version, payload.id, error)
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
-        request = self._parse(payload)
-        events = [event async for event in self._scheduler.stream(self._job(request))]
-        final = events[-1]
-        metrics.record(self.name, request.mode, final.finish_reason, final.stats)
-        self._log_request(request, final)
-        return encode_unary(self.name, self.version, payload.id, request, events)
+        arrived = time.monotonic()
+        request: Request | None = None
+        events: list[object] = []
+        try:
+            request = self._parse(payload)
+            async with contextlib.aclosing(self._stream(request, payload, arrived)) as stream:
+                async for event in stream:
+                    events.append(event)
+            self._finished(payload.id, request, events[-1])
+            return encode_unary(self.name, self.version, payload.id, request, events)
+        except Exception as exc:  # MLServer answers {"error": "<kind>: <message>"}, its status
+            error = self._failed(payload, request, exc, len(events), arrived)
+            if error is exc:
+                raise
+            raise error from exc
 
     def _parse(self, payload: InferenceRequest) -> Request:
-        if not self.ready:
+        if not self._ready:
             raise InvalidRequest(f"model {self.name} is not loaded")
+        damage = self._engine.damage
+        if damage is not None:  # a fresh error each time: raising one object grows its traceback
+            raise ChunkIntegrityError(damage.message)
         s = self._settings_ls
-        return parse_request(payload, self._caps, s.max_new_tokens_limit, s.default_max_new_tokens)
+        return parse_request(
+            payload,
+            self._caps,
+            s.max_new_tokens_limit,
+            s.default_max_new_tokens,
+            prompt_limit=self._prompt_limit,
+        )
+
+    def _stream(
+        self, request: Request, payload: InferenceRequest, arrived: float
+    ) -> AsyncIterator[object]:
+        limit = self._settings_ls.request_timeout_s
+        deadline = Deadline.after(limit, "the request_timeout_s setting", arrived)
+        if request.timeout_us is not None and request.timeout_us / 1e6 < limit:
+            deadline = Deadline.after(
+                request.timeout_us / 1e6, "the request's timeout parameter", arrived
+            )
+        return self._scheduler.stream(self._job(request), deadline, label=payload.id or "")
 
     def _job(self, request: Request):
         engine, caps = self._engine, self._caps
 
-        def job(emit, cancelled) -> FinalEvent:
+        def job(emit, stop_requested) -> FinalEvent:
             ids = request.input_ids
             if ids is None:
-                ids = engine.tokenizer(request.prompt)["input_ids"]
-                if not ids:
-                    raise InvalidRequest("the prompt tokenizes to nothing")
-            check_context(len(ids), request, caps)
+                ids = tokenize(engine.tokenizer, request.prompt)
+                check_context(len(ids), request, caps)
             run = run_generation if request.mode == "tokens" else run_hidden_states
-            return run(engine, request, ids, emit, cancelled)
+            return run(engine, request, ids, emit, stop_requested)
 
         return job
 
-    def _log_request(self, request: Request, final: FinalEvent) -> None:
+    def _finished(self, request_id: str | None, request: Request, final: FinalEvent) -> None:
+        metrics.record(self.name, request.mode, final.finish_reason, final.stats)
+        self._log_request(request_id, request, final)
+
+    def _failed(
+        self,
+        payload: InferenceRequest,
+        request: Request | None,
+        exc: Exception,
+        events: int,
+        arrived: float,
+    ) -> LayerStreamError:
+        """The error the client gets for ``exc``; recorded in the metrics and the log."""
+        if isinstance(exc, LayerStreamError):
+            error = exc
+        else:
+            log.error("%s: request %s failed unexpectedly", self.name, payload.id, exc_info=exc)
+            error = LayerStreamError(
+                f"{type(exc).__name__}: {exc} (a bug or a broken model store; the server log "
+                "has the traceback)"
+            )
+        mode = request.mode if request is not None else "unknown"
+        metrics.record_error(self.name, mode, error.kind)
+        log.warning(
+            "%s %s: request %s failed (%s) after %d events in %.3fs: %s",
+            self.name,
+            mode,
+            payload.id,
+            error.kind,
+            events,
+            time.monotonic() - arrived,
+            error.message,
+        )
+        return error
+
+    def _log_request(self, request_id: str | None, request: Request, final: FinalEvent) -> None:
         s = final.stats
         total, wait = s.get("total_us", 0), s.get("weight_wait_us", 0)
         log.info(
             "%s %s: %s, %d prompt + %d tokens in %.3fs (ttft %.3fs): compute %.3fs, weights "
-            "waited %.3fs (%s); streamed %.1f MiB, cache %d hit / %d miss",
+            "waited %.3fs (%s); streamed %.1f MiB, cache %d hit / %d miss (request %s)",
             self.name,
             request.mode,
             final.finish_reason,
@@ -157,6 +247,7 @@ class LayerStreamRuntime(MLModel):
             s.get("bytes_streamed", 0) / 2**20,
             s.get("cache_hits", 0),
             s.get("cache_misses", 0),
+            request_id,
         )
 
 
@@ -191,6 +282,7 @@ def _build_engine(settings: LayerStreamSettings, folder: Path | None) -> Engine:
         read_ahead=settings.read_ahead,
         io_threads=settings.io_threads,
         verify_checksums=settings.verify_checksums,
+        verify_in_background=settings.verify_in_background,
         reader=settings.reader,
     )
     try:
