@@ -195,6 +195,33 @@ def test_greedy_text_matches_tokenizer_decode(server, reference, model, transpor
     assert text == ref.tokenizer.decode(expected, skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("transport", [*TRANSPORTS, "infer"])
+def test_more_than_16_new_tokens_all_arrive(server, reference, transport):
+    """Every other test asks for 16 tokens or fewer: a silent cap would hide there."""
+    ref = reference(LLAMA)
+    n = 40
+    ids = ref.encode(PROMPT)
+    expected = ref.greedy(ids, n)
+    assert ref.finish_reason(expected, n) == "length"  # no EOS: all n must come
+
+    if transport == "infer":
+        body = SSEClient(server.http_url).infer(
+            LLAMA, {"inputs": [prompt_input(PROMPT)], "parameters": {"max_new_tokens": n}}
+        )
+        outputs = {o["name"]: o for o in body["outputs"]}
+        got, reason = outputs["token_ids"]["data"], body["parameters"]["finish_reason"]
+        assert body["parameters"]["tokens"] == n
+    else:
+        tokens, _, final = split(
+            list(client(server, transport).generate(LLAMA, PROMPT, max_new_tokens=n))
+        )
+        got, reason = [t.token_id for t in tokens], final.finish_reason
+        assert final.stats["tokens"] == n
+    assert len(got) == n
+    assert got == expected
+    assert reason == "length"
+
+
 # -- 2. seeded sampling ----------------------------------------------------------------------
 
 
@@ -504,20 +531,10 @@ def test_concurrent_streams_each_get_their_own_answer(server, reference):
 # -- 7. client disconnect --------------------------------------------------------------------
 
 
-def _completed(server, model: str) -> float:
-    key = (
-        "layerstream_requests_total",
-        (("finish_reason", "length"), ("mode", "tokens"), ("model", model)),
-    )
-    return metric_samples(server.metrics_url).get(key, 0.0)
-
-
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_client_disconnect_mid_stream(server, reference, transport):
     ref = reference(LLAMA_25)
     ids = ref.encode(PROMPT)
-    before = _completed(server, LLAMA_25)
-
     stream = client(server, transport).generate(LLAMA_25, PROMPT, max_new_tokens=32)
     first = next(stream)
     stream.close()  # closes the HTTP connection / cancels the gRPC call after one token
@@ -531,8 +548,9 @@ def test_client_disconnect_mid_stream(server, reference, transport):
     tokens, _, final = split(list(events))
     assert [t.token_id for t in tokens] == ref.greedy(ids, 6)
     assert final.finish_reason == ref.finish_reason([t.token_id for t in tokens], 6)
-    # Only the second request completed: the abandoned one was cancelled, not run to the end.
-    assert _completed(server, LLAMA_25) == before + 1
+    # That the engine stops the abandoned request early (rather than finishing its 32
+    # tokens) is asserted where a held store read makes it certain, not a race against the
+    # engine's speed: test_overload.py::test_a_client_that_leaves_stops_the_engine...
 
 
 # -- 8. metrics ------------------------------------------------------------------------------

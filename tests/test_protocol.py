@@ -4,6 +4,7 @@ import pytest
 from mlserver.types import InferenceRequest
 
 from layerstream.errors import InvalidRequest
+from layerstream.prompts import PromptLimit
 from layerstream.protocol import ModelCapabilities, check_context, parse_layers, parse_request
 
 CAUSAL = ModelCapabilities(
@@ -29,8 +30,15 @@ def request(inputs=None, **params) -> InferenceRequest:
     return InferenceRequest(inputs=inputs, parameters=params or None)
 
 
-def parse(req, caps=CAUSAL):
-    return parse_request(req, caps, max_new_tokens_limit=32, default_max_new_tokens=16)
+def parse(req, caps=CAUSAL, max_prompt_bytes=None):
+    limit = PromptLimit(max_prompt_bytes, "a test") if max_prompt_bytes else None
+    return parse_request(
+        req,
+        caps,
+        max_new_tokens_limit=32,
+        default_max_new_tokens=16,
+        prompt_limit=limit,
+    )
 
 
 def test_defaults():
@@ -73,7 +81,7 @@ def test_mlserver_transport_parameters_are_not_unknown():
         ({"mode": "banana"}, "mode 'banana'"),
         ({"max_new_tokens": 33}, "between 1 and 32"),
         ({"max_new_tokens": "lots"}, "max_new_tokens must be an integer"),
-        ({"temperature": 0}, "temperature must be > 0"),
+        ({"temperature": -0.5}, "temperature must be 0 .greedy. or between 0.01 and 100"),
         ({"top_p": 1.5}, "top_p"),
         ({"do_sample": "maybe"}, "do_sample must be true or false"),
         ({"stop": ["ok", ""]}, "empty strings"),
@@ -107,7 +115,7 @@ def test_mode_the_model_cannot_do():
             "outside the vocabulary",
         ),
         ([{"name": "input_ids", "datatype": "INT64", "shape": [2, 1], "data": [1, 2]}], "shape"),
-        ([], "exactly one input"),
+        ([], "has no inputs"),
     ],
 )
 def test_bad_inputs(inputs, message):
@@ -158,3 +166,166 @@ def test_stop_list_as_json_string_as_grpc_sends_it():
 def test_nested_input_ids_for_shape_1_by_n():
     nested = [{"name": "input_ids", "datatype": "INT64", "shape": [1, 3], "data": [[4, 5, 6]]}]
     assert parse(request(nested)).input_ids == [4, 5, 6]
+
+
+# -- numbers: finite, in range, never a silent default ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"temperature": 1e-300}, "temperature must be 0 .greedy. or between"),
+        ({"temperature": "1e-300"}, "temperature must be 0 .greedy. or between"),
+        ({"temperature": "nan"}, "temperature must be a finite number"),
+        ({"temperature": float("nan")}, "temperature must be a finite number"),
+        ({"temperature": "inf"}, "temperature must be a finite number"),
+        ({"temperature": "-Infinity"}, "temperature must be a finite number"),
+        ({"temperature": 10**400}, "temperature must be a finite number"),
+        ({"temperature": 1000}, "temperature must be 0 .greedy. or between 0.01 and 100"),
+        ({"repetition_penalty": "nan"}, "repetition_penalty must be a finite number"),
+        ({"repetition_penalty": "inf"}, "repetition_penalty must be a finite number"),
+        ({"repetition_penalty": 1e-300}, "repetition_penalty must be between 0.01 and 100"),
+        ({"repetition_penalty": 0}, "repetition_penalty must be between"),
+        ({"top_p": float("nan")}, "top_p must be a finite number"),
+        ({"top_p": "nan"}, "top_p must be a finite number"),
+        ({"top_p": 0}, "top_p must be in"),
+        ({"top_k": -1}, "top_k must be >= 0"),
+        ({"top_k": 10**30}, "top_k must fit in int64"),
+        ({"seed": 10**30}, "seed must fit in int64"),
+        ({"seed": 2**64}, "seed must fit in int64"),
+        ({"seed": -(2**63) - 1}, "seed must fit in int64"),
+        ({"seed": str(2**64)}, "seed must fit in int64"),
+        ({"seed": "9" * 5000}, "seed must be an integer"),
+        ({"seed": 1.5}, "seed must be an integer"),
+        ({"seed": float("inf")}, "seed must be an integer"),
+        ({"max_new_tokens": 1e300}, "max_new_tokens must be an integer"),
+        ({"seed": float(-(2**63))}, "seed must be an integer"),  # orjson's -(2**63)-1
+        ({"seed": 2.0**53 + 2}, "seed must be an integer"),
+        ({"max_new_tokens": True}, "max_new_tokens must be an integer"),
+        ({"temperature": True}, "temperature must be a number"),
+        ({"temperature": [0.5]}, "temperature must be a number"),
+        ({"temperature": ""}, "temperature must be a number"),
+        ({"do_sample": 2}, "do_sample must be true or false"),
+        ({"temperature": 0, "do_sample": True}, "temperature 0 means greedy"),
+        ({"timeout": 0}, "timeout is in microseconds and must be >= 1"),
+        ({"timeout": "soon"}, "timeout must be an integer"),
+        ({"pooling": 3}, "pooling must be a string"),
+        ({"stop": ["x"] * 17}, "at most 16 strings"),
+        ({"stop": "y" * 257}, "at most 256 characters"),
+        ({"stop": 5}, "stop must be a string or a list of strings"),
+        ({"layers": list(range(11))}, "layers lists 11 indexes"),
+        ({"layers": [[0]]}, "layers must be an integer"),
+        ({"mode": ["tokens"]}, "mode .'tokens'. is not one of"),
+    ],
+)
+def test_bad_numbers_and_ranges(params, message):
+    with pytest.raises(InvalidRequest, match=message):
+        parse(request(**params))
+
+
+def test_int64_edges_are_accepted():
+    assert parse(request(seed=2.0**53)).seed == 2**53  # a float, but exact
+    assert parse(request(seed=2**63 - 1)).seed == 2**63 - 1
+    assert parse(request(seed=-(2**63))).seed == -(2**63)
+    assert parse(request(seed=str(-(2**63)))).seed == -(2**63)
+
+
+def test_temperature_zero_is_greedy():
+    for zero in (0, 0.0, "0", "0.0", -0.0):
+        r = parse(request(temperature=zero))
+        assert (r.do_sample, r.temperature) == (False, None)
+    assert parse(request(temperature=0, do_sample=False)).do_sample is False
+
+
+def test_edges_of_the_ranges_are_accepted():
+    r = parse(request(temperature="0.01", repetition_penalty=100, top_p=1, top_k=0))
+    assert (r.temperature, r.repetition_penalty, r.top_p, r.top_k) == (0.01, 100.0, 1.0, 0)
+    assert parse(request(timeout=1)).timeout_us == 1
+    assert parse(request(timeout="2500000")).timeout_us == 2_500_000
+
+
+@pytest.mark.parametrize("name", ["temperature", "seed", "max_new_tokens", "stop", "mode"])
+def test_a_parameter_without_a_value_is_an_error_naming_it(name):
+    # a REST null, or a gRPC InferParameter with no field MLServer knows (double_param)
+    with pytest.raises(InvalidRequest, match=f"parameter.s. '{name}' arrived without a value"):
+        parse(request(**{name: None}))
+    with pytest.raises(InvalidRequest, match="send numbers as int64_param or as strings"):
+        parse(request(**{name: None}))
+
+
+def test_unknown_parameters_are_named_before_empty_ones():
+    with pytest.raises(InvalidRequest, match=r"unknown parameter\(s\) 'bogus'"):
+        parse(request(bogus=None, temperature=None))
+
+
+# -- inputs: checked as sent, never repaired -------------------------------------------------
+
+
+def ids(data, shape=None, datatype="INT64"):
+    shape = [len(data)] if shape is None else shape
+    return [{"name": "input_ids", "datatype": datatype, "shape": shape, "data": data}]
+
+
+def prompt(data, shape=None, datatype="BYTES"):
+    return [{"name": "prompt", "datatype": datatype, "shape": shape or [1], "data": data}]
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        (prompt([None]), "must hold a string, got null"),
+        (prompt([5]), "must hold a string, got int 5"),
+        (prompt([["a"]], shape=[1, 1]), None),  # nested one string: fine
+        (prompt(["a"], shape=[5]), r"one string \(shape \[1\]\)"),
+        (prompt(["a", "b"], shape=[1]), "one string, not 2"),
+        (prompt(["a"], shape=[-1]), "dimensions must be integers >= 0"),
+        (ids([1, 2, 3], shape=[5]), r"shape \[5\] \(5 values\) but carries 3"),
+        (ids([1, 2, 3], shape=[1, 2]), "carries 3"),
+        (ids([1.0, 2.0]), "must hold integers, got float 1.0"),
+        (ids([1, 2.5]), "must hold integers, got float 2.5"),
+        (ids([1, True]), "must hold integers, got bool True"),
+        (ids(["1"]), "must hold integers, got str '1'"),
+        (ids([None]), "must hold integers, got NoneType None"),
+        (ids([1.0], datatype="FP32"), "datatype INT64, not FP32"),
+        (ids([-1]), "outside the vocabulary"),
+        (ids([], shape=[0]), "is empty"),
+        (ids(list(range(65))), "prompt of 65 tokens exceeds the model's context of 64"),
+        (ids([1, 2], shape=[2, 1]), "shape"),
+        (prompt(["a"]) + prompt(["b"]), "input 'prompt' appears 2 times"),
+        (ids([1]) + ids([2]), "input 'input_ids' appears 2 times"),
+        (prompt(["a"]) + ids([1]), "'prompt' or 'input_ids', not both"),
+        (
+            [*prompt(["a"]), {"name": "x", "datatype": "BYTES", "shape": [1], "data": ["b"]}],
+            "unknown input 'x'",
+        ),
+        ([], "the request has no inputs"),
+    ],
+)
+def test_inputs_as_sent(inputs, message):
+    if message is None:
+        assert parse(request(inputs)).prompt == "a"
+        return
+    with pytest.raises(InvalidRequest, match=message):
+        parse(request(inputs))
+
+
+def test_prompt_bytes_must_be_utf8():
+    with pytest.raises(InvalidRequest, match=r"not valid UTF-8 \(byte 0xff at offset 0\)"):
+        parse(request(prompt([b"\xff\xfe"])))
+    with pytest.raises(InvalidRequest, match="offset 2"):
+        parse(request(prompt([b"ok\xc3"])))  # a character cut short
+    assert parse(request(prompt(["ünï".encode()]))).prompt == "ünï"
+
+
+def test_prompt_over_the_byte_limit_is_refused_before_decoding():
+    assert parse(request(prompt(["x" * 100])), max_prompt_bytes=100).prompt == "x" * 100
+    with pytest.raises(
+        InvalidRequest, match=r"has 101 characters, over this model.s limit of 100 bytes \(a test"
+    ):
+        parse(request(prompt(["x" * 101])), max_prompt_bytes=100)  # not even encoded
+    # counted in UTF-8 bytes, not characters: 34 x 3 bytes
+    with pytest.raises(InvalidRequest, match="is 102 bytes"):
+        parse(request(prompt(["✓" * 34])), max_prompt_bytes=100)
+    assert parse(request(prompt(["✓" * 33])), max_prompt_bytes=100).prompt == "✓" * 33
+    with pytest.raises(InvalidRequest, match="is 101 bytes, over this model's limit"):
+        parse(request(prompt([b"\xff" * 101])), max_prompt_bytes=100)  # before UTF-8 is checked

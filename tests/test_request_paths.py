@@ -109,3 +109,39 @@ def test_cancelled_request_stops_between_blocks_and_engine_recovers(model_factor
         assert all(isinstance(e, TokenEvent) for e in events)
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("calls_before", [3, 20])  # inside the prompt pass; mid-generation
+def test_a_deadline_raised_by_the_stop_check_unwinds_the_engine_cleanly(
+    model_factory, calls_before
+):
+    """The scheduler's check raises RequestTimeout past a request's deadline, from a block
+    hook or from generate's stopping criteria: the request ends with that error, and the
+    engine serves the next request completely and exactly."""
+    from layerstream.errors import RequestTimeout
+
+    model = model_factory("llama")
+    engine = engine_for(model)
+    try:
+        calls = {"n": 0}
+
+        def stop_requested() -> bool:
+            calls["n"] += 1
+            if calls["n"] > calls_before:
+                raise RequestTimeout("past the deadline")
+            return False
+
+        request = Request(mode="tokens", max_new_tokens=12, do_sample=False)
+        tokens: list = []
+        with pytest.raises(RequestTimeout, match="past the deadline"):
+            run_generation(engine, request, IDS, tokens.append, stop_requested)
+        assert len(tokens) < 12
+        events, final = collect(run_generation, engine, request)
+        ids = torch.tensor([IDS])
+        expected = model.resident().generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False
+        )
+        assert [e.token_id for e in events] == expected[0, len(IDS) :].tolist()
+        assert final.stats["tokens"] == 12
+    finally:
+        engine.close()

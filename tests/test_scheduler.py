@@ -1,3 +1,7 @@
+"""The per-model scheduler: one job at a time, events in order, a bounded queue, and jobs
+that stop when their consumer leaves or their deadline passes. Every wait here is on an
+event; deadlines are either long past or far away, never raced."""
+
 from __future__ import annotations
 
 import asyncio
@@ -6,16 +10,23 @@ import time
 
 import pytest
 
-from layerstream.errors import InvalidRequest, ServerBusy
-from layerstream.scheduler import Scheduler
+from layerstream.errors import InvalidRequest, RequestTimeout, ServerBusy
+from layerstream.scheduler import Deadline, Scheduler
+
+WAIT_S = 30  # bound on every wait for an event; reached only when the code under test hangs
 
 
 def run(coro):
     return asyncio.run(coro)
 
 
-async def collect(scheduler, job):
-    return [e async for e in scheduler.stream(job)]
+async def collect(scheduler, job, deadline=None):
+    return [e async for e in scheduler.stream(job, deadline)]
+
+
+async def wait_for_event(event: threading.Event) -> bool:
+    """Wait for a thread's event without blocking (or closing) the loop."""
+    return await asyncio.to_thread(event.wait, WAIT_S)
 
 
 def test_events_then_result_and_requests_never_overlap():
@@ -66,44 +77,50 @@ def test_job_errors_reach_the_caller_after_earlier_events():
         scheduler.close()
 
 
-def test_consumer_leaving_sets_the_cancel_flag():
+def test_consumer_leaving_sets_the_cancel_flag_while_the_loop_runs():
+    """The flag must come from the stream being closed, not from the loop going away (a
+    closed loop also makes the job's next emit set it): the check runs on the live loop."""
     scheduler = Scheduler("m", max_queued=2)
-    saw_cancel = threading.Event()
+    saw_cancel, gave_up = threading.Event(), threading.Event()
 
     def job(emit, cancelled):
-        for i in range(500):
+        emit(0)
+        while not gave_up.is_set():  # no more emits: only the cancel flag can end this early
             if cancelled():
                 saw_cancel.set()
                 return None
-            emit(i)
-            time.sleep(0.002)
+            time.sleep(0.001)
         return None
 
     async def main():
         stream = scheduler.stream(job)
         assert await stream.__anext__() == 0
         await stream.aclose()  # what MLServer does when the client disconnects
+        seen = await wait_for_event(saw_cancel)
+        gave_up.set()
+        return seen
 
     try:
-        run(main())
-        assert saw_cancel.wait(5)
+        assert run(main()), "the job never saw the cancel flag while the loop was alive"
     finally:
+        gave_up.set()
         scheduler.close()
 
 
 def test_full_queue_is_server_busy():
     scheduler = Scheduler("m", max_queued=1)
-    release = threading.Event()
+    started, release = threading.Event(), threading.Event()
 
     def slow(emit, cancelled):
-        release.wait(5)
+        started.set()
+        assert release.wait(WAIT_S)
         return "ok"
 
     async def main():
         first = asyncio.ensure_future(collect(scheduler, slow))
-        await asyncio.sleep(0.1)  # the worker takes the first job
+        assert await wait_for_event(started)  # the worker holds the first job
         second = asyncio.ensure_future(collect(scheduler, slow))
-        await asyncio.sleep(0.1)  # the second waits in the queue
+        await asyncio.sleep(0)  # the second enters the queue (put_nowait, no await before)
         with pytest.raises(ServerBusy, match="retry later"):
             await collect(scheduler, slow)
         release.set()
@@ -113,3 +130,92 @@ def test_full_queue_is_server_busy():
         assert run(main()) == (["ok"], ["ok"])
     finally:
         scheduler.close()
+
+
+# -- deadlines -------------------------------------------------------------------------------
+
+
+def test_a_running_job_past_its_deadline_is_stopped_by_its_own_check():
+    """The job checks before every block (here: every loop); past the deadline the check
+    raises RequestTimeout, which ends the job and reaches the consumer after its events."""
+    scheduler = Scheduler("m", max_queued=2)
+    checks = {"n": 0}
+
+    def job(emit, stop_requested):
+        emit("first")
+        while True:  # only the deadline can end this
+            checks["n"] += 1
+            stop_requested()
+            time.sleep(0.001)
+
+    async def main():
+        seen = []
+        with pytest.raises(RequestTimeout) as caught:
+            async for event in scheduler.stream(job, Deadline.after(0.05, "a test")):
+                seen.append(event)
+        return seen, caught.value
+
+    try:
+        seen, error = run(main())
+    finally:
+        scheduler.close()
+    assert seen == ["first"]
+    assert error.kind == "timeout" and error.status == 504
+    assert "deadline of 0.05s from arrival (set by a test)" in error.message
+    assert checks["n"] > 0
+
+
+def test_a_request_whose_deadline_passed_before_its_turn_never_runs():
+    scheduler = Scheduler("m", max_queued=2)
+    ran = threading.Event()
+
+    def job(emit, stop_requested):
+        ran.set()
+        return "ran"
+
+    async def main():
+        with pytest.raises(RequestTimeout, match="deadline of 1s"):
+            await collect(scheduler, job, Deadline(time.monotonic() - 1, 1.0, "a test"))
+
+    try:
+        run(main())
+        assert run(collect(scheduler, lambda emit, stop: "next")) == ["next"]  # FIFO: after it
+    finally:
+        scheduler.close()
+    assert not ran.is_set()
+
+
+def test_a_queued_request_hears_of_its_deadline_without_waiting_for_the_one_ahead():
+    """Queue wait counts: the second request's consumer gets RequestTimeout while the first
+    job still holds the engine, and the second job never runs."""
+    scheduler = Scheduler("m", max_queued=1)
+    started, release, second_ran = threading.Event(), threading.Event(), threading.Event()
+
+    def holder(emit, stop_requested):
+        started.set()
+        assert release.wait(WAIT_S)
+        return "held"
+
+    def second(emit, stop_requested):
+        second_ran.set()
+        return "ran"
+
+    async def main():
+        first = asyncio.ensure_future(collect(scheduler, holder))
+        assert await wait_for_event(started)
+        with pytest.raises(RequestTimeout, match="while waiting for the model"):
+            await collect(scheduler, second, Deadline.after(0.05, "a test"))
+        still_held = not release.is_set()  # the timeout came while the first job still ran
+        # the expired request gave its place up: with room for one, another is taken
+        third = asyncio.ensure_future(collect(scheduler, lambda emit, stop: "third"))
+        await asyncio.sleep(0)
+        assert not third.done()  # queued (a refusal would have ended it with ServerBusy)
+        release.set()
+        return still_held, await first, await third
+
+    try:
+        still_held, first, third = run(main())
+    finally:
+        scheduler.close()
+    assert still_held and first == ["held"] and third == ["third"]
+    assert not second_ran.is_set()

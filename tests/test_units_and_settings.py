@@ -252,3 +252,41 @@ def test_content_range_parsing():
         parse_content_range("bytes */1000", "x")
     with pytest.raises(Transient):
         parse_content_range(None, "x")
+
+
+def test_request_deadline_and_prompt_limit_settings():
+    default = LayerStreamSettings.from_extra({"chunk_store": "x"})
+    assert default.request_timeout_s == 600.0  # bounds abandoned unary work by default
+    assert default.max_prompt_bytes == "auto"
+    seldon = LayerStreamSettings.from_extra(
+        {"chunk_store": "x", "request_timeout_s": "30", "max_prompt_bytes": "4096"}
+    )
+    assert (seldon.request_timeout_s, seldon.max_prompt_bytes) == (30.0, 4096)
+    for bad in ({"request_timeout_s": 0}, {"request_timeout_s": "never"}, {"max_prompt_bytes": 0}):
+        with pytest.raises(SettingsError, match=next(iter(bad))):
+            LayerStreamSettings.from_extra({"chunk_store": "x", **bad})
+
+
+def test_prompt_limit_is_a_bound_for_a_byte_level_tokenizer(model_factory):
+    """A prompt over the limit cannot fit the context: every token of a byte-level BPE
+    stands for at most the longest token's bytes."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from layerstream.prompts import longest_token_bytes, prompt_byte_limit
+
+    tokenizer = AutoTokenizer.from_pretrained(model_factory("gpt2").store)
+    context = 128
+    limit = prompt_byte_limit(tokenizer, context, "auto")
+    assert limit.max_bytes == (context + 1) * longest_token_bytes(tokenizer)
+    assert "context of 128 tokens" in limit.reason
+    rng = random.Random(0)
+    vocab = [t for t in tokenizer.get_vocab() if t.isascii() and t.isalpha()]
+    for _ in range(5):  # the most favourable text: the longest tokens, back to back
+        text = "".join(rng.choice(sorted(vocab, key=len)[-20:]) for _ in range(limit.max_bytes))
+        text = text[: limit.max_bytes + 1]
+        assert len(tokenizer(text)["input_ids"]) > context
+    assert prompt_byte_limit(tokenizer, None, "auto").max_bytes == 2**20
+    assert prompt_byte_limit(tokenizer, context, 500).max_bytes == 500
+    assert prompt_byte_limit(None, context, "auto") is None

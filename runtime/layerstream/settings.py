@@ -73,7 +73,24 @@ class LayerStreamSettings(BaseSettings):
         default=64, ge=1, description="max_new_tokens when a request does not say."
     )
     max_queued_requests: int = Field(
-        default=64, ge=1, description="Requests waiting for the model before new ones get 503."
+        default=64,
+        ge=1,
+        description="Requests waiting for the model before new ones are refused as overloaded "
+        "(SSE error event, /infer 503, gRPC RESOURCE_EXHAUSTED).",
+    )
+    request_timeout_s: Seconds = Field(
+        default=600.0,
+        description="Seconds a request may take from arrival, queue wait included; then the "
+        "engine stops at the next block and the client gets error_type 'timeout' (SSE event, "
+        "/infer 504, gRPC DEADLINE_EXCEEDED). It bounds work a client abandoned where the "
+        "transport cannot say so (an HTTP/1.1 /infer client that timed out). A request's own "
+        "'timeout' parameter (microseconds, as tritonclient sends it) can only shorten it.",
+    )
+    max_prompt_bytes: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        default="auto",
+        description="Largest prompt, in UTF-8 bytes, refused before it is tokenized; 'auto' is "
+        "the context length times the longest token of the vocabulary (a longer prompt "
+        "cannot fit the context), or 1 MiB for a model without a context length.",
     )
 
     # -- remote stores ------------------------------------------------------------------
