@@ -3,10 +3,13 @@
 The flow, by module:
 
 - ``chunker``   a checkpoint -> one safetensors chunk per block + ``manifest.json``
-- ``stores``    where chunks live (``ChunkStore``; a local directory)
+- ``stores``    where chunks live (``ChunkStore``: a directory, S3, HTTP(S), a disk cache)
 - ``engine``    the model on a meta skeleton; hooks install/release blocks while it runs
 - ``streamer``  reads chunks: pinned blocks once, the others through a buffer pool, ahead
-- ``runtime``   ``LayerStreamRuntime``, the MLServer model (``predict_stream``/``predict``)
+- ``integrity`` chunk sizes and tensors checked at load, streamed chunks hashed after it
+- ``runtime``   ``LayerStreamRuntime``, the MLServer model (``predict_stream``/``predict``);
+  requests are checked by ``protocol``/``inputs``/``prompts``, errors carry a kind
+  (``errors``) that ``transport``/``grpc_status`` turn into SSE events or gRPC statuses
 
 MLServer imports ``layerstream.LayerStreamRuntime`` and then reloads this module, so it
 has no side effects: the heavy imports happen on first attribute access.

@@ -15,7 +15,7 @@ class TokenEvent:
 
 @dataclass(frozen=True)
 class HiddenStateEvent:
-    layer: int  # 0 = embeddings output, k = output of block k-1, last = final (normed) state
+    layer: int  # the index into transformers' own output_hidden_states for this model
     hidden_state: np.ndarray  # float32 [seq, hidden]
 
 
