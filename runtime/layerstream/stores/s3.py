@@ -102,6 +102,14 @@ def describe_error(exc: Exception, where: str) -> Exception:
 BOTO_ERRORS = (bce.BotoCoreError, bce.ClientError)
 
 
+def _total_size(response: dict, where: str) -> int:
+    """The object's size from a ranged GET's answer (a whole-object answer has no range)."""
+    content_range = response.get("ContentRange")
+    if content_range:
+        return parse_content_range(content_range, where)[2]
+    return response["ContentLength"]
+
+
 def _status(exc: bce.ClientError) -> int | None:
     return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
 
@@ -179,12 +187,7 @@ class S3Store:
             view = whole[:length]
             response, filled = self._get(name, view, Range=f"bytes=0-{length - 1}")
             assert isinstance(filled, int)
-            content_range = response.get("ContentRange")
-            total = (
-                parse_content_range(content_range, where)[2]
-                if content_range
-                else response["ContentLength"]
-            )
+            total = _total_size(response, where)
             if filled < min(len(view), total):
                 raise Transient(f"body cut short ({filled} bytes)")
             return filled, total, response.get("ETag")
@@ -210,13 +213,7 @@ class S3Store:
         def get() -> tuple[bytes, int | None]:
             response, body = self._get(name, None, Range=f"bytes=0-{length - 1}")
             assert isinstance(body, bytes)
-            content_range = response.get("ContentRange")
-            total = (
-                parse_content_range(content_range, where)[2]
-                if content_range
-                else response["ContentLength"]
-            )
-            return body[:length], total
+            return body[:length], _total_size(response, where)
 
         return self._ranged.policy.run(get, where)
 
