@@ -295,10 +295,9 @@ def test_prompt_limit_is_a_bound_for_a_byte_level_tokenizer(model_factory):
 def test_the_client_knows_the_servers_parameters_and_error_kinds():
     """The client package cannot import the runtime (it has no torch): its copies of the
     request parameters and the error kinds are tied to the server's here."""
-    from layerstream_client import events
-
     from layerstream.errors import ERROR_TYPES
     from layerstream.protocol import KNOWN_PARAMETERS
+    from layerstream_client import events
 
     assert set(events._PARAMS) == set(KNOWN_PARAMETERS)
     assert events.ERROR_TYPES == ERROR_TYPES
