@@ -8,11 +8,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SOURCE=${1:-}
-NAME=${NAME:-demo}
+if [ -n "$SOURCE" ]; then
+    # a Hub id or a folder names the model unless NAME says otherwise: Qwen/Qwen2.5-0.5B -> qwen2.5-0.5b
+    DEFAULT_NAME=$(basename "$SOURCE" | tr '[:upper:]' '[:lower:]')
+else
+    DEFAULT_NAME=demo
+fi
+NAME=${NAME:-$DEFAULT_NAME}
 BUDGET=${BUDGET:-25%}
 
 scripts/install.sh
-if [ ! -f "model-repo/$NAME/chunks/manifest.json" ]; then
+if [ -f "model-repo/$NAME/chunks/manifest.json" ]; then
+    echo "model-repo/$NAME is chunked already: serving it (remove it, or set NAME=..., to chunk again)"
+else
     # the quick start streams: a quarter of the weights held in memory, the rest read per token
     if [ -n "$SOURCE" ]; then
         .venv/bin/layerstream chunk "$SOURCE" "model-repo/$NAME/chunks" --name "$NAME" \
@@ -22,6 +30,9 @@ if [ ! -f "model-repo/$NAME/chunks/manifest.json" ]; then
             --name "$NAME" --memory-budget "$BUDGET" --force
     fi
 fi
-echo "serving model-repo/ (REST :${MLSERVER_HTTP_PORT:-8080}, gRPC :${MLSERVER_GRPC_PORT:-8081}, metrics :${MLSERVER_METRICS_PORT:-8082}); try:"
-echo "  .venv/bin/layerstream-client generate --model $NAME \"Once upon a time\""
+HTTP_PORT=${MLSERVER_HTTP_PORT:-8080}
+GRPC_PORT=${MLSERVER_GRPC_PORT:-8081}
+echo "serving model-repo/ (REST :$HTTP_PORT, gRPC :$GRPC_PORT, metrics :${MLSERVER_METRICS_PORT:-8082}); try:"
+echo "  .venv/bin/layerstream-client generate --url http://127.0.0.1:$HTTP_PORT --model $NAME \"Once upon a time\""
+echo "  .venv/bin/layerstream-client generate --grpc 127.0.0.1:$GRPC_PORT --model $NAME \"Once upon a time\""
 exec .venv/bin/mlserver start model-repo

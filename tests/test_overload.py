@@ -253,7 +253,7 @@ def test_a_deadline_that_passes_in_the_queue_is_a_timeout_on_every_transport(gat
         response = infer(server, short)
         assert response.status_code == 504, response.text
         error = response.json()["error"]
-        assert error.startswith("timeout: ") and "while waiting for the model" in error
+        assert error.startswith("timeout: ") and "while waiting for its next event" in error
         assert "0.2s from arrival" in error and "timeout parameter" in error
 
         (event,) = raw_sse(server.http_url, GATED, short)

@@ -286,7 +286,7 @@ def prompt(data, shape=None, datatype="BYTES"):
         (ids([1, True]), "must hold integers, got bool True"),
         (ids(["1"]), "must hold integers, got str '1'"),
         (ids([None]), "must hold integers, got NoneType None"),
-        (ids([1.0], datatype="FP32"), "datatype INT64, not FP32"),
+        (ids([1.0], datatype="FP32"), r"datatype INT64 \(or INT32\), not FP32"),
         (ids([-1]), "outside the vocabulary"),
         (ids([], shape=[0]), "is empty"),
         (ids(list(range(65))), "prompt of 65 tokens exceeds the model's context of 64"),

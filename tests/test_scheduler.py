@@ -203,7 +203,7 @@ def test_a_queued_request_hears_of_its_deadline_without_waiting_for_the_one_ahea
     async def main():
         first = asyncio.ensure_future(collect(scheduler, holder))
         assert await wait_for_event(started)
-        with pytest.raises(RequestTimeout, match="while waiting for the model"):
+        with pytest.raises(RequestTimeout, match="while waiting for its next event"):
             await collect(scheduler, second, Deadline.after(0.05, "a test"))
         still_held = not release.is_set()  # the timeout came while the first job still ran
         # the expired request gave its place up: with room for one, another is taken

@@ -32,7 +32,13 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("prompt", nargs="?", help="the prompt text (or use --input-ids)")
         p.add_argument("--input-ids", help="comma-separated token ids instead of a prompt")
         p.add_argument("--json", action="store_true", help="print every event as a JSON line")
-        p.add_argument("--timeout", type=float, default=300.0)
+        p.add_argument(
+            "--timeout",
+            type=float,
+            default=300.0,
+            help="seconds this client waits for the server (the transport's timeout); the "
+            "server's own deadline is the request parameter 'timeout', in microseconds",
+        )
         if name == "generate":
             p.add_argument("--max-new-tokens", type=int)
             p.add_argument("--temperature", type=float)

@@ -134,7 +134,9 @@ def _check_prompt_size(value: str | bytes, limit: PromptLimit) -> None:
 def token_ids(item: RequestInput, vocab_size: int, context_length: int | None) -> list[int]:
     """The ids of an ``input_ids`` input: integers (never floats) inside the vocabulary."""
     if item.datatype not in ID_DATATYPES:
-        raise InvalidRequest(f"input 'input_ids' must have datatype INT64, not {item.datatype}")
+        raise InvalidRequest(
+            f"input 'input_ids' must have datatype INT64 (or INT32), not {item.datatype}"
+        )
     shape = list(item.shape)
     if len(shape) > 2 or (len(shape) == 2 and shape[0] != 1):
         raise InvalidRequest(f"input 'input_ids' must have shape [n] or [1, n], not {shape}")

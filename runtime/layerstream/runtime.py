@@ -214,13 +214,13 @@ class LayerStreamRuntime(MLModel):
                 f"{type(exc).__name__}: {exc} (a bug or a broken model store; the server log "
                 "has the traceback)"
             )
-        mode = request.mode if request is not None else "unknown"
+        mode = request.mode if request is not None else "unparsed"  # refused before a mode
         metrics.record_error(self.name, mode, error.kind)
         log.warning(
             "%s %s: request %s failed (%s) after %d events in %.3fs: %s",
             self.name,
             mode,
-            payload.id,
+            payload.id or "(no id)",  # gRPC requests carry none unless the client sets one
             error.kind,
             events,
             time.monotonic() - arrived,

@@ -190,7 +190,7 @@ class Scheduler:
         except asyncio.TimeoutError:
             # Nothing arrived before the deadline: queued behind other requests, or between
             # two blocks. The finally above flags the ticket, so it never runs or stops next.
-            raise ticket.deadline.error("while waiting for the model") from None
+            raise ticket.deadline.error("while waiting for its next event") from None
 
     def _run(self) -> None:
         while True:
