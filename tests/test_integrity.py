@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -189,6 +190,46 @@ def test_manifest_and_side_files_linked_out_of_the_store_are_refused(store_copy,
         engine_for(store_copy)
 
 
+def test_a_named_pipe_in_place_of_a_chunk_is_refused_not_waited_on(store_copy):
+    """Opening a FIFO for reading blocks until a writer comes: the load must not."""
+    block_file(store_copy).unlink()
+    os.mkfifo(block_file(store_copy))
+    outcome: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            engine_for(store_copy).close()
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(timeout=120)
+    if thread.is_alive():  # free the blocked open before failing
+        with open(block_file(store_copy), "wb"):
+            pass
+        pytest.fail("the load blocked on a named pipe")
+    assert isinstance(outcome[0], ChunkIntegrityError)
+    assert "not a regular file" in str(outcome[0])
+
+
+@pytest.mark.parametrize("damage", ["deleted", "emptied"])
+def test_a_chunk_deleted_or_emptied_while_served_takes_the_model_out(store_copy, damage):
+    engine = engine_for(store_copy, read_ahead=0, verify_in_background=False)
+    try:
+        request(engine)
+        if damage == "deleted":
+            block_file(store_copy).unlink()
+        else:
+            block_file(store_copy).write_bytes(b"")
+        with pytest.raises(ChunkIntegrityError, match=f"block_{VICTIM:04d}") as info:
+            request(engine)
+        assert info.value.kind == "integrity"
+        assert engine.damage is not None  # the model stops reporting ready
+    finally:
+        engine.close()
+
+
 # -- 3. chunk tensors checked against the model built from the config ------------------------
 
 
@@ -365,6 +406,41 @@ def test_manifest_fields_are_type_checked(model_factory, edit, words):
         Manifest.from_json(json.dumps(data))
     for word in words:
         assert word in str(info.value)
+
+
+def edit_manifest(store: Path, edit) -> None:
+    manifest = json.loads((store / "manifest.json").read_text())
+    edit(manifest)
+    (store / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    ("edit", "words"),
+    [
+        # lm_head and the embeddings are apart in this llama: aliasing them answers wrongly
+        (
+            lambda m: m.update(tied=[["lm_head.weight", "model.embed_tokens.weight"]]),
+            ["ties", "the model built from config.json ties []"],
+        ),
+        (lambda m: m.update(tied=[["a", "b"]]), ["ties"]),
+        (lambda m: m.update(architecture="MistralForCausalLM"), ["MistralConfig", "LlamaConfig"]),
+        (lambda m: m.update(model_type="mistral"), ["mistral", "llama config"]),
+        (lambda m: m["file_sha256"].pop("config.json"), ["no digest for ['config.json']"]),
+        (lambda m: m["blocks"].pop(5), ["12 blocks, the manifest lists 11", "block 5"]),
+    ],
+    ids=["tied", "tied-unknown", "architecture", "model-type", "side-file-digest", "blocks"],
+)
+def test_manifest_edits_that_would_change_the_model_fail_the_load(store_copy, edit, words):
+    edit_manifest(store_copy, edit)
+    with pytest.raises(ManifestError) as info:
+        engine_for(store_copy)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_a_deeply_nested_manifest_is_a_manifest_error():
+    with pytest.raises(ManifestError, match="nested too deeply"):
+        Manifest.from_json("[" * 100_000 + "]" * 100_000)
 
 
 def test_a_manifest_with_a_string_size_fails_the_model_load(store_copy):

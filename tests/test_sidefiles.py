@@ -8,10 +8,17 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 from layerstream.engine import Engine, EngineOptions
-from layerstream.sidefiles import PREFIX, _owned_directory, remove_stale_directories
+from layerstream.sidefiles import (
+    PREFIX,
+    STAGING_PREFIX,
+    _owned_directory,
+    remove_stale_directories,
+)
 from layerstream.stores import open_store
 
 KILLED_WHILE_LOADING = """
@@ -51,3 +58,41 @@ def test_directories_of_killed_loads_are_removed_and_live_ones_kept(tmp_path, mo
         assert remove_stale_directories(str(tmp_path)) == 1
         assert leftovers(tmp_path) == [live]
     assert not leftovers(tmp_path)
+
+
+def test_loads_side_by_side_never_remove_each_others_directories(tmp_path, monkeypatch):
+    """MLServer loads a repository's models at once: one load's sweep must not take the
+    directory another is still filling (it did, between its creation and its lock)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    barrier = threading.Barrier(4)
+    failures: list[BaseException] = []
+
+    def load(rounds: int = 40) -> None:
+        try:
+            for _ in range(rounds):
+                barrier.wait(timeout=60)
+                remove_stale_directories(str(tmp_path))
+                with _owned_directory() as folder:
+                    (folder / "config.json").write_text("{}")
+                    remove_stale_directories(str(tmp_path))
+                    assert (folder / "config.json").read_text() == "{}"
+        except BaseException as exc:
+            failures.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not failures, failures[:1]
+    assert not leftovers(tmp_path) and not list(tmp_path.iterdir())
+
+
+def test_a_staging_directory_left_by_a_killed_load_is_removed_once_old(tmp_path):
+    young, old = tmp_path / f"{STAGING_PREFIX}young", tmp_path / f"{STAGING_PREFIX}old"
+    young.mkdir()
+    old.mkdir()
+    os.utime(old, (time.time() - 2 * 3600, time.time() - 2 * 3600))
+    assert remove_stale_directories(str(tmp_path)) == 1
+    assert young.exists() and not old.exists()

@@ -25,13 +25,15 @@ _PARAMS = ("mode", *GENERATION_PARAMS, "layers", "pooling", "timeout")
 # The kinds a layerstream server gives its errors (``error_type``), and what they mean for
 # a retry: invalid_request (do not retry as is), overloaded (retry later), store_unavailable
 # (retry, here or elsewhere), integrity (the model is damaged: another replica may serve),
-# timeout (allow more time or ask for less), internal (a server bug).
+# timeout (allow more time or ask for less), configuration (the model's settings cannot work:
+# seen at load), internal (a server bug).
 ERROR_TYPES = (
     "invalid_request",
     "overloaded",
     "store_unavailable",
     "integrity",
     "timeout",
+    "configuration",
     "internal",
 )
 

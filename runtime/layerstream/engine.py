@@ -24,7 +24,13 @@ from transformers import PreTrainedModel
 from . import tuning
 from .errors import ChunkIntegrityError, ManifestError, RequestCancelled
 from .hooks import BlockSlots
-from .integrity import BackgroundVerifier, check_chunk_heads, chunk_specs
+from .integrity import (
+    BackgroundVerifier,
+    check_chunk_heads,
+    check_config_fits_manifest,
+    check_model_fits_manifest,
+    chunk_specs,
+)
 from .manifest import MANIFEST_NAME, ChunkInfo, Manifest
 from .residency import ResidencyPlan, plan_residency, resolve_budget
 from .sidefiles import load_side_files
@@ -71,15 +77,12 @@ class Engine:
         self.config = side.config
         self.tokenizer = side.tokenizer
         self.generation_config = side.generation_config
+        check_config_fits_manifest(self.manifest, self.config)
         self.model: PreTrainedModel = build_skeleton(
             self.config, self.manifest.architecture, self.manifest.dtype
         )
         self.prefixes = block_prefixes(self.model)
-        if self.prefixes != [b.prefix for b in self.manifest.blocks]:
-            raise ManifestError(
-                f"the model built by this transformers version has blocks {self.prefixes[:3]}…, "
-                f"the manifest {[b.prefix for b in self.manifest.blocks][:3]}…; re-chunk the model"
-            )
+        check_model_fits_manifest(self.manifest, self.model, self.prefixes)
         budget = resolve_budget(options.memory_budget, self.manifest.total_bytes)
         self.plan: ResidencyPlan = plan_residency(
             self.manifest, budget, tuning.read_ahead(options.read_ahead)

@@ -15,7 +15,13 @@ Kinds (``error_type``; HTTP status; gRPC status once ``grpc_status.install`` has
 - ``integrity``: chunk bytes do not match the manifest; the model is damaged: re-chunk it,
   the request may succeed on another replica (500, INTERNAL).
 - ``timeout``: the request ran past its deadline (504, DEADLINE_EXCEEDED).
-- ``internal``: anything else: a bug or a broken model store (500, INTERNAL).
+- ``configuration``: the model's settings cannot work (a budget below the model's
+  minimum, an unknown setting): fix model-settings.json (422, FAILED_PRECONDITION). Seen at
+  load, not by requests.
+- ``internal``: anything else: a bug (500, INTERNAL).
+
+A manifest that does not describe the store or the model (``ManifestError``) is an
+``integrity`` error, like a chunk that does not match the manifest.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ ERROR_TYPES = (
     "store_unavailable",
     "integrity",
     "timeout",
+    "configuration",
     "internal",
 )
 
@@ -86,9 +93,14 @@ class RequestTimeout(LayerStreamError):
 class SettingsError(LayerStreamError):
     """model-settings.json / environment settings are invalid; raised at load()."""
 
+    status = 422
+    kind = "configuration"
+
 
 class ManifestError(LayerStreamError):
     """The chunk store's manifest.json is missing, unreadable or inconsistent."""
+
+    kind = "integrity"
 
 
 class ChunkStoreError(LayerStreamError):

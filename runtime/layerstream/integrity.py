@@ -23,6 +23,7 @@ from typing import TypeVar
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from .chunkfile import (
     HEADER_PROBE,
@@ -32,10 +33,10 @@ from .chunkfile import (
     header_length,
     parse_header,
 )
-from .errors import ChunkIntegrityError
+from .errors import ChunkIntegrityError, ManifestError
 from .hooks import BlockSlots
 from .manifest import ChunkInfo, Manifest
-from .skeleton import TORCH_DTYPES, scope_of
+from .skeleton import TORCH_DTYPES, model_class, scope_of, tied_groups
 from .stores import CachedStore, ChunkStore, LocalStore
 from .units import format_size
 
@@ -75,6 +76,47 @@ class ChunkHealth:
     def damage(self) -> ChunkIntegrityError | None:
         with self._lock:
             return next(iter(self._damaged.values()), None)
+
+
+def check_config_fits_manifest(manifest: Manifest, config: PretrainedConfig) -> None:
+    """The manifest's architecture must be a class for the config the store holds: a Mistral
+    class built from a Llama config builds, then fails every request."""
+    where = f"manifest.json names {manifest.architecture} ({manifest.model_type})"
+    if config.model_type != manifest.model_type:
+        raise ManifestError(
+            f"{where} but config.json is a {config.model_type} config; the manifest or the "
+            "config was edited: re-run the chunker"
+        )
+    wanted = getattr(model_class(manifest.architecture), "config_class", None)
+    if isinstance(wanted, type) and not isinstance(config, wanted):
+        raise ManifestError(
+            f"{where}, which takes a {wanted.__name__}, but config.json holds a "
+            f"{type(config).__name__}; re-run the chunker"
+        )
+
+
+def check_model_fits_manifest(manifest: Manifest, model: nn.Module, prefixes: list[str]) -> None:
+    """The blocks and the tied weights the manifest lists must be the model's own: the
+    manifest's tie groups are applied at load, so an edited group would alias weights the
+    model keeps apart (and answer wrongly)."""
+    listed = [b.prefix for b in manifest.blocks]
+    if prefixes != listed:
+        first = next(
+            (i for i, (a, b) in enumerate(zip(prefixes, listed, strict=False)) if a != b),
+            min(len(prefixes), len(listed)),
+        )
+        raise ManifestError(
+            f"the model built from config.json by this transformers version has "
+            f"{len(prefixes)} blocks, the manifest lists {len(listed)}; the first difference "
+            f"is at block {first}: {prefixes[first : first + 1]} vs {listed[first : first + 1]}; "
+            "re-chunk the model"
+        )
+    own = sorted(tied_groups(model))
+    if sorted(sorted(group) for group in manifest.tied) != own:
+        raise ManifestError(
+            f"manifest.json ties {manifest.tied} but the model built from config.json ties "
+            f"{own}; the manifest was edited: re-run the chunker"
+        )
 
 
 def chunk_specs(

@@ -80,8 +80,11 @@ class Manifest:
     def from_json(cls, text: str | bytes, source: str = MANIFEST_NAME) -> Manifest:
         try:
             data = json.loads(text)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ManifestError(f"{source} is not valid JSON ({exc}); re-run the chunker") from exc
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            raise ManifestError(
+                f"{source} is not valid JSON ({reason}); re-run the chunker"
+            ) from None
         return _parse(data, source)
 
 
@@ -197,6 +200,12 @@ def _parse(data: Any, source: str) -> Manifest:
         for name, d in file_sha256.items()
     ):
         raise ManifestError(f"{source}: 'file_sha256' must map listed files to sha256 digests")
+    if file_sha256 and set(file_sha256) != set(files):
+        # stores chunked before the field have no digests at all; one with some has them all
+        raise ManifestError(
+            f"{source}: 'file_sha256' has no digest for {sorted(set(files) - set(file_sha256))}"
+            "; the manifest was edited: re-run the chunker"
+        )
     tied = _typed(data.get("tied", []), list, "'tied'", source)
     return Manifest(
         name=_require(data, "name", str, source),

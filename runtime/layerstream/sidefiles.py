@@ -4,7 +4,9 @@ transformers loads tokenizers only from files, so the side files go through a te
 directory that lives only while they are parsed. A process killed meanwhile would leave it
 behind: each directory holds a lock file locked (flock) by its owner for the directory's
 lifetime, so any later load removes directories whose lock nobody holds any more, and never
-one that a live process (this one or another) is still using.
+one that a live process (this one or another, or another model loading beside it) is still
+using. A directory gets its name only once its lock is held (it is created under a staging
+name, locked, then renamed), so the sweep never sees one that is not locked yet.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +34,10 @@ from .stores import ChunkStore
 log = logging.getLogger(__name__)
 
 PREFIX = "layerstream-model-"
+STAGING_PREFIX = ".layerstream-staging-"
 LOCK_NAME = ".owner.lock"
+# A staging directory lives for two system calls; one this old lost its owner in between.
+STALE_STAGING_S = 3600
 
 
 @dataclass
@@ -63,6 +69,12 @@ def read_side_file(store: ChunkStore, manifest: Manifest, name: str) -> bytes:
 
 def load_side_files(store: ChunkStore, manifest: Manifest) -> SideFiles:
     remove_stale_directories()
+    if manifest.files and not manifest.file_sha256:
+        log.warning(
+            "%s: the manifest predates side-file digests, so config and tokenizer files are "
+            "not checked; re-run the chunker to have them checked",
+            store.uri,
+        )
     with _owned_directory() as folder:
         for name in manifest.files:
             (folder / name).write_bytes(read_side_file(store, manifest, name))
@@ -82,13 +94,16 @@ def load_side_files(store: ChunkStore, manifest: Manifest) -> SideFiles:
 
 @contextlib.contextmanager
 def _owned_directory() -> Iterator[Path]:
-    folder = Path(tempfile.mkdtemp(prefix=PREFIX))
-    lock = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX))
+    folder = staging
+    lock = os.open(staging / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        folder = staging.with_name(PREFIX + staging.name.removeprefix(STAGING_PREFIX))
+        os.rename(staging, folder)
         yield folder
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)  # the lock is held until it is gone
         os.close(lock)
 
 
@@ -97,8 +112,13 @@ def remove_stale_directories(root: str | None = None) -> int:
     many. A directory is stale when its lock file is not locked: the kernel drops a dead
     process's locks, and a live owner holds its lock until it removes the directory."""
     removed = 0
-    for folder in Path(root or tempfile.gettempdir()).glob(f"{PREFIX}*"):
+    base = Path(root or tempfile.gettempdir())
+    for folder in base.glob(f"{PREFIX}*"):
         if folder.is_dir() and not folder.is_symlink() and _unowned(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+    for folder in base.glob(f"{STAGING_PREFIX}*"):
+        if folder.is_dir() and not folder.is_symlink() and _older_than(folder, STALE_STAGING_S):
             shutil.rmtree(folder, ignore_errors=True)
             removed += 1
     if removed:
@@ -118,3 +138,10 @@ def _unowned(folder: Path) -> bool:
     finally:
         os.close(fd)  # closing drops the lock we may have taken
     return True
+
+
+def _older_than(folder: Path, seconds: float) -> bool:
+    try:
+        return time.time() - folder.stat().st_mtime > seconds
+    except OSError:  # removed meanwhile
+        return False

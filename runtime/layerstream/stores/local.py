@@ -56,9 +56,22 @@ class LocalStore:
         return path
 
     def _open(self, name: str, action: str = "open") -> int:
+        """A read-only descriptor of a regular file. O_NONBLOCK: a named pipe put in a
+        chunk's place would otherwise block the open (and the engine) forever."""
         path = self._path(name)
         with _chunk_file_errors(path, action):
-            return os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError:
+            os.close(fd)
+            raise
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            raise ChunkIntegrityError(
+                f"{path} is not a regular file; refusing to read it: re-run the chunker"
+            )
+        return fd
 
     def read(self, name: str) -> bytes:
         fd = self._open(name)
@@ -132,6 +145,10 @@ class LocalStore:
         fd = self._open(name)
         try:
             st = os.fstat(fd)
+            if not st.st_size:  # mmap refuses empty files: say what it means
+                raise ChunkIntegrityError(
+                    f"chunk file {path} is empty; the store was truncated: re-run the chunker"
+                )
             data = _map_populated(fd, st.st_size)
         except (OSError, ValueError) as exc:
             raise ChunkStoreError(f"cannot map chunk file {path}: {exc}") from exc
@@ -244,7 +261,8 @@ def _chunk_file_errors(path: str | Path, action: str) -> Iterator[None]:
     try:
         yield
     except FileNotFoundError as exc:
-        raise ChunkStoreError(
+        # a local store that lost a file no longer matches its manifest: damaged, not away
+        raise ChunkIntegrityError(
             f"chunk file {path} is missing; re-run the chunker or check the store"
         ) from exc
     except OSError as exc:
