@@ -354,8 +354,7 @@ def test_causal_lm_hidden_states_match_output_hidden_states(
     states = ref.hidden_states(ids)  # resident.model(ids, output_hidden_states=True)
     wanted = list(range(NUM_BLOCKS + 1)) if layers is None else [0, 5, NUM_BLOCKS]
 
-    # max_new_tokens=1 only works around the default-limit bug below (LLAMA_25 has a limit).
-    params: dict[str, Any] = {"max_new_tokens": 1} if model == LLAMA_25 else {}
+    params: dict[str, Any] = {}
     if layers is not None:
         params["layers"] = layers
     _, hidden, final = split(list(client(server, transport).hidden_states(model, PROMPT, **params)))

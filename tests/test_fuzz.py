@@ -53,7 +53,10 @@ class Case:
 
 
 def hi(**params: Any) -> dict[str, Any]:
-    return {"inputs": [prompt_input("hi")], "parameters": {"max_new_tokens": 2, **params}}
+    """A request for the prompt "hi": two new tokens, unless in a mode that generates none
+    (where max_new_tokens would be refused as not applying)."""
+    short = {} if params.get("mode") in ("hidden_states", "embedding") else {"max_new_tokens": 2}
+    return {"inputs": [prompt_input("hi")], "parameters": {**short, **params}}
 
 
 # -- parameters: types, ranges, non-finite numbers, overflow ---------------------------------
@@ -66,7 +69,7 @@ BAD_VALUES: dict[str, list[Any]] = {
     "seed": [10**30, 2**64, -(2**63) - 1, str(2**64), "x", 1.5, "1e3", "9" * 5000],
     "repetition_penalty": ["nan", "inf", "-inf", 1e-300, 0, -1, 1000, "x", False],
     "do_sample": ["maybe", 2, -1, [], "yes", {"a": 1}],
-    "stop": ["", [""], 5, ["x"] * 17, "y" * 257, "[not json", [1, 2], {"a": "b"}, '["x", 1]'],
+    "stop": ["", [""], 5, ["x"] * 17, "y" * 257, [1, 2], {"a": "b"}, ["ok", "z" * 300]],
     "timeout": [0, -5, "soon", 1.5, 2**64, "1e6", True],
     "mode": ["summarise", "", 5, ["tokens"], "TOKENS", "embeddings"],
 }
@@ -109,6 +112,33 @@ def parameter_cases() -> list[Case]:
     for name in UNKNOWN_NAMES:
         cases.append(Case(f"unknown {name!r}", ("unknown parameter",), request=hi(**{name: 1})))
     cases.append(Case("mode tokens on bert", ("cannot do mode",), BERT, hi(mode="tokens")))
+    # a parameter of another mode would be ignored, and a caller would think it honoured
+    for name, value, mode in [
+        ("layers", "0", "tokens"),
+        ("pooling", "cls", "tokens"),
+        ("temperature", 0.5, "embedding"),
+        ("stop", "x", "hidden_states"),
+        ("seed", 1, "embedding"),
+    ]:
+        request = hi(mode=mode, **{name: value})
+        cases.append(Case(f"{name} in mode {mode}", ("do not apply", name), request=request))
+    # the id comes back in headers and gRPC metadata: refused before the work is done
+    for request_id in ["\u202e", "a\nb", "\x00", " lead", "ü", "x" * 300, "tab\there"]:
+        cases.append(
+            Case(
+                f"id {_show(request_id)}",
+                ("request id", "ASCII"),
+                request=dict(hi(), id=request_id),
+            )
+        )
+    prompt = dict(prompt_input("aGk="), parameters={"content_type": "base64"})
+    cases.append(
+        Case(
+            "prompt content_type base64",
+            ("content_type", "base64"),
+            request={"inputs": [prompt], "parameters": {"max_new_tokens": 2}},
+        )
+    )
     return cases
 
 
@@ -409,6 +439,23 @@ GRPC_SPECS: list[tuple[str, tuple[str, ...], Callable[[str], Any]]] = [
         ),
     ),
     (
+        "ids int64 and fp32 contents",
+        ("input_ids", "int64_contents", "fp32_contents"),
+        _inputs(
+            [tensor_pb("input_ids", "INT64", [2], int64_contents=[1, 2], fp32_contents=[3.0, 4.0])]
+        ),
+    ),
+    (
+        "raw contents one entry too many",
+        ("raw_input_contents", "2 entries"),
+        _raw([tensor_pb("prompt", "BYTES", [1])], [framed(b"hi"), framed(b"yo")]),
+    ),
+    (
+        "id not ASCII",
+        ("request id", "ASCII"),
+        lambda model: _with_id(grpc_message(model), "ü"),
+    ),
+    (
         "temperature without a value",
         ("'temperature'", "without a value", "string"),
         _params(temperature=EMPTY),
@@ -443,6 +490,11 @@ GRPC_SPECS: list[tuple[str, tuple[str, ...], Callable[[str], Any]]] = [
         _params(seed=pb.InferParameter(string_param=str(-(2**63) - 1))),
     ),
 ]
+
+
+def _with_id(message: pb.ModelInferRequest, request_id: str) -> pb.ModelInferRequest:
+    message.id = request_id
+    return message
 
 
 def grpc_cases() -> list[Case]:
@@ -483,21 +535,25 @@ def _parameter(value: Any) -> pb.InferParameter | None:
         return pb.InferParameter(int64_param=value)
     if isinstance(value, str):
         return pb.InferParameter(string_param=value)
-    if isinstance(value, list):  # as our client sends lists: a JSON string
-        return pb.InferParameter(string_param=json.dumps(value))
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return pb.InferParameter(string_param=json.dumps(value))  # as our client sends lists
+    if isinstance(value, list):
+        return None  # as a JSON string it would be a valid stop string, brackets and all
     if isinstance(value, dict):
         return None  # gRPC parameters are scalars; a JSON object string is a valid stop
     return pb.InferParameter(string_param=repr(value))  # floats; ints beyond int64
 
 
 def json_to_grpc(model: str, request: dict[str, Any]) -> pb.ModelInferRequest | None:
-    message = pb.ModelInferRequest(model_name=model)
+    message = pb.ModelInferRequest(model_name=model, id=request.get("id", ""))
     for item in request["inputs"]:
         converted = _contents(item["datatype"], _flat(item["data"]))
         if converted is None:
             return None
         field, values = converted
         message.inputs.append(tensor_pb(item["name"], item["datatype"], item["shape"]))
+        for key, value in (item.get("parameters") or {}).items():
+            message.inputs[-1].parameters[key].string_param = value
         if field:
             getattr(message.inputs[-1].contents, field).extend(values)
     for key, value in (request.get("parameters") or {}).items():

@@ -85,8 +85,13 @@ def test_mlserver_transport_parameters_are_not_unknown():
         ({"top_p": 1.5}, "top_p"),
         ({"do_sample": "maybe"}, "do_sample must be true or false"),
         ({"stop": ["ok", ""]}, "empty strings"),
-        ({"pooling": "max"}, "pooling 'max'"),
-        ({"layers": "0,9"}, "layer 9 is out of range"),
+        ({"mode": "embedding", "pooling": "max"}, "pooling 'max'"),
+        ({"mode": "hidden_states", "layers": "0,9"}, "layer 9 is out of range"),
+        # a parameter of another mode would be ignored: refused instead
+        ({"pooling": "cls"}, r"'pooling' do not apply to mode 'tokens' \(pooling: hidden"),
+        ({"layers": "0"}, r"'layers' do not apply to mode 'tokens'"),
+        ({"mode": "embedding", "max_new_tokens": -5}, r"'max_new_tokens' do not apply"),
+        ({"mode": "hidden_states", "temperature": 0.5, "stop": "x"}, r"'stop', 'temperature'"),
     ],
 )
 def test_bad_parameters(params, message):
@@ -148,19 +153,20 @@ def test_context_length():
         check_context(65, hidden, CAUSAL)
 
 
-def test_default_max_new_tokens_respects_the_limit_and_other_modes_ignore_it():
+def test_default_max_new_tokens_respects_the_limit_and_other_modes_refuse_it():
     r = parse_request(request(), CAUSAL, max_new_tokens_limit=8, default_max_new_tokens=64)
     assert r.max_new_tokens == 8
-    hidden = parse_request(
-        request(mode="embedding", max_new_tokens=500), CAUSAL, 8, default_max_new_tokens=64
-    )
-    assert hidden.mode == "embedding"
+    assert parse_request(request(mode="embedding"), CAUSAL, 8, 64).mode == "embedding"
+    with pytest.raises(InvalidRequest, match="'max_new_tokens' do not apply to mode 'embedding'"):
+        parse_request(request(mode="embedding", max_new_tokens=500), CAUSAL, 8, 64)
 
 
 def test_stop_list_as_json_string_as_grpc_sends_it():
     assert parse(request(stop='["a,b", "END"]')).stop == ["a,b", "END"]
-    with pytest.raises(InvalidRequest, match="JSON list"):
-        parse(request(stop="[not json"))
+    # any other string is a stop string, brackets and all
+    assert parse(request(stop="[INST]")).stop == ["[INST]"]
+    assert parse(request(stop="[not json")).stop == ["[not json"]
+    assert parse(request(stop='["a", 1]')).stop == ['["a", 1]']
 
 
 def test_nested_input_ids_for_shape_1_by_n():
@@ -209,12 +215,12 @@ def test_nested_input_ids_for_shape_1_by_n():
         ({"temperature": 0, "do_sample": True}, "temperature 0 means greedy"),
         ({"timeout": 0}, "timeout is in microseconds and must be >= 1"),
         ({"timeout": "soon"}, "timeout must be an integer"),
-        ({"pooling": 3}, "pooling must be a string"),
+        ({"mode": "embedding", "pooling": 3}, "pooling must be a string"),
         ({"stop": ["x"] * 17}, "at most 16 strings"),
         ({"stop": "y" * 257}, "at most 256 characters"),
         ({"stop": 5}, "stop must be a string or a list of strings"),
-        ({"layers": list(range(11))}, "layers lists 11 indexes"),
-        ({"layers": [[0]]}, "layers must be an integer"),
+        ({"mode": "hidden_states", "layers": list(range(11))}, "layers lists 11 indexes"),
+        ({"mode": "hidden_states", "layers": [[0]]}, "layers must be an integer"),
         ({"mode": ["tokens"]}, "mode .'tokens'. is not one of"),
     ],
 )

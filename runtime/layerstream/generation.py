@@ -185,15 +185,20 @@ def run_generation(
                     [_StopWhen(lambda: streamer.matcher.stopped or cancelled())]
                 ),
             )
-    new_ids = output[0, ids.shape[1] :].tolist()
     eos = config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    ended = streamer.matcher.stopped or (bool(new_ids) and new_ids[-1] in eos_ids)
-    reason = "stop" if ended else "length"
-    tail = "" if streamer.matcher.stopped else streamer.matcher.feed(streamer.decoder.flush())
-    final = FinalEvent(finish_reason=reason, text=tail + streamer.matcher.flush())
+    final = final_event(streamer, output[0, ids.shape[1] :].tolist(), eos_ids)
     final.stats = request_stats(scope, len(input_ids), streamer.tokens, streamer.first_token_at)
     return final
+
+
+def final_event(streamer: _EventStreamer, new_ids: list[int], eos_ids: set[int]) -> FinalEvent:
+    """The last event: the text still held back, and why generation ended."""
+    # the held-back text may complete a stop string too: flushed before the reason is read
+    tail = "" if streamer.matcher.stopped else streamer.matcher.feed(streamer.decoder.flush())
+    ended = streamer.matcher.stopped or (bool(new_ids) and new_ids[-1] in eos_ids)
+    reason = "stop" if ended else "length"
+    return FinalEvent(finish_reason=reason, text=tail + streamer.matcher.flush())
 
 
 def request_stats(

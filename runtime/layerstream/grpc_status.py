@@ -120,7 +120,14 @@ def _wrap_request_converter() -> None:
 
 def check_raw_contents(pb_object: Any) -> None:
     """What ``mlserver.raw.inject_raw`` assumes, checked: each input without contents takes
-    the next raw_input_contents entry, whose size must match its shape and datatype."""
+    the next raw_input_contents entry, whose size must match its shape and datatype; an
+    input has one contents field; no raw entry is left over."""
+    for tensor in pb_object.inputs:
+        fields = [f.name for f, _ in tensor.contents.ListFields()]
+        if len(fields) > 1:  # MLServer would read the first and drop the rest unseen
+            raise InvalidRequest(
+                f"input {tensor.name!r} has contents in {', '.join(fields)}; send one"
+            )
     raw = list(pb_object.raw_input_contents)
     if not raw:
         return
@@ -156,6 +163,10 @@ def check_raw_contents(pb_object: Any) -> None:
         else:
             raise InvalidRequest(f"input {name!r} has unknown datatype {tensor.datatype!r}")
         index += 1
+    if index != len(raw):
+        raise InvalidRequest(
+            f"raw_input_contents has {len(raw)} entries for {index} input(s) without contents"
+        )
 
 
 def _bytes_elements(name: str, data: bytes) -> int:

@@ -85,6 +85,13 @@ def prompt_text(item: RequestInput, limit: PromptLimit | None) -> str:
     before it is decoded or tokenized."""
     if item.datatype != "BYTES":
         raise InvalidRequest(f"input 'prompt' must have datatype BYTES, not {item.datatype}")
+    content_type = item.parameters.content_type if item.parameters else None
+    if content_type not in (None, "str"):
+        # MLServer's codecs would read "base64" etc. differently; the text is taken as sent
+        raise InvalidRequest(
+            f"input 'prompt' has content_type {content_type!r}; send the text itself "
+            "(content_type 'str', or none)"
+        )
     if element_count(item) != 1:
         raise InvalidRequest(
             f"input 'prompt' must hold one string (shape [1]), not shape {list(item.shape)}"

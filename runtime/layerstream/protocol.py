@@ -132,13 +132,12 @@ def _show(value: Any) -> str:
 
 def _as_stop(name: str, value: Any) -> list[str]:
     if isinstance(value, str) and value.startswith("["):
-        # gRPC parameters are scalars: a list of stop strings travels as a JSON string
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise InvalidRequest(
-                f"parameter stop looks like a JSON list but is not ({exc})"
-            ) from exc
+        # gRPC parameters are scalars: a list of stop strings travels as a JSON string. Any
+        # other string is a stop string, brackets and all ("[INST]").
+        with contextlib.suppress(json.JSONDecodeError, RecursionError):
+            listed = json.loads(value)
+            if isinstance(listed, list) and all(isinstance(v, str) for v in listed):
+                value = listed
     if isinstance(value, str):
         stops = [value]
     elif isinstance(value, list) and all(isinstance(v, str) for v in value):
@@ -200,6 +199,17 @@ _SCALARS: dict[str, Callable[[str, Any], Any]] = {
 }
 _FIELDS = {"timeout": "timeout_us"}  # parameter name -> Request field, where they differ
 KNOWN_PARAMETERS = ("mode", *_SCALARS, "layers")
+_GENERATION = ("max_new_tokens", "top_k", "seed", "temperature", "top_p", "repetition_penalty")
+# The modes a parameter means something in: given for another mode it would be ignored,
+# which a caller would read as honoured (mode and timeout apply to every mode).
+APPLIES_TO = {
+    **{name: ("tokens",) for name in (*_GENERATION, "do_sample", "stop")},
+    "layers": ("hidden_states",),
+    "pooling": ("hidden_states", "embedding"),
+}
+# MLServer copies a request's id into the response's headers (REST Ce-Id) and gRPC metadata:
+# anything but printable ASCII there breaks the answer after the work is done.
+MAX_ID_CHARS = 256
 
 
 def request_parameters(payload: InferenceRequest) -> dict[str, Any]:
@@ -225,6 +235,18 @@ def request_parameters(payload: InferenceRequest) -> dict[str, Any]:
     return params
 
 
+def check_request_id(request_id: str | None) -> None:
+    """A request id must travel in HTTP headers and gRPC metadata: printable ASCII."""
+    if not request_id:
+        return
+    printable = all(" " <= c <= "~" for c in request_id)
+    if not printable or request_id != request_id.strip() or len(request_id) > MAX_ID_CHARS:
+        raise InvalidRequest(
+            f"request id {_show(request_id)} cannot be sent back in headers: use up to "
+            f"{MAX_ID_CHARS} printable ASCII characters, no leading or trailing spaces"
+        )
+
+
 def parse_request(
     payload: InferenceRequest,
     caps: ModelCapabilities,
@@ -232,6 +254,7 @@ def parse_request(
     default_max_new_tokens: int,
     prompt_limit: PromptLimit | None = None,
 ) -> Request:
+    check_request_id(payload.id)
     params = request_parameters(payload)
     mode = params.pop("mode", caps.default_mode)
     if mode not in MODES:
@@ -239,6 +262,13 @@ def parse_request(
     if mode not in caps.modes:
         raise InvalidRequest(
             f"this model cannot do mode {mode!r}; it supports {', '.join(caps.modes)}"
+        )
+    stray = sorted(name for name in params if mode not in APPLIES_TO.get(name, MODES))
+    if stray:
+        raise InvalidRequest(
+            f"parameter(s) {', '.join(map(repr, stray))} do not apply to mode {mode!r} ("
+            + "; ".join(f"{n}: {', '.join(APPLIES_TO[n])}" for n in stray)
+            + ")"
         )
     request = Request(mode=mode, max_new_tokens=min(default_max_new_tokens, max_new_tokens_limit))
     for name, convert in _SCALARS.items():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -60,6 +61,10 @@ class LayerStreamRuntime(MLModel):
 
     async def load(self) -> bool:
         _route_logs_to_mlserver()
+        if not faulthandler.is_enabled():
+            # A chunk file truncated under a live mapping kills the process with SIGBUS
+            # (docs/integrity.md): the log then shows where, not just an exit status.
+            faulthandler.enable()
         grpc_status.install()
         settings = LayerStreamSettings.from_extra(
             self.settings.parameters.extra if self.settings.parameters else None
@@ -209,7 +214,7 @@ class LayerStreamRuntime(MLModel):
         if isinstance(exc, LayerStreamError):
             error = exc
         else:
-            log.error("%s: request %s failed unexpectedly", self.name, payload.id, exc_info=exc)
+            log.error("%s: request %r failed unexpectedly", self.name, payload.id, exc_info=exc)
             error = LayerStreamError(
                 f"{type(exc).__name__}: {exc} (a bug or a broken model store; the server log "
                 "has the traceback)"
@@ -217,7 +222,8 @@ class LayerStreamRuntime(MLModel):
         mode = request.mode if request is not None else "unparsed"  # refused before a mode
         metrics.record_error(self.name, mode, error.kind)
         log.warning(
-            "%s %s: request %s failed (%s) after %d events in %.3fs: %s",
+            # %r: an id refused for its characters (a newline, NUL) must not forge log lines
+            "%s %s: request %r failed (%s) after %d events in %.3fs: %s",
             self.name,
             mode,
             payload.id or "(no id)",  # gRPC requests carry none unless the client sets one
