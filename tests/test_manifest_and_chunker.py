@@ -120,6 +120,21 @@ def test_cli_random_init_writes_store_and_model_settings(tmp_path):
     assert again.returncode == 1 and "--force" in again.stderr
 
 
+def test_cli_refuses_a_budget_the_model_could_never_load_with(tmp_path, caplog):
+    """A budget below the model's minimum (non-block weights + one block) fails every load:
+    the chunker says so, with the minimum, instead of writing settings that cannot serve."""
+    from layerstream.cli import main
+
+    model_dir = tmp_path / "model-repo" / "tiny"
+    argv = ["chunk", "--random-init", "tiny-llama", str(model_dir / "chunks"), "--name", "tiny"]
+    assert main([*argv, "--quiet", "--memory-budget", "25%"]) == 1
+    assert not (model_dir / "model-settings.json").exists()
+    assert "below this model's minimum" in caplog.text and "not written" in caplog.text
+    assert main([*argv, "--quiet", "--memory-budget", "60%", "--force"]) == 0
+    settings = json.loads((model_dir / "model-settings.json").read_text())
+    assert settings["parameters"]["extra"]["memory_budget"] == "60%"
+
+
 def test_cli_model_repo_option_with_store_elsewhere(tmp_path):
     cmd = [
         sys.executable,

@@ -6,8 +6,12 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .presets import PRESETS
+
+if TYPE_CHECKING:
+    pass
 
 log = logging.getLogger("layerstream")
 
@@ -138,10 +142,25 @@ def chunk_command(args: argparse.Namespace) -> int:
             args.name,
         )
         return 0
+    if args.memory_budget and args.memory_budget != "auto":
+        try:  # what load() will check: a budget below the model's minimum never loads
+            _check_budget(manifest, args.memory_budget)
+        except LayerStreamError as exc:
+            log.error("%s; %s not written", exc.message, model_dir / "model-settings.json")
+            return 1
     extra = ({"memory_budget": args.memory_budget} if args.memory_budget else {}) | s3
     path = write_model_settings(model_dir, args.name, dest, force=True, extra=extra)
     print(f"{path}: serve it with `mlserver start {model_dir.parent}`")
     return 0
+
+
+def _check_budget(manifest, budget: str) -> None:
+    from . import tuning
+    from .residency import plan_residency, resolve_budget
+
+    plan_residency(
+        manifest, resolve_budget(budget, manifest.total_bytes), tuning.read_ahead("auto")
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
