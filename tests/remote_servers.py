@@ -234,10 +234,11 @@ class StaticServer:
         token: str | None = None,
         tls: tuple[Path, Path] | None = None,
         ranges: bool = True,
+        base: type[_RangeHandler] | None = None,  # a handler class of the test's own
     ):
         handler = type(
             "Handler",
-            (_RangeHandler,),
+            (base or _RangeHandler,),
             {"token": token, "ranges": ranges, "__init__": _bind_directory(str(directory))},
         )
         self.httpd = ThreadingHTTPServer((HOST, 0), handler)

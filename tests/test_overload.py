@@ -20,7 +20,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ import grpc
 import httpx
 import pytest
 from mlserver_proc import ModelSpec, metric_samples, prompt_input, raw_sse, serve
-from remote_servers import HOST, _bind_directory, _RangeHandler
+from remote_servers import StaticServer, _RangeHandler
 from test_e2e import Reference
 
 from layerstream_client import Final, GRPCClient, SSEClient, StreamError, Token
@@ -84,17 +83,13 @@ class Gate:
             assert self._cond.wait_for(lambda: self.held >= count, timeout=WAIT_S), "no read held"
 
 
-class GatedStore:
+class GatedStore(StaticServer):
     """A static HTTP chunk store (byte ranges) whose block GETs pass through a Gate."""
 
     def __init__(self, directory: Path):
-        self.gate = Gate()
-        gate = self.gate
+        self.gate = gate = Gate()
 
-        class Handler(_RangeHandler):
-            token, ranges = None, True
-            __init__ = _bind_directory(str(directory))
-
+        class GatedHandler(_RangeHandler):
             def do_GET(self) -> None:
                 if "block_" in self.path and gate.failing:
                     self.send_error(503, "store down for the test")
@@ -103,22 +98,11 @@ class GatedStore:
                     gate.wait_turn()
                 super().do_GET()
 
-        self.httpd = ThreadingHTTPServer((HOST, 0), Handler)
-        self.httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.httpd.server_address[1]}"
-
-    def start(self) -> GatedStore:
-        self._thread.start()
-        return self
+        super().__init__(directory, base=GatedHandler)
 
     def stop(self) -> None:
         self.gate.open()
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().stop()
 
 
 @pytest.fixture(scope="module")
