@@ -27,7 +27,7 @@ CACHE = ROOT / ".cache"
 
 
 def source_for(preset: str) -> Path:
-    from layerstream.presets import write_random_checkpoint
+    from layerstream.chunker.presets import write_random_checkpoint
 
     source = CACHE / f"{preset}-source"
     if not (source / "config.json").exists():
@@ -63,7 +63,7 @@ def timed_chunk(source: Path, dest: Path) -> dict:
 
 
 def probe(source: Path, dest: Path, launched: float) -> None:
-    from layerstream.chunker import chunk_checkpoint
+    from layerstream.chunker.convert import chunk_checkpoint
 
     start = time.time()
     startup = start - launched

@@ -43,7 +43,7 @@ COLUMNS = [
 
 def _unaligned_chunks() -> None:
     """Patch the chunk writer back to safetensors' own 8-byte alignment (measurement only)."""
-    import layerstream.chunkio as chunkio
+    import layerstream.format.writer as chunkio
 
     chunkio._aligned = lambda entries: entries
     chunkio.TENSOR_ALIGNMENT = 8
@@ -51,7 +51,7 @@ def _unaligned_chunks() -> None:
 
 def _minimum_budget(store: Path) -> int:
     """The non-block weights and one block: the smallest budget that loads."""
-    from layerstream.manifest import Manifest
+    from layerstream.format.manifest import Manifest
 
     manifest = Manifest.from_json((store / "manifest.json").read_text())
     return manifest.rest_bytes + max(manifest.block_bytes)
@@ -60,9 +60,9 @@ def _minimum_budget(store: Path) -> int:
 def _row(name: str, budget: str, store: Path, reference, steps: int) -> dict:
     from architectures import compare_generation, compare_hidden_states
 
-    from layerstream.capabilities import capabilities
-    from layerstream.engine import Engine, EngineOptions
+    from layerstream.engine.engine import Engine, EngineOptions
     from layerstream.errors import SettingsError
+    from layerstream.inference.capabilities import capabilities
     from layerstream.stores import open_store
 
     def engine_at(budget: str | int) -> Engine:

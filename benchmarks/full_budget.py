@@ -48,7 +48,7 @@ def paired_decode(preset: str, pairs: int, new_tokens: int) -> dict:
     import transformers
     from streaming import prepare
 
-    from layerstream.engine import Engine, EngineOptions
+    from layerstream.engine.engine import Engine, EngineOptions
     from layerstream.stores import open_store
 
     source, store = prepare(preset)

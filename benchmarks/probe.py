@@ -15,7 +15,7 @@ def main() -> None:
     import torch
     import transformers
 
-    from layerstream.engine import Engine
+    from layerstream.engine.engine import Engine
     from layerstream.stores import open_store
 
     transformers.logging.set_verbosity_error()
@@ -70,7 +70,7 @@ def main() -> None:
 def engine_options(system: str):
     """``ls:BUDGET[:key=value...]``, e.g. ``ls:25%:read_ahead=0`` or ``ls:25%:reader=read``;
     knobs not named keep the runtime's defaults."""
-    from layerstream.engine import EngineOptions
+    from layerstream.engine.engine import EngineOptions
 
     _, budget, *pairs = system.split(":")
     extra = dict(pair.split("=", 1) for pair in pairs)

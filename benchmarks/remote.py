@@ -133,7 +133,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from streaming import prepare
 
-    from layerstream.manifest import Manifest
+    from layerstream.format.manifest import Manifest
 
     source, store_dir = prepare(args.preset)
     manifest = Manifest.from_json((store_dir / "manifest.json").read_text())

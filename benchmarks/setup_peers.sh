@@ -18,9 +18,9 @@ PIP=("$VENV/bin/python" -m pip install --quiet)
 # The same torch/transformers/safetensors as layerstream's .venv, so the runs compare like with like.
 "${PIP[@]}" "torch==2.13.0+cpu" "transformers==5.23.0" "safetensors==0.8.0" "tokenizers==0.23.3"
 "${PIP[@]}" "accelerate==1.15.0" "airllm==4.0.0"
-# Not layerstream itself: even layerstream.presets imports mlserver (via layerstream.errors), which
+# Not layerstream itself: even layerstream.chunker.presets imports mlserver (via layerstream.errors), which
 # this venv leaves out. Make the test checkpoint with layerstream's own venv, e.g.
-#   .venv/bin/python -c 'from layerstream.presets import write_random_checkpoint as w; \
+#   .venv/bin/python -c 'from layerstream.chunker.presets import write_random_checkpoint as w; \
 #       w("llama-300m", "/tmp/llama300-source")'
 
 "$VENV/bin/python" - <<'PY'

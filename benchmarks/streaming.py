@@ -50,8 +50,8 @@ DEFAULT_SYSTEMS = [
 
 
 def prepare(preset: str) -> tuple[Path, Path]:
-    from layerstream.chunker import chunk_checkpoint
-    from layerstream.presets import write_random_checkpoint
+    from layerstream.chunker.convert import chunk_checkpoint
+    from layerstream.chunker.presets import write_random_checkpoint
 
     source, store = CACHE / f"{preset}-source", CACHE / f"{preset}-chunks"
     if not (store / "manifest.json").exists():
@@ -120,7 +120,7 @@ def run(system: str, regime: str, cmd: list[str], limit: int | None) -> dict:
 
 def baseline_usage() -> int:
     """What the probe's imports cost inside a cgroup (anon + library page cache)."""
-    cmd = [sys.executable, "-c", "import torch, transformers, layerstream.engine"]
+    cmd = [sys.executable, "-c", "import torch, transformers, layerstream.engine.engine"]
     _, peak = cgroup.run_capped(cmd, 8 * 2**30, timeout=600)
     return peak or 0
 
@@ -149,7 +149,7 @@ def read_bandwidth(store: Path, cold: bool) -> dict[str, float]:
     buffer, "mmap" maps with pages populated); cold drops the page cache before each."""
     import torch
 
-    from layerstream.manifest import Manifest
+    from layerstream.format.manifest import Manifest
     from layerstream.stores import LocalStore
 
     manifest = Manifest.from_json((store / "manifest.json").read_text())

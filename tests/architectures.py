@@ -20,13 +20,13 @@ import torch
 import transformers
 from transformers import PreTrainedModel
 
-from layerstream.capabilities import capabilities
-from layerstream.chunker import chunk_checkpoint
-from layerstream.engine import Engine
-from layerstream.events import HiddenStateEvent
-from layerstream.hidden import run_hidden_states
-from layerstream.presets import write_random_checkpoint
-from layerstream.protocol import Request
+from layerstream.chunker.convert import chunk_checkpoint
+from layerstream.chunker.presets import write_random_checkpoint
+from layerstream.engine.engine import Engine
+from layerstream.inference.capabilities import capabilities
+from layerstream.inference.hidden import run_hidden_states
+from layerstream.inference.types import HiddenStateEvent
+from layerstream.serving.protocol import Request
 
 VOCAB = 320  # the test tokenizer's size (presets.build_tokenizer)
 LAYERS = 8

@@ -11,8 +11,8 @@ import pytest
 import torch
 import transformers
 
-from layerstream.chunker import chunk_checkpoint
-from layerstream.presets import write_random_checkpoint
+from layerstream.chunker.convert import chunk_checkpoint
+from layerstream.chunker.presets import write_random_checkpoint
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()

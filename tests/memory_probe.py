@@ -32,7 +32,7 @@ def main() -> None:
     import torch
     import transformers
 
-    from layerstream.engine import Engine, EngineOptions
+    from layerstream.engine.engine import Engine, EngineOptions
     from layerstream.stores import open_store
 
     torch.set_num_threads(1)

@@ -30,7 +30,7 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 
-from layerstream.repo import model_settings
+from layerstream.chunker.model_settings import model_settings
 
 HOST = "127.0.0.1"
 READY_TIMEOUT_S = 90.0

@@ -112,7 +112,7 @@ class S3Server:
     def chunk(self, source: Path, uri: str, name: str) -> str:
         """Chunk the checkpoint at ``source`` into ``uri`` on this server (bucket created if
         needed), with this server's keys in the environment as the chunker reads them."""
-        from layerstream.chunker import chunk_checkpoint
+        from layerstream.chunker.convert import chunk_checkpoint
         from layerstream.stores import StoreOptions
 
         bucket = uri.removeprefix("s3://").split("/", 1)[0]

@@ -24,9 +24,9 @@ from architectures import (
 )
 from mlserver_proc import ModelSpec, serve
 
-from layerstream.capabilities import capabilities
-from layerstream.engine import Engine, EngineOptions
-from layerstream.manifest import Manifest
+from layerstream.engine.engine import Engine, EngineOptions
+from layerstream.format.manifest import Manifest
+from layerstream.inference.capabilities import capabilities
 from layerstream.stores import open_store
 from layerstream_client import Final, HiddenState, SSEClient, Token
 

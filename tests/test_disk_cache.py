@@ -14,7 +14,7 @@ import pytest
 from remote_servers import FaultProxy, StaticServer
 from test_remote_stores import FAST, generate, reference_ids  # noqa: F401 (fixtures)
 
-from layerstream.engine import Engine, EngineOptions
+from layerstream.engine.engine import Engine, EngineOptions
 from layerstream.stores import CachedStore, DiskCache, StoreOptions, open_store
 
 
@@ -156,7 +156,7 @@ def test_unusable_cache_dir_fails_at_open(tmp_path):
 WORKER = textwrap.dedent(
     """
     import sys
-    from layerstream.manifest import Manifest
+    from layerstream.format.manifest import Manifest
     from layerstream.stores import StoreOptions, open_store
 
     url, cache_dir = sys.argv[1:3]

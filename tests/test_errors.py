@@ -34,8 +34,8 @@ from mlserver_proc import (
     serve,
 )
 
-from layerstream.manifest import Manifest
-from layerstream.residency import plan_residency, resolve_budget
+from layerstream.engine.plan import plan_residency, resolve_budget
+from layerstream.format.manifest import Manifest
 from layerstream_client import Final, GRPCClient, HiddenState, SSEClient, StreamError, Token
 
 pytest_plugins = ["mlserver_proc"]

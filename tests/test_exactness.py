@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import SCALED
 
-from layerstream.engine import Engine, EngineOptions
+from layerstream.engine.engine import Engine, EngineOptions
 from layerstream.stores import open_store
 
 CAUSAL = ["gpt2", "llama", "qwen2", "mistral"]

@@ -12,13 +12,18 @@ import torch
 from conftest import SCALED
 from transformers import AutoConfig
 
-from layerstream import hidden
-from layerstream.capabilities import capabilities
-from layerstream.engine import Engine, EngineOptions
+from layerstream.engine.engine import Engine, EngineOptions
 from layerstream.errors import LayerStreamError
-from layerstream.events import HiddenStateEvent
-from layerstream.hidden import HiddenLayout, LayoutUnknown, learn_layout, run_hidden_states
-from layerstream.protocol import Request
+from layerstream.inference import hidden
+from layerstream.inference.capabilities import capabilities
+from layerstream.inference.hidden import (
+    HiddenLayout,
+    LayoutUnknown,
+    learn_layout,
+    run_hidden_states,
+)
+from layerstream.inference.types import HiddenStateEvent
+from layerstream.serving.protocol import Request
 from layerstream.stores import open_store
 
 PROMPT = [5, 17, 99, 3, 250, 7, 42, 130, 11, 64]
@@ -115,7 +120,7 @@ def test_states_without_a_source_come_from_transformers_tuple(engine):
 
 def test_a_model_whose_layout_is_unknown_serves_no_hidden_states(engine, caplog):
     hidden._LAYOUTS[engine] = LayoutUnknown("its forward pass on the meta device failed")
-    with caplog.at_level(logging.WARNING, logger="layerstream.capabilities"):
+    with caplog.at_level(logging.WARNING, logger="layerstream.inference.capabilities"):
         caps = capabilities(engine)
     assert "hidden_states" not in caps.modes
     assert "embedding" in caps.modes and "tokens" in caps.modes

@@ -22,10 +22,10 @@ from mlserver_proc import MLServerProcess, ModelSpec, prompt_input, raw_sse
 from remote_servers import StaticServer
 from safetensors.torch import load_file, save_file
 
-from layerstream.chunkfile import sha256_of
-from layerstream.engine import Engine, EngineOptions
+from layerstream.engine.engine import Engine, EngineOptions
 from layerstream.errors import ChunkIntegrityError, ManifestError
-from layerstream.manifest import Manifest
+from layerstream.format.manifest import Manifest
+from layerstream.format.safetensors import sha256_of
 from layerstream.stores import LocalStore, StoreOptions, open_store
 
 PROMPT = torch.tensor([[5, 17, 99, 3, 250, 7]])

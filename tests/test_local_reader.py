@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import layerstream.stores.local as local
-from layerstream.engine import Engine, EngineOptions
+from layerstream.engine.engine import Engine, EngineOptions
 from layerstream.errors import ChunkIntegrityError
 from layerstream.stores import LocalStore, open_store
 
@@ -259,7 +259,7 @@ def test_every_streamed_block_is_read_once_and_ahead_with_the_read_reader(
 def test_block_order_predicts_the_next_blocks_and_learns_jumps():
     from types import SimpleNamespace
 
-    from layerstream.streamer import BlockOrder
+    from layerstream.engine.streamer import BlockOrder
 
     prefixes = ["encoder.block.0", "encoder.block.1", "decoder.block.0", "decoder.block.1"]
     order = BlockOrder(SimpleNamespace(blocks=[SimpleNamespace(prefix=p) for p in prefixes]))

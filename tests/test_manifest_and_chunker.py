@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from layerstream.chunker import ChunkerError, chunk_checkpoint
+from layerstream.chunker.convert import ChunkerError, chunk_checkpoint
 from layerstream.errors import ManifestError
-from layerstream.manifest import Manifest
+from layerstream.format.manifest import Manifest
 
 
 def test_manifest_lists_every_chunk_with_its_sha256(model_factory):
@@ -99,7 +99,7 @@ def test_cli_random_init_writes_store_and_model_settings(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "layerstream.cli",
+        "layerstream.chunker.cli",
         "chunk",
         "--random-init",
         "tiny-llama",
@@ -123,7 +123,7 @@ def test_cli_random_init_writes_store_and_model_settings(tmp_path):
 def test_cli_refuses_a_budget_the_model_could_never_load_with(tmp_path, caplog):
     """A budget below the model's minimum (non-block weights + one block) fails every load:
     the chunker says so, with the minimum, instead of writing settings that cannot serve."""
-    from layerstream.cli import main
+    from layerstream.chunker.cli import main
 
     model_dir = tmp_path / "model-repo" / "tiny"
     argv = ["chunk", "--random-init", "tiny-llama", str(model_dir / "chunks"), "--name", "tiny"]
@@ -139,7 +139,7 @@ def test_cli_model_repo_option_with_store_elsewhere(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "layerstream.cli",
+        "layerstream.chunker.cli",
         "chunk",
         "--random-init",
         "tiny-bert",
@@ -164,7 +164,7 @@ def test_direct_copy_writes_the_same_bytes_as_conversion(
     """Blocks whose tensors are plain renames are copied byte range by byte range from the
     source; the result must be byte-identical to the path that loads them through
     transformers' conversion (same files, same sha256)."""
-    import layerstream.chunker as chunker
+    import layerstream.chunker.convert as chunker
 
     model = model_factory(name)
     direct = chunk_checkpoint(model.source, tmp_path / "direct", name, progress=False)
@@ -179,10 +179,10 @@ def test_direct_copy_writes_the_same_bytes_as_conversion(
 
 def test_chunker_copies_plain_blocks_without_converting(model_factory, tmp_path, caplog):
     model = model_factory("llama")
-    with caplog.at_level("DEBUG", logger="layerstream.chunker"):
+    with caplog.at_level("DEBUG", logger="layerstream.chunker.convert"):
         chunk_checkpoint(model.source, tmp_path / "s", "llama", progress=False)
     assert "block_0000: copied from the source" in caplog.text
-    with caplog.at_level("DEBUG", logger="layerstream.chunker"):
+    with caplog.at_level("DEBUG", logger="layerstream.chunker.convert"):
         chunk_checkpoint(model.source, tmp_path / "h", "llama", dtype="bfloat16", progress=False)
     assert "block_0000: converted" in caplog.text  # a dtype change goes through torch
 
@@ -238,7 +238,7 @@ def test_every_chunk_tensor_starts_64_byte_aligned(model_factory, name, dtype):
     the files stay plain safetensors: load_file reads the manifest's tensors (and padding)."""
     from safetensors.torch import load_file
 
-    from layerstream.chunkfile import PADDING_PREFIX, TENSOR_ALIGNMENT
+    from layerstream.format.safetensors import PADDING_PREFIX, TENSOR_ALIGNMENT
 
     model = model_factory(name, dtype=dtype)
     manifest = Manifest.from_json((model.store / "manifest.json").read_text())
@@ -257,9 +257,9 @@ def test_padding_entries_align_tensors_of_any_size(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from layerstream.chunkfile import PADDING_PREFIX, TENSOR_ALIGNMENT, parse_layout
-    from layerstream.chunkio import ChunkEntry, write_chunk
-    from layerstream.manifest import ChunkInfo
+    from layerstream.format.manifest import ChunkInfo
+    from layerstream.format.safetensors import PADDING_PREFIX, TENSOR_ALIGNMENT, parse_layout
+    from layerstream.format.writer import ChunkEntry, write_chunk
 
     tensors = {
         "a": torch.arange(3, dtype=torch.float32),
@@ -294,8 +294,8 @@ def test_padding_entries_align_tensors_of_any_size(tmp_path):
 def test_chunker_refuses_tensor_names_with_the_padding_prefix(tmp_path):
     import torch
 
-    from layerstream.chunkfile import PADDING_PREFIX
-    from layerstream.chunkio import ChunkEntry, write_chunk
+    from layerstream.format.safetensors import PADDING_PREFIX
+    from layerstream.format.writer import ChunkEntry, write_chunk
 
     entry = ChunkEntry.of_tensor(f"{PADDING_PREFIX}0", torch.zeros(3))
     with pytest.raises(ValueError, match="reserved"):
@@ -317,7 +317,7 @@ def test_blocks_in_lists_of_one_are_found(name, overrides, prefixes):
     from architectures import ARCHITECTURES
     from transformers import AutoConfig
 
-    from layerstream.skeleton import block_prefixes, build_skeleton
+    from layerstream.engine.skeleton import block_prefixes, build_skeleton
 
     config = dict(ARCHITECTURES[name], **overrides)
     architecture = config.pop("architectures")[0]

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from layerstream.chunker import chunk_checkpoint
-from layerstream.presets import write_random_checkpoint
+from layerstream.chunker.convert import chunk_checkpoint
+from layerstream.chunker.presets import write_random_checkpoint
 
 WORKING_SET = 64 * 2**20
 
@@ -61,8 +61,8 @@ def test_peak_rss_stays_within_budget_plus_working_set(big_model):
 def test_tied_weights_are_one_tensor_after_load(model_factory, name, budget):
     """lm_head = embeddings (and T5's shared embeddings) are one tensor, as in
     from_pretrained, not a second copy of the largest weight in memory."""
-    from layerstream.engine import Engine, EngineOptions
-    from layerstream.skeleton import get_tensor
+    from layerstream.engine.engine import Engine, EngineOptions
+    from layerstream.engine.skeleton import get_tensor
     from layerstream.stores import open_store
 
     engine = Engine(open_store(str(model_factory(name).store)), EngineOptions(budget))

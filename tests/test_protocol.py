@@ -4,8 +4,13 @@ import pytest
 from mlserver.types import InferenceRequest
 
 from layerstream.errors import InvalidRequest
-from layerstream.prompts import PromptLimit
-from layerstream.protocol import ModelCapabilities, check_context, parse_layers, parse_request
+from layerstream.inference.prompts import PromptLimit
+from layerstream.serving.protocol import (
+    ModelCapabilities,
+    check_context,
+    parse_layers,
+    parse_request,
+)
 
 CAUSAL = ModelCapabilities(
     modes=("tokens", "hidden_states", "embedding"),

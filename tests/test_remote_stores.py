@@ -12,10 +12,10 @@ import pytest
 import torch
 from remote_servers import FaultProxy, S3Server, StaticServer
 
-from layerstream.chunker import chunk_checkpoint
-from layerstream.engine import Engine, EngineOptions
+from layerstream.chunker.convert import chunk_checkpoint
+from layerstream.chunker.sinks import ChunkerError
+from layerstream.engine.engine import Engine, EngineOptions
 from layerstream.errors import ChunkIntegrityError, ChunkStoreError
-from layerstream.sinks import ChunkerError
 from layerstream.stores import StoreOptions, open_store
 from layerstream.stores.http import HTTPStore
 from layerstream.stores.s3 import S3Store
@@ -212,7 +212,7 @@ def test_s3_chunker_refuses_to_overwrite_without_force(s3, s3_env, s3_model, lla
 def test_interrupted_s3_chunking_leaves_no_manifest(s3, s3_env, llama, monkeypatch):
     """The manifest goes up last: a chunker that dies half-way leaves a store that no server
     mistakes for a complete one."""
-    from layerstream.sinks import S3Sink
+    from layerstream.chunker.sinks import S3Sink
 
     uploaded = []
     real = S3Sink.file_done
@@ -412,9 +412,9 @@ def test_known_size_fetches_every_part_at_once(llama, proxy, monkeypatch):
     """With the manifest's size, a chunk is split across max_concurrency connections (a
     store that caps each connection's rate is read that many times faster); a size that
     differs from the manifest's is an error, never a short or padded chunk."""
-    from layerstream.stores import remote
+    from layerstream.stores import ranged
 
-    monkeypatch.setattr(remote, "MIN_PART", 1024)
+    monkeypatch.setattr(ranged, "MIN_PART", 1024)
     store = HTTPStore(proxy.url, StoreOptions(**(FAST | {"max_concurrency": 4})))
     try:
         path = llama.store / "block_0001.safetensors"
@@ -432,7 +432,7 @@ def test_known_size_fetches_every_part_at_once(llama, proxy, monkeypatch):
 
 
 def test_cli_chunks_to_s3_and_points_the_model_repo_at_it(s3, s3_env, llama, tmp_path):
-    from layerstream.cli import main
+    from layerstream.chunker.cli import main
 
     code = main(
         [

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from layerstream.engine import Engine, EngineOptions
-from layerstream.events import FinalEvent, HiddenStateEvent, TokenEvent
-from layerstream.generation import run_generation
-from layerstream.hidden import run_hidden_states
-from layerstream.protocol import Request
+from layerstream.engine.engine import Engine, EngineOptions
+from layerstream.inference.generation import run_generation
+from layerstream.inference.hidden import run_hidden_states
+from layerstream.inference.types import FinalEvent, HiddenStateEvent, TokenEvent
+from layerstream.serving.protocol import Request
 from layerstream.stores import open_store
 
 IDS = [5, 17, 99, 3, 250, 7, 42, 130]

@@ -17,7 +17,7 @@ from mlserver.settings import ModelParameters, ModelSettings
 from mlserver.types import InferenceRequest
 
 from layerstream.errors import LayerStreamError
-from layerstream.runtime import LayerStreamRuntime
+from layerstream.serving.runtime import LayerStreamRuntime
 
 PROMPT_REQUEST = {
     "inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [1], "data": ["Once upon"]}],

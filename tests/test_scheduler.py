@@ -11,7 +11,7 @@ import time
 import pytest
 
 from layerstream.errors import InvalidRequest, RequestTimeout, ServerBusy
-from layerstream.scheduler import Deadline, Scheduler
+from layerstream.serving.scheduler import Deadline, Scheduler
 
 WAIT_S = 30  # bound on every wait for an event; reached only when the code under test hangs
 

@@ -12,8 +12,8 @@ import threading
 import time
 from pathlib import Path
 
-from layerstream.engine import Engine, EngineOptions
-from layerstream.sidefiles import (
+from layerstream.engine.engine import Engine, EngineOptions
+from layerstream.engine.sidefiles import (
     PREFIX,
     STAGING_PREFIX,
     _owned_directory,
@@ -23,7 +23,7 @@ from layerstream.stores import open_store
 
 KILLED_WHILE_LOADING = """
 import os, signal, sys
-from layerstream.sidefiles import _owned_directory
+from layerstream.engine.sidefiles import _owned_directory
 with _owned_directory() as folder:
     (folder / "config.json").write_text("{}")
     print(folder, flush=True)

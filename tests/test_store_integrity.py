@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from layerstream.engine import Engine, EngineOptions
+from layerstream.engine.engine import Engine, EngineOptions
 from layerstream.errors import ChunkIntegrityError, ChunkStoreError, ManifestError, SettingsError
 from layerstream.stores import open_store
 

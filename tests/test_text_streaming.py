@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from transformers import AutoTokenizer
 
-from layerstream.generation import IncrementalDecoder, StopMatcher
+from layerstream.inference.generation import IncrementalDecoder, StopMatcher
 
 
 def test_incremental_decoding_adds_up_to_the_full_decode(model_factory):
@@ -58,7 +58,7 @@ def test_a_stop_string_completed_by_the_last_flush_ends_with_stop(model_factory)
     complete a stop string: the request then stopped, it did not run out of length."""
     import torch
 
-    from layerstream.generation import _EventStreamer, final_event
+    from layerstream.inference.generation import _EventStreamer, final_event
 
     tokenizer = AutoTokenizer.from_pretrained(model_factory("gpt2").store)
     ids = [*tokenizer("ok ")["input_ids"], *tokenizer("✓")["input_ids"][:-1]]

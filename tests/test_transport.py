@@ -21,7 +21,6 @@ from mlserver.handlers.dataplane import DataPlane
 from mlserver.rest.endpoints import Endpoints
 from mlserver.types import InferenceRequest
 
-from layerstream import grpc_status
 from layerstream.errors import (
     ChunkIntegrityError,
     ChunkStoreError,
@@ -29,7 +28,8 @@ from layerstream.errors import (
     RequestTimeout,
     ServerBusy,
 )
-from layerstream.transport import Transport, transport_of
+from layerstream.serving import grpc_status
+from layerstream.serving.transport import Transport, transport_of
 
 # MLServer's converter uses pydantic's deprecated ``construct``: its warning, not ours
 pytestmark = pytest.mark.filterwarnings("ignore:The `construct` method is deprecated")

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from layerstream.errors import SettingsError
-from layerstream.settings import LayerStreamSettings
+from layerstream.serving.settings import LayerStreamSettings
 from layerstream.units import format_size, parse_size
 
 
@@ -73,7 +73,7 @@ def test_settings_from_environment(monkeypatch):
 
 
 def test_tuning_defaults_follow_the_machine_and_the_plan(monkeypatch):
-    from layerstream import sysinfo, tuning
+    from layerstream.engine import sysinfo, tuning
 
     assert tuning.read_ahead("auto") == 1
     assert tuning.read_ahead(0) == 0
@@ -87,7 +87,7 @@ def test_tuning_defaults_follow_the_machine_and_the_plan(monkeypatch):
 
 
 def test_cpu_quota_from_cgroup_v1_and_v2(tmp_path):
-    from layerstream.sysinfo import _cpu_quota
+    from layerstream.engine.sysinfo import _cpu_quota
 
     v2 = tmp_path / "v2"
     (v2 / "pod" / "app").mkdir(parents=True)
@@ -109,7 +109,7 @@ def test_cpu_quota_from_cgroup_v1_and_v2(tmp_path):
 def test_memory_limits_come_from_the_process_own_nested_cgroup(tmp_path):
     """The benchmark's cold runs (and systemd slices) put the process in a nested cgroup:
     its limit is in that cgroup's directory, not at the hierarchy's root."""
-    from layerstream.sysinfo import cgroup_dirs
+    from layerstream.engine.sysinfo import cgroup_dirs
 
     (tmp_path / "memory" / "bench" / "run").mkdir(parents=True)
     dirs, v2 = cgroup_dirs("memory", "9:memory:/bench/run\n0::/\n", tmp_path)
@@ -135,9 +135,9 @@ def test_auto_knobs_are_the_settings_defaults():
 def test_streamed_chunks_leave_the_page_cache_only_when_it_cannot_hold_them(
     model_factory, monkeypatch
 ):
-    from layerstream import tuning
-    from layerstream.manifest import Manifest
-    from layerstream.residency import plan_residency
+    from layerstream.engine import tuning
+    from layerstream.engine.plan import plan_residency
+    from layerstream.format.manifest import Manifest
 
     store = model_factory("llama").store
     manifest = Manifest.from_json((store / "manifest.json").read_text())
@@ -205,7 +205,7 @@ class FakeClock:
 
 def test_retry_policy_backs_off_with_jitter_until_the_deadline():
     from layerstream.errors import ChunkStoreError
-    from layerstream.stores.remote import RetryPolicy, Transient
+    from layerstream.stores.ranged import RetryPolicy, Transient
 
     fake = FakeClock()
     policy = RetryPolicy(deadline_s=10.0, base_delay_s=0.1, max_delay_s=2.0)
@@ -225,7 +225,7 @@ def test_retry_policy_backs_off_with_jitter_until_the_deadline():
 
 
 def test_retry_policy_does_not_retry_permanent_errors_and_returns_successes():
-    from layerstream.stores.remote import Permanent, RetryPolicy, Transient
+    from layerstream.stores.ranged import Permanent, RetryPolicy, Transient
 
     fake = FakeClock()
     policy = RetryPolicy(deadline_s=10.0)
@@ -245,7 +245,7 @@ def test_retry_policy_does_not_retry_permanent_errors_and_returns_successes():
 
 
 def test_content_range_parsing():
-    from layerstream.stores.remote import Transient, parse_content_range
+    from layerstream.stores.ranged import Transient, parse_content_range
 
     assert parse_content_range("bytes 0-99/1000", "x") == (0, 99, 1000)
     with pytest.raises(Transient):
@@ -274,7 +274,7 @@ def test_prompt_limit_is_a_bound_for_a_byte_level_tokenizer(model_factory):
 
     from transformers import AutoTokenizer
 
-    from layerstream.prompts import longest_token_bytes, prompt_byte_limit
+    from layerstream.inference.prompts import longest_token_bytes, prompt_byte_limit
 
     tokenizer = AutoTokenizer.from_pretrained(model_factory("gpt2").store)
     context = 128
@@ -296,7 +296,7 @@ def test_the_client_knows_the_servers_parameters_and_error_kinds():
     """The client package cannot import the runtime (it has no torch): its copies of the
     request parameters and the error kinds are tied to the server's here."""
     from layerstream.errors import ERROR_TYPES
-    from layerstream.protocol import KNOWN_PARAMETERS
+    from layerstream.serving.protocol import KNOWN_PARAMETERS
     from layerstream_client import events
 
     assert set(events._PARAMS) == set(KNOWN_PARAMETERS)

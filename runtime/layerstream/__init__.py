@@ -30,19 +30,19 @@ __all__ = [
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Engine": "engine",
-    "EngineOptions": "engine",
-    "LayerStreamRuntime": "runtime",
-    "Manifest": "manifest",
-    "chunk_checkpoint": "chunker",
+    "Engine": "engine.engine",
+    "EngineOptions": "engine.engine",
+    "LayerStreamRuntime": "serving.runtime",
+    "Manifest": "format.manifest",
+    "chunk_checkpoint": "chunker.convert",
     "open_store": "stores",
 }
 
 if TYPE_CHECKING:
-    from .chunker import chunk_checkpoint
-    from .engine import Engine, EngineOptions
-    from .manifest import Manifest
-    from .runtime import LayerStreamRuntime
+    from .chunker.convert import chunk_checkpoint
+    from .engine.engine import Engine, EngineOptions
+    from .format.manifest import Manifest
+    from .serving.runtime import LayerStreamRuntime
     from .stores import open_store
 
 

@@ -12,7 +12,7 @@ from ..errors import ChunkStoreError
 from .base import ChunkStore, Mapped, ReadResult
 from .cache import CachedStore, DiskCache
 from .local import LocalStore
-from .remote import StoreOptions
+from .ranged import StoreOptions
 
 __all__ = [
     "CachedStore",

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ChunkIntegrityError, ChunkStoreError
-from ..manifest import Manifest
+from ..format.manifest import Manifest
 from .base import ChunkStore, ReadResult
 
 log = logging.getLogger(__name__)

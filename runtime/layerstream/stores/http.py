@@ -12,9 +12,9 @@ from urllib.parse import quote, urlsplit
 import httpx
 
 from ..errors import ChunkStoreError
-from ..manifest import check_relative_name
+from ..format.manifest import check_relative_name
 from .base import ReadResult
-from .remote import Permanent, RangedReader, StoreOptions, Transient, parse_content_range
+from .ranged import Permanent, RangedReader, StoreOptions, Transient, parse_content_range
 
 log = logging.getLogger(__name__)
 

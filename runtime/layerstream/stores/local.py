@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ChunkIntegrityError, ChunkStoreError
-from ..manifest import check_relative_name
+from ..format.manifest import check_relative_name
 from .base import Mapped, ReadResult
 
 log = logging.getLogger(__name__)

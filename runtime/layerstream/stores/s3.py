@@ -11,9 +11,9 @@ import botocore.exceptions as bce
 from botocore.config import Config
 
 from ..errors import ChunkStoreError
-from ..manifest import check_relative_name
+from ..format.manifest import check_relative_name
 from .base import ReadResult
-from .remote import Permanent, RangedReader, StoreOptions, Transient, parse_content_range
+from .ranged import Permanent, RangedReader, StoreOptions, Transient, parse_content_range
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ one I/O thread, so the threads follow the depth. torch gets every CPU the proces
 
 from __future__ import annotations
 
-from .errors import SettingsError
-from .manifest import Manifest
-from .residency import ResidencyPlan
+from ..errors import SettingsError
+from ..format.manifest import Manifest
+from .plan import ResidencyPlan
 from .sysinfo import cpu_count, memory_limit, resident_set
 
 AUTO = "auto"

@@ -25,11 +25,11 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig
 
-from .errors import ChunkIntegrityError
+from ..errors import ChunkIntegrityError
+from ..format.manifest import Manifest
+from ..stores import ChunkStore
 from .integrity import once_more
-from .manifest import Manifest
 from .skeleton import model_class
-from .stores import ChunkStore
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ import tempfile
 from pathlib import Path
 from typing import Protocol
 
-from .chunkio import sync_files, write_durably
-from .errors import ChunkStoreError
-from .manifest import MANIFEST_NAME
-from .stores.remote import StoreOptions
+from ..errors import ChunkStoreError
+from ..format.manifest import MANIFEST_NAME
+from ..format.writer import sync_files, write_durably
+from ..stores.ranged import StoreOptions
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class S3Sink:
     def __init__(self, uri: str, force: bool, options: StoreOptions | None = None):
         from boto3.s3.transfer import TransferConfig
 
-        from .stores.s3 import BOTO_ERRORS, describe_error, make_client, split_s3_uri
+        from ..stores.s3 import BOTO_ERRORS, describe_error, make_client, split_s3_uri
 
         self._errors, self._describe = BOTO_ERRORS, describe_error
         self.options = options or StoreOptions()

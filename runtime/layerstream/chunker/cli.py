@@ -83,8 +83,8 @@ def _s3_settings(args: argparse.Namespace) -> dict[str, str]:
 
 
 def chunk_command(args: argparse.Namespace) -> int:
-    from .chunker import ChunkerError, chunk_checkpoint, random_source, resolve_source
-    from .repo import write_model_settings
+    from .convert import ChunkerError, chunk_checkpoint, random_source, resolve_source
+    from .model_settings import write_model_settings
 
     expected = 1 if args.random_init else 2
     if len(args.paths) != expected:
@@ -92,15 +92,15 @@ def chunk_command(args: argparse.Namespace) -> int:
         log.error("expected %s, got %s", usage, " ".join(args.paths))
         return 2
     if args.memory_budget and args.memory_budget != "auto":
-        from .units import parse_size
+        from ..units import parse_size
 
         try:
             parse_size(args.memory_budget, reference=1)
         except ValueError as exc:
             log.error("--memory-budget: %s", exc)
             return 2
-    from .errors import LayerStreamError
-    from .stores import StoreOptions
+    from ..errors import LayerStreamError
+    from ..stores import StoreOptions
 
     dest = args.paths[-1]
     s3 = _s3_settings(args)
@@ -155,8 +155,8 @@ def chunk_command(args: argparse.Namespace) -> int:
 
 
 def _check_budget(manifest, budget: str) -> None:
-    from . import tuning
-    from .residency import plan_residency, resolve_budget
+    from ..engine import tuning
+    from ..engine.plan import plan_residency, resolve_budget
 
     plan_residency(
         manifest, resolve_budget(budget, manifest.total_bytes), tuning.read_ahead("auto")

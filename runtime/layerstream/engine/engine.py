@@ -21,8 +21,11 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from ..errors import ChunkIntegrityError, ManifestError, RequestCancelled
+from ..format.manifest import MANIFEST_NAME, ChunkInfo, Manifest
+from ..stores import ChunkStore, LocalStore
+from ..units import format_size
 from . import tuning
-from .errors import ChunkIntegrityError, ManifestError, RequestCancelled
 from .hooks import BlockSlots
 from .integrity import (
     BackgroundVerifier,
@@ -31,13 +34,10 @@ from .integrity import (
     check_model_fits_manifest,
     chunk_specs,
 )
-from .manifest import MANIFEST_NAME, ChunkInfo, Manifest
-from .residency import ResidencyPlan, plan_residency, resolve_budget
+from .plan import ResidencyPlan, plan_residency, resolve_budget
 from .sidefiles import load_side_files
 from .skeleton import block_prefixes, build_skeleton, get_tensor, scope_of, set_tensor
-from .stores import ChunkStore, LocalStore
 from .streamer import Loaded, StreamStats, WeightStreamer
-from .units import format_size
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from .engine import Engine
-from .events import FinalEvent, TokenEvent
-from .protocol import Request
+from ..engine.engine import Engine
+from ..serving.protocol import Request
+from .types import FinalEvent, TokenEvent
 
 Emit = Callable[[object], None]
 

@@ -13,9 +13,9 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .errors import SettingsError
-from .stores import StoreOptions, is_remote
-from .units import parse_size
+from ..errors import SettingsError
+from ..stores import StoreOptions, is_remote
+from ..units import parse_size
 
 Seconds = Annotated[float, Field(gt=0, le=86400)]
 

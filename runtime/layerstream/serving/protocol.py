@@ -31,9 +31,9 @@ from typing import Any
 
 from mlserver.types import InferenceRequest
 
-from .errors import InvalidRequest
+from ..errors import InvalidRequest
+from ..inference.prompts import PromptLimit
 from .inputs import PROMPT, prompt_text, the_input, token_ids
-from .prompts import PromptLimit
 
 MODES = ("tokens", "hidden_states", "embedding")
 POOLINGS = ("mean", "cls", "last", "pooler")

@@ -15,8 +15,8 @@ from typing import Any
 
 from mlserver.types import InferenceRequest, RequestInput
 
-from .errors import InvalidRequest
-from .prompts import PromptLimit
+from ..errors import InvalidRequest
+from ..inference.prompts import PromptLimit
 
 PROMPT, INPUT_IDS = "prompt", "input_ids"
 ID_DATATYPES = ("INT64", "INT32")

@@ -14,7 +14,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .errors import ManifestError
+from ..errors import ManifestError
 
 FORMAT = "layerstream.chunks"
 FORMAT_VERSION = 1

@@ -21,8 +21,9 @@ from typing import TypeVar
 
 import torch
 
-from .buffers import BufferPool
-from .chunkfile import (
+from ..errors import ChunkIntegrityError, ChunkStoreError
+from ..format.manifest import ChunkInfo, Manifest
+from ..format.safetensors import (
     ChunkSpec,
     TensorSlot,
     check_layout,
@@ -30,11 +31,10 @@ from .chunkfile import (
     tensors_from_layout,
     verify,
 )
-from .errors import ChunkIntegrityError, ChunkStoreError
+from ..stores import ChunkStore, LocalStore
+from .buffers import BufferPool
 from .integrity import ChunkHealth, once_more
-from .manifest import ChunkInfo, Manifest
-from .residency import ResidencyPlan
-from .stores import ChunkStore, LocalStore
+from .plan import ResidencyPlan
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

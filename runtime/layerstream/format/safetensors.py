@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ChunkIntegrityError
+from ..errors import ChunkIntegrityError
 from .manifest import ChunkInfo
 
 # Chunk files place every tensor at a multiple of TENSOR_ALIGNMENT bytes from the file's

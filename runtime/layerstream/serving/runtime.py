@@ -19,19 +19,20 @@ import torch
 from mlserver import MLModel
 from mlserver.types import InferenceRequest, InferenceResponse
 
-from . import grpc_status, metrics, tuning
-from .capabilities import capabilities
+from ..engine import tuning
+from ..engine.engine import Engine, EngineOptions
+from ..errors import ChunkIntegrityError, InvalidRequest, LayerStreamError
+from ..inference.capabilities import capabilities
+from ..inference.generation import run_generation
+from ..inference.hidden import run_hidden_states
+from ..inference.prompts import prompt_byte_limit, tokenize
+from ..inference.types import FinalEvent, HiddenStateEvent
+from ..stores import open_store
+from . import grpc_status, metrics
 from .encoding import encode_event, encode_unary, error_response
-from .engine import Engine, EngineOptions
-from .errors import ChunkIntegrityError, InvalidRequest, LayerStreamError
-from .events import FinalEvent, HiddenStateEvent
-from .generation import run_generation
-from .hidden import run_hidden_states
-from .prompts import prompt_byte_limit, tokenize
 from .protocol import Request, check_context, parse_request
 from .scheduler import Deadline, Scheduler
 from .settings import LayerStreamSettings
-from .stores import open_store
 from .transport import Transport, asked_before_a_request, transport_of
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ import collections
 import torch
 from torch import nn
 
-from .errors import ChunkIntegrityError
+from ..errors import ChunkIntegrityError
 
 
 class BlockSlots:

@@ -17,7 +17,7 @@ import transformers
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from .errors import ManifestError
+from ..errors import ManifestError
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # torch's default dtype is process-global; building two skeletons at once must not interleave.

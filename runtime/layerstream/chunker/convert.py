@@ -28,17 +28,7 @@ from tqdm import tqdm
 from transformers import AutoConfig
 from transformers.utils import logging as hf_logging
 
-from .chunkio import (
-    SAFETENSORS_DTYPES,
-    ChunkEntry,
-    SourceTensor,
-    read_safetensors_index,
-    sha256_file,
-    write_chunk,
-)
-from .manifest import BlockInfo, ChunkInfo, Manifest
-from .sinks import ChunkerError, Sink, open_sink
-from .skeleton import (
+from ..engine.skeleton import (
     TORCH_DTYPES,
     block_prefixes,
     build_skeleton,
@@ -47,7 +37,17 @@ from .skeleton import (
     set_tensor,
     tied_groups,
 )
-from .stores.remote import StoreOptions
+from ..format.manifest import BlockInfo, ChunkInfo, Manifest
+from ..format.writer import (
+    SAFETENSORS_DTYPES,
+    ChunkEntry,
+    SourceTensor,
+    read_safetensors_index,
+    sha256_file,
+    write_chunk,
+)
+from ..stores.ranged import StoreOptions
+from .sinks import ChunkerError, Sink, open_sink
 
 log = logging.getLogger(__name__)
 

@@ -42,12 +42,12 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from .engine import Engine
-from .errors import LayerStreamError
-from .events import FinalEvent, HiddenStateEvent
+from ..engine.engine import Engine
+from ..engine.skeleton import build_skeleton
+from ..errors import LayerStreamError
+from ..serving.protocol import Request
 from .generation import Emit, request_stats
-from .protocol import Request
-from .skeleton import build_skeleton
+from .types import FinalEvent, HiddenStateEvent
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,9 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from .chunkfile import (
+from ..errors import ChunkIntegrityError, ManifestError
+from ..format.manifest import ChunkInfo, Manifest
+from ..format.safetensors import (
     HEADER_PROBE,
     ChunkSpec,
     TensorSpec,
@@ -33,12 +35,10 @@ from .chunkfile import (
     header_length,
     parse_header,
 )
-from .errors import ChunkIntegrityError, ManifestError
+from ..stores import CachedStore, ChunkStore, LocalStore
+from ..units import format_size
 from .hooks import BlockSlots
-from .manifest import ChunkInfo, Manifest
 from .skeleton import TORCH_DTYPES, model_class, scope_of, tied_groups
-from .stores import CachedStore, ChunkStore, LocalStore
-from .units import format_size
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

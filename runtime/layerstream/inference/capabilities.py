@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import logging
 
-from .engine import Engine
+from ..engine.engine import Engine
+from ..engine.skeleton import context_length
+from ..serving.protocol import ModelCapabilities
 from .hidden import LayoutUnknown, hidden_layout
-from .protocol import ModelCapabilities
-from .skeleton import context_length
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from typing import Any
 import grpc
 from pydantic import ValidationError
 
-from .errors import InvalidRequest, LayerStreamError
+from ..errors import InvalidRequest, LayerStreamError
 
 log = logging.getLogger(__name__)
 

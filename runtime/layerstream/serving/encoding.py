@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 from mlserver.types import InferenceResponse, Parameters, ResponseOutput
 
-from .errors import LayerStreamError
-from .events import FinalEvent, HiddenStateEvent, TokenEvent
+from ..errors import LayerStreamError
+from ..inference.types import FinalEvent, HiddenStateEvent, TokenEvent
 from .protocol import Request
 
 

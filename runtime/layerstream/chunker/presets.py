@@ -18,7 +18,7 @@ import torch
 import transformers
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerFast
 
-from .skeleton import context_length
+from ..engine.skeleton import context_length
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from .errors import RequestCancelled, RequestTimeout, ServerBusy
+from ..errors import RequestCancelled, RequestTimeout, ServerBusy
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from .errors import SettingsError
-from .manifest import Manifest
+from ..errors import SettingsError
+from ..format.manifest import Manifest
+from ..units import format_size, parse_size
 from .sysinfo import available_memory
-from .units import format_size, parse_size
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .chunkfile import PADDING_PREFIX, TENSOR_ALIGNMENT
+from .safetensors import PADDING_PREFIX, TENSOR_ALIGNMENT
 
 STAGING_BYTES = 8 << 20  # a multiple of 2 MiB: every write starts on a huge-page boundary
 

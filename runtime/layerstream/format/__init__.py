@@ -1,0 +1,1 @@
+"""The on-disk format: the manifest and the per-block safetensors chunk files (read and write)."""

@@ -1,0 +1,1 @@
+"""Requests on an engine, independent of MLServer: generation, hidden states, embeddings."""

@@ -1,0 +1,1 @@
+"""The MLServer side: the runtime, its settings, the V2 request contract and its encoding."""
