@@ -55,7 +55,7 @@ def main() -> None:
         stats = scope.stats
         result["bytes_per_token"] = stats.bytes_read / (new_tokens + 1)  # + the prefill sweep
         result["wait_s"] = stats.wait_s
-        result["hit_rate"] = stats.cache_hits / max(stats.cache_hits + stats.cache_misses, 1)
+        result["hit_rate"] = stats.resident_runs / max(stats.resident_runs + stats.streamed_runs, 1)
         result["pinned_fraction"] = len(engine.plan.resident) / engine.plan.n_blocks
     io_after = timing.io_counters()
     result["disk_read_per_token"] = (io_after["disk_read"] - io_before["disk_read"]) / (

@@ -90,7 +90,7 @@ def test_albert_as_released_chunks_one_shared_block(tmp_path):
         ids = torch.tensor([PROMPT])
         with engine.request() as scope:
             engine.model(input_ids=ids)
-        assert scope.stats.cache_hits == layers and scope.stats.cache_misses == 0
+        assert scope.stats.resident_runs == layers and scope.stats.streamed_runs == 0
         assert capabilities(engine).num_layers == layers
         hidden = compare_hidden_states(engine, reference)
         assert hidden.layers == list(range(layers + 1))
@@ -113,7 +113,7 @@ def test_shared_block_streams_once_per_application(tmp_path, reader):
         for _ in range(2):  # the second pass runs with the block order learned
             with engine.request() as scope:
                 out = engine.model(input_ids=ids, output_hidden_states=True)
-            assert scope.stats.cache_misses == layers
+            assert scope.stats.streamed_runs == layers
             # each application reads (or populates and checks) its chunk again
             assert scope.stats.chunks_read >= layers
         with torch.inference_mode():

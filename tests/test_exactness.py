@@ -137,10 +137,10 @@ def test_encoder_decoder_learns_the_block_order(scaled, resident_models):
         with engine.request() as second:
             engine.model.generate(PROMPT, **kwargs)
         # Encoder blocks once, then the decoder's for every token.
-        assert second.stats.cache_misses == 4 + 3 * 8
+        assert second.stats.streamed_runs == 4 + 3 * 8
         # Once learned, the read-ahead follows the encoder->decoder jump and the decoder's
         # wrap-around; the only wasted reads are at the request boundaries.
-        wasted = second.stats.chunks_read - second.stats.cache_misses
+        wasted = second.stats.chunks_read - second.stats.streamed_runs
         assert 0 <= wasted <= 2
     finally:
         engine.close()
@@ -171,9 +171,9 @@ def test_cache_hit_rate_is_pinned_over_total(model_factory):
         assert 0 < k < n
         with engine.request() as scope:
             engine.model.generate(PROMPT, max_new_tokens=6, do_sample=False, pad_token_id=0)
-        runs = scope.stats.cache_hits + scope.stats.cache_misses
+        runs = scope.stats.resident_runs + scope.stats.streamed_runs
         assert runs == 6 * n
-        assert scope.stats.cache_hits / runs == pytest.approx(k / n)
+        assert scope.stats.resident_runs / runs == pytest.approx(k / n)
         streamed = len(engine.plan.streamed)
         # every streamed block once per token, plus at most the read-ahead that runs past the
         # last token (it serves the next request)
@@ -196,7 +196,7 @@ def test_both_readers_are_exact(scaled, resident_models, name, reader):
         before = engine.streamer.stats.snapshot()
         assert_same_generation(*generate_both(engine, reference, do_sample=False))
         # the prompt pass + one pass per further token run every streamed block
-        runs = engine.streamer.stats.since(before).cache_misses
+        runs = engine.streamer.stats.since(before).streamed_runs
         assert runs == NEW_TOKENS * len(engine.plan.streamed)
     finally:
         engine.close()

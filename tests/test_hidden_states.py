@@ -64,7 +64,7 @@ def test_states_stream_as_their_blocks_finish(engine):
 
     def emit(event: HiddenStateEvent) -> None:
         stats = engine.streamer.stats
-        runs_at_emit.append(stats.cache_hits + stats.cache_misses)
+        runs_at_emit.append(stats.resident_runs + stats.streamed_runs)
         layers.append(event.layer)
 
     run_hidden_states(engine, all_layers(engine), PROMPT, emit, lambda: False)

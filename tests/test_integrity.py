@@ -353,7 +353,7 @@ def test_background_verification_passes_a_whole_store_and_spares_the_requests(mo
         assert engine.damage is None
         with engine.request() as scope:
             engine.model(PROMPT)
-        assert scope.stats.cache_misses == len(engine.plan.streamed) > 0
+        assert scope.stats.streamed_runs == len(engine.plan.streamed) > 0
         assert scope.stats.chunks_verified == 0  # every version already passed
     finally:
         engine.close()

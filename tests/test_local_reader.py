@@ -82,7 +82,7 @@ def test_read_ahead_skips_blocks_already_in_the_page_cache(model_factory, store_
         with engine.request() as warm:
             assert torch.equal(engine.model(PROMPT).logits, expected)
         assert warm.stats.read_aheads == 0
-        assert warm.stats.cache_misses == len(engine.plan.streamed)
+        assert warm.stats.streamed_runs == len(engine.plan.streamed)
     finally:
         engine.close()
 
@@ -173,7 +173,7 @@ def test_streamed_chunks_are_mapped_once_and_their_pages_dropped_after_use(
         for _ in range(3):
             with engine.request() as scope:
                 assert torch.equal(engine.model(PROMPT).logits, expected)
-            assert scope.stats.cache_misses == len(engine.plan.streamed)
+            assert scope.stats.streamed_runs == len(engine.plan.streamed)
         engine.streamer._reaper.submit(lambda: None).result()  # the page drops have run
         assert sorted(maps) == sorted(streamed)  # each mapped once, not once per request
         assert _mapped_chunk_files(store_copy) == {str(store_copy.resolve() / f) for f in streamed}
@@ -247,7 +247,7 @@ def test_every_streamed_block_is_read_once_and_ahead_with_the_read_reader(
         assert engine.plan.read_ahead == read_ahead and len(engine.plan.streamed) > read_ahead
         with engine.request() as scope:
             engine.model.generate(PROMPT, max_new_tokens=tokens, do_sample=False, pad_token_id=0)
-        misses = scope.stats.cache_misses
+        misses = scope.stats.streamed_runs
         assert misses == tokens * len(engine.plan.streamed)
         # the read-aheads past the request's last block serve the next request
         assert misses <= scope.stats.chunks_read <= misses + read_ahead

@@ -30,10 +30,10 @@ from transformers.utils import logging as hf_logging
 
 from ..engine.skeleton import (
     TORCH_DTYPES,
+    block_of,
     block_prefixes,
     build_skeleton,
     get_tensor,
-    scope_of,
     set_tensor,
     tied_groups,
 )
@@ -255,14 +255,14 @@ def _chunk_into(
                 if identity
                 else rename_source_key(key, renamings, converters, model.base_model_prefix, meta_sd)
             )
-            scope = scope_of(renamed, prefixes)
+            scope = block_of(renamed, prefixes)
             scoped[scope][key] = handle.get_slice(key)
             direct[scope].append((renamed, converter, index[key]))
 
     writer = _Writer(sink)
     target = TORCH_DTYPES[dtype]
     held: dict[tuple[str, ...], torch.Tensor] = {}  # rest tensors that blocks share through a tie
-    cross = [g for g in groups if len({scope_of(k, prefixes) for k in g}) > 1]
+    cross = [g for g in groups if len({block_of(k, prefixes) for k in g}) > 1]
     cross_keys = {k for g in cross for k in g}
     scopes: list[int | None] = [None, *range(len(prefixes))]
     bar = tqdm(scopes, desc=f"chunking {name}", unit="chunk", disable=not progress or None)
@@ -271,7 +271,7 @@ def _chunk_into(
     hf_logging.disable_progress_bar()
     try:
         for scope in bar:
-            keys = [k for k in meta_sd if scope_of(k, prefixes) == scope]
+            keys = [k for k in meta_sd if block_of(k, prefixes) == scope]
             chunk_name = "rest" if scope is None else f"block_{scope:04d}"
             label = "rest" if scope is None else prefixes[scope]
             entries = None
@@ -389,7 +389,7 @@ def _collect(
                 if key in out:
                     held[tuple(group)] = out[key]
             continue
-        mine = [k for k in group if scope_of(k, prefixes) == scope]
+        mine = [k for k in group if block_of(k, prefixes) == scope]
         if mine and not any(k in out for k in mine):
             value = held.get(tuple(group))
             if value is None:

@@ -25,6 +25,3 @@ class BufferPool:
 
     def release(self, buffer: torch.Tensor) -> None:
         self._free.put(buffer)
-
-    def available(self) -> int:
-        return self._free.qsize()

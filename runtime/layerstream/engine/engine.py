@@ -23,7 +23,7 @@ from transformers import PreTrainedModel
 
 from ..errors import ChunkIntegrityError, ManifestError, RequestCancelled
 from ..format.manifest import MANIFEST_NAME, ChunkInfo, Manifest
-from ..stores import ChunkStore, LocalStore
+from ..stores import CachingStore, ChunkStore, LocalStore
 from ..units import format_size
 from . import tuning
 from .hooks import BlockSlots
@@ -36,7 +36,7 @@ from .integrity import (
 )
 from .plan import ResidencyPlan, plan_residency, resolve_budget
 from .sidefiles import load_side_files
-from .skeleton import block_prefixes, build_skeleton, get_tensor, scope_of, set_tensor
+from .skeleton import block_of, block_prefixes, build_skeleton, get_tensor, set_tensor
 from .streamer import Loaded, StreamStats, WeightStreamer
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class EngineOptions:
 
 
 @dataclass
-class RequestScope:
+class RequestContext:
     """Per-request view of the engine's counters (one request runs at a time)."""
 
     cancelled: Callable[[], bool]
@@ -70,9 +70,8 @@ class Engine:
         self.manifest = Manifest.from_json(
             store.read(MANIFEST_NAME), f"{store.uri}/{MANIFEST_NAME}"
         )
-        expect = getattr(store, "expect", None)
-        if expect is not None:  # a disk cache finds its entries by the manifest's digests
-            expect(self.manifest)
+        if isinstance(store, CachingStore):  # it finds its entries by the manifest's digests
+            store.expect(self.manifest)
         side = load_side_files(store, self.manifest)
         self.config = side.config
         self.tokenizer = side.tokenizer
@@ -102,7 +101,7 @@ class Engine:
             self.evict_after_use,
             specs,
         )
-        self._scope: RequestScope | None = None
+        self._scope: RequestContext | None = None
         self._active: dict[int, Loaded] = {}
         # streamed blocks whose module holds a kept mapping's tensors between runs
         self._installed: dict[int, dict[str, torch.Tensor]] = {}
@@ -141,13 +140,13 @@ class Engine:
         present: dict[str, torch.Tensor] = {}
         for chunk in self.manifest.rest:
             for key, tensor in self.streamer.load_resident(chunk).items():
-                if scope_of(key, self.prefixes) is not None:
+                if block_of(key, self.prefixes) is not None:
                     raise ManifestError(f"non-block chunk {chunk} holds block tensor {key}")
                 set_tensor(self.model, key, tensor)
                 present[key] = tensor
         # Tied weights (lm_head = embeddings, T5's 4-way tie): one Parameter for the group.
         for group in self.manifest.tied:
-            rest_keys = [k for k in group if scope_of(k, self.prefixes) is None]
+            rest_keys = [k for k in group if block_of(k, self.prefixes) is None]
             source = next((k for k in rest_keys if k in present), None)
             if source is None:
                 continue
@@ -170,7 +169,7 @@ class Engine:
         missing = [
             key
             for key, value in [*self.model.named_parameters(), *self.model.named_buffers()]
-            if value.device.type == "meta" and scope_of(key, self.prefixes) is None
+            if value.device.type == "meta" and block_of(key, self.prefixes) is None
         ]
         if missing:
             raise ManifestError(
@@ -231,9 +230,9 @@ class Engine:
 
     # -- requests ----------------------------------------------------------------------------
     @contextlib.contextmanager
-    def request(self, cancelled: Callable[[], bool] = lambda: False) -> Iterator[RequestScope]:
+    def request(self, cancelled: Callable[[], bool] = lambda: False) -> Iterator[RequestContext]:
         """Run one request's model calls inside this block (on the engine thread)."""
-        scope = RequestScope(cancelled=cancelled, before=self.streamer.stats.snapshot())
+        scope = RequestContext(cancelled=cancelled, before=self.streamer.stats.snapshot())
         self._scope = scope
         try:
             with torch.inference_mode():

@@ -35,10 +35,10 @@ from ..format.safetensors import (
     header_length,
     parse_header,
 )
-from ..stores import CachedStore, ChunkStore, LocalStore
+from ..stores import CachingStore, ChunkStore, LocalStore
 from ..units import format_size
 from .hooks import BlockSlots
-from .skeleton import TORCH_DTYPES, model_class, scope_of, tied_groups
+from .skeleton import TORCH_DTYPES, block_of, model_class, tied_groups
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -134,7 +134,7 @@ def chunk_specs(
     rest = {
         key: spec(value)
         for key, value in model.state_dict(keep_vars=True).items()
-        if scope_of(key, prefixes) is None
+        if block_of(key, prefixes) is None
     }
     specs = {name: ChunkSpec(rest) for name in manifest.rest}
     for block, slots in zip(manifest.blocks, blocks, strict=True):
@@ -159,7 +159,7 @@ def once_more(
         return read()
     except ChunkIntegrityError as exc:
         log.warning("%s; reading %s once more from %s", exc.message, name, store.uri)
-        if isinstance(store, CachedStore):
+        if isinstance(store, CachingStore):
             store.invalidate(name)
         if on_retry is not None:
             on_retry(exc)

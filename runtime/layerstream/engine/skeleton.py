@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import threading
+from collections.abc import Mapping
 
 import torch
 import transformers
@@ -118,7 +119,7 @@ def block_prefixes(model: PreTrainedModel) -> list[str]:
     return out
 
 
-def scope_of(key: str, prefixes: list[str]) -> int | None:
+def block_of(key: str, prefixes: list[str]) -> int | None:
     """Index of the block a state-dict key belongs to, or None for the rest of the model."""
     for j, prefix in enumerate(prefixes):
         if key.startswith(prefix + "."):
@@ -126,10 +127,13 @@ def scope_of(key: str, prefixes: list[str]) -> int | None:
     return None
 
 
-def tied_groups(model: PreTrainedModel) -> list[list[str]]:
-    """Tied weights, generically: state-dict keys that resolve to the very same tensor."""
+def tied_groups(state: Mapping[str, torch.Tensor] | nn.Module) -> list[list[str]]:
+    """Tied weights, generically: keys of a state dict (``keep_vars=True``; a module's own
+    when given a module) that resolve to the very same tensor, each group sorted."""
+    if isinstance(state, nn.Module):
+        state = state.state_dict(keep_vars=True)
     by_id: dict[int, list[str]] = collections.defaultdict(list)
-    for key, value in model.state_dict(keep_vars=True).items():
+    for key, value in state.items():
         by_id[id(value)].append(key)
     return [sorted(keys) for keys in by_id.values() if len(keys) > 1]
 

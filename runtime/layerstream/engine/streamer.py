@@ -8,6 +8,7 @@ the last block to the first are predicted correctly.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import mmap
@@ -25,13 +26,13 @@ from ..errors import ChunkIntegrityError, ChunkStoreError
 from ..format.manifest import ChunkInfo, Manifest
 from ..format.safetensors import (
     ChunkSpec,
-    TensorSlot,
+    TensorEntry,
     check_layout,
     parse_layout,
     tensors_from_layout,
     verify,
 )
-from ..stores import ChunkStore, LocalStore
+from ..stores import ChunkStore, FileMapping, LocalStore, MappableStore
 from .buffers import BufferPool
 from .integrity import ChunkHealth, once_more
 from .plan import ResidencyPlan
@@ -51,23 +52,28 @@ READERS = ("auto", "mmap", "read")
 class StreamStats:
     """Counters since the engine started; requests report differences of two snapshots."""
 
-    cache_hits: int = 0  # block runs served by a resident block
-    cache_misses: int = 0  # block runs that needed a streamed block
-    prefetch_ready: int = 0  # misses whose read-ahead had finished in time
+    resident_runs: int = 0  # block runs served by a resident (pinned) block
+    streamed_runs: int = 0  # block runs that needed a streamed block
     read_aheads: int = 0  # reads handed to an I/O thread (not those found in the page cache)
     bytes_read: int = 0
     chunks_read: int = 0
     read_s: float = 0.0  # time spent in store reads (I/O threads)
     wait_s: float = 0.0  # time the compute thread waited for weights
-    verify_s: float = 0.0
     chunks_verified: int = 0
     refetches: int = 0  # chunks read again after failing their sha256 check
 
     def snapshot(self) -> StreamStats:
-        return StreamStats(**self.__dict__)
+        return dataclasses.replace(self)
 
     def since(self, before: StreamStats) -> StreamStats:
-        return StreamStats(**{k: v - getattr(before, k) for k, v in self.__dict__.items()})
+        """The counts between ``before`` (an earlier snapshot) and now."""
+        return StreamStats(
+            *(now - then for now, then in zip(_values(self), _values(before), strict=True))
+        )
+
+
+def _values(stats: StreamStats) -> tuple[float, ...]:
+    return dataclasses.astuple(stats)
 
 
 @dataclass
@@ -97,7 +103,7 @@ class KeptMapping:
     ~10% of a warm decode step at a 25% budget).
     """
 
-    mapping: mmap.mmap = field(repr=False)
+    mapping: FileMapping = field(repr=False)
     data: torch.Tensor = field(repr=False)
     version: str | None
     tensors: dict[str, torch.Tensor] | None = field(repr=False, default=None)
@@ -108,14 +114,6 @@ def _view(mapping: mmap.mmap) -> torch.Tensor:
         # read-only on purpose: weights are never written
         warnings.filterwarnings("ignore", message="The given buffer is not writable")
         return torch.frombuffer(mapping, dtype=torch.uint8)
-
-
-def _unmap(mapping: mmap.mmap) -> None:
-    try:
-        mapping.close()
-    except BufferError:
-        # A view is still alive somewhere; the mapping goes when the last one does.
-        log.debug("chunk mapping still referenced; left to the garbage collector")
 
 
 class BlockOrder:
@@ -158,7 +156,7 @@ def _pick_reader(reader: str, store: ChunkStore, verify_checksums: str) -> str:
     except with verify_checksums="always", which must hash the very bytes it then uses."""
     if reader not in READERS:
         raise ValueError(f"reader must be one of {', '.join(READERS)}, not {reader!r}")
-    mappable = callable(getattr(store, "map", None))
+    mappable = isinstance(store, MappableStore)
     if reader == "mmap" and not mappable:
         raise ChunkStoreError(f"chunk store {store.uri} cannot be memory-mapped; use reader=read")
     if reader == "auto":
@@ -189,18 +187,21 @@ class WeightStreamer:
         self.health = ChunkHealth()
         # chunk name -> (store version, parsed header): a streamed block's header is parsed
         # once, not on every token (less Python on the I/O thread, less GIL for compute)
-        self._layouts: dict[str, tuple[str, list[TensorSlot]]] = {}
+        self._layouts: dict[str, tuple[str, list[TensorEntry]]] = {}
         self.stats = StreamStats()
         self.order = BlockOrder(manifest)
         self._lock = threading.Lock()
         self._inflight: dict[int, Future[Loaded]] = {}
         self._wanted: frozenset[int] = frozenset()  # the last read-ahead's predictions
         self.reader = _pick_reader(reader, store, verify_checksums)
-        probe = getattr(store, "in_memory", None)
-        self._probe: Callable[[str], bool] | None = probe if self.reader == "mmap" else None
+        local = store if isinstance(store, MappableStore) else None
+        self._probe: Callable[[str], bool] | None = (
+            local.in_memory if local is not None and self.reader == "mmap" else None
+        )
         self._kept: dict[int, KeptMapping] = {}
-        evict = getattr(store, "evict", None)
-        self.evict: Callable[[str], None] | None = evict if evict_after_use else None
+        self.evict: Callable[[str], None] | None = (
+            local.evict if local is not None and evict_after_use else None
+        )
         self._pool: BufferPool | None = None
         self._slots: threading.BoundedSemaphore | None = None
         if plan.pool_slots and self.reader == "read":
@@ -248,18 +249,22 @@ class WeightStreamer:
                 self.health.failed(info.name, exc)
             raise
 
-    def _map_once(self, info: ChunkInfo) -> tuple[torch.Tensor, mmap.mmap, str | None]:
+    def _mappable(self) -> MappableStore:
+        assert isinstance(self.store, MappableStore)  # the reader is "mmap" only then
+        return self.store
+
+    def _map_once(self, info: ChunkInfo) -> tuple[torch.Tensor, FileMapping, str | None]:
         start = time.perf_counter()
-        mapped = self.store.map(info.file)
+        mapped = self._mappable().map(info.file)
         data: torch.Tensor | None = None
         try:
             data = _view(mapped.data)
             self._check(info, data, mapped.version, start)
         except BaseException:
             data = None  # release the view before unmapping
-            _unmap(mapped.data)
+            mapped.close()
             raise
-        return data, mapped.data, mapped.version
+        return data, mapped, mapped.version
 
     def _tensors(
         self, info: ChunkInfo, data: torch.Tensor, version: str | None
@@ -303,7 +308,6 @@ class WeightStreamer:
             self.stats.bytes_read += data.numel()
             self.stats.chunks_read += 1
             self.stats.read_s += read_done - start
-            self.stats.verify_s += time.perf_counter() - read_done
 
     def _must_verify(self, info: ChunkInfo, version: str | None) -> bool:
         if self.verify_checksums == "off":
@@ -332,11 +336,11 @@ class WeightStreamer:
         """A copy of a mapped chunk, hashed after it was made: a file rewritten between a
         check of the mapping and the copy would otherwise stay in memory unverified."""
         start = time.perf_counter()
-        mapped = self.store.map(info.file)
+        mapped = self._mappable().map(info.file)
         try:
             copy = _view(mapped.data).clone()
         finally:
-            _unmap(mapped.data)
+            mapped.close()
         self._check(info, copy, mapped.version, start, always=True)
         return copy, mapped.version
 
@@ -373,9 +377,9 @@ class WeightStreamer:
             kept = self._kept.get(j)
         if kept is not None:
             start = time.perf_counter()
-            version = self.store.version(info.file)
+            version = self._mappable().version(info.file)
             if version == kept.version:
-                self.store.populate(kept.mapping)
+                kept.mapping.populate()
                 try:
                     self._check(info, kept.data, version, start)
                 except BaseException:
@@ -394,14 +398,14 @@ class WeightStreamer:
             kept = self._kept.pop(j, None)
         if kept is not None:
             kept.tensors = None
-            _unmap(kept.mapping)
+            kept.mapping.close()
 
     def _drop_kept(self, j: int, info: ChunkInfo) -> None:
         with self._lock:
             kept = self._kept.get(j)
         try:
             if kept is not None:
-                self.store.drop_pages(kept.mapping)
+                kept.mapping.drop_pages()
         finally:
             assert self._slots is not None
             self._slots.release()
@@ -410,7 +414,7 @@ class WeightStreamer:
 
     # -- the compute thread's side ---------------------------------------------------------
     def hit(self) -> None:
-        self.stats.cache_hits += 1
+        self.stats.resident_runs += 1
 
     def acquire(self, j: int) -> Loaded:
         """Block j's tensors, from its read-ahead if one was started, else read now.
@@ -418,7 +422,7 @@ class WeightStreamer:
         Buffer accounting: the pool has 1 + read_ahead buffers and the previous block has
         been released, so the block being computed plus the blocks read ahead always fit.
         """
-        self.stats.cache_misses += 1
+        self.stats.streamed_runs += 1
         self.order.observe(j)
         future = self._inflight.pop(j, None)
         start = time.perf_counter()
@@ -431,8 +435,6 @@ class WeightStreamer:
             self.read_ahead(j)
         else:
             self.read_ahead(j)  # start the next reads before waiting for this one
-            if future.done():
-                self.stats.prefetch_ready += 1
             loaded = future.result()
         try:
             assert loaded.data is not None
@@ -486,7 +488,7 @@ class WeightStreamer:
         if not loaded.kept:
             return
         info = loaded.info
-        now = self.store.version(info.file)
+        now = self._mappable().version(info.file)
         if now != loaded.version:
             raise ChunkIntegrityError(
                 f"chunk {info.name} ({info.file} in {self.store.uri}) was modified while its "

@@ -63,7 +63,7 @@ def verify(info: ChunkInfo, buffer: torch.Tensor, store: str = "") -> None:
 
 
 @dataclass(frozen=True)
-class TensorSlot:
+class TensorEntry:
     key: str
     dtype: torch.dtype
     shape: tuple[int, ...]
@@ -85,7 +85,7 @@ def header_length(info: ChunkInfo, first8: bytes, size: int) -> int:
     return length
 
 
-def parse_header(info: ChunkInfo, head: bytes, size: int) -> list[TensorSlot]:
+def parse_header(info: ChunkInfo, head: bytes, size: int) -> list[TensorEntry]:
     """Where each tensor of a safetensors file of ``size`` bytes lies, from ``head`` (its
     first bytes, header included), checked against the size and the manifest's tensor list.
     Padding entries are left out."""
@@ -121,8 +121,8 @@ def parse_header(info: ChunkInfo, head: bytes, size: int) -> list[TensorSlot]:
     return layout
 
 
-def _slot(key: str, entry: object, base: int, size: int) -> TensorSlot | None:
-    """One header entry as a TensorSlot, or None when it is malformed or out of the file."""
+def _slot(key: str, entry: object, base: int, size: int) -> TensorEntry | None:
+    """One header entry as a TensorEntry, or None when it is malformed or out of the file."""
     if not isinstance(entry, dict):
         return None
     dtype = _DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
@@ -138,10 +138,10 @@ def _slot(key: str, entry: object, base: int, size: int) -> TensorSlot | None:
     begin, end = offsets
     if not begin <= end <= size - base or end - begin != math.prod(shape) * dtype.itemsize:
         return None
-    return TensorSlot(key, dtype, tuple(shape), base + begin, base + end)
+    return TensorEntry(key, dtype, tuple(shape), base + begin, base + end)
 
 
-def parse_layout(info: ChunkInfo, buffer: torch.Tensor) -> list[TensorSlot]:
+def parse_layout(info: ChunkInfo, buffer: torch.Tensor) -> list[TensorEntry]:
     """``parse_header`` of a whole chunk file held in ``buffer``."""
     size = buffer.numel()
     length = header_length(info, bytes(buffer[:8].numpy()) if size >= 8 else b"", size)
@@ -165,7 +165,7 @@ class ChunkSpec:
     required: tuple[frozenset[str], ...] = ()
 
 
-def check_layout(info: ChunkInfo, layout: list[TensorSlot], spec: ChunkSpec) -> None:
+def check_layout(info: ChunkInfo, layout: list[TensorEntry], spec: ChunkSpec) -> None:
     """Refuse a chunk whose tensors are not the ones the model needs: a chunk of another model
     (or another config) with a consistent sha256 would otherwise load, report ready and fail
     every request with a shape error."""
@@ -197,7 +197,7 @@ def _describe(dtype: torch.dtype, shape: tuple[int, ...]) -> str:
     return f"{list(shape)} {str(dtype).removeprefix('torch.')}"
 
 
-def tensors_from_layout(layout: list[TensorSlot], buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+def tensors_from_layout(layout: list[TensorEntry], buffer: torch.Tensor) -> dict[str, torch.Tensor]:
     """Named tensor views of ``buffer`` (a misaligned tensor, from a hand-made file, is copied)."""
     out: dict[str, torch.Tensor] = {}
     for t in layout:

@@ -218,6 +218,6 @@ def request_stats(
         "compute_us": max(total_us - wait_us, 0),
         "bytes_streamed": s.bytes_read,
         "chunks_streamed": s.chunks_read,
-        "cache_hits": s.cache_hits,
-        "cache_misses": s.cache_misses,
+        "cache_hits": s.resident_runs,
+        "cache_misses": s.streamed_runs,
     }

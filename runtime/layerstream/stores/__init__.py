@@ -9,17 +9,27 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import ChunkStoreError
-from .base import ChunkStore, Mapped, ReadResult
+from .base import (
+    CachingStore,
+    ChunkStore,
+    ConditionalStore,
+    FileMapping,
+    MappableStore,
+    ReadResult,
+)
 from .cache import CachedStore, DiskCache
 from .local import LocalStore
 from .ranged import StoreOptions
 
 __all__ = [
     "CachedStore",
+    "CachingStore",
     "ChunkStore",
+    "ConditionalStore",
     "DiskCache",
+    "FileMapping",
     "LocalStore",
-    "Mapped",
+    "MappableStore",
     "ReadResult",
     "StoreOptions",
     "is_remote",

@@ -1,9 +1,22 @@
-"""The one small contract every chunk store implements."""
+"""What chunk stores are: the contract every store implements, and the capabilities that
+only some have, declared as protocols so callers test for them by type.
+
+- ``ChunkStore``: every store (a directory, S3, HTTP(S), the disk cache in front of those).
+- ``MappableStore``: files on a local file system, which can be memory-mapped and whose
+  page cache can be probed and dropped (``LocalStore``).
+- ``ConditionalStore``: a remote origin that answers "unchanged since version V" without
+  sending the body (S3, HTTP); the disk cache revalidates the manifest with it.
+- ``CachingStore``: a store that keeps copies addressed by the manifest's digests (the disk
+  cache): it must learn the manifest, and drop a copy whose bytes failed a check.
+"""
 
 from __future__ import annotations
 
 import mmap
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from ..format.manifest import Manifest
 
 
 class ReadResult(NamedTuple):
@@ -17,12 +30,25 @@ class ReadResult(NamedTuple):
     verified: bool = False
 
 
-class Mapped(NamedTuple):
-    """A read-only memory mapping of a whole file (stores on a local file system only)."""
+class FileMapping(Protocol):
+    """A read-only memory mapping of a whole chunk file (``MappableStore.map``)."""
 
     data: mmap.mmap
     size: int
-    version: str | None
+    version: str | None  # the file's version when it was mapped
+
+    def populate(self) -> None:
+        """Fault the pages in (again, after ``drop_pages``) without holding the GIL."""
+        ...
+
+    def drop_pages(self) -> None:
+        """Take the pages out of this process's memory but keep the mapping: the page
+        cache may still hold them, and the next ``populate`` maps them again."""
+        ...
+
+    def close(self) -> None:
+        """Unmap (later, when a tensor still views it)."""
+        ...
 
 
 @runtime_checkable
@@ -60,4 +86,52 @@ class ChunkStore(Protocol):
 
     def close(self) -> None:
         """Release connections and threads (idempotent)."""
+        ...
+
+
+@runtime_checkable
+class MappableStore(ChunkStore, Protocol):
+    """A store of files on a local file system."""
+
+    def map(self, name: str) -> FileMapping:
+        """``name`` mapped read-only with its pages populated."""
+        ...
+
+    def version(self, name: str) -> str:
+        """``name``'s version now (one stat): equal versions mean equal bytes."""
+        ...
+
+    def in_memory(self, name: str) -> bool:
+        """Whether all of ``name`` is in the page cache (False when unsure)."""
+        ...
+
+    def evict(self, name: str) -> None:
+        """Drop ``name`` from the page cache (advisory)."""
+        ...
+
+    def sha256(self, name: str) -> tuple[str, int, str | None]:
+        """``name``'s sha256, size and version (None when it changed while hashed)."""
+        ...
+
+
+@runtime_checkable
+class ConditionalStore(ChunkStore, Protocol):
+    """An origin that can answer a read with "unchanged" (HTTP 304) and no body."""
+
+    def read_if_changed(self, name: str, version: str | None) -> tuple[bytes | None, str | None]:
+        """``(None, version)`` when ``name`` still has ``version``, else its bytes and new
+        version (``version=None`` always reads)."""
+        ...
+
+
+@runtime_checkable
+class CachingStore(ChunkStore, Protocol):
+    """A store holding copies addressed by the manifest's digests."""
+
+    def expect(self, manifest: Manifest) -> None:
+        """Learn every file's size and sha256 (once the manifest has been read)."""
+        ...
+
+    def invalidate(self, name: str) -> None:
+        """Drop the copy of ``name`` (its bytes failed a check)."""
         ...

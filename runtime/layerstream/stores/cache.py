@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..errors import ChunkIntegrityError, ChunkStoreError
 from ..format.manifest import Manifest
-from .base import ChunkStore, ReadResult
+from .base import ChunkStore, ConditionalStore, ReadResult
 
 log = logging.getLogger(__name__)
 STALE_TEMP_S = 3600  # temporary files older than this were left by a crashed writer
@@ -199,9 +199,9 @@ class CachedStore:
         """A file the manifest gives no digest for (the manifest itself): always asked of the
         origin, which tells whether the cached copy is still current (HTTP 304, no body), so
         a warm restart transfers no bytes of it. Without conditional reads: read whole."""
-        conditional = getattr(self.origin, "read_if_changed", None)
-        if conditional is None:
+        if not isinstance(self.origin, ConditionalStore):
             return self.origin.read(name)
+        conditional = self.origin.read_if_changed
         path = self.cache.revalidated_path(f"{self.uri}/{name}")
         version, cached = self.cache.load_revalidated(path)
         data, new_version = conditional(name, version if cached is not None else None)

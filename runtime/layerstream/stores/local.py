@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import hashlib
 import logging
@@ -17,7 +18,7 @@ import numpy as np
 
 from ..errors import ChunkIntegrityError, ChunkStoreError
 from ..format.manifest import check_relative_name
-from .base import Mapped, ReadResult
+from .base import ReadResult
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ class LocalStore:
         finally:
             os.close(fd)
 
-    def map(self, name: str) -> Mapped:
+    def map(self, name: str) -> LocalMapping:
         """Map ``name`` read-only with its pages populated now (by the calling I/O thread), so
         compute never page-faults on it. Chunk files are immutable while served (the chunker
         replaces files by rename, which leaves a live mapping intact); a file rewritten in
@@ -154,7 +155,7 @@ class LocalStore:
             raise ChunkStoreError(f"cannot map chunk file {path}: {exc}") from exc
         finally:
             os.close(fd)
-        return Mapped(data, st.st_size, _version(st))
+        return LocalMapping(data, st.st_size, _version(st), self.uri)
 
     def version(self, name: str) -> str:
         """What :meth:`map` would report as ``name``'s version now (one stat): a kept
@@ -164,23 +165,6 @@ class LocalStore:
             # lstat: a chunk replaced by a symbolic link gets a new version, and is then
             # refused when it is opened (O_NOFOLLOW)
             return _version(os.stat(path, follow_symlinks=False))
-
-    def populate(self, mapping: mmap.mmap) -> None:
-        """Fault a mapping's pages in again after :meth:`drop_pages` (GIL released)."""
-        try:
-            if _populate_read:
-                _advise(mapping, MADV_POPULATE_READ)
-            else:
-                _touch(mapping)
-        except OSError as exc:
-            raise ChunkStoreError(f"cannot read mapped chunk pages of {self.uri}: {exc}") from exc
-
-    def drop_pages(self, mapping: mmap.mmap) -> None:
-        """Unmap a mapping's pages but keep the mapping (MADV_DONTNEED): the process's RSS
-        no longer holds them, the page cache still may, and the next touch or populate
-        maps them again. Takes the mmap lock for reading only, unlike munmap, so it does
-        not queue behind the I/O threads' cold populates."""
-        _advise(mapping, MADV_DONTNEED)
 
     def in_memory(self, name: str) -> bool:
         """Whether ``name`` is in the page cache (mapping it then costs ~0.1 ms): one
@@ -231,6 +215,40 @@ class LocalStore:
 
     def close(self) -> None:
         pass  # nothing held between reads
+
+
+@dataclasses.dataclass(eq=False)
+class LocalMapping:
+    """A chunk file mapped read-only (``FileMapping``)."""
+
+    data: mmap.mmap = dataclasses.field(repr=False)
+    size: int
+    version: str | None
+    store: str  # for messages
+
+    def populate(self) -> None:
+        """Fault the pages in again after :meth:`drop_pages` (GIL released)."""
+        try:
+            if _populate_read:
+                _advise(self.data, MADV_POPULATE_READ)
+            else:
+                _touch(self.data)
+        except OSError as exc:
+            raise ChunkStoreError(f"cannot read mapped chunk pages of {self.store}: {exc}") from exc
+
+    def drop_pages(self) -> None:
+        """Unmap the pages but keep the mapping (MADV_DONTNEED): the process's RSS no longer
+        holds them, the page cache still may, and the next touch or populate maps them
+        again. It takes the mmap lock for reading only, unlike munmap, so it does not queue
+        behind the I/O threads' cold populates."""
+        _advise(self.data, MADV_DONTNEED)
+
+    def close(self) -> None:
+        try:
+            self.data.close()
+        except BufferError:
+            # A tensor still views it; the mapping goes when the last view does.
+            log.debug("chunk mapping still referenced; left to the garbage collector")
 
 
 def _version(st: os.stat_result) -> str:
