@@ -219,3 +219,35 @@ def _tensor_names(path) -> str:
     """The header of a cached chunk (enough to tell a block's chunk from the rest)."""
     data = path.read_bytes()
     return data[8 : 8 + int.from_bytes(data[:8], "little")].decode(errors="replace")
+
+
+def test_stores_declare_their_capabilities(tmp_path):
+    """Callers test what a store can do by type: local files map, remote origins answer
+    conditional reads, the disk cache learns digests; none claims what it cannot do."""
+    from layerstream.stores import (
+        CachingStore,
+        ChunkStore,
+        ConditionalStore,
+        LocalStore,
+        MappableStore,
+    )
+    from layerstream.stores.http import HTTPStore
+    from layerstream.stores.s3 import S3Store
+
+    options = StoreOptions(endpoint_url="http://127.0.0.1:9", region="us-east-1")
+    s3 = S3Store("s3://bucket/prefix", options)
+    http = HTTPStore("http://127.0.0.1:9/chunks", StoreOptions())
+    cached = CachedStore(HTTPStore("http://127.0.0.1:9/x"), DiskCache(tmp_path / "c", 1 << 20))
+    local = LocalStore(tmp_path)
+    try:
+        for store in (s3, http, cached, local):
+            assert isinstance(store, ChunkStore)
+        assert isinstance(s3, ConditionalStore) and isinstance(http, ConditionalStore)
+        assert isinstance(local, MappableStore) and isinstance(cached, CachingStore)
+        for remote in (s3, http, cached):
+            assert not isinstance(remote, MappableStore)
+        assert not isinstance(local, ConditionalStore) and not isinstance(local, CachingStore)
+        assert not isinstance(s3, CachingStore) and not isinstance(cached, ConditionalStore)
+    finally:
+        for store in (s3, http, cached, local):
+            store.close()

@@ -164,11 +164,11 @@ def test_direct_copy_writes_the_same_bytes_as_conversion(
     """Blocks whose tensors are plain renames are copied byte range by byte range from the
     source; the result must be byte-identical to the path that loads them through
     transformers' conversion (same files, same sha256)."""
-    import layerstream.chunker.convert as chunker
+    import layerstream.chunker.blocks as blocks
 
     model = model_factory(name)
     direct = chunk_checkpoint(model.source, tmp_path / "direct", name, progress=False)
-    monkeypatch.setattr(chunker, "_direct_entries", lambda *args: None)
+    monkeypatch.setattr(blocks, "direct_entries", lambda *args: None)
     converted = chunk_checkpoint(model.source, tmp_path / "converted", name, progress=False)
     assert direct.chunks == converted.chunks
     for info in direct.chunks.values():
@@ -289,6 +289,38 @@ def test_padding_entries_align_tensors_of_any_size(tmp_path):
     info = ChunkInfo("odd", path.name, size, sha256, sorted(tensors))
     read = parse_layout(info, torch.frombuffer(bytearray(data), dtype=torch.uint8))
     assert sorted(t.key for t in read) == sorted(tensors)
+
+
+def test_every_safetensors_dtype_round_trips_through_writer_and_reader(tmp_path):
+    """One dtype table serves the chunk writer and the chunk reader: a tensor of each dtype
+    (fp8 and unsigned ones included) comes back bit-equal."""
+    import torch
+
+    from layerstream.format.header import DTYPES
+    from layerstream.format.manifest import ChunkInfo
+    from layerstream.format.safetensors import parse_layout, tensors_from_layout
+    from layerstream.format.writer import ChunkEntry, read_safetensors_index, write_chunk
+
+    raw = torch.arange(24, dtype=torch.uint8).reshape(2, 12)
+    tensors = {}
+    for d in DTYPES:
+        bits = raw[:, : 12 // d.itemsize * d.itemsize].contiguous()
+        tensors[d.code] = torch.tensor([1, 0, 1]) > 0 if d.code == "BOOL" else bits.view(d.torch)
+    assert {"F8_E4M3", "F8_E5M2", "U16", "U32", "U64"} <= set(tensors)
+    path = tmp_path / "dtypes.safetensors"
+    entries = [ChunkEntry.of_tensor(k, v) for k, v in tensors.items()]
+    size, sha256 = write_chunk(path, entries, {"format": "pt"})
+    buffer = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+    info = ChunkInfo("dtypes", path.name, size, sha256, sorted(tensors))
+    read = tensors_from_layout(parse_layout(info, buffer), buffer)
+    assert set(read) == set(tensors)
+    for code, value in tensors.items():
+        assert read[code].dtype == value.dtype and read[code].shape == value.shape, code
+        assert torch.equal(read[code].view(torch.uint8), value.view(torch.uint8)), code
+    index = read_safetensors_index(path)  # the source-checkpoint reader, same parser
+    assert {k: v.dtype for k, v in index.items() if k in tensors} == {
+        k: v.dtype for k, v in tensors.items()
+    }
 
 
 def test_chunker_refuses_tensor_names_with_the_padding_prefix(tmp_path):

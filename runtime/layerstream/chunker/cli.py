@@ -83,8 +83,9 @@ def _s3_settings(args: argparse.Namespace) -> dict[str, str]:
 
 
 def chunk_command(args: argparse.Namespace) -> int:
-    from .convert import ChunkerError, chunk_checkpoint, random_source, resolve_source
+    from .convert import ChunkerError, chunk_checkpoint
     from .model_settings import write_model_settings
+    from .source import random_source, resolve_source
 
     expected = 1 if args.random_init else 2
     if len(args.paths) != expected:

@@ -3,23 +3,20 @@
 Checkpoint keys are mapped into the model's module key space with transformers' own
 conversion mapping (transformers 5 renames and fuses some checkpoint keys, e.g. MoE
 experts). A block whose tensors are plain renames in the target dtype is copied byte range
-by byte range (chunkio.py: one staging buffer per writer, whatever the block size); any
-other block is loaded and converted by transformers, one block at a time. ``manifest.json``
-is written last, after every chunk is on disk: a store without it is incomplete and is
-never served.
+by byte range (format/writer.py: one staging buffer per writer, whatever the block size);
+any other block is loaded and converted by transformers, one block at a time
+(``blocks.py`` decides which). ``manifest.json`` is written last, after every chunk is on
+disk: a store without it is incomplete and is never served.
 """
 
 from __future__ import annotations
 
 import collections
-import json
 import logging
-import shutil
-import tempfile
 from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -33,133 +30,21 @@ from ..engine.skeleton import (
     block_of,
     block_prefixes,
     build_skeleton,
-    get_tensor,
     set_tensor,
     tied_groups,
 )
 from ..format.manifest import BlockInfo, ChunkInfo, Manifest
-from ..format.writer import (
-    SAFETENSORS_DTYPES,
-    ChunkEntry,
-    SourceTensor,
-    read_safetensors_index,
-    sha256_file,
-    write_chunk,
-)
+from ..format.writer import ChunkEntry, sha256_file
 from ..stores.ranged import StoreOptions
+from . import blocks
+from .blocks import CrossTies, Part, Routed, chunk_name, collect
 from .sinks import ChunkerError, Sink, open_sink
+from .source import Checkpoint
+from .writing import ChunkWriter
+
+__all__ = ["ChunkerError", "chunk_checkpoint"]
 
 log = logging.getLogger(__name__)
-
-# Files copied next to the chunks so the runtime needs nothing else (no pickle among them).
-SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "tokenizer.model",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-
-
-@dataclass
-class _Source:
-    files: list[Path]
-    directory: Path
-
-
-def _source_files(directory: Path) -> _Source:
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted({directory / f for f in weight_map.values()})
-    else:
-        files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        pickled = [p.name for p in directory.glob("*.bin")] + [
-            p.name for p in directory.glob("*.pt")
-        ]
-        hint = (
-            f" It has {', '.join(pickled)}: layerstream never unpickles weights; convert them "
-            "to safetensors first (e.g. `from_pretrained(...).save_pretrained(dir)` in a trusted "
-            "environment)."
-            if pickled
-            else ""
-        )
-        raise ChunkerError(f"no *.safetensors weights in {directory}.{hint}")
-    return _Source(files=files, directory=directory)
-
-
-def resolve_source(source: str) -> Path:
-    """A local checkpoint directory, or a Hub id downloaded (safetensors only) to the HF cache."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists() or source.startswith((".", "/")):
-        raise ChunkerError(f"{source} is not a checkpoint directory")
-    from huggingface_hub import snapshot_download
-
-    log.info("downloading %s from the Hugging Face Hub (safetensors, config, tokenizer)", source)
-    try:
-        return Path(
-            snapshot_download(source, allow_patterns=["*.safetensors", "*.json", *SIDE_FILES])
-        )
-    except Exception as exc:  # the hub client raises many unrelated types; report them all
-        raise ChunkerError(f"cannot download {source!r} from the Hub: {exc}") from exc
-
-
-class _Writer:
-    """Writes chunk files into the sink's staging folder and records them for the manifest.
-
-    Chunks are written by two threads at once: a file's sha256 is sequential and runs at
-    about one core's speed (~1 GB/s), so hashing two files at a time is what lets the
-    chunker keep up with the disk.
-    """
-
-    WORKERS = 2
-
-    def __init__(self, sink: Sink):
-        self.sink = sink
-        self._pool = ThreadPoolExecutor(self.WORKERS, thread_name_prefix="layerstream-chunk")
-        self._pending: dict[str, Future[ChunkInfo]] = {}
-
-    def submit(self, name: str, entries: list[ChunkEntry], scope: str) -> Future[ChunkInfo]:
-        """Queue one chunk; returns once at most WORKERS chunks are still being written (so
-        progress shows written chunks, and a failure stops the chunker early)."""
-        future = self._pool.submit(self._write, name, entries, scope)
-        self._pending[name] = future
-        running = [f for f in self._pending.values() if not f.done()]
-        if len(running) > self.WORKERS:
-            running[0].result()
-        return future
-
-    def _write(self, name: str, entries: list[ChunkEntry], scope: str) -> ChunkInfo:
-        file = f"{name}.safetensors"
-        size, sha256 = write_chunk(
-            self.sink.staging / file, entries, {"scope": scope, "format": "pt"}
-        )
-        self.sink.file_done(file)
-        return ChunkInfo(
-            name=name, file=file, bytes=size, sha256=sha256, tensors=sorted(e.key for e in entries)
-        )
-
-    def finish(self) -> dict[str, ChunkInfo]:
-        """Every chunk's info, in submission order; the first failure is raised."""
-        try:
-            return {name: future.result() for name, future in self._pending.items()}
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _pick_dtype(config: transformers.PretrainedConfig, requested: str | None) -> str:
@@ -183,7 +68,7 @@ def chunk_checkpoint(
 ) -> Manifest:
     """Chunk the safetensors checkpoint in ``source_dir`` into ``dest``: a store directory or
     ``s3://bucket/prefix`` (uploaded chunk by chunk; ``store_options`` for the endpoint)."""
-    source = _source_files(source_dir)
+    checkpoint = Checkpoint.open(source_dir)
     config = AutoConfig.from_pretrained(source_dir)
     if not getattr(config, "architectures", None):
         raise ChunkerError(f"{source_dir}/config.json names no 'architectures'; add one")
@@ -191,127 +76,47 @@ def chunk_checkpoint(
     dtype = _pick_dtype(config, dtype)
     sink = open_sink(dest, force, store_options)
     try:
-        return _chunk_into(sink, source_dir, source, config, architecture, dtype, name, progress)
+        return _chunk_into(sink, checkpoint, config, architecture, dtype, name, progress)
     finally:
         sink.close()
 
 
 def _chunk_into(
     sink: Sink,
-    source_dir: Path,
-    source: _Source,
+    checkpoint: Checkpoint,
     config: transformers.PretrainedConfig,
     architecture: str,
     dtype: str,
     name: str,
     progress: bool,
 ) -> Manifest:
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import (
-        WeightConverter,
-        WeightRenaming,
-        convert_and_load_state_dict_in_model,
-        rename_source_key,
-    )
-    from transformers.modeling_utils import LoadStateDictConfig
-
     model = build_skeleton(config, architecture, dtype, buffers=False)
     prefixes = block_prefixes(model)
     if not prefixes:
         raise ChunkerError(f"{architecture}: found no repeated transformer blocks to stream")
-    meta_sd = model.state_dict(keep_vars=True)
-    originals = dict(meta_sd)
-    groups = tied_groups(model)
-
-    # backend="pread": real reads; the default mmap backend would keep every touched page of
-    # the source mapped, so RSS would grow to the whole checkpoint.
-    handles = [safe_open(str(f), framework="pt", backend="pread") for f in source.files]
-    indexes = [read_safetensors_index(path) for path in source.files]
-    # A checkpoint whose keys are all the model's own (most are) needs no renaming: building
-    # transformers' conversion table costs ~0.4 s, a third of chunking a 1 GB model, so it is
-    # built only when a key is foreign or a block has to go through the conversion path.
-    identity = all(key in meta_sd for index in indexes for key in index)
-    mapping: list | None = None
-
-    def conversion_mapping() -> list:
-        nonlocal mapping
-        if mapping is None:
-            mapping = get_model_conversion_mapping(model)
-        return mapping
-
-    renamings: list[WeightRenaming] = []
-    converters: list[WeightConverter] = []
-    if not identity:
-        renamings = [w for w in conversion_mapping() if isinstance(w, WeightRenaming)]
-        converters = [w for w in conversion_mapping() if isinstance(w, WeightConverter)]
-    scoped: dict[int | None, dict] = collections.defaultdict(dict)
-    direct: dict[int | None, list[tuple[str, str | None, SourceTensor]]] = collections.defaultdict(
-        list
-    )
-    for handle, index in zip(handles, indexes, strict=True):
-        for key in index:
-            renamed, converter = (
-                (key, None)
-                if identity
-                else rename_source_key(key, renamings, converters, model.base_model_prefix, meta_sd)
-            )
-            scope = block_of(renamed, prefixes)
-            scoped[scope][key] = handle.get_slice(key)
-            direct[scope].append((renamed, converter, index[key]))
-
-    writer = _Writer(sink)
-    target = TORCH_DTYPES[dtype]
-    held: dict[tuple[str, ...], torch.Tensor] = {}  # rest tensors that blocks share through a tie
-    cross = [g for g in groups if len({block_of(k, prefixes) for k in g}) > 1]
-    cross_keys = {k for g in cross for k in g}
-    scopes: list[int | None] = [None, *range(len(prefixes))]
-    bar = tqdm(scopes, desc=f"chunking {name}", unit="chunk", disable=not progress or None)
+    conversion = _Conversion(model)
+    routes = _route(model, prefixes, checkpoint, conversion)
+    parts: list[Part] = [None, *range(len(prefixes))]
+    bar = tqdm(parts, desc=f"chunking {name}", unit="chunk", disable=not progress or None)
     # transformers draws its own "Loading weights" bar for every block; ours is enough.
     hf_bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        for scope in bar:
-            keys = [k for k in meta_sd if block_of(k, prefixes) == scope]
-            chunk_name = "rest" if scope is None else f"block_{scope:04d}"
-            label = "rest" if scope is None else prefixes[scope]
-            entries = None
-            converted = False
-            if not any(k in cross_keys for k in keys):
-                entries = _direct_entries(keys, meta_sd, direct.get(scope, []), target)
-            if entries is None:
-                convert_and_load_state_dict_in_model(
-                    model,
-                    scoped.get(scope, {}),
-                    LoadStateDictConfig(weight_mapping=conversion_mapping()),
-                )
-                tensors = _collect(model, keys, groups, cross, held, target, scope, prefixes)
-                entries = [ChunkEntry.of_tensor(k, v) for k, v in tensors.items()]
-                converted = True
-                del tensors
-            log.debug("%s: %s", chunk_name, "converted" if converted else "copied from the source")
-            written = writer.submit(chunk_name, entries, label)
-            if converted:
-                written.result()  # its tensors live in the model until written
-            if scope is not None:  # back to meta: one block in memory at a time
-                for key in keys:
-                    set_tensor(model, key, originals[key])
-            del entries
-        chunks = writer.finish()
+        chunks = _write_chunks(model, prefixes, routes, conversion, TORCH_DTYPES[dtype], sink, bar)
     finally:
-        writer.close()
         if hf_bars:
             hf_logging.enable_progress_bar()
 
-    side_files = _copy_side_files(source_dir, sink.staging, config, dtype)
+    side_files = checkpoint.copy_side_files(sink.staging, config, dtype)
     manifest = Manifest(
         name=name,
         architecture=architecture,
         model_type=config.model_type,
         dtype=dtype,
-        blocks=[BlockInfo(prefix=p, chunk=f"block_{j:04d}") for j, p in enumerate(prefixes)],
-        rest=["rest"],
+        blocks=[BlockInfo(prefix=p, chunk=chunk_name(j)) for j, p in enumerate(prefixes)],
+        rest=[chunk_name(None)],
         chunks=chunks,
-        tied=groups,
+        tied=routes.tied,
         files=side_files,
         file_sha256={f: sha256_file(sink.staging / f) for f in side_files},
         transformers_version=transformers.__version__,
@@ -328,109 +133,118 @@ def _chunk_into(
     return manifest
 
 
-def _direct_entries(
-    keys: list[str],
-    meta_sd: dict[str, torch.Tensor],
-    sources: list[tuple[str, str | None, SourceTensor]],
-    target: torch.dtype,
-) -> list[ChunkEntry] | None:
-    """The scope's chunk as byte ranges of the source files, when every tensor is a plain
-    rename of one checkpoint tensor already in the right dtype and shape (the common case):
-    then no tensor is ever materialised and memory stays at one staging buffer. ``None``
-    sends the scope through transformers' conversion instead (fused or split weights, a
-    dtype change, ties, a missing tensor, which that path reports)."""
-    by_key: dict[str, list[SourceTensor]] = collections.defaultdict(list)
-    for renamed, converter, src in sources:
-        if converter is not None:
-            return None
-        by_key[renamed].append(src)
-    entries: list[ChunkEntry] = []
-    seen: set[int] = set()
-    for key in keys:
-        meta = meta_sd[key]
-        if id(meta) in seen:
-            continue
-        seen.add(id(meta))
-        found = [s for k in keys if meta_sd[k] is meta for s in by_key.get(k, ())]
-        if len(found) != 1:
-            return None
-        want = target if meta.is_floating_point() else meta.dtype
-        if found[0].dtype != SAFETENSORS_DTYPES.get(want) or found[0].shape != tuple(meta.shape):
-            return None
-        entries.append(ChunkEntry.of_source(key, found[0]))
-    return entries
+class _Conversion:
+    """transformers' key conversion table for the model, built on first use only: most
+    checkpoints use the model's own keys and never need it (docs/design-notes-storage.md)."""
+
+    def __init__(self, model: transformers.PreTrainedModel):
+        self.model = model
+        self._mapping: list | None = None
+
+    @property
+    def mapping(self) -> list:
+        if self._mapping is None:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+
+            self._mapping = get_model_conversion_mapping(self.model)
+        return self._mapping
 
 
-def _collect(
-    model: torch.nn.Module,
-    keys: Iterable[str],
-    groups: list[list[str]],
-    cross: list[list[str]],
-    held: dict[tuple[str, ...], torch.Tensor],
-    target: torch.dtype,
-    scope: int | None,
+@dataclass
+class _Routes:
+    """The checkpoint's tensors by the part whose chunk they go into."""
+
+    meta: dict[str, torch.Tensor]  # the model's state dict, every tensor on meta
+    tied: list[list[str]]
+    # checkpoint key -> lazy slice, for transformers' loader (the conversion path)
+    slices: dict[Part, dict[str, Any]] = field(
+        default_factory=lambda: collections.defaultdict(dict)
+    )
+    sources: dict[Part, list[Routed]] = field(
+        default_factory=lambda: collections.defaultdict(list)
+    )  # for the byte-range path
+    handles: list[Any] = field(default_factory=list)  # the open files the slices read
+
+
+def _route(
+    model: transformers.PreTrainedModel,
     prefixes: list[str],
-) -> dict[str, torch.Tensor]:
-    """The scope's tensors, each stored once; tied keys in the same scope are re-aliased at load."""
-    out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for key in keys:
-        tensor = get_tensor(model, key)
-        if tensor.device.type == "meta" or id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
-        value = tensor.detach()
-        if value.is_floating_point():
-            value = value.to(target)
-        out[key] = value.contiguous()
-    for group in cross:
-        if scope is None:
-            for key in group:
-                if key in out:
-                    held[tuple(group)] = out[key]
-            continue
-        mine = [k for k in group if block_of(k, prefixes) == scope]
-        if mine and not any(k in out for k in mine):
-            value = held.get(tuple(group))
-            if value is None:
-                raise ChunkerError(f"tied weights {group} span blocks in a way not supported")
-            # Each chunk stays self-contained: a block gets its own copy of a shared tensor
-            # (written into its file; the rest's tensor stays loaded until the end).
-            out[mine[0]] = value
-    missing = [
-        k
-        for k in keys
-        if k not in out and not any(k in g and any(o in out for o in g) for g in groups)
-    ]
-    if missing:
-        raise ChunkerError(
-            f"the checkpoint has no values for {missing[:5]}; refusing to chunk a model with "
-            "missing weights (transformers would fill them with random values)"
-        )
-    return out
+    checkpoint: Checkpoint,
+    conversion: _Conversion,
+) -> _Routes:
+    """Which part each checkpoint tensor goes into, renamed into the model's key space."""
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    meta = model.state_dict(keep_vars=True)
+    routes = _Routes(meta, tied_groups(meta))
+    # backend="pread": real reads; the default mmap backend would keep every touched page of
+    # the source mapped, so RSS would grow to the whole checkpoint.
+    routes.handles = [safe_open(str(f), framework="pt", backend="pread") for f in checkpoint.files]
+    indexes = checkpoint.indexes()
+    # A checkpoint whose keys are all the model's own (most are) needs no renaming, so the
+    # conversion table is not built for it.
+    identity = all(key in meta for index in indexes for key in index)
+    renamings: list[WeightRenaming] = []
+    converters: list[WeightConverter] = []
+    if not identity:
+        renamings = [w for w in conversion.mapping if isinstance(w, WeightRenaming)]
+        converters = [w for w in conversion.mapping if isinstance(w, WeightConverter)]
+    for handle, index in zip(routes.handles, indexes, strict=True):
+        for key in index:
+            renamed, converter = (
+                (key, None)
+                if identity
+                else rename_source_key(key, renamings, converters, model.base_model_prefix, meta)
+            )
+            part = block_of(renamed, prefixes)
+            routes.slices[part][key] = handle.get_slice(key)
+            routes.sources[part].append(Routed(renamed, converter, index[key]))
+    return routes
 
 
-def _copy_side_files(
-    source_dir: Path, dest: Path, config: transformers.PretrainedConfig, dtype: str
-) -> list[str]:
-    copied = []
-    for name in SIDE_FILES:
-        src = source_dir / name
-        if not src.is_file():
-            continue
-        if name == "config.json":
-            config.dtype = dtype  # the chunks' dtype, which may differ from the source's
-            config.to_json_file(dest / name)
-        else:
-            shutil.copyfile(src, dest / name)
-        copied.append(name)
-    return copied
+def _write_chunks(
+    model: transformers.PreTrainedModel,
+    prefixes: list[str],
+    routes: _Routes,
+    conversion: _Conversion,
+    target: torch.dtype,
+    sink: Sink,
+    parts: Iterable[Part],
+) -> dict[str, ChunkInfo]:
+    """Write every part's chunk: copied as byte ranges when ``blocks.direct_entries`` can,
+    else loaded into the model by transformers and written from there, one block at a
+    time (each block's tensors go back to meta once written)."""
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
 
-
-def random_source(spec: str, workdir: str | None = None) -> tempfile.TemporaryDirectory:
-    """A temporary directory holding a random-init checkpoint for ``spec``."""
-    from .presets import write_random_checkpoint
-
-    tmp = tempfile.TemporaryDirectory(prefix="layerstream-random-", dir=workdir)
-    write_random_checkpoint(spec, Path(tmp.name))
-    return tmp
+    meta = routes.meta
+    cross = CrossTies(routes.tied, prefixes)
+    writer = ChunkWriter(sink)
+    try:
+        for part in parts:
+            keys = [k for k in meta if block_of(k, prefixes) == part]
+            name = chunk_name(part)
+            entries = None
+            if cross.keys.isdisjoint(keys):
+                entries = blocks.direct_entries(keys, meta, routes.sources.get(part, []), target)
+            converted = entries is None
+            if entries is None:
+                convert_and_load_state_dict_in_model(
+                    model,
+                    routes.slices.get(part, {}),
+                    LoadStateDictConfig(weight_mapping=conversion.mapping),
+                )
+                tensors = collect(model, keys, routes.tied, cross, target, part)
+                entries = [ChunkEntry.of_tensor(k, v) for k, v in tensors.items()]
+                del tensors
+            log.debug("%s: %s", name, "converted" if converted else "copied from the source")
+            written = writer.submit(name, entries, "rest" if part is None else prefixes[part])
+            if converted:
+                written.result()  # its tensors live in the model until written
+            if part is not None:  # back to meta: one block in memory at a time
+                for key in keys:
+                    set_tensor(model, key, meta[key])
+            del entries
+        return writer.finish()
+    finally:
+        writer.close()

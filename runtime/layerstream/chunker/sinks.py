@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from ..errors import ChunkStoreError
 from ..format.manifest import MANIFEST_NAME
@@ -19,6 +20,7 @@ from ..format.writer import sync_files, write_durably
 from ..stores.ranged import StoreOptions
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class ChunkerError(Exception):
@@ -70,12 +72,13 @@ class S3Sink:
     def __init__(self, uri: str, force: bool, options: StoreOptions | None = None):
         from boto3.s3.transfer import TransferConfig
 
-        from ..stores.s3 import BOTO_ERRORS, describe_error, make_client, split_s3_uri
+        from ..stores.s3 import BOTO_ERRORS, S3Location, describe_error, make_client
 
         self._errors, self._describe = BOTO_ERRORS, describe_error
         self.options = options or StoreOptions()
-        self.bucket, self.prefix = split_s3_uri(uri)
-        self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        self.location = S3Location.parse(uri)
+        self.bucket = self.location.bucket
+        self.uri = self.location.uri
         self._client = make_client(self.options)
         self._transfer = TransferConfig(
             multipart_threshold=self.MULTIPART_BYTES,
@@ -96,20 +99,18 @@ class S3Sink:
         self.staging = Path(self._tmp.name)
 
     def _key(self, name: str) -> str:
-        return f"{self.prefix}/{name}" if self.prefix else name
+        return self.location.key(name)
 
-    def _call(self, op):
+    def _call(self, op: Callable[[], T]) -> T:
+        """``op()`` with botocore's errors worded like the S3 store's (no retries: a failed
+        upload fails the chunker, which can be run again)."""
         try:
             return op()
         except self._errors as exc:
             raise self._describe(exc, self.uri) from exc
 
     def _keys(self) -> set[str]:
-        start = f"{self.prefix}/" if self.prefix else ""
-        pages = self._client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=start
-        )
-        return self._call(lambda: {o["Key"] for p in pages for o in p.get("Contents", [])})
+        return set(self._call(lambda: self.location.list_keys(self._client)))
 
     def file_done(self, name: str) -> None:
         path = self.staging / name

@@ -10,14 +10,16 @@ copied instead.
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import ChunkIntegrityError
+from .header import HeaderError, Problem, TensorEntry, decode_header
+from .header import header_length as _header_length
 from .manifest import ChunkInfo
+
+__all__ = ["TensorEntry"]  # re-exported: the engine's name for a chunk's tensor
 
 # Chunk files place every tensor at a multiple of TENSOR_ALIGNMENT bytes from the file's
 # start: the CPU kernels' rounding depends on a weight's address mod 64, so tensors aligned
@@ -26,19 +28,6 @@ from .manifest import ChunkInfo
 # start with PADDING_PREFIX; readers skip them.
 TENSOR_ALIGNMENT = 64
 PADDING_PREFIX = "__layerstream_padding_"
-
-_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 
 
 def sha256_of(buffer: torch.Tensor) -> str:
@@ -62,57 +51,29 @@ def verify(info: ChunkInfo, buffer: torch.Tensor, store: str = "") -> None:
         )
 
 
-@dataclass(frozen=True)
-class TensorEntry:
-    key: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    begin: int  # absolute offsets in the chunk file
-    end: int
-
-
 HEADER_PROBE = 64 << 10  # bytes read first for a header; a longer one costs a second read
 
 
 def header_length(info: ChunkInfo, first8: bytes, size: int) -> int:
     """The safetensors header's length from a file's first 8 bytes, checked against its size."""
-    length = int.from_bytes(first8, "little") if len(first8) == 8 else -1
-    if length < 2 or 8 + length > size:
-        raise ChunkIntegrityError(
-            f"chunk {info.name} ({info.file}) is not a safetensors file (header length "
-            f"{length} in a file of {size} bytes); re-run the chunker"
-        )
-    return length
+    try:
+        return _header_length(first8, size)
+    except HeaderError as exc:
+        raise _chunk_error(info, exc) from None
 
 
 def parse_header(info: ChunkInfo, head: bytes, size: int) -> list[TensorEntry]:
     """Where each tensor of a safetensors file of ``size`` bytes lies, from ``head`` (its
     first bytes, header included), checked against the size and the manifest's tensor list.
     Padding entries are left out."""
-    length = header_length(info, head[:8], size)
-    if len(head) < 8 + length:
-        raise ValueError(f"parse_header needs the first {8 + length} bytes")
     try:
-        header = json.loads(head[8 : 8 + length])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ChunkIntegrityError(
-            f"chunk {info.name} ({info.file}) has a damaged header ({exc}); re-run the chunker"
-        ) from exc
-    if not isinstance(header, dict):
-        raise ChunkIntegrityError(f"chunk {info.name} ({info.file}) has a damaged header")
-    header.pop("__metadata__", None)
-    base = 8 + length
-    layout = []
-    for key, entry in header.items():
-        if key.startswith(PADDING_PREFIX):
-            continue
-        slot = _slot(key, entry, base, size)
-        if slot is None:
-            raise ChunkIntegrityError(
-                f"chunk {info.name} ({info.file}): tensor {key} has a bad dtype, shape or "
-                "offsets; re-run the chunker"
-            )
-        layout.append(slot)
+        header = decode_header(head, size)
+    except HeaderError as exc:
+        raise _chunk_error(info, exc) from exc.__cause__
+    for key in header.unknown_dtypes:
+        if not key.startswith(PADDING_PREFIX):
+            raise _chunk_error(info, HeaderError(Problem.ENTRY, key=key))
+    layout = [t for t in header.entries if not t.key.startswith(PADDING_PREFIX)]
     missing = set(info.tensors) - {t.key for t in layout}
     if missing:
         raise ChunkIntegrityError(
@@ -121,24 +82,18 @@ def parse_header(info: ChunkInfo, head: bytes, size: int) -> list[TensorEntry]:
     return layout
 
 
-def _slot(key: str, entry: object, base: int, size: int) -> TensorEntry | None:
-    """One header entry as a TensorEntry, or None when it is malformed or out of the file."""
-    if not isinstance(entry, dict):
-        return None
-    dtype = _DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
-    offsets, shape = entry.get("data_offsets"), entry.get("shape")
-    if (
-        dtype is None
-        or not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not isinstance(shape, list)
-        or not all(type(v) is int and v >= 0 for v in [*offsets, *shape])
-    ):
-        return None
-    begin, end = offsets
-    if not begin <= end <= size - base or end - begin != math.prod(shape) * dtype.itemsize:
-        return None
-    return TensorEntry(key, dtype, tuple(shape), base + begin, base + end)
+def _chunk_error(info: ChunkInfo, exc: HeaderError) -> ChunkIntegrityError:
+    """A header problem worded for a chunk file: which chunk, and the fix."""
+    where = f"chunk {info.name} ({info.file})"
+    if exc.problem is Problem.LENGTH:
+        text = f"{where} is not a safetensors file ({exc.detail}); re-run the chunker"
+    elif exc.problem is Problem.JSON and exc.detail:
+        text = f"{where} has a damaged header ({exc.detail}); re-run the chunker"
+    elif exc.problem is Problem.JSON:
+        text = f"{where} has a damaged header"
+    else:
+        text = f"{where}: tensor {exc.key} has a bad dtype, shape or offsets; re-run the chunker"
+    return ChunkIntegrityError(text)
 
 
 def parse_layout(info: ChunkInfo, buffer: torch.Tensor) -> list[TensorEntry]:

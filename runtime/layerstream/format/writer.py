@@ -27,50 +27,40 @@ from pathlib import Path
 
 import torch
 
+from .header import decode_header, dtype_code, header_length
 from .safetensors import PADDING_PREFIX, TENSOR_ALIGNMENT
 
 STAGING_BYTES = 8 << 20  # a multiple of 2 MiB: every write starts on a huge-page boundary
 
-SAFETENSORS_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-_ITEMSIZE = {code: dtype.itemsize for dtype, code in SAFETENSORS_DTYPES.items()}
-
 
 @dataclass(frozen=True)
 class SourceTensor:
-    """One tensor of a source safetensors file, by position: never loaded as a tensor."""
+    """One tensor of a source safetensors file, by position: never loaded as a tensor.
+    ``dtype`` is None for a dtype outside ``header.DTYPES``: such a tensor is never copied
+    as bytes (the chunker converts it through transformers)."""
 
     path: Path
     key: str
-    dtype: str  # safetensors code, e.g. "F32"
+    dtype: torch.dtype | None
     shape: tuple[int, ...]
     offset: int  # absolute file offset of the first byte
     nbytes: int
 
 
 def read_safetensors_index(path: Path) -> dict[str, SourceTensor]:
-    """Where each tensor of a safetensors file lies, from its header alone."""
+    """Where each tensor of a safetensors file lies, from its header alone (HeaderError when
+    the header does not describe the file)."""
     with open(path, "rb") as f:
-        length = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(length))
-    header.pop("__metadata__", None)
-    base = 8 + length
-    out = {}
-    for key, entry in header.items():
-        begin, end = entry["data_offsets"]
-        out[key] = SourceTensor(
-            path, key, entry["dtype"], tuple(entry["shape"]), base + begin, end - begin
-        )
+        size = os.fstat(f.fileno()).st_size
+        first8 = f.read(8)
+        head = first8 + f.read(header_length(first8, size))
+    header = decode_header(head, size)
+    out = {
+        t.key: SourceTensor(path, t.key, t.dtype, t.shape, t.begin, t.nbytes)
+        for t in header.entries
+    }
+    for key in header.unknown_dtypes:
+        out[key] = SourceTensor(path, key, None, (), 0, 0)
     return out
 
 
@@ -79,7 +69,7 @@ class ChunkEntry:
     """A tensor to write under ``key``: bytes from a source file, or an in-memory tensor."""
 
     key: str
-    dtype: str
+    dtype: torch.dtype  # one of header.DTYPES
     shape: tuple[int, ...]
     nbytes: int
     source: SourceTensor | torch.Tensor
@@ -87,11 +77,13 @@ class ChunkEntry:
     @classmethod
     def of_tensor(cls, key: str, tensor: torch.Tensor) -> ChunkEntry:
         tensor = tensor.detach().contiguous()
-        code = SAFETENSORS_DTYPES[tensor.dtype]
-        return cls(key, code, tuple(tensor.shape), tensor.numel() * tensor.itemsize, tensor)
+        shape = tuple(tensor.shape)
+        return cls(key, tensor.dtype, shape, tensor.numel() * tensor.itemsize, tensor)
 
     @classmethod
     def of_source(cls, key: str, source: SourceTensor) -> ChunkEntry:
+        if source.dtype is None:
+            raise ValueError(f"tensor {source.key} of {source.path}: a dtype chunks cannot hold")
         return cls(key, source.dtype, source.shape, source.nbytes, source)
 
 
@@ -110,7 +102,8 @@ def _aligned(entries: list[ChunkEntry]) -> list[ChunkEntry]:
         gap = -offset % TENSOR_ALIGNMENT
         if gap:
             key = f"{PADDING_PREFIX}{len(out)}"
-            out.append(ChunkEntry(key, "U8", (gap,), gap, torch.zeros(gap, dtype=torch.uint8)))
+            zeros = torch.zeros(gap, dtype=torch.uint8)
+            out.append(ChunkEntry(key, torch.uint8, (gap,), gap, zeros))
             offset += gap
         out.append(e)
         offset += e.nbytes
@@ -122,7 +115,7 @@ def _header(entries: list[ChunkEntry], metadata: dict[str, str]) -> bytes:
     offset = 0
     for e in entries:
         header[e.key] = {
-            "dtype": e.dtype,
+            "dtype": dtype_code(e.dtype),
             "shape": list(e.shape),
             "data_offsets": [offset, offset + e.nbytes],
         }
@@ -193,9 +186,10 @@ def write_chunk(
     size and sha256. Tensors are laid out largest item size first, like safetensors, each
     at a multiple of TENSOR_ALIGNMENT bytes (``_aligned``). The data is on its way to disk
     but not yet durable: ``sync_files`` waits for it before the manifest is written."""
-    ordered = sorted(entries, key=lambda e: (-_ITEMSIZE[e.dtype], e.key))
+    ordered = sorted(entries, key=lambda e: (-e.dtype.itemsize, e.key))
     for e in ordered:
-        want = _ITEMSIZE[e.dtype] * math.prod(e.shape)
+        dtype_code(e.dtype)  # ValueError for a dtype safetensors cannot hold
+        want = e.dtype.itemsize * math.prod(e.shape)
         if want != e.nbytes:
             raise ValueError(f"tensor {e.key}: {e.nbytes} bytes for shape {e.shape} {e.dtype}")
         if e.key.startswith(PADDING_PREFIX):

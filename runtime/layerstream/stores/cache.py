@@ -23,6 +23,7 @@ from pathlib import Path
 from ..errors import ChunkIntegrityError, ChunkStoreError
 from ..format.manifest import Manifest
 from .base import ChunkStore, ConditionalStore, ReadResult
+from .fileio import read_fully
 
 log = logging.getLogger(__name__)
 STALE_TEMP_S = 3600  # temporary files older than this were left by a crashed writer
@@ -64,13 +65,7 @@ class DiskCache:
             self.count(misses=1)
             return False
         try:
-            got = 0
-            if os.fstat(fd).st_size == size:
-                while got < size:
-                    n = os.readv(fd, [buffer[got:size]])
-                    if n == 0:
-                        break
-                    got += n
+            got = read_fully(fd, buffer[:size]) if os.fstat(fd).st_size == size else 0
         finally:
             os.close(fd)
         if got == size and hashlib.sha256(buffer[:size]).hexdigest() == digest:
@@ -149,10 +144,14 @@ class DiskCache:
             _unlink(temp)
             log.warning("could not keep %s in the disk cache: %s", path, exc)
 
-    def count(self, **deltas: int) -> None:
-        with self._lock:
-            for key, value in deltas.items():
-                setattr(self.stats, key, getattr(self.stats, key) + value)
+    def count(
+        self, hits: int = 0, misses: int = 0, discarded: int = 0, bytes_from_origin: int = 0
+    ) -> None:
+        with self._lock:  # reader threads count at once
+            self.stats.hits += hits
+            self.stats.misses += misses
+            self.stats.discarded += discarded
+            self.stats.bytes_from_origin += bytes_from_origin
 
 
 class CachedStore:

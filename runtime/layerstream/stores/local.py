@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import dataclasses
 import errno
 import hashlib
-import logging
-import mmap
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-
-import numpy as np
 
 from ..errors import ChunkIntegrityError, ChunkStoreError
 from ..format.manifest import check_relative_name
 from .base import ReadResult
+from .fileio import read_fully
+from .mapping import LocalMapping, map_populated
 
-log = logging.getLogger(__name__)
+PROBE_STRIDE = 4 << 20  # bytes between the page-cache probes of ``in_memory``
 
 
 class LocalStore:
@@ -78,8 +74,7 @@ class LocalStore:
         fd = self._open(name)
         try:
             with _chunk_file_errors(self._path(name), "read"):
-                size = os.fstat(fd).st_size
-                return _pread_all(fd, size, self._path(name))
+                return self._read_whole(fd, os.fstat(fd).st_size, name)
         finally:
             os.close(fd)
 
@@ -89,21 +84,21 @@ class LocalStore:
         try:
             with _chunk_file_errors(self._path(name), "read"):
                 size = os.fstat(fd).st_size
-                return _pread_all(fd, min(length, size), self._path(name)), size
+                return self._read_whole(fd, min(length, size), name), size
         finally:
             os.close(fd)
 
-    def sha256(self, name: str, block: int = 8 << 20) -> tuple[str, int, str | None]:
-        """sha256 and size of ``name``, read ``block`` bytes at a time (a bounded buffer,
+    def sha256(self, name: str, step: int = 8 << 20) -> tuple[str, int, str | None]:
+        """sha256 and size of ``name``, read ``step`` bytes at a time (a bounded buffer,
         whatever the file's size), and its version, or None when the file changed meanwhile."""
         fd = self._open(name)
         digest = hashlib.sha256()
-        buffer = memoryview(bytearray(block))
+        buffer = memoryview(bytearray(step))
         try:
             with _chunk_file_errors(self._path(name), "read"):
                 before = os.fstat(fd)
                 offset = 0
-                while n := os.preadv(fd, [buffer], offset):
+                while n := read_fully(fd, buffer, offset):
                     digest.update(buffer[:n])
                     offset += n
                 after = os.fstat(fd)
@@ -123,13 +118,9 @@ class LocalStore:
                     f"chunk file {path} has more than {len(buffer)} bytes, more than the "
                     "manifest allows; the store was modified: re-run the chunker"
                 )
-            got = 0
-            # readv/readinto may return short counts (signals, network file systems): loop.
-            while got < size:
-                n = os.readv(fd, [buffer[got:size]])
-                if n == 0:
-                    raise ChunkStoreError(f"chunk file {path} ended after {got} of {size} bytes")
-                got += n
+            got = read_fully(fd, buffer[:size])
+            if got < size:
+                raise ChunkStoreError(f"chunk file {path} ended after {got} of {size} bytes")
             after = os.fstat(fd)
             return ReadResult(size, _version(before) if _same(before, after) else None)
         except OSError as exc:
@@ -150,7 +141,7 @@ class LocalStore:
                 raise ChunkIntegrityError(
                     f"chunk file {path} is empty; the store was truncated: re-run the chunker"
                 )
-            data = _map_populated(fd, st.st_size)
+            data = map_populated(fd, st.st_size)
         except (OSError, ValueError) as exc:
             raise ChunkStoreError(f"cannot map chunk file {path}: {exc}") from exc
         finally:
@@ -167,9 +158,10 @@ class LocalStore:
             return _version(os.stat(path, follow_symlinks=False))
 
     def in_memory(self, name: str) -> bool:
-        """Whether ``name`` is in the page cache (mapping it then costs ~0.1 ms): one
-        non-blocking 1-byte read (RWF_NOWAIT) per 4 MiB, which fails rather than wait for
-        the disk. False when unsure (no RWF_NOWAIT, an error)."""
+        """Whether ``name`` is in the page cache (mapping it is then cheap enough for the
+        compute thread): one non-blocking 1-byte read (RWF_NOWAIT) per PROBE_STRIDE bytes,
+        which fails rather than wait for the disk. False when unsure (no RWF_NOWAIT, an
+        error)."""
         nowait = getattr(os, "RWF_NOWAIT", None)
         if nowait is None:
             return False
@@ -216,39 +208,12 @@ class LocalStore:
     def close(self) -> None:
         pass  # nothing held between reads
 
-
-@dataclasses.dataclass(eq=False)
-class LocalMapping:
-    """A chunk file mapped read-only (``FileMapping``)."""
-
-    data: mmap.mmap = dataclasses.field(repr=False)
-    size: int
-    version: str | None
-    store: str  # for messages
-
-    def populate(self) -> None:
-        """Fault the pages in again after :meth:`drop_pages` (GIL released)."""
-        try:
-            if _populate_read:
-                _advise(self.data, MADV_POPULATE_READ)
-            else:
-                _touch(self.data)
-        except OSError as exc:
-            raise ChunkStoreError(f"cannot read mapped chunk pages of {self.store}: {exc}") from exc
-
-    def drop_pages(self) -> None:
-        """Unmap the pages but keep the mapping (MADV_DONTNEED): the process's RSS no longer
-        holds them, the page cache still may, and the next touch or populate maps them
-        again. It takes the mmap lock for reading only, unlike munmap, so it does not queue
-        behind the I/O threads' cold populates."""
-        _advise(self.data, MADV_DONTNEED)
-
-    def close(self) -> None:
-        try:
-            self.data.close()
-        except BufferError:
-            # A tensor still views it; the mapping goes when the last view does.
-            log.debug("chunk mapping still referenced; left to the garbage collector")
+    def _read_whole(self, fd: int, size: int, name: str) -> bytes:
+        out = bytearray(size)
+        got = read_fully(fd, memoryview(out))
+        if got < size:
+            raise ChunkStoreError(f"{self._path(name)} ended after {got} of {size} bytes")
+        return bytes(out)
 
 
 def _version(st: os.stat_result) -> str:
@@ -260,17 +225,6 @@ def _version(st: os.stat_result) -> str:
 
 def _same(before: os.stat_result, after: os.stat_result) -> bool:
     return _version(before) == _version(after)
-
-
-def _pread_all(fd: int, size: int, path: str) -> bytes:
-    out = bytearray(size)
-    view, got = memoryview(out), 0
-    while got < size:
-        n = os.preadv(fd, [view[got:]], got)
-        if n == 0:
-            raise ChunkStoreError(f"{path} ended after {got} of {size} bytes")
-        got += n
-    return bytes(out)
 
 
 @contextlib.contextmanager
@@ -290,78 +244,3 @@ def _chunk_file_errors(path: str | Path, action: str) -> Iterator[None]:
                 "files inside the store (copy them, or re-run the chunker)"
             ) from exc
         raise ChunkStoreError(f"cannot {action} chunk file {path}: {exc.strerror or exc}") from exc
-
-
-PROBE_STRIDE = 4 << 20
-MADV_POPULATE_READ = 22  # Linux 5.14+; not exported by Python 3.11's mmap module
-MADV_DONTNEED = mmap.MADV_DONTNEED
-_populate_read = True  # cleared once the kernel has refused it
-
-
-def _libc_madvise() -> Callable[[int, int, int], int] | None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        madvise = libc.madvise
-    except (OSError, AttributeError):
-        return None
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    madvise.restype = ctypes.c_int
-    return madvise
-
-
-_madvise = _libc_madvise()
-
-
-def _advise(data: mmap.mmap, advice: int) -> None:
-    """madvise a whole mapping without holding the GIL.
-
-    ``mmap.madvise`` keeps the GIL for the whole call, and a cold populate waits on the disk
-    for ~35 ms per 45 MiB chunk: the compute thread, which needs the GIL between torch ops,
-    stood still meanwhile (measured: decode GEMVs ran at 0.07x their speed during cold
-    reads, benchmarks/overlap.py). libc's madvise through ctypes runs with the GIL released.
-    """
-    size = len(data)
-    if not size:
-        return
-    if _madvise is None:
-        data.madvise(advice)
-        return
-    view = np.frombuffer(data, dtype=np.uint8)  # read-only view, only for the address
-    address = view.ctypes.data
-    del view  # no export may outlive this call, or the mapping could not be closed
-    if _madvise(address, size, advice) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-
-
-def _touch(data: mmap.mmap) -> None:
-    """Fault every page in by reading a byte of each (kernels without MADV_POPULATE_READ)."""
-    if len(data):
-        int(np.frombuffer(data, dtype=np.uint8)[:: mmap.PAGESIZE].sum())
-
-
-def _map_populated(fd: int, size: int) -> mmap.mmap:
-    """Map ``size`` bytes of ``fd`` and fault every page in, in 2 MiB pages where possible.
-
-    MADV_HUGEPAGE before MADV_POPULATE_READ makes a cold read fill the page cache with
-    2 MiB folios (large sequential reads) and maps warm ones with one PMD entry per 2 MiB:
-    mapping and unmapping a 45 MiB chunk then costs ~0.1 ms instead of ~2-3 ms of per-page
-    table updates, which on a 2-core box is time taken from compute. Kernels without
-    MADV_POPULATE_READ get MAP_POPULATE (same pages, 4 KiB entries).
-    """
-    global _populate_read
-    if _populate_read:
-        data = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-        try:
-            with contextlib.suppress(OSError):  # THP disabled: 4 KiB pages, still correct
-                data.madvise(mmap.MADV_HUGEPAGE)
-            _advise(data, MADV_POPULATE_READ)
-            return data
-        except OSError as exc:
-            data.close()
-            if exc.errno != errno.EINVAL:
-                raise
-            _populate_read = False
-            log.info("no MADV_POPULATE_READ in this kernel: chunks are mapped with 4 KiB pages")
-    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-    return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ)

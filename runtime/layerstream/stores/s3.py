@@ -4,6 +4,8 @@ keys): boto3 with the standard credential chain, chunks fetched as parallel rang
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import boto3
@@ -42,12 +44,44 @@ CREDENTIALS_HINT = (
 )
 
 
-def split_s3_uri(uri: str) -> tuple[str, str]:
-    """``s3://bucket/some/prefix`` -> ("bucket", "some/prefix")."""
-    parts = urlsplit(uri)
-    if parts.scheme != "s3" or not parts.netloc:
-        raise ChunkStoreError(f"{uri!r} is not an s3://bucket/prefix URI")
-    return parts.netloc, parts.path.strip("/")
+@dataclass(frozen=True)
+class S3Location:
+    """``s3://bucket/prefix``: a store's files are the objects ``prefix/<name>``. Shared by
+    the store (reads) and the chunker's sink (writes), so both name objects alike."""
+
+    bucket: str
+    prefix: str  # without slashes at either end; "" for the bucket's root
+
+    @classmethod
+    def parse(cls, uri: str) -> S3Location:
+        parts = urlsplit(uri)
+        if parts.scheme != "s3" or not parts.netloc:
+            raise ChunkStoreError(f"{uri!r} is not an s3://bucket/prefix URI")
+        return cls(parts.netloc, parts.path.strip("/"))
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+
+    def key(self, name: str) -> str:
+        """The object key of the store's file ``name`` (refusing names that leave it)."""
+        check_relative_name(name, f"chunk store {self.uri}")
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def list_keys(self, client: Any) -> list[str]:
+        """Every object key under the prefix (botocore errors are the caller's to word)."""
+        pages = client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self._start
+        )
+        return [o["Key"] for p in pages for o in p.get("Contents", [])]
+
+    def name_of(self, key: str) -> str:
+        """The store file name of an object key from ``list_keys``."""
+        return key[len(self._start) :]
+
+    @property
+    def _start(self) -> str:
+        return f"{self.prefix}/" if self.prefix else ""
 
 
 def make_client(options: StoreOptions):
@@ -119,14 +153,14 @@ class S3Store:
 
     def __init__(self, uri: str, options: StoreOptions | None = None):
         self.options = options or StoreOptions()
-        self.bucket, self.prefix = split_s3_uri(uri)
-        self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        self.location = S3Location.parse(uri)
+        self.bucket = self.location.bucket
+        self.uri = self.location.uri
         self._client = make_client(self.options)
         self._ranged = RangedReader(self.options)
 
     def _key(self, name: str) -> str:
-        check_relative_name(name, f"chunk store {self.uri}")
-        return f"{self.prefix}/{name}" if self.prefix else name
+        return self.location.key(name)
 
     def _where(self, name: str) -> str:
         return f"s3://{self.bucket}/{self._key(name)}"
@@ -234,14 +268,10 @@ class S3Store:
         return self._ranged.policy.run(head, where)
 
     def list(self) -> list[str]:
-        start = f"{self.prefix}/" if self.prefix else ""
-
         def listing() -> list[str]:
             try:
-                pages = self._client.get_paginator("list_objects_v2").paginate(
-                    Bucket=self.bucket, Prefix=start
-                )
-                return sorted(o["Key"][len(start) :] for p in pages for o in p.get("Contents", []))
+                keys = self.location.list_keys(self._client)
+                return sorted(self.location.name_of(key) for key in keys)
             except BOTO_ERRORS as exc:
                 raise describe_error(exc, self.uri) from exc
 

@@ -1,0 +1,135 @@
+"""Which tensors go into which chunk: a block's own, or the rest of the model's ("part").
+
+A part is a block index, or None for everything outside the blocks (the ``rest`` chunk).
+Each part's chunk holds every distinct tensor of the part once; keys tied to one tensor
+within a part are re-aliased at load. A tensor tied across parts (an embedding shared with
+a block) is written into every chunk that uses it, so each chunk stays self-contained.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import torch
+
+from ..engine.skeleton import block_of, get_tensor, tied_groups
+from ..format.writer import ChunkEntry, SourceTensor
+from .sinks import ChunkerError
+
+Part = int | None  # a block index, or None for the rest of the model
+
+
+def chunk_name(part: Part) -> str:
+    return "rest" if part is None else f"block_{part:04d}"
+
+
+class Routed(NamedTuple):
+    """A checkpoint tensor on its way into a chunk."""
+
+    key: str  # in the model's key space (renamed from the checkpoint's)
+    converter: Any  # transformers' WeightConverter that fuses or splits it, or None
+    source: SourceTensor
+
+
+def distinct_tensors(keys: list[str], state: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
+    """Each distinct tensor among ``keys`` under its first key, with the keys that name it
+    (tied keys, in ``keys`` order): the one place the chunker groups ties."""
+    names = {key: [key] for key in keys}
+    position = {key: i for i, key in enumerate(keys)}
+    for group in tied_groups({key: state[key] for key in keys}):
+        ordered = sorted(group, key=position.__getitem__)
+        names[ordered[0]] = ordered
+        for key in ordered[1:]:
+            del names[key]
+    return names
+
+
+def direct_entries(
+    keys: list[str],
+    meta_sd: dict[str, torch.Tensor],
+    sources: list[Routed],
+    target: torch.dtype,
+) -> list[ChunkEntry] | None:
+    """The part's chunk as byte ranges of the source files, when every tensor is a plain
+    rename of one checkpoint tensor already in the right dtype and shape (the common case):
+    then no tensor is ever materialised and memory stays at one staging buffer. ``None``
+    sends the part through transformers' conversion instead (fused or split weights, a
+    dtype change, ties, a missing tensor, which that path reports)."""
+    by_key: dict[str, list[SourceTensor]] = collections.defaultdict(list)
+    for routed in sources:
+        if routed.converter is not None:
+            return None
+        by_key[routed.key].append(routed.source)
+    entries: list[ChunkEntry] = []
+    for key, names in distinct_tensors(keys, meta_sd).items():
+        meta = meta_sd[key]
+        found = [s for name in names for s in by_key.get(name, ())]
+        if len(found) != 1:
+            return None
+        want = target if meta.is_floating_point() else meta.dtype
+        if found[0].dtype != want or found[0].shape != tuple(meta.shape):
+            return None
+        entries.append(ChunkEntry.of_source(key, found[0]))
+    return entries
+
+
+class CrossTies:
+    """Tensors tied across parts: the rest chunk is written first, and its copy of each such
+    tensor is held until the blocks that share it have been written."""
+
+    def __init__(self, groups: list[list[str]], prefixes: list[str]):
+        self.prefixes = prefixes
+        self.groups = [g for g in groups if len({block_of(k, prefixes) for k in g}) > 1]
+        self.keys = {k for g in self.groups for k in g}
+        self._held: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def add_to(self, out: dict[str, torch.Tensor], part: Part) -> None:
+        """Hold the rest's shared tensors (part None), or give a block its copy of them."""
+        for group in self.groups:
+            if part is None:
+                for key in group:
+                    if key in out:
+                        self._held[tuple(group)] = out[key]
+                continue
+            mine = [k for k in group if block_of(k, self.prefixes) == part]
+            if mine and not any(k in out for k in mine):
+                value = self._held.get(tuple(group))
+                if value is None:
+                    raise ChunkerError(f"tied weights {group} span blocks in a way not supported")
+                # written into the block's own file; the rest's tensor stays held until the end
+                out[mine[0]] = value
+
+
+def collect(
+    model: torch.nn.Module,
+    keys: list[str],
+    groups: list[list[str]],
+    cross: CrossTies,
+    target: torch.dtype,
+    part: Part,
+) -> dict[str, torch.Tensor]:
+    """The part's tensors from the model transformers loaded them into, each stored once."""
+    current = {key: get_tensor(model, key) for key in keys}
+    out: dict[str, torch.Tensor] = {}
+    for key in distinct_tensors(keys, current):
+        tensor = current[key]
+        if tensor.device.type == "meta":
+            continue
+        value = tensor.detach()
+        if value.is_floating_point():
+            value = value.to(target)
+        out[key] = value.contiguous()
+    cross.add_to(out, part)
+    missing = [
+        k
+        for k in keys
+        if k not in out and not any(k in g and any(o in out for o in g) for g in groups)
+    ]
+    if missing:
+        raise ChunkerError(
+            f"the checkpoint has no values for {missing[:5]}; refusing to chunk a model with "
+            "missing weights (transformers would fill them with random values)"
+        )
+    return out
