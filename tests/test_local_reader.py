@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import layerstream.stores.local as local
+import layerstream.stores.mapping as mapping
 from layerstream.engine.engine import Engine, EngineOptions
 from layerstream.errors import ChunkIntegrityError
 from layerstream.stores import LocalStore, open_store
@@ -54,15 +54,15 @@ def test_in_memory_tells_cached_chunks_from_evicted_ones(store_copy):
 
 
 def test_mapping_falls_back_to_map_populate_on_old_kernels(store_copy, monkeypatch):
-    monkeypatch.setattr(local, "MADV_POPULATE_READ", 0x7FFF)  # an advice no kernel knows
-    monkeypatch.setattr(local, "_populate_read", True)
+    monkeypatch.setattr(mapping, "MADV_POPULATE_READ", 0x7FFF)  # an advice no kernel knows
+    monkeypatch.setattr(mapping, "_populate_read", True)
     mapped = LocalStore(store_copy).map("rest.safetensors")
     try:
         assert mapped.size == (store_copy / "rest.safetensors").stat().st_size
         assert mapped.data[:8] == (store_copy / "rest.safetensors").read_bytes()[:8]
     finally:
         mapped.data.close()
-    assert local._populate_read is False  # asked once, then MAP_POPULATE from then on
+    assert mapping._populate_read is False  # asked once, then MAP_POPULATE from then on
 
 
 @needs_nowait
@@ -105,19 +105,19 @@ def test_populate_runs_through_libc_with_the_gil_released(store_copy, monkeypatc
     import ctypes
 
     # a function of a CDLL (not a PyDLL): ctypes releases the GIL while it runs
-    assert local._madvise is not None
-    assert not local._madvise._flags_ & ctypes._FUNCFLAG_PYTHONAPI
+    assert mapping._madvise is not None
+    assert not mapping._madvise._flags_ & ctypes._FUNCFLAG_PYTHONAPI
     calls = []
-    real = local._madvise
+    real = mapping._madvise
 
     def spy(address, size, advice):
         calls.append((size, advice))
         return real(address, size, advice)
 
-    monkeypatch.setattr(local, "_madvise", spy)
+    monkeypatch.setattr(mapping, "_madvise", spy)
     mapped = LocalStore(store_copy).map("rest.safetensors")
     try:
-        assert calls == [(mapped.size, local.MADV_POPULATE_READ)]
+        assert calls == [(mapped.size, mapping.MADV_POPULATE_READ)]
         assert bytes(mapped.data[:64]) == (store_copy / "rest.safetensors").read_bytes()[:64]
     finally:
         mapped.data.close()  # no buffer export left behind by the address lookup
@@ -174,7 +174,7 @@ def test_streamed_chunks_are_mapped_once_and_their_pages_dropped_after_use(
             with engine.request() as scope:
                 assert torch.equal(engine.model(PROMPT).logits, expected)
             assert scope.stats.streamed_runs == len(engine.plan.streamed)
-        engine.streamer._reaper.submit(lambda: None).result()  # the page drops have run
+        engine.streamer.settle()  # the page drops have run
         assert sorted(maps) == sorted(streamed)  # each mapped once, not once per request
         assert _mapped_chunk_files(store_copy) == {str(store_copy.resolve() / f) for f in streamed}
         largest = max(c.bytes for c in engine.manifest.chunks.values())
@@ -218,7 +218,7 @@ def test_kept_mappings_are_populated_by_touch_on_old_kernels(
 ):
     """Without MADV_POPULATE_READ, a kept mapping's pages are faulted in by reading a byte of
     each page; outputs are exact on every request."""
-    monkeypatch.setattr(local, "_populate_read", False)
+    monkeypatch.setattr(mapping, "_populate_read", False)
     reference = model_factory("llama").resident()
     with torch.inference_mode():
         expected = reference(PROMPT).logits

@@ -1,9 +1,10 @@
 """One model, built from its chunk store, whose blocks are streamed while it runs.
 
 transformers' own classes run unchanged on a meta skeleton: the non-block weights and the
-pinned blocks are installed once, the other blocks are installed by a pre-forward hook and
-released by a post-forward hook. ``forward`` and ``generate`` (KV cache, sampling, masks,
-RoPE) are transformers' own, so any architecture it can build from a config works.
+pinned blocks are installed once, the other blocks are bound by a pre-forward hook and
+unbound by a post-forward hook (hooks.py). ``forward`` and ``generate`` (KV cache,
+sampling, masks, RoPE) are transformers' own, so any architecture it can build from a
+config works.
 
 Threading: the model runs on one thread at a time (the scheduler's); store reads run on the
 streamer's I/O threads.
@@ -18,15 +19,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 from transformers import PreTrainedModel
 
 from ..errors import ChunkIntegrityError, ManifestError, RequestCancelled
 from ..format.manifest import MANIFEST_NAME, ChunkInfo, Manifest
-from ..stores import CachingStore, ChunkStore, LocalStore
+from ..format.safetensors import ChunkSpec
+from ..stores import CachingStore, ChunkStore, LocalStore, MappableStore
 from ..units import format_size
 from . import tuning
-from .hooks import BlockSlots
+from .checks import ChunkChecks, VerifyMode
+from .hooks import BlockBinding, BlockHook, ResidentBlockHook, StreamedBlockHook
 from .integrity import (
     BackgroundVerifier,
     check_chunk_heads,
@@ -34,10 +36,13 @@ from .integrity import (
     check_model_fits_manifest,
     chunk_specs,
 )
+from .mapped import MappedReader
 from .plan import ResidencyPlan, plan_residency, resolve_budget
+from .readers import BlockReader, PooledReader, ReaderKind, pick_reader
 from .sidefiles import load_side_files
 from .skeleton import block_of, block_prefixes, build_skeleton, get_tensor, set_tensor
-from .streamer import Loaded, StreamStats, WeightStreamer
+from .stats import StreamStats
+from .streamer import WeightStreamer
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +52,9 @@ class EngineOptions:
     memory_budget: str | int = "auto"  # weights held in memory: bytes, '2GiB', '25%', 'auto'
     read_ahead: int | str = "auto"  # see tuning.py for what "auto" means
     io_threads: int | str = "auto"
-    verify_checksums: str = "once"  # see streamer.VERIFY_MODES
+    verify_checksums: str = "once"  # see checks.VerifyMode
     verify_in_background: bool = True  # hash streamed local chunks after load (integrity.py)
-    reader: str = "auto"  # see streamer.READERS
+    reader: str = "auto"  # see readers.pick_reader
 
 
 @dataclass
@@ -63,10 +68,33 @@ class RequestContext:
 
 
 class Engine:
+    """Built by the steps below in order; a step that fails undoes those before it, and
+    ``close`` undoes them all (the ExitStack)."""
+
     def __init__(self, store: ChunkStore, options: EngineOptions):
         started = time.perf_counter()
         self.store = store
         self.options = options
+        self._context: RequestContext | None = None
+        with contextlib.ExitStack() as stack:
+            stack.callback(store.close)
+            self._read_manifest_and_side_files()
+            self._build_skeleton()
+            self._plan()
+            self.streamer = self._start_streamer()
+            stack.callback(self.streamer.close)
+            self._load_weights()
+            self.hooks = self._install_hooks()
+            stack.callback(self._remove_hooks)
+            self.verifier = self._start_verifier()
+            if self.verifier is not None:
+                stack.callback(self.verifier.close)
+            self._closing = stack.pop_all()
+        self._log_loaded(time.perf_counter() - started)
+
+    # -- the steps ---------------------------------------------------------------------------
+    def _read_manifest_and_side_files(self) -> None:
+        store = self.store
         self.manifest = Manifest.from_json(
             store.read(MANIFEST_NAME), f"{store.uri}/{MANIFEST_NAME}"
         )
@@ -77,65 +105,58 @@ class Engine:
         self.tokenizer = side.tokenizer
         self.generation_config = side.generation_config
         check_config_fits_manifest(self.manifest, self.config)
+
+    def _build_skeleton(self) -> None:
         self.model: PreTrainedModel = build_skeleton(
             self.config, self.manifest.architecture, self.manifest.dtype
         )
         self.prefixes = block_prefixes(self.model)
         check_model_fits_manifest(self.manifest, self.model, self.prefixes)
+        self.bindings = [BlockBinding(p, self.model.get_submodule(p)) for p in self.prefixes]
+        self.specs: dict[str, ChunkSpec] = chunk_specs(
+            self.model, self.manifest, self.prefixes, self.bindings
+        )
+
+    def _plan(self) -> None:
+        options = self.options
         budget = resolve_budget(options.memory_budget, self.manifest.total_bytes)
         self.plan: ResidencyPlan = plan_residency(
             self.manifest, budget, tuning.read_ahead(options.read_ahead)
         )
         self.io_threads = tuning.io_threads(options.io_threads, self.plan.read_ahead)
         self.evict_after_use = tuning.evict_after_use(self.manifest, self.plan)
-        self.blocks = [BlockSlots(p, self.model.get_submodule(p)) for p in self.prefixes]
-        specs = chunk_specs(self.model, self.manifest, self.prefixes, self.blocks)
-        self.verifier: BackgroundVerifier | None = None
-        self.streamer = WeightStreamer(
-            store,
-            self.manifest,
-            self.plan,
-            self.io_threads,
-            options.verify_checksums,
-            options.reader,
-            self.evict_after_use,
-            specs,
-        )
-        self._scope: RequestContext | None = None
-        self._active: dict[int, Loaded] = {}
-        # streamed blocks whose module holds a kept mapping's tensors between runs
-        self._installed: dict[int, dict[str, torch.Tensor]] = {}
-        streamed = [self.manifest.chunks[self.manifest.blocks[j].chunk] for j in self.plan.streamed]
-        try:
-            check_chunk_heads(store, streamed, specs, max(self.io_threads, 4))
-            self._load_rest()
-            for j in sorted(self.plan.resident):
-                self.blocks[j].install(self.streamer.load_resident(self.manifest.blocks[j].chunk))
-            self._check_materialised()
-        except BaseException:
-            self.close()
-            raise
-        self._hooks = [self._register(j) for j in range(len(self.blocks))]
-        self.verifier = self._start_verifier(streamed)
-        load_s = time.perf_counter() - started
-        stats = self.streamer.stats
-        log.info(
-            "loaded %s (%s, %s) in %.2fs: read %s at %.2f GB/s; %s; %d I/O thread(s), reader %s%s",
-            self.manifest.name,
-            self.manifest.architecture,
-            self.manifest.dtype,
-            load_s,
-            format_size(stats.bytes_read),
-            stats.bytes_read / max(stats.read_s, 1e-9) / 1e9,
-            self.plan.describe(self.manifest),
-            self.io_threads,
-            self.streamer.reader,
-            "; streamed chunks leave the page cache after use (it cannot hold them)"
-            if self.evict_after_use
-            else "",
+        # streamed chunks leave the page cache after use (the store's advice; local only)
+        self._evict: Callable[[str], None] | None = (
+            self.store.evict
+            if self.evict_after_use and isinstance(self.store, MappableStore)
+            else None
         )
 
-    # -- loading -----------------------------------------------------------------------------
+    def _start_streamer(self) -> WeightStreamer:
+        checks = ChunkChecks(
+            self.store, VerifyMode.parse(self.options.verify_checksums), self.specs
+        )
+        kind = pick_reader(self.options.reader, self.store, checks.mode)
+        plan = self.plan
+        reader: BlockReader
+        if kind is ReaderKind.MMAP and isinstance(self.store, MappableStore):
+            reader = MappedReader(self.store, checks, plan.pool_buffers, self._evict)
+        else:
+            reader = PooledReader(self.store, checks, plan.pool_buffers, plan.buffer_bytes)
+        return WeightStreamer(reader, self.manifest, plan, self.io_threads)
+
+    def _streamed_chunks(self) -> list[ChunkInfo]:
+        return [self.manifest.chunks[self.manifest.blocks[j].chunk] for j in self.plan.streamed]
+
+    def _load_weights(self) -> None:
+        """Check every streamed chunk's head, then load the rest and the pinned blocks."""
+        check_chunk_heads(self.store, self._streamed_chunks(), self.specs, max(self.io_threads, 4))
+        self._load_rest()
+        for j in sorted(self.plan.resident):
+            chunk = self.manifest.blocks[j].chunk
+            self.bindings[j].bind(self.streamer.load_resident(chunk))
+        self._check_materialised()
+
     def _load_rest(self) -> None:
         present: dict[str, torch.Tensor] = {}
         for chunk in self.manifest.rest:
@@ -155,16 +176,6 @@ class Engine:
                 if key != source:
                     set_tensor(self.model, key, shared)
 
-    def _start_verifier(self, streamed: list[ChunkInfo]) -> BackgroundVerifier | None:
-        """Remote chunks are hashed on every read; local ones once per version, so a damaged
-        one would go unnoticed until a request needs it, unless hashed now."""
-        options = self.options
-        if not (options.verify_in_background and options.verify_checksums != "off"):
-            return None
-        if not isinstance(self.store, LocalStore) or not streamed:
-            return None
-        return BackgroundVerifier(self.store, streamed, self.streamer.health, self.streamer.evict)
-
     def _check_materialised(self) -> None:
         missing = [
             key
@@ -176,77 +187,70 @@ class Engine:
                 f"the chunk store has no values for {missing[:5]}; re-run the chunker"
             )
 
-    # -- hooks -------------------------------------------------------------------------------
-    def _register(self, j: int) -> list[torch.utils.hooks.RemovableHandle]:
-        module = self.model.get_submodule(self.prefixes[j])
-        if j in self.plan.resident:
-            return [module.register_forward_pre_hook(self._resident_pre(j))]
-        return [
-            module.register_forward_pre_hook(self._streamed_pre(j)),
-            module.register_forward_hook(self._streamed_post(j), always_call=True),
-        ]
+    def _install_hooks(self) -> list[BlockHook]:
+        hooks: list[BlockHook] = []
+        for j, binding in enumerate(self.bindings):
+            kind = ResidentBlockHook if j in self.plan.resident else StreamedBlockHook
+            hook = kind(j, binding, self.streamer, self._check_cancel)
+            hook.attach()
+            hooks.append(hook)
+        return hooks
 
-    def _check_cancel(self) -> None:
-        if self._scope is not None and self._scope.cancelled():
-            raise RequestCancelled()
+    def _remove_hooks(self) -> None:
+        for hook in self.hooks:
+            hook.detach()  # the views go first, so the streamer can unmap the mappings
 
-    def _resident_pre(self, j: int) -> Callable[[nn.Module, tuple], None]:
-        def pre(module: nn.Module, args: tuple) -> None:
-            self._check_cancel()
-            self.streamer.hit()
+    def _start_verifier(self) -> BackgroundVerifier | None:
+        """Remote chunks are hashed on every read; local ones once per version, so a damaged
+        one would go unnoticed until a request needs it, unless hashed now."""
+        options = self.options
+        if not (options.verify_in_background and options.verify_checksums != VerifyMode.OFF):
+            return None
+        streamed = self._streamed_chunks()
+        if not isinstance(self.store, LocalStore) or not streamed:
+            return None
+        return BackgroundVerifier(self.store, streamed, self.streamer.health, self._evict)
 
-        return pre
-
-    def _streamed_pre(self, j: int) -> Callable[[nn.Module, tuple], None]:
-        def pre(module: nn.Module, args: tuple) -> None:
-            self._check_cancel()
-            loaded = self.streamer.acquire(j)
-            self._active[j] = loaded
-            if self._installed.get(j) is not loaded.tensors:
-                self.blocks[j].install(loaded.tensors)
-                if loaded.kept:
-                    self._installed[j] = loaded.tensors
-
-        return pre
-
-    def _streamed_post(self, j: int) -> Callable[[nn.Module, tuple, object], None]:
-        def post(module: nn.Module, args: tuple, output: object) -> None:
-            loaded = self._active.pop(j, None)
-            if loaded is None:
-                self._uninstall(j)
-                return
-            try:
-                self.streamer.check_unchanged(loaded)
-            finally:
-                if not loaded.kept:
-                    self._uninstall(j)
-                self.streamer.release(loaded)
-
-        return post
-
-    def _uninstall(self, j: int) -> None:
-        self.blocks[j].release()
-        self._installed.pop(j, None)
+    def _log_loaded(self, load_s: float) -> None:
+        stats = self.streamer.stats
+        log.info(
+            "loaded %s (%s, %s) in %.2fs: read %s at %.2f GB/s; %s; %d I/O thread(s), reader %s%s",
+            self.manifest.name,
+            self.manifest.architecture,
+            self.manifest.dtype,
+            load_s,
+            format_size(stats.bytes_read),
+            stats.bytes_read / max(stats.read_s, 1e-9) / 1e9,
+            self.plan.describe(self.manifest),
+            self.io_threads,
+            self.streamer.reader,
+            "; streamed chunks leave the page cache after use (it cannot hold them)"
+            if self.evict_after_use
+            else "",
+        )
 
     # -- requests ----------------------------------------------------------------------------
+    def _check_cancel(self) -> None:
+        if self._context is not None and self._context.cancelled():
+            raise RequestCancelled()
+
     @contextlib.contextmanager
     def request(self, cancelled: Callable[[], bool] = lambda: False) -> Iterator[RequestContext]:
         """Run one request's model calls inside this block (on the engine thread)."""
-        scope = RequestContext(cancelled=cancelled, before=self.streamer.stats.snapshot())
-        self._scope = scope
+        context = RequestContext(cancelled=cancelled, before=self.streamer.stats.snapshot())
+        self._context = context
         try:
             with torch.inference_mode():
-                yield scope
+                yield context
         except BaseException:
             # A failed or cancelled forward may leave read-aheads for blocks that will not run.
             self.streamer.drop_read_ahead()
-            for j in list(self._active):
-                self._uninstall(j)
-                self.streamer.release(self._active.pop(j))
+            for hook in self.hooks:
+                hook.abort()
             raise
         finally:
-            self._scope = None
-            scope.stats = self.streamer.stats.since(scope.before)
+            self._context = None
+            context.stats = self.streamer.stats.since(context.before)
 
     @property
     def damage(self) -> ChunkIntegrityError | None:
@@ -255,12 +259,4 @@ class Engine:
         return self.streamer.health.damage
 
     def close(self) -> None:
-        if self.verifier is not None:
-            self.verifier.close()
-        for handles in getattr(self, "_hooks", []):
-            for handle in handles:
-                handle.remove()
-        for j in list(getattr(self, "_installed", {})):
-            self._uninstall(j)  # the views go first, so close can unmap the mappings
-        self.streamer.close()
-        self.store.close()
+        self._closing.close()

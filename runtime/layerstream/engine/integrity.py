@@ -7,8 +7,8 @@
 - After load, a low-priority thread hashes every streamed chunk of a local store; a mismatch
   takes the model out of readiness (so an orchestrator reschedules it) before a request
   finds it. Remote chunks are hashed on every read instead.
-- ``ChunkHealth`` remembers which version of each chunk passed its sha256 check and which
-  chunks failed: the streamer hashes a local chunk again only when its version changes.
+- ``ChunkHealth`` (checks.py) remembers which version of each chunk passed its sha256 check
+  and which chunks failed: a local chunk is hashed again only when its version changes.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
 
 import torch
 from torch import nn
@@ -35,47 +34,13 @@ from ..format.safetensors import (
     header_length,
     parse_header,
 )
-from ..stores import CachingStore, ChunkStore, LocalStore
+from ..stores import ChunkStore, LocalStore
 from ..units import format_size
-from .hooks import BlockSlots
+from .checks import ChunkHealth, refetch_once
+from .hooks import BlockBinding
 from .skeleton import TORCH_DTYPES, block_of, model_class, tied_groups
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-
-
-class ChunkHealth:
-    """Thread-safe record of verified chunk versions and of damaged chunks."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._verified: dict[str, str] = {}  # chunk name -> store version whose sha256 passed
-        self._damaged: dict[str, ChunkIntegrityError] = {}
-
-    def is_verified(self, chunk: str, version: str | None) -> bool:
-        with self._lock:
-            return version is not None and self._verified.get(chunk) == version
-
-    def passed(self, chunk: str, version: str | None) -> None:
-        with self._lock:
-            if version is not None:
-                self._verified[chunk] = version
-            self._damaged.pop(chunk, None)
-
-    def failed(self, chunk: str, error: ChunkIntegrityError) -> None:
-        """``chunk`` is damaged in the store (not in transit): the model is unusable until a
-        verified version of it replaces it (or the model is reloaded)."""
-        with self._lock:
-            self._verified.pop(chunk, None)
-            first = not self._damaged
-            self._damaged[chunk] = error
-        if first:
-            log.error("model unusable, no longer ready: %s", error.message)
-
-    @property
-    def damage(self) -> ChunkIntegrityError | None:
-        with self._lock:
-            return next(iter(self._damaged.values()), None)
 
 
 def check_config_fits_manifest(manifest: Manifest, config: PretrainedConfig) -> None:
@@ -120,7 +85,7 @@ def check_model_fits_manifest(manifest: Manifest, model: nn.Module, prefixes: li
 
 
 def chunk_specs(
-    model: nn.Module, manifest: Manifest, prefixes: list[str], blocks: list[BlockSlots]
+    model: nn.Module, manifest: Manifest, prefixes: list[str], blocks: list[BlockBinding]
 ) -> dict[str, ChunkSpec]:
     """What each chunk must hold, from the model built on the meta device: a block's chunk
     exactly its block's tensors (one of each group tied within the block), the rest chunks
@@ -137,33 +102,14 @@ def chunk_specs(
         if block_of(key, prefixes) is None
     }
     specs = {name: ChunkSpec(rest) for name in manifest.rest}
-    for block, slots in zip(manifest.blocks, blocks, strict=True):
+    for block, binding in zip(manifest.blocks, blocks, strict=True):
         base = block.prefix + "."
-        groups = {frozenset(base + a for a in slots.aliases.get(k, (k,))) for k in slots.slots}
+        aliases = binding.aliases
+        groups = {frozenset(base + a for a in aliases.get(k, (k,))) for k in binding.places}
         specs[block.chunk] = ChunkSpec(
-            {base + k: spec(v) for k, v in slots.placeholders.items()}, tuple(groups)
+            {base + k: spec(v) for k, v in binding.placeholders.items()}, tuple(groups)
         )
     return specs
-
-
-def once_more(
-    store: ChunkStore,
-    name: str,
-    read: Callable[[], T],
-    on_retry: Callable[[ChunkIntegrityError], None] | None = None,
-) -> T:
-    """``read()``; if its bytes fail an integrity check (corrupted in transit, a damaged
-    disk-cache entry), drop any cached copy of ``name`` and read once more from the origin,
-    then give up."""
-    try:
-        return read()
-    except ChunkIntegrityError as exc:
-        log.warning("%s; reading %s once more from %s", exc.message, name, store.uri)
-        if isinstance(store, CachingStore):
-            store.invalidate(name)
-        if on_retry is not None:
-            on_retry(exc)
-    return read()
 
 
 def check_chunk_heads(
@@ -186,7 +132,7 @@ def check_chunk_heads(
 
 
 def _check_head(store: ChunkStore, info: ChunkInfo, spec: ChunkSpec) -> None:
-    once_more(store, info.file, lambda: _check_head_once(store, info, spec))
+    refetch_once(store, info.file, lambda: _check_head_once(store, info, spec))
 
 
 def _check_head_once(store: ChunkStore, info: ChunkInfo, spec: ChunkSpec) -> None:

@@ -24,14 +24,14 @@ log = logging.getLogger(__name__)
 class ResidencyPlan:
     budget: int
     resident: frozenset[int]  # block indexes held in memory for good
-    pool_slots: int  # streaming buffers: 1 for the block computing + the read-ahead
-    slot_bytes: int
+    pool_buffers: int  # streaming buffers: 1 for the block computing + the read-ahead
+    buffer_bytes: int  # each: the largest block's chunk
     n_blocks: int
     rest_bytes: int
 
     @property
     def read_ahead(self) -> int:
-        return max(self.pool_slots - 1, 0)
+        return max(self.pool_buffers - 1, 0)
 
     @property
     def streamed(self) -> list[int]:
@@ -47,7 +47,7 @@ class ResidencyPlan:
         return (
             self.rest_bytes
             + sum(sizes[j] for j in self.resident)
-            + self.pool_slots * self.slot_bytes
+            + self.pool_buffers * self.buffer_bytes
         )
 
     def describe(self, manifest: Manifest) -> str:
@@ -55,7 +55,7 @@ class ResidencyPlan:
             return f"all {self.n_blocks} blocks resident ({format_size(manifest.total_bytes)})"
         return (
             f"{len(self.resident)}/{self.n_blocks} blocks pinned, {len(self.streamed)} streamed "
-            f"through {self.pool_slots} x {format_size(self.slot_bytes)} buffers "
+            f"through {self.pool_buffers} x {format_size(self.buffer_bytes)} buffers "
             f"(read-ahead {self.read_ahead}); weights in memory <= "
             f"{format_size(self.weight_bytes(manifest))} of a {format_size(self.budget)} budget"
         )
@@ -80,25 +80,25 @@ def plan_residency(manifest: Manifest, budget: int, read_ahead: int) -> Residenc
     n, rest = len(sizes), manifest.rest_bytes
     if budget >= manifest.total_bytes:
         return ResidencyPlan(budget, frozenset(range(n)), 0, 0, n, rest)
-    slot = max(sizes)
-    minimum = rest + slot
+    largest = max(sizes)
+    minimum = rest + largest
     if budget < minimum:
         raise SettingsError(
             f"memory_budget {format_size(budget)} is below this model's minimum of "
             f"{format_size(minimum)} (non-block weights {format_size(rest)} + one block "
-            f"{format_size(slot)}); raise memory_budget"
+            f"{format_size(largest)}); raise memory_budget"
         )
-    slots = 1 + max(read_ahead, 0)
-    while slots > 1 and rest + slots * slot > budget:
-        slots -= 1
-    if slots < 1 + read_ahead:
+    buffers = 1 + max(read_ahead, 0)
+    while buffers > 1 and rest + buffers * largest > budget:
+        buffers -= 1
+    if buffers < 1 + read_ahead:
         log.warning(
             "memory_budget %s leaves room for a read-ahead of %d blocks, not %d",
             format_size(budget),
-            slots - 1,
+            buffers - 1,
             read_ahead,
         )
-    room = budget - rest - slots * slot
+    room = budget - rest - buffers * largest
     resident: list[int] = []
     for j, size in enumerate(sizes):
         if size > room:
@@ -106,4 +106,4 @@ def plan_residency(manifest: Manifest, budget: int, read_ahead: int) -> Residenc
         resident.append(j)
         room -= size
     streamed = n - len(resident)
-    return ResidencyPlan(budget, frozenset(resident), min(slots, streamed), slot, n, rest)
+    return ResidencyPlan(budget, frozenset(resident), min(buffers, streamed), largest, n, rest)

@@ -28,7 +28,7 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, Pretrained
 from ..errors import ChunkIntegrityError
 from ..format.manifest import Manifest
 from ..stores import ChunkStore
-from .integrity import once_more
+from .checks import refetch_once
 from .skeleton import model_class
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def read_side_file(store: ChunkStore, manifest: Manifest, name: str) -> bytes:
         return data
 
     try:
-        return once_more(store, name, read)
+        return refetch_once(store, name, read)
     except ChunkIntegrityError as exc:
         raise ChunkIntegrityError(f"{exc.message} (fetched twice)") from exc
 

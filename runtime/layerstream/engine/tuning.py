@@ -2,15 +2,11 @@
 
 Read-ahead 1: one block read while the previous one computes is all the overlap there is to
 have (a block's read or its compute, whichever is longer, sets the pace), and each deeper
-buffer is a block that cannot be pinned. Measured on the 2-core benchmark machine
-(interleaved runs): local store warm, read-ahead 1 was 2-20% faster than 2 in every run;
-memory-capped, faster in every run (681.9 vs 722.7 ms/token in the last); over HTTP with a
-per-connection rate limit (benchmarks/remote.py) 1 and 2 tied, one chunk's parallel
-ranged GETs already keeping every connection busy. Read-ahead off wins instead when a
-token's compute is shorter than one block's read (there, 72.7 ms against ~80 ms): the
-overlap it gives up is worth less than the block it pins. Each block read in flight blocks
-one I/O thread, so the threads follow the depth. torch gets every CPU the process may use
-(cgroup quota included): the I/O threads mostly wait on the disk or the network.
+buffer is a block that cannot be pinned; the measurements behind it, and where read-ahead 0
+wins instead, are in docs/design-notes-engine.md ("Read-ahead depth"). Each block read in
+flight blocks one I/O thread, so the threads follow the depth. torch gets every CPU the
+process may use (cgroup quota included): the I/O threads mostly wait on the disk or the
+network.
 """
 
 from __future__ import annotations

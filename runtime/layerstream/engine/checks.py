@@ -1,0 +1,198 @@
+"""Every check a chunk's bytes pass before a tensor views them, in one place.
+
+- the size, always; the sha256 as ``VerifyMode`` says (once per store version by default);
+- a chunk that fails is read once more from the origin (``refetch_once``, also used for
+  headers and side files), and one that still fails on a local store is recorded as damage
+  in ``ChunkHealth``, which takes the model out of readiness;
+- a chunk's safetensors header is parsed and checked against what its module needs once per
+  version, not on every token.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from enum import StrEnum
+from typing import TypeVar
+
+import torch
+
+from ..errors import ChunkIntegrityError
+from ..format.manifest import ChunkInfo
+from ..format.safetensors import (
+    ChunkSpec,
+    TensorEntry,
+    check_layout,
+    parse_layout,
+    tensors_from_layout,
+    verify,
+)
+from ..stores import CachingStore, ChunkStore, LocalStore
+from .stats import StreamStats
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class VerifyMode(StrEnum):
+    """When a chunk's sha256 is checked (the ``verify_checksums`` setting)."""
+
+    # the first time a chunk is read, and again whenever the store reports another version
+    # of it (a local file rewritten in place); remote stores report no version, so bytes
+    # that crossed a network are hashed on every read
+    ONCE = "once"
+    # every read: costs a core's worth of sha256 per streamed byte
+    ALWAYS = "always"
+    # sizes only (local stores only: serving's settings refuse it for remote ones)
+    OFF = "off"
+
+    @classmethod
+    def parse(cls, value: str) -> VerifyMode:
+        try:
+            return cls(value)
+        except ValueError:
+            modes = ", ".join(mode.value for mode in cls)
+            raise ValueError(f"verify_checksums must be one of {modes}") from None
+
+
+class ChunkHealth:
+    """Thread-safe record of verified chunk versions and of damaged chunks."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._verified: dict[str, str] = {}  # chunk name -> store version whose sha256 passed
+        self._damaged: dict[str, ChunkIntegrityError] = {}
+
+    def is_verified(self, chunk: str, version: str | None) -> bool:
+        with self._lock:
+            return version is not None and self._verified.get(chunk) == version
+
+    def passed(self, chunk: str, version: str | None) -> None:
+        with self._lock:
+            if version is not None:
+                self._verified[chunk] = version
+            self._damaged.pop(chunk, None)
+
+    def failed(self, chunk: str, error: ChunkIntegrityError) -> None:
+        """``chunk`` is damaged in the store (not in transit): the model is unusable until a
+        verified version of it replaces it (or the model is reloaded)."""
+        with self._lock:
+            self._verified.pop(chunk, None)
+            first = not self._damaged
+            self._damaged[chunk] = error
+        if first:
+            log.error("model unusable, no longer ready: %s", error.message)
+
+    @property
+    def damage(self) -> ChunkIntegrityError | None:
+        with self._lock:
+            return next(iter(self._damaged.values()), None)
+
+
+def refetch_once(
+    store: ChunkStore,
+    name: str,
+    read: Callable[[], T],
+    on_retry: Callable[[ChunkIntegrityError], None] | None = None,
+) -> T:
+    """``read()``; if its bytes fail an integrity check (corrupted in transit, a damaged
+    disk-cache entry), drop any cached copy of ``name`` and read once more from the origin,
+    then give up."""
+    try:
+        return read()
+    except ChunkIntegrityError as exc:
+        log.warning("%s; reading %s once more from %s", exc.message, name, store.uri)
+        if isinstance(store, CachingStore):
+            store.invalidate(name)
+        if on_retry is not None:
+            on_retry(exc)
+    return read()
+
+
+class ChunkChecks:
+    """Checks chunk bytes for the readers (on any thread) and counts what they read."""
+
+    def __init__(
+        self,
+        store: ChunkStore,
+        mode: VerifyMode,
+        specs: dict[str, ChunkSpec],
+        stats: StreamStats | None = None,
+    ):
+        self.store = store
+        self.mode = mode
+        self.specs = specs  # what each chunk must hold (from the model built on meta)
+        self.stats = stats or StreamStats()
+        self.health = ChunkHealth()
+        self._lock = threading.Lock()  # the I/O threads count into ``stats`` too
+        # chunk name -> (store version, parsed header): a streamed block's header is parsed
+        # once, not on every token (less Python on the I/O thread, less GIL for compute)
+        self._layouts: dict[str, tuple[str, list[TensorEntry]]] = {}
+
+    def check(
+        self,
+        info: ChunkInfo,
+        data: torch.Tensor,
+        version: str | None,
+        start: float,
+        verified: bool = False,
+        always: bool = False,
+    ) -> None:
+        """Count a read and check its bytes: the size always, the sha256 unless the store
+        verified them (``verified``) or this version of the file passed before (``always``
+        overrides that: for a copy made after the file was checked)."""
+        read_done = time.perf_counter()
+        must = always and self.mode is not VerifyMode.OFF
+        if (
+            data.numel() != info.bytes
+            or must
+            or (not verified and self._must_verify(info, version))
+        ):
+            verify(info, data, self.store.uri)
+            self.health.passed(info.name, version)
+            with self._lock:
+                self.stats.chunks_verified += 1
+        with self._lock:
+            self.stats.bytes_read += data.numel()
+            self.stats.chunks_read += 1
+            self.stats.read_s += read_done - start
+
+    def _must_verify(self, info: ChunkInfo, version: str | None) -> bool:
+        if self.mode is VerifyMode.OFF:
+            return False
+        if self.mode is VerifyMode.ALWAYS:
+            return True
+        return not self.health.is_verified(info.name, version)
+
+    def tensors(
+        self, info: ChunkInfo, data: torch.Tensor, version: str | None
+    ) -> dict[str, torch.Tensor]:
+        """Views of ``data`` (checked bytes of ``info``) as the tensors its header lists."""
+        cached = self._layouts.get(info.name)
+        if cached is None or version is None or cached[0] != version:
+            layout = parse_layout(info, data)
+            spec = self.specs.get(info.name)
+            if spec is not None:
+                check_layout(info, layout, spec)
+            if version is not None:
+                self._layouts[info.name] = (version, layout)
+        else:
+            layout = cached[1]
+        return tensors_from_layout(layout, data)
+
+    def refetching(self, info: ChunkInfo, read: Callable[[], T]) -> T:
+        """``read()``, once more from the origin if its bytes fail their check; a local
+        chunk that still fails is damaged in the store, and the model with it."""
+
+        def counted(exc: ChunkIntegrityError) -> None:
+            with self._lock:
+                self.stats.refetches += 1
+
+        try:
+            return refetch_once(self.store, info.file, read, counted)
+        except ChunkIntegrityError as exc:
+            if isinstance(self.store, LocalStore):
+                self.health.failed(info.name, exc)
+            raise

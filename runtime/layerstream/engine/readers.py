@@ -1,0 +1,200 @@
+"""How a streamed block's bytes reach memory: two readers with one interface.
+
+``BlockReader.lease(j, info)`` reads (or maps) block j's chunk and checks its bytes, on an I/O
+thread or, on a miss, the compute thread; it returns a ``Lease``. The compute thread then
+makes the lease's tensor views, the block's hook installs them, and once the block has run
+the lease is confirmed and released. Nothing outside this module sees a buffer or mapping.
+
+- ``PooledReader`` copies each chunk into a buffer of a fixed pool (any store).
+- ``MappedReader`` (mapped.py) keeps each chunk file mapped and drops its pages
+  after use (local stores only, no copy).
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from abc import ABC, abstractmethod
+from enum import StrEnum
+
+import torch
+
+from ..errors import ChunkStoreError
+from ..format.manifest import ChunkInfo
+from ..stores import ChunkStore, MappableStore
+from .checks import ChunkChecks, VerifyMode
+
+READERS = ("auto", "mmap", "read")
+
+
+class ReaderKind(StrEnum):
+    MMAP = "mmap"  # streams without a copy
+    READ = "read"  # copies into the pool
+
+
+def pick_reader(reader: str, store: ChunkStore, verify: VerifyMode) -> ReaderKind:
+    """The ``reader`` setting's reader; "auto" maps local files, except with
+    verify_checksums="always", which must hash the very bytes it then uses."""
+    if reader not in READERS:
+        raise ValueError(f"reader must be one of {', '.join(READERS)}, not {reader!r}")
+    mappable = isinstance(store, MappableStore)
+    if reader == "mmap" and not mappable:
+        raise ChunkStoreError(f"chunk store {store.uri} cannot be memory-mapped; use reader=read")
+    if reader == "auto":
+        mapped = mappable and verify is not VerifyMode.ALWAYS
+        return ReaderKind.MMAP if mapped else ReaderKind.READ
+    return ReaderKind(reader)
+
+
+class Lease(ABC):
+    """A streamed block's checked bytes, on loan from its reader until ``release``."""
+
+    # the tensors view a kept mapping: they may stay installed in the module after release
+    kept = False
+
+    def __init__(self, index: int, info: ChunkInfo, version: str | None):
+        self.index = index
+        self.info = info
+        self.version = version
+        self.tensors: dict[str, torch.Tensor] = {}
+        self._released = False
+
+    def make_views(self) -> None:
+        """Fill ``tensors`` (on the compute thread: the I/O threads run as little Python as
+        possible, because every bit of it holds the GIL that compute needs between ops)."""
+        self.tensors = self._views()
+
+    def confirm(self) -> None:
+        """After the block has run: raise if its bytes may have changed while it ran."""
+        return None  # a private copy cannot change under the block
+
+    def release(self) -> None:
+        """Give the bytes back (idempotent). The views go first (not clear(): a kept
+        mapping's dict is shared and stays valid), since the bytes are reused next."""
+        if self._released:
+            return
+        self._released = True
+        self.tensors = {}
+        self._give_back()
+
+    @abstractmethod
+    def _views(self) -> dict[str, torch.Tensor]: ...
+
+    @abstractmethod
+    def _give_back(self) -> None: ...
+
+
+class BlockReader(ABC):
+    kind: ReaderKind
+
+    def __init__(self, checks: ChunkChecks):
+        self.checks = checks
+
+    @abstractmethod
+    def lease(self, j: int, info: ChunkInfo) -> Lease:
+        """Block j's chunk read and checked; blocks while every buffer is on loan."""
+
+    @abstractmethod
+    def load_resident(self, info: ChunkInfo) -> dict[str, torch.Tensor]:
+        """A chunk's tensors in memory of their own, for good (the rest, pinned blocks)."""
+
+    def in_memory(self, info: ChunkInfo) -> bool:
+        """Whether ``info`` is in memory already, so reading it ahead would gain nothing."""
+        return False
+
+    def settle(self) -> None:
+        """Wait for the work handed off after blocks ran (tests and benchmarks)."""
+        return None  # nothing is handed off
+
+    def close(self) -> None:
+        """Release what the reader holds, once no lease is out."""
+        return None  # the pool's buffers go with the reader
+
+
+class BufferPool:
+    """A fixed set of reusable block buffers.
+
+    Allocating a fresh buffer per streamed block makes glibc keep the freed memory (RSS
+    creeps up token after token); a pool allocated once keeps RSS flat. ``acquire`` blocks
+    while every buffer is in use, which also bounds read-ahead memory.
+    """
+
+    def __init__(self, count: int, nbytes: int):
+        self.nbytes = nbytes
+        self.count = count
+        self._free: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
+        for _ in range(count):
+            self._free.put(torch.empty(nbytes, dtype=torch.uint8))
+
+    def acquire(self, timeout: float | None = None) -> torch.Tensor:
+        return self._free.get(timeout=timeout)
+
+    def release(self, buffer: torch.Tensor) -> None:
+        self._free.put(buffer)
+
+
+class PooledLease(Lease):
+    def __init__(
+        self,
+        index: int,
+        info: ChunkInfo,
+        version: str | None,
+        data: torch.Tensor,
+        buffer: torch.Tensor,
+        reader: PooledReader,
+    ):
+        super().__init__(index, info, version)
+        self._data: torch.Tensor | None = data
+        self._buffer = buffer
+        self._reader = reader
+
+    def _views(self) -> dict[str, torch.Tensor]:
+        assert self._data is not None
+        return self._reader.checks.tensors(self.info, self._data, self.version)
+
+    def _give_back(self) -> None:
+        self._data = None
+        self._reader.pool.release(self._buffer)
+
+
+class PooledReader(BlockReader):
+    """Reads each streamed chunk into a buffer of ``pool`` (one per block in flight)."""
+
+    kind = ReaderKind.READ
+
+    def __init__(self, store: ChunkStore, checks: ChunkChecks, buffers: int, buffer_bytes: int):
+        super().__init__(checks)
+        self.store = store
+        self.pool = BufferPool(buffers, buffer_bytes)
+
+    def read_chunk(
+        self, info: ChunkInfo, buffer: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, str | None]:
+        """Read and check one chunk into ``buffer`` (or a new exact-size one); return its
+        bytes and the store's version of it."""
+        if buffer is None:
+            buffer = torch.empty(info.bytes, dtype=torch.uint8)
+        if buffer.numel() < info.bytes:
+            raise ChunkStoreError(f"chunk {info.name} is larger than its streaming buffer")
+        target = buffer
+
+        def read() -> tuple[torch.Tensor, str | None]:
+            start = time.perf_counter()
+            got = self.store.read_into(info.file, memoryview(target.numpy()), info.bytes)
+            self.checks.check(info, target[: got.size], got.version, start, got.verified)
+            return target[: info.bytes], got.version
+
+        return self.checks.refetching(info, read)
+
+    def lease(self, j: int, info: ChunkInfo) -> Lease:
+        buffer = self.pool.acquire()
+        try:
+            data, version = self.read_chunk(info, buffer)
+        except BaseException:
+            self.pool.release(buffer)
+            raise
+        return PooledLease(j, info, version, data, buffer, self)
+
+    def load_resident(self, info: ChunkInfo) -> dict[str, torch.Tensor]:
+        data, version = self.read_chunk(info)
+        return self.checks.tensors(info, data, version)

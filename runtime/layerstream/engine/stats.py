@@ -1,0 +1,38 @@
+"""The streamer's counters, read by attribute (serving reports them per request)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass
+class StreamStats:
+    """Counters since the engine started; requests report differences of two snapshots."""
+
+    resident_runs: int = 0  # block runs served by a resident (pinned) block
+    streamed_runs: int = 0  # block runs that needed a streamed block
+    read_aheads: int = 0  # reads handed to an I/O thread (not those found in the page cache)
+    bytes_read: int = 0
+    chunks_read: int = 0
+    read_s: float = 0.0  # time spent in store reads (I/O threads)
+    wait_s: float = 0.0  # time the compute thread waited for weights
+    chunks_verified: int = 0
+    refetches: int = 0  # chunks read again after failing their sha256 check
+
+    def snapshot(self) -> StreamStats:
+        return dataclasses.replace(self)
+
+    def since(self, before: StreamStats) -> StreamStats:
+        """The counts between ``before`` (an earlier snapshot) and now."""
+        return StreamStats(
+            resident_runs=self.resident_runs - before.resident_runs,
+            streamed_runs=self.streamed_runs - before.streamed_runs,
+            read_aheads=self.read_aheads - before.read_aheads,
+            bytes_read=self.bytes_read - before.bytes_read,
+            chunks_read=self.chunks_read - before.chunks_read,
+            read_s=self.read_s - before.read_s,
+            wait_s=self.wait_s - before.wait_s,
+            chunks_verified=self.chunks_verified - before.chunks_verified,
+            refetches=self.refetches - before.refetches,
+        )
