@@ -1,5 +1,5 @@
 """Hidden states follow transformers' own ``output_hidden_states`` numbering (learned by a
-meta-device pass, hidden.py), stream while the forward runs, and never go out wrong: a
+meta-device pass, layout.py), stream while the forward runs, and never go out wrong: a
 state that turns out not to be transformers' own ends the request with an error."""
 
 from __future__ import annotations
@@ -14,16 +14,12 @@ from transformers import AutoConfig
 
 from layerstream.engine.engine import Engine, EngineOptions
 from layerstream.errors import LayerStreamError
-from layerstream.inference import hidden
+from layerstream.inference import layout as hidden_layouts
 from layerstream.inference.capabilities import capabilities
-from layerstream.inference.hidden import (
-    HiddenLayout,
-    LayoutUnknown,
-    learn_layout,
-    run_hidden_states,
-)
+from layerstream.inference.hidden import run_hidden_states
+from layerstream.inference.layout import HiddenLayout, LayoutUnknown, learn_layout
+from layerstream.inference.request import Request
 from layerstream.inference.types import HiddenStateEvent
-from layerstream.serving.protocol import Request
 from layerstream.stores import open_store
 
 PROMPT = [5, 17, 99, 3, 250, 7, 42, 130, 11, 64]
@@ -91,10 +87,10 @@ def test_selected_states_go_out_in_index_order(engine):
 def test_a_state_that_is_not_transformers_own_is_an_error(engine):
     """The safety net: if the learned layout pointed at the wrong module call, the forward's
     end finds the state sent is not the tensor transformers returned at that index."""
-    layout = hidden.hidden_layout(engine)
+    layout = hidden_layouts.hidden_layout(engine)
     wrong = list(layout.sources)
     wrong[3], wrong[4] = wrong[4], wrong[3]
-    hidden._LAYOUTS[engine] = HiddenLayout(layout.count, tuple(wrong))
+    hidden_layouts._LAYOUTS[engine] = HiddenLayout(layout.count, tuple(wrong))
     with pytest.raises(LayerStreamError, match=r"hidden state 3 sent from .* is not the one"):
         run_hidden_states(engine, all_layers(engine), PROMPT, lambda event: None, lambda: False)
 
@@ -102,10 +98,10 @@ def test_a_state_that_is_not_transformers_own_is_an_error(engine):
 def test_states_without_a_source_come_from_transformers_tuple(engine):
     """A state no module call hands over (made by a plain tensor op) is sent when the
     forward ends, from the tuple transformers returns."""
-    layout = hidden.hidden_layout(engine)
+    layout = hidden_layouts.hidden_layout(engine)
     late = list(layout.sources)
     late[2] = None
-    hidden._LAYOUTS[engine] = HiddenLayout(layout.count, tuple(late))
+    hidden_layouts._LAYOUTS[engine] = HiddenLayout(layout.count, tuple(late))
     events: list[HiddenStateEvent] = []
     run_hidden_states(engine, all_layers(engine), PROMPT, events.append, lambda: False)
     ids = torch.tensor([PROMPT])
@@ -119,7 +115,7 @@ def test_states_without_a_source_come_from_transformers_tuple(engine):
 
 
 def test_a_model_whose_layout_is_unknown_serves_no_hidden_states(engine, caplog):
-    hidden._LAYOUTS[engine] = LayoutUnknown("its forward pass on the meta device failed")
+    hidden_layouts._LAYOUTS[engine] = LayoutUnknown("its forward pass on the meta device failed")
     with caplog.at_level(logging.WARNING, logger="layerstream.inference.capabilities"):
         caps = capabilities(engine)
     assert "hidden_states" not in caps.modes

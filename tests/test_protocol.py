@@ -5,12 +5,9 @@ from mlserver.types import InferenceRequest
 
 from layerstream.errors import InvalidRequest
 from layerstream.inference.prompts import PromptLimit
-from layerstream.serving.protocol import (
-    ModelCapabilities,
-    check_context,
-    parse_layers,
-    parse_request,
-)
+from layerstream.inference.request import ModelCapabilities, check_context
+from layerstream.serving.parameters import parse_layers
+from layerstream.serving.protocol import parse_request
 
 CAUSAL = ModelCapabilities(
     modes=("tokens", "hidden_states", "embedding"),

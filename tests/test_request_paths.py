@@ -9,8 +9,8 @@ import torch
 from layerstream.engine.engine import Engine, EngineOptions
 from layerstream.inference.generation import run_generation
 from layerstream.inference.hidden import run_hidden_states
+from layerstream.inference.request import Request
 from layerstream.inference.types import FinalEvent, HiddenStateEvent, TokenEvent
-from layerstream.serving.protocol import Request
 from layerstream.stores import open_store
 
 IDS = [5, 17, 99, 3, 250, 7, 42, 130]
@@ -68,7 +68,7 @@ def test_generation_events_and_stop_string(model_factory):
         assert final.finish_reason == (
             "stop" if new[-1] == engine.generation_config.eos_token_id else "length"
         )
-        assert final.stats["tokens"] == 12 and final.stats["cache_misses"] > 0
+        assert final.stats.tokens == 12 and final.stats.streamed_runs > 0
 
         # Stop at a piece of that text: the stream is cut before it, finish_reason is stop.
         stop = text[len(text) // 2 : len(text) // 2 + 3]
@@ -142,6 +142,6 @@ def test_a_deadline_raised_by_the_stop_check_unwinds_the_engine_cleanly(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False
         )
         assert [e.token_id for e in events] == expected[0, len(IDS) :].tolist()
-        assert final.stats["tokens"] == 12
+        assert final.stats.tokens == 12
     finally:
         engine.close()

@@ -58,16 +58,16 @@ def test_a_stop_string_completed_by_the_last_flush_ends_with_stop(model_factory)
     complete a stop string: the request then stopped, it did not run out of length."""
     import torch
 
-    from layerstream.inference.generation import _EventStreamer, final_event
+    from layerstream.inference.generation import _EventStreamer, generation_end
 
     tokenizer = AutoTokenizer.from_pretrained(model_factory("gpt2").store)
     ids = [*tokenizer("ok ")["input_ids"], *tokenizer("✓")["input_ids"][:-1]]
     events: list = []
-    streamer = _EventStreamer(tokenizer, ["\ufffd"], events.append, started=0.0)
+    streamer = _EventStreamer(tokenizer, ["\ufffd"], events.append)
     streamer.put(torch.tensor([[0]]))  # the prompt
     for token in ids:
         streamer.put(torch.tensor([token]))
     assert not streamer.matcher.stopped  # nothing matched before the end
-    final = final_event(streamer, ids, eos_ids=set())
+    final = generation_end(streamer, ids, eos_ids=set())
     assert final.finish_reason == "stop" and "\ufffd" not in final.text
     assert "".join(e.text for e in events) + final.text == "ok "

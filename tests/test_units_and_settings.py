@@ -296,7 +296,7 @@ def test_the_client_knows_the_servers_parameters_and_error_kinds():
     """The client package cannot import the runtime (it has no torch): its copies of the
     request parameters and the error kinds are tied to the server's here."""
     from layerstream.errors import ERROR_TYPES
-    from layerstream.serving.protocol import KNOWN_PARAMETERS
+    from layerstream.serving.parameters import KNOWN_PARAMETERS
     from layerstream_client import events
 
     assert set(events._PARAMS) == set(KNOWN_PARAMETERS)

@@ -81,6 +81,8 @@ class Final:
     stats: dict[str, int]
     text: str = ""
     embedding: list[float] | None = None
+    # Always None: a stream that failed raises StreamError instead of yielding a Final.
+    # Kept because callers (and the tests) check it.
     error: str | None = None
 
 

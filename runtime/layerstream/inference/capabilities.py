@@ -7,25 +7,26 @@ import logging
 
 from ..engine.engine import Engine
 from ..engine.skeleton import context_length
-from ..serving.protocol import ModelCapabilities
-from .hidden import LayoutUnknown, hidden_layout
+from .layout import LayoutUnknown, hidden_layout
+from .request import ModelCapabilities
+from .types import Mode
 
 log = logging.getLogger(__name__)
 
 
 def capabilities(engine: Engine) -> ModelCapabilities:
     """The model's contract. Learning the hidden-state layout runs the model once on the
-    meta device (no I/O, no memory; 0.5 s for a 70B-shaped Llama), so call this off the
+    meta device (no I/O, no memory; see docs/design-notes-serving.md), so call this off the
     event loop."""
     model = engine.model
-    modes = ["tokens"] if model.can_generate() else []
+    modes = [Mode.TOKENS] if model.can_generate() else []
     num_layers = 0
     block_lists = {prefix.rsplit(".", 1)[0] for prefix in engine.prefixes}
     if len(block_lists) == 1:  # one stack of blocks: the base model maps ids to states
         try:
             # hidden states 0..num_layers, numbered as transformers' output_hidden_states
             num_layers = hidden_layout(engine).count - 1
-            modes.append("hidden_states")
+            modes.append(Mode.HIDDEN_STATES)
         except LayoutUnknown as exc:
             log.warning(
                 "%s (%s) serves no hidden_states mode: %s",
@@ -33,12 +34,12 @@ def capabilities(engine: Engine) -> ModelCapabilities:
                 engine.manifest.architecture,
                 exc,
             )
-        modes.append("embedding")
+        modes.append(Mode.EMBEDDING)
     config = model.config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return ModelCapabilities(
         modes=tuple(modes),
-        default_mode="tokens" if "tokens" in modes else "embedding",
+        default_mode=Mode.TOKENS if Mode.TOKENS in modes else Mode.EMBEDDING,
         vocab_size=int(text_config.vocab_size),
         context_length=context_length(config),
         num_layers=num_layers,

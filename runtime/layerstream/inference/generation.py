@@ -11,16 +11,15 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from ..engine.engine import Engine
-from ..serving.protocol import Request
-from .types import FinalEvent, TokenEvent
-
-Emit = Callable[[object], None]
+from .request import Request
+from .types import Cancelled, Emit, FinalEvent, FinishReason, RequestStats, TokenEvent
 
 
 class IncrementalDecoder:
@@ -95,11 +94,10 @@ class StopMatcher:
 class _EventStreamer(BaseStreamer):
     """transformers calls put() with the prompt first, then with each new token."""
 
-    def __init__(self, tokenizer, stops: list[str], emit: Emit, started: float):
+    def __init__(self, tokenizer, stops: list[str], emit: Emit):
         self.decoder = IncrementalDecoder(tokenizer)
         self.matcher = StopMatcher(stops)
         self.emit = emit
-        self.started = started
         self.first_token_at: float | None = None
         self.tokens = 0
         self._prompt_seen = False
@@ -168,13 +166,13 @@ def run_generation(
     request: Request,
     input_ids: list[int],
     emit: Emit,
-    cancelled: Callable[[], bool],
+    cancelled: Cancelled,
 ) -> FinalEvent:
     """Generate on the engine thread, emitting a TokenEvent per token; return the last event."""
     config = generation_config(engine, request)
     ids = torch.tensor([input_ids], dtype=torch.long)
-    with engine.request(cancelled) as scope:
-        streamer = _EventStreamer(engine.tokenizer, request.stop, emit, scope.started)
+    with engine.request(cancelled) as ctx:
+        streamer = _EventStreamer(engine.tokenizer, request.stop, emit)
         with _sampling_rng(config.do_sample, request.seed):
             output = engine.model.generate(
                 ids,
@@ -187,37 +185,23 @@ def run_generation(
             )
     eos = config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    final = final_event(streamer, output[0, ids.shape[1] :].tolist(), eos_ids)
-    final.stats = request_stats(scope, len(input_ids), streamer.tokens, streamer.first_token_at)
-    return final
+    ending = generation_end(streamer, output[0, ids.shape[1] :].tolist(), eos_ids)
+    stats = RequestStats.measure(ctx, len(input_ids), streamer.tokens, streamer.first_token_at)
+    return FinalEvent(finish_reason=ending.finish_reason, stats=stats, text=ending.text)
 
 
-def final_event(streamer: _EventStreamer, new_ids: list[int], eos_ids: set[int]) -> FinalEvent:
-    """The last event: the text still held back, and why generation ended."""
+@dataclass(frozen=True)
+class Ending:
+    """How generation ended: why, and the text held back until then."""
+
+    finish_reason: FinishReason
+    text: str
+
+
+def generation_end(streamer: _EventStreamer, new_ids: list[int], eos_ids: set[int]) -> Ending:
+    """The text still held back, and why generation ended: the final event's content."""
     # the held-back text may complete a stop string too: flushed before the reason is read
     tail = "" if streamer.matcher.stopped else streamer.matcher.feed(streamer.decoder.flush())
     ended = streamer.matcher.stopped or (bool(new_ids) and new_ids[-1] in eos_ids)
-    reason = "stop" if ended else "length"
-    return FinalEvent(finish_reason=reason, text=tail + streamer.matcher.flush())
-
-
-def request_stats(
-    scope, prompt_tokens: int, tokens: int, first_token_at: float | None
-) -> dict[str, int]:
-    """Integer stats (gRPC keeps only bool/int/string parameters)."""
-    now = time.perf_counter()
-    s = scope.stats
-    total_us = int((now - scope.started) * 1e6)
-    wait_us = int(s.wait_s * 1e6)
-    return {
-        "prompt_tokens": prompt_tokens,
-        "tokens": tokens,
-        "ttft_us": int((first_token_at - scope.started) * 1e6) if first_token_at else 0,
-        "total_us": total_us,
-        "weight_wait_us": wait_us,
-        "compute_us": max(total_us - wait_us, 0),
-        "bytes_streamed": s.bytes_read,
-        "chunks_streamed": s.chunks_read,
-        "cache_hits": s.resident_runs,
-        "cache_misses": s.streamed_runs,
-    }
+    reason = FinishReason.STOP if ended else FinishReason.LENGTH
+    return Ending(finish_reason=reason, text=tail + streamer.matcher.flush())

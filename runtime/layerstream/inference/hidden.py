@@ -1,220 +1,30 @@
-"""Hidden states numbered as transformers' own ``output_hidden_states``, each sent as soon as
-the module call that produces it has run.
+"""Hidden states, each sent as soon as the module call that produces it has run.
 
-Which tensor is hidden state k is the model's own business: most models return the first
-block's input, then every block's output with the last one replaced by the final norm's;
-Mamba has no embeddings entry (index k is the output of block k, the last the final norm);
-ALBERT applies one shared layer ``num_hidden_layers`` times and numbers its states by
-application; a model may make its last state with a plain tensor op (a reshape) after its
-last module. So nothing here assumes a layout; it is learned from transformers itself:
-
-1. Once per engine, the base model runs on the meta device (a second skeleton: no weights,
-   no I/O, no memory) with ``output_hidden_states=True`` while the inputs and outputs of
-   every module call are observed. Each entry of the tuple transformers returns is matched
-   by identity (``is``) with the first module call that handed that very tensor over: its
-   *source* (module, which call of it, input or output, where inside). The meta pass also
-   gives the number of hidden states, which requests are validated against
-   (capabilities.py). An entry no module call handed over, or one changed in place after
-   it was (its version counter moved), has no source.
-2. A request runs the base model with ``output_hidden_states=True``; hooks on the sources'
-   modules take each selected state when its module call runs, and states go out in index
-   order as soon as all the selected ones before them have gone.
-3. When the forward ends, every state sent early must be the very tensor transformers
+1. A request runs the base model with ``output_hidden_states=True``; hooks on the modules
+   the layout names (layout.py) take each selected state when its module call runs, and
+   states go out in index order as soon as all the selected ones before them have gone.
+2. When the forward ends, every state sent early must be the very tensor transformers
    returns at its index, with the same values: otherwise the request fails (an error,
    never a silently wrong state). The selected states without a source are taken from
    transformers' tuple itself, so every value sent is transformers' own.
 
-The final event carries the pooled embedding.
+The final event carries the pooled embedding (embedding.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import logging
-import threading
-import weakref
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
 
 from ..engine.engine import Engine
-from ..engine.skeleton import build_skeleton
 from ..errors import LayerStreamError
-from ..serving.protocol import Request
-from .generation import Emit, request_stats
-from .types import FinalEvent, HiddenStateEvent
-
-log = logging.getLogger(__name__)
-
-# Where inside a module call's inputs ((args, kwargs)) or output a tensor sits: tuple
-# indexes and dict / ModelOutput keys. Hidden states are never nested deeper.
-Path = tuple[int | str, ...]
-_MAX_DEPTH = 3
-_META_TOKENS = 4
-
-
-@dataclass(frozen=True)
-class StateSource:
-    """The module call that hands a hidden state over."""
-
-    module: str  # qualified name inside the base model ("" is the base model itself)
-    call: int  # which call of that module in one forward (a shared block runs many times)
-    output: bool  # its output, or its inputs (a block's input: the embeddings' state)
-    path: Path
-
-    def describe(self) -> str:
-        side = "output" if self.output else "input"
-        return f"{side} {list(self.path)} of call {self.call} of {self.module or 'the model'}"
-
-
-@dataclass(frozen=True)
-class HiddenLayout:
-    """What ``output_hidden_states`` returns for this model: ``count`` states, and for each
-    the module call it comes from (None: taken from transformers' tuple after the forward)."""
-
-    count: int
-    sources: tuple[StateSource | None, ...]
-
-
-class LayoutUnknown(Exception):
-    """The meta pass could not learn the hidden-state layout; the model serves no
-    ``hidden_states`` mode (capabilities.py logs why). Never reaches a client."""
-
-
-def _tensors_in(value: object, path: Path = ()) -> Iterator[tuple[Path, torch.Tensor]]:
-    if isinstance(value, torch.Tensor):
-        yield path, value
-    elif len(path) < _MAX_DEPTH:
-        if isinstance(value, dict):  # ModelOutput is a dict too
-            for key, item in value.items():
-                yield from _tensors_in(item, (*path, key))
-        elif isinstance(value, tuple | list):
-            for i, item in enumerate(value):
-                yield from _tensors_in(item, (*path, i))
-
-
-def _at(value: object, path: Path) -> object:
-    for key in path:
-        value = value[key]  # type: ignore[index]
-    return value
-
-
-@contextlib.contextmanager
-def _on_calls(
-    base: nn.Module,
-    names: dict[str, tuple[bool, bool]],
-    seen: Callable[[str, int, bool, object], None],
-) -> Iterator[None]:
-    """Call ``seen(name, call, output, value)`` for every call of the named modules: with
-    ``(args, kwargs)`` before it runs and its output after, as ``names[name]`` = (inputs,
-    outputs) asks. Calls are counted per module and side, the same way while learning and
-    while serving."""
-    handles = []
-    for name, (inputs, outputs) in names.items():
-        module = base.get_submodule(name)
-        calls = [0, 0]
-
-        def pre(module, args, kwargs, name=name, calls=calls) -> None:
-            seen(name, calls[0], False, (args, kwargs))
-            calls[0] += 1
-
-        def post(module, args, output, name=name, calls=calls) -> None:
-            seen(name, calls[1], True, output)
-            calls[1] += 1
-
-        if inputs:
-            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-        if outputs:
-            handles.append(module.register_forward_hook(post))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def learn_layout(config: PretrainedConfig, architecture: str, dtype: str) -> HiddenLayout:
-    """The meta pass (step 1 of the module docstring)."""
-    config = copy.deepcopy(config)
-    # MoE experts: the default (grouped_mm) has a meta kernel for bf16 only, the eager loop
-    # branches on which experts got tokens (values); batched_mm reads no values.
-    config._experts_implementation = "batched_mm"
-    model = build_skeleton(config, architecture, dtype, buffers=False)
-    for module in model.modules():
-        if isinstance(module, PreTrainedModel):
-            # It only logs a warning, after reading the ids' values (a meta tensor has none).
-            module.warn_if_padding_and_no_attention_mask = lambda *args, **kwargs: None
-    base = model.base_model
-    seen: list[tuple[StateSource, torch.Tensor, int]] = []
-    first: dict[int, int] = {}  # id(tensor) -> its first sighting (tensors kept alive in seen)
-
-    def record(name: str, call: int, output: bool, value: object) -> None:
-        for path, tensor in _tensors_in(value):
-            if id(tensor) not in first:
-                first[id(tensor)] = len(seen)
-                seen.append((StateSource(name, call, output, path), tensor, tensor._version))
-
-    everything = {name: (True, True) for name, _ in base.named_modules()}
-    ids = torch.zeros((1, _META_TOKENS), dtype=torch.long, device="meta")
-    # no_grad, not inference_mode: inference tensors have no version counter. No attention
-    # mask: turning one into a 4-d mask reads its values, which meta tensors do not have.
-    try:
-        with torch.no_grad(), _on_calls(base, everything, record):
-            states = base(input_ids=ids, output_hidden_states=True).hidden_states
-    except Exception as exc:  # any failure of transformers' forward on meta means the same
-        raise LayoutUnknown(f"its forward pass on the meta device failed ({exc!r})") from exc
-    if not isinstance(states, tuple) or not states:
-        raise LayoutUnknown("its base model returns no hidden_states")
-    sources: list[StateSource | None] = []
-    for state in states:
-        where = first.get(id(state))
-        source = None
-        if where is not None:
-            found, tensor, version = seen[where]
-            if tensor is state and tensor._version == version:
-                source = found
-        sources.append(source)
-    return HiddenLayout(count=len(states), sources=tuple(sources))
-
-
-_LAYOUTS: weakref.WeakKeyDictionary[Engine, HiddenLayout | LayoutUnknown] = (
-    weakref.WeakKeyDictionary()
-)
-_LAYOUTS_LOCK = threading.Lock()
-
-
-def hidden_layout(engine: Engine) -> HiddenLayout:
-    """The engine's layout, learned on first use; raises LayoutUnknown if it cannot be."""
-    with _LAYOUTS_LOCK:
-        known = _LAYOUTS.get(engine)
-        if known is None:
-            try:
-                known = learn_layout(
-                    engine.config, engine.manifest.architecture, engine.manifest.dtype
-                )
-                late = [k for k, s in enumerate(known.sources) if s is None]
-                log.debug(
-                    "%s: %d hidden states; sent when the forward ends: %s",
-                    engine.manifest.name,
-                    known.count,
-                    late or "none",
-                )
-            except LayoutUnknown as exc:
-                known = exc
-            _LAYOUTS[engine] = known
-    if isinstance(known, LayoutUnknown):
-        raise LayoutUnknown(str(known))
-    return known
-
-
-def _as_array(hidden: torch.Tensor) -> np.ndarray:
-    # [1, seq, hidden] -> float32 [seq, hidden]; gRPC cannot encode fp16/bf16 contents.
-    return hidden[0].detach().to(torch.float32).numpy().copy()
+from .embedding import as_array, embedded
+from .layout import HiddenLayout, hidden_layout, on_calls, value_at
+from .request import Request
+from .types import Cancelled, Emit, FinalEvent, HiddenStateEvent
 
 
 class _StateStream:
@@ -238,14 +48,14 @@ class _StateStream:
         for module, _, output in self.by_call:
             inputs, outputs = names.get(module, (False, False))
             names[module] = (inputs or not output, outputs or output)
-        return _on_calls(base, names, self._seen)
+        return on_calls(base, names, self._seen)
 
     def _seen(self, name: str, call: int, output: bool, value: object) -> None:
         for k in self.by_call.get((name, call, output), ()):
             source = self.layout.sources[k]
             assert source is not None
             try:
-                tensor = _at(value, source.path)
+                tensor = value_at(value, source.path)
             except (KeyError, IndexError, TypeError):
                 tensor = None
             if not isinstance(tensor, torch.Tensor):
@@ -254,7 +64,7 @@ class _StateStream:
                     f"{type(tensor).__name__}; this model's hidden states cannot be streamed "
                     "layer by layer: please report it"
                 )
-            self.taken[k] = (tensor, _as_array(tensor))
+            self.taken[k] = (tensor, as_array(tensor))
             self.early.add(k)
         self._flush()
 
@@ -275,7 +85,7 @@ class _StateStream:
         for k in sorted(self.early):
             tensor, sent = self.taken[k]
             if states[k] is not tensor or not np.array_equal(
-                _as_array(states[k]), sent, equal_nan=True
+                as_array(states[k]), sent, equal_nan=True
             ):
                 source = self.layout.sources[k]
                 assert source is not None
@@ -286,20 +96,8 @@ class _StateStream:
                 )
         for k in self.wanted:
             if k not in self.taken:
-                self.taken[k] = (states[k], _as_array(states[k]))
+                self.taken[k] = (states[k], as_array(states[k]))
         self._flush()
-
-
-def pool(last_hidden: torch.Tensor, pooling: str, pooler_output: torch.Tensor | None) -> np.ndarray:
-    if pooling == "pooler":
-        assert pooler_output is not None  # protocol.py only allows "pooler" when there is one
-        return pooler_output[0].to(torch.float32).numpy().copy()
-    states = last_hidden[0].to(torch.float32)
-    if pooling == "cls":
-        return states[0].numpy().copy()
-    if pooling == "last":
-        return states[-1].numpy().copy()
-    return states.mean(dim=0).numpy().copy()
 
 
 def run_hidden_states(
@@ -307,23 +105,13 @@ def run_hidden_states(
     request: Request,
     input_ids: list[int],
     emit: Emit,
-    cancelled: Callable[[], bool],
+    cancelled: Cancelled,
 ) -> FinalEvent:
     """One forward pass of the base model; stream the selected layers, return the last event."""
     base = engine.model.base_model
     ids = torch.tensor([input_ids], dtype=torch.long)
-    mask = torch.ones_like(ids)
-    if request.mode == "hidden_states":
-        stream = _StateStream(hidden_layout(engine), request.layers, emit)
-        with engine.request(cancelled) as scope, stream.hooks(base):
-            output = base(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-        stream.finish(output.hidden_states)
-    else:
-        with engine.request(cancelled) as scope:
-            output = base(input_ids=ids, attention_mask=mask)
-    embedding = pool(
-        output.last_hidden_state, request.pooling, getattr(output, "pooler_output", None)
-    )
-    final = FinalEvent(finish_reason="stop", embedding=embedding)
-    final.stats = request_stats(scope, len(input_ids), 0, None)
-    return final
+    stream = _StateStream(hidden_layout(engine), request.layers, emit)
+    with engine.request(cancelled) as ctx, stream.hooks(base):
+        output = base(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
+    stream.finish(output.hidden_states)
+    return embedded(output, request.pooling, ctx, len(input_ids))

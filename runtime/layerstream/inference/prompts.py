@@ -1,10 +1,10 @@
 """How long a prompt may be before anything tokenizes it, and tokenizing it.
 
 Tokenizing costs memory in proportion to the text (the tokenizer's encoding keeps offsets,
-words and masks per token) and the allocator keeps much of it: a 1 MB prompt for a
-128-token model was tokenized only to be rejected as too long, and twenty of them took the
-server from 493 to 1015 MiB RSS for good. So the prompt's UTF-8 size is checked first
-(inputs.py), against a limit computed once at load:
+words and masks per token) and the allocator keeps much of it, so a prompt too long for the
+model must be refused before it is tokenized (docs/design-notes-serving.md has the
+numbers). The prompt's UTF-8 size is checked first (inputs.py), against a limit computed
+once at load:
 
     context length x the longest token of the vocabulary, in UTF-8 bytes (+ one token)
 

@@ -1,10 +1,48 @@
-"""What a request produces, independent of MLServer: the runtime encodes these as responses."""
+"""What a request produces, independent of MLServer: events, why it ended, and its stats.
+
+serving/encoding.py is the one place that turns these into V2 responses and parameters.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ..engine.engine import RequestContext
+
+
+class Word(str, enum.Enum):
+    """A closed set of wire words. A ``str`` (compares equal to its value, JSON-encodes as
+    it) that also prints as its value: log lines and metric labels show ``tokens``, not
+    ``Mode.TOKENS``. (``enum.StrEnum`` would do, but the project still supports 3.10.)"""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Mode(Word):
+    TOKENS = "tokens"
+    HIDDEN_STATES = "hidden_states"
+    EMBEDDING = "embedding"
+
+
+class Pooling(Word):
+    MEAN = "mean"
+    CLS = "cls"
+    LAST = "last"
+    POOLER = "pooler"  # the model's own pooler head, where it has one
+
+
+class FinishReason(Word):
+    STOP = "stop"  # end of sequence, a stop string, or (hidden states, embedding) done
+    LENGTH = "length"  # max_new_tokens reached
+    ERROR = "error"  # only on the wire: a failed request ends with an error, not an event
 
 
 @dataclass(frozen=True)
@@ -19,10 +57,56 @@ class HiddenStateEvent:
     hidden_state: np.ndarray  # float32 [seq, hidden]
 
 
-@dataclass
+@dataclass(frozen=True)
+class RequestStats:
+    """What one request cost. Integers only: gRPC parameters keep bool/int/string."""
+
+    prompt_tokens: int
+    tokens: int  # generated
+    ttft_us: int  # time to first token; 0 when none was generated
+    total_us: int
+    weight_wait_us: int  # compute waiting for weights to arrive
+    compute_us: int  # the rest of total_us
+    bytes_streamed: int
+    chunks_streamed: int
+    resident_runs: int  # block runs served from memory (wire name: cache_hits)
+    streamed_runs: int  # block runs that streamed weights (wire name: cache_misses)
+
+    @classmethod
+    def measure(
+        cls,
+        ctx: RequestContext,
+        prompt_tokens: int,
+        tokens: int = 0,
+        first_token_at: float | None = None,
+    ) -> RequestStats:
+        """The stats of the engine request ``ctx`` (ended), read now."""
+        total_us = int((time.perf_counter() - ctx.started) * 1e6)
+        wait_us = int(ctx.stats.wait_s * 1e6)
+        return cls(
+            prompt_tokens=prompt_tokens,
+            tokens=tokens,
+            ttft_us=int((first_token_at - ctx.started) * 1e6) if first_token_at else 0,
+            total_us=total_us,
+            weight_wait_us=wait_us,
+            compute_us=max(total_us - wait_us, 0),
+            bytes_streamed=ctx.stats.bytes_read,
+            chunks_streamed=ctx.stats.chunks_read,
+            resident_runs=ctx.stats.resident_runs,
+            streamed_runs=ctx.stats.streamed_runs,
+        )
+
+
+@dataclass(frozen=True)
 class FinalEvent:
-    finish_reason: str  # "stop" | "length" | "error"
-    stats: dict[str, int] = field(default_factory=dict)
+    finish_reason: FinishReason
+    stats: RequestStats
     text: str = ""  # text held back while it could have begun a stop string
     embedding: np.ndarray | None = None  # float32 [hidden]
-    error: str | None = None
+
+
+Event = TokenEvent | HiddenStateEvent | FinalEvent
+Emit = Callable[[Event], None]  # hands an event to the request's consumer
+# Asked before every block and after every token: True once the consumer has gone (the
+# engine then raises RequestCancelled); may itself raise RequestTimeout past the deadline.
+Cancelled = Callable[[], bool]

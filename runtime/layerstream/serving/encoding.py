@@ -1,6 +1,7 @@
 """Engine events -> V2 InferenceResponses (the same for REST SSE and gRPC).
 
-Response parameters are ints and strings only: gRPC drops floats and nested objects.
+The only place results become wire words: response parameters are ints and strings only
+(gRPC drops floats and nested objects), and their names are the contract.
 """
 
 from __future__ import annotations
@@ -9,8 +10,37 @@ import numpy as np
 from mlserver.types import InferenceResponse, Parameters, ResponseOutput
 
 from ..errors import LayerStreamError
-from ..inference.types import FinalEvent, HiddenStateEvent, TokenEvent
-from .protocol import Request
+from ..inference.request import Request
+from ..inference.types import (
+    Event,
+    FinalEvent,
+    FinishReason,
+    HiddenStateEvent,
+    Mode,
+    RequestStats,
+    TokenEvent,
+)
+
+
+def stats_parameters(stats: RequestStats) -> dict[str, int]:
+    """A request's stats as response parameters, under their wire names."""
+    return {
+        "prompt_tokens": stats.prompt_tokens,
+        "tokens": stats.tokens,
+        "ttft_us": stats.ttft_us,
+        "total_us": stats.total_us,
+        "weight_wait_us": stats.weight_wait_us,
+        "compute_us": stats.compute_us,
+        "bytes_streamed": stats.bytes_streamed,
+        "chunks_streamed": stats.chunks_streamed,
+        # the names from before block runs were told apart by residency: the contract
+        "cache_hits": stats.resident_runs,
+        "cache_misses": stats.streamed_runs,
+    }
+
+
+def _final_parameters(final: FinalEvent) -> dict[str, int | str]:
+    return {"finish_reason": final.finish_reason.value, **stats_parameters(final.stats)}
 
 
 def _text(name: str, text: str) -> ResponseOutput:
@@ -46,7 +76,11 @@ def _floats(name: str, array: np.ndarray) -> ResponseOutput:
 
 
 def _response(
-    model: str, version: str | None, request_id: str | None, outputs, **params
+    model: str,
+    version: str | None,
+    request_id: str | None,
+    outputs: list[ResponseOutput],
+    **params: int | str,
 ) -> InferenceResponse:
     return InferenceResponse(
         model_name=model,
@@ -58,7 +92,7 @@ def _response(
 
 
 def encode_event(
-    model: str, version: str | None, request_id: str | None, event: object
+    model: str, version: str | None, request_id: str | None, event: Event
 ) -> InferenceResponse:
     if isinstance(event, TokenEvent):
         return _response(
@@ -76,9 +110,7 @@ def encode_event(
             outputs.append(_text("text", event.text))
         if event.embedding is not None:
             outputs.append(_floats("embedding", event.embedding))
-        return _response(
-            model, version, request_id, outputs, finish_reason=event.finish_reason, **event.stats
-        )
+        return _response(model, version, request_id, outputs, **_final_parameters(event))
     raise TypeError(f"unknown event {type(event).__name__}")
 
 
@@ -93,20 +125,20 @@ def error_response(
         version,
         request_id,
         [],
-        finish_reason="error",
+        finish_reason=FinishReason.ERROR.value,
         error=error.message,
         error_type=error.kind,
     )
 
 
 def encode_unary(
-    model: str, version: str | None, request_id: str | None, request: Request, events: list[object]
+    model: str, version: str | None, request_id: str | None, request: Request, events: list[Event]
 ) -> InferenceResponse:
     """The whole answer in one response: full text and ids, or stacked hidden states."""
     final = events[-1]
     assert isinstance(final, FinalEvent)
     outputs: list[ResponseOutput] = []
-    if request.mode == "tokens":
+    if request.mode is Mode.TOKENS:
         tokens = [e for e in events if isinstance(e, TokenEvent)]
         outputs.append(_text("text", "".join(e.text for e in tokens) + final.text))
         outputs.append(_ids("token_ids", [e.token_id for e in tokens]))
@@ -114,10 +146,9 @@ def encode_unary(
         hidden = [e for e in events if isinstance(e, HiddenStateEvent)]
         if hidden:
             outputs.append(_floats("hidden_states", np.stack([e.hidden_state for e in hidden])))
+        assert final.embedding is not None  # every hidden_states or embedding request has one
         outputs.append(_floats("embedding", final.embedding))
-    params = dict(final.stats)
-    if request.mode == "hidden_states":
+    params = _final_parameters(final)
+    if request.mode is Mode.HIDDEN_STATES:
         params["layers"] = ",".join(str(e.layer) for e in events if isinstance(e, HiddenStateEvent))
-    return _response(
-        model, version, request_id, outputs, finish_reason=final.finish_reason, **params
-    )
+    return _response(model, version, request_id, outputs, **params)

@@ -1,96 +1,70 @@
 """Prometheus metrics on MLServer's /metrics endpoint.
 
 MLServer's own ``mlserver.register``/``log`` never reach /metrics with parallel_workers=0
-(which streaming needs), so these use prometheus_client's global registry directly. They are
-created on first use and looked up afterwards, because MLServer imports the implementation
-module and then reloads it: a second registration would raise ``Duplicated timeseries``.
+(which streaming needs), so these use prometheus_client's global registry directly.
+
+They are created once, when this module is first imported. MLServer imports the
+implementation module (``layerstream``) and then reloads it: that re-runs
+``layerstream/__init__.py`` only, which imports nothing eagerly, so this module is never
+executed twice in a process, and a second registration (``Duplicated timeseries``) cannot
+happen. The metric names are the contract; keep them.
 """
 
 from __future__ import annotations
 
-import threading
+from prometheus_client import Counter, Gauge, Histogram
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from ..inference.types import FinishReason, Mode, RequestStats
 
-_lock = threading.Lock()
-_metrics: dict[str, Counter | Gauge | Histogram] = {}
+_MODEL = ("model",)
 
-_SPECS = {
-    "requests": (
-        Counter,
-        "layerstream_requests",
-        "Requests by mode and finish reason",
-        ("model", "mode", "finish_reason"),
-    ),
-    "errors": (
-        Counter,
-        "layerstream_request_errors",
-        "Requests that ended with an error, by kind (error_type)",
-        ("model", "error_type"),
-    ),
-    "queued": (
-        Gauge,
-        "layerstream_queued_requests",
-        "Requests waiting for the model (not counting the one it runs)",
-        ("model",),
-    ),
-    "tokens": (Counter, "layerstream_generated_tokens", "Generated tokens", ("model",)),
-    "bytes": (Counter, "layerstream_bytes_streamed", "Bytes read from the chunk store", ("model",)),
-    "hits": (Counter, "layerstream_block_cache_hits", "Block runs served from memory", ("model",)),
-    "misses": (
-        Counter,
-        "layerstream_block_cache_misses",
-        "Block runs that streamed weights",
-        ("model",),
-    ),
-    "wait": (
-        Counter,
-        "layerstream_weight_wait_seconds",
-        "Time compute waited for weights",
-        ("model",),
-    ),
-    "compute": (
-        Counter,
-        "layerstream_compute_seconds",
-        "Request time not spent waiting for weights",
-        ("model",),
-    ),
-    "ttft": (
-        Histogram,
-        "layerstream_time_to_first_token_seconds",
-        "Time to first token",
-        ("model",),
-    ),
-}
+REQUESTS = Counter(
+    "layerstream_requests",
+    "Requests by mode and finish reason",
+    ("model", "mode", "finish_reason"),
+)
+ERRORS = Counter(
+    "layerstream_request_errors",
+    "Requests that ended with an error, by kind (error_type)",
+    ("model", "error_type"),
+)
+QUEUED = Gauge(
+    "layerstream_queued_requests",
+    "Requests waiting for the model (not counting the one it runs)",
+    _MODEL,
+)
+TOKENS = Counter("layerstream_generated_tokens", "Generated tokens", _MODEL)
+BYTES = Counter("layerstream_bytes_streamed", "Bytes read from the chunk store", _MODEL)
+# "cache" in the names: the contract from before block runs were told apart by residency
+RESIDENT_RUNS = Counter("layerstream_block_cache_hits", "Block runs served from memory", _MODEL)
+STREAMED_RUNS = Counter(
+    "layerstream_block_cache_misses", "Block runs that streamed weights", _MODEL
+)
+WEIGHT_WAIT = Counter("layerstream_weight_wait_seconds", "Time compute waited for weights", _MODEL)
+COMPUTE = Counter(
+    "layerstream_compute_seconds", "Request time not spent waiting for weights", _MODEL
+)
+TTFT = Histogram("layerstream_time_to_first_token_seconds", "Time to first token", _MODEL)
 
 
-def metric(key: str) -> Counter | Gauge | Histogram:
-    with _lock:
-        if key not in _metrics:
-            kind, name, doc, labels = _SPECS[key]
-            existing = REGISTRY._names_to_collectors.get(name)  # registered by an earlier import
-            _metrics[key] = existing if existing is not None else kind(name, doc, labels)
-        return _metrics[key]
-
-
-def record(model: str, mode: str, finish_reason: str, stats: dict[str, int]) -> None:
-    metric("requests").labels(model, mode, finish_reason).inc()
-    metric("tokens").labels(model).inc(stats.get("tokens", 0))
-    metric("bytes").labels(model).inc(stats.get("bytes_streamed", 0))
-    metric("hits").labels(model).inc(stats.get("cache_hits", 0))
-    metric("misses").labels(model).inc(stats.get("cache_misses", 0))
-    metric("wait").labels(model).inc(stats.get("weight_wait_us", 0) / 1e6)
-    metric("compute").labels(model).inc(stats.get("compute_us", 0) / 1e6)
-    if stats.get("ttft_us"):
-        metric("ttft").labels(model).observe(stats["ttft_us"] / 1e6)
+def record(model: str, mode: Mode, finish_reason: FinishReason, stats: RequestStats) -> None:
+    REQUESTS.labels(model, mode.value, finish_reason.value).inc()
+    TOKENS.labels(model).inc(stats.tokens)
+    BYTES.labels(model).inc(stats.bytes_streamed)
+    RESIDENT_RUNS.labels(model).inc(stats.resident_runs)
+    STREAMED_RUNS.labels(model).inc(stats.streamed_runs)
+    WEIGHT_WAIT.labels(model).inc(stats.weight_wait_us / 1e6)
+    COMPUTE.labels(model).inc(stats.compute_us / 1e6)
+    if stats.ttft_us:
+        TTFT.labels(model).observe(stats.ttft_us / 1e6)
 
 
 def record_error(model: str, mode: str, error_type: str) -> None:
     """A request that ended with an error: counted with finish_reason ``error`` beside the
-    others, and by its kind (``mode`` is ``unknown`` when the request did not parse)."""
-    metric("requests").labels(model, mode, "error").inc()
-    metric("errors").labels(model, error_type).inc()
+    others, and by its kind (``mode`` is ``unparsed`` when the request did not parse)."""
+    REQUESTS.labels(model, mode, FinishReason.ERROR.value).inc()
+    ERRORS.labels(model, error_type).inc()
 
 
 def set_queued(model: str, waiting: int) -> None:
-    metric("queued").labels(model).set(waiting)
+    QUEUED.labels(model).set(waiting)

@@ -1,0 +1,67 @@
+"""What a request asks for and what the loaded model can do, independent of MLServer.
+
+serving/protocol.py builds a ``Request`` from V2 inputs and parameters; inference/run.py
+runs it. ``check_context`` is the one check both sides need: the protocol applies it to
+ids as they arrive (a request that cannot fit never queues), run.py to every request once
+its prompt is tokenized.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import InvalidRequest
+from .types import Mode, Pooling
+
+
+@dataclass(frozen=True)
+class ModelCapabilities:
+    modes: tuple[Mode, ...]
+    default_mode: Mode
+    vocab_size: int
+    context_length: int | None
+    num_layers: int  # hidden-state indexes run 0..num_layers
+    has_pooler: bool = False
+    has_tokenizer: bool = True
+
+    def __post_init__(self) -> None:
+        # callers outside capabilities.py (tests, benchmarks) may pass the wire words
+        object.__setattr__(self, "modes", tuple(Mode(m) for m in self.modes))
+        object.__setattr__(self, "default_mode", Mode(self.default_mode))
+
+
+@dataclass
+class Request:
+    mode: Mode
+    prompt: str | None = None
+    input_ids: list[int] | None = None
+    max_new_tokens: int = 64
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    do_sample: bool | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    layers: list[int] = field(default_factory=list)  # normalised, ascending, 0..num_layers
+    pooling: Pooling = Pooling.MEAN
+    timeout_us: int | None = None  # the request's own deadline, microseconds from arrival
+
+    def __post_init__(self) -> None:
+        # callers outside the protocol (tests, benchmarks) may pass the wire words
+        self.mode = Mode(self.mode)
+        self.pooling = Pooling(self.pooling)
+
+
+def check_context(n_prompt: int, request: Request, caps: ModelCapabilities) -> None:
+    """A prompt (plus the tokens to generate) must fit the model's context."""
+    if caps.context_length is None:
+        return
+    generates = request.mode is Mode.TOKENS
+    needed = n_prompt + (request.max_new_tokens if generates else 0)
+    if needed > caps.context_length:
+        extra = f" + max_new_tokens {request.max_new_tokens}" if generates else ""
+        raise InvalidRequest(
+            f"prompt of {n_prompt} tokens{extra} exceeds the model's context of "
+            f"{caps.context_length} tokens; shorten the prompt or lower max_new_tokens"
+        )
