@@ -83,7 +83,8 @@ class LayerStreamRuntime(MLModel):
         # Building the engine reads chunks and builds the model: off the event loop, which
         # serves every other model and the health probes meanwhile.
         self._engine = await asyncio.to_thread(_build_engine, settings, folder)
-        self._settings_ls = settings
+        # ``self.settings`` is MLServer's ModelSettings; these are layerstream's, from its extras
+        self._options = settings
         # capabilities run the model once on the meta device, the limit scans the vocabulary
         self._caps = await asyncio.to_thread(capabilities, self._engine)
         self._prompt_limit = await asyncio.to_thread(
@@ -179,7 +180,7 @@ class LayerStreamRuntime(MLModel):
         damage = self._engine.damage
         if damage is not None:  # a fresh error each time: raising one object grows its traceback
             raise ChunkIntegrityError(damage.message)
-        s = self._settings_ls
+        s = self._options
         return parse_request(
             payload,
             self._caps,
@@ -191,7 +192,7 @@ class LayerStreamRuntime(MLModel):
     def _stream(
         self, request: Request, payload: InferenceRequest, arrived: float
     ) -> AsyncIterator[Event]:
-        limit = self._settings_ls.request_timeout_s
+        limit = self._options.request_timeout_s
         deadline = Deadline.after(limit, "the request_timeout_s setting", arrived)
         if request.timeout_us is not None and request.timeout_us / 1e6 < limit:
             deadline = Deadline.after(
