@@ -1,15 +1,23 @@
 """layerstream: serve Hugging Face transformers whose weights stream layer by layer.
 
-The flow, by module:
+The flow, by subpackage (one line per module: docs/design.md, "How it is built"):
 
-- ``chunker``   a checkpoint -> one safetensors chunk per block + ``manifest.json``
-- ``stores``    where chunks live (``ChunkStore``: a directory, S3, HTTP(S), a disk cache)
-- ``engine``    the model on a meta skeleton; hooks install/release blocks while it runs
-- ``streamer``  reads chunks: pinned blocks once, the others through a buffer pool, ahead
-- ``integrity`` chunk sizes and tensors checked at load, streamed chunks hashed after it
-- ``runtime``   ``LayerStreamRuntime``, the MLServer model (``predict_stream``/``predict``);
-  requests are checked by ``protocol``/``inputs``/``prompts``, errors carry a kind
-  (``errors``) that ``transport``/``grpc_status`` turn into SSE events or gRPC statuses
+- ``chunker``    a checkpoint -> one safetensors chunk per block + ``manifest.json``, and
+  the model-repo entry that serves it (the ``layerstream chunk`` command)
+- ``format``     the store's files: the manifest, safetensors chunk headers and tensor
+  views, the streaming chunk writer
+- ``stores``     where chunks live (``ChunkStore``: a directory, S3, HTTP(S), a disk cache);
+  optional capabilities (mapping, conditional reads) are declared as protocols
+- ``engine``     the model on a meta skeleton; the residency plan pins the first blocks
+  that fit the budget, the streamer reads the others ahead into a buffer pool, hooks
+  install/release them around each block; integrity checks at load, in the background
+  and on use
+- ``inference``  what one request runs, free of MLServer: generation, hidden states,
+  embeddings, prompt limits, and the events and stats it produces
+- ``serving``    ``LayerStreamRuntime``, the MLServer model (``predict_stream``/``predict``):
+  settings, the request contract (``protocol``/``parameters``/``inputs``), the
+  per-model queue, responses, metrics; errors carry a kind (``errors``) that
+  ``transport``/``grpc_status`` turn into SSE events, HTTP or gRPC statuses
 
 MLServer imports ``layerstream.LayerStreamRuntime`` and then reloads this module, so it
 has no side effects: the heavy imports happen on first attribute access.

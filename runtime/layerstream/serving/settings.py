@@ -3,11 +3,15 @@
 Read from ``parameters.extra`` in model-settings.json (Seldon Core v2 keeps only that block
 when it rewrites the file, and passes every value as a string), with environment variables
 ``MLSERVER_MODEL_LAYERSTREAM_<FIELD>`` as fallback.
+
+The field descriptions are the settings' documentation: ``docs/settings.md`` is rendered from
+them by ``scripts/settings_table.py``, and tests/test_docs.py fails when the two disagree.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -17,7 +21,17 @@ from ..errors import SettingsError
 from ..stores import StoreOptions, is_remote
 from ..units import parse_size
 
-Seconds = Annotated[float, Field(gt=0, le=86400)]
+
+@dataclass(frozen=True)
+class Shown:
+    """How the settings table names a value's form where its Python type says too little
+    (pydantic keeps this metadata and ignores it)."""
+
+    text: str
+
+
+Seconds = Annotated[float, Field(gt=0, le=86400), Shown("seconds")]
+ByteSize = Annotated[str, Shown("bytes: `8MiB`, `2GB`, `1048576`")]
 
 
 class LayerStreamSettings(BaseSettings):
@@ -27,70 +41,86 @@ class LayerStreamSettings(BaseSettings):
 
     chunk_store: str = Field(
         description="Where the chunks are: a directory (relative paths resolve against the "
-        "model folder), file:// URL, s3://bucket/prefix or http(s)://host/path."
+        "model folder), `file://` URL, `s3://bucket/prefix` or `http(s)://host/path`."
     )
-    memory_budget: str = Field(
+    memory_budget: Annotated[str, Shown("bytes (`2GiB`, `512MB`), `25%` or `auto`")] = Field(
         default="auto",
-        description="Bytes of weights held in memory: '2GiB', '512MB', '25%' of the model, "
-        "or 'auto' (the whole model if it takes at most 60% of the memory this process can "
-        "still use, else 60% of that memory).",
+        description="Bytes of weights held in memory: non-block weights, pinned blocks and "
+        "the streaming buffers. `25%` is a share of the model; `auto` is the whole model if "
+        "it takes at most 60% of the memory this process can still use (cgroup limit "
+        "included), else 60% of that memory. The smallest workable budget is the non-block "
+        "weights plus one block (the load error names it).",
     )
     read_ahead: Annotated[int, Field(ge=0, le=64)] | Literal["auto"] = Field(
         default="auto",
-        description="Streamed blocks read ahead of the one computing; 'auto' is 1 (lowered "
-        "to 0 when the budget cannot hold two streaming buffers).",
+        description="Streamed blocks read ahead of the one computing; `auto` is 1. Lowered, "
+        "with a warning, when the budget cannot hold `1 + read_ahead` streaming buffers "
+        "beside the non-block weights. With the `mmap` reader, blocks already in the page "
+        "cache are mapped when needed instead of read ahead. `0` suits a token whose compute "
+        "is shorter than one block's read (a slow remote store, a small model): the overlap "
+        "is then worth less than the block it would pin (docs/design.md, Read-ahead).",
     )
     io_threads: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
         default="auto",
-        description="Threads reading chunks; 'auto' is one per block read in flight.",
+        description="Threads reading chunks; each read in flight blocks one. `auto` is the "
+        "read-ahead the budget allows, at least 1.",
     )
     torch_threads: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = Field(
         default="auto",
-        description="torch intra-op threads; 'auto' is the CPUs this process may use "
-        "(affinity and cgroup CPU quota, which torch's own default ignores).",
+        description="torch intra-op threads; `auto` is the CPUs this process may use: its "
+        "CPU affinity capped by the cgroup CPU quota (a pod's `limits.cpu`), which torch's "
+        "own default ignores (on a 64-core node with `limits.cpu: 4` it starts 32+ threads).",
     )
     verify_checksums: Literal["once", "always", "off"] = Field(
         default="once",
-        description="sha256 of each chunk against the manifest: 'once' (on first read, and "
-        "again whenever the store's file changes), 'always' (every read), 'off' (sizes only).",
+        description="sha256 of each local chunk against the manifest: `once` (on first read, "
+        "and again whenever its file changes: new inode, size, mtime or ctime), `always` "
+        "(every read: a core's worth of hashing per streamed byte), `off` (sizes only; "
+        "refused for remote stores). Remote chunks are hashed on every read whatever this says.",
     )
     verify_in_background: bool = Field(
         default=True,
-        description="After load, hash every streamed chunk of a local store on a low-priority "
-        "thread: a damaged chunk then takes the model out of readiness before a request "
-        "finds it. Remote stores are hashed on every read instead.",
+        description="After load, hash every streamed chunk of a local store once, on a thread "
+        "of the lowest CPU priority: a damaged chunk then takes the model out of readiness "
+        "before a request finds it, and the first requests need not hash. Off with "
+        "`verify_checksums: off`. Remote stores are hashed on every read instead.",
     )
     reader: Literal["auto", "mmap", "read"] = Field(
         default="auto",
-        description="How streamed blocks are read: 'mmap' maps local chunk files (no copy), "
-        "'read' copies them into reusable buffers; 'auto' maps local stores unless "
-        "verify_checksums is 'always'.",
+        description="How streamed blocks are read: `mmap` maps local chunk files (no copy; "
+        "chunk files must then be replaced by rename, as the chunker does, never rewritten "
+        "in place: truncating a mapped file ends the process, docs/integrity.md), `read` "
+        "copies them into reusable buffers; `auto` maps local stores unless "
+        "`verify_checksums` is `always`.",
     )
     max_new_tokens_limit: int = Field(
-        default=1024, ge=1, description="Largest max_new_tokens a request may ask for."
+        default=1024, ge=1, description="Largest `max_new_tokens` a request may ask for."
     )
     default_max_new_tokens: int = Field(
-        default=64, ge=1, description="max_new_tokens when a request does not say."
+        default=64, ge=1, description="`max_new_tokens` when a request does not say."
     )
     max_queued_requests: int = Field(
         default=64,
         ge=1,
-        description="Requests waiting for the model before new ones are refused as overloaded "
-        "(SSE error event, /infer 503, gRPC RESOURCE_EXHAUSTED).",
+        description="Requests waiting for the model before new ones are refused as "
+        "`overloaded` (SSE error event, `/infer` 503, gRPC `RESOURCE_EXHAUSTED`).",
     )
     request_timeout_s: Seconds = Field(
         default=600.0,
         description="Seconds a request may take from arrival, queue wait included; then the "
-        "engine stops at the next block and the client gets error_type 'timeout' (SSE event, "
-        "/infer 504, gRPC DEADLINE_EXCEEDED). It bounds work a client abandoned where the "
-        "transport cannot say so (an HTTP/1.1 /infer client that timed out). A request's own "
-        "'timeout' parameter (microseconds, as tritonclient sends it) can only shorten it.",
+        "engine stops at the next block and the client gets error_type `timeout` (SSE event, "
+        "`/infer` 504, gRPC `DEADLINE_EXCEEDED`). It bounds work a client abandoned where "
+        "the transport cannot say so (an HTTP/1.1 `/infer` client that timed out). A "
+        "request's own `timeout` parameter (microseconds, as tritonclient sends it) can only "
+        "shorten it.",
     )
     max_prompt_bytes: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         default="auto",
-        description="Largest prompt, in UTF-8 bytes, refused before it is tokenized; 'auto' is "
-        "the context length times the longest token of the vocabulary (a longer prompt "
-        "cannot fit the context), or 1 MiB for a model without a context length.",
+        description="Largest prompt, in UTF-8 bytes, refused before it is tokenized; `auto` "
+        "is (context length + 1) x the longest vocabulary entry (a longer prompt cannot fit "
+        "the context), or 1 MiB for a model without a context length. A tokenizer that drops "
+        "text (WordPiece's one `[UNK]` for an over-long word) could fit a longer prompt: set "
+        "it explicitly then.",
     )
 
     # -- remote stores ------------------------------------------------------------------
@@ -103,24 +133,35 @@ class LayerStreamSettings(BaseSettings):
     store_deadline_s: Seconds = Field(
         default=120.0,
         description="Seconds one remote read may take, retries included (exponential backoff "
-        "with jitter on throttling, 5xx, resets, truncated bodies); then the request fails.",
+        "with full jitter on throttling, 5xx, resets, timeouts, truncated bodies); then the "
+        "request fails with the last cause.",
     )
     store_max_concurrency: Annotated[int, Field(ge=1, le=256)] = Field(
-        default=8, description="Ranged GETs in flight per remote store."
+        default=8,
+        description="Ranged GETs in flight per remote store; one chunk is split into this "
+        "many parts, so a store that caps each connection's rate is read this many times "
+        "faster.",
     )
-    store_part_size: str = Field(
-        default="8MiB", description="Bytes per ranged GET of a remote chunk."
+    store_part_size: ByteSize = Field(
+        default="8MiB",
+        description="Largest ranged GET of a remote chunk: a chunk is read in parts of its "
+        "size / `store_max_concurrency`, at least 1 MiB and at most this.",
     )
     s3_endpoint_url: str | None = Field(
         default=None,
-        description="S3-compatible endpoint (MinIO, Ceph, R2, GCS HMAC); default AWS.",
+        description="S3-compatible endpoint (MinIO, Ceph RGW, R2, GCS with HMAC keys); "
+        "none is AWS.",
     )
-    s3_region: str | None = Field(default=None, description="S3 region; default from AWS config.")
+    s3_region: str | None = Field(default=None, description="S3 region; none: from AWS config.")
     s3_profile: str | None = Field(
-        default=None, description="Profile in ~/.aws/config; default the standard chain."
+        default=None,
+        description="Profile in `~/.aws/config`; none: the standard credential chain "
+        "(environment, profile, IAM role).",
     )
     s3_addressing_style: Literal["auto", "path", "virtual"] = Field(
-        default="auto", description="Bucket in the path or in the host name."
+        default="auto",
+        description="`path` (bucket in the path, typical for MinIO) or `virtual` (bucket in "
+        "the host name); `auto` lets botocore choose.",
     )
     http_headers: dict[str, str] = Field(
         default_factory=dict,
@@ -128,21 +169,29 @@ class LayerStreamSettings(BaseSettings):
     )
     http_bearer_token: SecretStr | None = Field(
         default=None,
-        description="Bearer token for an http(s) store; prefer the environment variable "
-        "MLSERVER_MODEL_LAYERSTREAM_HTTP_BEARER_TOKEN (a Kubernetes secret) to the file.",
+        description="Bearer token for an http(s) store, never logged; prefer the environment "
+        "variable `MLSERVER_MODEL_LAYERSTREAM_HTTP_BEARER_TOKEN` (a Kubernetes secret) to the "
+        "file. A token over plain `http://` is logged as a warning.",
     )
     http_verify_tls: bool = Field(
-        default=True, description="Verify the https store's certificate (keep this on)."
+        default=True,
+        description="Verify the https store's certificate. `false` exists for tests and is "
+        "logged loudly.",
     )
     http_ca_bundle: str | None = Field(
-        default=None, description="CA bundle (PEM) that signed the https store's certificate."
+        default=None,
+        description="CA bundle (PEM) that signed the https store's certificate; none: the "
+        "system CAs.",
     )
     cache_dir: str | None = Field(
         default=None,
-        description="Local disk cache in front of a remote store (shared by processes and "
-        "models, survives restarts); none by default.",
+        description="Local disk cache in front of a remote store (content-addressed, shared "
+        "by processes and models, survives restarts; docs/remote-stores.md); none by default.",
     )
-    cache_size: str = Field(default="10GiB", description="Byte budget of the disk cache.")
+    cache_size: ByteSize = Field(
+        default="10GiB",
+        description="Byte budget of the disk cache; least recently used entries go first.",
+    )
 
     @field_validator("memory_budget")
     @classmethod
