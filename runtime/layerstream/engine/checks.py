@@ -14,7 +14,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from enum import StrEnum
 from typing import TypeVar
 
 import torch
@@ -29,14 +28,15 @@ from ..format.safetensors import (
     tensors_from_layout,
     verify,
 )
-from ..stores import CachingStore, ChunkStore, LocalStore
+from ..stores import CachingStore, ChunkStore, MappableStore
+from ..words import Word
 from .stats import StreamStats
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class VerifyMode(StrEnum):
+class VerifyMode(Word):
     """When a chunk's sha256 is checked (the ``verify_checksums`` setting)."""
 
     # the first time a chunk is read, and again whenever the store reports another version
@@ -193,6 +193,8 @@ class ChunkChecks:
         try:
             return refetch_once(self.store, info.file, read, counted)
         except ChunkIntegrityError as exc:
-            if isinstance(self.store, LocalStore):
+            # read twice from a local file system and still wrong: the file itself is
+            # damaged, not a transfer (remote stores are read afresh by the next request)
+            if isinstance(self.store, MappableStore):
                 self.health.failed(info.name, exc)
             raise

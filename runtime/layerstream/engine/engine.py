@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 from ..errors import ChunkIntegrityError, ManifestError, RequestCancelled
 from ..format.manifest import MANIFEST_NAME, ChunkInfo, Manifest
 from ..format.safetensors import ChunkSpec
-from ..stores import CachingStore, ChunkStore, LocalStore, MappableStore
+from ..stores import CachingStore, ChunkStore, MappableStore
 from ..units import format_size
 from . import tuning
 from .checks import ChunkChecks, VerifyMode
@@ -207,7 +207,7 @@ class Engine:
         if not (options.verify_in_background and options.verify_checksums != VerifyMode.OFF):
             return None
         streamed = self._streamed_chunks()
-        if not isinstance(self.store, LocalStore) or not streamed:
+        if not isinstance(self.store, MappableStore) or not streamed:
             return None
         return BackgroundVerifier(self.store, streamed, self.streamer.health, self._evict)
 

@@ -1,4 +1,5 @@
-"""Is the chunk store what the model needs? Checked at load, in the background, and on use.
+"""Is the chunk store what the model needs? Checked at load and, after it, in the background
+(the checks on use, before a block's bytes run, are in checks.py).
 
 - At load, every streamed chunk's size and safetensors header are read (a few KiB each) and
   checked against the manifest and against the tensors the model built from the config
@@ -34,7 +35,7 @@ from ..format.safetensors import (
     header_length,
     parse_header,
 )
-from ..stores import ChunkStore, LocalStore
+from ..stores import ChunkStore, MappableStore
 from ..units import format_size
 from .checks import ChunkHealth, refetch_once
 from .hooks import BlockBinding
@@ -155,7 +156,7 @@ class BackgroundVerifier:
 
     def __init__(
         self,
-        store: LocalStore,
+        store: MappableStore,
         infos: list[ChunkInfo],
         health: ChunkHealth,
         evict: Callable[[str], None] | None = None,

@@ -15,19 +15,19 @@ from __future__ import annotations
 import queue
 import time
 from abc import ABC, abstractmethod
-from enum import StrEnum
 
 import torch
 
 from ..errors import ChunkStoreError
 from ..format.manifest import ChunkInfo
 from ..stores import ChunkStore, MappableStore
+from ..words import Word
 from .checks import ChunkChecks, VerifyMode
 
 READERS = ("auto", "mmap", "read")
 
 
-class ReaderKind(StrEnum):
+class ReaderKind(Word):
     MMAP = "mmap"  # streams without a copy
     READ = "read"  # copies into the pool
 

@@ -5,7 +5,6 @@ serving/encoding.py is the one place that turns these into V2 responses and para
 
 from __future__ import annotations
 
-import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,17 +12,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..words import Word
+
 if TYPE_CHECKING:
     from ..engine.engine import RequestContext
-
-
-class Word(str, enum.Enum):
-    """A closed set of wire words. A ``str`` (compares equal to its value, JSON-encodes as
-    it) that also prints as its value: log lines and metric labels show ``tokens``, not
-    ``Mode.TOKENS``. (``enum.StrEnum`` would do, but the project still supports 3.10.)"""
-
-    def __str__(self) -> str:
-        return self.value
 
 
 class Mode(Word):

@@ -84,7 +84,7 @@ def _log_finished(model: str, request_id: str | None, request: Request, final: F
     s = final.stats
     log.info(
         "%s %s: %s, %d prompt + %d tokens in %.3fs (ttft %.3fs): compute %.3fs, weights "
-        "waited %.3fs (%s); streamed %.1f MiB, cache %d hit / %d miss (request %s)",
+        "waited %.3fs (%s); streamed %.1f MiB; block runs %d pinned / %d streamed (request %s)",
         model,
         request.mode.value,
         final.finish_reason.value,
@@ -98,7 +98,7 @@ def _log_finished(model: str, request_id: str | None, request: Request, final: F
         s.bytes_streamed / 2**20,
         s.resident_runs,
         s.streamed_runs,
-        request_id,
+        request_id or "(no id)",  # gRPC requests carry none unless the client sets one
     )
 
 
