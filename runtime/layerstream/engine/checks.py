@@ -119,12 +119,11 @@ class ChunkChecks:
         store: ChunkStore,
         mode: VerifyMode,
         specs: dict[str, ChunkSpec],
-        stats: StreamStats | None = None,
     ):
         self.store = store
         self.mode = mode
         self.specs = specs  # what each chunk must hold (from the model built on meta)
-        self.stats = stats or StreamStats()
+        self.stats = StreamStats()
         self.health = ChunkHealth()
         self._lock = threading.Lock()  # the I/O threads count into ``stats`` too
         # chunk name -> (store version, parsed header): a streamed block's header is parsed

@@ -69,7 +69,8 @@ class RequestContext:
 
 class Engine:
     """Built by the steps below in order; a step that fails undoes those before it, and
-    ``close`` undoes them all (the ExitStack)."""
+    ``close`` undoes them all (the ExitStack). The engine owns ``store``: it is closed with
+    the engine, or when building it fails."""
 
     def __init__(self, store: ChunkStore, options: EngineOptions):
         started = time.perf_counter()

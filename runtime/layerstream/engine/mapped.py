@@ -9,7 +9,6 @@ block per token (docs/design-notes-engine.md, "Kept mappings").
 
 from __future__ import annotations
 
-import functools
 import mmap
 import threading
 import time
@@ -159,7 +158,7 @@ class MappedReader(BlockReader):
             )
 
     def after_use(self, j: int, info: ChunkInfo) -> None:
-        self._reaper.submit(functools.partial(self._drop_pages, j, info))
+        self._reaper.submit(self._drop_pages, j, info)
 
     def _drop_pages(self, j: int, info: ChunkInfo) -> None:
         with self._lock:

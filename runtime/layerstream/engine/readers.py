@@ -120,14 +120,12 @@ class BufferPool:
     """
 
     def __init__(self, count: int, nbytes: int):
-        self.nbytes = nbytes
-        self.count = count
         self._free: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
         for _ in range(count):
             self._free.put(torch.empty(nbytes, dtype=torch.uint8))
 
-    def acquire(self, timeout: float | None = None) -> torch.Tensor:
-        return self._free.get(timeout=timeout)
+    def acquire(self) -> torch.Tensor:
+        return self._free.get()
 
     def release(self, buffer: torch.Tensor) -> None:
         self._free.put(buffer)

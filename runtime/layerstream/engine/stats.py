@@ -25,14 +25,10 @@ class StreamStats:
 
     def since(self, before: StreamStats) -> StreamStats:
         """The counts between ``before`` (an earlier snapshot) and now."""
+        # every field, so a counter added later is reported too
         return StreamStats(
-            resident_runs=self.resident_runs - before.resident_runs,
-            streamed_runs=self.streamed_runs - before.streamed_runs,
-            read_aheads=self.read_aheads - before.read_aheads,
-            bytes_read=self.bytes_read - before.bytes_read,
-            chunks_read=self.chunks_read - before.chunks_read,
-            read_s=self.read_s - before.read_s,
-            wait_s=self.wait_s - before.wait_s,
-            chunks_verified=self.chunks_verified - before.chunks_verified,
-            refetches=self.refetches - before.refetches,
+            **{
+                f.name: getattr(self, f.name) - getattr(before, f.name)
+                for f in dataclasses.fields(self)
+            }
         )

@@ -61,6 +61,9 @@ class WeightStreamer:
         self, reader: BlockReader, manifest: Manifest, plan: ResidencyPlan, io_threads: int
     ):
         self._reader = reader
+        # plain attributes: read per block per token, so no property chain on the hot path
+        self.stats: StreamStats = reader.checks.stats
+        self.health: ChunkHealth = reader.checks.health
         self.manifest = manifest
         self.plan = plan
         self.order = BlockOrder(manifest)
@@ -75,14 +78,6 @@ class WeightStreamer:
     @property
     def reader(self) -> ReaderKind:
         return self._reader.kind
-
-    @property
-    def stats(self) -> StreamStats:
-        return self._reader.checks.stats
-
-    @property
-    def health(self) -> ChunkHealth:
-        return self._reader.checks.health
 
     def _info(self, j: int) -> ChunkInfo:
         return self.manifest.chunks[self.manifest.blocks[j].chunk]
@@ -137,9 +132,12 @@ class WeightStreamer:
                 self._discard(self._inflight.pop(k))
         for k in wanted:
             # a block predicted last time and not read then was in memory: not probed again
-            if k in self._inflight or k in before or self._reader.in_memory(self._info(k)):
+            if k in self._inflight or k in before:
                 continue
-            self._inflight[k] = self._io.submit(self._reader.lease, k, self._info(k))
+            info = self._info(k)
+            if self._reader.in_memory(info):
+                continue
+            self._inflight[k] = self._io.submit(self._reader.lease, k, info)
             self.stats.read_aheads += 1
 
     def drop_read_ahead(self) -> None:
