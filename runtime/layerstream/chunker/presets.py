@@ -25,6 +25,16 @@ log = logging.getLogger(__name__)
 PAD, BOS, EOS, UNK = "<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"
 CLS, SEP, MASK = "[CLS]", "[SEP]", "[MASK]"
 
+# the tiny decoder and encoder presets' common shape
+_TINY: dict[str, Any] = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    vocab_size=512,
+    max_position_embeddings=256,
+)
+
 # name -> (model_type, config kwargs). Small enough for tests; "llama-demo" is the quick start.
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "tiny-gpt2": (
@@ -41,40 +51,10 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "tiny-llama": (
         "llama",
-        dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=512,
-            max_position_embeddings=256,
-            tie_word_embeddings=False,
-        ),
+        _TINY | dict(num_key_value_heads=2, tie_word_embeddings=False),
     ),
-    "tiny-qwen2": (
-        "qwen2",
-        dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=512,
-            max_position_embeddings=256,
-        ),
-    ),
-    "tiny-bert": (
-        "bert",
-        dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            vocab_size=512,
-            max_position_embeddings=256,
-        ),
-    ),
+    "tiny-qwen2": ("qwen2", _TINY | dict(num_key_value_heads=2)),
+    "tiny-bert": ("bert", _TINY),
     # ~300 MB fp32: the memory test and quick benchmark runs
     "llama-300m": (
         "llama",
