@@ -6,7 +6,8 @@ unbound by a post-forward hook (hooks.py). ``forward`` and ``generate`` (KV cach
 sampling, masks, RoPE) are transformers' own, so any architecture it can build from a
 config works.
 
-Threading: the model runs on one thread at a time (the scheduler's); store reads run on the
+Threading: each request runs on a thread of its own, inside ``request()``; the requests in
+flight share every pass over the streamed blocks (sweeps.py). Store reads run on the
 streamer's I/O threads.
 """
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel
 
-from ..errors import ChunkIntegrityError, ManifestError, RequestCancelled
+from ..errors import ChunkIntegrityError, ManifestError
 from ..format.manifest import MANIFEST_NAME, ChunkInfo, Manifest
 from ..format.safetensors import ChunkSpec
 from ..stores import CachingStore, ChunkStore, MappableStore
@@ -43,6 +44,7 @@ from .sidefiles import load_side_files
 from .skeleton import block_of, block_prefixes, build_skeleton, get_tensor, set_tensor
 from .stats import StreamStats
 from .streamer import WeightStreamer
+from .sweeps import ComputeSlots, Rider, SweepGroup
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +57,27 @@ class EngineOptions:
     verify_checksums: str = "once"  # see checks.VerifyMode
     verify_in_background: bool = True  # hash streamed local chunks after load (integrity.py)
     reader: str = "auto"  # see readers.pick_reader
+    compute_slots: int | str = "auto"  # requests computing at once; see tuning.compute_slots
 
 
 @dataclass
 class RequestContext:
-    """Per-request view of the engine's counters (one request runs at a time)."""
+    """One request on the engine: its rider in the sweeps and, once it has ended, its stats."""
 
-    cancelled: Callable[[], bool]
+    rider: Rider
+    before: StreamStats  # the engine's counters when it started
     started: float = field(default_factory=time.perf_counter)
-    before: StreamStats | None = None
     stats: StreamStats = field(default_factory=StreamStats)
+
+    def measure(self, now: StreamStats) -> StreamStats:
+        """Its own block runs and waits; the store's reads while it was in flight (shared
+        with the requests that rode the same sweeps)."""
+        stats = now.since(self.before)
+        rider = self.rider
+        stats.resident_runs = rider.resident_runs
+        stats.streamed_runs = rider.streamed_runs
+        stats.wait_s = rider.wait_s
+        return stats
 
 
 class Engine:
@@ -76,7 +89,6 @@ class Engine:
         started = time.perf_counter()
         self.store = store
         self.options = options
-        self._context: RequestContext | None = None
         with contextlib.ExitStack() as stack:
             stack.callback(store.close)
             self._read_manifest_and_side_files()
@@ -84,6 +96,9 @@ class Engine:
             self._plan()
             self.streamer = self._start_streamer()
             stack.callback(self.streamer.close)
+            slots = ComputeSlots(tuning.compute_slots(options.compute_slots))
+            self.sweeps = SweepGroup(self.streamer, slots)
+            stack.callback(self.sweeps.close)
             self._load_weights()
             self.hooks = self._install_hooks()
             stack.callback(self._remove_hooks)
@@ -192,9 +207,10 @@ class Engine:
         hooks: list[BlockHook] = []
         for j, binding in enumerate(self.bindings):
             kind = ResidentBlockHook if j in self.plan.resident else StreamedBlockHook
-            hook = kind(j, binding, self.streamer, self._check_cancel)
+            hook = kind(j, binding, self.sweeps)
             hook.attach()
             hooks.append(hook)
+        self.sweeps.hooks = [h if isinstance(h, StreamedBlockHook) else None for h in hooks]
         return hooks
 
     def _remove_hooks(self) -> None:
@@ -231,27 +247,22 @@ class Engine:
         )
 
     # -- requests ----------------------------------------------------------------------------
-    def _check_cancel(self) -> None:
-        if self._context is not None and self._context.cancelled():
-            raise RequestCancelled()
-
     @contextlib.contextmanager
     def request(self, cancelled: Callable[[], bool] = lambda: False) -> Iterator[RequestContext]:
-        """Run one request's model calls inside this block (on the engine thread)."""
-        context = RequestContext(cancelled=cancelled, before=self.streamer.stats.snapshot())
-        self._context = context
+        """Run one request's model calls inside this block, on the calling thread; requests
+        on other threads share its passes over the streamed blocks (sweeps.py). ``cancelled``
+        is asked before every block: True stops the request (RequestCancelled)."""
+        before = self.streamer.stats.snapshot()
+        context = RequestContext(rider=self.sweeps.join(cancelled), before=before)
+        failed = True
         try:
             with torch.inference_mode():
                 yield context
-        except BaseException:
-            # A failed or cancelled forward may leave read-aheads for blocks that will not run.
-            self.streamer.drop_read_ahead()
-            for hook in self.hooks:
-                hook.abort()
-            raise
+            failed = False
         finally:
-            self._context = None
-            context.stats = self.streamer.stats.since(context.before)
+            # the last request out after a failure drops read-aheads nobody may need
+            self.sweeps.leave(context.rider, failed)
+            context.stats = context.measure(self.streamer.stats)
 
     @property
     def damage(self) -> ChunkIntegrityError | None:

@@ -3,14 +3,13 @@
 The module keeps its meta tensors as placeholders; binding swaps in views of the chunk's
 bytes (no copy), unbinding swaps the placeholders back so the bytes can be reused. Each
 block has one hook object, registered and removed as one unit: a resident block's only
-counts its runs, a streamed block's leases the block's tensors from the streamer for the
-run and holds what it has bound in between.
+counts its runs, a streamed block's waits for the sweep group (sweeps.py) to install the
+block, which leases the block's tensors from the streamer.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -19,7 +18,7 @@ from torch.utils.hooks import RemovableHandle
 from ..errors import ChunkIntegrityError
 from .readers import Lease
 from .skeleton import tied_groups
-from .streamer import WeightStreamer
+from .sweeps import SweepGroup
 
 
 class BlockBinding:
@@ -71,20 +70,14 @@ class BlockBinding:
 
 
 class BlockHook(ABC):
-    """The forward hooks of one block. ``check_cancel`` raises when the request running
-    has been cancelled: a block boundary is where a request stops."""
+    """The forward hooks of one block, registered and removed as one unit. The sweep group
+    (sweeps.py) checks each request for cancellation before every block: a block boundary
+    is where a request stops."""
 
-    def __init__(
-        self,
-        index: int,
-        binding: BlockBinding,
-        streamer: WeightStreamer,
-        check_cancel: Callable[[], None],
-    ):
+    def __init__(self, index: int, binding: BlockBinding, group: SweepGroup):
         self.index = index
         self.binding = binding
-        self.streamer = streamer
-        self._check_cancel = check_cancel
+        self.group = group
         self._handles: list[RemovableHandle] = []
 
     @abstractmethod
@@ -96,29 +89,23 @@ class BlockHook(ABC):
             handle.remove()
         self._handles = []
 
-    def abort(self) -> None:
-        """Give back what a failed or cancelled forward left behind."""
-        return None  # a resident block holds nothing per run
-
 
 class ResidentBlockHook(BlockHook):
-    """A pinned block's tensors are bound for good: its hook only counts its runs."""
+    """A pinned block's tensors are bound for good: it never waits for weights."""
 
     def attach(self) -> None:
         self._handles = [self.binding.module.register_forward_pre_hook(self._pre)]
 
     def _pre(self, module: nn.Module, args: tuple) -> None:
-        self._check_cancel()
-        self.streamer.hit()
+        self.group.resident_run()
 
 
 class StreamedBlockHook(BlockHook):
-    """Leases the block's tensors before each run and gives them back after it. Tensors of
-    a kept lease stay bound between runs: binding them again each time would cost more than
-    their views, which stay valid."""
+    """Waits before each run until the sweep group has installed the block (one lease for
+    every request that runs it then). Tensors of a kept lease stay bound between installs:
+    binding them again each time would cost more than their views, which stay valid."""
 
-    _lease: Lease | None = None  # the lease of the run in progress
-    _bound: dict[str, torch.Tensor] | None = None  # kept tensors bound between runs
+    _bound: dict[str, torch.Tensor] | None = None  # kept tensors bound between installs
 
     def attach(self) -> None:
         module = self.binding.module
@@ -132,32 +119,21 @@ class StreamedBlockHook(BlockHook):
         if self._bound is not None:
             self._unbind()  # the views go first, so the reader can unmap the mappings
 
-    def abort(self) -> None:
-        lease, self._lease = self._lease, None
-        if lease is not None:
-            self._unbind()
-            lease.release()
-
     def _pre(self, module: nn.Module, args: tuple) -> None:
-        self._check_cancel()
-        lease = self.streamer.acquire(self.index)
-        self._lease = lease
-        if self._bound is not lease.tensors:
-            self.binding.bind(lease.tensors)
-            if lease.kept:
-                self._bound = lease.tensors
+        self.group.enter(self.index)
 
     def _post(self, module: nn.Module, args: tuple, output: object) -> None:
-        lease, self._lease = self._lease, None
-        if lease is None:
+        # always_call: also after a failed forward (output None), which must not confirm
+        self.group.exit(ran=output is not None)
+
+    def install(self, lease: Lease) -> None:
+        if self._bound is not lease.tensors:
+            self.binding.bind(lease.tensors)
+            self._bound = lease.tensors if lease.kept else None
+
+    def uninstall(self, lease: Lease) -> None:
+        if not lease.kept:
             self._unbind()
-            return
-        try:
-            lease.confirm()
-        finally:
-            if not lease.kept:
-                self._unbind()
-            lease.release()
 
     def _unbind(self) -> None:
         self.binding.unbind()

@@ -11,6 +11,8 @@ network.
 
 from __future__ import annotations
 
+import torch
+
 from ..errors import SettingsError
 from ..format.manifest import Manifest
 from .plan import ResidencyPlan
@@ -44,6 +46,14 @@ def io_threads(value: int | str, planned_read_ahead: int) -> int:
 
 def torch_threads(value: int | str) -> int:
     return cpu_count() if value == AUTO else max(1, _explicit("torch_threads", value))
+
+
+def compute_slots(value: int | str) -> int:
+    """Requests computing at once: as many as the CPUs hold beside torch's intra-op threads
+    (one when torch has them all), so concurrent requests never oversubscribe the cores."""
+    if value == AUTO:
+        return max(1, cpu_count() // max(torch.get_num_threads(), 1))
+    return max(1, _explicit("compute_slots", value))
 
 
 def evict_after_use(manifest: Manifest, plan: ResidencyPlan) -> bool:

@@ -7,18 +7,22 @@ string, so a stop string never reaches the client.
 
 from __future__ import annotations
 
-import contextlib
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    GenerationConfig,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 from transformers.generation.streamers import BaseStreamer
 
 from ..engine.engine import Engine
 from .request import Request
+from .sampling import GiveRandomBack, RequestRandom, TakeRandom
 from .types import Cancelled, Emit, FinalEvent, FinishReason, RequestStats, TokenEvent
 
 
@@ -94,10 +98,13 @@ class StopMatcher:
 class _EventStreamer(BaseStreamer):
     """transformers calls put() with the prompt first, then with each new token."""
 
-    def __init__(self, tokenizer, stops: list[str], emit: Emit):
+    def __init__(
+        self, tokenizer, stops: list[str], emit: Emit, on_token: Callable[[], None] = lambda: None
+    ):
         self.decoder = IncrementalDecoder(tokenizer)
         self.matcher = StopMatcher(stops)
         self.emit = emit
+        self.on_token = on_token  # counts the token in its sweep, for the metrics
         self.first_token_at: float | None = None
         self.tokens = 0
         self._prompt_seen = False
@@ -113,6 +120,7 @@ class _EventStreamer(BaseStreamer):
             if self.first_token_at is None:
                 self.first_token_at = time.perf_counter()
             self.tokens += 1
+            self.on_token()
             self.emit(TokenEvent(token_id=token_id, text=text))
 
     def end(self) -> None:
@@ -127,22 +135,6 @@ class _StopWhen(StoppingCriteria):
         self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs
     ) -> torch.BoolTensor:
         return torch.full((input_ids.shape[0],), self.condition(), dtype=torch.bool)
-
-
-# transformers samples from torch's process-wide RNG: two models sampling at once would
-# interleave their draws and break seeded reproducibility, so sampling runs one at a time.
-_RNG_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _sampling_rng(do_sample: bool, seed: int | None) -> Iterator[None]:
-    if not do_sample:
-        yield
-        return
-    with _RNG_LOCK:
-        if seed is not None:
-            torch.manual_seed(seed)
-        yield
 
 
 def generation_config(engine: Engine, request: Request) -> GenerationConfig:
@@ -171,18 +163,26 @@ def run_generation(
     """Generate on the engine thread, emitting a TokenEvent per token; return the last event."""
     config = generation_config(engine, request)
     ids = torch.tensor([input_ids], dtype=torch.long)
-    with engine.request(cancelled) as ctx:
-        streamer = _EventStreamer(engine.tokenizer, request.stop, emit)
-        with _sampling_rng(config.do_sample, request.seed):
-            output = engine.model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                generation_config=config,
-                streamer=streamer,
-                stopping_criteria=StoppingCriteriaList(
-                    [_StopWhen(lambda: streamer.matcher.stopped or cancelled())]
-                ),
-            )
+    processors = LogitsProcessorList()
+    criteria = StoppingCriteriaList()
+    random = RequestRandom(request.seed)
+    if config.do_sample:
+        processors.append(TakeRandom(random))
+        criteria.append(GiveRandomBack(random))
+    with engine.request(cancelled) as ctx, random.around():
+        rider = ctx.rider
+        streamer = _EventStreamer(
+            engine.tokenizer, request.stop, emit, lambda: engine.sweeps.note_token(rider)
+        )
+        criteria.append(_StopWhen(lambda: streamer.matcher.stopped or cancelled()))
+        output = engine.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            generation_config=config,
+            streamer=streamer,
+            logits_processor=processors,
+            stopping_criteria=criteria,
+        )
     eos = config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     ending = generation_end(streamer, output[0, ids.shape[1] :].tolist(), eos_ids)

@@ -99,19 +99,23 @@ def on_calls(
     """Call ``seen(name, call, output, value)`` for every call of the named modules: with
     ``(args, kwargs)`` before it runs and its output after, as ``names[name]`` = (inputs,
     outputs) asks. Calls are counted per module and side, the same way while learning and
-    while serving."""
+    while serving. Only the calling thread's calls count: requests on other threads run
+    the same modules meanwhile (engine/sweeps.py)."""
     handles = []
+    owner = threading.get_ident()
     for name, (inputs, outputs) in names.items():
         module = base.get_submodule(name)
         calls = [0, 0]
 
         def pre(module, args, kwargs, name=name, calls=calls) -> None:
-            seen(name, calls[0], False, (args, kwargs))
-            calls[0] += 1
+            if threading.get_ident() == owner:
+                seen(name, calls[0], False, (args, kwargs))
+                calls[0] += 1
 
         def post(module, args, output, name=name, calls=calls) -> None:
-            seen(name, calls[1], True, output)
-            calls[1] += 1
+            if threading.get_ident() == owner:
+                seen(name, calls[1], True, output)
+                calls[1] += 1
 
         if inputs:
             handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))

@@ -63,6 +63,8 @@ class RequestStats:
     chunks_streamed: int
     resident_runs: int  # block runs served from memory (wire name: cache_hits)
     streamed_runs: int  # block runs that streamed weights (wire name: cache_misses)
+    sweeps: int  # passes over the streamed blocks it rode (engine/sweeps.py)
+    sweep_sequences: int  # the sequences of those sweeps, summed (/ sweeps: mean sharing)
 
     @classmethod
     def measure(
@@ -86,6 +88,8 @@ class RequestStats:
             chunks_streamed=ctx.stats.chunks_read,
             resident_runs=ctx.stats.resident_runs,
             streamed_runs=ctx.stats.streamed_runs,
+            sweeps=ctx.rider.sweeps,
+            sweep_sequences=ctx.rider.sweep_sequences,
         )
 
 

@@ -36,6 +36,8 @@ def stats_parameters(stats: RequestStats) -> dict[str, int]:
         # the names from before block runs were told apart by residency: the contract
         "cache_hits": stats.resident_runs,
         "cache_misses": stats.streamed_runs,
+        "sweeps": stats.sweeps,
+        "sweep_sequences": stats.sweep_sequences,
     }
 
 

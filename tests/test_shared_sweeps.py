@@ -1,0 +1,289 @@
+"""Shared sweeps on the engine: requests in flight together share every pass over the
+streamed blocks, and each one's output is exactly its output alone."""
+
+from __future__ import annotations
+
+import gc
+import threading
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+from conftest import SCALED
+from transformers import DynamicCache
+
+from layerstream.engine.engine import Engine, EngineOptions
+from layerstream.engine.sweeps import ComputeSlots
+from layerstream.errors import RequestCancelled
+from layerstream.inference.request import Request
+from layerstream.inference.run import RUNNERS
+from layerstream.inference.types import FinalEvent, HiddenStateEvent, TokenEvent
+from layerstream.stores import open_store
+
+WAIT_S = 120.0  # a bound on every wait below, never a timing assertion
+
+
+def engine_for(model, reader: str = "auto") -> Engine:
+    options = EngineOptions(memory_budget="25%", read_ahead=1, reader=reader)
+    return Engine(open_store(str(model.store)), options)
+
+
+def ids(seed: int, n: int) -> list[int]:
+    return [int(x) for x in np.random.default_rng(seed).integers(3, 300, n)]
+
+
+class Run:
+    """One request on its own thread, its events collected."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        request: Request,
+        prompt: list[int],
+        on_event: Callable[[Run], None] = lambda run: None,
+        cancel_after: int | None = None,
+        start_together: threading.Barrier | None = None,
+    ):
+        self.engine, self.request, self.prompt = engine, request, prompt
+        self.events: list = []
+        self.final: FinalEvent | None = None
+        self.error: BaseException | None = None
+        self.on_event = on_event
+        self.cancel_after = cancel_after
+        self.start_together = start_together
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _emit(self, event: object) -> None:
+        self.events.append(event)
+        self.on_event(self)
+
+    def _cancelled(self) -> bool:
+        return self.cancel_after is not None and len(self.events) >= self.cancel_after
+
+    def _run(self) -> None:
+        runner = RUNNERS[self.request.mode]
+        if self.start_together is not None:
+            self.start_together.wait(WAIT_S)
+        try:
+            self.final = runner(self.engine, self.request, self.prompt, self._emit, self._cancelled)
+        except BaseException as exc:  # handed to the test
+            self.error = exc
+
+    def start(self) -> Run:
+        self.thread.start()
+        return self
+
+    def join(self) -> Run:
+        self.thread.join(WAIT_S)
+        assert not self.thread.is_alive(), "a request did not finish"
+        return self
+
+
+def solo(engine: Engine, request: Request, prompt: list[int]) -> Run:
+    run = Run(engine, request, prompt).start().join()
+    assert run.error is None, run.error
+    return run
+
+
+def assert_same_output(mine: Run, alone: Run) -> None:
+    assert mine.error is None, mine.error
+    assert len(mine.events) == len(alone.events)
+    for a, b in zip(mine.events, alone.events, strict=True):
+        assert type(a) is type(b)
+        if isinstance(a, HiddenStateEvent):
+            assert a.layer == b.layer
+            assert np.array_equal(a.hidden_state, b.hidden_state)
+        else:
+            assert isinstance(a, TokenEvent)
+            assert a == b
+    assert mine.final is not None and alone.final is not None
+    assert mine.final.finish_reason == alone.final.finish_reason
+    assert mine.final.text == alone.final.text
+    if alone.final.embedding is None:
+        assert mine.final.embedding is None
+    else:
+        assert np.array_equal(mine.final.embedding, alone.final.embedding)
+
+
+def shared(run: Run) -> bool:
+    """Whether some sweep it rode carried another sequence too."""
+    stats = run.final.stats
+    return stats.sweeps > 0 and stats.sweep_sequences > stats.sweeps
+
+
+MIXED = [
+    (Request(mode="tokens", max_new_tokens=12, do_sample=False), ids(1, 8)),
+    (
+        Request(mode="tokens", max_new_tokens=9, temperature=0.9, top_p=0.9, seed=1234),
+        ids(2, 13),
+    ),
+    (Request(mode="tokens", max_new_tokens=10, top_k=20, do_sample=True, seed=7), ids(3, 5)),
+    (Request(mode="tokens", max_new_tokens=14, do_sample=False, stop=["e", "a"]), ids(4, 21)),
+    (Request(mode="hidden_states", layers=[0, 1, 2, 3, 4]), ids(5, 11)),
+    (Request(mode="embedding", pooling="last"), ids(6, 17)),
+]
+
+
+@pytest.mark.parametrize("reader", ["mmap", "read"])
+def test_mixed_requests_in_flight_together_each_equal_alone(model_factory, reader):
+    """Greedy, seeded top-p and top-k sampling, a stop string, hidden states and an
+    embedding, with different prompt lengths, all at once: each gets its solo output, and
+    the streamed blocks were shared."""
+    engine = engine_for(model_factory("llama", weight_scale=SCALED), reader)
+    try:
+        assert engine.plan.streamed, "the test needs streamed blocks"
+        alone = [solo(engine, request, prompt) for request, prompt in MIXED]
+        for _ in range(2):
+            together = threading.Barrier(len(MIXED))
+            runs = [
+                Run(engine, request, prompt, start_together=together).start()
+                for request, prompt in MIXED
+            ]
+            for run, reference in zip(runs, alone, strict=True):
+                assert_same_output(run.join(), reference)
+            assert any(shared(run) for run in runs)
+        assert engine.sweeps.members == 0
+    finally:
+        engine.close()
+
+
+def test_a_request_joins_one_in_mid_generation(model_factory):
+    """The second request starts while the first is generating: it rides the next sweep,
+    both outputs stay exact, and they shared sweeps."""
+    engine = engine_for(model_factory("llama", weight_scale=SCALED))
+    try:
+        first_req = Request(mode="tokens", max_new_tokens=24, do_sample=False)
+        second_req = Request(mode="tokens", max_new_tokens=6, temperature=0.7, seed=99)
+        first_alone = solo(engine, first_req, ids(10, 9))
+        second_alone = solo(engine, second_req, ids(11, 14))
+        started = threading.Event()
+        second = Run(engine, second_req, ids(11, 14))
+
+        def after_five(run: Run) -> None:
+            if len(run.events) == 5 and not started.is_set():
+                started.set()
+                second.start()
+
+        first = Run(engine, first_req, ids(10, 9), on_event=after_five).start()
+        first.join()
+        assert started.is_set()
+        second.join()
+        assert_same_output(first, first_alone)
+        assert_same_output(second, second_alone)
+        assert shared(second) and shared(first)
+        # the second joined 5 tokens in: the first rode sweeps alone before that
+        assert first.final.stats.sweeps > second.final.stats.sweeps
+    finally:
+        engine.close()
+
+
+def test_a_request_cancelled_mid_sweep_leaves_the_others_exact(model_factory):
+    """One of three stops after three tokens (its consumer went away): it raises
+    RequestCancelled, the other two finish with their solo outputs, and nothing of the
+    cancelled one stays behind (its KV cache is freed, the sweep group is empty)."""
+    engine = engine_for(model_factory("llama", weight_scale=SCALED))
+    try:
+        plan = [
+            (Request(mode="tokens", max_new_tokens=16, do_sample=False), ids(20, 10)),
+            (Request(mode="tokens", max_new_tokens=16, do_sample=False), ids(21, 12)),
+            (Request(mode="tokens", max_new_tokens=12, temperature=0.8, seed=5), ids(22, 7)),
+        ]
+        alone = [solo(engine, request, prompt) for request, prompt in plan]
+        runs = [
+            Run(engine, request, prompt, cancel_after=3 if k == 1 else None)
+            for k, (request, prompt) in enumerate(plan)
+        ]
+        for run in runs:
+            run.start()
+        for run in runs:
+            run.join()
+        assert isinstance(runs[1].error, RequestCancelled)
+        assert len(runs[1].events) == 3
+        assert_same_output(runs[0], alone[0])
+        assert_same_output(runs[2], alone[2])
+        assert engine.sweeps.members == 0
+        runs[1] = None  # the test's own reference to its events
+        gc.collect()
+        assert not [o for o in gc.get_objects() if type(o) is DynamicCache]
+    finally:
+        engine.close()
+
+
+def test_encoder_hidden_states_under_concurrency(model_factory):
+    """BERT: four hidden-state requests and an embedding at once, each equal to alone."""
+    engine = engine_for(model_factory("bert"))
+    try:
+        n = len(engine.prefixes)
+        plan = [
+            (Request(mode="hidden_states", layers=list(range(n + 1))), ids(30 + k, 6 + 3 * k))
+            for k in range(4)
+        ]
+        plan.append((Request(mode="embedding", pooling="cls"), ids(40, 9)))
+        alone = [solo(engine, request, prompt) for request, prompt in plan]
+        runs = [Run(engine, request, prompt).start() for request, prompt in plan]
+        for run, reference in zip(runs, alone, strict=True):
+            assert_same_output(run.join(), reference)
+    finally:
+        engine.close()
+
+
+def test_compute_slots_are_handed_over_in_arrival_order():
+    """A thread that gives its slot up and asks again goes behind the ones waiting."""
+    slots = ComputeSlots(1)
+    order: list[str] = []
+    slots.acquire()
+    waiting = [threading.Event() for _ in range(2)]
+
+    def worker(name: str, ready: threading.Event) -> None:
+        ready.set()
+        slots.acquire()
+        order.append(name)
+        slots.release()
+
+    threads = []
+    for name, ready in zip("ab", waiting, strict=True):
+        thread = threading.Thread(target=worker, args=(name, ready))
+        thread.start()
+        threads.append(thread)
+        ready.wait(WAIT_S)
+        for _ in range(100_000):  # until it is queued (bounded)
+            if len(slots._queue) == len(threads):
+                break
+            threading.Event().wait(0.001)
+    slots.pass_on()  # the holder lets both go first
+    order.append("holder")
+    slots.release()
+    for thread in threads:
+        thread.join(WAIT_S)
+    assert order == ["a", "b", "holder"]
+
+
+def test_a_short_request_behind_a_long_one_needs_only_its_own_sweeps(model_factory):
+    """A 100-token request is generating when a 4-token one arrives: the short one finishes
+    in 4 sweeps (its prefill rides the first), long before the long one ends; the long one
+    is not held up for it either (it rides every sweep)."""
+    engine = engine_for(model_factory("llama", weight_scale=SCALED))
+    try:
+        long_req = Request(mode="tokens", max_new_tokens=100, do_sample=True, seed=1)
+        short_req = Request(mode="tokens", max_new_tokens=4, do_sample=False)
+        short = Run(engine, short_req, ids(51, 10))
+        long_events_when_short_ended: list[int] = []
+
+        def start_short(run: Run) -> None:
+            if len(run.events) == 3:
+                short.start()
+
+        long = Run(engine, long_req, ids(50, 12), on_event=start_short)
+        short.on_event = lambda run: (
+            long_events_when_short_ended.append(len(long.events)) if len(run.events) == 4 else None
+        )
+        long.start().join()
+        short.join()
+        assert long.error is None and short.error is None
+        assert len(long.events) == 100, "the long request must not stop early for this test"
+        assert short.final.stats.tokens == 4
+        assert short.final.stats.sweeps == 4  # never waited a sweep it did not ride
+        assert long_events_when_short_ended and long_events_when_short_ended[0] < 20
+        assert long.final.stats.sweeps == 100  # one sweep per token, shared or not
+    finally:
+        engine.close()
