@@ -1,7 +1,9 @@
 """Run in a subprocess by test_memory.py: peak RSS of a streamed or resident model.
 
-usage: python memory_probe.py (stream BUDGET | resident) STORE SOURCE
-Prints one JSON line: baseline (after imports) and peak RSS in bytes, budget, timings.
+usage: python memory_probe.py (stream BUDGET | resident | concurrent BUDGET N) STORE SOURCE
+Prints one JSON line: baseline (after imports) and peak RSS in bytes, budget, timings;
+``concurrent`` runs N requests at once (shared sweeps) after each alone, and reports both
+answers and the KV cache the N sequences were estimated to need.
 """
 
 from __future__ import annotations
@@ -27,8 +29,58 @@ def peak_rss() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
+def concurrent(budget: str, n: int, store: str) -> dict:
+    import threading
+
+    from layerstream.engine.engine import Engine, EngineOptions
+    from layerstream.inference.generation import run_generation
+    from layerstream.inference.kv import kv_bytes_per_token
+    from layerstream.inference.request import Request
+    from layerstream.stores import open_store
+
+    baseline = rss_now()
+    engine = Engine(open_store(store), EngineOptions(memory_budget=budget, read_ahead=1))
+    request = Request(mode="tokens", max_new_tokens=8, do_sample=False)
+    prompts = [list(range(5 + k, 37 + k)) for k in range(n)]
+
+    def generate(prompt: list[int]) -> list[int]:
+        events: list = []
+        run_generation(engine, request, prompt, events.append, lambda: False)
+        return [e.token_id for e in events]
+
+    alone = [generate(p) for p in prompts]
+    together: list[list[int] | None] = [None] * n
+    threads = [
+        threading.Thread(target=lambda k=k: together.__setitem__(k, generate(prompts[k])))
+        for k in range(n)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(600)
+    per_token = kv_bytes_per_token(engine.config, len(engine.prefixes), engine.manifest.dtype)
+    result = {
+        "baseline": baseline,
+        "budget": engine.plan.budget,
+        "kv_bytes": n * (32 + 8) * per_token,
+        "alone": alone,
+        "together": together,
+        "peak": peak_rss(),
+    }
+    engine.close()
+    return result
+
+
 def main() -> None:
     mode, store, source = sys.argv[1], sys.argv[-2], sys.argv[-1]
+    if mode == "concurrent":
+        import torch
+        import transformers
+
+        torch.set_num_threads(1)
+        transformers.logging.set_verbosity_error()
+        print(json.dumps(concurrent(sys.argv[2], int(sys.argv[3]), store)))
+        return
     import torch
     import transformers
 

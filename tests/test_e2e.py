@@ -43,6 +43,8 @@ STATS = (
     "chunks_streamed",
     "cache_hits",
     "cache_misses",
+    "sweeps",
+    "sweep_sequences",
 )
 NUM_BLOCKS = 12  # every fixture model in conftest has 12 blocks
 TRANSPORTS = ("sse", "grpc")
@@ -525,6 +527,67 @@ def test_concurrent_streams_each_get_their_own_answer(server, reference):
         results = list(pool.map(run, prompts))
 
     assert results == expected
+
+
+def test_four_sse_and_grpc_streams_share_sweeps_and_stay_exact(server, reference):
+    """Two SSE and two gRPC streams at once on the 25% model, greedy and seeded sampling
+    with different prompts and lengths: each equals the resident model alone, and they rode
+    shared sweeps (their stats and the server's metrics say so)."""
+    ref = reference(LLAMA_25)
+    plan = [
+        ("sse", PROMPT, {"max_new_tokens": 12, "temperature": 0}),
+        ("grpc", "The quick brown fox", {"max_new_tokens": 9, "temperature": 0}),
+        (
+            "sse",
+            "Layer streaming trades memory",
+            {"max_new_tokens": 10, "seed": 11, "temperature": 0.8, "top_p": 0.9},
+        ),
+        ("grpc", "Many users, one pass", {"max_new_tokens": 11, "seed": 3, "temperature": 1.1}),
+    ]
+    expected = []
+    for _, prompt, params in plan:
+        ids, n = ref.encode(prompt), params["max_new_tokens"]
+        if "seed" in params:
+            expected.append(
+                ref.sample(
+                    ids,
+                    n,
+                    params["seed"],
+                    temperature=params["temperature"],
+                    **({"top_p": params["top_p"]} if "top_p" in params else {}),
+                )
+            )
+        else:
+            expected.append(ref.greedy(ids, n))
+    before = metric_samples(server.metrics_url)
+    start = threading.Barrier(len(plan))
+
+    def run(step) -> tuple[list[int], Final]:
+        transport, prompt, params = step
+        start.wait(timeout=30)
+        tokens, _, final = split(
+            list(client(server, transport).generate(LLAMA_25, prompt, **params))
+        )
+        return [t.token_id for t in tokens], final
+
+    with ThreadPoolExecutor(max_workers=len(plan)) as pool:
+        results = list(pool.map(run, plan))
+
+    assert [ids for ids, _ in results] == expected
+    finals = [final for _, final in results]
+    assert all(f.stats["sweeps"] > 0 for f in finals)
+    assert any(f.stats["sweep_sequences"] > f.stats["sweeps"] for f in finals)  # shared
+    after = metric_samples(server.metrics_url)
+    label = (("model", LLAMA_25),)
+
+    def grew(name: str) -> float:
+        return after[(name, label)] - before.get((name, label), 0.0)
+
+    sweeps = grew("layerstream_sweeps_total")
+    assert 0 < sweeps < sum(f.stats["sweeps"] for f in finals)  # fewer passes than alone
+    # more sequences than sweeps: some sweeps carried several
+    assert grew("layerstream_sweep_sequences_sum") > grew("layerstream_sweep_sequences_count")
+    assert grew("layerstream_sweep_tokens_sum") == sum(f.stats["tokens"] for f in finals)
 
 
 # -- 7. client disconnect --------------------------------------------------------------------

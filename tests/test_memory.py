@@ -56,6 +56,23 @@ def test_peak_rss_stays_within_budget_plus_working_set(big_model):
     assert resident["peak"] - resident["baseline"] >= manifest.total_bytes * 0.9
 
 
+@pytest.mark.slow
+def test_peak_rss_with_8_concurrent_requests_within_budget_kv_and_working_set(big_model):
+    """Eight requests in flight at once share the sweeps: the peak stays within the weight
+    budget + the eight sequences' KV caches (as estimated for admission) + a working set,
+    and every answer is the one it gets alone."""
+    store, source, _ = big_model
+    result = probe("concurrent", "25%", "8", str(store), str(source))
+    assert result["together"] == result["alone"]
+    growth = result["peak"] - result["baseline"]
+    bound = result["budget"] + result["kv_bytes"] + WORKING_SET
+    assert growth <= bound, (
+        f"peak RSS grew {growth / 2**20:.0f} MiB with 8 requests in flight; bound "
+        f"{bound / 2**20:.0f} MiB (budget {result['budget'] / 2**20:.0f} MiB + KV "
+        f"{result['kv_bytes'] / 2**20:.1f} MiB + working set {WORKING_SET / 2**20:.0f} MiB)"
+    )
+
+
 @pytest.mark.parametrize("budget", ["100%", "25%"])
 @pytest.mark.parametrize("name", ["gpt2", "t5"])
 def test_tied_weights_are_one_tensor_after_load(model_factory, name, budget):

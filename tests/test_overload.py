@@ -108,7 +108,7 @@ class GatedStore(StaticServer):
 @pytest.fixture(scope="module")
 def gated(model_factory, tmp_path_factory) -> Iterator[tuple[Any, Gate, Reference]]:
     """One server: the llama fixture model at a 25% budget, no read-ahead, streamed from a
-    gated HTTP store, with room for one waiting request."""
+    gated HTTP store, running one request at a time with room for one waiting request."""
     llama = model_factory("llama")
     store = GatedStore(llama.store).start()
     extra = {
@@ -116,6 +116,7 @@ def gated(model_factory, tmp_path_factory) -> Iterator[tuple[Any, Gate, Referenc
         "read_ahead": 0,
         "torch_threads": 1,
         "max_queued_requests": 1,
+        "max_active_sequences": 1,
         "store_read_timeout_s": 600,
         "store_deadline_s": 600,
     }

@@ -219,3 +219,92 @@ def test_a_queued_request_hears_of_its_deadline_without_waiting_for_the_one_ahea
         scheduler.close()
     assert still_held and first == ["held"] and third == ["third"]
     assert not second_ran.is_set()
+
+
+# -- admission: several at once, in arrival order, within the KV budget ------------------------
+
+
+class Jobs:
+    """Jobs that say when they start and run until released, one by one."""
+
+    def __init__(self) -> None:
+        self.started: dict[str, threading.Event] = {}
+        self.release: dict[str, threading.Event] = {}
+        self.order: list[str] = []
+        self._lock = threading.Lock()
+
+    def job(self, tag: str):
+        self.started[tag], self.release[tag] = threading.Event(), threading.Event()
+
+        def job(emit, cancelled):
+            with self._lock:
+                self.order.append(tag)
+            self.started[tag].set()
+            assert self.release[tag].wait(WAIT_S)
+            return tag
+
+        return job
+
+
+def test_up_to_max_active_jobs_run_at_once_and_the_next_waits_its_turn():
+    scheduler = Scheduler("m", max_queued=8, max_active=2)
+    jobs = Jobs()
+    job_a, job_b, job_c = jobs.job("a"), jobs.job("b"), jobs.job("c")
+
+    async def main():
+        a = asyncio.ensure_future(collect(scheduler, job_a))
+        assert await wait_for_event(jobs.started["a"])
+        b = asyncio.ensure_future(collect(scheduler, job_b))
+        assert await wait_for_event(jobs.started["b"])  # two at once
+        c = asyncio.ensure_future(collect(scheduler, job_c))
+        await asyncio.sleep(0)  # c is queued: both slots are taken
+        assert not jobs.started["c"].is_set()
+        jobs.release["b"].set()
+        assert await wait_for_event(jobs.started["c"])  # b's slot went to c
+        assert not a.done()
+        jobs.release["a"].set()
+        jobs.release["c"].set()
+        return await a, await b, await c
+
+    try:
+        assert run(main()) == (["a"], ["b"], ["c"])
+    finally:
+        for event in jobs.release.values():
+            event.set()
+        scheduler.close()
+
+
+def test_the_kv_budget_holds_admission_back_in_arrival_order():
+    """Budget 100: a 60-byte job runs; the next 60-byte job waits although a slot is free,
+    and a 10-byte job behind it waits too (first in, first out: nothing overtakes a request
+    that does not fit yet, so none starves); both go once the first ends."""
+    scheduler = Scheduler("m", max_queued=8, max_active=4, kv_budget=100)
+    jobs = Jobs()
+    big1, big2, small = jobs.job("big1"), jobs.job("big2"), jobs.job("small")
+
+    async def main():
+        first = asyncio.ensure_future(collect_kv(scheduler, big1, 60))
+        assert await wait_for_event(jobs.started["big1"])
+        second = asyncio.ensure_future(collect_kv(scheduler, big2, 60))
+        third = asyncio.ensure_future(collect_kv(scheduler, small, 10))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert not jobs.started["big2"].is_set() and not jobs.started["small"].is_set()
+        jobs.release["big1"].set()
+        assert await wait_for_event(jobs.started["big2"])
+        assert await wait_for_event(jobs.started["small"])  # 60 + 10 fit together
+        jobs.release["big2"].set()
+        jobs.release["small"].set()
+        return await first, await second, await third
+
+    try:
+        assert run(main()) == (["big1"], ["big2"], ["small"])
+        assert jobs.order == ["big1", "big2", "small"]
+    finally:
+        for event in jobs.release.values():
+            event.set()
+        scheduler.close()
+
+
+async def collect_kv(scheduler, job, kv_bytes):
+    return [e async for e in scheduler.stream(job, kv_bytes=kv_bytes)]

@@ -24,6 +24,7 @@ from ..engine import tuning
 from ..engine.engine import Engine, EngineOptions
 from ..errors import ChunkIntegrityError, InvalidRequest, LayerStreamError
 from ..inference.capabilities import capabilities
+from ..inference.kv import describe, kv_bytes_per_token, request_kv_bytes, resolve_kv_budget
 from ..inference.prompts import prompt_byte_limit
 from ..inference.request import Request
 from ..inference.run import run
@@ -93,9 +94,33 @@ class LayerStreamRuntime(MLModel):
             self._caps.context_length,
             settings.max_prompt_bytes,
         )
+        engine = self._engine
+        self._kv_per_token = kv_bytes_per_token(
+            engine.config, len(engine.prefixes), engine.manifest.dtype
+        )
+        self._kv_budget = resolve_kv_budget(
+            settings.kv_cache_budget,
+            self._kv_per_token,
+            settings.max_active_sequences,
+            self._caps.context_length,
+        )
         name = self.name
+        metrics.declare(name)
+        engine.sweeps.on_sweep = lambda sweep: metrics.record_sweep(name, sweep)
         self._scheduler = Scheduler(
-            name, settings.max_queued_requests, lambda waiting: metrics.set_queued(name, waiting)
+            name,
+            settings.max_queued_requests,
+            settings.max_active_sequences,
+            self._kv_budget,
+            on_queue_change=lambda waiting: metrics.set_queued(name, waiting),
+            on_active_change=lambda active: metrics.set_active(name, active),
+        )
+        log.info(
+            "%s: up to %d requests at once, KV cache budget %s, %d compute slot(s)",
+            name,
+            settings.max_active_sequences,
+            describe(self._kv_budget, self._kv_per_token),
+            engine.sweeps.slots.count,
         )
         return True
 
@@ -199,11 +224,19 @@ class LayerStreamRuntime(MLModel):
                 request.timeout_us / 1e6, "the request's timeout parameter", arrived
             )
         engine, caps = self._engine, self._caps
+        kv = request_kv_bytes(request, self._kv_per_token, caps.context_length)
+        if kv > self._kv_budget:
+            raise InvalidRequest(
+                f"this request's KV cache may reach {describe(kv, self._kv_per_token)}, more "
+                f"than the model's kv_cache_budget of "
+                f"{describe(self._kv_budget, self._kv_per_token)}; lower max_new_tokens or "
+                "shorten the prompt"
+            )
 
         def job(emit: Emit, cancelled: Cancelled) -> FinalEvent:
             return run(engine, request, caps, emit, cancelled)
 
-        return self._scheduler.stream(job, deadline, label=payload.id or "")
+        return self._scheduler.stream(job, deadline, label=payload.id or "", kv_bytes=kv)
 
 
 def _route_logs_to_mlserver() -> None:

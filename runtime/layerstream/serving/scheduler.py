@@ -1,9 +1,10 @@
-"""One queue and one engine thread per model.
+"""Admission and worker threads per model.
 
-The model's hooks swap weights in and out of shared modules, so exactly one request runs
-on a model at a time; the others wait in a bounded queue (concurrent requests are served in
-turn, never interleaved). Engine work runs on this thread, never on the asyncio loop, and
-its events are handed to the loop with ``call_soon_threadsafe``.
+Up to ``max_active_sequences`` requests run at once, each on a worker thread of its own;
+the engine makes them share every pass over the streamed blocks (engine/sweeps.py). The
+others wait in a bounded queue and are admitted in arrival order. Engine work runs on the
+worker threads, never on the asyncio loop, and its events are handed to the loop with
+``call_soon_threadsafe``.
 
 A request stops early, at the next block boundary (the engine asks before every block and
 after every generated token), when its consumer has gone (client disconnect: the flag is
@@ -17,10 +18,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..errors import RequestCancelled, RequestTimeout, ServerBusy
@@ -62,6 +63,7 @@ class _Ticket:
     events: asyncio.Queue
     label: str
     deadline: Deadline | None = None
+    kv_bytes: int = 0
     cancel: threading.Event = field(default_factory=threading.Event)
     emitted: int = 0  # events the job has emitted, for the log line when it stops early
 
@@ -87,63 +89,46 @@ class _Ticket:
         return self.cancel.is_set()
 
 
-class _Waiting:
-    """The bounded queue of tickets waiting for the engine thread. Unlike queue.Queue, a
-    ticket whose consumer has gone (client left, deadline passed) is taken out at once:
-    abandoned requests must not hold the places of live ones until the engine gets to them."""
-
-    def __init__(self, maxsize: int):
-        self.maxsize = maxsize
-        self._items: collections.deque[_Ticket | None] = collections.deque()
-        self._cond = threading.Condition()
-
-    def put_nowait(self, ticket: _Ticket) -> int:
-        """Queue ``ticket``; the number now waiting. Raises queue.Full."""
-        with self._cond:
-            if len(self._items) >= self.maxsize:
-                raise queue.Full
-            self._items.append(ticket)
-            self._cond.notify()
-            return len(self._items)
-
-    def put_stop(self) -> None:
-        with self._cond:
-            self._items.append(None)  # past the bound: closing must not fail
-            self._cond.notify()
-
-    def get(self) -> tuple[_Ticket | None, int]:
-        """The next ticket (None: stop) and the number still waiting."""
-        with self._cond:
-            self._cond.wait_for(lambda: self._items)
-            return self._items.popleft(), len(self._items)
-
-    def discard(self, ticket: _Ticket) -> int | None:
-        """Take ``ticket`` out if it is still waiting; the number then waiting, or None."""
-        with self._cond:
-            try:
-                self._items.remove(ticket)
-            except ValueError:
-                return None
-            return len(self._items)
-
-
 class Scheduler:
+    """Admits a model's requests in arrival order, as many at a time as ``max_active`` and
+    the KV cache budget allow; the others wait in a bounded queue (``max_queued``).
+
+    Admission is strictly first in, first out: a request that does not fit yet holds the
+    ones behind it back (none can starve), and it is admitted as soon as enough requests in
+    flight have ended. A request whose consumer has gone (client left, deadline passed) is
+    taken out of the queue at once: abandoned requests must not hold the places of live
+    ones."""
+
     def __init__(
         self,
         name: str,
         max_queued: int,
+        max_active: int = 1,
+        kv_budget: int | None = None,
         on_queue_change: Callable[[int], None] = lambda waiting: None,
+        on_active_change: Callable[[int], None] = lambda active: None,
     ):
         self.name = name
-        self._queue = _Waiting(max_queued)
+        self.max_queued = max_queued
+        self.max_active = max_active
+        self.kv_budget = kv_budget  # bytes; None: only max_active limits admission
         self._on_queue_change = on_queue_change  # e.g. a gauge of the requests waiting
-        self._thread = threading.Thread(target=self._run, name=f"layerstream-{name}", daemon=True)
+        self._on_active_change = on_active_change
+        self._cond = threading.Condition()
+        self._queue: collections.deque[_Ticket | None] = collections.deque()  # None: stop
+        self._active = 0
+        self._kv_in_use = 0
+        self._workers = ThreadPoolExecutor(max_active, thread_name_prefix=f"layerstream-{name}")
+        self._thread = threading.Thread(
+            target=self._admit_in_order, name=f"layerstream-{name}-admission", daemon=True
+        )
         self._thread.start()
 
     async def stream(
-        self, job: Job, deadline: Deadline | None = None, label: str = ""
+        self, job: Job, deadline: Deadline | None = None, label: str = "", kv_bytes: int = 0
     ) -> AsyncIterator[object]:
-        """Run ``job`` on the engine thread; yield what it emits, then what it returns.
+        """Run ``job`` on a worker thread once admitted; yield what it emits, then what it
+        returns. ``kv_bytes``: what its KV cache may grow to (counted against the budget).
 
         An exception raised by the job is re-raised here, after the events before it; past
         ``deadline`` this raises RequestTimeout and the job stops at its next check.
@@ -154,14 +139,17 @@ class Scheduler:
             events=asyncio.Queue(),
             label=label,
             deadline=deadline,
+            kv_bytes=kv_bytes,
         )
-        try:
-            waiting = self._queue.put_nowait(ticket)
-        except queue.Full:
-            raise ServerBusy(
-                f"model {self.name} has {self._queue.maxsize} requests waiting; retry later"
-            ) from None
-        self._on_queue_change(waiting)
+        with self._cond:
+            waiting = len(self._queue)
+            if waiting >= self.max_queued:
+                raise ServerBusy(
+                    f"model {self.name} has {self.max_queued} requests waiting; retry later"
+                )
+            self._queue.append(ticket)
+            self._cond.notify_all()
+        self._on_queue_change(waiting + 1)
         try:
             while True:
                 item = await self._next(ticket)
@@ -172,12 +160,20 @@ class Scheduler:
                 yield item
         finally:
             # Reached on normal end, on error, and when the consumer is cancelled or closed
-            # (client disconnect): the engine thread stops at the next block boundary, and a
-            # ticket still waiting gives its place up.
+            # (client disconnect): the job stops at its next block boundary, and a ticket
+            # still waiting gives its place up.
             ticket.cancel.set()
-            waiting = self._queue.discard(ticket)
-            if waiting is not None:
-                self._on_queue_change(waiting)
+            self._discard(ticket)
+
+    def _discard(self, ticket: _Ticket) -> None:
+        with self._cond:
+            try:
+                self._queue.remove(ticket)
+            except ValueError:
+                return
+            waiting = len(self._queue)
+            self._cond.notify_all()
+        self._on_queue_change(waiting)
 
     @staticmethod
     async def _next(ticket: _Ticket) -> object:
@@ -192,40 +188,73 @@ class Scheduler:
             # two blocks. The finally above flags the ticket, so it never runs or stops next.
             raise ticket.deadline.error("while waiting for its next event") from None
 
-    def _run(self) -> None:
+    def _fits(self, ticket: _Ticket) -> bool:
+        if self._active >= self.max_active:
+            return False
+        return self.kv_budget is None or self._kv_in_use + ticket.kv_bytes <= self.kv_budget
+
+    def _admit_in_order(self) -> None:
         while True:
-            ticket, waiting = self._queue.get()
-            if ticket is None:
-                return
+            with self._cond:
+                while True:
+                    ticket = self._queue[0] if self._queue else _DONE
+                    if ticket is None:
+                        return  # close(): everything queued before it has been admitted
+                    if ticket is not _DONE and (
+                        ticket.cancel.is_set() or ticket.expired() or self._fits(ticket)
+                    ):
+                        break
+                    self._cond.wait()
+                self._queue.popleft()
+                waiting = len(self._queue)
+                admitted = not (ticket.cancel.is_set() or ticket.expired())
+                if admitted:
+                    self._active += 1
+                    self._kv_in_use += ticket.kv_bytes
+                active = self._active
             self._on_queue_change(waiting)
-            if ticket.cancel.is_set():
-                continue  # the client left (or gave up at its deadline) while queued
-            if ticket.expired():
-                ticket.post(ticket.deadline.error("while queued"))
-                ticket.post(_DONE)
+            if not admitted:
+                if not ticket.cancel.is_set():  # expired while queued; the client still waits
+                    ticket.post(ticket.deadline.error("while queued"))
+                    ticket.post(_DONE)
                 continue
-            try:
-                result = ticket.job(ticket.emit, ticket.stop_requested)
-                ticket.post(result)
-            except RequestCancelled:
-                log.info(
-                    "%s: request %s cancelled by the client; stopped after %d events",
-                    self.name,
-                    ticket.label,
-                    ticket.emitted,
-                )
-            except RequestTimeout as exc:
-                log.info(
-                    "%s: request %s stopped at its deadline after %d events",
-                    self.name,
-                    ticket.label,
-                    ticket.emitted,
-                )
-                ticket.post(exc)
-            except BaseException as exc:  # handed to the request's coroutine, never lost
-                ticket.post(exc)
+            self._on_active_change(active)
+            self._workers.submit(self._run, ticket)
+
+    def _run(self, ticket: _Ticket) -> None:
+        try:
+            result = ticket.job(ticket.emit, ticket.stop_requested)
+            ticket.post(result)
+        except RequestCancelled:
+            log.info(
+                "%s: request %s cancelled by the client; stopped after %d events",
+                self.name,
+                ticket.label,
+                ticket.emitted,
+            )
+        except RequestTimeout as exc:
+            log.info(
+                "%s: request %s stopped at its deadline after %d events",
+                self.name,
+                ticket.label,
+                ticket.emitted,
+            )
+            ticket.post(exc)
+        except BaseException as exc:  # handed to the request's coroutine, never lost
+            ticket.post(exc)
+        finally:
             ticket.post(_DONE)
+            with self._cond:
+                self._active -= 1
+                self._kv_in_use -= ticket.kv_bytes
+                active = self._active
+                self._cond.notify_all()
+            self._on_active_change(active)
 
     def close(self) -> None:
-        self._queue.put_stop()
+        """Admit what is queued, then stop; wait (bounded) for the requests in flight."""
+        with self._cond:
+            self._queue.append(None)  # past the bound: closing must not fail
+            self._cond.notify_all()
         self._thread.join(timeout=30)
+        self._workers.shutdown(wait=True)

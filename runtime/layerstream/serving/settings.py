@@ -102,8 +102,26 @@ class LayerStreamSettings(BaseSettings):
     max_queued_requests: int = Field(
         default=64,
         ge=1,
-        description="Requests waiting for the model before new ones are refused as "
+        description="Requests waiting for admission before new ones are refused as "
         "`overloaded` (SSE error event, `/infer` 503, gRPC `RESOURCE_EXHAUSTED`).",
+    )
+    max_active_sequences: int = Field(
+        default=8,
+        ge=1,
+        le=256,
+        description="Requests the model runs at once. They share every pass over the streamed "
+        "blocks (a block is read once for all of them) and each still gets exactly its "
+        "output alone; the others wait, admitted in arrival order. `1` serves one request "
+        "at a time.",
+    )
+    kv_cache_budget: Annotated[str, Shown("bytes (`512MiB`) or `auto`")] = Field(
+        default="auto",
+        description="Bytes the KV caches of the requests in flight may take, each estimated "
+        "from the config (2 x blocks x KV heads x head size x dtype bytes per token, for the "
+        "prompt plus `max_new_tokens`; a text prompt counts as its UTF-8 length). A request "
+        "waits rather than exceed it; one that could never fit is refused. `auto`: "
+        "`max_active_sequences` sequences of the full context, at most a quarter of the "
+        "memory available at load.",
     )
     request_timeout_s: Seconds = Field(
         default=600.0,
@@ -198,6 +216,13 @@ class LayerStreamSettings(BaseSettings):
     def _check_budget(cls, value: str) -> str:
         if value != "auto":
             parse_size(value, reference=1)  # raises ValueError with the accepted forms
+        return value
+
+    @field_validator("kv_cache_budget")
+    @classmethod
+    def _check_kv_budget(cls, value: str) -> str:
+        if value != "auto" and parse_size(value) < 1:
+            raise ValueError("must be at least 1 byte, or 'auto'")
         return value
 
     @field_validator("store_part_size", "cache_size")
