@@ -308,3 +308,32 @@ def test_the_kv_budget_holds_admission_back_in_arrival_order():
 
 async def collect_kv(scheduler, job, kv_bytes):
     return [e async for e in scheduler.stream(job, kv_bytes=kv_bytes)]
+
+
+def test_closing_tells_queued_requests_and_refuses_new_ones():
+    """Unload: the running job finishes; the one queued behind it and any new request are
+    told the model is gone (overloaded: retry elsewhere), none hangs."""
+    scheduler = Scheduler("m", max_queued=8, max_active=1)
+    jobs = Jobs()
+    running, queued = jobs.job("running"), jobs.job("queued")
+
+    async def main():
+        first = asyncio.ensure_future(collect(scheduler, running))
+        assert await wait_for_event(jobs.started["running"])
+        second = asyncio.ensure_future(collect(scheduler, queued))
+        await asyncio.sleep(0)
+        closing = asyncio.ensure_future(asyncio.to_thread(scheduler.close))
+        with pytest.raises(ServerBusy, match="unloaded"):
+            await second
+        jobs.release["running"].set()
+        await closing
+        with pytest.raises(ServerBusy, match="being unloaded"):
+            await collect(scheduler, queued)
+        return await first
+
+    try:
+        assert run(main()) == ["running"]
+        assert not jobs.started["queued"].is_set()
+    finally:
+        for event in jobs.release.values():
+            event.set()

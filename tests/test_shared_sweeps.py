@@ -9,12 +9,12 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from conftest import SCALED
+from conftest import CONFIGS, SCALED
 from transformers import DynamicCache
 
 from layerstream.engine.engine import Engine, EngineOptions
 from layerstream.engine.sweeps import ComputeSlots
-from layerstream.errors import RequestCancelled
+from layerstream.errors import ChunkStoreError, RequestCancelled
 from layerstream.inference.request import Request
 from layerstream.inference.run import RUNNERS
 from layerstream.inference.types import FinalEvent, HiddenStateEvent, TokenEvent
@@ -287,3 +287,104 @@ def test_a_short_request_behind_a_long_one_needs_only_its_own_sweeps(model_facto
         assert long.final.stats.sweeps == 100  # one sweep per token, shared or not
     finally:
         engine.close()
+
+
+def test_a_block_that_cannot_be_read_fails_every_request_waiting_for_it(model_factory):
+    """The store fails on a streamed block while three requests ride the sweeps: each of
+    them gets that error (its own copy), nothing is left installed or counted, and once the
+    store is back the next requests are exact."""
+    engine = engine_for(model_factory("llama", weight_scale=SCALED))
+    try:
+        plan = [
+            (Request(mode="tokens", max_new_tokens=8, do_sample=False), ids(60 + k, 9 + k))
+            for k in range(3)
+        ]
+        alone = [solo(engine, request, prompt) for request, prompt in plan]
+        failing = engine.plan.streamed[len(engine.plan.streamed) // 2]
+        acquire = engine.streamer.acquire
+        armed = threading.Event()
+
+        def flaky(j: int):
+            if j == failing and armed.is_set():
+                raise ChunkStoreError(f"block {j}: the store is down")
+            return acquire(j)
+
+        engine.streamer.acquire = flaky
+        together = threading.Barrier(len(plan))
+        runs = [Run(engine, r, p, start_together=together) for r, p in plan]
+
+        def arm_once_all_ride(run: Run) -> None:
+            if len(run.events) == 2:
+                armed.set()
+
+        runs[0].on_event = arm_once_all_ride
+        for run in runs:
+            run.start()
+        for run in runs:
+            run.join()
+        armed.clear()
+        errors = [run.error for run in runs]
+        assert all(isinstance(e, ChunkStoreError) for e in errors), errors
+        assert len({id(e) for e in errors}) == len(errors)  # one object each
+        assert engine.sweeps.members == 0
+        for (request, prompt), reference in zip(plan, alone, strict=True):
+            assert_same_output(solo(engine, request, prompt), reference)
+    finally:
+        engine.close()
+
+
+def test_a_failing_sweep_report_does_not_break_the_requests(model_factory):
+    engine = engine_for(model_factory("llama", weight_scale=SCALED))
+    try:
+        request, prompt = Request(mode="tokens", max_new_tokens=6, do_sample=False), ids(70, 9)
+        alone = solo(engine, request, prompt)
+
+        def broken(record):
+            raise ValueError("a bug in the metrics")
+
+        engine.sweeps.on_sweep = broken
+        runs = [Run(engine, request, prompt).start() for _ in range(2)]
+        for run in runs:
+            assert_same_output(run.join(), alone)
+    finally:
+        engine.close()
+
+
+def test_hidden_state_requests_leave_no_hooks_behind(model_factory):
+    """The hidden-state taps are registered once per module and kept: requests only watch
+    them, so no request changes a module's hooks while another one runs it."""
+    engine = engine_for(model_factory("llama"))
+    try:
+        request = Request(mode="hidden_states", layers=[0, 3, 12])
+
+        def hooks() -> int:
+            return sum(
+                len(m._forward_hooks) + len(m._forward_pre_hooks) for m in engine.model.modules()
+            )
+
+        solo(engine, request, ids(80, 7))
+        after_first = hooks()
+        runs = [Run(engine, request, ids(81 + k, 7)).start() for k in range(3)]
+        for run in runs:
+            assert run.join().error is None
+        assert hooks() == after_first
+    finally:
+        engine.close()
+
+
+def test_dynamic_rotary_frequencies_keep_requests_one_at_a_time():
+    """transformers' dynamic RoPE rewrites its frequencies from the longest sequence seen:
+    such a model is flagged, and the runtime serves it one request at a time."""
+    from transformers import AutoConfig
+
+    from layerstream.engine.skeleton import build_skeleton, shared_state
+
+    fields = dict(CONFIGS["llama"])
+    plain = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    assert shared_state(build_skeleton(plain, "LlamaForCausalLM", "float32")) is None
+    dynamic = AutoConfig.for_model(
+        "llama",
+        **{**fields, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}},
+    )
+    reason = shared_state(build_skeleton(dynamic, "LlamaForCausalLM", "float32"))
+    assert reason is not None and "dynamic" in reason

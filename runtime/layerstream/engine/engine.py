@@ -41,7 +41,14 @@ from .mapped import MappedReader
 from .plan import ResidencyPlan, plan_residency, resolve_budget
 from .readers import BlockReader, PooledReader, ReaderKind, pick_reader
 from .sidefiles import load_side_files
-from .skeleton import block_of, block_prefixes, build_skeleton, get_tensor, set_tensor
+from .skeleton import (
+    block_of,
+    block_prefixes,
+    build_skeleton,
+    get_tensor,
+    set_tensor,
+    shared_state,
+)
 from .stats import StreamStats
 from .streamer import WeightStreamer
 from .sweeps import ComputeSlots, Rider, SweepGroup
@@ -127,6 +134,7 @@ class Engine:
             self.config, self.manifest.architecture, self.manifest.dtype
         )
         self.prefixes = block_prefixes(self.model)
+        self.sequential_only = shared_state(self.model)  # why requests must run one by one
         check_model_fits_manifest(self.manifest, self.model, self.prefixes)
         self.bindings = [BlockBinding(p, self.model.get_submodule(p)) for p in self.prefixes]
         self.specs: dict[str, ChunkSpec] = chunk_specs(

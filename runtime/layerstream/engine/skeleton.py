@@ -162,3 +162,15 @@ def set_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
         module._buffers[name] = tensor
     else:
         raise KeyError(f"{key} is neither a parameter nor a buffer of the model")
+
+
+def shared_state(model: nn.Module) -> str | None:
+    """Why requests on this model cannot run at once and stay exact, or None. transformers'
+    dynamic and longrope rotary embeddings rewrite their frequencies in forward (dynamic
+    from the longest sequence seen so far), so a request's numbers would depend on the
+    others in flight."""
+    for name, module in model.named_modules():
+        rope = getattr(module, "rope_type", None)
+        if isinstance(rope, str) and ("dynamic" in rope or "longrope" in rope):
+            return f"{name} uses {rope!r} rotary frequencies, rewritten by the sequences it runs"
+    return None

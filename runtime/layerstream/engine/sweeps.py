@@ -22,16 +22,19 @@ runs with the threads it has alone.
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from ..errors import RequestCancelled
 from .readers import Lease
 from .streamer import WeightStreamer
+
+log = logging.getLogger(__name__)
 
 
 class ComputeSlots:
@@ -75,7 +78,7 @@ class Sweep:
     number: int
     started: float
     bytes_before: int
-    riders: set[int] = field(default_factory=set)  # ids of the riders that ran a block of it
+    sequences: int = 0  # the riders that ran a block of it
     tokens: int = 0
 
 
@@ -133,7 +136,7 @@ class Rider:
     def sweep_sequences(self) -> int:
         """The sequences (this one included) of the sweeps it rode, summed: divided by
         ``sweeps``, how many sequences shared each of its sweeps on average."""
-        return sum(len(sweep.riders) for sweep in self.ridden)
+        return sum(sweep.sequences for sweep in self.ridden)
 
 
 class SweepGroup:
@@ -192,7 +195,7 @@ class SweepGroup:
             if idle:
                 self._busy = True
                 old, self._installed = self._installed, None
-                closed, self._sweep = self._sweep, None
+                closed, self._sweep = self._close_sweep(), None
                 self._last_index = None
             self._cond.notify_all()
         if not idle:
@@ -210,7 +213,6 @@ class SweepGroup:
     # -- the hooks' side -----------------------------------------------------------------------
     def resident_run(self) -> None:
         """A pinned block is about to run: it never waits for weights."""
-        self.streamer.stats.resident_runs += 1
         rider = self.current()
         if rider is not None:
             rider.check_cancel()
@@ -265,7 +267,7 @@ class SweepGroup:
                 sweep = install.sweep
                 if not rider.ridden or rider.ridden[-1] is not sweep:
                     rider.ridden.append(sweep)
-                    sweep.riders.add(id(rider))
+                    sweep.sequences += 1
             return install
 
     def _wait_for(self, j: int) -> _Install:
@@ -302,17 +304,16 @@ class SweepGroup:
 
     def _install_next(self) -> None:
         """Called with the condition held, nobody computing: retire the installed block and
-        install the next. The condition is let go during the I/O."""
+        install the next. The condition is let go during the I/O; whatever happens, the
+        waiters of the block are answered (its lease, or the error that stopped it)."""
         j = self._next_block()
         old, self._installed = self._installed, None
         closed = None
         last = self._last_index
         if self._sweep is None or last is None or j <= last:  # wrapped around: a new sweep
+            closed = self._close_sweep()
             self._sweeps += 1
-            closed, self._sweep = (
-                self._sweep,
-                Sweep(self._sweeps, time.perf_counter(), self.streamer.stats.bytes_read),
-            )
+            self._sweep = Sweep(self._sweeps, time.perf_counter(), self.streamer.stats.bytes_read)
         sweep = self._sweep
         self._last_index = j
         self._busy = True
@@ -320,28 +321,43 @@ class SweepGroup:
         error: Exception | None = None
         lease: Lease | None = None
         try:
-            self._report(closed)
             self._retire(old)
+            self._report(closed)
+            hook = self.hooks[j]
+            if hook is None:
+                raise RuntimeError(f"block {j} is pinned, not streamed: it cannot be installed")
+            lease = self.streamer.acquire(j)
             try:
-                lease = self.streamer.acquire(j)
-                hook = self.hooks[j]
-                assert hook is not None, f"block {j} is not streamed"
-                try:
-                    hook.install(lease)
-                except BaseException:
-                    lease.release()
-                    raise
-            except Exception as exc:  # given to every rider waiting for block j
-                error, lease = exc, None
+                hook.install(lease)
+            except BaseException:
+                lease.release()
+                raise
+        except Exception as exc:  # given to every rider waiting for block j
+            error, lease = exc, None
         finally:
             self._cond.acquire()
             self._busy = False
-        install = self._installed = _Install(j, lease, sweep, error)
-        waiters = self._waiting.pop(j, [])
-        for waiter in waiters:
-            waiter.install = install
-        self._running += len(waiters)
-        self._cond.notify_all()
+            if lease is None and error is None:  # interrupted (not an Exception): say so
+                error = RuntimeError(f"installing block {j} was interrupted")
+            install = self._installed = _Install(j, lease, sweep, error)
+            waiters = self._waiting.pop(j, [])
+            for waiter in waiters:
+                waiter.install = install
+            self._running += len(waiters)
+            self._cond.notify_all()
+
+    def _close_sweep(self) -> SweepRecord | None:
+        """The current sweep's record (the condition held): its bytes end where the next
+        sweep's begin, so no read is counted twice."""
+        sweep = self._sweep
+        if sweep is None:
+            return None
+        return SweepRecord(
+            sequences=sweep.sequences,
+            tokens=sweep.tokens,
+            bytes_streamed=self.streamer.stats.bytes_read - sweep.bytes_before,
+            seconds=time.perf_counter() - sweep.started,
+        )
 
     def _retire(self, install: _Install | None) -> None:
         if install is None or install.lease is None:
@@ -353,17 +369,15 @@ class SweepGroup:
         finally:
             install.lease.release()
 
-    def _report(self, sweep: Sweep | None) -> None:
-        if sweep is None or self.on_sweep is None:
+    def _report(self, record: SweepRecord | None) -> None:
+        """Hand a finished sweep to ``on_sweep``; a failing callback is logged, never
+        allowed to break the sweeps of the requests in flight."""
+        if record is None or self.on_sweep is None:
             return
-        self.on_sweep(
-            SweepRecord(
-                sequences=len(sweep.riders),
-                tokens=sweep.tokens,
-                bytes_streamed=self.streamer.stats.bytes_read - sweep.bytes_before,
-                seconds=time.perf_counter() - sweep.started,
-            )
-        )
+        try:
+            self.on_sweep(record)
+        except Exception:
+            log.exception("reporting a sweep failed")
 
     def close(self) -> None:
         """Give back what is installed (the engine is closing; no request is in flight)."""

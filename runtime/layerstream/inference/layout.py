@@ -90,6 +90,53 @@ def value_at(value: object, path: Path) -> object:
     return value
 
 
+class _Watcher:
+    """One thread's interest in one module's calls, counted per side."""
+
+    def __init__(self, name: str, inputs: bool, outputs: bool, seen: Callable[..., None]):
+        self.name, self.inputs, self.outputs, self.seen = name, inputs, outputs, seen
+        self.calls = [0, 0]
+
+
+class _Taps:
+    """A module's hooks, registered once and kept; each call looks up its own thread's
+    watcher. Hooks registered and removed per request would change the module's hook
+    dicts while another thread's forward may iterate them (torch's error path runs the
+    always-call hooks from the live dict)."""
+
+    def __init__(self, module: nn.Module):
+        self._local = threading.local()
+        module.register_forward_pre_hook(self._pre, with_kwargs=True)
+        module.register_forward_hook(self._post)
+
+    def watch(self, watcher: _Watcher | None) -> None:
+        self._local.watcher = watcher
+
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        watcher = getattr(self._local, "watcher", None)
+        if watcher is not None and watcher.inputs:
+            watcher.seen(watcher.name, watcher.calls[0], False, (args, kwargs))
+            watcher.calls[0] += 1
+
+    def _post(self, module: nn.Module, args: tuple, output: object) -> None:
+        watcher = getattr(self._local, "watcher", None)
+        if watcher is not None and watcher.outputs:
+            watcher.seen(watcher.name, watcher.calls[1], True, output)
+            watcher.calls[1] += 1
+
+
+_TAPS: weakref.WeakKeyDictionary[nn.Module, _Taps] = weakref.WeakKeyDictionary()
+_TAPS_LOCK = threading.Lock()
+
+
+def _taps(module: nn.Module) -> _Taps:
+    with _TAPS_LOCK:
+        taps = _TAPS.get(module)
+        if taps is None:
+            taps = _TAPS[module] = _Taps(module)
+        return taps
+
+
 @contextlib.contextmanager
 def on_calls(
     base: nn.Module,
@@ -101,31 +148,16 @@ def on_calls(
     outputs) asks. Calls are counted per module and side, the same way while learning and
     while serving. Only the calling thread's calls count: requests on other threads run
     the same modules meanwhile (engine/sweeps.py)."""
-    handles = []
-    owner = threading.get_ident()
-    for name, (inputs, outputs) in names.items():
-        module = base.get_submodule(name)
-        calls = [0, 0]
-
-        def pre(module, args, kwargs, name=name, calls=calls) -> None:
-            if threading.get_ident() == owner:
-                seen(name, calls[0], False, (args, kwargs))
-                calls[0] += 1
-
-        def post(module, args, output, name=name, calls=calls) -> None:
-            if threading.get_ident() == owner:
-                seen(name, calls[1], True, output)
-                calls[1] += 1
-
-        if inputs:
-            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-        if outputs:
-            handles.append(module.register_forward_hook(post))
+    watched: list[_Taps] = []
     try:
+        for name, (inputs, outputs) in names.items():
+            taps = _taps(base.get_submodule(name))
+            taps.watch(_Watcher(name, inputs, outputs, seen))
+            watched.append(taps)
         yield
     finally:
-        for handle in handles:
-            handle.remove()
+        for taps in watched:
+            taps.watch(None)
 
 
 def learn_layout(config: PretrainedConfig, architecture: str, dtype: str) -> HiddenLayout:

@@ -105,12 +105,21 @@ class LayerStreamRuntime(MLModel):
             self._caps.context_length,
         )
         name = self.name
+        max_active = settings.max_active_sequences
+        if engine.sequential_only is not None and max_active > 1:
+            log.warning(
+                "%s: serving one request at a time, not %d: %s",
+                name,
+                max_active,
+                engine.sequential_only,
+            )
+            max_active = 1
         metrics.declare(name)
         engine.sweeps.on_sweep = lambda sweep: metrics.record_sweep(name, sweep)
         self._scheduler = Scheduler(
             name,
             settings.max_queued_requests,
-            settings.max_active_sequences,
+            max_active,
             self._kv_budget,
             on_queue_change=lambda waiting: metrics.set_queued(name, waiting),
             on_active_change=lambda active: metrics.set_active(name, active),
@@ -118,7 +127,7 @@ class LayerStreamRuntime(MLModel):
         log.info(
             "%s: up to %d requests at once, KV cache budget %s, %d compute slot(s)",
             name,
-            settings.max_active_sequences,
+            max_active,
             describe(self._kv_budget, self._kv_per_token),
             engine.sweeps.slots.count,
         )

@@ -115,9 +115,10 @@ class Scheduler:
         self._on_queue_change = on_queue_change  # e.g. a gauge of the requests waiting
         self._on_active_change = on_active_change
         self._cond = threading.Condition()
-        self._queue: collections.deque[_Ticket | None] = collections.deque()  # None: stop
+        self._queue: collections.deque[_Ticket] = collections.deque()
         self._active = 0
         self._kv_in_use = 0
+        self._closed = False
         self._workers = ThreadPoolExecutor(max_active, thread_name_prefix=f"layerstream-{name}")
         self._thread = threading.Thread(
             target=self._admit_in_order, name=f"layerstream-{name}-admission", daemon=True
@@ -142,14 +143,15 @@ class Scheduler:
             kv_bytes=kv_bytes,
         )
         with self._cond:
-            waiting = len(self._queue)
-            if waiting >= self.max_queued:
+            if self._closed:
+                raise ServerBusy(f"model {self.name} is being unloaded; retry later")
+            if len(self._queue) >= self.max_queued:
                 raise ServerBusy(
                     f"model {self.name} has {self.max_queued} requests waiting; retry later"
                 )
             self._queue.append(ticket)
+            self._on_queue_change(len(self._queue))
             self._cond.notify_all()
-        self._on_queue_change(waiting + 1)
         try:
             while True:
                 item = await self._next(ticket)
@@ -171,9 +173,8 @@ class Scheduler:
                 self._queue.remove(ticket)
             except ValueError:
                 return
-            waiting = len(self._queue)
+            self._on_queue_change(len(self._queue))
             self._cond.notify_all()
-        self._on_queue_change(waiting)
 
     @staticmethod
     async def _next(ticket: _Ticket) -> object:
@@ -196,30 +197,39 @@ class Scheduler:
     def _admit_in_order(self) -> None:
         while True:
             with self._cond:
-                while True:
-                    ticket = self._queue[0] if self._queue else _DONE
-                    if ticket is None:
-                        return  # close(): everything queued before it has been admitted
-                    if ticket is not _DONE and (
-                        ticket.cancel.is_set() or ticket.expired() or self._fits(ticket)
-                    ):
-                        break
-                    self._cond.wait()
+                ticket = self._next_admissible()
+                if ticket is None:
+                    return
                 self._queue.popleft()
-                waiting = len(self._queue)
+                self._on_queue_change(len(self._queue))
                 admitted = not (ticket.cancel.is_set() or ticket.expired())
                 if admitted:
                     self._active += 1
                     self._kv_in_use += ticket.kv_bytes
-                active = self._active
-            self._on_queue_change(waiting)
+                    self._on_active_change(self._active)
             if not admitted:
                 if not ticket.cancel.is_set():  # expired while queued; the client still waits
                     ticket.post(ticket.deadline.error("while queued"))
                     ticket.post(_DONE)
                 continue
-            self._on_active_change(active)
             self._workers.submit(self._run, ticket)
+
+    def _next_admissible(self) -> _Ticket | None:
+        """Wait (the condition held) until the queue's head can go: it fits, or its consumer
+        has gone. None once the scheduler is closing; what is still queued then is told so."""
+        while True:
+            if self._closed:
+                for ticket in self._queue:
+                    ticket.post(ServerBusy(f"model {self.name} was unloaded; retry elsewhere"))
+                    ticket.post(_DONE)
+                self._queue.clear()
+                self._on_queue_change(0)
+                return None
+            if self._queue:
+                ticket = self._queue[0]
+                if ticket.cancel.is_set() or ticket.expired() or self._fits(ticket):
+                    return ticket
+            self._cond.wait()
 
     def _run(self, ticket: _Ticket) -> None:
         try:
@@ -247,14 +257,14 @@ class Scheduler:
             with self._cond:
                 self._active -= 1
                 self._kv_in_use -= ticket.kv_bytes
-                active = self._active
+                self._on_active_change(self._active)
                 self._cond.notify_all()
-            self._on_active_change(active)
 
     def close(self) -> None:
-        """Admit what is queued, then stop; wait (bounded) for the requests in flight."""
+        """Refuse new requests and tell the queued ones the model is gone; the requests in
+        flight finish (each within its deadline)."""
         with self._cond:
-            self._queue.append(None)  # past the bound: closing must not fail
+            self._closed = True
             self._cond.notify_all()
-        self._thread.join(timeout=30)
+        self._thread.join()
         self._workers.shutdown(wait=True)

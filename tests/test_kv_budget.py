@@ -1,0 +1,92 @@
+"""The KV cache budget: each request's cache estimated from the config, admission within
+the budget, and a request that could never fit refused with the numbers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from conftest import CONFIGS
+from mlserver.settings import ModelParameters, ModelSettings
+from mlserver.types import InferenceRequest
+from transformers import AutoConfig
+
+from layerstream.errors import SettingsError
+from layerstream.inference.kv import kv_bytes_per_token, request_kv_bytes, resolve_kv_budget
+from layerstream.inference.request import Request
+from layerstream.serving.runtime import LayerStreamRuntime
+
+
+def config_of(name: str):
+    fields = dict(CONFIGS[name])
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
+def test_kv_per_token_counts_the_kv_heads_of_grouped_query_attention():
+    config = config_of("llama")
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    assert kv_heads < heads  # the fixture has grouped-query attention
+    head_dim = config.hidden_size // heads
+    blocks = config.num_hidden_layers
+    assert kv_bytes_per_token(config, blocks, "float32") == 2 * blocks * kv_heads * head_dim * 4
+    assert kv_bytes_per_token(config, blocks, "bfloat16") == 2 * blocks * kv_heads * head_dim * 2
+
+
+def test_kv_per_token_of_a_model_that_names_no_kv_heads():
+    config = config_of("gpt2")
+    assert kv_bytes_per_token(config, 12, "float32") == 2 * 12 * config.n_embd * 4
+
+
+def test_a_request_counts_its_prompt_and_new_tokens_within_the_context():
+    ids = Request(mode="tokens", input_ids=[1] * 10, max_new_tokens=5)
+    assert request_kv_bytes(ids, 100, context=128) == 15 * 100
+    text = Request(mode="tokens", prompt="héllo", max_new_tokens=5)  # 6 UTF-8 bytes
+    assert request_kv_bytes(text, 100, context=None) == (6 + 16 + 5) * 100
+    assert request_kv_bytes(text, 100, context=20) == 20 * 100  # never past the context
+    forward = Request(mode="embedding", input_ids=[1] * 10)
+    assert request_kv_bytes(forward, 100, context=128) == 10 * 100
+
+
+def test_the_budget_setting():
+    assert resolve_kv_budget("1MiB", 100, 8, 128) == 2**20
+    assert resolve_kv_budget("auto", 100, 8, 128) <= 8 * 128 * 100
+    with pytest.raises(SettingsError, match="kv_cache_budget"):
+        resolve_kv_budget("lots", 100, 8, 128)
+
+
+def test_a_request_that_could_never_fit_is_refused_with_the_numbers(model_factory):
+    """A 16 KiB budget on the tiny GPT-2 (6 KiB of KV cache per token): a request of two
+    tokens fits, one of 12 could never fit and is an invalid_request naming the setting."""
+    store = model_factory("gpt2").store
+    settings = ModelSettings(
+        name="kv",
+        implementation=LayerStreamRuntime,
+        parameters=ModelParameters(
+            extra={"chunk_store": str(store), "torch_threads": 1, "kv_cache_budget": "16KiB"}
+        ),
+    )
+    runtime = LayerStreamRuntime(settings)
+
+    async def main():
+        runtime.ready = await runtime.load()
+        try:
+            small = {
+                "inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1], "data": [5]}],
+                "parameters": {"max_new_tokens": 1, "temperature": 0},
+            }
+            big = {**small, "parameters": {"max_new_tokens": 11, "temperature": 0}}
+            ok = [r async for r in runtime.predict_stream(_one(small))]
+            refused = [r async for r in runtime.predict_stream(_one(big))]
+            return ok, refused
+        finally:
+            await runtime.unload()
+
+    ok, (refused,) = asyncio.run(main())
+    assert ok[-1].parameters.finish_reason in ("length", "stop")
+    params = refused.parameters
+    assert (params.finish_reason, params.error_type) == ("error", "invalid_request")
+    assert "kv_cache_budget" in params.error and "12 tokens" in params.error
+
+
+async def _one(payload: dict):
+    yield InferenceRequest.model_validate(payload)
