@@ -118,7 +118,7 @@ class ChunkIntegrityError(ChunkStoreError):
 
 
 class RequestCancelled(Exception):
-    """Raised inside the engine thread when the client has gone away.
+    """Raised on the request's worker thread when the client has gone away.
 
     Not an MLServerError: nobody is left to receive it, it only unwinds the forward pass.
     """

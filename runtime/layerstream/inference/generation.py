@@ -160,7 +160,8 @@ def run_generation(
     emit: Emit,
     cancelled: Cancelled,
 ) -> FinalEvent:
-    """Generate on the engine thread, emitting a TokenEvent per token; return the last event."""
+    """Generate on the request's worker thread, emitting a TokenEvent per token; return the
+    last event."""
     config = generation_config(engine, request)
     ids = torch.tensor([input_ids], dtype=torch.long)
     processors = LogitsProcessorList()

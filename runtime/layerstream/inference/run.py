@@ -1,6 +1,6 @@
 """The one entry for running a request on an engine: tokenize, check, dispatch.
 
-Runs on the engine thread (serving/scheduler.py): tokenizing costs time and memory in
+Runs on the request's worker thread (serving/scheduler.py): tokenizing costs time and memory in
 proportion to the prompt, so it stays off the event loop, which only looked at the
 request's shape and sizes (serving/protocol.py).
 """

@@ -6,7 +6,7 @@ errors: a typo must not silently change the answer; so is a parameter that arriv
 a value (a REST ``null``, or a gRPC ``double_param`` that MLServer's proto cannot read).
 
 Everything here runs on the event loop and looks at the request only: the prompt is
-tokenized, and checked against the context, on the engine thread (inference/run.py).
+tokenized, and checked against the context, on the worker thread (inference/run.py).
 """
 
 from __future__ import annotations
