@@ -104,6 +104,15 @@ class _Waiter:
     install: _Install | None = None  # set by the install that admits it
 
 
+def _own_copy(error: Exception) -> Exception:
+    """A copy of ``error`` for one of the requests it fails: one exception object raised on
+    several threads would grow one traceback. An error that cannot be copied goes as is."""
+    try:
+        return copy.copy(error)
+    except Exception:
+        return error
+
+
 class Installable(Protocol):
     """A streamed block's hook: binds a lease's tensors into its module, and unbinds them."""
 
@@ -233,8 +242,7 @@ class SweepGroup:
             self.slots.acquire()
         rider.wait_s += time.perf_counter() - started
         if install.error is not None:
-            # a copy each: one exception object raised on several threads grows one traceback
-            raise copy.copy(install.error) from install.error
+            raise _own_copy(install.error) from install.error
         rider.streamed_runs += 1
         rider.install = install
 
