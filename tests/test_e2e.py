@@ -780,3 +780,54 @@ def test_stop_string_list(server, reference, transport):
     tokens, _, final = split(list(events))
     assert final.finish_reason == "stop"
     assert [t.token_id for t in tokens] == ids[: k + 1]
+
+
+# -- clients nobody in this project wrote ----------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:The `construct` method is deprecated")  # MLServer's own
+def test_mlservers_own_streaming_example_decodes_every_event(server, reference):
+    """MLServer's streaming docs decode ``outputs[0]`` of every event with StringCodec,
+    over SSE and over gRPC ModelStreamInfer: every event, the final one too, must carry an
+    output it can decode, and the decoded texts add up to the generated text."""
+    import grpc
+    from httpx_sse import connect_sse
+    from mlserver import grpc as mlserver_grpc
+    from mlserver.codecs import StringCodec
+    from mlserver.grpc import converters
+    from mlserver.types import InferenceRequest, InferenceResponse
+
+    ref = reference(LLAMA_25)
+
+    def request(use_bytes: bool) -> InferenceRequest:  # built as the example builds it
+        return InferenceRequest(
+            inputs=[StringCodec.encode_input("prompt", [PROMPT], use_bytes=use_bytes)],
+            parameters={"max_new_tokens": 6, "temperature": 0},
+        )
+
+    expected = ref.tokenizer.decode(ref.greedy(ref.encode(PROMPT), 6), skip_special_tokens=True)
+
+    texts: list[str] = []
+    url = f"{server.http_url}/v2/models/{LLAMA_25}/generate_stream"
+    with (
+        httpx.Client(timeout=60) as http,
+        connect_sse(http, "POST", url, json=request(use_bytes=False).model_dump()) as source,
+    ):
+        for sse in source.iter_sse():
+            response = InferenceResponse.model_validate_json(sse.data)
+            texts.extend(StringCodec.decode_output(response.outputs[0]))
+    assert len(texts) == 7  # six tokens and the final event
+    assert "".join(texts) == expected
+
+    texts = []
+    stub_module = mlserver_grpc.dataplane_pb2_grpc
+    message = converters.ModelInferRequestConverter.from_types(
+        request(use_bytes=True), model_name=LLAMA_25, model_version=None
+    )
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = stub_module.GRPCInferenceServiceStub(channel)
+        for reply in stub.ModelStreamInfer(iter([message]), timeout=60):
+            response = converters.ModelInferResponseConverter.to_types(reply)
+            texts.extend(StringCodec.decode_output(response.outputs[0]))
+    assert len(texts) == 7
+    assert "".join(texts) == expected

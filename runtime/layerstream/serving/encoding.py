@@ -107,11 +107,12 @@ def encode_event(
         output = _floats("hidden_state", event.hidden_state)
         return _response(model, version, request_id, [output], layer=event.layer)
     if isinstance(event, FinalEvent):
-        outputs = []
-        if event.text:
-            outputs.append(_text("text", event.text))
-        if event.embedding is not None:
-            outputs.append(_floats("embedding", event.embedding))
+        # Every event has an output a V2 client can decode, the final one too: MLServer's
+        # own streaming example decodes outputs[0] of each (text, possibly empty).
+        if event.embedding is None:
+            outputs = [_text("text", event.text)]
+        else:
+            outputs = [_floats("embedding", event.embedding)]
         return _response(model, version, request_id, outputs, **_final_parameters(event))
     raise TypeError(f"unknown event {type(event).__name__}")
 
