@@ -59,8 +59,9 @@ def test_states_stream_as_their_blocks_finish(engine):
     layers: list[int] = []
 
     def emit(event: HiddenStateEvent) -> None:
-        stats = engine.streamer.stats
-        runs_at_emit.append(stats.resident_runs + stats.streamed_runs)
+        rider = engine.sweeps.current()  # this request's own block runs (emit is on its thread)
+        assert rider is not None
+        runs_at_emit.append(rider.resident_runs + rider.streamed_runs)
         layers.append(event.layer)
 
     run_hidden_states(engine, all_layers(engine), PROMPT, emit, lambda: False)

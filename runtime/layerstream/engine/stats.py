@@ -10,6 +10,9 @@ from dataclasses import dataclass
 class StreamStats:
     """Counters since the engine started; requests report differences of two snapshots."""
 
+    # Block runs and waits belong to a request (sweeps.Rider, filled in by
+    # RequestContext.measure). Engine-wide, resident_runs stays 0, streamed_runs counts block
+    # installs (each shared by every request on its sweep), wait_s their waits for reads.
     resident_runs: int = 0  # block runs served by a resident (pinned) block
     streamed_runs: int = 0  # block runs that needed a streamed block
     read_aheads: int = 0  # reads handed to an I/O thread (not those found in the page cache)

@@ -87,9 +87,6 @@ class WeightStreamer:
         return self._reader.load_resident(self.manifest.chunks[chunk])
 
     # -- the compute thread's side ---------------------------------------------------------
-    def hit(self) -> None:
-        self.stats.resident_runs += 1
-
     def acquire(self, j: int) -> Lease:
         """Block j's lease, with its tensors, from its read-ahead if one was started, else
         read now.

@@ -75,7 +75,6 @@ class ComputeSlots:
 
 @dataclass(eq=False)
 class Sweep:
-    number: int
     started: float
     bytes_before: int
     sequences: int = 0  # the riders that ran a block of it
@@ -168,7 +167,6 @@ class SweepGroup:
         self._installed: _Install | None = None
         self._busy = False  # a member is changing what is installed (cond not held)
         self._sweep: Sweep | None = None
-        self._sweeps = 0
         self._last_index: int | None = None  # the block installed last, in this busy spell
         self._local = threading.local()
 
@@ -320,8 +318,7 @@ class SweepGroup:
         last = self._last_index
         if self._sweep is None or last is None or j <= last:  # wrapped around: a new sweep
             closed = self._close_sweep()
-            self._sweeps += 1
-            self._sweep = Sweep(self._sweeps, time.perf_counter(), self.streamer.stats.bytes_read)
+            self._sweep = Sweep(time.perf_counter(), self.streamer.stats.bytes_read)
         sweep = self._sweep
         self._last_index = j
         self._busy = True
