@@ -390,6 +390,10 @@ class FaultProxy:
         """Copy the responses back; a response marked for a fault gets it once its headers
         have gone through (so the client sees a well-formed start, then the fault)."""
         pending = b""  # bytes of a response whose headers have not all arrived
+        # a response marked for corruption whose body has not arrived yet: the headers and the
+        # body may come in one read or several (the upstream writes them separately), and the
+        # fault must not depend on which
+        owed = False
         try:
             while data := server.recv(65536):
                 if self.delay_s:
@@ -404,9 +408,14 @@ class FaultProxy:
                     client.sendall(data[:cut])
                     self._count(max(0, min(len(data), cut) - end - 4))
                     break  # and close: the client is left with a short body
-                if data.startswith(b"HTTP/1.") and len(data) > end + 8 and self._take("corrupt"):
-                    flip = end + 4 + (len(data) - end - 4) // 2
+                head = data.startswith(b"HTTP/1.")
+                if head and self._take("corrupt"):
+                    owed = True
+                body_from = end + 4 if head else 0
+                if owed and len(data) > body_from:
+                    flip = body_from + (len(data) - body_from) // 2
                     data = data[:flip] + bytes([data[flip] ^ 0xFF]) + data[flip + 1 :]
+                    owed = False
                 client.sendall(data)
                 self._count(len(data) - (end + 4 if data.startswith(b"HTTP/1.") else 0))
         except OSError:
