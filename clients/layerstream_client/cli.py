@@ -13,7 +13,7 @@ import math
 import sys
 from typing import Any
 
-from .events import GENERATION_PARAMS, Final, HiddenState, StreamError, Token
+from .events import GENERATION_PARAMS, Final, HiddenState, ModelNotLoadedError, StreamError, Token
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,7 +49,9 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--stop", action="append", help="stop string (repeatable)")
             p.add_argument("--repetition-penalty", type=float)
         else:
-            p.add_argument("--layers", default="-1", help="e.g. 0,-1 (default: the last)")
+            p.add_argument(
+                "--layers", help="e.g. 0,-1 (default: every layer, as the server sends them)"
+            )
             p.add_argument("--pooling", choices=["mean", "cls", "last", "pooler"])
             p.add_argument(
                 "--mode", choices=["hidden_states", "embedding"], default="hidden_states"
@@ -113,8 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     ids = [int(i) for i in args.input_ids.split(",")] if args.input_ids else None
     client = _client(args)
     try:
+        # MLServer answers a stream for a model it does not serve with an empty 200: ask first
+        client.check_model(args.model)
         for event in client.generate(args.model, args.prompt, ids, **_params(args)):
             _print(event, args.json)
+    except ModelNotLoadedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except StreamError as exc:
         print(f"\nerror ({exc.error_type or 'unknown kind'}): {exc}", file=sys.stderr)
         return 1

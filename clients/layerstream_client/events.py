@@ -48,6 +48,30 @@ class StreamError(RuntimeError):
         self.error_type = error_type
 
 
+@dataclass(frozen=True)
+class ModelStatus:
+    """One entry of the server's repository index."""
+
+    name: str
+    state: str  # READY, LOADING, UNAVAILABLE, UNLOADING, UNKNOWN
+    reason: str = ""
+
+
+class ModelNotLoadedError(LookupError):
+    """The server does not serve ``model`` (a wrong name, or a model that failed to load).
+
+    MLServer answers a stream for an unknown model with HTTP 200 and an empty body (gRPC:
+    NOT_FOUND), so the clients ask the repository index what it does serve and say so."""
+
+    def __init__(self, model: str, index: list[ModelStatus]):
+        self.model = model
+        self.loaded = sorted(m.name for m in index if m.state == "READY")
+        mine = next((m for m in index if m.name == model), None)
+        state = f" ({mine.state}{': ' + mine.reason if mine.reason else ''})" if mine else ""
+        loaded = ", ".join(self.loaded) or "none"
+        super().__init__(f"model {model} is not loaded here{state}; loaded: {loaded}")
+
+
 def split_kind(text: str) -> tuple[str | None, str]:
     """``"timeout: the request ran..."`` -> ``("timeout", "the request ran...")``: how the kind
     travels where there is one text field (gRPC status details, the /infer error body)."""
@@ -69,6 +93,10 @@ class HiddenState:
     shape: tuple[int, ...]
     values: list[float] = field(repr=False)  # row-major float32 values
 
+    def __repr__(self) -> str:
+        values = f"float32[{len(self.values)}]"
+        return f"HiddenState(layer={self.layer}, shape={self.shape}, values={values})"
+
     def rows(self) -> list[list[float]]:
         """``[seq][hidden]`` nested lists."""
         width = self.shape[-1]
@@ -84,6 +112,24 @@ class Final:
     # Always None: a stream that failed raises StreamError instead of yielding a Final.
     # Kept because callers (and the tests) check it.
     error: str | None = None
+
+    def __repr__(self) -> str:
+        # print(event) is for people: the token count, not a dozen stats; the embedding's
+        # size, not its 768 values
+        parts = [f"finish_reason={self.finish_reason!r}"]
+        if "tokens" in self.stats and self.embedding is None:  # an embedding generates none
+            parts.append(f"tokens={self.stats['tokens']}")
+        if self.text:
+            parts.append(f"text={_shorten(self.text)!r}")
+        if self.embedding is not None:
+            parts.append(f"embedding=float32[{len(self.embedding)}]")
+        if self.error is not None:
+            parts.append(f"error={self.error!r}")
+        return f"Final({', '.join(parts)})"
+
+
+def _shorten(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def build_request(
@@ -162,10 +208,21 @@ def parse_response(response: dict[str, Any]) -> list[Token | HiddenState | Final
 
 
 class StreamingClient:
-    """What the SSE and gRPC clients share: requests built the same way, one ``stream``."""
+    """What the SSE and gRPC clients share: requests built the same way, one ``stream``, one
+    ``models`` (the repository index)."""
 
     def stream(self, model: str, request: dict[str, Any]) -> Iterator[Token | HiddenState | Final]:
         raise NotImplementedError
+
+    def models(self) -> list[ModelStatus]:
+        """Every model the server knows, with its state."""
+        raise NotImplementedError
+
+    def check_model(self, model: str) -> None:
+        """Raises ModelNotLoadedError unless the server has ``model`` loaded and ready."""
+        index = self.models()
+        if not any(m.name == model and m.state == "READY" for m in index):
+            raise ModelNotLoadedError(model, index)
 
     def generate(
         self,

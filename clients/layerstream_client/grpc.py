@@ -18,6 +18,8 @@ from mlserver.grpc import dataplane_pb2_grpc as pb_grpc
 from .events import (
     Final,
     HiddenState,
+    ModelNotLoadedError,
+    ModelStatus,
     StreamError,
     StreamingClient,
     Token,
@@ -105,22 +107,53 @@ class GRPCClient(StreamingClient):
         self.target = target
         self.timeout = timeout
 
+    def _channel(self) -> grpc.Channel:
+        options = [("grpc.max_receive_message_length", 256 * 2**20)]
+        return grpc.insecure_channel(self.target, options=options)
+
     def stream(self, model: str, request: dict[str, Any]) -> Iterator[Token | HiddenState | Final]:
         """Events as they arrive. A call the server failed with a layerstream error raises
-        GRPCStreamError (a StreamError with ``error_type``, and a grpc.RpcError); any other
-        failed call (connection, unknown model) raises the grpc.RpcError as it came."""
-        options = [("grpc.max_receive_message_length", 256 * 2**20)]
-        with grpc.insecure_channel(self.target, options=options) as channel:
+        GRPCStreamError (a StreamError with ``error_type``, and a grpc.RpcError); a model the
+        server does not serve raises ModelNotLoadedError; any other failed call (connection,
+        deadline) raises the grpc.RpcError as it came."""
+        started = False
+        with self._channel() as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             calls = stub.ModelStreamInfer(
                 iter([to_grpc_request(model, request)]), timeout=self.timeout
             )
             try:
                 for response in calls:
-                    yield from parse_response(_to_json(response))
+                    for event in parse_response(_to_json(response)):
+                        started = True
+                        yield event
             except grpc.RpcError as exc:
+                # MLServer's "Model x with version  not found": say what the server does serve
+                code = exc.code() if hasattr(exc, "code") else None
+                not_found = code == grpc.StatusCode.NOT_FOUND and not started
+                if not_found and (error := self._not_loaded(model)):
+                    raise error from exc
                 details = exc.details() if hasattr(exc, "details") else None
                 kind, message = split_kind(details or "")
                 if kind is None:
                     raise
                 raise GRPCStreamError(exc.code(), details, kind, message) from exc
+
+    def _not_loaded(self, model: str) -> ModelNotLoadedError | None:
+        """ModelNotLoadedError if ``model`` is not served; None when it is, or when the index
+        cannot be read either (the caller raises what it saw)."""
+        try:
+            self.check_model(model)
+        except ModelNotLoadedError as exc:
+            return exc
+        except grpc.RpcError:
+            pass
+        return None
+
+    def models(self) -> list[ModelStatus]:
+        """``RepositoryIndex``: every model the server knows, with its state."""
+        with self._channel() as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            index = stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=self.timeout)
+        # MLServer writes the state as its Python enum prints: "State.READY"
+        return [ModelStatus(m.name, m.state.removeprefix("State."), m.reason) for m in index.models]

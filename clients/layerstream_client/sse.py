@@ -9,7 +9,15 @@ from typing import Any
 import httpx
 from httpx_sse import connect_sse
 
-from .events import Final, HiddenState, StreamingClient, Token, parse_response
+from .events import (
+    Final,
+    HiddenState,
+    ModelNotLoadedError,
+    ModelStatus,
+    StreamingClient,
+    Token,
+    parse_response,
+)
 
 
 class SSEClient(StreamingClient):
@@ -18,28 +26,58 @@ class SSEClient(StreamingClient):
         self.timeout = timeout
 
     def stream(self, model: str, request: dict[str, Any]) -> Iterator[Token | HiddenState | Final]:
-        """Events as they arrive; a stream cut without a final event raises ConnectionError."""
+        """Events as they arrive; a stream cut without a final event raises ConnectionError,
+        or ModelNotLoadedError when nothing came because the server does not serve ``model``
+        (MLServer answers that with HTTP 200 and an empty body)."""
         url = f"{self.url}/v2/models/{model}/generate_stream"
-        finished = False
+        started = finished = False
         # identity: a gzip-compressing proxy or server would hold every event until the end
         headers = {"Accept-Encoding": "identity"}
-        with (
-            httpx.Client(timeout=self.timeout) as client,
-            connect_sse(client, "POST", url, json=request, headers=headers) as source,
-        ):
-            if source.response.status_code != 200:
-                source.response.read()
-                raise httpx.HTTPStatusError(
-                    f"{source.response.status_code}: {source.response.text}",
-                    request=source.response.request,
-                    response=source.response,
-                )
-            for sse in source.iter_sse():
-                for event in parse_response(json.loads(sse.data)):
-                    finished = finished or isinstance(event, Final)
-                    yield event
+        try:
+            with (
+                httpx.Client(timeout=self.timeout) as client,
+                connect_sse(client, "POST", url, json=request, headers=headers) as source,
+            ):
+                if source.response.status_code != 200:
+                    source.response.read()
+                    raise httpx.HTTPStatusError(
+                        f"{source.response.status_code}: {source.response.text}",
+                        request=source.response.request,
+                        response=source.response,
+                    )
+                for sse in source.iter_sse():
+                    for event in parse_response(json.loads(sse.data)):
+                        started = True
+                        finished = finished or isinstance(event, Final)
+                        yield event
+        except httpx.RemoteProtocolError as exc:  # how MLServer ends an unknown model's stream
+            if not started and (error := self._not_loaded(model)):
+                raise error from exc
+            raise
         if not finished:
+            if not started and (error := self._not_loaded(model)):
+                raise error
             raise ConnectionError(f"the stream from {url} ended without a final event")
+
+    def _not_loaded(self, model: str) -> ModelNotLoadedError | None:
+        """Why a stream came back empty, if the reason is that ``model`` is not served; None
+        when it is, or when the index cannot be read either (the caller raises what it saw)."""
+        try:
+            self.check_model(model)
+        except ModelNotLoadedError as exc:
+            return exc
+        except httpx.HTTPError:
+            pass
+        return None
+
+    def models(self) -> list[ModelStatus]:
+        """``POST /v2/repository/index``: every model the server knows, with its state."""
+        with httpx.Client(timeout=self.timeout) as client:
+            response = client.post(f"{self.url}/v2/repository/index", json={})
+            response.raise_for_status()
+            return [
+                ModelStatus(m["name"], m["state"], m.get("reason") or "") for m in response.json()
+            ]
 
     def infer(self, model: str, request: dict[str, Any]) -> dict[str, Any]:
         """Unary ``/infer``: the whole answer in one response (raises on HTTP errors)."""

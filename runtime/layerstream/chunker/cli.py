@@ -6,14 +6,24 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from .presets import PRESETS
-
-if TYPE_CHECKING:
-    pass
+# Nothing heavy at module level: `layerstream --help` and argument errors answer before
+# torch and transformers (seconds to import) are loaded; the command imports them itself.
 
 log = logging.getLogger("layerstream")
+
+# presets.PRESETS's names, for the help text (presets.py imports torch);
+# tests/test_first_run.py checks the two agree
+PRESET_NAMES = (
+    "tiny-gpt2",
+    "tiny-llama",
+    "tiny-qwen2",
+    "tiny-bert",
+    "llama-300m",
+    "llama-1b",
+    "llama-4b",
+    "llama-demo",
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,19 +32,30 @@ def _parser() -> argparse.ArgumentParser:
     chunk = sub.add_parser(
         "chunk",
         help="split a checkpoint into per-block safetensors chunks",
-        description="layerstream chunk SOURCE DEST --name NAME, or "
-        "layerstream chunk --random-init PRESET|CONFIG.json DEST --name NAME",
+        usage="%(prog)s [options] SOURCE DEST\n"
+        "       %(prog)s [options] --random-init PRESET|CONFIG.json DEST",
+        description="Split a checkpoint into one safetensors chunk per block, and write "
+        "model-repo/NAME/model-settings.json when DEST is model-repo/NAME/chunks.",
+    )
+    # SOURCE is optional to argparse only because --random-init takes its place;
+    # chunk_command checks that exactly one of the two is given.
+    chunk.add_argument(
+        "source",
+        nargs="?",
+        metavar="SOURCE",
+        help="a local Hugging Face checkpoint directory or a Hub id (omit it with --random-init)",
     )
     chunk.add_argument(
-        "paths",
-        nargs="+",
-        metavar="SOURCE DEST",
-        help="SOURCE: a local Hugging Face checkpoint directory or a Hub id (omit it with "
-        "--random-init); DEST: the chunk store directory, e.g. model-repo/NAME/chunks, or "
-        "s3://bucket/prefix (credentials from the standard AWS chain: environment, profile, "
-        "IAM role; never on the command line)",
+        "dest",
+        metavar="DEST",
+        help="the chunk store directory, e.g. model-repo/NAME/chunks, or s3://bucket/prefix "
+        "(credentials from the standard AWS chain: environment, profile, IAM role; never on "
+        "the command line)",
     )
-    chunk.add_argument("--name", required=True, help="model name served by MLServer")
+    chunk.add_argument(
+        "--name",
+        help="model name served by MLServer (default: NAME when DEST is model-repo/NAME/chunks)",
+    )
     chunk.add_argument(
         "--dtype", choices=["float32", "float16", "bfloat16"], help="cast weights (default: keep)"
     )
@@ -48,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
         "--random-init",
         metavar="PRESET|CONFIG.json",
         help="build a random-init model offline, with a local tokenizer; presets: "
-        + ", ".join(PRESETS),
+        + ", ".join(PRESET_NAMES),
     )
     chunk.add_argument(
         "--memory-budget",
@@ -61,6 +82,39 @@ def _parser() -> argparse.ArgumentParser:
     chunk.add_argument("--force", action="store_true", help="overwrite an existing store")
     chunk.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
+
+
+def infer_name(dest: str) -> str | None:
+    """NAME when DEST is ``.../NAME/chunks`` (a local folder), else None."""
+    if "://" in dest:
+        return None
+    path = Path(dest).resolve()
+    if path.name != "chunks" or not path.parent.name:
+        return None
+    return path.parent.name
+
+
+def _usage_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with the arguments argparse cannot check; fills in a default --name."""
+    if args.random_init and args.source:
+        return f"--random-init takes the place of SOURCE; got SOURCE {args.source} too: pass one"
+    if not args.random_init and not args.source:
+        return "give SOURCE DEST, or --random-init PRESET|CONFIG.json DEST"
+    if args.name is None:
+        args.name = infer_name(args.dest)
+        if args.name is None:
+            return (
+                f"cannot tell the model name from DEST {args.dest}: it is inferred only when "
+                "DEST is a local model-repo/NAME/chunks; pass --name NAME"
+            )
+    if args.memory_budget and args.memory_budget != "auto":
+        from ..units import parse_size
+
+        try:
+            parse_size(args.memory_budget, reference=1)
+        except ValueError as exc:
+            return f"--memory-budget: {exc}"
+    return None
 
 
 def _model_dir(args: argparse.Namespace, dest: str) -> Path | None:
@@ -83,28 +137,16 @@ def _s3_settings(args: argparse.Namespace) -> dict[str, str]:
 
 
 def chunk_command(args: argparse.Namespace) -> int:
-    from .convert import ChunkerError, chunk_checkpoint
-    from .model_settings import write_model_settings
-    from .source import random_source, resolve_source
-
-    expected = 1 if args.random_init else 2
-    if len(args.paths) != expected:
-        usage = "--random-init SPEC DEST" if args.random_init else "SOURCE DEST"
-        log.error("expected %s, got %s", usage, " ".join(args.paths))
+    problem = _usage_error(args)
+    if problem is not None:
+        log.error("%s", problem)
         return 2
-    if args.memory_budget and args.memory_budget != "auto":
-        from ..units import parse_size
-
-        try:
-            parse_size(args.memory_budget, reference=1)
-        except ValueError as exc:
-            log.error("--memory-budget: %s", exc)
-            return 2
     from ..errors import LayerStreamError
     from ..stores import StoreOptions
+    from .convert import ChunkerError, chunk_checkpoint
+    from .source import random_source, resolve_source
 
-    dest = args.paths[-1]
-    s3 = _s3_settings(args)
+    dest = args.dest
     options = StoreOptions(
         endpoint_url=args.s3_endpoint_url, region=args.s3_region, profile=args.s3_profile
     )
@@ -119,7 +161,7 @@ def chunk_command(args: argparse.Namespace) -> int:
             tmp = random_source(args.random_init)
             source = Path(tmp.name)
         else:
-            source = resolve_source(args.paths[0])
+            source = resolve_source(args.source)
         manifest = chunk_checkpoint(
             source,
             dest,
@@ -143,14 +185,23 @@ def chunk_command(args: argparse.Namespace) -> int:
             args.name,
         )
         return 0
+    return _write_settings(args, manifest, model_dir)
+
+
+def _write_settings(args: argparse.Namespace, manifest, model_dir: Path) -> int:
+    from ..errors import LayerStreamError
+    from .model_settings import write_model_settings
+
     if args.memory_budget and args.memory_budget != "auto":
         try:  # what load() will check: a budget below the model's minimum never loads
             _check_budget(manifest, args.memory_budget)
         except LayerStreamError as exc:
             log.error("%s; %s not written", exc.message, model_dir / "model-settings.json")
             return 1
-    extra = ({"memory_budget": args.memory_budget} if args.memory_budget else {}) | s3
-    path = write_model_settings(model_dir, args.name, dest, force=True, extra=extra)
+    extra = _s3_settings(args)
+    if args.memory_budget:
+        extra = {"memory_budget": args.memory_budget} | extra
+    path = write_model_settings(model_dir, args.name, args.dest, force=True, extra=extra)
     print(f"{path}: serve it with `mlserver start {model_dir.parent}`")
     return 0
 
