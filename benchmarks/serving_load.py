@@ -111,7 +111,7 @@ def metric_totals(url: str) -> dict[str, float]:
     totals: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name.startswith("layerstream_") and sample.labels.get("model") == MODEL:
+            if sample.name.startswith("layerstream_") and sample.labels.get("model_name") == MODEL:
                 if "le" in sample.labels:
                     continue  # histogram buckets: only _sum and _count are used
                 totals[sample.name] = totals.get(sample.name, 0.0) + sample.value

@@ -321,3 +321,9 @@ def metric_samples(metrics_url: str) -> dict[tuple[str, tuple[tuple[str, str], .
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }
+
+
+def labels(model: str, version: str = "", **more: str) -> tuple[tuple[str, str], ...]:
+    """A layerstream series' labels as :func:`metric_samples` keys them: the model as MLServer
+    labels it (``model_name``, ``model_version``) plus ``more``."""
+    return tuple(sorted({"model_name": model, "model_version": version, **more}.items()))

@@ -11,7 +11,6 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import torch
 from mlserver_proc import (
     BERT,
     GPT2,
@@ -20,11 +19,12 @@ from mlserver_proc import (
     MAX_NEW_TOKENS_LIMIT,
     SOURCES,
     ids_input,
+    labels,
     metric_samples,
     prompt_input,
     raw_sse,
 )
-from transformers import AutoTokenizer
+from reference import Reference
 
 from layerstream_client import Final, GRPCClient, HiddenState, SSEClient, Token
 
@@ -48,52 +48,6 @@ STATS = (
 )
 NUM_BLOCKS = 12  # every fixture model in conftest has 12 blocks
 TRANSPORTS = ("sse", "grpc")
-
-
-class Reference:
-    """The fully loaded transformers model and tokenizer behind a served model."""
-
-    def __init__(self, chunked):
-        self.model = chunked.resident()
-        self.tokenizer = AutoTokenizer.from_pretrained(chunked.store)
-
-    def encode(self, prompt: str) -> list[int]:
-        return self.tokenizer(prompt)["input_ids"]
-
-    def generate(self, ids: list[int], max_new_tokens: int, **kwargs: Any) -> list[int]:
-        tensor = torch.tensor([ids])
-        with torch.no_grad():
-            out = self.model.generate(
-                tensor,
-                attention_mask=torch.ones_like(tensor),
-                max_new_tokens=max_new_tokens,
-                **kwargs,
-            )
-        return out[0, len(ids) :].tolist()
-
-    def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
-        return self.generate(ids, max_new_tokens, do_sample=False)
-
-    def sample(self, ids: list[int], max_new_tokens: int, seed: int, **kwargs: Any) -> list[int]:
-        torch.manual_seed(seed)
-        return self.generate(ids, max_new_tokens, do_sample=True, **kwargs)
-
-    def finish_reason(self, new_ids: list[int], max_new_tokens: int) -> str:
-        eos = self.model.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        if new_ids and new_ids[-1] in eos_ids:
-            return "stop"
-        assert len(new_ids) == max_new_tokens
-        return "length"
-
-    def forward(self, ids: list[int]):
-        """Base-model outputs with every hidden state (``resident.model`` for causal LMs)."""
-        base = getattr(self.model, "model", self.model)
-        with torch.no_grad():
-            return base(torch.tensor([ids]), output_hidden_states=True)
-
-    def hidden_states(self, ids: list[int]) -> list[np.ndarray]:
-        return [h[0].numpy() for h in self.forward(ids).hidden_states]
 
 
 @pytest.fixture(scope="module")
@@ -578,7 +532,7 @@ def test_four_sse_and_grpc_streams_share_sweeps_and_stay_exact(server, reference
     assert all(f.stats["sweeps"] > 0 for f in finals)
     assert any(f.stats["sweep_sequences"] > f.stats["sweeps"] for f in finals)  # shared
     after = metric_samples(server.metrics_url)
-    label = (("model", LLAMA_25),)
+    label = labels(LLAMA_25)
 
     def grew(name: str) -> float:
         return after[(name, label)] - before.get((name, label), 0.0)
@@ -619,7 +573,7 @@ def test_client_disconnect_mid_stream(server, reference, transport):
 
 
 def test_metrics_count_requests_and_tokens(server):
-    labels = (("finish_reason", "length"), ("mode", "tokens"), ("model", GPT2))
+    requested = labels(GPT2, finish_reason="length", mode="tokens")
     before = metric_samples(server.metrics_url)
     n = 5
     events = list(SSEClient(server.http_url).generate(GPT2, input_ids=[3, 4, 5], max_new_tokens=n))
@@ -631,13 +585,13 @@ def test_metrics_count_requests_and_tokens(server):
     after = metric_samples(server.metrics_url)
 
     assert "layerstream_requests_total" in text
-    requests = ("layerstream_requests_total", labels)
+    requests = ("layerstream_requests_total", requested)
     assert after[requests] == before.get(requests, 0.0) + 1
-    generated = ("layerstream_generated_tokens_total", (("model", GPT2),))
+    generated = ("layerstream_generated_tokens_total", labels(GPT2))
     assert after[generated] == before.get(generated, 0.0) + n
     hidden = (
         "layerstream_requests_total",
-        (("finish_reason", "stop"), ("mode", "hidden_states"), ("model", BERT)),
+        labels(BERT, finish_reason="stop", mode="hidden_states"),
     )
     assert after[hidden] == before.get(hidden, 0.0) + 1
 
@@ -646,11 +600,11 @@ def test_metrics_report_streamed_bytes_of_the_small_budget_model(server):
     list(SSEClient(server.http_url).generate(LLAMA_25, PROMPT, max_new_tokens=2))
     list(SSEClient(server.http_url).generate(LLAMA, PROMPT, max_new_tokens=2))
     after = metric_samples(server.metrics_url)
-    assert after[("layerstream_bytes_streamed_total", (("model", LLAMA_25),))] > 0
-    assert after[("layerstream_bytes_streamed_total", (("model", LLAMA),))] == 0
-    assert after[("layerstream_block_cache_misses_total", (("model", LLAMA),))] == 0
-    compute = ("layerstream_compute_seconds_total", (("model", LLAMA_25),))
-    wait = ("layerstream_weight_wait_seconds_total", (("model", LLAMA_25),))
+    assert after[("layerstream_bytes_streamed_total", labels(LLAMA_25))] > 0
+    assert after[("layerstream_bytes_streamed_total", labels(LLAMA))] == 0
+    assert after[("layerstream_block_cache_misses_total", labels(LLAMA))] == 0
+    compute = ("layerstream_compute_seconds_total", labels(LLAMA_25))
+    wait = ("layerstream_weight_wait_seconds_total", labels(LLAMA_25))
     assert after[compute] > 0 and wait in after
 
 

@@ -172,7 +172,9 @@ def test_bad_request_over_sse(server, name, model, request_, words):
     assert params["error"] == str(caught.value)
     assert params["error_type"] == "invalid_request"
     assert not params["error"].startswith("invalid_request:")  # the kind has its own field
-    assert event["outputs"] == []
+    # its one output says it too: a client decoding outputs[0] of every event shows it
+    assert [o["name"] for o in event["outputs"]] == ["error"]
+    assert event["outputs"][0]["data"] == [f"invalid_request: {params['error']}"]
 
     check_good_events(model, list(sse.stream(model, good_request(model))))
 
@@ -312,7 +314,7 @@ def test_tampered_block_is_an_sse_error_not_a_wrong_answer(tampered):
     assert last["parameters"]["finish_reason"] == "error"
     assert last["parameters"]["error_type"] == "integrity"
     assert_mentions(last["parameters"]["error"], ["sha256", chunk_name])
-    assert last["outputs"] == []
+    assert last["outputs"][0]["data"] == [f"integrity: {last['parameters']['error']}"]
     # Our client raises it; a second request reads the chunk again and fails again.
     with pytest.raises(StreamError) as caught:
         list(SSEClient(server.http_url).stream(TAMPERED, request))

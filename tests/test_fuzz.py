@@ -655,7 +655,8 @@ def check_sse(server, case: Case) -> None:
     assert params["finish_reason"] == "error", event
     assert params["error_type"] == "invalid_request", params
     assert_mentions(params["error"], case.words)
-    assert event["outputs"] == []
+    assert event["outputs"][0]["name"] == "error"
+    assert event["outputs"][0]["data"] == [f"invalid_request: {params['error']}"]
 
 
 def check_infer(server, case: Case) -> None:

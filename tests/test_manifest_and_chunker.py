@@ -30,7 +30,7 @@ def test_manifest_lists_every_chunk_with_its_sha256(model_factory):
 def test_store_holds_no_pickle(model_factory):
     store = model_factory("llama").store
     suffixes = {p.suffix for p in store.iterdir()}
-    assert suffixes <= {".safetensors", ".json"}
+    assert suffixes <= {".safetensors", ".json", ".jinja"}  # .jinja: the chat template (text)
 
 
 def test_manifest_round_trip(model_factory):

@@ -26,7 +26,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from mlserver_proc import ModelSpec, metric_samples, prompt_input, raw_sse, serve
+from mlserver_proc import ModelSpec, labels, metric_samples, prompt_input, raw_sse, serve
 from remote_servers import StaticServer, _RangeHandler
 from test_e2e import Reference
 
@@ -164,11 +164,11 @@ def wait_until(condition: Callable[[], bool], what: str) -> None:
 
 def queued(server) -> float:
     samples = metric_samples(server.metrics_url)
-    return samples.get(("layerstream_queued_requests", (("model", GATED),)), -1.0)
+    return samples.get(("layerstream_queued_requests", labels(GATED)), -1.0)
 
 
 def errors(server, kind: str) -> float:
-    key = ("layerstream_request_errors_total", (("error_type", kind), ("model", GATED)))
+    key = ("layerstream_request_errors_total", labels(GATED, error_type=kind))
     return metric_samples(server.metrics_url).get(key, 0.0)
 
 

@@ -1,11 +1,18 @@
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
+import re
+
 import pytest
-from mlserver.types import InferenceRequest
+from mlserver.types import InferenceRequest, RequestOutput
 
 from layerstream.errors import InvalidRequest
-from layerstream.inference.prompts import PromptLimit
+from layerstream.inference.prompts import PromptLimit, chat_ids
 from layerstream.inference.request import ModelCapabilities, check_context
+from layerstream.inference.types import Mode
+from layerstream.serving.outputs import STREAM, UNARY, requested_outputs
 from layerstream.serving.parameters import parse_layers
 from layerstream.serving.protocol import parse_request
 
@@ -337,3 +344,141 @@ def test_prompt_over_the_byte_limit_is_refused_before_decoding():
     assert parse(request(prompt(["✓" * 33])), max_prompt_bytes=100).prompt == "✓" * 33
     with pytest.raises(InvalidRequest, match="is 101 bytes, over this model's limit"):
         parse(request(prompt([b"\xff" * 101])), max_prompt_bytes=100)  # before UTF-8 is checked
+
+
+# -- transport parameters, requested outputs, the messages input -----------------------------
+
+
+def test_transport_parameters_are_accepted_and_change_nothing():
+    assert parse(request(binary_data_output=True)) == parse(request())
+    assert parse(request(binary_data_output="false")) == parse(request())
+    with pytest.raises(InvalidRequest, match="binary_data_output must be true or false"):
+        parse(request(binary_data_output="yes"))
+    # the error that lists the parameters lists those that shape the answer
+    with pytest.raises(InvalidRequest) as caught:
+        parse(request(max_new_token=3))
+    assert "binary_data_output" not in str(caught.value)
+
+
+def outputs_request(*names: str, **output_params) -> InferenceRequest:
+    payload = request()
+    payload.outputs = [RequestOutput(name=name, parameters=output_params or None) for name in names]
+    return payload
+
+
+@pytest.mark.parametrize(
+    ("names", "mode", "call", "wanted"),
+    [
+        ((), Mode.TOKENS, STREAM, None),
+        (("text",), Mode.TOKENS, STREAM, ("text",)),
+        (("token_id", "text"), Mode.TOKENS, STREAM, ("token_id", "text")),
+        (("token_ids",), Mode.TOKENS, UNARY, ("token_ids",)),
+        (("embedding",), Mode.HIDDEN_STATES, STREAM, ("embedding",)),
+    ],
+)
+def test_requested_outputs(names, mode, call, wanted):
+    assert requested_outputs(outputs_request(*names), mode, call) == wanted
+
+
+@pytest.mark.parametrize(
+    ("names", "mode", "call", "words"),
+    [
+        (
+            ("output",),
+            Mode.TOKENS,
+            STREAM,
+            "unknown output 'output'; this model's outputs are text, token_id",
+        ),
+        (("token_ids",), Mode.TOKENS, STREAM, "not produced by a tokens request on stream"),
+        (("text",), Mode.EMBEDDING, UNARY, "this request produces embedding"),
+        (("text", "text"), Mode.TOKENS, STREAM, "asked for twice"),
+    ],
+)
+def test_requested_outputs_that_cannot_be_served(names, mode, call, words):
+    with pytest.raises(InvalidRequest, match=re.escape(words)):
+        requested_outputs(outputs_request(*names), mode, call)
+
+
+def test_an_outputs_binary_data_is_accepted_other_parameters_are_not():
+    wanted = requested_outputs(outputs_request("text", binary_data=True), Mode.TOKENS, STREAM)
+    assert wanted == ("text",)
+    with pytest.raises(InvalidRequest, match="unknown parameter"):
+        requested_outputs(outputs_request("text", classification=3), Mode.TOKENS, STREAM)
+
+
+CHAT_CAPS = dataclasses.replace(CAUSAL, has_chat_template=True)
+
+
+def messages(value) -> list[dict]:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return [{"name": "messages", "datatype": "BYTES", "shape": [1], "data": [text]}]
+
+
+def test_messages_are_parsed_into_the_request():
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    parsed = parse(request(messages(chat)), caps=CHAT_CAPS)
+    assert parsed.messages == chat and parsed.prompt is None and parsed.input_ids is None
+    parts = [
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}
+    ]
+    assert parse(request(messages(parts)), caps=CHAT_CAPS).messages == [
+        {"role": "user", "content": "ab"}
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "caps", "words"),
+    [
+        ([{"role": "user", "content": "hi"}], CAUSAL, "has no chat template"),
+        ("not json", CHAT_CAPS, "not valid JSON"),
+        ("[" * 100_000, CHAT_CAPS, "not valid JSON"),
+        ({"role": "user"}, CHAT_CAPS, "non-empty JSON list"),
+        (["hi"], CHAT_CAPS, "messages[0] must be an object"),
+        ([{"role": "", "content": "x"}], CHAT_CAPS, "messages[0].role must be a non-empty"),
+        ([{"role": "user", "content": None}], CHAT_CAPS, "content must be a string, got null"),
+        ([{"role": "user", "content": "x", "tool_calls": []}], CHAT_CAPS, "'tool_calls'"),
+        ([{"role": "user", "content": "x", "name": 3}], CHAT_CAPS, "name must be a string"),
+    ],
+)
+def test_bad_messages(value, caps, words):
+    with pytest.raises(InvalidRequest, match=re.escape(words)):
+        parse(request(messages(value)), caps=caps)
+
+
+def test_messages_count_against_the_prompt_limit():
+    chat = [{"role": "user", "content": "x" * 200}]
+    with pytest.raises(
+        InvalidRequest, match=r"input 'messages' has 233 characters, over this model's limit of 100"
+    ):
+        parse(request(messages(chat)), caps=CHAT_CAPS, max_prompt_bytes=100)
+
+
+def test_one_input_only():
+    both = messages([{"role": "user", "content": "hi"}]) + request().inputs
+    with pytest.raises(InvalidRequest, match="'messages' or 'prompt', not both"):
+        parse(InferenceRequest(inputs=both), caps=CHAT_CAPS)
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    from layerstream.chunker.presets import build_tokenizer, random_init_config
+
+    return build_tokenizer(random_init_config("tiny-llama"))
+
+
+def test_a_chat_is_rendered_with_the_template_and_typed_control_tokens_stay_text(chat_tokenizer):
+    eos = chat_tokenizer.convert_tokens_to_ids("<|eos|>")
+    ids = chat_ids(chat_tokenizer, [{"role": "user", "content": "hi <|eos|> there"}])
+    text = chat_tokenizer.decode(ids)
+    assert text == "<|bos|><|user|>\nhi <|eos|> there<|eos|>\n<|assistant|>\n"
+    assert ids.count(eos) == 1  # the template's own; the typed one is text
+
+
+def test_a_template_that_refuses_the_chat_is_an_invalid_request(chat_tokenizer):
+    refusing = copy.copy(chat_tokenizer)
+    refusing.chat_template = (
+        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('the first turn must be "
+        "the user') }}{% endif %}{{ messages[0]['content'] }}"
+    )
+    with pytest.raises(InvalidRequest, match="chat template refused these messages: the first"):
+        chat_ids(refusing, [{"role": "assistant", "content": "hi"}])

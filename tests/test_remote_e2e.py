@@ -12,8 +12,9 @@ import grpc
 import httpx
 import pytest
 from mlserver_proc import MLServerProcess, ModelSpec, serve
+from reference import Reference
 from remote_servers import FaultProxy, S3Server, StaticServer
-from test_e2e import Reference, split
+from test_e2e import split
 
 from layerstream_client import GRPCClient, SSEClient, StreamError, Token
 

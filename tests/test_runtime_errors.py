@@ -10,13 +10,15 @@ must arrive as events, which reach every client as data.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
+import pickle
 
 import pytest
 from mlserver.settings import ModelParameters, ModelSettings
 from mlserver.types import InferenceRequest
 
-from layerstream.errors import LayerStreamError
+from layerstream.errors import ChunkIntegrityError, InvalidRequest, LayerStreamError, ServerBusy
 from layerstream.serving.runtime import LayerStreamRuntime
 
 PROMPT_REQUEST = {
@@ -85,7 +87,8 @@ def test_an_unexpected_exception_ends_the_stream_with_an_internal_error(
     params = response.parameters
     assert (params.finish_reason, params.error_type) == ("error", "internal")
     assert "KeyError" in params.error and "a bug in the tokenizer" in params.error
-    assert response.outputs == []
+    (output,) = response.outputs
+    assert (output.name, output.data.root) == ("error", [f"internal: {params.error}".encode()])
     (record,) = [r for r in caplog.records if "failed unexpectedly" in r.getMessage()]
     assert record.exc_info is not None  # the traceback is in the log
 
@@ -102,3 +105,12 @@ def test_an_unexpected_exception_in_a_unary_request_is_an_internal_500(runtime, 
 def test_the_engine_serves_again_after_the_failures(runtime):
     responses = stream(runtime, PROMPT_REQUEST)
     assert responses[-1].parameters.finish_reason == "length"
+
+
+@pytest.mark.parametrize("kind", [InvalidRequest, ChunkIntegrityError, ServerBusy])
+def test_an_error_copied_for_each_request_it_fails_reads_as_the_original(kind):
+    # engine/sweeps.py hands each waiting request its own copy of a block's error
+    error = kind("chunk block_0003 failed its sha256 check")
+    for clone in (copy.copy(error), pickle.loads(pickle.dumps(error))):
+        assert type(clone) is kind
+        assert (str(clone), clone.message, clone.kind) == (str(error), error.message, error.kind)

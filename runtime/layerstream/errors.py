@@ -68,6 +68,12 @@ class LayerStreamError(MLServerError):
         self.message = message
         super().__init__(f"{self.kind}: {message}", status_code=self.status)
 
+    def __reduce__(self):
+        # copied (one copy per request an error fails, engine/sweeps.py) or pickled from the
+        # message: the default rebuilds from ``args``, which hold the kind prefix already,
+        # and the copy said "integrity: integrity: ..."
+        return type(self), (self.message,), self.__dict__
+
 
 class InvalidRequest(LayerStreamError):
     """The request cannot be served as sent (HTTP 400, gRPC INVALID_ARGUMENT)."""

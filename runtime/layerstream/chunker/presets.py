@@ -24,6 +24,14 @@ log = logging.getLogger(__name__)
 
 PAD, BOS, EOS, UNK = "<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"
 CLS, SEP, MASK = "[CLS]", "[SEP]", "[MASK]"
+# A small chat template for the generative demos, so that the ``messages`` input and the
+# OpenAI chat endpoint work on them as on a real chat model: each turn opens with its role
+# and closes with EOS, and the generation prompt opens the assistant's turn.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n"
+    "{{ message['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 
 # the tiny decoder and encoder presets' common shape
 _TINY: dict[str, Any] = dict(
@@ -189,6 +197,7 @@ def build_tokenizer(config: PretrainedConfig) -> PreTrainedTokenizerFast:
         fast = PreTrainedTokenizerFast(
             tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK
         )
+        fast.chat_template = CHAT_TEMPLATE
     fast.model_max_length = context_length(config) or 1024
     if fast.vocab_size > config.vocab_size:
         raise ValueError(f"tokenizer vocabulary {fast.vocab_size} > model's {config.vocab_size}")

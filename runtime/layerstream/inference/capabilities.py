@@ -45,4 +45,6 @@ def capabilities(engine: Engine) -> ModelCapabilities:
         num_layers=num_layers,
         has_pooler=getattr(model.base_model, "pooler", None) is not None,
         has_tokenizer=engine.tokenizer is not None,
+        has_chat_template=bool(getattr(engine.tokenizer, "chat_template", None)),
+        hidden_size=getattr(text_config, "hidden_size", None),
     )

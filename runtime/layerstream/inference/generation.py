@@ -145,8 +145,11 @@ def generation_config(engine: Engine, request: Request) -> GenerationConfig:
         value = getattr(request, name)
         if value is not None:
             setattr(config, name, value)
-    if request.do_sample is None and request.temperature is not None:
-        config.do_sample = True  # a temperature is a request to sample
+    sampling = (request.temperature, request.top_p, request.top_k)
+    if request.do_sample is None and any(value is not None for value in sampling):
+        # a temperature, top_p or top_k is a request to sample: on a model whose generation
+        # config decodes greedily it would otherwise be ignored, and read as honoured
+        config.do_sample = True
     if config.pad_token_id is None and config.eos_token_id is not None:
         eos = config.eos_token_id
         config.pad_token_id = eos[0] if isinstance(eos, list) else eos

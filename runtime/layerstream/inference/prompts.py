@@ -1,4 +1,5 @@
-"""How long a prompt may be before anything tokenizes it, and tokenizing it.
+"""How long a prompt may be before anything tokenizes it, and tokenizing it (a chat with the
+model's own template).
 
 Tokenizing costs memory in proportion to the text (the tokenizer's encoding keeps offsets,
 words and masks per token) and the allocator keeps much of it, so a prompt too long for the
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+
+import jinja2
 
 from ..errors import InvalidRequest
 
@@ -72,3 +75,24 @@ def tokenize(tokenizer, prompt: str) -> list[int]:
     if not ids:
         raise InvalidRequest("the prompt tokenizes to nothing")
     return ids
+
+
+def chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """The ids of a chat rendered with the model's own template, the assistant's turn
+    opened (``add_generation_prompt``). Control tokens typed into a message
+    (``<|im_start|>``, ...) are encoded as the text they are, never as the tokens that
+    would forge a turn (transformers' ``sanitize_control_tokens``)."""
+    try:
+        ids = tokenizer.apply_chat_template(
+            messages,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
+            sanitize_control_tokens=True,
+        )
+    except jinja2.TemplateError as exc:
+        # templates refuse what they cannot render with raise_exception(...)
+        raise InvalidRequest(f"the model's chat template refused these messages: {exc}") from None
+    if not ids:
+        raise InvalidRequest("the chat renders to no tokens")
+    return list(ids)

@@ -23,6 +23,8 @@ class ModelCapabilities:
     num_layers: int  # hidden-state indexes run 0..num_layers
     has_pooler: bool = False
     has_tokenizer: bool = True
+    has_chat_template: bool = False  # the tokenizer has one: the ``messages`` input works
+    hidden_size: int | None = None  # the width of hidden states and embeddings
 
     def __post_init__(self) -> None:
         # callers outside capabilities.py (tests, benchmarks) may pass the wire words
@@ -34,6 +36,8 @@ class ModelCapabilities:
 class Request:
     mode: Mode
     prompt: str | None = None
+    # a chat, rendered with the model's chat template into input_ids before it queues
+    messages: list[dict[str, str]] | None = None
     input_ids: list[int] | None = None
     max_new_tokens: int = 64
     temperature: float | None = None

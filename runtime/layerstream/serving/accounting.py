@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from ..errors import LayerStreamError
 from ..inference.request import Request
 from ..inference.types import FinalEvent
-from . import metrics
+from .metrics import ModelMetrics
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +29,17 @@ class RequestRecord:
     parsed) and how many events it had produced."""
 
     model: str
+    metrics: ModelMetrics
     request_id: str | None
     arrived: float = field(default_factory=time.monotonic)
     request: Request | None = None
+    outputs: tuple[str, ...] | None = None  # the outputs it asked for (None: the defaults)
     events: int = 0
 
     def finished(self, final: FinalEvent) -> None:
         """The request ended with ``final``: count it, log what it cost."""
         assert self.request is not None
-        metrics.record(self.model, self.request.mode, final.finish_reason, final.stats)
+        self.metrics.record(self.request.mode, final.finish_reason, final.stats)
         _log_finished(self.model, self.request_id, self.request, final)
 
     def failed(self, exc: Exception) -> LayerStreamError:
@@ -53,7 +55,7 @@ class RequestRecord:
                 "has the traceback)"
             )
         mode = self.request.mode.value if self.request is not None else UNPARSED
-        metrics.record_error(self.model, mode, error.kind)
+        self.metrics.record_error(mode, error.kind)
         log.warning(
             # %r: an id refused for its characters (a newline, NUL) must not forge log lines
             "%s %s: request %r failed (%s) after %d events in %.3fs: %s",

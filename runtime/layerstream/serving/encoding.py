@@ -1,7 +1,8 @@
 """Engine events -> V2 InferenceResponses (the same for REST SSE and gRPC).
 
 The only place results become wire words: response parameters are ints and strings only
-(gRPC drops floats and nested objects), and their names are the contract.
+(gRPC drops floats and nested objects), and their names are the contract. Which outputs an
+event carries: outputs.py.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ..inference.types import (
     RequestStats,
     TokenEvent,
 )
+from .outputs import ERROR_OUTPUT
 
 
 def stats_parameters(stats: RequestStats) -> dict[str, int]:
@@ -93,26 +95,52 @@ def _response(
     )
 
 
+def _empty(name: str) -> ResponseOutput:
+    """A wanted output the final event has no more of: empty, of its datatype."""
+    if name == "text":
+        return _text(name, "")
+    if name == "token_id":
+        return _ids(name, [])
+    return _floats(name, np.zeros((0,), dtype=np.float32))
+
+
+def _pick(
+    available: list[ResponseOutput], wanted: tuple[str, ...] | None, final: bool
+) -> list[ResponseOutput]:
+    if wanted is None:
+        return available
+    by_name = {output.name: output for output in available}
+    if final:
+        return [by_name.get(name) or _empty(name) for name in wanted]
+    return [by_name[name] for name in wanted if name in by_name]
+
+
 def encode_event(
-    model: str, version: str | None, request_id: str | None, event: Event
-) -> InferenceResponse:
+    model: str,
+    version: str | None,
+    request_id: str | None,
+    event: Event,
+    wanted: tuple[str, ...] | None = None,
+) -> InferenceResponse | None:
+    """The event's response, with the ``wanted`` outputs (None: its defaults). None where
+    the event carries nothing wanted (a hidden-state event when only the embedding was
+    asked for): it is not sent."""
     if isinstance(event, TokenEvent):
-        return _response(
-            model,
-            version,
-            request_id,
-            [_text("text", event.text), _ids("token_id", [event.token_id])],
-        )
+        available = [_text("text", event.text), _ids("token_id", [event.token_id])]
+        return _response(model, version, request_id, _pick(available, wanted, final=False))
     if isinstance(event, HiddenStateEvent):
+        if wanted is not None and "hidden_state" not in wanted:
+            return None
         output = _floats("hidden_state", event.hidden_state)
         return _response(model, version, request_id, [output], layer=event.layer)
     if isinstance(event, FinalEvent):
         # Every event has an output a V2 client can decode, the final one too: MLServer's
         # own streaming example decodes outputs[0] of each (text, possibly empty).
         if event.embedding is None:
-            outputs = [_text("text", event.text)]
+            available = [_text("text", event.text)]
         else:
-            outputs = [_floats("embedding", event.embedding)]
+            available = [_floats("embedding", event.embedding)]
+        outputs = _pick(available, wanted, final=True)
         return _response(model, version, request_id, outputs, **_final_parameters(event))
     raise TypeError(f"unknown event {type(event).__name__}")
 
@@ -122,12 +150,14 @@ def error_response(
 ) -> InferenceResponse:
     """The last event of a stream that failed: what failed (``error``, the message without
     the kind prefix ``str(exc)`` carries) and its kind (``error_type``), so a client can
-    tell what to retry."""
+    tell what to retry. Its one output, ``error``, holds ``"<kind>: <message>"``: a client
+    that decodes ``outputs[0]`` of every event shows the error instead of crashing on an
+    empty list."""
     return _response(
         model,
         version,
         request_id,
-        [],
+        [_text(ERROR_OUTPUT, str(error))],
         finish_reason=FinishReason.ERROR.value,
         error=error.message,
         error_type=error.kind,
@@ -135,7 +165,12 @@ def error_response(
 
 
 def encode_unary(
-    model: str, version: str | None, request_id: str | None, request: Request, events: list[Event]
+    model: str,
+    version: str | None,
+    request_id: str | None,
+    request: Request,
+    events: list[Event],
+    wanted: tuple[str, ...] | None = None,
 ) -> InferenceResponse:
     """The whole answer in one response: full text and ids, or stacked hidden states."""
     final = events[-1]
@@ -154,4 +189,4 @@ def encode_unary(
     params = _final_parameters(final)
     if request.mode is Mode.HIDDEN_STATES:
         params["layers"] = ",".join(str(e.layer) for e in events if isinstance(e, HiddenStateEvent))
-    return _response(model, version, request_id, outputs, **params)
+    return _response(model, version, request_id, _pick(outputs, wanted, final=True), **params)

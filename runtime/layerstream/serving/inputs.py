@@ -1,5 +1,6 @@
-"""The request's one input tensor: ``prompt`` (BYTES, one UTF-8 string) or ``input_ids``
-(INT64, one sequence of token ids).
+"""The request's one input tensor: ``prompt`` (BYTES, one UTF-8 string), ``messages`` (BYTES,
+one JSON string: a chat, ``[{"role": ..., "content": ...}, ...]``, rendered with the model's
+chat template) or ``input_ids`` (INT64, one sequence of token ids).
 
 Checked as sent, never repaired: a shape that disagrees with its data, ids sent as floats
 (``fp32_contents``, or ``1.0`` under INT64), a ``null`` or non-string prompt, bytes that are
@@ -9,6 +10,7 @@ than the model's byte limit is rejected before anything tokenizes it (see prompt
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from typing import Any
@@ -18,9 +20,15 @@ from mlserver.types import InferenceRequest, RequestInput
 from ..errors import InvalidRequest
 from ..inference.prompts import PromptLimit
 
-PROMPT, INPUT_IDS = "prompt", "input_ids"
+PROMPT, MESSAGES, INPUT_IDS = "prompt", "messages", "input_ids"
+INPUTS = (PROMPT, MESSAGES, INPUT_IDS)
 ID_DATATYPES = ("INT64", "INT32")
-_HOW = "send 'prompt' (BYTES, one UTF-8 string) or 'input_ids' (INT64, token ids)"
+_HOW = (
+    "send one of 'prompt' (BYTES, one UTF-8 string), 'messages' (BYTES, one JSON string: "
+    '[{"role": "user", "content": "..."}]) or \'input_ids\' (INT64, token ids)'
+)
+# the keys a chat message may have: what every chat template reads
+MESSAGE_KEYS = ("role", "content", "name")
 
 
 def the_input(payload: InferenceRequest) -> RequestInput:
@@ -32,11 +40,13 @@ def the_input(payload: InferenceRequest) -> RequestInput:
     if doubled:
         times = names.count(doubled[0])
         raise InvalidRequest(f"input {doubled[0]!r} appears {times} times; {_HOW}")
-    if set(names) == {PROMPT, INPUT_IDS}:
-        raise InvalidRequest("send 'prompt' or 'input_ids', not both")
-    unknown = [name for name in names if name not in (PROMPT, INPUT_IDS)]
+    unknown = [name for name in names if name not in INPUTS]
     if unknown:
         raise InvalidRequest(f"unknown input {unknown[0]!r}; {_HOW}")
+    if len(names) == 2:
+        raise InvalidRequest(f"send {names[0]!r} or {names[1]!r}, not both")
+    if len(names) > 2:
+        raise InvalidRequest(f"send one input, not {len(names)}; {_HOW}")
     return payload.inputs[0]
 
 
@@ -83,42 +93,109 @@ def _check_count(item: RequestInput, values: list[Any]) -> None:
 def prompt_text(item: RequestInput, limit: PromptLimit | None) -> str:
     """The prompt string of a ``prompt`` input, checked against ``limit`` (UTF-8 bytes)
     before it is decoded or tokenized."""
+    return _one_string(item, limit)
+
+
+def chat_messages(item: RequestInput, limit: PromptLimit | None) -> list[dict[str, str]]:
+    """The chat of a ``messages`` input: one JSON string holding a list of messages, each
+    ``{"role": str, "content": str}`` (and optionally ``"name"``). A content given as
+    OpenAI-style parts (``[{"type": "text", "text": ...}]``) is joined into one string;
+    any other part is refused (the model reads text). The JSON's size counts against the
+    prompt limit before it is parsed."""
+    text = _one_string(item, limit)
+    try:
+        chat = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise InvalidRequest(f"input 'messages' is not valid JSON: {str(exc)[:120]}") from None
+    if not isinstance(chat, list) or not chat:
+        raise InvalidRequest(
+            'input \'messages\' must be a non-empty JSON list: [{"role": "user", "content": "..."}]'
+        )
+    return [_message(i, message) for i, message in enumerate(chat)]
+
+
+def _message(index: int, message: Any) -> dict[str, str]:
+    where = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise InvalidRequest(f"{where} must be an object with 'role' and 'content'")
+    unknown = sorted(set(message) - set(MESSAGE_KEYS))
+    if unknown:
+        raise InvalidRequest(
+            f"{where} has unsupported key(s) {', '.join(map(repr, unknown))}; a message has "
+            f"{', '.join(MESSAGE_KEYS)}"
+        )
+    role, content = message.get("role"), message.get("content")
+    if not isinstance(role, str) or not role.strip():
+        raise InvalidRequest(f"{where}.role must be a non-empty string, got {_shown(role)}")
+    if isinstance(content, list):
+        content = _joined_parts(where, content)
+    if not isinstance(content, str):
+        raise InvalidRequest(f"{where}.content must be a string, got {_shown(content)}")
+    out = {"role": role, "content": content}
+    if "name" in message:
+        if not isinstance(message["name"], str):
+            raise InvalidRequest(f"{where}.name must be a string, got {_shown(message['name'])}")
+        out["name"] = message["name"]
+    return out
+
+
+def _joined_parts(where: str, parts: list[Any]) -> str:
+    texts = []
+    for part in parts:
+        if not (isinstance(part, dict) and part.get("type") == "text"):
+            raise InvalidRequest(
+                f"{where}.content holds a part that is not text ({_shown(part)}); this "
+                "model reads text parts only"
+            )
+        if not isinstance(part.get("text"), str):
+            raise InvalidRequest(f"{where}.content has a text part without a string 'text'")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _shown(value: Any) -> str:
+    return "null" if value is None else f"{type(value).__name__} {value!r}"[:60]
+
+
+def _one_string(item: RequestInput, limit: PromptLimit | None) -> str:
+    """The one string a BYTES input holds: checked against ``limit`` before it is decoded,
+    UTF-8, not blank."""
+    name = item.name
     if item.datatype != "BYTES":
-        raise InvalidRequest(f"input 'prompt' must have datatype BYTES, not {item.datatype}")
+        raise InvalidRequest(f"input {name!r} must have datatype BYTES, not {item.datatype}")
     content_type = item.parameters.content_type if item.parameters else None
     if content_type not in (None, "str"):
         # MLServer's codecs would read "base64" etc. differently; the text is taken as sent
         raise InvalidRequest(
-            f"input 'prompt' has content_type {content_type!r}; send the text itself "
+            f"input {name!r} has content_type {content_type!r}; send the text itself "
             "(content_type 'str', or none)"
         )
     if element_count(item) != 1:
         raise InvalidRequest(
-            f"input 'prompt' must hold one string (shape [1]), not shape {list(item.shape)}"
+            f"input {name!r} must hold one string (shape [1]), not shape {list(item.shape)}"
         )
     values = flat_data(item)
     if len(values) != 1:
-        raise InvalidRequest(f"input 'prompt' must hold one string, not {len(values)}")
+        raise InvalidRequest(f"input {name!r} must hold one string, not {len(values)}")
     (value,) = values
     if not isinstance(value, str | bytes):
-        shown = "null" if value is None else f"{type(value).__name__} {value!r}"
-        raise InvalidRequest(f"input 'prompt' must hold a string, got {shown[:60]}")
+        raise InvalidRequest(f"input {name!r} must hold a string, got {_shown(value)}")
     if limit is not None:
-        _check_prompt_size(value, limit)
+        _check_prompt_size(name, value, limit)
     if isinstance(value, bytes):
         try:
             value = value.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise InvalidRequest(
-                f"input 'prompt' is not valid UTF-8 (byte {value[exc.start]:#04x} at offset "
-                f"{exc.start}); send the prompt as UTF-8 text"
+                f"input {name!r} is not valid UTF-8 (byte {value[exc.start]:#04x} at offset "
+                f"{exc.start}); send it as UTF-8 text"
             ) from None
     if not value.strip():
-        raise InvalidRequest("input 'prompt' is empty")
+        raise InvalidRequest(f"input {name!r} is empty")
     return value
 
 
-def _check_prompt_size(value: str | bytes, limit: PromptLimit) -> None:
+def _check_prompt_size(name: str, value: str | bytes, limit: PromptLimit) -> None:
     # A str of n characters is n..4n bytes in UTF-8: encode only when that range straddles
     # the limit, so a huge prompt is rejected without a copy of it.
     low = len(value)
@@ -133,7 +210,7 @@ def _check_prompt_size(value: str | bytes, limit: PromptLimit) -> None:
     else:
         what = f"has {low} characters"  # at least as many bytes: no need to count them
     raise InvalidRequest(
-        f"input 'prompt' {what}, over this model's limit of {limit.max_bytes} bytes "
+        f"input {name!r} {what}, over this model's limit of {limit.max_bytes} bytes "
         f"({limit.reason}); shorten the prompt"
     )
 

@@ -17,17 +17,17 @@ from prometheus_client import Counter, Gauge, Histogram
 from ..engine.sweeps import SweepRecord
 from ..inference.types import FinishReason, Mode, RequestStats
 
-_MODEL = ("model",)
+_MODEL = ("model_name", "model_version")  # as MLServer labels a model's custom metrics
 
 REQUESTS = Counter(
     "layerstream_requests",
     "Requests by mode and finish reason",
-    ("model", "mode", "finish_reason"),
+    (*_MODEL, "mode", "finish_reason"),
 )
 ERRORS = Counter(
     "layerstream_request_errors",
     "Requests that ended with an error, by kind (error_type)",
-    ("model", "error_type"),
+    (*_MODEL, "error_type"),
 )
 QUEUED = Gauge(
     "layerstream_queued_requests",
@@ -81,47 +81,53 @@ COMPUTE = Counter(
 TTFT = Histogram("layerstream_time_to_first_token_seconds", "Time to first token", _MODEL)
 
 
-def record(model: str, mode: Mode, finish_reason: FinishReason, stats: RequestStats) -> None:
-    REQUESTS.labels(model, mode.value, finish_reason.value).inc()
-    TOKENS.labels(model).inc(stats.tokens)
-    RESIDENT_RUNS.labels(model).inc(stats.resident_runs)
-    STREAMED_RUNS.labels(model).inc(stats.streamed_runs)
-    WEIGHT_WAIT.labels(model).inc(stats.weight_wait_us / 1e6)
-    COMPUTE.labels(model).inc(stats.compute_us / 1e6)
-    if stats.ttft_us:
-        TTFT.labels(model).observe(stats.ttft_us / 1e6)
+class ModelMetrics:
+    """One loaded model's series, labelled as MLServer labels a model's custom metrics
+    (``model_name``, ``model_version``; the version "" where the model has none)."""
 
+    def __init__(self, name: str, version: str | None):
+        self.labels = (name, version or "")
 
-def record_error(model: str, mode: str, error_type: str) -> None:
-    """A request that ended with an error: counted with finish_reason ``error`` beside the
-    others, and by its kind (``mode`` is ``unparsed`` when the request did not parse)."""
-    REQUESTS.labels(model, mode, FinishReason.ERROR.value).inc()
-    ERRORS.labels(model, error_type).inc()
+    def declare(self) -> None:
+        """The model's series exist from its load on (at zero), not from its first event:
+        a rate over a series that appears late misses its first increase."""
+        for metric in (TOKENS, BYTES, SWEEPS, RESIDENT_RUNS, STREAMED_RUNS, WEIGHT_WAIT, COMPUTE):
+            metric.labels(*self.labels)
+        QUEUED.labels(*self.labels).set(0)
+        ACTIVE.labels(*self.labels).set(0)
 
+    def record(self, mode: Mode, finish_reason: FinishReason, stats: RequestStats) -> None:
+        """A request that finished (``stop`` or ``length``)."""
+        labels = self.labels
+        REQUESTS.labels(*labels, mode.value, finish_reason.value).inc()
+        TOKENS.labels(*labels).inc(stats.tokens)
+        RESIDENT_RUNS.labels(*labels).inc(stats.resident_runs)
+        STREAMED_RUNS.labels(*labels).inc(stats.streamed_runs)
+        WEIGHT_WAIT.labels(*labels).inc(stats.weight_wait_us / 1e6)
+        COMPUTE.labels(*labels).inc(stats.compute_us / 1e6)
+        if stats.ttft_us:
+            TTFT.labels(*labels).observe(stats.ttft_us / 1e6)
 
-def declare(model: str) -> None:
-    """The model's series exist from its load on (at zero), not from its first event: a
-    rate over a series that appears late misses its first increase."""
-    for metric in (TOKENS, BYTES, SWEEPS, RESIDENT_RUNS, STREAMED_RUNS, WEIGHT_WAIT, COMPUTE):
-        metric.labels(model)
-    QUEUED.labels(model).set(0)
-    ACTIVE.labels(model).set(0)
+    def record_error(self, mode: str, error_type: str) -> None:
+        """A request that ended with an error, a refused one too: counted with finish_reason
+        ``error`` beside the others, and by its kind (``mode`` is ``unparsed`` when the
+        request did not parse)."""
+        REQUESTS.labels(*self.labels, mode, FinishReason.ERROR.value).inc()
+        ERRORS.labels(*self.labels, error_type).inc()
 
+    def set_queued(self, waiting: int) -> None:
+        QUEUED.labels(*self.labels).set(waiting)
 
-def set_queued(model: str, waiting: int) -> None:
-    QUEUED.labels(model).set(waiting)
+    def set_active(self, active: int) -> None:
+        ACTIVE.labels(*self.labels).set(active)
 
-
-def set_active(model: str, active: int) -> None:
-    ACTIVE.labels(model).set(active)
-
-
-def record_sweep(model: str, sweep: SweepRecord) -> None:
-    """A finished pass over the streamed blocks: the bytes are counted here, once, not per
-    request (the requests on a sweep share them)."""
-    SWEEPS.labels(model).inc()
-    SWEEP_SEQUENCES.labels(model).observe(sweep.sequences)
-    SWEEP_TOKENS.labels(model).observe(sweep.tokens)
-    BYTES.labels(model).inc(sweep.bytes_streamed)
-    if sweep.tokens:
-        BYTES_PER_TOKEN.labels(model).observe(sweep.bytes_streamed / sweep.tokens)
+    def record_sweep(self, sweep: SweepRecord) -> None:
+        """A finished pass over the streamed blocks: the bytes are counted here, once, not
+        per request (the requests on a sweep share them)."""
+        labels = self.labels
+        SWEEPS.labels(*labels).inc()
+        SWEEP_SEQUENCES.labels(*labels).observe(sweep.sequences)
+        SWEEP_TOKENS.labels(*labels).observe(sweep.tokens)
+        BYTES.labels(*labels).inc(sweep.bytes_streamed)
+        if sweep.tokens:
+            BYTES_PER_TOKEN.labels(*labels).observe(sweep.bytes_streamed / sweep.tokens)

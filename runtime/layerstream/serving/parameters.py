@@ -15,6 +15,11 @@ Ranges (each violation is an ``invalid_request`` error naming the parameter):
 - ``stop``: at most 16 strings of 1..256 characters;
 - ``timeout``: microseconds (as tritonclient sends it), >= 1; the request's deadline is the
   earlier of it and the ``request_timeout_s`` setting, counted from arrival.
+
+Transport parameters (``binary_data_output``, from the binary tensor extension that
+tritonclient adds when a request names no outputs) choose an encoding, not an answer: they
+are accepted (a boolean) and the answer is JSON, which tritonclient reads as well (MLServer
+has no binary encoding).
 """
 
 from __future__ import annotations
@@ -165,6 +170,7 @@ _SCALARS: dict[str, Callable[[str, Any], Any]] = {
 }
 _FIELDS = {"timeout": "timeout_us"}  # parameter name -> Request field, where they differ
 KNOWN_PARAMETERS = ("mode", *_SCALARS, "layers")
+TRANSPORT_PARAMETERS = ("binary_data_output",)
 _GENERATION = ("max_new_tokens", "top_k", "seed", "temperature", "top_p", "repetition_penalty")
 # The modes a parameter means something in: given for another mode it would be ignored,
 # which a caller would read as honoured (mode and timeout apply to every mode).
@@ -173,6 +179,13 @@ APPLIES_TO: dict[str, tuple[Mode, ...]] = {
     "layers": (Mode.HIDDEN_STATES,),
     "pooling": (Mode.HIDDEN_STATES, Mode.EMBEDDING),
 }
+
+
+def drop_transport(params: dict[str, Any]) -> None:
+    """Check and remove the transport parameters: they do not change the answer."""
+    for name in TRANSPORT_PARAMETERS:
+        if name in params:
+            _as_bool(name, params.pop(name))
 
 
 def check_applicable(params: dict[str, Any], mode: Mode) -> None:

@@ -1,12 +1,14 @@
 """The request contract: V2 inputs and parameters in, a validated request out.
 
-Inputs: ``prompt`` (BYTES, one string) or ``input_ids`` (INT64, pre-tokenised); see
-inputs.py. Parameters and their ranges: see parameters.py. Unknown parameter names are
-errors: a typo must not silently change the answer; so is a parameter that arrived without
-a value (a REST ``null``, or a gRPC ``double_param`` that MLServer's proto cannot read).
+Inputs: ``prompt`` (BYTES, one string), ``messages`` (BYTES, a chat as one JSON string) or
+``input_ids`` (INT64, pre-tokenised); see inputs.py. Parameters and their ranges: see
+parameters.py; outputs: outputs.py. Unknown parameter names are errors: a typo must not
+silently change the answer; so is a parameter that arrived without a value (a REST
+``null``, or a gRPC ``double_param`` that MLServer's proto cannot read).
 
 Everything here runs on the event loop and looks at the request only: the prompt is
-tokenized, and checked against the context, on the worker thread (inference/run.py).
+tokenized, and checked against the context, on the worker thread (inference/run.py); a
+chat is rendered and tokenized off the loop before it queues (runtime.py).
 """
 
 from __future__ import annotations
@@ -19,13 +21,15 @@ from ..errors import InvalidRequest
 from ..inference.prompts import PromptLimit
 from ..inference.request import ModelCapabilities, Request, check_context
 from ..inference.types import Mode, Pooling
-from .inputs import PROMPT, prompt_text, the_input, token_ids
+from .inputs import MESSAGES, PROMPT, chat_messages, prompt_text, the_input, token_ids
 from .parameters import (
     KNOWN_PARAMETERS,
+    TRANSPORT_PARAMETERS,
     as_pooling,
     check_applicable,
     check_ranges,
     convert_scalars,
+    drop_transport,
     parse_layers,
     show,
 )
@@ -41,7 +45,7 @@ def request_parameters(payload: InferenceRequest) -> dict[str, Any]:
     if payload.parameters is None:
         return {}
     params = dict(payload.parameters.model_extra or {})
-    unknown = sorted(set(params) - set(KNOWN_PARAMETERS))
+    unknown = sorted(set(params) - set(KNOWN_PARAMETERS) - set(TRANSPORT_PARAMETERS))
     if unknown:
         raise InvalidRequest(
             f"unknown parameter(s) {', '.join(map(repr, unknown))}; known: "
@@ -55,6 +59,7 @@ def request_parameters(payload: InferenceRequest) -> dict[str, Any]:
             "give a value, and "
             'over gRPC send numbers as int64_param or as strings (string_param "0.7")'
         )
+    drop_transport(params)
     return params
 
 
@@ -111,10 +116,17 @@ def _parse_input(
     payload: InferenceRequest, request: Request, caps: ModelCapabilities, limit: PromptLimit | None
 ) -> None:
     item = the_input(payload)
+    if item.name in (PROMPT, MESSAGES) and not caps.has_tokenizer:
+        raise InvalidRequest("this model has no tokenizer; send 'input_ids' (INT64) instead")
     if item.name == PROMPT:
-        if not caps.has_tokenizer:
-            raise InvalidRequest("this model has no tokenizer; send 'input_ids' (INT64) instead")
         request.prompt = prompt_text(item, limit)
+    elif item.name == MESSAGES:
+        if not caps.has_chat_template:
+            raise InvalidRequest(
+                "this model's tokenizer has no chat template, so 'messages' cannot be "
+                "rendered; send 'prompt' with the text formatted as the model expects"
+            )
+        request.messages = chat_messages(item, limit)
     else:
         request.input_ids = token_ids(item, caps.vocab_size, caps.context_length)
         # now, on the event loop: ids that cannot fit never wait in the queue

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import faulthandler
+import functools
 import gc
 import logging
 import time
@@ -19,21 +20,25 @@ from pathlib import Path
 import torch
 from mlserver import MLModel
 from mlserver.settings import ModelSettings
-from mlserver.types import InferenceRequest, InferenceResponse
+from mlserver.types import InferenceRequest, InferenceResponse, MetadataModelResponse
 
 from ..engine import tuning
 from ..engine.engine import Engine, EngineOptions
 from ..errors import ChunkIntegrityError, InvalidRequest, LayerStreamError
 from ..inference.capabilities import capabilities
 from ..inference.kv import describe, kv_bytes_per_token, request_kv_bytes, resolve_kv_budget
-from ..inference.prompts import prompt_byte_limit
-from ..inference.request import Request
+from ..inference.prompts import chat_ids, prompt_byte_limit
+from ..inference.request import Request, check_context
 from ..inference.run import run
 from ..inference.types import Cancelled, Emit, Event, FinalEvent, HiddenStateEvent
 from ..stores import open_store
-from . import grpc_status, metrics
-from .accounting import RequestRecord
+from . import grpc_status, loaded
+from .accounting import UNPARSED, RequestRecord
 from .encoding import encode_event, encode_unary, error_response
+from .metadata import model_metadata
+from .metrics import ModelMetrics
+from .openai import OpenAIRoutes
+from .outputs import STREAM, UNARY, requested_outputs
 from .protocol import parse_request
 from .scheduler import Deadline, Scheduler
 from .settings import LayerStreamSettings
@@ -42,7 +47,7 @@ from .transport import Transport, asked_before_a_request, transport_of
 log = logging.getLogger(__name__)
 
 
-class LayerStreamRuntime(MLModel):
+class LayerStreamRuntime(OpenAIRoutes, MLModel):
     """Streams a chunked Hugging Face model's weights while it answers."""
 
     def __init__(self, settings: ModelSettings):
@@ -51,6 +56,7 @@ class LayerStreamRuntime(MLModel):
         self._engine: Engine | None = None
         self._scheduler: Scheduler | None = None
         super().__init__(settings)
+        self._metrics = ModelMetrics(self.name, self.version)
 
     @property
     def ready(self) -> bool:
@@ -96,6 +102,7 @@ class LayerStreamRuntime(MLModel):
             settings.max_prompt_bytes,
         )
         engine = self._engine
+        self._chats = asyncio.Lock()
         self._kv_per_token = kv_bytes_per_token(
             engine.config, len(engine.prefixes), engine.manifest.dtype
         )
@@ -115,15 +122,15 @@ class LayerStreamRuntime(MLModel):
                 engine.sequential_only,
             )
             max_active = 1
-        metrics.declare(name)
-        engine.sweeps.on_sweep = lambda sweep: metrics.record_sweep(name, sweep)
+        self._metrics.declare()
+        engine.sweeps.on_sweep = self._metrics.record_sweep
         self._scheduler = Scheduler(
             name,
             settings.max_queued_requests,
             max_active,
             self._kv_budget,
-            on_queue_change=lambda waiting: metrics.set_queued(name, waiting),
-            on_active_change=lambda active: metrics.set_active(name, active),
+            on_queue_change=self._metrics.set_queued,
+            on_active_change=self._metrics.set_active,
         )
         log.info(
             "%s: up to %d requests at once, KV cache budget %s, %d compute slot(s)",
@@ -132,14 +139,31 @@ class LayerStreamRuntime(MLModel):
             describe(self._kv_budget, self._kv_per_token),
             engine.sweeps.slots.count,
         )
+        loaded.register(self)
         _settle_heap()
         return True
+
+    async def metadata(self) -> MetadataModelResponse:
+        if self._engine is None:  # not loaded (or failed to): what model-settings.json says
+            return await super().metadata()
+        manifest = self._engine.manifest
+        return model_metadata(
+            self.name,
+            self.settings.versions,
+            self.settings.platform or "layerstream",
+            self._caps,
+            manifest.dtype,
+            manifest.architecture,
+            self._options.max_new_tokens_limit,
+            self._prompt_limit.max_bytes if self._prompt_limit is not None else None,
+        )
 
     def _model_folder(self) -> Path | None:
         source = getattr(self.settings, "_source", None)
         return Path(source).parent if source else None
 
     async def unload(self) -> bool:
+        loaded.unregister(self)
         if self._scheduler is not None:
             await asyncio.to_thread(self._scheduler.close)
         if self._engine is not None:
@@ -153,14 +177,17 @@ class LayerStreamRuntime(MLModel):
     ) -> AsyncIterator[InferenceResponse]:
         # One request in, a stream out; don't wait for the client to half-close the stream.
         payload = await payloads.__anext__()
-        record = RequestRecord(self.name, payload.id)
+        record = RequestRecord(self.name, self._metrics, payload.id)
         transport = transport_of(payloads)
         try:
             with record.failures():
                 # closed here, not when garbage collected: closing flags the engine at once
-                async with contextlib.aclosing(self._events(payload, record)) as events:
+                events = self._events(payload, record, STREAM)
+                async with contextlib.aclosing(events) as events:
                     async for event in events:
-                        yield await self._encode(payload.id, event)
+                        response = await self._encode(payload.id, event, record.outputs)
+                        if response is not None:
+                            yield response
                         record.events += 1
         except (asyncio.CancelledError, GeneratorExit):
             # MLServer cancels or closes this generator when the client disconnects; the
@@ -184,33 +211,68 @@ class LayerStreamRuntime(MLModel):
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
         # MLServer answers a failure with {"error": "<kind>: <message>"} and its status
-        record = RequestRecord(self.name, payload.id)
+        record = RequestRecord(self.name, self._metrics, payload.id)
         events: list[Event] = []
         with record.failures():
-            async with contextlib.aclosing(self._events(payload, record)) as stream:
+            async with contextlib.aclosing(self._events(payload, record, UNARY)) as stream:
                 async for event in stream:
                     events.append(event)
                     record.events += 1
             assert record.request is not None
-            return encode_unary(self.name, self.version, payload.id, record.request, events)
+            return encode_unary(
+                self.name, self.version, payload.id, record.request, events, record.outputs
+            )
 
-    async def _encode(self, request_id: str | None, event: Event) -> InferenceResponse:
+    async def events(self, payload: InferenceRequest) -> AsyncIterator[Event]:
+        """The engine events of one V2 request, accounted for like any other (metrics, the
+        log line): what the OpenAI endpoints serve. A failure raises the LayerStreamError
+        the client gets (its ``kind`` and ``message``)."""
+        record = RequestRecord(self.name, self._metrics, payload.id)
+        with record.failures():
+            async with contextlib.aclosing(self._events(payload, record, STREAM)) as stream:
+                async for event in stream:
+                    yield event
+                    record.events += 1
+
+    def count_refused(self, error_type: str) -> None:
+        """A request refused before it became a V2 request (an OpenAI body this server
+        cannot honour): counted in the metrics like every other refusal."""
+        self._metrics.record_error(UNPARSED, error_type)
+
+    async def _encode(
+        self, request_id: str | None, event: Event, wanted: tuple[str, ...] | None
+    ) -> InferenceResponse | None:
+        encode = functools.partial(encode_event, self.name, self.version, request_id, event, wanted)
         if isinstance(event, HiddenStateEvent):
             # a [seq, hidden] tensor becomes a long list of floats: off the loop
-            return await asyncio.to_thread(encode_event, self.name, self.version, request_id, event)
-        return encode_event(self.name, self.version, request_id, event)
+            return await asyncio.to_thread(encode)
+        return encode()
 
     async def _events(
-        self, payload: InferenceRequest, record: RequestRecord
+        self, payload: InferenceRequest, record: RequestRecord, call: str
     ) -> AsyncIterator[Event]:
         """The one path of every request: parse, queue, run; the final event is recorded
-        (metrics, log) as it passes."""
+        (metrics, log) as it passes. ``call``: outputs.STREAM or UNARY (which outputs the
+        request may ask for)."""
         request = record.request = self._parse(payload)
+        record.outputs = requested_outputs(payload, request.mode, call)
+        if request.messages is not None:
+            await self._render_chat(request)
         async with contextlib.aclosing(self._stream(request, payload, record.arrived)) as events:
             async for event in events:
                 if isinstance(event, FinalEvent):
                     record.finished(event)
                 yield event
+
+    async def _render_chat(self, request: Request) -> None:
+        """A chat becomes ids before it queues, so that its KV cache estimate is exact. Off
+        the event loop, one chat at a time per model: what tokenizing holds is bounded by
+        one prompt's limit, however many chats arrive."""
+        assert request.messages is not None
+        async with self._chats:
+            ids = await asyncio.to_thread(chat_ids, self._engine.tokenizer, request.messages)
+        check_context(len(ids), request, self._caps)
+        request.input_ids, request.messages = ids, None
 
     def _parse(self, payload: InferenceRequest) -> Request:
         engine = self._engine

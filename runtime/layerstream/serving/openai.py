@@ -1,0 +1,260 @@
+"""OpenAI-compatible endpoints for each loaded model: what the official ``openai`` client
+needs, with ``base_url="http://HOST:PORT/v2/models/NAME/openai/v1"``.
+
+- ``POST /chat/completions``: ``messages``, rendered with the model's own chat template;
+- ``POST /completions``: one ``prompt`` (a string, or a list of token ids);
+- ``GET /models``, ``GET /models/{id}``: the model the path names.
+
+Each request becomes a V2 request (``mode`` "tokens") and runs through the runtime's
+``events``, the path every V2 request takes (validation, queue, metrics, the log line), so
+both APIs give the same answer. The request body and the errors: openai_body.py;
+docs/openai.md has the tables and the statuses.
+
+MLServer adds a custom handler's route once per model instance, and the first one registered
+answers every request on its path: the handlers serve the model the path names
+(``loaded.find``), whichever instance ``self`` is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from mlserver.handlers import custom_handler
+from starlette.requests import Request
+from starlette.types import Receive, Scope, Send
+
+from ..errors import LayerStreamError
+from ..inference.types import Event, FinalEvent, TokenEvent
+from .openai_body import Call, OpenAIError, check_model, find_runtime, json_body, parse_call
+
+log = logging.getLogger(__name__)
+
+BASE = "/v2/models/{model_name}/openai/v1"
+T = TypeVar("T")
+
+CLIENT_GONE = 499  # nginx's "client closed request": in the access log and metrics only
+
+
+# -- the answer -----------------------------------------------------------------------------
+
+
+def _usage(final: FinalEvent) -> dict[str, int]:
+    s = final.stats
+    return {
+        "prompt_tokens": s.prompt_tokens,
+        "completion_tokens": s.tokens,
+        "total_tokens": s.prompt_tokens + s.tokens,
+    }
+
+
+def _envelope(call: Call, kind: str, choices: list[dict[str, Any]], **extra: Any) -> dict:
+    return {
+        "id": call.id,
+        "object": kind,
+        "created": call.created,
+        "model": call.model,
+        "choices": choices,
+        **extra,
+    }
+
+
+def _answer(call: Call, text: str, final: FinalEvent) -> dict[str, Any]:
+    """The whole answer (``stream`` false)."""
+    choice: dict[str, Any] = {"index": 0, "logprobs": None}
+    if call.chat:
+        choice["message"] = {"role": "assistant", "content": text, "refusal": None}
+    else:
+        choice["text"] = text
+    choice["finish_reason"] = final.finish_reason.value
+    kind = "chat.completion" if call.chat else "text_completion"
+    return _envelope(call, kind, [choice], usage=_usage(final))
+
+
+def _chunk(call: Call, text: str, finish: str | None = None, role: bool = False) -> bytes:
+    """One SSE event of a streamed answer: ``text`` (a chat's first chunk opens the
+    assistant's turn), the finish reason on the last."""
+    choice: dict[str, Any] = {"index": 0}
+    if call.chat:
+        delta = {"role": "assistant", "content": text} if role else {}
+        if text:
+            delta["content"] = text
+        choice["delta"] = delta
+    else:
+        choice["text"] = text
+    choice.update(logprobs=None, finish_reason=finish)
+    kind = "chat.completion.chunk" if call.chat else "text_completion"
+    usage = {"usage": None} if call.include_usage else {}  # as OpenAI: null until the last
+    return _sse(_envelope(call, kind, [choice], **usage))
+
+
+def _sse(data: dict[str, Any]) -> bytes:
+    return (
+        b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+    )
+
+
+_DONE = b"data: [DONE]\n\n"
+
+
+def _chunks(call: Call, event: Event) -> list[bytes]:
+    if isinstance(event, TokenEvent):
+        # "" while a character's bytes are incomplete: nothing to send yet
+        return [_chunk(call, event.text)] if event.text else []
+    if isinstance(event, FinalEvent):
+        out = [_chunk(call, event.text, event.finish_reason.value)]
+        if call.include_usage:
+            kind = "chat.completion.chunk" if call.chat else "text_completion"
+            out.append(_sse(_envelope(call, kind, [], usage=_usage(event))))
+        return out
+    return []  # mode "tokens" produces no other event
+
+
+async def _stream(call: Call, first: Event, events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
+    async with contextlib.aclosing(events):  # closing it is what stops the engine
+        try:
+            if call.chat:
+                yield _chunk(call, "", role=True)
+            for chunk in _chunks(call, first):
+                yield chunk
+            async for event in events:
+                for chunk in _chunks(call, event):
+                    yield chunk
+        except LayerStreamError as error:
+            # the 200 is sent: the error is the last event, as OpenAI and vLLM send it (the
+            # openai client raises APIError with it)
+            yield _sse(OpenAIError.of(error).body())
+        except (asyncio.CancelledError, GeneratorExit):
+            log.info("%s: request %s: the client left mid-stream", call.model, call.id)
+            raise
+        yield _DONE
+
+
+class _EventStream(StreamingResponse):
+    """SSE whose generator is closed when the response ends, however it ends: starlette
+    leaves a generator suspended at a ``yield`` to the garbage collector when the client
+    leaves, and closing it is what stops the engine."""
+
+    media_type = "text/event-stream"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def _unless_client_leaves(work: Awaitable[T], request: Request) -> T:
+    """``work``'s result, or _ClientGone once the client disconnects first (``work`` is then
+    cancelled, which closes the request's event stream: the engine stops). Before the first
+    byte of a response nothing else would notice: the queue wait and the prefill, or a whole
+    unary answer, would run for nobody."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise _ClientGone
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    # the body is read: the next ASGI message is the disconnect
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _first(events: AsyncIterator[Event]) -> Event:
+    return await events.__anext__()
+
+
+async def _collect(events: AsyncIterator[Event]) -> tuple[str, FinalEvent]:
+    texts: list[str] = []
+    async with contextlib.aclosing(events):
+        async for event in events:
+            if isinstance(event, TokenEvent | FinalEvent):
+                texts.append(event.text)
+            if isinstance(event, FinalEvent):
+                return "".join(texts), event
+    raise LayerStreamError("the request's events ended without a final event")
+
+
+async def _complete(model_name: str, request: Request, chat: bool) -> Response:
+    try:
+        runtime = find_runtime(model_name)
+    except OpenAIError as error:
+        return error.response()
+    try:
+        body = await json_body(request)
+        if "model" in body and body["model"] is not None:
+            check_model(body["model"], model_name)
+        call = parse_call(body, model_name, chat)
+    except OpenAIError as error:
+        # refused before it became a V2 request: counted with the model's other refusals
+        runtime.count_refused("invalid_request" if error.status < 500 else "internal")
+        return error.response()
+    events = runtime.events(call.payload)
+    try:
+        if call.stream:
+            # the first event before the 200: a refused or queued-out request gets its status
+            first = await _unless_client_leaves(_first(events), request)
+            return _EventStream(_stream(call, first, events), headers=_SSE_HEADERS)
+        text, final = await _unless_client_leaves(_collect(events), request)
+        return JSONResponse(_answer(call, text, final))
+    except LayerStreamError as error:
+        return OpenAIError.of(error).response()
+    except _ClientGone:
+        log.info("%s: request %s: the client left before the answer began", model_name, call.id)
+        return Response(status_code=CLIENT_GONE)
+
+
+def _model_card(name: str) -> dict[str, Any]:
+    # created: when asked, as vLLM does (the loaded model has no creation time of its own)
+    return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "layerstream"}
+
+
+class OpenAIRoutes:
+    """MLServer custom handlers that serve the OpenAI API for a loaded model."""
+
+    @custom_handler(rest_path=BASE + "/chat/completions")
+    async def openai_chat_completions(self, model_name: str, request: Request) -> Response:
+        return await _complete(model_name, request, chat=True)
+
+    @custom_handler(rest_path=BASE + "/completions")
+    async def openai_completions(self, model_name: str, request: Request) -> Response:
+        return await _complete(model_name, request, chat=False)
+
+    @custom_handler(rest_path=BASE + "/models", rest_method="GET")
+    async def openai_models(self, model_name: str) -> Response:
+        try:
+            find_runtime(model_name)
+        except OpenAIError as error:
+            return error.response()
+        return JSONResponse({"object": "list", "data": [_model_card(model_name)]})
+
+    @custom_handler(rest_path=BASE + "/models/{model_id}", rest_method="GET")
+    async def openai_model(self, model_name: str, model_id: str) -> Response:
+        try:
+            find_runtime(model_name)
+            check_model(model_id, model_name)
+        except OpenAIError as error:
+            return error.response()
+        return JSONResponse(_model_card(model_name))

@@ -1,0 +1,272 @@
+"""The OpenAI request body, checked, and the V2 request that answers it; OpenAI's errors.
+
+A field that would change the answer and cannot be honoured (``n`` > 1, ``logprobs``,
+``tools``, penalties, JSON mode, any field not known here) is refused with a 400, never
+ignored: docs/openai.md lists them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fastapi.responses import JSONResponse
+from mlserver.types import InferenceRequest, Parameters, RequestInput
+from starlette.requests import Request
+
+from ..errors import LayerStreamError
+from . import loaded
+from .parameters import show
+
+if TYPE_CHECKING:
+    from .runtime import LayerStreamRuntime
+
+# layerstream error kind -> HTTP status. The openai client retries 408, 429 and 5xx
+# (``max_retries``): the statuses of the V2 path, except that a store that cannot be read
+# answers 503 (retry, here or on another replica) and a broken setting 500 (422 means
+# nothing to an OpenAI client).
+STATUS = {
+    "invalid_request": 400,
+    "overloaded": 503,
+    "timeout": 504,
+    "store_unavailable": 503,
+    "integrity": 500,
+    "configuration": 500,
+    "internal": 500,
+}
+
+
+class OpenAIError(Exception):
+    """An error as OpenAI sends it: ``{"error": {message, type, param, code}}``, its
+    status on the response. ``code`` is the layerstream kind for engine errors."""
+
+    def __init__(self, status: int, message: str, code: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+    @classmethod
+    def of(cls, error: LayerStreamError) -> OpenAIError:
+        return cls(STATUS.get(error.kind, 500), error.message, error.kind)
+
+    def body(self) -> dict[str, Any]:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {
+            "error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}
+        }
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def _invalid(message: str, param: str | None, code: str = "invalid_request") -> OpenAIError:
+    return OpenAIError(400, message, code, param)
+
+
+# -- the request body -----------------------------------------------------------------------
+
+_INT, _NUMBER, _BOOL = "an integer", "a number", "true or false"
+# OpenAI field -> the V2 parameter it sets and the JSON type it must have. layerstream checks
+# the ranges (and stop), and its messages name the V2 parameter (max_new_tokens for
+# max_tokens). top_k and repetition_penalty are extensions (the client's extra_body), as in
+# vLLM.
+_MAPPED = {
+    "max_tokens": ("max_new_tokens", _INT),
+    "max_completion_tokens": ("max_new_tokens", _INT),
+    "temperature": ("temperature", _NUMBER),
+    "top_p": ("top_p", _NUMBER),
+    "seed": ("seed", _INT),
+    "stop": ("stop", None),  # a string or a list of strings
+    "top_k": ("top_k", _INT),
+    "repetition_penalty": ("repetition_penalty", _NUMBER),
+}
+# read, and change nothing in the answer
+_HARMLESS = {"model", "stream", "stream_options", "user", "metadata", "store", "service_tier"}
+_HARMLESS |= {"prompt_cache_key", "safety_identifier", "parallel_tool_calls"}
+_COMMON = set(_MAPPED) - {"max_completion_tokens"}
+_OWN = {True: {"messages", "max_completion_tokens"}, False: {"prompt"}}  # chat: True
+
+
+@dataclass(frozen=True)
+class _Refused:
+    neutral: tuple[Any, ...]  # the values that ask for nothing (OpenAI's defaults)
+    reason: str
+
+
+_NO_LOGPROBS = "log probabilities are not returned"
+_NO_TOOLS = "tool and function calling are not supported"
+_NO_PENALTY = "only 0 is supported (repetition_penalty, an extension, is)"
+_REFUSED_BOTH = {
+    "n": _Refused((1,), "one choice is generated per request: send n=1 and repeat the request"),
+    "presence_penalty": _Refused((0, 0.0), _NO_PENALTY),
+    "frequency_penalty": _Refused((0, 0.0), _NO_PENALTY),
+    "logit_bias": _Refused(({},), "logit_bias is not supported"),
+}
+_REFUSED = {
+    True: {
+        **_REFUSED_BOTH,
+        "logprobs": _Refused((False,), _NO_LOGPROBS),
+        "top_logprobs": _Refused((0,), _NO_LOGPROBS),
+        "tools": _Refused(([],), _NO_TOOLS),
+        "tool_choice": _Refused(("none",), _NO_TOOLS),
+        "functions": _Refused(([],), _NO_TOOLS),
+        "function_call": _Refused(("none",), _NO_TOOLS),
+        "response_format": _Refused(
+            ({"type": "text"},), "only plain text is generated (no JSON mode or schema)"
+        ),
+    },
+    False: {
+        **_REFUSED_BOTH,
+        "logprobs": _Refused((), _NO_LOGPROBS),  # even 0 asks for the chosen tokens' own
+        "echo": _Refused((False,), "the prompt is not echoed"),
+        "best_of": _Refused((1,), "one candidate is generated per request"),
+        "suffix": _Refused(("",), "insertion (suffix) is not supported"),
+    },
+}
+
+
+@dataclass(frozen=True)
+class Call:
+    """One OpenAI request, checked, and the V2 request that answers it."""
+
+    chat: bool
+    id: str
+    model: str  # as the client named it (under Seldon, not the internal name in the path)
+    created: int
+    stream: bool
+    include_usage: bool
+    payload: InferenceRequest
+
+
+def parse_call(body: dict[str, Any], model_name: str, chat: bool) -> Call:
+    # OpenAI reads a null as an absent field
+    body = {key: value for key, value in body.items() if value is not None}
+    _check_fields(body, chat)
+    for name, (_, want) in _MAPPED.items():
+        if name in body and want is not None:
+            _check_type(name, body[name], want)
+    _check_type("stream", body.get("stream", False), _BOOL)
+    options = body.get("stream_options", {})
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise _invalid("stream_options must be like {'include_usage': true}", "stream_options")
+    limits = {body[n] for n in ("max_tokens", "max_completion_tokens") if n in body}
+    if len(limits) > 1:
+        raise _invalid("max_tokens and max_completion_tokens disagree; send one", "max_tokens")
+    params: dict[str, Any] = {"mode": "tokens"}
+    params.update({v2: body[name] for name, (v2, _) in _MAPPED.items() if name in body})
+    call_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    item = _messages_input(body) if chat else _prompt_input(body)
+    return Call(
+        chat=chat,
+        id=call_id,
+        model=body.get("model", model_name),
+        created=int(time.time()),
+        stream=body.get("stream", False),
+        include_usage=options.get("include_usage", False),
+        payload=InferenceRequest(id=call_id, inputs=[item], parameters=Parameters(**params)),
+    )
+
+
+def _check_fields(body: dict[str, Any], chat: bool) -> None:
+    known = _HARMLESS | _COMMON | _OWN[chat]
+    for name, value in body.items():
+        refused = _REFUSED[chat].get(name)
+        if refused is not None:
+            if not any(type(value) is type(n) and value == n for n in refused.neutral):
+                raise _invalid(
+                    f"{name}={show(value)} is not supported: {refused.reason}",
+                    name,
+                    "unsupported_parameter",
+                )
+        elif name not in known:
+            raise _invalid(
+                f"unrecognized request argument {name!r}: ignoring it could change the "
+                "answer, so it is refused (docs/openai.md lists the fields this server reads)",
+                name,
+                "unknown_parameter",
+            )
+
+
+def _check_type(name: str, value: Any, want: str) -> None:
+    if want == _BOOL:
+        ok = isinstance(value, bool)
+    elif isinstance(value, bool):
+        ok = False
+    else:
+        ok = isinstance(value, int if want == _INT else int | float)
+    if not ok:
+        raise _invalid(f"{name} must be {want}, got {show(value)}", name)
+
+
+def _text_input(name: str, text: str) -> RequestInput:
+    return RequestInput(name=name, datatype="BYTES", shape=[1], data=[text])
+
+
+def _messages_input(body: dict[str, Any]) -> RequestInput:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _invalid("messages must be a non-empty list of messages", "messages")
+    # a message echoed back from a response carries nulls (refusal, tool_calls, ...): absent
+    chat = [
+        {k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m
+        for m in messages
+    ]
+    # the runtime checks each message and renders the chat with the model's template
+    return _text_input("messages", json.dumps(chat, ensure_ascii=False))
+
+
+def _prompt_input(body: dict[str, Any]) -> RequestInput:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        return _text_input("prompt", prompt)
+    if isinstance(prompt, list) and prompt and all(type(i) is int for i in prompt):
+        return RequestInput(name="input_ids", datatype="INT64", shape=[len(prompt)], data=prompt)
+    raise _invalid(
+        "prompt must be one string or one list of token ids (several prompts in one request "
+        f"are not supported: send one request each), got {show(prompt)}",
+        "prompt",
+    )
+
+
+def check_model(named: Any, model_name: str) -> None:
+    """The body's ``model`` must name the model of the path; under Seldon Core 2 the path
+    holds the internal name ``<model>_<version>`` while the client sends ``<model>``."""
+    if not isinstance(named, str):
+        raise _invalid(f"model must be a string, got {show(named)}", "model")
+    if named != model_name and not re.fullmatch(re.escape(named) + r"_\d+", model_name):
+        raise OpenAIError(
+            404,
+            f"model {named!r} is not served at this URL, which serves {model_name!r}; each "
+            "model has its own base URL, /v2/models/NAME/openai/v1 (loaded: "
+            f"{', '.join(loaded.names()) or 'none'})",
+            "model_not_found",
+            "model",
+        )
+
+
+def find_runtime(model_name: str) -> LayerStreamRuntime:
+    runtime = loaded.find(model_name)
+    if runtime is None:
+        raise OpenAIError(
+            404,
+            f"model {model_name!r} is not loaded here as a layerstream model (loaded: "
+            f"{', '.join(loaded.names()) or 'none'})",
+            "model_not_found",
+            "model",
+        )
+    return runtime
+
+
+async def json_body(request: Request) -> dict[str, Any]:
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, RecursionError) as exc:
+        raise _invalid(f"the request body is not valid JSON: {str(exc)[:120]}", None) from None
+    if not isinstance(body, dict):
+        raise _invalid("the request body must be a JSON object", None)
+    return body

@@ -1,0 +1,420 @@
+"""The OpenAI-compatible endpoints, driven by the official ``openai`` client against a real
+``mlserver start``: answers equal the V2 stream's for the same greedy request, usage equals
+the V2 stats, and what cannot be honoured is refused with OpenAI's error types."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import httpx
+import httpx2
+import openai
+import pytest
+from mlserver_proc import ModelSpec, labels, metric_samples, prompt_input, raw_sse, serve
+from openai import OpenAI
+
+from layerstream.chunker.convert import chunk_checkpoint
+from layerstream.errors import RequestTimeout
+from layerstream.inference.types import FinalEvent, FinishReason, RequestStats, TokenEvent
+from layerstream.serving import openai as routes
+from layerstream.serving import openai_body
+
+pytest_plugins = ["mlserver_proc"]
+
+# a llama with a chat template; a gpt2 without one, named as Seldon Core 2 names a model's
+# version 1 ("<model>_<version>")
+CHAT, PLAIN = "chat", "plain_1"
+LIMIT = 32  # max_new_tokens_limit of both
+PROMPT = "Once upon a time"
+MESSAGES = [
+    {"role": "system", "content": "You tell short stories."},
+    {"role": "user", "content": "Once upon a time"},
+]
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+GREEDY = {"temperature": 0, "max_tokens": 12}
+
+
+def rechunk(source: Path, root: Path, name: str, template: str | None) -> Path:
+    """A copy of ``source`` whose tokenizer has ``template`` as its chat template (or none),
+    chunked: side files are checksummed in the manifest, so a store is not edited in place."""
+    copy = root / f"{name}-source"
+    shutil.copytree(source, copy)
+    config_path = copy / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("chat_template", None)
+    config_path.write_text(json.dumps(config))
+    (copy / "chat_template.jinja").unlink(missing_ok=True)
+    if template is not None:
+        (copy / "chat_template.jinja").write_text(template)
+    store = root / f"{name}-chunks"
+    chunk_checkpoint(copy, store, name, progress=False)
+    return store
+
+
+@pytest.fixture(scope="module")
+def server(model_factory, tmp_path_factory):
+    root = tmp_path_factory.mktemp("openai")
+    stores = {
+        CHAT: rechunk(model_factory("llama").source, root, CHAT, TEMPLATE),
+        PLAIN: rechunk(model_factory("gpt2").source, root, PLAIN, None),
+    }
+    extra = {"torch_threads": 1, "max_new_tokens_limit": LIMIT}
+    specs = [ModelSpec(name, store, extra) for name, store in stores.items()]
+    with serve(root / "server", specs) as running:
+        yield running
+
+
+def client(server, name: str) -> OpenAI:
+    # only what a user sets: the model's base URL and a key nobody checks
+    return OpenAI(base_url=f"{server.http_url}/v2/models/{name}/openai/v1", api_key="unused")
+
+
+def v2_answer(server, name: str, item: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The text and final parameters of the same greedy request over V2 SSE."""
+    request = {
+        "inputs": [item],
+        "parameters": {"max_new_tokens": GREEDY["max_tokens"], "temperature": 0},
+    }
+    events = raw_sse(server.http_url, name, request)
+    text = "".join(
+        out["data"][0] for event in events for out in event["outputs"] if out["name"] == "text"
+    )
+    final = events[-1]["parameters"]
+    assert "error" not in final, final
+    return text, final
+
+
+def messages_input(messages: list[dict[str, str]]) -> dict[str, Any]:
+    return {"name": "messages", "datatype": "BYTES", "shape": [1], "data": [json.dumps(messages)]}
+
+
+def check_usage(usage, final: dict[str, Any]) -> None:
+    assert usage.prompt_tokens == final["prompt_tokens"]
+    assert usage.completion_tokens == final["tokens"]
+    assert usage.total_tokens == final["prompt_tokens"] + final["tokens"]
+
+
+# -- answers ---------------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", [CHAT, PLAIN])  # two models, each on its own base URL
+def test_completions_equal_v2(server, name):
+    text, final = v2_answer(server, name, prompt_input(PROMPT))
+    assert text
+    answer = client(server, name).completions.create(model=name, prompt=PROMPT, **GREEDY)
+    assert answer.id.startswith("cmpl-") and answer.object == "text_completion"
+    assert answer.model == name and answer.created > 0
+    (choice,) = answer.choices
+    assert choice.text == text
+    assert choice.finish_reason == final["finish_reason"]
+    check_usage(answer.usage, final)
+
+    chunks = list(
+        client(server, name).completions.create(
+            model=name,
+            prompt=PROMPT,
+            stream=True,
+            stream_options={"include_usage": True},
+            **GREEDY,
+        )
+    )
+    *body, last = chunks
+    assert last.choices == [] and last.usage is not None
+    check_usage(last.usage, final)
+    assert all(c.usage is None and c.object == "text_completion" for c in body)
+    assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("cmpl-")
+    assert "".join(c.choices[0].text for c in body) == text
+    assert [c.choices[0].finish_reason for c in body][-1] == final["finish_reason"]
+    assert all(c.choices[0].finish_reason is None for c in body[:-1])
+
+
+@pytest.mark.e2e
+def test_chat_equals_v2(server):
+    text, final = v2_answer(server, CHAT, messages_input(MESSAGES))
+    assert text
+    chat = client(server, CHAT).chat.completions
+    answer = chat.create(model=CHAT, messages=MESSAGES, **GREEDY)
+    assert answer.id.startswith("chatcmpl-") and answer.object == "chat.completion"
+    (choice,) = answer.choices
+    assert choice.message.role == "assistant"
+    assert choice.message.content == text
+    assert choice.finish_reason == final["finish_reason"]
+    check_usage(answer.usage, final)
+
+    # max_completion_tokens is the chat's newer name for max_tokens; no usage asked for
+    chunks = list(
+        chat.create(
+            model=CHAT, messages=MESSAGES, stream=True, temperature=0, max_completion_tokens=12
+        )
+    )
+    assert all(c.object == "chat.completion.chunk" and c.usage is None for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
+    assert [c.choices[0].finish_reason for c in chunks][-1] == final["finish_reason"]
+
+
+@pytest.mark.e2e
+def test_a_chat_message_echoed_back_is_accepted(server):
+    # a response's message as the next turn carries nulls (refusal, tool_calls, ...)
+    chat = client(server, CHAT).chat.completions
+    first = chat.create(model=CHAT, messages=MESSAGES, **GREEDY)
+    turn = first.choices[0].message.model_dump()
+    assert None in turn.values()
+    messages = [*MESSAGES, turn, {"role": "user", "content": "And then?"}]
+    again = chat.create(model=CHAT, messages=messages, **GREEDY)
+    assert again.usage.prompt_tokens > first.usage.prompt_tokens
+
+
+@pytest.mark.e2e
+def test_stop_and_length(server):
+    text, _ = v2_answer(server, PLAIN, prompt_input(PROMPT))
+    stop = text.strip()[:2]
+    answer = client(server, PLAIN).completions.create(
+        model=PLAIN, prompt=PROMPT, stop=[stop], **GREEDY
+    )
+    assert answer.choices[0].finish_reason == "stop"
+    assert stop not in answer.choices[0].text
+    assert text.startswith(answer.choices[0].text)
+    short = client(server, PLAIN).completions.create(
+        model=PLAIN, prompt=PROMPT, temperature=0, max_tokens=1
+    )
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 1
+
+
+@pytest.mark.e2e
+def test_models(server):
+    listed = client(server, CHAT).models.list()
+    assert [m.id for m in listed.data] == [CHAT]
+    assert client(server, PLAIN).models.retrieve(PLAIN).id == PLAIN
+    with pytest.raises(openai.NotFoundError):
+        client(server, PLAIN).models.retrieve(CHAT)
+
+
+# -- refusals ----------------------------------------------------------------------------------
+
+
+def error_of(excinfo) -> dict[str, Any]:
+    body = excinfo.value.body
+    assert set(body) == {"message", "type", "param", "code"}, body
+    return body
+
+
+@pytest.mark.e2e
+def test_unknown_model(server):
+    with pytest.raises(openai.NotFoundError) as excinfo:
+        client(server, "nope").completions.create(model="nope", prompt=PROMPT)
+    error = error_of(excinfo)
+    assert error["code"] == "model_not_found"
+    assert CHAT in error["message"] and PLAIN in error["message"]
+    # the body's model must be the path's: each model has its own base URL
+    with pytest.raises(openai.NotFoundError) as excinfo:
+        client(server, CHAT).completions.create(model=PLAIN, prompt=PROMPT)
+    assert error_of(excinfo)["param"] == "model"
+
+
+@pytest.mark.e2e
+def test_the_seldon_name_of_a_model(server):
+    # Seldon rewrites the path to "plain_1"; the client still names "plain"
+    answer = client(server, PLAIN).completions.create(model="plain", prompt=PROMPT, max_tokens=2)
+    assert answer.model == "plain"
+    with pytest.raises(openai.NotFoundError):
+        client(server, PLAIN).completions.create(model="plai", prompt=PROMPT, max_tokens=2)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"n": 2}, "n"),
+        ({"logprobs": True}, "logprobs"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"extra_body": {"guided_json": {}}}, "guided_json"),
+        ({"temperature": "hot"}, "temperature"),
+    ],
+)
+def test_refused_fields(server, fields, param):
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        client(server, CHAT).chat.completions.create(model=CHAT, messages=MESSAGES, **fields)
+    error = error_of(excinfo)
+    assert error["param"] == param and error["type"] == "invalid_request_error", error
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("max_tokens", [0, 10**6])
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_tokens_out_of_range(server, max_tokens, stream):
+    # refused with its status before any stream begins, in layerstream's words
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        client(server, PLAIN).completions.create(
+            model=PLAIN, prompt=PROMPT, max_tokens=max_tokens, stream=stream
+        )
+    error = error_of(excinfo)
+    assert error["code"] == "invalid_request"
+    assert f"max_new_tokens must be between 1 and {LIMIT}, got {max_tokens}" in error["message"]
+
+
+@pytest.mark.e2e
+def test_every_openai_request_is_counted_by_outcome(server):
+    """Refused by the OpenAI layer (n=2), by the V2 contract (max_tokens 0) or answered:
+    each counted once in the model's layerstream_requests_total."""
+    before = metric_samples(server.metrics_url)
+    with pytest.raises(openai.BadRequestError):
+        client(server, PLAIN).completions.create(model=PLAIN, prompt=PROMPT, n=2)
+    with pytest.raises(openai.BadRequestError):
+        client(server, PLAIN).completions.create(model=PLAIN, prompt=PROMPT, max_tokens=0)
+    client(server, PLAIN).completions.create(model=PLAIN, prompt=PROMPT, **GREEDY)
+    after = metric_samples(server.metrics_url)
+
+    def grew(**more: str) -> float:
+        key = ("layerstream_requests_total", labels(PLAIN, **more))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    # n=2 never became a V2 request; max_tokens 0 failed the V2 contract's range check
+    assert grew(finish_reason="error", mode="unparsed") == 2
+    answered = grew(finish_reason="length", mode="tokens") + grew(
+        finish_reason="stop", mode="tokens"
+    )
+    assert answered == 1
+
+
+@pytest.mark.e2e
+def test_chat_without_a_template(server):
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        client(server, PLAIN).chat.completions.create(model=PLAIN, messages=MESSAGES)
+    assert "no chat template" in error_of(excinfo)["message"]
+
+
+@pytest.mark.e2e
+def test_raw_body_errors(server):
+    url = f"{server.http_url}/v2/models/{PLAIN}/openai/v1/completions"
+    bad = httpx.post(url, content=b"{not json", timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+    several = httpx.post(url, json={"prompt": ["a", "b"]}, timeout=30)
+    assert several.status_code == 400 and several.json()["error"]["param"] == "prompt"
+
+
+# -- the stream's wire format, in process ------------------------------------------------------
+
+
+STATS = RequestStats(*([0] * len(RequestStats.__dataclass_fields__)))
+
+
+def sse_bytes(body: dict[str, Any], events: list[Any]) -> bytes:
+    """What the chat endpoint streams for ``events`` (an exception: raised there)."""
+    call = openai_body.parse_call(body, "m", chat=True)
+
+    async def source():
+        for event in events:
+            if isinstance(event, Exception):
+                raise event
+            yield event
+
+    async def run() -> bytes:
+        stream = source()
+        first = await stream.__anext__()
+        return b"".join([chunk async for chunk in routes._stream(call, first, stream)])
+
+    return asyncio.run(run())
+
+
+def mock_client(payload: bytes) -> OpenAI:
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, headers={"content-type": "text/event-stream"}, content=payload)
+
+    transport = httpx2.MockTransport(answer)
+    return OpenAI(
+        base_url="http://test/v1", api_key="unused", http_client=httpx2.Client(transport=transport)
+    )
+
+
+def test_an_error_after_the_stream_began_raises_in_the_client():
+    body = {"model": "m", "messages": MESSAGES, "stream": True}
+    events = [TokenEvent(5, "Hi"), RequestTimeout("the request ran past its 1s deadline")]
+    payload = sse_bytes(body, events)
+    assert payload.endswith(b"data: [DONE]\n\n")
+    stream = mock_client(payload).chat.completions.create(**body)
+    assert next(stream).choices[0].delta.role == "assistant"
+    assert next(stream).choices[0].delta.content == "Hi"
+    with pytest.raises(openai.APIError) as excinfo:
+        next(stream)
+    assert excinfo.value.message == "the request ran past its 1s deadline"
+    assert excinfo.value.body == {
+        "message": "the request ran past its 1s deadline",
+        "type": "server_error",
+        "param": None,
+        "code": "timeout",
+    }
+
+
+def test_usage_chunk_comes_last():
+    body = {"model": "m", "messages": MESSAGES, "stream": True}
+    body["stream_options"] = {"include_usage": True}
+    stats = dataclasses.replace(STATS, prompt_tokens=7, tokens=2)
+    events = [TokenEvent(5, "Hi"), TokenEvent(6, ""), FinalEvent(FinishReason.LENGTH, stats, "!")]
+    chunks = list(mock_client(sse_bytes(body, events)).chat.completions.create(**body))
+    assert [c.choices[0].delta.content for c in chunks[:-1]] == ["", "Hi", "!"]
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage.model_dump(exclude_none=True) == {
+        "prompt_tokens": 7,
+        "completion_tokens": 2,
+        "total_tokens": 9,
+    }
+
+
+def test_a_client_that_leaves_before_the_answer_cancels_it():
+    # queued, or a unary answer being generated: nothing is sent yet, so only the
+    # disconnect message tells
+    cancelled = []
+
+    class LeavingRequest:
+        async def receive(self):
+            await asyncio.sleep(0.01)
+            return {"type": "http.disconnect"}
+
+    async def work():
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    with pytest.raises(routes._ClientGone):
+        asyncio.run(routes._unless_client_leaves(work(), LeavingRequest()))
+    assert cancelled == [True]
+
+
+def test_closing_the_stream_closes_the_engine_events():
+    # what a client that leaves mid-stream causes: the engine's event stream is closed at once
+    call = openai_body.parse_call({"messages": MESSAGES, "stream": True}, "m", chat=True)
+    closed = []
+
+    async def source():
+        try:
+            for i in range(100):
+                yield TokenEvent(i, "x")
+        finally:
+            closed.append(True)
+
+    async def run() -> None:
+        events = source()
+        first = await events.__anext__()
+        stream = routes._stream(call, first, events)
+        await stream.__anext__()
+        await stream.__anext__()
+        assert not closed
+        await stream.aclose()
+
+    asyncio.run(run())
+    assert closed == [True]
