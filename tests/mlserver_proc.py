@@ -290,6 +290,15 @@ def layerstream_server(model_factory, tmp_path_factory) -> Iterator[MLServerProc
 # -- raw wire helpers (independent of layerstream_client) -----------------------------------
 
 
+@pytest.fixture(scope="session")
+def layerstream_reference(layerstream_server):
+    """``get(name)``: the fully loaded transformers model behind a model of
+    :func:`layerstream_server` (tests/reference.py)."""
+    from reference import reference_lookup
+
+    return reference_lookup(layerstream_server.chunked, SOURCES)
+
+
 def prompt_input(text: str) -> dict[str, Any]:
     return {"name": "prompt", "datatype": "BYTES", "shape": [1], "data": [text]}
 

@@ -3,6 +3,7 @@ answer is compared with."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -54,3 +55,16 @@ class Reference:
 
     def hidden_states(self, ids: list[int]) -> list[np.ndarray]:
         return [h[0].numpy() for h in self.forward(ids).hidden_states]
+
+
+def reference_lookup(chunked: dict, sources: dict[str, str]) -> Callable[[str], Reference]:
+    """``get(name)``: the Reference of the served model ``name`` (``chunked[name]``), one per
+    source model (``sources[name]``): two served models of one source share it."""
+    cache: dict[str, Reference] = {}
+
+    def get(name: str) -> Reference:
+        if sources[name] not in cache:
+            cache[sources[name]] = Reference(chunked[name])
+        return cache[sources[name]]
+
+    return get

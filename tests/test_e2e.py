@@ -17,7 +17,6 @@ from mlserver_proc import (
     LLAMA,
     LLAMA_25,
     MAX_NEW_TOKENS_LIMIT,
-    SOURCES,
     ids_input,
     labels,
     metric_samples,
@@ -56,16 +55,8 @@ def server(layerstream_server):
 
 
 @pytest.fixture(scope="module")
-def reference(server):
-    cache: dict[str, Reference] = {}
-
-    def get(name: str) -> Reference:
-        source = SOURCES[name]
-        if source not in cache:
-            cache[source] = Reference(server.chunked[name])
-        return cache[source]
-
-    return get
+def reference(layerstream_reference):
+    return layerstream_reference
 
 
 def client(server, transport: str):

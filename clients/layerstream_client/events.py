@@ -218,11 +218,26 @@ class StreamingClient:
         """Every model the server knows, with its state."""
         raise NotImplementedError
 
+    # what reading the repository index raises when the server cannot answer it
+    index_errors: tuple[type[Exception], ...] = ()
+
     def check_model(self, model: str) -> None:
         """Raises ModelNotLoadedError unless the server has ``model`` loaded and ready."""
         index = self.models()
         if not any(m.name == model and m.state == "READY" for m in index):
             raise ModelNotLoadedError(model, index)
+
+    def _not_loaded(self, model: str) -> ModelNotLoadedError | None:
+        """Why a stream failed before its first event, if the reason is that ``model`` is
+        not served; None when it is, or when the index cannot be read either (the caller
+        raises what it saw)."""
+        try:
+            self.check_model(model)
+        except ModelNotLoadedError as exc:
+            return exc
+        except self.index_errors:
+            pass
+        return None
 
     def generate(
         self,

@@ -18,7 +18,6 @@ from mlserver.grpc import dataplane_pb2_grpc as pb_grpc
 from .events import (
     Final,
     HiddenState,
-    ModelNotLoadedError,
     ModelStatus,
     StreamError,
     StreamingClient,
@@ -103,6 +102,8 @@ def _to_json(response: pb.ModelInferResponse) -> dict[str, Any]:
 
 
 class GRPCClient(StreamingClient):
+    index_errors = (grpc.RpcError,)
+
     def __init__(self, target: str = "127.0.0.1:8081", timeout: float = 300.0):
         self.target = target
         self.timeout = timeout
@@ -138,17 +139,6 @@ class GRPCClient(StreamingClient):
                 if kind is None:
                     raise
                 raise GRPCStreamError(exc.code(), details, kind, message) from exc
-
-    def _not_loaded(self, model: str) -> ModelNotLoadedError | None:
-        """ModelNotLoadedError if ``model`` is not served; None when it is, or when the index
-        cannot be read either (the caller raises what it saw)."""
-        try:
-            self.check_model(model)
-        except ModelNotLoadedError as exc:
-            return exc
-        except grpc.RpcError:
-            pass
-        return None
 
     def models(self) -> list[ModelStatus]:
         """``RepositoryIndex``: every model the server knows, with its state."""

@@ -12,7 +12,6 @@ from httpx_sse import connect_sse
 from .events import (
     Final,
     HiddenState,
-    ModelNotLoadedError,
     ModelStatus,
     StreamingClient,
     Token,
@@ -21,6 +20,8 @@ from .events import (
 
 
 class SSEClient(StreamingClient):
+    index_errors = (httpx.HTTPError,)
+
     def __init__(self, url: str = "http://127.0.0.1:8080", timeout: float = 300.0):
         self.url = url.rstrip("/")
         self.timeout = timeout
@@ -58,17 +59,6 @@ class SSEClient(StreamingClient):
             if not started and (error := self._not_loaded(model)):
                 raise error
             raise ConnectionError(f"the stream from {url} ended without a final event")
-
-    def _not_loaded(self, model: str) -> ModelNotLoadedError | None:
-        """Why a stream came back empty, if the reason is that ``model`` is not served; None
-        when it is, or when the index cannot be read either (the caller raises what it saw)."""
-        try:
-            self.check_model(model)
-        except ModelNotLoadedError as exc:
-            return exc
-        except httpx.HTTPError:
-            pass
-        return None
 
     def models(self) -> list[ModelStatus]:
         """``POST /v2/repository/index``: every model the server knows, with its state."""
