@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from layerstream.engine.engine import Engine, EngineOptions
-from layerstream.inference.generation import run_generation
+from layerstream.inference.generation import generation_config, run_generation
 from layerstream.inference.hidden import run_hidden_states
 from layerstream.inference.request import Request
 from layerstream.inference.types import FinalEvent, HiddenStateEvent, TokenEvent
@@ -143,5 +143,26 @@ def test_a_deadline_raised_by_the_stop_check_unwinds_the_engine_cleanly(
         )
         assert [e.token_id for e in events] == expected[0, len(IDS) :].tolist()
         assert final.stats.tokens == 12
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize(
+    ("fields", "samples"),
+    [
+        ({}, False),  # the model's generation config: greedy for the fixture gpt2
+        ({"temperature": 0.7}, True),
+        ({"top_p": 0.9}, True),
+        ({"top_k": 5}, True),
+        ({"top_p": 0.9, "do_sample": False}, False),  # said outright: greedy
+    ],
+)
+def test_a_sampling_parameter_is_a_request_to_sample(model_factory, fields, samples):
+    """Not silently ignored on a model whose generation config decodes greedily."""
+    engine = engine_for(model_factory("gpt2"), budget="100%")
+    try:
+        engine.generation_config.do_sample = False
+        config = generation_config(engine, Request(mode="tokens", **fields))
+        assert config.do_sample is samples
     finally:
         engine.close()
