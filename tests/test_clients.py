@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import grpc
@@ -508,3 +509,21 @@ def test_tritonclient_grpc_stream_misreads_mlservers_stream_as_documented(server
     assert done.returncode == 0, done.stderr
     assert "result=None" in done.stdout
     assert LLAMA_25 in done.stdout.split("error=", 1)[1]
+
+
+def test_a_request_whose_client_left_is_counted_as_cancelled(server):
+    key = ("layerstream_requests_total", labels(LLAMA_25, finish_reason="cancelled", mode="tokens"))
+    before = metric_samples(server.metrics_url).get(key, 0.0)
+    request = example_request(32)
+    url = f"{server.http_url}/v2/models/{LLAMA_25}/generate_stream"
+    with (
+        httpx.Client(timeout=60) as client,
+        connect_sse(client, "POST", url, json=request) as source,
+    ):
+        next(source.iter_sse())  # one token, then hang up
+    deadline = time.monotonic() + 60
+    while metric_samples(server.metrics_url).get(key, 0.0) == before:
+        # the server notices the hang-up at its next block; bounded, not timed
+        assert time.monotonic() < deadline, "the cancelled request was never counted"
+        time.sleep(0.1)
+    assert metric_samples(server.metrics_url)[key] == before + 1

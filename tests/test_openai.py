@@ -302,6 +302,38 @@ def test_raw_body_errors(server):
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
     several = httpx.post(url, json={"prompt": ["a", "b"]}, timeout=30)
     assert several.status_code == 400 and several.json()["error"]["param"] == "prompt"
+    floats = httpx.post(url, json={"prompt": [1.0, 2.0]}, timeout=30)
+    assert floats.status_code == 400
+    assert "token ids must be integers, got 1.0" in floats.json()["error"]["message"]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("path", "body", "words"),
+    [
+        # JSON can spell a lone UTF-16 surrogate, which is no text: refused, never a 500
+        ("completions", '{"prompt": "a\\ud800"}', "lone surrogate"),
+        ("chat/completions", '{"messages": [{"role": "user", "content": "\\ud800"}]}', "lone"),
+        ("chat/completions", '{"messages": [{"role": "\\ud800", "content": "x"}]}', "lone"),
+        ("chat/completions", '{"messages": [], "\\udfff": 1}', "unrecognized request"),
+        ("chat/completions", '{"messages": [{"role": "eos", "content": "x"}]}', "role must be"),
+        ("completions", '{"prompt": "x", "stream_options": {"include_usage": true}}', "stream"),
+        ("completions", '{"prompt": "x", "stream": true, "stream_options": {"a": 1}}', "stream"),
+    ],
+)
+def test_hostile_bodies_are_openai_errors(server, path, body, words):
+    url = f"{server.http_url}/v2/models/{CHAT}/openai/v1/{path}"
+    answer = httpx.post(url, content=body.encode(), timeout=30)
+    assert answer.status_code == 400, answer.text
+    assert words in answer.json()["error"]["message"]
+
+
+@pytest.mark.e2e
+def test_a_path_not_served_is_an_openai_404(server):
+    with pytest.raises(openai.NotFoundError, match="/embeddings is not served here"):
+        client(server, CHAT).embeddings.create(model=CHAT, input="hi")
+    gone = httpx.get(f"{server.http_url}/v2/models/{CHAT}/openai/v1/files", timeout=30)
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "not_found"
 
 
 # -- the stream's wire format, in process ------------------------------------------------------

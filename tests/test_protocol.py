@@ -213,8 +213,8 @@ def test_nested_input_ids_for_shape_1_by_n():
         ({"seed": "9" * 5000}, "seed must be an integer"),
         ({"seed": 1.5}, "seed must be an integer"),
         ({"seed": float("inf")}, "seed must be an integer"),
-        ({"max_new_tokens": 1e300}, "max_new_tokens must be an integer"),
-        ({"seed": float(-(2**63))}, "seed must be an integer"),  # orjson's -(2**63)-1
+        ({"max_new_tokens": 1e300}, "max_new_tokens must fit in int64"),
+        ({"seed": float(-(2**63))}, "seed must fit in int64"),  # orjson's -(2**63)-1
         ({"seed": 2.0**53 + 2}, "seed must be an integer"),
         ({"max_new_tokens": True}, "max_new_tokens must be an integer"),
         ({"temperature": True}, "temperature must be a number"),
@@ -434,7 +434,11 @@ def test_messages_are_parsed_into_the_request():
         ("[" * 100_000, CHAT_CAPS, "not valid JSON"),
         ({"role": "user"}, CHAT_CAPS, "non-empty JSON list"),
         (["hi"], CHAT_CAPS, "messages[0] must be an object"),
-        ([{"role": "", "content": "x"}], CHAT_CAPS, "messages[0].role must be a non-empty"),
+        ([{"role": "", "content": "x"}], CHAT_CAPS, "messages[0].role must be one of system"),
+        ([{"role": "eos", "content": "x"}], CHAT_CAPS, "got str 'eos'"),
+        ([{"role": "user", "content": "a\ud800"}], CHAT_CAPS, "lone surrogate '\\ud800'"),
+        ([{"role": "user", "content": "x", "name": "\udfff"}], CHAT_CAPS, "name is not valid"),
+        ('[{"role": "user", "content": "x", "name": ' + "9" * 5000 + "}]", CHAT_CAPS, "JSON"),
         ([{"role": "user", "content": None}], CHAT_CAPS, "content must be a string, got null"),
         ([{"role": "user", "content": "x", "tool_calls": []}], CHAT_CAPS, "'tool_calls'"),
         ([{"role": "user", "content": "x", "name": 3}], CHAT_CAPS, "name must be a string"),
@@ -482,3 +486,9 @@ def test_a_template_that_refuses_the_chat_is_an_invalid_request(chat_tokenizer):
     )
     with pytest.raises(InvalidRequest, match="chat template refused these messages: the first"):
         chat_ids(refusing, [{"role": "assistant", "content": "hi"}])
+
+
+def test_layers_with_an_empty_entry_are_refused():
+    with pytest.raises(InvalidRequest, match="layers has an empty entry"):
+        parse(request(mode="hidden_states", layers="0,,1"))
+    assert parse(request(mode="hidden_states", layers="0, 1")).layers == [0, 1]

@@ -7,6 +7,7 @@ known; the operator reads wait-vs-compute per request from the log.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Iterator
@@ -35,10 +36,12 @@ class RequestRecord:
     request: Request | None = None
     outputs: tuple[str, ...] | None = None  # the outputs it asked for (None: the defaults)
     events: int = 0
+    counted: bool = False  # in the metrics already (finished or failed)
 
     def finished(self, final: FinalEvent) -> None:
         """The request ended with ``final``: count it, log what it cost."""
         assert self.request is not None
+        self.counted = True
         self.metrics.record(self.request.mode, final.finish_reason, final.stats)
         _log_finished(self.model, self.request_id, self.request, final)
 
@@ -54,13 +57,13 @@ class RequestRecord:
                 f"{type(exc).__name__}: {exc} (a bug or a broken model store; the server log "
                 "has the traceback)"
             )
-        mode = self.request.mode.value if self.request is not None else UNPARSED
-        self.metrics.record_error(mode, error.kind)
+        self.counted = True
+        self.metrics.record_error(self._mode(), error.kind)
         log.warning(
             # %r: an id refused for its characters (a newline, NUL) must not forge log lines
             "%s %s: request %r failed (%s) after %d events in %.3fs: %s",
             self.model,
-            mode,
+            self._mode(),
             self.request_id or "(no id)",  # gRPC requests carry none unless the client sets one
             error.kind,
             self.events,
@@ -69,12 +72,26 @@ class RequestRecord:
         )
         return error
 
+    def left(self) -> None:
+        """The client went away before the request ended: counted with finish_reason
+        ``cancelled`` (the runtime logs it; the engine stops at its next block)."""
+        if not self.counted:
+            self.counted = True
+            self.metrics.record_cancelled(self._mode())
+
+    def _mode(self) -> str:
+        return self.request.mode.value if self.request is not None else UNPARSED
+
     @contextmanager
     def failures(self) -> Iterator[RequestRecord]:
         """Whatever fails inside is recorded and re-raised as the LayerStreamError the
-        client gets (an unexpected exception as kind ``internal``, its traceback logged)."""
+        client gets (an unexpected exception as kind ``internal``, its traceback logged);
+        a request its client left is recorded as cancelled."""
         try:
             yield self
+        except (asyncio.CancelledError, GeneratorExit):
+            self.left()
+            raise
         except Exception as exc:
             error = self.failed(exc)
             if error is exc:

@@ -29,6 +29,10 @@ _HOW = (
 )
 # the keys a chat message may have: what every chat template reads
 MESSAGE_KEYS = ("role", "content", "name")
+# The roles chat templates know (OpenAI's, and Llama 3.1's ipython). Templates build a
+# turn's header from the role ("<|{{ role }}|>"), so a free-form role could spell a control
+# token ("eos") that no sanitizing of the content can see.
+ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
 
 
 def the_input(payload: InferenceRequest) -> RequestInput:
@@ -105,7 +109,7 @@ def chat_messages(item: RequestInput, limit: PromptLimit | None) -> list[dict[st
     text = _one_string(item, limit)
     try:
         chat = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # also an integer of more than 4300 digits
         raise InvalidRequest(f"input 'messages' is not valid JSON: {str(exc)[:120]}") from None
     if not isinstance(chat, list) or not chat:
         raise InvalidRequest(
@@ -125,18 +129,31 @@ def _message(index: int, message: Any) -> dict[str, str]:
             f"{', '.join(MESSAGE_KEYS)}"
         )
     role, content = message.get("role"), message.get("content")
-    if not isinstance(role, str) or not role.strip():
-        raise InvalidRequest(f"{where}.role must be a non-empty string, got {_shown(role)}")
+    if role not in ROLES:
+        raise InvalidRequest(f"{where}.role must be one of {', '.join(ROLES)}, got {_shown(role)}")
     if isinstance(content, list):
         content = _joined_parts(where, content)
     if not isinstance(content, str):
         raise InvalidRequest(f"{where}.content must be a string, got {_shown(content)}")
-    out = {"role": role, "content": content}
+    out = {"role": role, "content": unicode_text(f"{where}.content", content)}
     if "name" in message:
         if not isinstance(message["name"], str):
             raise InvalidRequest(f"{where}.name must be a string, got {_shown(message['name'])}")
-        out["name"] = message["name"]
+        out["name"] = unicode_text(f"{where}.name", message["name"])
     return out
+
+
+def unicode_text(what: str, text: str) -> str:
+    """``text``, if it is Unicode text: a lone UTF-16 surrogate (JSON can spell one,
+    ``"\\ud800"``) is not, and would fail in the tokenizer instead of here."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(
+            f"{what} is not valid Unicode: a lone surrogate {text[exc.start]!r} at character "
+            f"{exc.start}"
+        ) from None
+    return text
 
 
 def _joined_parts(where: str, parts: list[Any]) -> str:
@@ -192,7 +209,7 @@ def _one_string(item: RequestInput, limit: PromptLimit | None) -> str:
             ) from None
     if not value.strip():
         raise InvalidRequest(f"input {name!r} is empty")
-    return value
+    return unicode_text(f"input {name!r}", value)
 
 
 def _check_prompt_size(name: str, value: str | bytes, limit: PromptLimit) -> None:

@@ -17,6 +17,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from ..engine.sweeps import SweepRecord
 from ..inference.types import FinishReason, Mode, RequestStats
 
+CANCELLED = "cancelled"  # the finish_reason label of a request whose client left
 _MODEL = ("model_name", "model_version")  # as MLServer labels a model's custom metrics
 
 REQUESTS = Counter(
@@ -114,6 +115,10 @@ class ModelMetrics:
         request did not parse)."""
         REQUESTS.labels(*self.labels, mode, FinishReason.ERROR.value).inc()
         ERRORS.labels(*self.labels, error_type).inc()
+
+    def record_cancelled(self, mode: str) -> None:
+        """A request whose client left before it ended."""
+        REQUESTS.labels(*self.labels, mode, CANCELLED).inc()
 
     def set_queued(self, waiting: int) -> None:
         QUEUED.labels(*self.labels).set(waiting)

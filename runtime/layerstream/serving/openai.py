@@ -258,3 +258,23 @@ class OpenAIRoutes:
         except OpenAIError as error:
             return error.response()
         return JSONResponse(_model_card(model_name))
+
+    # Any other path under the base URL (``/embeddings``, ``/responses``, ...): OpenAI's
+    # 404, which the openai client shows with its message, not FastAPI's bare "Not Found".
+    # Registered after the routes above (MLServer adds a model's handlers in name order).
+    @custom_handler(rest_path=BASE + "/{path:path}", rest_method="GET")
+    async def openai_other_get(self, model_name: str, path: str) -> Response:
+        return _not_served(path)
+
+    @custom_handler(rest_path=BASE + "/{path:path}")
+    async def openai_other_post(self, model_name: str, path: str) -> Response:
+        return _not_served(path)
+
+
+def _not_served(path: str) -> Response:
+    return OpenAIError(
+        404,
+        f"/{path} is not served here; this base URL serves POST /chat/completions, POST "
+        "/completions and GET /models",
+        "not_found",
+    ).response()

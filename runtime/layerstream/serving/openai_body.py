@@ -59,7 +59,15 @@ class OpenAIError(Exception):
         }
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return _AsciiJSON(self.body(), status_code=self.status)
+
+
+class _AsciiJSON(JSONResponse):
+    """JSON with every non-ASCII character escaped: an error may quote what the client sent,
+    and a lone surrogate in it (JSON can spell one) cannot be encoded as UTF-8."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
 def _invalid(message: str, param: str | None, code: str = "invalid_request") -> OpenAIError:
@@ -150,8 +158,14 @@ def parse_call(body: dict[str, Any], model_name: str, chat: bool) -> Call:
             _check_type(name, body[name], want)
     _check_type("stream", body.get("stream", False), _BOOL)
     options = body.get("stream_options", {})
-    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+    if (
+        not isinstance(options, dict)
+        or set(options) - {"include_usage"}
+        or not isinstance(options.get("include_usage", False), bool)
+    ):
         raise _invalid("stream_options must be like {'include_usage': true}", "stream_options")
+    if options and not body.get("stream", False):
+        raise _invalid("stream_options is only allowed with stream: true", "stream_options")
     limits = {body[n] for n in ("max_tokens", "max_completion_tokens") if n in body}
     if len(limits) > 1:
         raise _invalid("max_tokens and max_completion_tokens disagree; send one", "max_tokens")
@@ -226,6 +240,9 @@ def _prompt_input(body: dict[str, Any]) -> RequestInput:
         return _text_input("prompt", prompt)
     if isinstance(prompt, list) and prompt and all(type(i) is int for i in prompt):
         return RequestInput(name="input_ids", datatype="INT64", shape=[len(prompt)], data=prompt)
+    if isinstance(prompt, list) and prompt and not any(isinstance(i, str | list) for i in prompt):
+        wrong = next(i for i in prompt if type(i) is not int)
+        raise _invalid(f"prompt token ids must be integers, got {show(wrong)}", "prompt")
     raise _invalid(
         "prompt must be one string or one list of token ids (several prompts in one request "
         f"are not supported: send one request each), got {show(prompt)}",

@@ -57,6 +57,11 @@ def _as_int(name: str, value: Any) -> int:
     elif isinstance(value, str):
         with contextlib.suppress(ValueError):  # also a string of more than 4300 digits
             number = int(value.strip())
+    if number is None and isinstance(value, float) and math.isfinite(value) and abs(value) >= 2**63:
+        # MLServer's JSON parser (orjson) hands over an integer beyond 64 bits as a float
+        raise InvalidRequest(
+            f"parameter {name} must fit in int64 ({INT64_MIN}..{INT64_MAX}), got about {value:.3g}"
+        )
     if number is None:
         raise InvalidRequest(f"parameter {name} must be an integer, got {show(value)}")
     if not INT64_MIN <= number <= INT64_MAX:
@@ -128,7 +133,10 @@ def _as_stop(name: str, value: Any) -> list[str]:
 def parse_layers(value: Any, num_layers: int) -> list[int]:
     """``[0, -1]`` or ``"0,-1"`` -> normalised indexes into ``0..num_layers``."""
     if isinstance(value, str):
-        parts = [p for p in value.replace(" ", "").split(",") if p]
+        parts = value.replace(" ", "").split(",")
+        if "" in parts and value.strip():
+            raise InvalidRequest(f"parameter layers has an empty entry: {show(value)}")
+        parts = [p for p in parts if p]
     elif isinstance(value, list):
         parts = value
     elif isinstance(value, int) and not isinstance(value, bool):

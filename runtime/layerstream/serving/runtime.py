@@ -195,7 +195,7 @@ class LayerStreamRuntime(OpenAIRoutes, MLModel):
             log.info(
                 "%s: request %s: the client left after %d events",
                 self.name,
-                payload.id,
+                payload.id or "(no id)",  # gRPC requests carry none unless the client sets one
                 record.events,
             )
             raise
