@@ -8,28 +8,44 @@
    mapping on every error (``_grpc_status_code``), so extending the dict is enough; there is
    no other hook, since the status is set by MLServer's servicer around ``predict_stream``.
 
-2. Request conversion. MLServer converts the gRPC message to its types before any model
+2. Load statuses. A model that fails to load through the repository API
+   (``RepositoryModelLoad``, how Seldon Core v2's agent loads models) took the status of the
+   same error at inference: a missing store was UNAVAILABLE and a damaged manifest INTERNAL,
+   which read as "retry" and "server bug" (and Seldon's agent retries UNAVAILABLE calls). At
+   load nearly every layerstream error says the model as configured cannot load (settings,
+   the store's address or credentials, its manifest and chunks): FAILED_PRECONDITION. A
+   store that could not be reached in time keeps UNAVAILABLE (the same load may work in a
+   moment) and kind ``internal`` keeps INTERNAL. MLServer's servicers look
+   ``_grpc_status_code`` up when a call fails, so replacing it serves the load that is
+   failing now too; a failure is a load's when it came out of MLServer's repository load
+   handler.
+
+3. Request conversion. MLServer converts the gRPC message to its types before any model
    code runs, so a malformed message failed inside MLServer as INTERNAL: raw_input_contents
    whose byte length does not match the input's shape and datatype (``struct.error``), fewer
    raw contents than inputs (``IndexError``), parameters its pydantic model rejects. The
    converter is wrapped so these are INVALID_ARGUMENT errors that name the input.
 
-Both are process-wide and only turn failures into clearer ones; :func:`install` is
+All are process-wide and only turn failures into clearer ones; :func:`install` is
 idempotent, and it fails the load loudly if MLServer no longer has what it extends.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import math
 import struct
 import threading
+import types
 from typing import Any
 
 import grpc
 from pydantic import ValidationError
 
-from ..errors import InvalidRequest, LayerStreamError
+from ..errors import ChunkStoreError, InvalidRequest, LayerStreamError
+from ..stores.ranged import Transient
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +77,23 @@ class MLServerIncompatible(LayerStreamError):
 
 
 def install() -> None:
-    """Extend MLServer's gRPC status mapping and request converter (once per process)."""
+    """Extend MLServer's gRPC status mapping, its statuses of failed loads and its request
+    converter (once per process)."""
     with _lock:
         _extend_status_codes()
+        _give_loads_their_status()
         _wrap_request_converter()
+
+
+def load_status(error: LayerStreamError) -> grpc.StatusCode:
+    """The gRPC status of a model load that failed with ``error`` (see the module notes)."""
+    if error.kind == "internal":
+        return grpc.StatusCode.INTERNAL
+    if isinstance(error, ChunkStoreError) and isinstance(error.__cause__, Transient):
+        # the store did not answer before the read's deadline (ranged.py): a moment later
+        # the same load may work
+        return grpc.StatusCode.UNAVAILABLE
+    return grpc.StatusCode.FAILED_PRECONDITION
 
 
 def _extend_status_codes() -> None:
@@ -72,6 +101,8 @@ def _extend_status_codes() -> None:
 
     mapping = getattr(utils, "STATUS_CODE_MAPPING", None)
     reader = getattr(utils, "_grpc_status_code", None)
+    if reader is not None:
+        reader = inspect.unwrap(reader)  # MLServer's own, under ours once installed
     if (
         not isinstance(mapping, dict)
         or mapping.get(400) != grpc.StatusCode.INVALID_ARGUMENT
@@ -89,6 +120,47 @@ def _extend_status_codes() -> None:
                 f"MLServer maps HTTP {status} to {mapping[status]}, layerstream expects {code}; "
                 "install mlserver 1.7.x"
             )
+
+
+def _give_loads_their_status() -> None:
+    from mlserver.grpc import utils
+    from mlserver.handlers.model_repository import ModelRepositoryHandlers
+
+    current = utils._grpc_status_code
+    if getattr(current, "layerstream_load_status", False):
+        return
+    inner = [c for c in utils.handle_mlserver_error.__code__.co_consts if _is_code(c)]
+    if not any("_grpc_status_code" in code.co_names for code in inner):
+        raise MLServerIncompatible(
+            "mlserver.grpc.utils.handle_mlserver_error no longer reads _grpc_status_code "
+            "when a call fails; layerstream needs it to give failed model loads their gRPC "
+            "status. Install mlserver 1.7.x"
+        )
+    load = ModelRepositoryHandlers.load.__code__
+
+    @functools.wraps(current)
+    def _grpc_status_code(err):
+        if isinstance(err, LayerStreamError) and _passed_through(err, load):
+            return load_status(err)
+        return current(err)
+
+    _grpc_status_code.layerstream_load_status = True
+    utils._grpc_status_code = _grpc_status_code
+
+
+def _is_code(value: Any) -> bool:
+    return isinstance(value, types.CodeType)
+
+
+def _passed_through(error: BaseException, code: types.CodeType) -> bool:
+    """Whether ``error`` was raised below a frame running ``code`` (its traceback, from the
+    frame that caught it down to the raise)."""
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is code:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _wrap_request_converter() -> None:

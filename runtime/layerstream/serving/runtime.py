@@ -32,7 +32,7 @@ from ..inference.request import Request, check_context
 from ..inference.run import run
 from ..inference.types import Cancelled, Emit, Event, FinalEvent, HiddenStateEvent
 from ..stores import open_store
-from . import grpc_status, loaded
+from . import grpc_status, loaded, workers
 from .accounting import UNPARSED, RequestRecord
 from .encoding import encode_event, encode_unary, error_response
 from .metadata import model_metadata
@@ -51,6 +51,8 @@ class LayerStreamRuntime(OpenAIRoutes, MLModel):
     """Streams a chunked Hugging Face model's weights while it answers."""
 
     def __init__(self, settings: ModelSettings):
+        # here, not in load(): MLServer's parallel workers never call this object's load()
+        workers.refuse_parallel_workers(settings)
         # set by load(); None until then, and where load() failed part way (unload closes
         # what there is). MLServer's __init__ sets ``ready``, which reads the engine.
         self._engine: Engine | None = None
