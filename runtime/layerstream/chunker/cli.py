@@ -1,4 +1,5 @@
-"""``layerstream chunk``: turn a Hugging Face checkpoint into a chunk store + model-repo entry."""
+"""``layerstream chunk``: turn a Hugging Face checkpoint into a chunk store + model-repo entry;
+``layerstream size``: the memory a served model needs (Seldon's ``Model.spec.memory``)."""
 
 from __future__ import annotations
 
@@ -81,7 +82,59 @@ def _parser() -> argparse.ArgumentParser:
     chunk.add_argument("--s3-profile", help="profile in ~/.aws/config")
     chunk.add_argument("--force", action="store_true", help="overwrite an existing store")
     chunk.add_argument("--quiet", action="store_true", help="no progress bar")
+    _size_parser(sub)
     return parser
+
+
+def _size_parser(sub) -> None:
+    size = sub.add_parser(
+        "size",
+        help="print the memory a served model needs (Seldon's Model spec.memory)",
+        usage="%(prog)s [options] MODEL",
+        description="Print each term of the memory a model needs when served (process "
+        "baseline, pinned weights, streaming buffers, working set, KV cache budget and its "
+        "growth slack), their total and the spec.memory for a Seldon Model. The settings "
+        "come from MODEL's model-settings.json when MODEL is a model folder; the options "
+        "override them.",
+    )
+    size.add_argument(
+        "model",
+        metavar="MODEL",
+        help="a model folder (with model-settings.json) or a chunk store: a directory, "
+        "s3://bucket/prefix or http(s)://host/path",
+    )
+    size.add_argument(
+        "--memory-budget",
+        metavar="SIZE",
+        help="weights held in memory: 25%%, 2GiB or auto (the whole model); default: the "
+        "model's memory_budget",
+    )
+    size.add_argument(
+        "--read-ahead",
+        metavar="N",
+        help="streamed blocks read ahead (default: the model's, auto = 1)",
+    )
+    size.add_argument(
+        "--max-active-sequences",
+        type=int,
+        metavar="N",
+        help="requests run at once (default: the model's, 8)",
+    )
+    size.add_argument(
+        "--kv-cache-budget",
+        metavar="SIZE",
+        help="bytes for the KV caches in flight, or auto: N sequences of the full context "
+        "(default: the model's, auto)",
+    )
+    size.add_argument(
+        "--context",
+        type=int,
+        metavar="TOKENS",
+        help="tokens per sequence for an auto KV cache budget (default: the model's context)",
+    )
+    size.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (MinIO, Ceph, R2...)")
+    size.add_argument("--s3-region", help="S3 region (default: from the AWS configuration)")
+    size.add_argument("--s3-profile", help="profile in ~/.aws/config")
 
 
 def infer_name(dest: str) -> str | None:
@@ -171,6 +224,7 @@ def chunk_command(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             store_options=options,
         )
+        sizing = _chunk_sizing(manifest, source / "config.json", args.memory_budget)
     except (ChunkerError, ValueError, LayerStreamError) as exc:
         log.error("%s", exc)
         return 1
@@ -184,8 +238,27 @@ def chunk_command(args: argparse.Namespace) -> int:
             "model-repo/%s/chunks",
             args.name,
         )
-        return 0
-    return _write_settings(args, manifest, model_dir)
+        code = 0
+    else:
+        code = _write_settings(args, manifest, model_dir)
+    if code == 0 and sizing is not None:
+        print(sizing.report())
+    return code
+
+
+def _chunk_sizing(manifest, config_path: Path, memory_budget: str | None):
+    """What `layerstream size` would print for the new store with default settings; None
+    (with the reason logged) where it cannot be told: `_write_settings` reports a budget
+    below the model's minimum itself."""
+    from ..errors import LayerStreamError
+    from .sizing import config_from_json, size_model
+
+    try:
+        config = config_from_json(config_path.read_text())
+        return size_model(manifest, config, memory_budget=memory_budget or "auto")
+    except (LayerStreamError, OSError, ValueError) as exc:
+        log.warning("cannot size %s: %s", manifest.name, exc)
+        return None
 
 
 def _write_settings(args: argparse.Namespace, manifest, model_dir: Path) -> int:
@@ -215,11 +288,99 @@ def _check_budget(manifest, budget: str) -> None:
     )
 
 
+def _size_usage_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with `size`'s arguments, told before anything heavy is imported."""
+    from ..units import parse_size
+
+    for flag, value, reference in (
+        ("--memory-budget", args.memory_budget, 1),
+        ("--kv-cache-budget", args.kv_cache_budget, None),
+    ):
+        if value is None or value == "auto":
+            continue
+        try:
+            parse_size(value, reference=reference)
+        except ValueError as exc:
+            return f"{flag}: {exc}"
+    read_ahead = args.read_ahead
+    if read_ahead is not None and read_ahead != "auto" and not read_ahead.isdigit():
+        return f"--read-ahead must be a whole number or auto, not {args.read_ahead!r}"
+    for flag, value in (
+        ("--max-active-sequences", args.max_active_sequences),
+        ("--context", args.context),
+    ):
+        if value is not None and value < 1:
+            return f"{flag} must be at least 1, not {value}"
+    return None
+
+
+def _served_settings(args: argparse.Namespace):
+    """The runtime's settings for MODEL: its model-settings.json extras when MODEL is a model
+    folder, else MODEL as the chunk store; the S3 flags over either. Returns the settings
+    and the folder relative chunk stores resolve against."""
+    import json
+
+    from ..serving.settings import LayerStreamSettings
+
+    folder = Path(args.model)
+    settings_file = folder / "model-settings.json"
+    extra: dict = {}
+    if "://" not in args.model and settings_file.is_file():
+        parameters = json.loads(settings_file.read_text()).get("parameters") or {}
+        extra = dict(parameters.get("extra") or {})
+        base = folder
+    else:
+        extra["chunk_store"] = args.model
+        base = None
+    extra.update(_s3_settings(args))
+    return LayerStreamSettings.from_extra(extra), base
+
+
+def size_command(args: argparse.Namespace) -> int:
+    problem = _size_usage_error(args)
+    if problem is not None:
+        log.error("%s", problem)
+        return 2
+    import dataclasses
+
+    from ..errors import LayerStreamError
+    from ..format.manifest import MANIFEST_NAME, Manifest
+    from ..stores import open_store
+    from .sizing import config_from_json, size_model
+
+    try:
+        settings, base = _served_settings(args)
+        # two small files to read: straight from the store, not through a disk cache
+        options = dataclasses.replace(settings.store_options(), cache_dir=None, cache_bytes=0)
+        store = open_store(settings.chunk_store, base_dir=base, options=options)
+        try:
+            manifest = Manifest.from_json(store.read(MANIFEST_NAME), f"{store.uri}/{MANIFEST_NAME}")
+            config = config_from_json(store.read("config.json"))
+        finally:
+            store.close()
+        sizing = size_model(
+            manifest,
+            config,
+            memory_budget=args.memory_budget or settings.memory_budget,
+            read_ahead=args.read_ahead or settings.read_ahead,
+            max_active_sequences=args.max_active_sequences or settings.max_active_sequences,
+            kv_cache_budget=args.kv_cache_budget or settings.kv_cache_budget,
+            context=args.context,
+        )
+    except (LayerStreamError, OSError, ValueError) as exc:
+        log.error("%s", getattr(exc, "message", None) or exc)
+        return 1
+    print(sizing.report())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
     if args.command == "chunk":
         return chunk_command(args)
+    if args.command == "size":
+        return size_command(args)
     return 2
 
 

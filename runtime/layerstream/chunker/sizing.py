@@ -1,0 +1,189 @@
+"""The memory a served model needs: what `layerstream size` prints, and Seldon's
+``Model.spec.memory``.
+
+The terms follow what the server holds, each bounded the way the runtime bounds it:
+
+- the process baseline: Python with MLServer, torch, transformers and the runtime imported
+  (``BASELINE_BYTES``, measured; docs/seldon.md, "Size it", says how);
+- the weights held for good at the budget: the non-block weights and the pinned blocks
+  (engine/plan.py);
+- the streaming buffers: one per block in flight (the block computing plus the read-ahead),
+  each the largest block's chunk; they are inside ``memory_budget`` too;
+- the working set: activations, the skeleton's buffers, the tokenizer and allocator slack,
+  a constant that does not grow with the model (``WORKING_SET_BYTES``, the bound
+  tests/test_memory.py holds a server to);
+- the KV cache budget: ``kv_cache_budget`` bytes, or for ``auto`` the runtime's formula
+  without its cap (``max_active_sequences`` sequences of the full context); the cap, a
+  quarter of the memory available at load, only ever makes the runtime hold less;
+- the KV growth slack, as much again: transformers' caches grow a token at a time by
+  concatenation, and the allocator keeps the outgrown copies; a server running 1, 4 or 8
+  long sequences at once held 1.0-1.9x their live KV beyond the other terms (measured in
+  docs/seldon.md, "Size it").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+from ..format.manifest import Manifest
+from ..units import format_size, parse_size
+
+MiB = 2**20
+
+# Measured with Python 3.11, torch 2.13 (CPU), transformers 5.24, mlserver 1.7.1: a process
+# that imports mlserver.server, torch, transformers and layerstream.serving.runtime holds
+# 412 MiB; a started `mlserver start` with the demo model loaded, 456.0 MiB, 445.3 MiB without
+# the weights it pins. Rounded up over both (docs/seldon.md, "Size it").
+BASELINE_BYTES = 448 * MiB
+# Activations, the skeleton's buffers, the tokenizer, allocator slack: what tests/test_memory.py
+# allows a server beyond its weight budget and KV caches (short prompts; a long prefill's
+# activations grow with the prompt and are not in it).
+WORKING_SET_BYTES = 64 * MiB
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """Each term of a model's memory, in bytes, and how it was reached."""
+
+    model: str
+    model_bytes: int
+    budget: int  # memory_budget resolved
+    budget_spec: str  # as given: "25%", "2GiB", "auto"
+    pinned: int  # non-block weights + pinned blocks
+    pinned_blocks: int
+    n_blocks: int
+    buffers: int  # streaming buffers x the largest block
+    buffer_count: int
+    kv: int
+    kv_per_token: int
+    kv_how: str
+    baseline: int = BASELINE_BYTES
+    working_set: int = WORKING_SET_BYTES
+
+    @property
+    def weights(self) -> int:
+        return self.pinned + self.buffers
+
+    @property
+    def kv_slack(self) -> int:
+        return self.kv
+
+    @property
+    def total(self) -> int:
+        return sum(nbytes for _, nbytes, _ in self.terms())
+
+    @property
+    def spec_memory(self) -> str:
+        """``total`` as a Kubernetes quantity, rounded up to a whole MiB."""
+        return f"{math.ceil(self.total / MiB)}Mi"
+
+    def terms(self) -> list[tuple[str, int, str]]:
+        """(term, bytes, how) in the order they add up."""
+        return [
+            ("process baseline", self.baseline, "Python + MLServer + torch + transformers"),
+            (
+                "pinned weights",
+                self.pinned,
+                f"non-block weights + {self.pinned_blocks}/{self.n_blocks} blocks pinned",
+            ),
+            (
+                "streaming buffers",
+                self.buffers,
+                f"{self.buffer_count} x the largest block (computing + read-ahead)",
+            ),
+            ("working set", self.working_set, "activations, tokenizer, allocator slack"),
+            ("KV cache budget", self.kv, self.kv_how),
+            (
+                "KV growth slack",
+                self.kv_slack,
+                "caches grow by concatenation; the heap keeps copies",
+            ),
+        ]
+
+    def report(self) -> str:
+        lines = [
+            f"memory for {self.model} ({format_size(self.model_bytes)} of weights) at "
+            f"memory_budget {self.budget_spec} ({format_size(self.budget)}):"
+        ]
+        for term, nbytes, how in self.terms():
+            lines.append(f"  {term:<18} {format_size(nbytes):>10}  {how}")
+        lines.append(f"  {'total':<18} {format_size(self.total):>10}")
+        lines.append(
+            f"Seldon Model spec.memory: {self.spec_memory} (and at least that as the mlserver "
+            "container's memory request and limit)"
+        )
+        lines.append(
+            f"spec.parameters to match: memory_budget={self.budget}, kv_cache_budget={self.kv}"
+        )
+        return "\n".join(lines)
+
+
+def resolve_sizing_budget(spec: str, model_bytes: int) -> int:
+    """``memory_budget`` for sizing: "auto" resolves against the pod's memory at load,
+    which sizing is about to choose, so it is taken as the whole model (what auto picks
+    when the pod has room for it)."""
+    from ..engine.plan import resolve_budget
+
+    if spec == AUTO:
+        return model_bytes
+    return min(resolve_budget(spec, model_bytes), max(model_bytes, 1))
+
+
+def size_model(
+    manifest: Manifest,
+    config,
+    *,
+    memory_budget: str = AUTO,
+    read_ahead: int | str = AUTO,
+    max_active_sequences: int = 8,
+    kv_cache_budget: str = AUTO,
+    context: int | None = None,
+) -> Sizing:
+    """The terms for ``manifest`` (with its transformers ``config``) served with these
+    settings; ``context`` overrides the model's context length for the KV term."""
+    from ..engine import tuning
+    from ..engine.plan import plan_residency
+    from ..engine.skeleton import context_length
+    from ..inference.kv import AUTO_CONTEXT, kv_bytes_per_token
+
+    budget = resolve_sizing_budget(memory_budget, manifest.total_bytes)
+    plan = plan_residency(manifest, budget, tuning.read_ahead(read_ahead))
+    sizes = manifest.block_bytes
+    pinned = manifest.rest_bytes + sum(sizes[j] for j in plan.resident)
+    per_token = kv_bytes_per_token(config, len(manifest.blocks), manifest.dtype)
+    if kv_cache_budget == AUTO:
+        tokens = context or context_length(config) or AUTO_CONTEXT
+        kv = max_active_sequences * tokens * per_token
+        kv_how = (
+            f"auto: {max_active_sequences} sequences x {tokens} tokens x "
+            f"{format_size(per_token)} per token"
+        )
+    else:
+        kv = parse_size(kv_cache_budget)
+        kv_how = f"kv_cache_budget {kv_cache_budget} ({kv // max(per_token, 1)} tokens)"
+    return Sizing(
+        model=manifest.name,
+        model_bytes=manifest.total_bytes,
+        budget=budget,
+        budget_spec=str(memory_budget),
+        pinned=pinned,
+        pinned_blocks=len(plan.resident),
+        n_blocks=plan.n_blocks,
+        buffers=plan.pool_buffers * plan.buffer_bytes,
+        buffer_count=plan.pool_buffers,
+        kv=kv,
+        kv_per_token=per_token,
+        kv_how=kv_how,
+    )
+
+
+def config_from_json(text: str | bytes):
+    """A transformers config from config.json's text, of the model type's own class (its
+    attribute names: GPT-2's ``n_head`` read as ``num_attention_heads``)."""
+    from transformers import AutoConfig
+
+    data = json.loads(text)
+    return AutoConfig.for_model(**data)
