@@ -360,6 +360,10 @@ def test_a_model_version_loads_streams_is_replaced_and_unloads_as_seldon_drives_
         agent.load(v1)
         for transport in ("sse", "grpc"):
             assert stream(server, v1, transport) == reference[N], transport
+        # the agent's rewrite keeps no inputs or outputs: the runtime declares them at load
+        metadata = httpx.get(f"{server.http_url}/v2/models/{v1}", timeout=10).json()
+        assert [i["name"] for i in metadata["inputs"]] == ["prompt", "messages", "input_ids"]
+        assert "token_id" in {o["name"] for o in metadata["outputs"]}
         refuse_broken_models(agent, stores, v1, reference[N])
 
         before = numbers["before v2 load"] = process_state(pid)
