@@ -450,3 +450,23 @@ def test_closing_the_stream_closes_the_engine_events():
 
     asyncio.run(run())
     assert closed == [True]
+
+
+def test_the_openai_routes_serve_the_version_mlserver_serves_by_default():
+    """Of several loaded versions of one name, the highest (MLServer's default for the
+    unversioned V2 path), whatever order they loaded in."""
+    from types import SimpleNamespace
+
+    from layerstream.serving import loaded
+
+    v2, v1 = (SimpleNamespace(name="versioned", version=v) for v in ("2", "1"))
+    for runtime in (v2, v1):
+        loaded.register(runtime)
+    try:
+        assert loaded.find("versioned") is v2
+        loaded.unregister(v2)
+        assert loaded.find("versioned") is v1
+    finally:
+        for runtime in (v2, v1):
+            loaded.unregister(runtime)
+    assert loaded.find("versioned") is None

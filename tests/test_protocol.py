@@ -9,8 +9,15 @@ import pytest
 from mlserver.types import InferenceRequest, RequestOutput
 
 from layerstream.errors import InvalidRequest
-from layerstream.inference.prompts import PromptLimit, chat_ids
-from layerstream.inference.request import ModelCapabilities, check_context
+from layerstream.inference.kv import request_kv_bytes
+from layerstream.inference.prompts import (
+    FALLBACK_CHAT_OVERHEAD,
+    PromptLimit,
+    chat_bytes,
+    chat_ids,
+    chat_overhead,
+)
+from layerstream.inference.request import ModelCapabilities, Request, check_context
 from layerstream.inference.types import Mode
 from layerstream.serving.outputs import STREAM, UNARY, requested_outputs
 from layerstream.serving.parameters import parse_layers
@@ -492,3 +499,40 @@ def test_layers_with_an_empty_entry_are_refused():
     with pytest.raises(InvalidRequest, match="layers has an empty entry"):
         parse(request(mode="hidden_states", layers="0,,1"))
     assert parse(request(mode="hidden_states", layers="0, 1")).layers == [0, 1]
+
+
+def test_a_chats_kv_estimate_bounds_its_tokens(chat_tokenizer):
+    """A chat is tokenized on its worker thread, after admission: its estimate (text plus
+    the template's measured overhead per message) must not fall below its real length."""
+    overhead = chat_overhead(chat_tokenizer)
+    rendered = chat_tokenizer.apply_chat_template(
+        [{"role": "user", "content": ""}], add_generation_prompt=True, tokenize=False
+    )
+    assert overhead >= len(rendered.encode())  # the fixed part counted for every message
+    chats = [
+        [{"role": "user", "content": "hi"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "é" * 50}],
+        [{"role": "user", "content": "<|eos|>" * 20, "name": "bob"}],
+    ]
+    for chat in chats:
+        ids = chat_ids(chat_tokenizer, chat)
+        request = Request(mode="tokens", messages=chat, max_new_tokens=1)
+        estimate = request_kv_bytes(request, per_token=1, context=None, chat_overhead=overhead)
+        assert estimate >= len(ids) + 1, chat
+        assert chat_bytes(chat, overhead) >= len(
+            chat_tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        )
+
+
+def test_a_template_no_probe_renders_gets_the_fallback_overhead(chat_tokenizer):
+    refusing = copy.copy(chat_tokenizer)
+    refusing.chat_template = "{{ raise_exception('never') }}"
+    assert chat_overhead(refusing) == FALLBACK_CHAT_OVERHEAD
+
+
+def test_transformers_refusing_a_conversation_is_an_invalid_request(chat_tokenizer):
+    """apply_chat_template raises ValueError for conversations it cannot render (an empty
+    one here; with sanitize_control_tokens, a control token that plain text also produces):
+    a client error, not an internal one."""
+    with pytest.raises(InvalidRequest, match="the chat cannot be rendered"):
+        chat_ids(chat_tokenizer, [])

@@ -154,6 +154,8 @@ def test_a_deadline_raised_by_the_stop_check_unwinds_the_engine_cleanly(
         ({"temperature": 0.7}, True),
         ({"top_p": 0.9}, True),
         ({"top_k": 5}, True),
+        ({"top_p": 1.0}, False),  # asks for nothing: OpenAI clients send it
+        ({"top_k": 0}, False),  # "off"
         ({"top_p": 0.9, "do_sample": False}, False),  # said outright: greedy
     ],
 )

@@ -55,7 +55,7 @@ from mlserver.handlers.model_repository import ModelRepositoryHandlers
 from mlserver.parallel.registry import InferencePoolRegistry
 from mlserver.parallel.worker import Worker
 from mlserver.settings import ModelSettings, Settings
-from mlserver_proc import MLServerProcess, free_ports
+from mlserver_proc import MLServerProcess, free_ports, metric_samples
 from reference import Reference
 from remote_servers import S3Server
 from test_e2e import split
@@ -378,6 +378,13 @@ def test_a_model_version_loads_streams_is_replaced_and_unloads_as_seldon_drives_
         ready = httpx.get(f"{server.http_url}/v2/models/{v1}/ready", timeout=10)
         assert ready.status_code != 200
         assert stream(server, v2, "grpc") == reference[N]
+        # version 1's series left /metrics with it; version 2's stay
+        served = {
+            dict(labels).get("model_name")
+            for name, labels in metric_samples(server.metrics_url)
+            if name.startswith("layerstream_")
+        }
+        assert v1 not in served and v2 in served, served
 
         agent.unload(v2)
         released = two.threads - after.threads  # as many as version 1 gave back

@@ -70,8 +70,7 @@ class LayerStreamError(MLServerError):
 
     def __reduce__(self):
         # copied (one copy per request an error fails, engine/sweeps.py) or pickled from the
-        # message: the default rebuilds from ``args``, which hold the kind prefix already,
-        # and the copy said "integrity: integrity: ..."
+        # message: the default rebuilds from ``args``, which hold the kind prefix already
         return type(self), (self.message,), self.__dict__
 
 

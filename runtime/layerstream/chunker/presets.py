@@ -9,7 +9,6 @@ offline. The weights are random: the text it generates is gibberish, but every p
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import transformers
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerFast
 
 from ..engine.skeleton import context_length
+from .sizing import config_from_json
 
 log = logging.getLogger(__name__)
 
@@ -146,10 +146,7 @@ def random_init_config(spec: str) -> PretrainedConfig:
         model_type, kwargs = PRESETS[spec]
         config = AutoConfig.for_model(model_type, **kwargs)
     elif Path(spec).is_file():
-        data = json.loads(Path(spec).read_text())
-        if "model_type" not in data:
-            raise ValueError(f"{spec} has no 'model_type'; it is not a transformers config")
-        config = AutoConfig.for_model(data.pop("model_type"), **data)
+        config = config_from_json(Path(spec).read_text(), spec)
     else:
         raise ValueError(
             f"--random-init {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a config file"

@@ -26,9 +26,13 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..format.manifest import Manifest
 from ..units import format_size, parse_size
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 MiB = 2**20
 
@@ -134,7 +138,7 @@ def resolve_sizing_budget(spec: str, model_bytes: int) -> int:
 
 def size_model(
     manifest: Manifest,
-    config,
+    config: PretrainedConfig,
     *,
     memory_budget: str = AUTO,
     read_ahead: int | str = AUTO,
@@ -147,7 +151,7 @@ def size_model(
     from ..engine import tuning
     from ..engine.plan import plan_residency
     from ..engine.skeleton import context_length
-    from ..inference.kv import AUTO_CONTEXT, kv_bytes_per_token
+    from ..inference.kv import full_kv_budget, kv_bytes_per_token
 
     budget = resolve_sizing_budget(memory_budget, manifest.total_bytes)
     plan = plan_residency(manifest, budget, tuning.read_ahead(read_ahead))
@@ -155,8 +159,9 @@ def size_model(
     pinned = manifest.rest_bytes + sum(sizes[j] for j in plan.resident)
     per_token = kv_bytes_per_token(config, len(manifest.blocks), manifest.dtype)
     if kv_cache_budget == AUTO:
-        tokens = context or context_length(config) or AUTO_CONTEXT
-        kv = max_active_sequences * tokens * per_token
+        context = context or context_length(config)
+        kv = full_kv_budget(per_token, max_active_sequences, context)
+        tokens = kv // (max_active_sequences * per_token)
         kv_how = (
             f"auto: {max_active_sequences} sequences x {tokens} tokens x "
             f"{format_size(per_token)} per token"
@@ -180,10 +185,12 @@ def size_model(
     )
 
 
-def config_from_json(text: str | bytes):
+def config_from_json(text: str | bytes, where: str = "config.json") -> PretrainedConfig:
     """A transformers config from config.json's text, of the model type's own class (its
     attribute names: GPT-2's ``n_head`` read as ``num_attention_heads``)."""
     from transformers import AutoConfig
 
     data = json.loads(text)
-    return AutoConfig.for_model(**data)
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise ValueError(f"{where} has no 'model_type'; it is not a transformers config")
+    return AutoConfig.for_model(data.pop("model_type"), **data)

@@ -145,10 +145,15 @@ def generation_config(engine: Engine, request: Request) -> GenerationConfig:
         value = getattr(request, name)
         if value is not None:
             setattr(config, name, value)
-    sampling = (request.temperature, request.top_p, request.top_k)
-    if request.do_sample is None and any(value is not None for value in sampling):
-        # a temperature, top_p or top_k is a request to sample: on a model whose generation
-        # config decodes greedily it would otherwise be ignored, and read as honoured
+    restricts = (
+        request.temperature is not None,
+        request.top_p is not None and request.top_p < 1,
+        request.top_k is not None and request.top_k > 0,
+    )
+    if request.do_sample is None and any(restricts):
+        # a temperature, or a top_p / top_k that restricts, is a request to sample: on a
+        # model whose generation config decodes greedily it would otherwise be ignored, and
+        # read as honoured; top_p 1 and top_k 0 ask for nothing (OpenAI clients send top_p 1)
         config.do_sample = True
     if config.pad_token_id is None and config.eos_token_id is not None:
         eos = config.eos_token_id

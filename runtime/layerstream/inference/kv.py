@@ -10,6 +10,7 @@ from transformers import PretrainedConfig
 from ..engine.sysinfo import available_memory
 from ..errors import SettingsError
 from ..units import format_size, parse_size
+from .prompts import chat_bytes
 from .request import Request
 from .types import Mode
 
@@ -39,15 +40,20 @@ def kv_bytes_per_token(config: PretrainedConfig, blocks: int, dtype: str) -> int
     return 2 * blocks * int(width) * getattr(torch, dtype).itemsize
 
 
-def request_kv_bytes(request: Request, per_token: int, context: int | None) -> int:
+def request_kv_bytes(
+    request: Request, per_token: int, context: int | None, chat_overhead: int = 0
+) -> int:
     """What the request's sequence may grow to: its prompt plus the tokens it may generate.
     A text prompt is not tokenized yet (that happens on its worker thread): its UTF-8
-    length plus a few special tokens bounds its token count. No sequence outgrows the
-    context (a longer one is refused once tokenized)."""
+    length plus a few special tokens bounds its token count; a chat's, its text plus
+    ``chat_overhead`` bytes of template per message (prompts.chat_overhead). No sequence
+    outgrows the context (a longer one is refused once tokenized)."""
     if request.input_ids is not None:
         prompt = len(request.input_ids)
+    elif request.messages is not None:
+        prompt = chat_bytes(request.messages, chat_overhead) + PROMPT_SPECIALS
     else:
-        assert request.prompt is not None  # the protocol sets one of the two
+        assert request.prompt is not None  # the protocol sets one of the three
         prompt = len(request.prompt.encode()) + PROMPT_SPECIALS
     tokens = prompt + (request.max_new_tokens if request.mode is Mode.TOKENS else 0)
     if context is not None:
@@ -59,12 +65,17 @@ def resolve_kv_budget(spec: str, per_token: int, max_active: int, context: int |
     """``kv_cache_budget`` in bytes; "auto": ``max_active`` sequences of the full context,
     at most a quarter of the memory available now."""
     if spec == AUTO:
-        full = max_active * (context or AUTO_CONTEXT) * per_token
+        full = full_kv_budget(per_token, max_active, context)
         return max(min(full, available_memory() // AUTO_MEMORY_SHARE), per_token)
     try:
         return parse_size(spec)
     except ValueError as exc:
         raise SettingsError(f"kv_cache_budget: {exc}") from exc
+
+
+def full_kv_budget(per_token: int, max_active: int, context: int | None) -> int:
+    """``max_active`` sequences of the full context: "auto" before its cap."""
+    return max_active * (context or AUTO_CONTEXT) * per_token
 
 
 def describe(nbytes: int, per_token: int) -> str:

@@ -20,10 +20,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import jinja2
 
 from ..errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +81,47 @@ def tokenize(tokenizer, prompt: str) -> list[int]:
     return ids
 
 
-def chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+# probe chats for chat_overhead: one to three turns, in the orders templates accept
+_PROBES = (
+    ("user",),
+    ("system", "user"),
+    ("user", "assistant", "user"),
+    ("system", "user", "assistant", "user"),
+)
+FALLBACK_CHAT_OVERHEAD = 4096  # bytes per message, where no probe renders
+
+
+def chat_overhead(tokenizer: PreTrainedTokenizerBase) -> int:
+    """What the model's chat template adds around a chat, per message, in UTF-8 bytes: an
+    upper bound that a chat's KV estimate adds to its text before it is tokenized (on its
+    worker thread, as prompts are). Measured on empty probe chats, the fixed part (BOS, a
+    default system prompt, the generation prompt) counted in full for every message."""
+    per_message = 0
+    for roles in _PROBES:
+        chat = [{"role": role, "content": ""} for role in roles]
+        try:
+            text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        except (jinja2.TemplateError, ValueError, TypeError):
+            continue  # a template that refuses this order of turns
+        per_message = max(per_message, -(-len(str(text).encode("utf-8")) // len(roles)))
+    if not per_message:
+        log.warning(
+            "the chat template renders none of the probe chats; each message of a chat is "
+            "counted as %d bytes of template in its KV estimate",
+            FALLBACK_CHAT_OVERHEAD,
+        )
+        return FALLBACK_CHAT_OVERHEAD
+    return per_message
+
+
+def chat_bytes(messages: list[dict[str, str]], overhead: int) -> int:
+    """A bound on the UTF-8 size of ``messages`` rendered: their text plus the template's
+    ``overhead`` per message (chat_overhead)."""
+    text = sum(len(m["content"].encode()) + len(m.get("name", "").encode()) for m in messages)
+    return text + overhead * len(messages)
+
+
+def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
     """The ids of a chat rendered with the model's own template, the assistant's turn
     opened (``add_generation_prompt``). Control tokens typed into a message
     (``<|im_start|>``, ...) are encoded as the text they are, never as the tokens that
@@ -93,6 +137,10 @@ def chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     except jinja2.TemplateError as exc:
         # templates refuse what they cannot render with raise_exception(...)
         raise InvalidRequest(f"the model's chat template refused these messages: {exc}") from None
+    except ValueError as exc:
+        # transformers' own refusals of a conversation, e.g. a control token in a message
+        # that the tokenizer also produces from plain text, so it cannot be kept as text
+        raise InvalidRequest(f"the chat cannot be rendered: {exc}") from None
     if not ids:
         raise InvalidRequest("the chat renders to no tokens")
     return list(ids)

@@ -36,7 +36,7 @@ class ModelCapabilities:
 class Request:
     mode: Mode
     prompt: str | None = None
-    # a chat, rendered with the model's chat template into input_ids before it queues
+    # a chat, rendered with the model's chat template and tokenized on the worker thread
     messages: list[dict[str, str]] | None = None
     input_ids: list[int] | None = None
     max_new_tokens: int = 64

@@ -13,7 +13,7 @@ from ..engine.engine import Engine
 from .embedding import run_embedding
 from .generation import run_generation
 from .hidden import run_hidden_states
-from .prompts import tokenize
+from .prompts import chat_ids, tokenize
 from .request import ModelCapabilities, Request, check_context
 from .types import Cancelled, Emit, FinalEvent, Mode
 
@@ -37,7 +37,10 @@ def run(
     ``cancelled`` says the consumer has gone."""
     ids = request.input_ids
     if ids is None:
-        assert request.prompt is not None  # the protocol sets one of the two
-        ids = tokenize(engine.tokenizer, request.prompt)
+        if request.messages is not None:
+            ids = chat_ids(engine.tokenizer, request.messages)
+        else:
+            assert request.prompt is not None  # the protocol sets one of the three
+            ids = tokenize(engine.tokenizer, request.prompt)
         check_context(len(ids), request, caps)  # ids that came as ids were checked on arrival
     return RUNNERS[request.mode](engine, request, ids, emit, cancelled)

@@ -57,8 +57,9 @@ class RequestRecord:
                 f"{type(exc).__name__}: {exc} (a bug or a broken model store; the server log "
                 "has the traceback)"
             )
-        self.counted = True
-        self.metrics.record_error(self._mode(), error.kind)
+        if not self.counted:  # a failure after the final event (encoding the answer)
+            self.counted = True
+            self.metrics.record_error(self._mode(), error.kind)
         log.warning(
             # %r: an id refused for its characters (a newline, NUL) must not forge log lines
             "%s %s: request %r failed (%s) after %d events in %.3fs: %s",

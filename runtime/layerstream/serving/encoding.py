@@ -21,7 +21,7 @@ from ..inference.types import (
     RequestStats,
     TokenEvent,
 )
-from .outputs import ERROR_OUTPUT
+from .outputs import BY_NAME, ERROR_OUTPUT
 
 
 def stats_parameters(stats: RequestStats) -> dict[str, int]:
@@ -97,9 +97,10 @@ def _response(
 
 def _empty(name: str) -> ResponseOutput:
     """A wanted output the final event has no more of: empty, of its datatype."""
-    if name == "text":
+    datatype = BY_NAME[name].datatype
+    if datatype == "BYTES":
         return _text(name, "")
-    if name == "token_id":
+    if datatype == "INT64":
         return _ids(name, [])
     return _floats(name, np.zeros((0,), dtype=np.float32))
 

@@ -201,15 +201,17 @@ def _one_string(item: RequestInput, limit: PromptLimit | None) -> str:
         _check_prompt_size(name, value, limit)
     if isinstance(value, bytes):
         try:
-            value = value.decode("utf-8")
+            value = value.decode("utf-8")  # valid UTF-8 holds no lone surrogate
         except UnicodeDecodeError as exc:
             raise InvalidRequest(
                 f"input {name!r} is not valid UTF-8 (byte {value[exc.start]:#04x} at offset "
                 f"{exc.start}); send it as UTF-8 text"
             ) from None
+    else:
+        unicode_text(f"input {name!r}", value)
     if not value.strip():
         raise InvalidRequest(f"input {name!r} is empty")
-    return unicode_text(f"input {name!r}", value)
+    return value
 
 
 def _check_prompt_size(name: str, value: str | bytes, limit: PromptLimit) -> None:

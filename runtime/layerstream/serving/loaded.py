@@ -8,6 +8,7 @@ instance's route took the request.
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import TYPE_CHECKING
 
@@ -15,8 +16,7 @@ if TYPE_CHECKING:
     from .runtime import LayerStreamRuntime
 
 _lock = threading.Lock()
-# name -> the instances loaded under it, the latest last (MLServer's default version is the
-# latest loaded one too)
+# name -> the instances loaded under it (several versions of one name can be)
 _loaded: dict[str, list[LayerStreamRuntime]] = {}
 
 
@@ -34,13 +34,21 @@ def unregister(runtime: LayerStreamRuntime) -> None:
             _loaded.pop(runtime.name, None)
 
 
-def find(name: str, version: str | None = None) -> LayerStreamRuntime | None:
-    """The model loaded as ``name`` (that ``version`` where given, else the latest loaded)."""
+def find(name: str) -> LayerStreamRuntime | None:
+    """The model loaded as ``name``: of several versions, the one MLServer serves for the
+    name without a version (its default, the highest version)."""
+    from mlserver.registry import _is_newer
+
     with _lock:
-        instances = _loaded.get(name, [])
-        if version is None:
-            return instances[-1] if instances else None
-        return next((r for r in reversed(instances) if r.version == version), None)
+        instances = list(_loaded.get(name, []))
+    return max(instances, key=functools.cmp_to_key(_is_newer)) if instances else None
+
+
+def is_loaded(name: str, version: str | None) -> bool:
+    """Whether an instance of ``name`` at ``version`` is loaded (MLServer loads a model's
+    new instance before it unloads the old one when it reloads it)."""
+    with _lock:
+        return any(r.version == version for r in _loaded.get(name, []))
 
 
 def names() -> list[str]:

@@ -12,6 +12,8 @@ happen. The metric names are the contract; keep them.
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import Counter, Gauge, Histogram
 
 from ..engine.sweeps import SweepRecord
@@ -80,14 +82,34 @@ COMPUTE = Counter(
     "layerstream_compute_seconds", "Request time not spent waiting for weights", _MODEL
 )
 TTFT = Histogram("layerstream_time_to_first_token_seconds", "Time to first token", _MODEL)
+# every metric labelled by the model alone
+_PER_MODEL = (
+    QUEUED,
+    ACTIVE,
+    TOKENS,
+    BYTES,
+    SWEEPS,
+    SWEEP_SEQUENCES,
+    SWEEP_TOKENS,
+    BYTES_PER_TOKEN,
+    RESIDENT_RUNS,
+    STREAMED_RUNS,
+    WEIGHT_WAIT,
+    COMPUTE,
+    TTFT,
+)
 
 
 class ModelMetrics:
     """One loaded model's series, labelled as MLServer labels a model's custom metrics
     (``model_name``, ``model_version``; the version "" where the model has none)."""
 
-    def __init__(self, name: str, version: str | None):
+    def __init__(self, name: str, version: str | None) -> None:
         self.labels = (name, version or "")
+        # the (mode, finish_reason) and error_type label values this model has used, so
+        # that forget() can remove exactly its series
+        self._outcomes: set[tuple[str, str]] = set()
+        self._error_types: set[str] = set()
 
     def declare(self) -> None:
         """The model's series exist from its load on (at zero), not from its first event:
@@ -97,9 +119,24 @@ class ModelMetrics:
         QUEUED.labels(*self.labels).set(0)
         ACTIVE.labels(*self.labels).set(0)
 
+    def forget(self) -> None:
+        """The model was unloaded: its series leave /metrics (Seldon loads each version
+        under its own name, which would otherwise leave every old version's series behind
+        for good)."""
+        for metric in _PER_MODEL:
+            with contextlib.suppress(KeyError):  # never created: nothing to remove
+                metric.remove(*self.labels)
+        for outcome in self._outcomes:
+            with contextlib.suppress(KeyError):
+                REQUESTS.remove(*self.labels, *outcome)
+        for error_type in self._error_types:
+            with contextlib.suppress(KeyError):
+                ERRORS.remove(*self.labels, error_type)
+
     def record(self, mode: Mode, finish_reason: FinishReason, stats: RequestStats) -> None:
         """A request that finished (``stop`` or ``length``)."""
         labels = self.labels
+        self._outcomes.add((mode.value, finish_reason.value))
         REQUESTS.labels(*labels, mode.value, finish_reason.value).inc()
         TOKENS.labels(*labels).inc(stats.tokens)
         RESIDENT_RUNS.labels(*labels).inc(stats.resident_runs)
@@ -113,11 +150,14 @@ class ModelMetrics:
         """A request that ended with an error, a refused one too: counted with finish_reason
         ``error`` beside the others, and by its kind (``mode`` is ``unparsed`` when the
         request did not parse)."""
+        self._outcomes.add((mode, FinishReason.ERROR.value))
+        self._error_types.add(error_type)
         REQUESTS.labels(*self.labels, mode, FinishReason.ERROR.value).inc()
         ERRORS.labels(*self.labels, error_type).inc()
 
     def record_cancelled(self, mode: str) -> None:
         """A request whose client left before it ended."""
+        self._outcomes.add((mode, CANCELLED))
         REQUESTS.labels(*self.labels, mode, CANCELLED).inc()
 
     def set_queued(self, waiting: int) -> None:

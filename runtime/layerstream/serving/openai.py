@@ -73,8 +73,7 @@ def _answer(call: Call, text: str, final: FinalEvent) -> dict[str, Any]:
     else:
         choice["text"] = text
     choice["finish_reason"] = final.finish_reason.value
-    kind = "chat.completion" if call.chat else "text_completion"
-    return _envelope(call, kind, [choice], usage=_usage(final))
+    return _envelope(call, call.answer_object, [choice], usage=_usage(final))
 
 
 def _chunk(call: Call, text: str, finish: str | None = None, role: bool = False) -> bytes:
@@ -89,9 +88,8 @@ def _chunk(call: Call, text: str, finish: str | None = None, role: bool = False)
     else:
         choice["text"] = text
     choice.update(logprobs=None, finish_reason=finish)
-    kind = "chat.completion.chunk" if call.chat else "text_completion"
     usage = {"usage": None} if call.include_usage else {}  # as OpenAI: null until the last
-    return _sse(_envelope(call, kind, [choice], **usage))
+    return _sse(_envelope(call, call.chunk_object, [choice], **usage))
 
 
 def _sse(data: dict[str, Any]) -> bytes:
@@ -110,8 +108,7 @@ def _chunks(call: Call, event: Event) -> list[bytes]:
     if isinstance(event, FinalEvent):
         out = [_chunk(call, event.text, event.finish_reason.value)]
         if call.include_usage:
-            kind = "chat.completion.chunk" if call.chat else "text_completion"
-            out.append(_sse(_envelope(call, kind, [], usage=_usage(event))))
+            out.append(_sse(_envelope(call, call.chunk_object, [], usage=_usage(event))))
         return out
     return []  # mode "tokens" produces no other event
 
@@ -137,17 +134,24 @@ async def _stream(call: Call, first: Event, events: AsyncIterator[Event]) -> Asy
 
 
 class _EventStream(StreamingResponse):
-    """SSE whose generator is closed when the response ends, however it ends: starlette
+    """SSE whose generators are closed when the response ends, however it ends: starlette
     leaves a generator suspended at a ``yield`` to the garbage collector when the client
-    leaves, and closing it is what stops the engine."""
+    leaves, and closing the request's events is what stops the engine. Both are closed: the
+    body never starts if the client leaves while the headers are being sent, and then
+    closing it would not reach the events (closing twice is harmless)."""
 
     media_type = "text/event-stream"
+
+    def __init__(self, body: AsyncIterator[bytes], events: AsyncIterator[Event]) -> None:
+        super().__init__(body, headers=_SSE_HEADERS)
+        self._events = events
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            await self._events.aclose()  # type: ignore[attr-defined]
 
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -216,7 +220,7 @@ async def _complete(model_name: str, request: Request, chat: bool) -> Response:
         if call.stream:
             # the first event before the 200: a refused or queued-out request gets its status
             first = await _unless_client_leaves(_first(events), request)
-            return _EventStream(_stream(call, first, events), headers=_SSE_HEADERS)
+            return _EventStream(_stream(call, first, events), events)
         text, final = await _unless_client_leaves(_collect(events), request)
         return JSONResponse(_answer(call, text, final))
     except LayerStreamError as error:

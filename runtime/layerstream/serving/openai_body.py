@@ -148,6 +148,16 @@ class Call:
     include_usage: bool
     payload: InferenceRequest
 
+    @property
+    def answer_object(self) -> str:
+        """The ``object`` of the whole answer."""
+        return "chat.completion" if self.chat else "text_completion"
+
+    @property
+    def chunk_object(self) -> str:
+        """The ``object`` of each streamed chunk (OpenAI names text chunks as answers)."""
+        return "chat.completion.chunk" if self.chat else "text_completion"
+
 
 def parse_call(body: dict[str, Any], model_name: str, chat: bool) -> Call:
     # OpenAI reads a null as an absent field

@@ -7,8 +7,8 @@ silently change the answer; so is a parameter that arrived without a value (a RE
 ``null``, or a gRPC ``double_param`` that MLServer's proto cannot read).
 
 Everything here runs on the event loop and looks at the request only: the prompt is
-tokenized, and checked against the context, on the worker thread (inference/run.py); a
-chat is rendered and tokenized off the loop before it queues (runtime.py).
+tokenized, and checked against the context, on the worker thread (inference/run.py), a
+chat too (rendered with the model's template there).
 """
 
 from __future__ import annotations

@@ -27,8 +27,8 @@ from ..engine.engine import Engine, EngineOptions
 from ..errors import ChunkIntegrityError, InvalidRequest, LayerStreamError
 from ..inference.capabilities import capabilities
 from ..inference.kv import describe, kv_bytes_per_token, request_kv_bytes, resolve_kv_budget
-from ..inference.prompts import chat_ids, prompt_byte_limit
-from ..inference.request import Request, check_context
+from ..inference.prompts import chat_overhead, prompt_byte_limit
+from ..inference.request import Request
 from ..inference.run import run
 from ..inference.types import Cancelled, Emit, Event, FinalEvent, HiddenStateEvent
 from ..stores import open_store
@@ -104,7 +104,11 @@ class LayerStreamRuntime(OpenAIRoutes, MLModel):
             settings.max_prompt_bytes,
         )
         engine = self._engine
-        self._chats = asyncio.Lock()
+        self._chat_overhead = (
+            await asyncio.to_thread(chat_overhead, engine.tokenizer)
+            if self._caps.has_chat_template
+            else 0
+        )
         self._kv_per_token = kv_bytes_per_token(
             engine.config, len(engine.prefixes), engine.manifest.dtype
         )
@@ -171,6 +175,8 @@ class LayerStreamRuntime(OpenAIRoutes, MLModel):
         if self._engine is not None:
             self._engine.close()
             self._engine = None
+        if not loaded.is_loaded(self.name, self.version):  # not a reload's old instance
+            self._metrics.forget()
         _settle_heap(release=True)
         return True
 
@@ -246,6 +252,8 @@ class LayerStreamRuntime(OpenAIRoutes, MLModel):
     ) -> InferenceResponse | None:
         encode = functools.partial(encode_event, self.name, self.version, request_id, event, wanted)
         if isinstance(event, HiddenStateEvent):
+            if wanted is not None and "hidden_state" not in wanted:
+                return None  # not asked for: nothing to encode
             # a [seq, hidden] tensor becomes a long list of floats: off the loop
             return await asyncio.to_thread(encode)
         return encode()
@@ -258,23 +266,11 @@ class LayerStreamRuntime(OpenAIRoutes, MLModel):
         request may ask for)."""
         request = record.request = self._parse(payload)
         record.outputs = requested_outputs(payload, request.mode, call)
-        if request.messages is not None:
-            await self._render_chat(request)
         async with contextlib.aclosing(self._stream(request, payload, record.arrived)) as events:
             async for event in events:
                 if isinstance(event, FinalEvent):
                     record.finished(event)
                 yield event
-
-    async def _render_chat(self, request: Request) -> None:
-        """A chat becomes ids before it queues, so that its KV cache estimate is exact. Off
-        the event loop, one chat at a time per model: what tokenizing holds is bounded by
-        one prompt's limit, however many chats arrive."""
-        assert request.messages is not None
-        async with self._chats:
-            ids = await asyncio.to_thread(chat_ids, self._engine.tokenizer, request.messages)
-        check_context(len(ids), request, self._caps)
-        request.input_ids, request.messages = ids, None
 
     def _parse(self, payload: InferenceRequest) -> Request:
         engine = self._engine
@@ -302,7 +298,7 @@ class LayerStreamRuntime(OpenAIRoutes, MLModel):
                 request.timeout_us / 1e6, "the request's timeout parameter", arrived
             )
         engine, caps = self._engine, self._caps
-        kv = request_kv_bytes(request, self._kv_per_token, caps.context_length)
+        kv = request_kv_bytes(request, self._kv_per_token, caps.context_length, self._chat_overhead)
         if kv > self._kv_budget:
             raise InvalidRequest(
                 f"this request's KV cache may reach {describe(kv, self._kv_per_token)}, more "

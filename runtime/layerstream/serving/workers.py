@@ -30,6 +30,7 @@ import sys
 from mlserver.settings import ModelSettings
 
 from ..errors import SettingsError
+from .grpc_status import MLServerIncompatible
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +67,22 @@ def _in_worker() -> bool:
 
 
 def _handed_to_workers(settings: ModelSettings) -> bool:
-    from mlserver.parallel.registry import InferencePoolRegistry
+    try:
+        from mlserver.parallel.registry import InferencePoolRegistry
 
-    initialiser = InferencePoolRegistry.model_initialiser.__code__
+        initialiser = InferencePoolRegistry.model_initialiser.__code__
+        InferencePoolRegistry._should_load_model  # noqa: B018  (what the check below calls)
+    except (ImportError, AttributeError) as exc:
+        raise MLServerIncompatible(
+            "MLServer's parallel-worker registry is not what layerstream knows "
+            f"(InferencePoolRegistry.model_initialiser, _should_load_model: {exc}); install "
+            "mlserver 1.7.x"
+        ) from exc
     frame = sys._getframe(1)
     for _ in range(_CALLER_DEPTH):
         if frame is None:
             return False
         if frame.f_code is initialiser:
-            registry = frame.f_locals["self"]
-            return bool(registry._should_load_model(settings))
+            return bool(frame.f_locals["self"]._should_load_model(settings))
         frame = frame.f_back
     return False
