@@ -19,6 +19,9 @@ from mlserver.settings import ModelParameters, ModelSettings
 from mlserver.types import InferenceRequest
 
 from layerstream.errors import ChunkIntegrityError, InvalidRequest, LayerStreamError, ServerBusy
+from layerstream.inference.request import Request
+from layerstream.inference.types import FinalEvent, FinishReason, RequestStats
+from layerstream.serving.accounting import RequestRecord
 from layerstream.serving.runtime import LayerStreamRuntime
 
 PROMPT_REQUEST = {
@@ -114,3 +117,41 @@ def test_an_error_copied_for_each_request_it_fails_reads_as_the_original(kind):
     for clone in (copy.copy(error), pickle.loads(pickle.dumps(error))):
         assert type(clone) is kind
         assert (str(clone), clone.message, clone.kind) == (str(error), error.message, error.kind)
+
+
+class _Counts:
+    """What a RequestRecord told the metrics, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def record(self, *args) -> None:
+        self.calls.append("finished")
+
+    def record_error(self, *args) -> None:
+        self.calls.append("error")
+
+    def record_cancelled(self, *args) -> None:
+        self.calls.append("cancelled")
+
+
+def test_a_request_is_counted_once_however_it_ends():
+    stats = RequestStats(*([0] * len(RequestStats.__dataclass_fields__)))
+    final = FinalEvent(FinishReason.STOP, stats)
+
+    # finished, then encoding the answer failed: counted as finished only
+    counts = _Counts()
+    record = RequestRecord("m", counts, "id")
+    record.request = Request(mode="tokens")
+    with pytest.raises(LayerStreamError), record.failures():
+        record.finished(final)
+        raise RuntimeError("the answer could not be encoded")
+    assert counts.calls == ["finished"]
+
+    # the client left mid-stream, then the generator was closed: counted as cancelled once
+    counts = _Counts()
+    record = RequestRecord("m", counts, "id")
+    for _ in range(2):
+        with pytest.raises(asyncio.CancelledError), record.failures():
+            raise asyncio.CancelledError
+    assert counts.calls == ["cancelled"]
