@@ -28,7 +28,7 @@ from typing import Any
 log = logging.getLogger("benchmarks.serving_load")
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "tests"))  # the e2e tests' server harness
-from mlserver_proc import MLServerProcess, ModelSpec, mlserver_executable  # noqa: E402
+from mlserver_proc import MLServerProcess, ModelSpec  # noqa: E402
 
 MODEL = "bench"
 READY_POLL_S = 0.05
@@ -55,37 +55,13 @@ class Server(MLServerProcess):
 
     def __init__(self, root: Path, models: list[ModelSpec], cgroup_procs: Path | None):
         super().__init__(root, models)
-        self.cgroup_procs = cgroup_procs
+        if cgroup_procs is not None:
 
-    def start(self) -> Server:
-        if self.cgroup_procs is None:
-            super().start()
-            return self
-        procs = self.cgroup_procs
+            def enter() -> None:  # in the child, before exec
+                with open(cgroup_procs, "w") as f:
+                    f.write(str(os.getpid()))
 
-        def enter() -> None:  # in the child, before exec
-            with open(procs, "w") as f:
-                f.write(str(os.getpid()))
-
-        env = dict(os.environ)  # as MLServerProcess.start
-        env.update(
-            TOKENIZERS_PARALLELISM="false",
-            PYTHONUNBUFFERED="1",
-            HF_HUB_OFFLINE="1",
-            TRANSFORMERS_OFFLINE="1",
-        )
-        with open(self.log_path, "wb") as out:
-            self.proc = subprocess.Popen(
-                [mlserver_executable(), "start", str(self.repo)],
-                cwd=self.root,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=enter,
-            )
-        return self
+            self.before_exec = enter
 
 
 def wait_verified(server: Server, timeout: float) -> None:

@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,6 +115,8 @@ class MLServerProcess:
     def __init__(self, root: Path, models: list[ModelSpec], env: dict[str, str] | None = None):
         self.root = Path(root)
         self.extra_env = dict(env or {})  # e.g. credentials, as a pod gets them
+        # run in the child before it execs mlserver (the benchmark joins a cgroup there)
+        self.before_exec: Callable[[], None] | None = None
         self.root.mkdir(parents=True, exist_ok=True)
         self.models = models
         self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
@@ -156,6 +158,7 @@ class MLServerProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=self.before_exec,
             )
         return self
 
