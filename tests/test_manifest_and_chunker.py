@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from layerstream.chunker.convert import ChunkerError, chunk_checkpoint
 from layerstream.errors import ManifestError
@@ -190,7 +191,8 @@ def test_chunker_copies_plain_blocks_without_converting(model_factory, tmp_path,
 def test_conversion_table_is_built_only_for_foreign_keys(model_factory, tmp_path, monkeypatch):
     """A checkpoint in the model's own key space is chunked without transformers' key
     conversion table (~0.4 s to build); one saved with other names (here: without the
-    base-model prefix, as a bare LlamaModel writes it) goes through it, to the same bytes."""
+    base-model prefix, as a bare LlamaModel writes it) goes through it, to the same tensors
+    (each placed as its own source file places it: see the alignment test)."""
     import safetensors.torch
     import transformers.conversion_mapping as conversion
 
@@ -216,7 +218,14 @@ def test_conversion_table_is_built_only_for_foreign_keys(model_factory, tmp_path
         index.write_text(json.dumps(data))
     again = chunk_checkpoint(foreign, tmp_path / "again", "llama", progress=False)
     assert built  # renamed through transformers' table
-    assert again.chunks == own.chunks
+    assert {n: c.tensors for n, c in again.chunks.items()} == {
+        n: c.tensors for n, c in own.chunks.items()
+    }
+    for info in own.chunks.values():
+        mine = safetensors.torch.load_file(tmp_path / "own" / info.file)
+        theirs = safetensors.torch.load_file(tmp_path / "again" / info.file)
+        mine, theirs = ({k: d[k] for k in info.tensors} for d in (mine, theirs))
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine), info.name
 
 
 def _tensor_offsets(path: Path) -> tuple[int, dict[str, tuple[str, int, int]]]:
@@ -233,20 +242,30 @@ def _tensor_offsets(path: Path) -> tuple[int, dict[str, tuple[str, int, int]]]:
 
 
 @pytest.mark.parametrize(("name", "dtype"), [("llama", None), ("gpt2", None), ("t5", "bfloat16")])
-def test_every_chunk_tensor_starts_64_byte_aligned(model_factory, name, dtype):
-    """Every tensor of every chunk sits at a multiple of 64 bytes from the file's start, and
-    the files stay plain safetensors: load_file reads the manifest's tensors (and padding)."""
+def test_every_chunk_tensor_sits_where_from_pretrained_holds_it(model_factory, name, dtype):
+    """modulo 64 bytes (CPU kernels round by it): a tensor copied from the source as it is
+    keeps its source file offset's residue, because from_pretrained keeps such a tensor as a
+    view of the mapped checkpoint; a converted one (another dtype) starts on a multiple, as
+    a fresh torch allocation does. The files stay plain safetensors: load_file reads the
+    manifest's tensors (and padding)."""
     from safetensors.torch import load_file
 
     from layerstream.format.safetensors import PADDING_PREFIX, TENSOR_ALIGNMENT
 
     model = model_factory(name, dtype=dtype)
     manifest = Manifest.from_json((model.store / "manifest.json").read_text())
+    source: dict[str, tuple[str, int, int]] = {}
+    for path in model.source.glob("*.safetensors"):
+        source.update(_tensor_offsets(path)[1])
     for info in manifest.chunks.values():
         length, tensors = _tensor_offsets(model.store / info.file)
         assert (8 + length) % TENSOR_ALIGNMENT == 0
-        for key, (_, begin, _) in tensors.items():
-            assert begin % TENSOR_ALIGNMENT == 0 or key.startswith(PADDING_PREFIX), key
+        for key, (code, begin, _) in tensors.items():
+            if key.startswith(PADDING_PREFIX):
+                continue
+            copied = key in source and source[key][0] == code
+            residue = source[key][1] % TENSOR_ALIGNMENT if copied else 0
+            assert begin % TENSOR_ALIGNMENT == residue, key
         loaded = load_file(model.store / info.file)
         assert {k for k in loaded if not k.startswith(PADDING_PREFIX)} == set(info.tensors)
 

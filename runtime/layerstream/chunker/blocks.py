@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ..engine.skeleton import block_of, get_tensor, tied_groups
+from ..format.safetensors import TENSOR_ALIGNMENT
 from ..format.writer import ChunkEntry, SourceTensor
 from .sinks import ChunkerError
 
@@ -73,6 +74,26 @@ def direct_entries(
             return None
         entries.append(ChunkEntry.of_source(key, found[0]))
     return entries
+
+
+def unconverted_residues(
+    sources: list[Routed], tensors: Mapping[str, torch.Tensor]
+) -> dict[str, int]:
+    """For each of ``tensors`` (a converted part's) that transformers only renamed, the
+    residue of its source offset: from_pretrained keeps such a tensor as a view of the
+    mapped checkpoint, so its chunk copy must sit at the same address modulo the alignment
+    (format/writer.py ``_aligned``); every other tensor is a fresh allocation."""
+    out: dict[str, int] = {}
+    for routed in sources:
+        source, tensor = routed.source, tensors.get(routed.key)
+        if (
+            routed.converter is None
+            and tensor is not None
+            and source.dtype == tensor.dtype
+            and source.shape == tuple(tensor.shape)
+        ):
+            out[routed.key] = source.offset % TENSOR_ALIGNMENT
+    return out
 
 
 class CrossTies:

@@ -235,7 +235,8 @@ def _write_chunks(
                     LoadStateDictConfig(weight_mapping=conversion.mapping),
                 )
                 tensors = collect(model, keys, routes.tied, cross, target, part)
-                entries = [ChunkEntry.of_tensor(k, v) for k, v in tensors.items()]
+                kept = blocks.unconverted_residues(routes.sources.get(part, []), tensors)
+                entries = [ChunkEntry.of_tensor(k, v, kept.get(k, 0)) for k, v in tensors.items()]
                 del tensors
             log.debug("%s: %s", name, "converted" if converted else "copied from the source")
             written = writer.submit(name, entries, "rest" if part is None else prefixes[part])

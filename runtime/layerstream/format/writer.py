@@ -73,33 +73,37 @@ class ChunkEntry:
     shape: tuple[int, ...]
     nbytes: int
     source: SourceTensor | torch.Tensor
+    residue: int = 0  # where it starts, modulo TENSOR_ALIGNMENT (see ``_aligned``)
 
     @classmethod
-    def of_tensor(cls, key: str, tensor: torch.Tensor) -> ChunkEntry:
+    def of_tensor(cls, key: str, tensor: torch.Tensor, residue: int = 0) -> ChunkEntry:
         tensor = tensor.detach().contiguous()
         shape = tuple(tensor.shape)
-        return cls(key, tensor.dtype, shape, tensor.numel() * tensor.itemsize, tensor)
+        return cls(key, tensor.dtype, shape, tensor.numel() * tensor.itemsize, tensor, residue)
 
     @classmethod
     def of_source(cls, key: str, source: SourceTensor) -> ChunkEntry:
         if source.dtype is None:
             raise ValueError(f"tensor {source.key} of {source.path}: a dtype chunks cannot hold")
-        return cls(key, source.dtype, source.shape, source.nbytes, source)
+        residue = source.offset % TENSOR_ALIGNMENT
+        return cls(key, source.dtype, source.shape, source.nbytes, source, residue)
 
 
 def _aligned(entries: list[ChunkEntry]) -> list[ChunkEntry]:
     """``entries`` with a zero-filled U8 padding entry before every tensor that would not
-    start on a multiple of TENSOR_ALIGNMENT from the start of the data. The header is
-    padded to that multiple too (see ``_header``), so every tensor sits 64-byte aligned in
-    the file, hence in a mapping or a fresh buffer of it, like a fresh torch allocation (a
-    from_pretrained model's): a CPU kernel that handles unaligned rows apart may round
-    otherwise (reported on one machine; docs/exactness.md says what was measured where).
-    safetensors allows no gaps between tensors, so the gaps are tensors of their own, which
-    layerstream's reader skips."""
+    start where a from_pretrained model holds it, modulo TENSOR_ALIGNMENT: a CPU kernel
+    that handles unaligned rows apart rounds differently (AVX-512 MKL does, on a GEMV; see
+    docs/exactness.md). from_pretrained keeps a tensor it needs to change in no way as a
+    view of the mapped checkpoint, at its file offset; any other tensor is a fresh torch
+    allocation, 64-byte aligned. So a tensor copied from the source keeps its source
+    offset's residue, and a converted one starts on a multiple. The header is padded to
+    that multiple too (see ``_header``), so file offsets are addresses modulo 64 in a
+    mapping or a fresh buffer. safetensors allows no gaps between tensors, so the gaps are
+    tensors of their own, which layerstream's reader skips."""
     out: list[ChunkEntry] = []
     offset = 0
     for e in entries:
-        gap = -offset % TENSOR_ALIGNMENT
+        gap = (e.residue - offset) % TENSOR_ALIGNMENT
         if gap:
             key = f"{PADDING_PREFIX}{len(out)}"
             zeros = torch.zeros(gap, dtype=torch.uint8)
