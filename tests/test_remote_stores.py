@@ -456,3 +456,57 @@ def test_cli_chunks_to_s3_and_points_the_model_repo_at_it(s3, s3_env, llama, tmp
     }
     keys = {o["Key"] for o in s3.client().list_objects_v2(Bucket="models")["Contents"]}
     assert "cli-llama/manifest.json" in keys and "cli-llama/block_0000.safetensors" in keys
+
+
+# -- ranged reads (expert streaming) ---------------------------------------------------------
+
+
+def _ranged_stores(kind: str, llama, s3, s3_model, tmp_path):
+    if kind == "local":
+        return open_store(str(llama.store)), None
+    if kind == "http":
+        server = StaticServer(llama.store).start()
+        return HTTPStore(server.url, StoreOptions(**FAST)), server
+    if kind == "s3":
+        return S3Store(s3_model, StoreOptions(endpoint_url=s3.endpoint, **FAST)), None
+    server = StaticServer(llama.store).start()  # the disk cache in front of HTTP
+    options = StoreOptions(**FAST, cache_dir=str(tmp_path / "cache"), cache_bytes=1 << 30)
+    return open_store(server.url, options=options), server
+
+
+@pytest.mark.parametrize("kind", ["local", "http", "s3", "cached-http"])
+def test_read_ranges_fills_exactly_the_ranges_asked(kind, llama, s3, s3_env, s3_model, tmp_path):
+    """Each range lands at its file offset in a file-sized buffer; every other byte stays
+    as it was; parts larger than part_bytes arrive whole; a wrong size is an error."""
+    store, server = _ranged_stores(kind, llama, s3, s3_model, tmp_path)
+    try:
+        name = "block_0001.safetensors"
+        data = (llama.store / name).read_bytes()
+        size = len(data)
+        ranges = [(8, 100), (1000, FAST["part_bytes"] * 2 + 3), (size - 17, 17)]
+        buffer = bytearray(b"\xee" * size)
+        got = store.read_ranges(name, memoryview(buffer), ranges, size)
+        assert got.size == sum(n for _, n in ranges)
+        expected = bytearray(b"\xee" * size)
+        for offset, length in ranges:
+            expected[offset : offset + length] = data[offset : offset + length]
+        assert buffer == expected
+        with pytest.raises((ChunkStoreError, ChunkIntegrityError), match="bytes"):
+            store.read_ranges(name, memoryview(bytearray(size + 5)), [(0, 8)], size + 5)
+    finally:
+        store.close()
+        if server is not None:
+            server.stop()
+
+
+def test_a_server_that_ignores_ranges_is_named_at_once_for_a_ranged_read(llama):
+    server = StaticServer(llama.store, ranges=False).start()
+    store = HTTPStore(server.url, StoreOptions(**FAST))
+    try:
+        name = "block_0001.safetensors"
+        size = (llama.store / name).stat().st_size
+        with pytest.raises(ChunkStoreError, match="ignores byte ranges"):
+            store.read_ranges(name, memoryview(bytearray(size)), [(64, 64)], size)
+    finally:
+        store.close()
+        server.stop()

@@ -74,6 +74,16 @@ class ChunkStore(Protocol):
         """
         ...
 
+    def read_ranges(
+        self, name: str, buffer: memoryview, ranges: list[tuple[int, int]], size: int
+    ) -> ReadResult:
+        """Fill ``buffer[offset : offset + length]`` with those bytes of ``name`` for each
+        (offset, length) of ``ranges`` (sorted, not touching); ``buffer`` is laid out like
+        the file, whose size the manifest gives as ``size``. Returns the bytes read and the
+        version; remote stores fetch the ranges in parallel. A file whose size is not
+        ``size`` is an error."""
+        ...
+
     def read_head(self, name: str, length: int) -> tuple[bytes, int | None]:
         """The first ``length`` bytes of ``name`` (all of it when shorter) and its size in
         bytes, or None when the store cannot tell it without sending the whole file (an

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import ssl
 from collections.abc import Iterator
+from functools import partial
 from urllib.parse import quote, urlsplit
 
 import httpx
@@ -69,13 +70,20 @@ class HTTPStore:
 
     # -- one request ---------------------------------------------------------------------
     def _get(
-        self, name: str, view: memoryview | None, headers: dict[str, str]
+        self, name: str, view: memoryview | None, headers: dict[str, str], part: bool = False
     ) -> tuple[httpx.Response, bytes | int]:
         """One GET: the body into ``view`` (returns bytes filled) or as bytes. Transient
-        failures raise Transient, the rest a ChunkStoreError naming the URL."""
+        failures raise Transient, the rest a ChunkStoreError naming the URL. ``part``: a
+        ranged GET that only a 206 answers."""
         url = self._url(name)
         with _transport_errors(url), self._client.stream("GET", url, headers=headers) as response:
             self._check_status(response, url)
+            if part and response.status_code == 200:
+                raise Permanent(
+                    f"{url} ignores byte ranges (HTTP 200 to a Range request); reading part "
+                    "of a chunk (expert streaming) needs a server that honours them: set "
+                    "expert_streaming=off, or serve the store from one that does"
+                )
             if view is None:
                 body = response.read()
                 _check_length(response, len(body), url)
@@ -152,24 +160,35 @@ class HTTPStore:
             _, _, total = parse_content_range(response.headers.get("content-range"), url)
             return filled, total, _version(response)
 
-        def part(offset: int, view: memoryview, version: str | None) -> int:
-            headers = {"Range": f"bytes={offset}-{offset + len(view) - 1}"}
-            if version and version.startswith('"'):
-                headers["If-Match"] = version  # a strong ETag: refuse a changed file
-            response, filled = self._get(name, view, headers)
-            if response.status_code != 206:
-                raise Transient(f"asked for bytes {offset}- and got HTTP {response.status_code}")
-            total = parse_content_range(response.headers.get("content-range"), url)[2]
-            if filled != len(view) and total >= offset + len(view):
-                raise Transient(f"asked for {len(view)} bytes at {offset}, got {filled}")
-            return total  # a file shorter than the manifest says: the caller reports it
-
         # All parts at once needs a known size and a server known to honour ranges (learned
         # from the first read). The ETag is not returned as the version, which would let the
         # streamer skip hashing: bytes that crossed a network are checked on every read.
         expected = size if self._ranges else None
-        got, _ = self._ranged.read(url, buffer, first, part, expected)
+        got, _ = self._ranged.read(url, buffer, first, partial(self._part, name), expected)
         return ReadResult(got, None)
+
+    def read_ranges(
+        self, name: str, buffer: memoryview, ranges: list[tuple[int, int]], size: int
+    ) -> ReadResult:
+        got = self._ranged.read_ranges(
+            self._url(name), buffer, partial(self._part, name), ranges, size
+        )
+        return ReadResult(got, None)  # hashed on every read, as whole chunks are
+
+    def _part(self, name: str, offset: int, view: memoryview, version: str | None) -> int:
+        """Fill ``view`` exactly from ``offset``; returns the file size the server reported
+        (a file shorter than the manifest says: the caller reports it)."""
+        url = self._url(name)
+        headers = {"Range": f"bytes={offset}-{offset + len(view) - 1}"}
+        if version and version.startswith('"'):
+            headers["If-Match"] = version  # a strong ETag: refuse a changed file
+        response, filled = self._get(name, view, headers, part=True)
+        if response.status_code != 206:
+            raise Transient(f"asked for bytes {offset}- and got HTTP {response.status_code}")
+        total = parse_content_range(response.headers.get("content-range"), url)[2]
+        if filled != len(view) and total >= offset + len(view):
+            raise Transient(f"asked for {len(view)} bytes at {offset}, got {filled}")
+        return total
 
     def read_head(self, name: str, length: int) -> tuple[bytes, int | None]:
         url = self._url(name)

@@ -128,6 +128,33 @@ class LocalStore:
         finally:
             os.close(fd)
 
+    def read_ranges(
+        self, name: str, buffer: memoryview, ranges: list[tuple[int, int]], size: int
+    ) -> ReadResult:
+        path = self._path(name)
+        fd = self._open(name)
+        try:
+            before = os.fstat(fd)
+            if before.st_size != size:
+                raise ChunkIntegrityError(
+                    f"chunk file {path} has {before.st_size} bytes, the manifest says {size}; "
+                    "the store was modified: re-run the chunker"
+                )
+            got = 0
+            for offset, length in ranges:
+                if offset + length > min(size, len(buffer)):
+                    raise ChunkStoreError(f"{path}: a range ends past the chunk's {size} bytes")
+                n = read_fully(fd, buffer[offset : offset + length], offset)
+                if n < length:
+                    raise ChunkStoreError(f"chunk file {path} ended before byte {offset + length}")
+                got += n
+            after = os.fstat(fd)
+            return ReadResult(got, _version(before) if _same(before, after) else None)
+        except OSError as exc:
+            raise ChunkStoreError(f"cannot read chunk file {path}: {exc.strerror or exc}") from exc
+        finally:
+            os.close(fd)
+
     def map(self, name: str) -> LocalMapping:
         """Map ``name`` read-only with its pages populated now (by the calling I/O thread), so
         compute never page-faults on it. Chunk files are immutable while served (the chunker

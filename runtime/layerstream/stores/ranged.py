@@ -143,15 +143,8 @@ class RangedReader:
                 self.options.part_bytes,
                 max(MIN_PART, -(-expected // self.options.max_concurrency)),
             )
-            totals = self._parts(
-                what, buffer, part, range(0, expected, step), step, expected, None, until
-            )
-            wrong = {t for t in totals if t != expected}
-            if wrong:
-                raise ChunkStoreError(
-                    f"{what} has {wrong.pop()} bytes, the manifest says {expected}; the store "
-                    "was modified after chunking: re-run the chunker"
-                )
+            pieces = [(o, min(step, expected - o)) for o in range(0, expected, step)]
+            _check_totals(what, self._parts(what, buffer, part, pieces, None, until), expected)
             return expected, None
         length = min(len(buffer), self.options.part_bytes)
         filled, size, version = self.policy.run(lambda: first(buffer, length), what, until=until)
@@ -161,7 +154,8 @@ class RangedReader:
                 "the store was modified after chunking: re-run the chunker"
             )
         step = self.options.part_bytes
-        self._parts(what, buffer, part, range(filled, size, step), step, size, version, until)
+        pieces = [(o, min(step, size - o)) for o in range(filled, size, step)]
+        self._parts(what, buffer, part, pieces, version, until)
         return size, version
 
     def _parts(
@@ -169,20 +163,19 @@ class RangedReader:
         what: str,
         buffer: memoryview,
         part: Callable[[int, memoryview, str | None], int],
-        offsets: range,
-        step: int,
-        size: int,
+        pieces: list[tuple[int, int]],
         version: str | None,
         until: float,
     ) -> list[int]:
+        """Fetch every (offset, length) piece into ``buffer`` at its offset, in parallel."""
         futures = [
             self._pool.submit(
                 self.policy.run,
-                lambda o=o: part(o, buffer[o : min(o + step, size)], version),
-                f"{what} [bytes {o}-{min(o + step, size) - 1}]",
+                lambda o=o, n=n: part(o, buffer[o : o + n], version),
+                f"{what} [bytes {o}-{o + n - 1}]",
                 until=until,
             )
-            for o in offsets
+            for o, n in pieces
         ]
         try:
             return [future.result() for future in futures]
@@ -194,5 +187,38 @@ class RangedReader:
             wait(futures)
             raise
 
+    def read_ranges(
+        self,
+        what: str,
+        buffer: memoryview,
+        part: Callable[[int, memoryview, str | None], int],
+        ranges: list[tuple[int, int]],
+        size: int,
+    ) -> int:
+        """Fetch ``ranges`` (file offsets, coalesced by the caller) of a file the manifest
+        says has ``size`` bytes into ``buffer`` at their offsets, each split into parts of
+        at most ``part_bytes``; returns the bytes fetched."""
+        until = time.monotonic() + self.options.deadline_s
+        step = self.options.part_bytes
+        pieces = [
+            (o, min(step, offset + length - o))
+            for offset, length in ranges
+            for o in range(offset, offset + length, step)
+        ]
+        if pieces and max(o + n for o, n in pieces) > min(size, len(buffer)):
+            raise ChunkStoreError(f"{what}: a range ends past the chunk's {size} bytes")
+        _check_totals(what, self._parts(what, buffer, part, pieces, None, until), size)
+        return sum(n for _, n in pieces)
+
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _check_totals(what: str, totals: list[int], size: int) -> None:
+    """Every part's server must report the size the manifest gives the file."""
+    wrong = {t for t in totals if t != size}
+    if wrong:
+        raise ChunkStoreError(
+            f"{what} has {wrong.pop()} bytes, the manifest says {size}; the store was "
+            "modified after chunking: re-run the chunker"
+        )

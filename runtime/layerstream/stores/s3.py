@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -226,20 +227,30 @@ class S3Store:
                 raise Transient(f"body cut short ({filled} bytes)")
             return filled, total, response.get("ETag")
 
-        def part(offset: int, view: memoryview, version: str | None) -> int:
-            extra = {"IfMatch": version} if version else {}
-            rng = f"bytes={offset}-{offset + len(view) - 1}"
-            response, filled = self._get(name, view, Range=rng, **extra)
-            total = parse_content_range(response.get("ContentRange"), where)[2]
-            if filled != len(view) and total >= offset + len(view):
-                raise Transient(f"asked for {len(view)} bytes at {offset}, got {filled}")
-            return total  # an object shorter than the manifest says: the caller reports it
-
         # The ETag kept the parts consistent (If-Match); it is not returned as the version,
         # which would let the streamer skip hashing: bytes that crossed a network are
         # checked on every read.
-        got, _ = self._ranged.read(where, buffer, first, part, size)
+        got, _ = self._ranged.read(where, buffer, first, partial(self._part, name), size)
         return ReadResult(got, None)
+
+    def read_ranges(
+        self, name: str, buffer: memoryview, ranges: list[tuple[int, int]], size: int
+    ) -> ReadResult:
+        got = self._ranged.read_ranges(
+            self._where(name), buffer, partial(self._part, name), ranges, size
+        )
+        return ReadResult(got, None)  # hashed on every read, as whole chunks are
+
+    def _part(self, name: str, offset: int, view: memoryview, version: str | None) -> int:
+        """Fill ``view`` exactly from ``offset``; returns the object size S3 reported (an
+        object shorter than the manifest says: the caller reports it)."""
+        extra = {"IfMatch": version} if version else {}
+        rng = f"bytes={offset}-{offset + len(view) - 1}"
+        response, filled = self._get(name, view, Range=rng, **extra)
+        total = parse_content_range(response.get("ContentRange"), self._where(name))[2]
+        if filled != len(view) and total >= offset + len(view):
+            raise Transient(f"asked for {len(view)} bytes at {offset}, got {filled}")
+        return total
 
     def read_head(self, name: str, length: int) -> tuple[bytes, int | None]:
         where = self._where(name)
