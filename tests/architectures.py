@@ -1,4 +1,4 @@
-"""Small configs for 41 architectures transformers builds from a config, plus ALBERT with
+"""Small configs for 45 architectures transformers builds from a config, plus ALBERT with
 two layer groups: the architecture sweep test (test_architectures.py) and the exactness
 sweep benchmark (benchmarks/exactness_sweep.py) both use them.
 
@@ -131,6 +131,37 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     "qwen3": _arch("qwen3", "Qwen3ForCausalLM", **_DECODER, head_dim=16),
     "qwen3_moe": _arch(
         "qwen3_moe", "Qwen3MoeForCausalLM", **_DECODER, **_MOE, head_dim=16, num_experts=4
+    ),
+    # mixture-of-experts releases' layouts at 8 experts, top-2 (expert streaming reads a
+    # token's 2 of 8; test_experts.py)
+    "gpt_oss": _arch(
+        "gpt_oss",
+        "GptOssForCausalLM",
+        **{**_DECODER, "intermediate_size": 64},
+        head_dim=16,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+    ),
+    "olmoe": _arch(
+        "olmoe",
+        "OlmoeForCausalLM",
+        **{**_DECODER, "intermediate_size": 64},
+        num_experts=8,
+        num_experts_per_tok=2,
+    ),
+    "granitemoe": _arch(
+        "granitemoe",
+        "GraniteMoeForCausalLM",
+        **{**_DECODER, "intermediate_size": 64},
+        num_local_experts=8,
+        num_experts_per_tok=2,
+    ),
+    "phimoe": _arch(
+        "phimoe",
+        "PhimoeForCausalLM",
+        **{**_DECODER, "intermediate_size": 64},
+        num_local_experts=8,
+        num_experts_per_tok=2,
     ),
     "gemma": _arch("gemma", "GemmaForCausalLM", **_DECODER, head_dim=16),
     "gemma2": _arch("gemma2", "Gemma2ForCausalLM", **_DECODER, head_dim=16),

@@ -44,6 +44,9 @@ STATS = (
     "cache_misses",
     "sweeps",
     "sweep_sequences",
+    "experts_routed",
+    "experts_read",
+    "expert_bytes",
 )
 NUM_BLOCKS = 12  # every fixture model in conftest has 12 blocks
 TRANSPORTS = ("sse", "grpc")

@@ -23,6 +23,8 @@ PRESET_NAMES = (
     "llama-300m",
     "llama-1b",
     "llama-4b",
+    "qwen3-moe-2b",
+    "mixtral-1b",
     "llama-demo",
 )
 

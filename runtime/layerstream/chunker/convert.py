@@ -25,6 +25,7 @@ from tqdm import tqdm
 from transformers import AutoConfig
 from transformers.utils import logging as hf_logging
 
+from ..engine.experts import ExpertsModule, find_experts
 from ..engine.skeleton import (
     TORCH_DTYPES,
     block_of,
@@ -219,6 +220,10 @@ def _write_chunks(
 
     meta = routes.meta
     cross = CrossTies(routes.tied, prefixes)
+    by_block: dict[Part, list[ExpertsModule]] = collections.defaultdict(list)
+    for module in find_experts(model):
+        by_block[block_of(module.tensors[0], prefixes)].append(module)
+    by_block.pop(None, None)  # experts outside the blocks are never streamed
     writer = ChunkWriter(sink)
     try:
         for part in parts:
@@ -239,7 +244,8 @@ def _write_chunks(
                 entries = [ChunkEntry.of_tensor(k, v, kept.get(k, 0)) for k, v in tensors.items()]
                 del tensors
             log.debug("%s: %s", name, "converted" if converted else "copied from the source")
-            written = writer.submit(name, entries, "rest" if part is None else prefixes[part])
+            label = "rest" if part is None else prefixes[part]
+            written = writer.submit(name, entries, label, by_block.get(part))
             if converted:
                 written.result()  # its tensors live in the model until written
             if part is not None:  # back to meta: one block in memory at a time

@@ -17,7 +17,7 @@ import torch
 import transformers
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerFast
 
-from ..engine.skeleton import context_length
+from ..engine.skeleton import TORCH_DTYPES, context_length
 from .sizing import config_from_json
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,40 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
             tie_word_embeddings=False,
         ),
     ),
+    # mixture-of-experts shapes of current releases, a few GB in bfloat16: the expert
+    # streaming benchmark's models (Qwen3-MoE: 64 experts, top-8; Mixtral: 8, top-2)
+    "qwen3-moe-2b": (
+        "qwen3_moe",
+        dict(
+            hidden_size=1024,
+            intermediate_size=2048,
+            moe_intermediate_size=256,
+            num_experts=64,
+            num_experts_per_tok=8,
+            num_hidden_layers=16,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+            head_dim=64,
+            vocab_size=4096,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "mixtral-1b": (
+        "mixtral",
+        dict(
+            hidden_size=1024,
+            intermediate_size=1536,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            num_hidden_layers=16,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+            vocab_size=4096,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+        ),
+    ),
     "llama-demo": (
         "llama",
         dict(
@@ -125,6 +159,8 @@ _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "mistral": "MistralForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
     "bert": "BertModel",
 }
 
@@ -206,9 +242,10 @@ def _is_causal(config: PretrainedConfig) -> bool:
 
 
 def write_random_checkpoint(
-    spec: str, dest: Path, seed: int = 0, weight_scale: float = 1.0
+    spec: str, dest: Path, seed: int = 0, weight_scale: float = 1.0, dtype: str | None = None
 ) -> Path:
     """Save a random-init model + tokenizer with ``save_pretrained``; return ``dest``.
+    ``dtype`` ("bfloat16", ...): saved in that dtype, as released checkpoints are.
 
     ``weight_scale`` multiplies every weight matrix (parameters named ``*weight`` with two
     or more dimensions; norms, biases and state-space constants keep their init): at
@@ -232,6 +269,9 @@ def write_random_checkpoint(
             for name, param in model.named_parameters():  # a tied weight is listed once
                 if name.endswith("weight") and param.ndim >= 2:
                     param.mul_(weight_scale)
+    if dtype is not None:
+        model = model.to(TORCH_DTYPES[dtype])
+        model.config.dtype = TORCH_DTYPES[dtype]
     log.info(
         "random-init %s: %.1fM parameters", spec, sum(p.numel() for p in model.parameters()) / 1e6
     )

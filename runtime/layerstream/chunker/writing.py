@@ -4,8 +4,14 @@ manifest."""
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
-from ..format.manifest import ChunkInfo
+import torch
+
+from ..engine.experts import ExpertsModule
+from ..format.manifest import ChunkExperts, ChunkInfo, ExpertGroup
+from ..format.parts import chunk_parts, sha256_of_ranges
+from ..format.safetensors import parse_layout
 from ..format.writer import ChunkEntry, write_chunk
 from .sinks import Sink
 
@@ -22,27 +28,38 @@ class ChunkWriter:
         self._pool = ThreadPoolExecutor(self.WORKERS, thread_name_prefix="layerstream-chunk")
         self._pending: dict[str, Future[ChunkInfo]] = {}
 
-    def submit(self, name: str, entries: list[ChunkEntry], label: str) -> Future[ChunkInfo]:
-        """Queue one chunk (``label``: its block's prefix, or "rest"); returns once at most
-        WORKERS chunks are still being written (so progress shows written chunks, and a
-        failure stops the chunker early)."""
-        future = self._pool.submit(self._write, name, entries, label)
+    def submit(
+        self,
+        name: str,
+        entries: list[ChunkEntry],
+        label: str,
+        experts: list[ExpertsModule] | None = None,
+    ) -> Future[ChunkInfo]:
+        """Queue one chunk (``label``: its block's prefix, or "rest"; ``experts``: the block's
+        experts modules); returns once at most WORKERS chunks are still being written (so
+        progress shows written chunks, and a failure stops the chunker early)."""
+        future = self._pool.submit(self._write, name, entries, label, experts or [])
         self._pending[name] = future
         running = [f for f in self._pending.values() if not f.done()]
         if len(running) > self.WORKERS:
             running[0].result()
         return future
 
-    def _write(self, name: str, entries: list[ChunkEntry], label: str) -> ChunkInfo:
+    def _write(
+        self, name: str, entries: list[ChunkEntry], label: str, experts: list[ExpertsModule]
+    ) -> ChunkInfo:
         file = f"{name}.safetensors"
         # "scope" is the metadata key every chunk written so far carries: renaming it would
         # change the bytes (and sha256) of chunks of unchanged checkpoints.
         metadata = {"scope": label, "format": "pt"}
         size, sha256 = write_chunk(self.sink.staging / file, entries, metadata)
-        self.sink.file_done(file)
-        return ChunkInfo(
+        info = ChunkInfo(
             name=name, file=file, bytes=size, sha256=sha256, tensors=sorted(e.key for e in entries)
         )
+        if experts:
+            info = with_expert_digests(info, self.sink.staging / file, experts)
+        self.sink.file_done(file)
+        return info
 
     def finish(self) -> dict[str, ChunkInfo]:
         """Every chunk's info, in submission order; the first failure is raised."""
@@ -53,3 +70,17 @@ class ChunkWriter:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def with_expert_digests(info: ChunkInfo, path: Path, experts: list[ExpertsModule]) -> ChunkInfo:
+    """``info`` with its experts' parts and their digests, from the written file."""
+    groups = [ExpertGroup(m.name, m.count, sorted(m.tensors), []) for m in experts]
+    draft = ChunkInfo(**{**vars(info), "experts": ChunkExperts("", groups)})
+    data = torch.from_file(str(path), size=info.bytes, dtype=torch.uint8)
+    parts = chunk_parts(draft, parse_layout(draft, data))
+    digests = [[sha256_of_ranges(data, ranges) for ranges in group] for group in parts.experts]
+    groups = [
+        ExpertGroup(g.module, g.count, g.tensors, d) for g, d in zip(groups, digests, strict=True)
+    ]
+    base = sha256_of_ranges(data, parts.base)
+    return ChunkInfo(**{**vars(info), "experts": ChunkExperts(base, groups)})

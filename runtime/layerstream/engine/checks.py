@@ -20,6 +20,7 @@ import torch
 
 from ..errors import ChunkIntegrityError
 from ..format.manifest import ChunkInfo
+from ..format.parts import Range, span, verify_part
 from ..format.safetensors import (
     ChunkSpec,
     TensorEntry,
@@ -157,6 +158,33 @@ class ChunkChecks:
             self.stats.bytes_read += data.numel()
             self.stats.chunks_read += 1
             self.stats.read_s += read_done - start
+
+    def check_parts(
+        self,
+        info: ChunkInfo,
+        data: torch.Tensor,
+        version: str | None,
+        start: float,
+        parts: list[tuple[str, list[Range], str]],
+        experts: int = 0,
+    ) -> None:
+        """Count a ranged read of ``info`` into ``data`` (laid out like the file) and check
+        each (name, ranges, sha256) part it read, unless this version of the whole chunk
+        passed its check before. ``experts``: how many of the parts are experts (else the
+        read is the chunk's base)."""
+        read_done = time.perf_counter()
+        if self._must_verify(info, version):
+            for what, ranges, digest in parts:
+                verify_part(info, what, data, ranges, digest)
+        got = sum(span(ranges) for _, ranges, _ in parts)
+        with self._lock:
+            self.stats.bytes_read += got
+            self.stats.read_s += read_done - start
+            if experts:
+                self.stats.experts_read += experts
+                self.stats.expert_bytes += got
+            else:
+                self.stats.chunks_read += 1
 
     def _must_verify(self, info: ChunkInfo, version: str | None) -> bool:
         if self.mode is VerifyMode.OFF:

@@ -22,13 +22,16 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel
 
-from ..errors import ChunkIntegrityError, ManifestError
+from ..errors import ChunkIntegrityError, ManifestError, SettingsError
 from ..format.manifest import MANIFEST_NAME, ChunkInfo, Manifest
-from ..format.safetensors import ChunkSpec
+from ..format.parts import ChunkParts, chunk_parts
+from ..format.safetensors import ChunkSpec, TensorEntry
 from ..stores import CachingStore, ChunkStore, MappableStore
 from ..units import format_size
 from . import tuning
 from .checks import ChunkChecks, VerifyMode
+from .expert_reader import ExpertReader
+from .experts import ExpertsModule, find_experts
 from .hooks import BlockBinding, BlockHook, ResidentBlockHook, StreamedBlockHook
 from .integrity import (
     BackgroundVerifier,
@@ -65,6 +68,15 @@ class EngineOptions:
     verify_in_background: bool = True  # hash streamed local chunks after load (integrity.py)
     reader: str = "auto"  # see readers.pick_reader
     compute_slots: int | str = "auto"  # requests computing at once; see tuning.compute_slots
+    expert_streaming: str = "auto"  # see EXPERT_STREAMING
+    # fill expert slices that were not read with NaN (tests: proves an unread one is unused)
+    poison_unread_experts: bool = False
+
+
+# "auto": a mixture-of-experts block streams its base and then only its routed experts when
+# the store lists its experts (chunked by a layerstream that knows them), else whole; "on":
+# the same, and a store that cannot is an error; "off": every block streams whole.
+EXPERT_STREAMING = ("auto", "on", "off")
 
 
 @dataclass
@@ -84,6 +96,7 @@ class RequestContext:
         stats.resident_runs = rider.resident_runs
         stats.streamed_runs = rider.streamed_runs
         stats.wait_s = rider.wait_s
+        stats.experts_routed = rider.experts_routed
         return stats
 
 
@@ -101,6 +114,7 @@ class Engine:
             self._read_manifest_and_side_files()
             self._build_skeleton()
             self._plan()
+            self._check_streamed_heads()
             self.streamer = self._start_streamer()
             stack.callback(self.streamer.close)
             slots = ComputeSlots(tuning.compute_slots(options.compute_slots))
@@ -140,6 +154,7 @@ class Engine:
         self.specs: dict[str, ChunkSpec] = chunk_specs(
             self.model, self.manifest, self.prefixes, self.bindings
         )
+        self.experts = {m.name: m for m in find_experts(self.model)}
 
     def _plan(self) -> None:
         options = self.options
@@ -156,6 +171,56 @@ class Engine:
             else None
         )
 
+    def _check_streamed_heads(self) -> None:
+        """Check every streamed chunk's head; learn where the experts of each lie."""
+        layouts = check_chunk_heads(
+            self.store, self._streamed_chunks(), self.specs, max(self.io_threads, 4)
+        )
+        self.parts: dict[str, ChunkParts] = self._expert_parts(layouts)
+
+    def _expert_parts(self, layouts: dict[str, list[TensorEntry]]) -> dict[str, ChunkParts]:
+        mode = self.options.expert_streaming
+        if mode not in EXPERT_STREAMING:
+            raise SettingsError(
+                f"expert_streaming must be one of {', '.join(EXPERT_STREAMING)}, not {mode!r}"
+            )
+        listed = [name for name in layouts if self.manifest.chunks[name].experts is not None]
+        if mode == "on" and not listed:
+            why = (
+                "has no experts modules"
+                if not self.experts
+                else "was chunked without its experts' byte ranges: re-run the chunker"
+            )
+            raise SettingsError(
+                f"expert_streaming=on, but {self.manifest.name} ({self.manifest.architecture}) "
+                f"{why}{'' if self.plan.streamed else ' (and no block streams at this budget)'}"
+            )
+        if mode == "off" or not listed:
+            if self.experts and layouts and not self.manifest.has_experts:
+                log.info(
+                    "%s was chunked without its experts' byte ranges: its blocks stream whole; "
+                    "re-run the chunker to stream only the routed experts",
+                    self.manifest.name,
+                )
+            return {}
+        return {name: self._chunk_parts(name, layouts[name]) for name in listed}
+
+    def _chunk_parts(self, name: str, layout: list[TensorEntry]) -> ChunkParts:
+        info = self.manifest.chunks[name]
+        assert info.experts is not None
+        for group in info.experts.groups:
+            module = self.experts.get(group.module)
+            if module is None or (module.count, sorted(module.tensors)) != (
+                group.count,
+                sorted(group.tensors),
+            ):
+                raise ManifestError(
+                    f"chunk {name} lists experts of {group.module} ({group.count} experts in "
+                    f"{group.tensors}), which the model built from config.json does not have "
+                    "as such; the chunks do not belong to this config: re-run the chunker"
+                )
+        return chunk_parts(info, layout)
+
     def _start_streamer(self) -> WeightStreamer:
         checks = ChunkChecks(
             self.store, VerifyMode.parse(self.options.verify_checksums), self.specs
@@ -163,7 +228,21 @@ class Engine:
         kind = pick_reader(self.options.reader, self.store, checks.mode)
         plan = self.plan
         reader: BlockReader
-        if kind is ReaderKind.MMAP and isinstance(self.store, MappableStore):
+        if self.parts:
+            if self.options.reader == ReaderKind.MMAP:
+                raise SettingsError(
+                    "reader=mmap maps whole chunks, but expert streaming reads the routed "
+                    "experts' byte ranges: set reader to auto or read, or expert_streaming=off"
+                )
+            reader = ExpertReader(
+                self.store,
+                checks,
+                plan.pool_buffers,
+                plan.buffer_bytes,
+                self.parts,
+                self.options.poison_unread_experts,
+            )
+        elif kind is ReaderKind.MMAP and isinstance(self.store, MappableStore):
             reader = MappedReader(self.store, checks, plan.pool_buffers, self._evict)
         else:
             reader = PooledReader(self.store, checks, plan.pool_buffers, plan.buffer_bytes)
@@ -173,8 +252,7 @@ class Engine:
         return [self.manifest.chunks[self.manifest.blocks[j].chunk] for j in self.plan.streamed]
 
     def _load_weights(self) -> None:
-        """Check every streamed chunk's head, then load the rest and the pinned blocks."""
-        check_chunk_heads(self.store, self._streamed_chunks(), self.specs, max(self.io_threads, 4))
+        """Load the rest and the pinned blocks."""
         self._load_rest()
         for j in sorted(self.plan.resident):
             chunk = self.manifest.blocks[j].chunk
@@ -214,12 +292,21 @@ class Engine:
     def _install_hooks(self) -> list[BlockHook]:
         hooks: list[BlockHook] = []
         for j, binding in enumerate(self.bindings):
-            kind = ResidentBlockHook if j in self.plan.resident else StreamedBlockHook
-            hook = kind(j, binding, self.sweeps)
+            hook: BlockHook
+            if j in self.plan.resident:
+                hook = ResidentBlockHook(j, binding, self.sweeps)
+            else:
+                hook = StreamedBlockHook(j, binding, self.sweeps, self._block_experts(j))
             hook.attach()
             hooks.append(hook)
         self.sweeps.hooks = [h if isinstance(h, StreamedBlockHook) else None for h in hooks]
         return hooks
+
+    def _block_experts(self, j: int) -> list[tuple[int, ExpertsModule]]:
+        parts = self.parts.get(self.manifest.blocks[j].chunk)
+        if parts is None:
+            return []
+        return [(g, self.experts[group.module]) for g, group in enumerate(parts.groups)]
 
     def _remove_hooks(self) -> None:
         for hook in self.hooks:
@@ -253,6 +340,16 @@ class Engine:
             if self.evict_after_use
             else "",
         )
+        if self.parts:
+            base = sum(p.base_bytes for p in self.parts.values())
+            experts = sum(p.info.bytes for p in self.parts.values()) - base
+            log.info(
+                "expert streaming: %d streamed blocks read their non-expert parts (%s) and "
+                "then only their routed experts (of %s)",
+                len(self.parts),
+                format_size(base),
+                format_size(experts),
+            )
 
     # -- requests ----------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -9,13 +9,17 @@ block, which leases the block's tensors from the streamer.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..errors import ChunkIntegrityError
+from .expert_reader import ExpertLease
+from .experts import ExpertsModule, routed
 from .readers import Lease
 from .skeleton import tied_groups
 from .sweeps import SweepGroup
@@ -103,9 +107,24 @@ class ResidentBlockHook(BlockHook):
 class StreamedBlockHook(BlockHook):
     """Waits before each run until the sweep group has installed the block (one lease for
     every request that runs it then). Tensors of a kept lease stay bound between installs:
-    binding them again each time would cost more than their views, which stay valid."""
+    binding them again each time would cost more than their views, which stay valid.
+
+    With ``experts`` (the block's experts modules, by their group in the chunk), each experts
+    module asks the installed lease for its routed experts just before it runs
+    (expert_reader.py)."""
 
     _bound: dict[str, torch.Tensor] | None = None  # kept tensors bound between installs
+    _lease: Lease | None = None  # the installed lease
+
+    def __init__(
+        self,
+        index: int,
+        binding: BlockBinding,
+        group: SweepGroup,
+        experts: Sequence[tuple[int, ExpertsModule]] = (),
+    ):
+        super().__init__(index, binding, group)
+        self.experts = list(experts)
 
     def attach(self) -> None:
         module = self.binding.module
@@ -113,6 +132,19 @@ class StreamedBlockHook(BlockHook):
             module.register_forward_pre_hook(self._pre),
             module.register_forward_hook(self._post, always_call=True),
         ]
+        base = self.binding.prefix + "."
+        for g, spec in self.experts:
+            sub = module.get_submodule(spec.name.removeprefix(base))
+            pre = functools.partial(self._route, g, spec)
+            self._handles.append(sub.register_forward_pre_hook(pre, with_kwargs=True))
+
+    def _route(
+        self, g: int, spec: ExpertsModule, module: nn.Module, args: tuple, kwargs: dict
+    ) -> None:
+        lease = self._lease
+        if not isinstance(lease, ExpertLease):  # read whole (a lease of a dense reader)
+            return
+        self.group.fetch_experts(lease, g, routed(args, kwargs, spec))
 
     def detach(self) -> None:
         super().detach()
@@ -130,8 +162,10 @@ class StreamedBlockHook(BlockHook):
         if self._bound is not lease.tensors:
             self.binding.bind(lease.tensors)
             self._bound = lease.tensors if lease.kept else None
+        self._lease = lease
 
     def uninstall(self, lease: Lease) -> None:
+        self._lease = None
         if not lease.kept:
             self._unbind()
 

@@ -30,6 +30,7 @@ from ..format.manifest import ChunkInfo, Manifest
 from ..format.safetensors import (
     HEADER_PROBE,
     ChunkSpec,
+    TensorEntry,
     TensorSpec,
     check_layout,
     header_length,
@@ -115,28 +116,30 @@ def chunk_specs(
 
 def check_chunk_heads(
     store: ChunkStore, infos: Iterable[ChunkInfo], specs: dict[str, ChunkSpec], threads: int
-) -> None:
+) -> dict[str, list[TensorEntry]]:
     """Read every chunk's size and header (in parallel: remote stores answer one ranged read
-    per chunk) and check them; the first problem fails the load."""
+    per chunk) and check them; the first problem fails the load. Returns each chunk's
+    layout, by chunk name."""
     infos = list(infos)
     if not infos:
-        return
+        return {}
     started = time.perf_counter()
     with ThreadPoolExecutor(max(threads, 1), thread_name_prefix="layerstream-check") as pool:
-        for future in [pool.submit(_check_head, store, info, specs[info.name]) for info in infos]:
-            future.result()
+        futures = {i.name: pool.submit(_check_head, store, i, specs[i.name]) for i in infos}
+        layouts = {name: future.result() for name, future in futures.items()}
     log.info(
         "checked the size and tensors of %d streamed chunks in %.3fs",
         len(infos),
         time.perf_counter() - started,
     )
+    return layouts
 
 
-def _check_head(store: ChunkStore, info: ChunkInfo, spec: ChunkSpec) -> None:
-    refetch_once(store, info.file, lambda: _check_head_once(store, info, spec))
+def _check_head(store: ChunkStore, info: ChunkInfo, spec: ChunkSpec) -> list[TensorEntry]:
+    return refetch_once(store, info.file, lambda: _check_head_once(store, info, spec))
 
 
-def _check_head_once(store: ChunkStore, info: ChunkInfo, spec: ChunkSpec) -> None:
+def _check_head_once(store: ChunkStore, info: ChunkInfo, spec: ChunkSpec) -> list[TensorEntry]:
     head, size = store.read_head(info.file, HEADER_PROBE)
     if size is not None and size != info.bytes:
         raise ChunkIntegrityError(
@@ -147,7 +150,9 @@ def _check_head_once(store: ChunkStore, info: ChunkInfo, spec: ChunkSpec) -> Non
     length = header_length(info, head[:8], size)
     if len(head) < 8 + length:
         head, _ = store.read_head(info.file, 8 + length)
-    check_layout(info, parse_header(info, head, size), spec)
+    layout = parse_header(info, head, size)
+    check_layout(info, layout, spec)
+    return layout
 
 
 class BackgroundVerifier:

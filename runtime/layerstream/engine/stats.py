@@ -22,6 +22,10 @@ class StreamStats:
     wait_s: float = 0.0  # time the compute thread waited for weights
     chunks_verified: int = 0
     refetches: int = 0  # chunks read again after failing their sha256 check
+    # expert streaming (a part of bytes_read): routed experts read alone, and their bytes
+    experts_read: int = 0
+    expert_bytes: int = 0
+    experts_routed: int = 0  # a request's: experts its streamed blocks' routers chose
 
     def snapshot(self) -> StreamStats:
         return dataclasses.replace(self)

@@ -31,7 +31,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..errors import RequestCancelled
+from .expert_reader import ExpertLease
 from .readers import Lease
+from .stats import StreamStats
 from .streamer import WeightStreamer
 
 log = logging.getLogger(__name__)
@@ -76,7 +78,7 @@ class ComputeSlots:
 @dataclass(eq=False)
 class Sweep:
     started: float
-    bytes_before: int
+    before: StreamStats  # the streamer's counters when it began
     sequences: int = 0  # the riders that ran a block of it
     tokens: int = 0
 
@@ -89,6 +91,8 @@ class SweepRecord:
     tokens: int
     bytes_streamed: int  # read from the store while it ran (read-ahead for the next included)
     seconds: float
+    experts_read: int = 0  # routed experts read alone (expert streaming)
+    expert_bytes: int = 0  # their bytes, a part of bytes_streamed
 
 
 @dataclass(eq=False)
@@ -129,6 +133,7 @@ class Rider:
         self.resident_runs = 0
         self.streamed_runs = 0
         self.wait_s = 0.0  # waiting for its blocks to be installed
+        self.experts_routed = 0  # experts its streamed blocks' routers chose, summed
         self.install: _Install | None = None  # the block it is running
         self.ridden: list[Sweep] = []
 
@@ -257,6 +262,21 @@ class SweepGroup:
             if rider.implicit:
                 self.leave(rider, failed=not ran)
 
+    def fetch_experts(self, lease: ExpertLease, group: int, experts: list[int]) -> None:
+        """The calling thread's block routes to ``experts`` of its experts module ``group``:
+        read those the installed lease lacks, with the compute slot handed to another
+        request meanwhile (the block stays installed: this thread still counts as running)."""
+        rider = self.current()
+        if rider is not None:
+            rider.experts_routed += len(experts)
+        if not lease.missing(group, experts):
+            return
+        self.slots.release()
+        try:
+            lease.ensure(group, experts)
+        finally:
+            self.slots.acquire()
+
     def note_token(self, rider: Rider) -> None:
         """``rider`` generated a token (counted in the sweep it last rode)."""
         if rider.ridden:
@@ -318,7 +338,7 @@ class SweepGroup:
         last = self._last_index
         if self._sweep is None or last is None or j <= last:  # wrapped around: a new sweep
             closed = self._close_sweep()
-            self._sweep = Sweep(time.perf_counter(), self.streamer.stats.bytes_read)
+            self._sweep = Sweep(time.perf_counter(), self.streamer.stats.snapshot())
         sweep = self._sweep
         self._last_index = j
         self._busy = True
@@ -357,11 +377,14 @@ class SweepGroup:
         sweep = self._sweep
         if sweep is None:
             return None
+        read = self.streamer.stats.since(sweep.before)
         return SweepRecord(
             sequences=sweep.sequences,
             tokens=sweep.tokens,
-            bytes_streamed=self.streamer.stats.bytes_read - sweep.bytes_before,
+            bytes_streamed=read.bytes_read,
             seconds=time.perf_counter() - sweep.started,
+            experts_read=read.experts_read,
+            expert_bytes=read.expert_bytes,
         )
 
     def _retire(self, install: _Install | None) -> None:

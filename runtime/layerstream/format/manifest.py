@@ -17,11 +17,33 @@ from typing import Any
 from ..errors import ManifestError
 
 FORMAT = "layerstream.chunks"
-FORMAT_VERSION = 1
+# 2: a block's chunk may list its experts (ExpertGroup); a store without any is written as 1,
+# so older readers still serve it
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 DTYPES = ("float32", "float16", "bfloat16")
 # Chunk file names stay inside the store: no absolute paths, no "..", no odd characters.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*(/[A-Za-z0-9_][A-Za-z0-9_.\-]*)*$")
+
+
+@dataclass(frozen=True)
+class ExpertGroup:
+    """One experts module of a block: expert e of each of its ``tensors`` (all ``[count,
+    ...]``) is the tensor's e-th slice along the first dimension, a contiguous byte range of
+    the chunk (format/parts.py), so a token's routed experts can be read alone."""
+
+    module: str  # e.g. "model.layers.3.mlp.experts"
+    count: int
+    tensors: list[str]  # state-dict keys
+    sha256: list[str]  # per expert: of its slices of ``tensors``, concatenated in file order
+
+
+@dataclass(frozen=True)
+class ChunkExperts:
+    """A block chunk's experts, and the digest of every byte outside them (header included)."""
+
+    base_sha256: str
+    groups: list[ExpertGroup]
 
 
 @dataclass(frozen=True)
@@ -33,6 +55,7 @@ class ChunkInfo:
     bytes: int  # file size
     sha256: str
     tensors: list[str]  # state-dict keys (module key space) held in the file
+    experts: ChunkExperts | None = None  # a mixture-of-experts block's expert slices
 
 
 @dataclass(frozen=True)
@@ -72,8 +95,17 @@ class Manifest:
     def rest_bytes(self) -> int:
         return sum(self.chunks[name].bytes for name in self.rest)
 
+    @property
+    def has_experts(self) -> bool:
+        return any(c.experts is not None for c in self.chunks.values())
+
     def to_json(self) -> str:
         data = asdict(self)
+        for chunk in data["chunks"].values():
+            if chunk["experts"] is None:  # dense chunks keep the version 1 shape
+                del chunk["experts"]
+        if not self.has_experts:
+            data["format_version"] = 1  # readable by layerstream before expert streaming
         return json.dumps(data, indent=1, sort_keys=False) + "\n"
 
     @classmethod
@@ -133,9 +165,10 @@ def _chunk(name: str, raw: Any, source: str) -> ChunkInfo:
     what = f"chunk {name!r}"
     raw = _typed(raw, dict, what, source)
     fields = {"name", "file", "bytes", "sha256", "tensors"}
-    if set(raw) != fields:
+    if not fields <= set(raw) <= fields | {"experts"}:
         raise ManifestError(
-            f"{source}: {what} must have exactly the fields {sorted(fields)}, has {sorted(raw)}"
+            f"{source}: {what} must have exactly the fields {sorted(fields)} (and optionally "
+            f"'experts'), has {sorted(raw)}"
         )
     info = ChunkInfo(
         name=_typed(raw["name"], str, f"{what} 'name'", source),
@@ -143,6 +176,7 @@ def _chunk(name: str, raw: Any, source: str) -> ChunkInfo:
         bytes=_typed(raw["bytes"], int, f"{what} 'bytes'", source),
         sha256=_typed(raw["sha256"], str, f"{what} 'sha256'", source),
         tensors=_strings(raw["tensors"], f"{what} 'tensors'", source),
+        experts=_experts(raw["experts"], what, source) if "experts" in raw else None,
     )
     if info.name != name:
         raise ManifestError(f"{source}: {what} is named {info.name!r} inside")
@@ -153,7 +187,53 @@ def _chunk(name: str, raw: Any, source: str) -> ChunkInfo:
         )
     if not _SHA256.fullmatch(info.sha256):
         raise ManifestError(f"{source}: {what} 'sha256' is not 64 lowercase hex digits")
+    if info.experts is not None:
+        unknown = {t for g in info.experts.groups for t in g.tensors} - set(info.tensors)
+        if unknown:
+            raise ManifestError(
+                f"{source}: {what} lists experts in tensors it does not hold: "
+                f"{sorted(unknown)[:3]}; the manifest was edited: re-run the chunker"
+            )
     return info
+
+
+def _digest(value: Any, what: str, source: str) -> str:
+    digest = _typed(value, str, what, source)
+    if not _SHA256.fullmatch(digest):
+        raise ManifestError(f"{source}: {what} is not 64 lowercase hex digits")
+    return digest
+
+
+def _experts(raw: Any, chunk: str, source: str) -> ChunkExperts:
+    what = f"{chunk} 'experts'"
+    raw = _typed(raw, dict, what, source)
+    if set(raw) != {"base_sha256", "groups"}:
+        raise ManifestError(f"{source}: {what} must have exactly 'base_sha256' and 'groups'")
+    groups = []
+    for item in _typed(raw["groups"], list, f"{what} 'groups'", source):
+        item = _typed(item, dict, f"a group of {what}", source)
+        if set(item) != {"module", "count", "tensors", "sha256"}:
+            raise ManifestError(
+                f"{source}: a group of {what} must have exactly 'module', 'count', "
+                "'tensors' and 'sha256'"
+            )
+        count = _typed(item["count"], int, f"a group's 'count' in {what}", source)
+        digests = _typed(item["sha256"], list, f"a group's 'sha256' in {what}", source)
+        tensors = _strings(item["tensors"], f"a group's 'tensors' in {what}", source)
+        if count < 1 or len(digests) != count or not tensors:
+            raise ManifestError(
+                f"{source}: a group of {what} must list one sha256 per expert ({count}) and "
+                "at least one tensor; the manifest was edited: re-run the chunker"
+            )
+        groups.append(
+            ExpertGroup(
+                module=_typed(item["module"], str, f"a group's 'module' in {what}", source),
+                count=count,
+                tensors=tensors,
+                sha256=[_digest(d, f"an expert's sha256 in {what}", source) for d in digests],
+            )
+        )
+    return ChunkExperts(_digest(raw["base_sha256"], f"{what} 'base_sha256'", source), groups)
 
 
 def _block(raw: Any, source: str) -> BlockInfo:

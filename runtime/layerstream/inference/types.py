@@ -65,6 +65,11 @@ class RequestStats:
     streamed_runs: int  # block runs that streamed weights (wire name: cache_misses)
     sweeps: int  # passes over the streamed blocks it rode (engine/sweeps.py)
     sweep_sequences: int  # the sequences of those sweeps, summed (/ sweeps: mean sharing)
+    # expert streaming: experts its routers chose (summed over its streamed block runs), and
+    # the experts read and their bytes while it ran (a part of bytes_streamed)
+    experts_routed: int = 0
+    experts_read: int = 0
+    expert_bytes: int = 0
 
     @classmethod
     def measure(
@@ -90,6 +95,9 @@ class RequestStats:
             streamed_runs=ctx.stats.streamed_runs,
             sweeps=ctx.rider.sweeps,
             sweep_sequences=ctx.rider.sweep_sequences,
+            experts_routed=ctx.stats.experts_routed,
+            experts_read=ctx.stats.experts_read,
+            expert_bytes=ctx.stats.expert_bytes,
         )
 
 

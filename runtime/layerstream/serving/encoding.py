@@ -40,6 +40,9 @@ def stats_parameters(stats: RequestStats) -> dict[str, int]:
         "cache_misses": stats.streamed_runs,
         "sweeps": stats.sweeps,
         "sweep_sequences": stats.sweep_sequences,
+        "experts_routed": stats.experts_routed,
+        "experts_read": stats.experts_read,
+        "expert_bytes": stats.expert_bytes,
     }
 
 

@@ -49,6 +49,23 @@ BYTES = Counter(
     "requests shared it)",
     _MODEL,
 )
+EXPERTS_READ = Counter(
+    "layerstream_experts_read",
+    "Routed experts read alone from the chunk store (expert streaming; each once, however "
+    "many requests shared it)",
+    _MODEL,
+)
+EXPERT_BYTES = Counter(
+    "layerstream_expert_bytes_streamed",
+    "The bytes of those experts (a part of layerstream_bytes_streamed)",
+    _MODEL,
+)
+EXPERTS_ROUTED = Counter(
+    "layerstream_experts_routed",
+    "Experts the routers of streamed blocks chose for the finished requests, summed over "
+    "their block runs (over layerstream_experts_read: how often a read expert served)",
+    _MODEL,
+)
 SWEEPS = Counter(
     "layerstream_sweeps",
     "Passes over the streamed blocks (each shared by the requests on it)",
@@ -88,6 +105,9 @@ _PER_MODEL = (
     ACTIVE,
     TOKENS,
     BYTES,
+    EXPERTS_READ,
+    EXPERT_BYTES,
+    EXPERTS_ROUTED,
     SWEEPS,
     SWEEP_SEQUENCES,
     SWEEP_TOKENS,
@@ -141,6 +161,7 @@ class ModelMetrics:
         TOKENS.labels(*labels).inc(stats.tokens)
         RESIDENT_RUNS.labels(*labels).inc(stats.resident_runs)
         STREAMED_RUNS.labels(*labels).inc(stats.streamed_runs)
+        EXPERTS_ROUTED.labels(*labels).inc(stats.experts_routed)
         WEIGHT_WAIT.labels(*labels).inc(stats.weight_wait_us / 1e6)
         COMPUTE.labels(*labels).inc(stats.compute_us / 1e6)
         if stats.ttft_us:
@@ -174,5 +195,7 @@ class ModelMetrics:
         SWEEP_SEQUENCES.labels(*labels).observe(sweep.sequences)
         SWEEP_TOKENS.labels(*labels).observe(sweep.tokens)
         BYTES.labels(*labels).inc(sweep.bytes_streamed)
+        EXPERTS_READ.labels(*labels).inc(sweep.experts_read)
+        EXPERT_BYTES.labels(*labels).inc(sweep.expert_bytes)
         if sweep.tokens:
             BYTES_PER_TOKEN.labels(*labels).observe(sweep.bytes_streamed / sweep.tokens)

@@ -352,6 +352,7 @@ def _build_engine(settings: LayerStreamSettings, folder: Path | None) -> Engine:
         verify_checksums=settings.verify_checksums,
         verify_in_background=settings.verify_in_background,
         reader=settings.reader,
+        expert_streaming=settings.expert_streaming,
     )
     try:
         engine = Engine(store, options)

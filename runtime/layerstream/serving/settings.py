@@ -93,6 +93,15 @@ class LayerStreamSettings(BaseSettings):
         "copies them into reusable buffers; `auto` maps local stores unless "
         "`verify_checksums` is `always`.",
     )
+    expert_streaming: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Mixture-of-experts models: a streamed block reads its non-expert weights, "
+        "then only the experts its router chose for the tokens at hand (each read once per "
+        "pass for every request on it), instead of the whole block. `auto`: when the store "
+        "lists its experts' byte ranges (chunked by this layerstream); `on`: the same, and a "
+        "store that cannot is a load error; `off`: every block streams whole. Needs the "
+        "`read` reader (`auto` picks it).",
+    )
     max_new_tokens_limit: int = Field(
         default=1024, ge=1, description="Largest `max_new_tokens` a request may ask for."
     )

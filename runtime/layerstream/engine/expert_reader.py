@@ -1,0 +1,135 @@
+"""Expert streaming: a mixture-of-experts block is read as its base, then as the experts its
+router chose.
+
+A streamed block's buffer is laid out like its chunk file (format/parts.py). Its lease reads
+the base (every byte outside the experts: header, attention, norms, router, shared experts)
+like any block, ahead on an I/O thread; when the block's experts module is called, its
+pre-forward hook (hooks.py) asks the lease for the routed experts, and the lease reads those
+it has not read yet. Every request riding the install shares what was read, so each expert
+is read at most once per install. An expert slice that was not read holds whatever the
+buffer held before: transformers' experts implementations never touch an expert no token
+was routed to (``poison`` fills such slices with NaN, which proves it in the tests).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+from ..errors import ChunkIntegrityError
+from ..format.manifest import ChunkInfo
+from ..format.parts import ChunkParts, Range, coalesce
+from ..stores import ChunkStore
+from .checks import ChunkChecks
+from .readers import Lease, PooledLease, PooledReader
+
+# 0xFF bytes are NaN in float32, float16 and bfloat16 alike.
+POISON = 0xFF
+
+
+class ExpertLease(PooledLease):
+    """A mixture-of-experts block's buffer: its base read, its experts read on demand."""
+
+    def __init__(
+        self,
+        index: int,
+        info: ChunkInfo,
+        version: str | None,
+        data: torch.Tensor,
+        buffer: torch.Tensor,
+        reader: ExpertReader,
+        parts: ChunkParts,
+    ):
+        super().__init__(index, info, version, data, buffer, reader)
+        self.parts = parts
+        self._experts = reader
+        self._lock = threading.Lock()
+        self._loaded: list[set[int]] = [set() for _ in parts.groups]
+
+    def missing(self, group: int, experts: list[int]) -> bool:
+        loaded = self._loaded[group]
+        return any(e not in loaded for e in experts)
+
+    def ensure(self, group: int, experts: list[int]) -> None:
+        """Read those of ``experts`` (of experts module ``group``) not read yet. Requests
+        sharing the install call it at once: one reads, the others wait for its read."""
+        with self._lock:
+            loaded = self._loaded[group]
+            wanted = [e for e in experts if e not in loaded]
+            if not wanted:
+                return
+            if self._data is None:
+                raise RuntimeError(f"block {self.index}'s lease was released before it ran")
+            self._experts.read_experts(self, self._data, group, wanted)
+            loaded.update(wanted)
+
+
+class ExpertReader(PooledReader):
+    """A ``PooledReader`` that reads the blocks in ``parts`` as base + routed experts."""
+
+    def __init__(
+        self,
+        store: ChunkStore,
+        checks: ChunkChecks,
+        buffers: int,
+        buffer_bytes: int,
+        parts: dict[str, ChunkParts],
+        poison: bool = False,
+    ):
+        super().__init__(store, checks, buffers, buffer_bytes)
+        self.parts = parts
+        self.poison = poison
+
+    def lease(self, j: int, info: ChunkInfo) -> Lease:
+        parts = self.parts.get(info.name)
+        if parts is None:  # a dense block of a mixture-of-experts model
+            return super().lease(j, info)
+        buffer = self.pool.acquire()
+        try:
+            data = buffer[: info.bytes]
+            if self.poison:
+                data.fill_(POISON)
+            base = [("its base", parts.base, parts.base_sha256)]
+            version = self.checks.refetching(
+                info, lambda: self._read(info, data, parts.base, base, 0)
+            )
+        except BaseException:
+            self.pool.release(buffer)
+            raise
+        return ExpertLease(j, info, version, data, buffer, self, parts)
+
+    def read_experts(
+        self, lease: ExpertLease, data: torch.Tensor, group: int, experts: list[int]
+    ) -> None:
+        info, parts = lease.info, lease.parts
+        module = parts.groups[group]
+        checked = [
+            (f"expert {e} of {module.module}", parts.experts[group][e], module.sha256[e])
+            for e in experts
+        ]
+        ranges = coalesce([r for _, rs, _ in checked for r in rs])
+        version = self.checks.refetching(
+            info, lambda: self._read(info, data, ranges, checked, len(experts))
+        )
+        if lease.version is not None and version != lease.version:
+            # the base came from another version of the file (replaced or rewritten since)
+            raise ChunkIntegrityError(
+                f"chunk {info.name} ({info.file} in {self.store.uri}) changed while its block "
+                "ran, so this request's output cannot be trusted; retry it. Replace chunk "
+                "files by rename (as the chunker does), never rewrite them in place"
+            )
+
+    def _read(
+        self,
+        info: ChunkInfo,
+        data: torch.Tensor,
+        ranges: list[Range],
+        checked: list[tuple[str, list[Range], str]],
+        experts: int,
+    ) -> str | None:
+        start = time.perf_counter()
+        got = self.store.read_ranges(info.file, memoryview(data.numpy()), ranges, info.bytes)
+        self.checks.check_parts(info, data, got.version, start, checked, experts)
+        return got.version

@@ -1,0 +1,310 @@
+"""Expert streaming: a mixture-of-experts block reads its base, then only its routed experts.
+
+Every test here poisons the expert slices that were not read (NaN bytes), so an output equal
+to from_pretrained's proves an unread expert is never used, whatever the experts
+implementation transformers runs.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from architectures import (
+    ARCHITECTURES,
+    PROMPT,
+    build,
+    compare_generation,
+    compare_hidden_states,
+    reference_model,
+)
+from remote_servers import StaticServer
+from test_architectures import streaming_budget
+
+from layerstream.engine.engine import Engine, EngineOptions
+from layerstream.errors import ChunkIntegrityError, ManifestError, SettingsError
+from layerstream.format.manifest import Manifest
+from layerstream.format.parts import chunk_parts
+from layerstream.format.safetensors import parse_layout
+from layerstream.stores import open_store
+from layerstream.stores.http import HTTPStore
+from layerstream.stores.ranged import StoreOptions
+
+STEPS = 6
+IMPLEMENTATIONS = ["eager", "grouped_mm", "batched_mm"]
+
+
+# the rows whose configs route tokens to experts
+MOE = [name for name, config in ARCHITECTURES.items() if any("expert" in k for k in config)]
+
+
+@pytest.fixture(scope="module")
+def moe_models(tmp_path_factory):
+    built: dict[str, tuple[Path, Path]] = {}
+
+    def make(name: str) -> tuple[Path, Path]:
+        if name not in built:
+            built[name] = build(name, tmp_path_factory.mktemp(name))
+        return built[name]
+
+    return make
+
+
+def expert_engine(store: Path | str, budget: str | int, **options) -> Engine:
+    options = {"read_ahead": 1, "poison_unread_experts": True, **options}
+    return Engine(open_store(str(store)), EngineOptions(memory_budget=budget, **options))
+
+
+def test_the_moe_rows_cover_the_released_layouts():
+    assert set(MOE) >= {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss", "olmoe"}
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("name", MOE)
+def test_routed_experts_only_and_exact(moe_models, name, impl):
+    """Greedy ids, every step's logits and every hidden state equal from_pretrained's under
+    the same experts implementation, with the unread experts NaN; fewer experts were read
+    than whole-block streaming would."""
+    source, store = moe_models(name)
+    reference = reference_model(source)
+    reference.set_experts_implementation(impl)
+    engine = expert_engine(store, streaming_budget(store))
+    try:
+        engine.model.set_experts_implementation(impl)
+        assert engine.parts, "the MoE blocks must stream as base + experts"
+        generation = compare_generation(engine, reference, STEPS)
+        assert generation.ids_equal
+        assert generation.step_diffs == [0.0] * STEPS
+        hidden = compare_hidden_states(engine, reference)
+        assert hidden.diffs == [0.0] * hidden.expected
+        stats = engine.streamer.stats
+        installs_of_experts = sum(
+            len(parts.groups) * parts.groups[0].count for parts in engine.parts.values()
+        ) * (stats.streamed_runs // len(engine.plan.streamed))
+        assert 0 < stats.experts_read < installs_of_experts
+    finally:
+        engine.close()
+
+
+def test_bytes_read_are_the_bases_and_the_routed_experts(moe_models):
+    """Every install reads its block's base once and each routed expert once; the store
+    reads nothing else (per-expert sizes from the chunk's own header)."""
+    _, store = moe_models("olmoe")
+    engine = expert_engine(store, streaming_budget(store), read_ahead=0)
+    try:
+        before = engine.streamer.stats.snapshot()
+        with engine.request() as ctx:
+            engine.model.generate(
+                torch.tensor([PROMPT]), max_new_tokens=4, do_sample=False, pad_token_id=0
+            )
+        stats = engine.streamer.stats.since(before)
+        (expert_size,) = {
+            p.expert_bytes(g, e)
+            for p in engine.parts.values()
+            for g in range(len(p.groups))
+            for e in range(p.groups[g].count)
+        }
+        (base,) = {p.base_bytes for p in engine.parts.values()}
+        assert stats.expert_bytes == stats.experts_read * expert_size
+        assert stats.bytes_read == stats.streamed_runs * base + stats.expert_bytes
+        # a prompt pass may route to every expert; each decode step to top-2 per token
+        assert ctx.stats.experts_routed >= stats.experts_read
+    finally:
+        engine.close()
+
+
+def test_concurrent_requests_share_each_install_and_stay_exact(moe_models):
+    """Requests riding one sweep share each expert read; each output is its solo output."""
+    _, store = moe_models("qwen3_moe")
+    engine = expert_engine(store, streaming_budget(store), compute_slots=2)
+    prompts = [PROMPT, PROMPT[::-1], PROMPT[2:]]
+
+    def run(prompt: list[int]) -> list[int]:
+        with engine.request():
+            out = engine.model.generate(
+                torch.tensor([prompt]), max_new_tokens=STEPS, do_sample=False, pad_token_id=0
+            )
+        return out[0].tolist()
+
+    try:
+        solo = [run(p) for p in prompts]
+        results: dict[int, list[int]] = {}
+        errors: list[BaseException] = []
+        start = threading.Barrier(len(prompts))
+
+        def worker(i: int) -> None:
+            try:
+                start.wait(timeout=60)
+                results[i] = run(prompts[i])
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert not errors
+        assert [results[i] for i in range(len(prompts))] == solo
+    finally:
+        engine.close()
+
+
+def test_an_expert_is_read_once_per_install_whoever_asks(moe_models):
+    """Two threads asking one lease for overlapping experts at once: each expert's bytes
+    are read once (counted in the store's ranged reads)."""
+    _, store = moe_models("olmoe")
+    engine = expert_engine(store, streaming_budget(store), read_ahead=0)
+    try:
+        j = engine.plan.streamed[-1]
+        reads: list[list[tuple[int, int]]] = []
+        real = engine.store.read_ranges
+
+        def counted(name, buffer, ranges, size):
+            reads.append(list(ranges))
+            return real(name, buffer, ranges, size)
+
+        engine.store.read_ranges = counted  # type: ignore[method-assign]
+        lease = engine.streamer.acquire(j)
+        try:
+            reads.clear()
+            barrier = threading.Barrier(2)
+
+            def ask(experts: list[int]) -> None:
+                barrier.wait(timeout=30)
+                lease.ensure(0, experts)
+
+            threads = [threading.Thread(target=ask, args=(x,)) for x in ([0, 1, 2], [2, 3, 1])]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=60)
+            parts = lease.parts
+            wanted = sorted(r for e in range(4) for r in parts.experts[0][e])
+            got = sorted(r for ranges in reads for r in ranges)
+            covered = sum(n for _, n in got)
+            assert covered == sum(n for _, n in wanted)  # nothing twice, nothing missing
+        finally:
+            lease.release()
+    finally:
+        engine.close()
+
+
+def test_over_http_the_experts_arrive_as_ranged_gets(moe_models):
+    source, store = moe_models("mixtral")
+    server = StaticServer(store).start()
+    try:
+        reference = reference_model(source)
+        engine = Engine(
+            HTTPStore(server.url, StoreOptions(part_bytes=64 << 10)),
+            EngineOptions(
+                memory_budget=streaming_budget(store), read_ahead=1, poison_unread_experts=True
+            ),
+        )
+        try:
+            generation = compare_generation(engine, reference, STEPS)
+            assert generation.ids_equal and generation.step_diffs == [0.0] * STEPS
+            assert engine.streamer.stats.experts_read > 0
+        finally:
+            engine.close()
+    finally:
+        server.stop()
+
+
+def _chunk_of(store: Path, block: int) -> tuple[Manifest, str, Path]:
+    manifest = Manifest.from_json((store / "manifest.json").read_text())
+    info = manifest.chunks[manifest.blocks[block].chunk]
+    return manifest, info.name, store / info.file
+
+
+def _damage(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("where", ["base", "expert"])
+def test_a_damaged_part_is_an_error_naming_it(tmp_path, where):
+    source, store = build("olmoe", tmp_path)
+    manifest, name, path = _chunk_of(store, 5)
+    info = manifest.chunks[name]
+    layout = parse_layout(info, torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8))
+    parts = chunk_parts(info, layout)
+    if where == "base":  # a byte of a non-expert tensor (or padding), past the header
+        data_start = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+        _damage(path, next(max(o, data_start) for o, n in parts.base if o + n > data_start))
+    else:  # every expert's first byte: whichever is routed is found
+        for e in range(parts.groups[0].count):
+            _damage(path, parts.experts[0][e][0][0])
+    engine = expert_engine(store, streaming_budget(store), verify_in_background=False)
+    try:
+        with pytest.raises(ChunkIntegrityError, match="its base" if where == "base" else "expert"):
+            compare_generation(engine, reference_model(source), 2)
+    finally:
+        engine.close()
+
+
+def test_expert_streaming_settings(moe_models, model_factory):
+    _, store = moe_models("qwen3_moe")
+    budget = streaming_budget(store)
+    off = expert_engine(store, budget, expert_streaming="off")
+    try:
+        assert not off.parts
+        with off.request():
+            off.model(torch.tensor([PROMPT]))
+        assert off.streamer.stats.experts_read == 0
+    finally:
+        off.close()
+    with pytest.raises(SettingsError, match="expert_streaming must be one of auto, on, off"):
+        expert_engine(store, budget, expert_streaming="yes")
+    with pytest.raises(SettingsError, match="reader=mmap maps whole chunks"):
+        expert_engine(store, budget, reader="mmap")
+    dense = model_factory("llama").store
+    with pytest.raises(SettingsError, match="has no experts modules"):
+        expert_engine(dense, "25%", expert_streaming="on")
+
+
+def test_a_store_chunked_before_expert_streaming_streams_whole_blocks(moe_models, tmp_path):
+    """A version 1 manifest (no experts listed): exact, blocks streamed whole; "on" refuses."""
+    import shutil
+
+    source, store = moe_models("granitemoe")
+    old = tmp_path / "old"
+    shutil.copytree(store, old)
+    data = json.loads((old / "manifest.json").read_text())
+    for chunk in data["chunks"].values():
+        chunk.pop("experts", None)
+    data["format_version"] = 1
+    (old / "manifest.json").write_text(json.dumps(data))
+    engine = expert_engine(old, streaming_budget(old))
+    try:
+        assert not engine.parts
+        generation = compare_generation(engine, reference_model(source), 3)
+        assert generation.ids_equal and generation.step_diffs == [0.0] * 3
+        assert engine.streamer.stats.experts_read == 0
+    finally:
+        engine.close()
+    with pytest.raises(SettingsError, match="chunked without its experts' byte ranges"):
+        expert_engine(old, streaming_budget(old), expert_streaming="on")
+
+
+def test_manifest_experts_round_trip_and_refuse_edits(moe_models):
+    _, store = moe_models("qwen3_moe")
+    text = (store / "manifest.json").read_text()
+    manifest = Manifest.from_json(text)
+    assert manifest.format_version == 2 and manifest.has_experts
+    assert Manifest.from_json(manifest.to_json()) == manifest
+    data = json.loads(text)
+    group = next(c for c in data["chunks"].values() if "experts" in c)["experts"]["groups"][0]
+    group["sha256"] = group["sha256"][:-1]
+    with pytest.raises(ManifestError, match="one sha256 per expert"):
+        Manifest.from_json(json.dumps(data))
+
+
+def test_dense_stores_keep_format_version_1(model_factory):
+    data = json.loads((model_factory("llama").store / "manifest.json").read_text())
+    assert data["format_version"] == 1
+    assert all("experts" not in c for c in data["chunks"].values())
