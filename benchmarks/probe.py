@@ -57,6 +57,9 @@ def main() -> None:
         result["wait_s"] = stats.wait_s
         result["hit_rate"] = stats.resident_runs / max(stats.resident_runs + stats.streamed_runs, 1)
         result["pinned_fraction"] = len(engine.plan.resident) / engine.plan.n_blocks
+        result["expert_bytes_per_token"] = stats.expert_bytes / (new_tokens + 1)
+        result["experts_read"] = stats.experts_read
+        result["experts_routed"] = stats.experts_routed
     io_after = timing.io_counters()
     result["disk_read_per_token"] = (io_after["disk_read"] - io_before["disk_read"]) / (
         new_tokens + 1

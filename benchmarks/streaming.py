@@ -52,14 +52,17 @@ DEFAULT_SYSTEMS = [
 ]
 
 
-def prepare(preset: str) -> tuple[Path, Path]:
+def prepare(preset: str, dtype: str | None = None) -> tuple[Path, Path]:
+    """The preset's random-init checkpoint (saved in ``dtype``, else its default) and its
+    chunk store, built once under .cache."""
     from layerstream.chunker.convert import chunk_checkpoint
     from layerstream.chunker.presets import write_random_checkpoint
 
-    source, store = CACHE / f"{preset}-source", CACHE / f"{preset}-chunks"
+    name = preset if dtype is None else f"{preset}-{dtype}"
+    source, store = CACHE / f"{name}-source", CACHE / f"{name}-chunks"
     if not (store / "manifest.json").exists():
         CACHE.mkdir(exist_ok=True)
-        write_random_checkpoint(preset, source)
+        write_random_checkpoint(preset, source, dtype=dtype)
         chunk_checkpoint(source, store, preset, force=True, progress=False)
     return source, store
 

@@ -1,0 +1,164 @@
+"""Expert streaming vs whole-block streaming on mixture-of-experts models.
+
+Random-init models of current releases' shapes (``qwen3-moe-2b``: 64 experts, top-8;
+``mixtral-1b``: 8 experts, top-2), saved and chunked in bfloat16, each at least 4x the
+budget. Every run is its own process (benchmarks/probe.py), greedy ids checked against the
+resident ``from_pretrained`` model. Regimes as in streaming.py: warm (page cache, no limit)
+and cold (page cache dropped, a memory cgroup of import baseline + budget + margin).
+
+Per row: ms/token, bytes read per token split into experts and the rest, peak RSS, ids;
+the floor is max(resident compute, bytes the routing needs per token / the store's best
+measured bandwidth), where the bytes the routing needs are what expert streaming read
+(each routed expert once per block run, plus the blocks' non-expert parts not pinned):
+a whole-block row is held to the same floor.
+
+    .venv/bin/python benchmarks/experts.py                        # both models, both regimes
+    .venv/bin/python benchmarks/experts.py --presets mixtral-1b --regimes warm --reps 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import tempfile
+from pathlib import Path
+
+import cgroup
+import streaming
+
+log = logging.getLogger("benchmarks.experts")
+ROOT = Path(__file__).resolve().parent
+WHOLE, EXPERTS = "ls:25%:expert_streaming=off", "ls:25%"
+SYSTEMS = ["resident", WHOLE, EXPERTS]
+
+
+def run_regime(
+    regime: str, source: Path, store: Path, args: argparse.Namespace, work: Path
+) -> dict[str, list[dict]]:
+    total = streaming.model_bytes(store)
+    base = streaming.baseline_usage() if regime == "cold" else 0
+    if regime == "warm":
+        streaming.warm_page_cache(store)
+    runs: dict[str, list[dict]] = {s: [] for s in SYSTEMS}
+    for rep in range(args.reps):
+        bandwidth = streaming.read_bandwidth(store, cold=regime == "cold")
+        log.info("%s rep %d: best %.2f GB/s", regime, rep, bandwidth["best"] / 1e9)
+        for system in SYSTEMS:
+            budget = streaming.budget_of(system, total)
+            if regime == "cold" and budget is None:
+                continue  # the resident model does not fit the box
+            cmd = streaming.command(system, source, store, args, work)
+            result = streaming.run(system, regime, cmd, base + (budget or 0) + streaming.MARGIN)
+            result["bandwidth"] = bandwidth
+            runs[system].append(result)
+            shown = result.get("error") or f"{result['per_token_s'] * 1e3:.1f} ms/token"
+            log.info("%s rep %d %-30s %s", regime, rep, system, shown)
+    return runs
+
+
+def rows_of(runs: dict[str, list[dict]], reference: list[int] | None, args) -> list[dict]:
+    steps = args.new_tokens + 1  # the prefill and each decode step sweep the blocks once
+    rows = []
+    for system, results in runs.items():
+        if not results:
+            continue
+        row = streaming.summarise(system, results, reference, steps)
+        ok = [r for r in results if "error" not in r]
+        row["expert_mib_per_token"] = (
+            statistics.median(r.get("expert_bytes_per_token", 0) for r in ok) / 2**20 if ok else 0
+        )
+        rows.append(row)
+    return rows
+
+
+def add_routed_floor(rows: list[dict], runs: dict[str, list[dict]], compute_ms: float) -> None:
+    """The floor of every row: max(compute, what expert streaming read per token at the
+    best bandwidth), per repetition, medians reported."""
+    mine = runs.get(EXPERTS, [])
+    resident = runs.get("resident", [])
+    for row in rows:
+        if "error" in row or row["system"] == "resident":
+            continue
+        floors, ratios = [], []
+        for rep, r in enumerate(runs[row["system"]]):
+            need = mine[rep] if rep < len(mine) else None
+            if "error" in r or need is None or "error" in need:
+                continue
+            beside = resident[rep] if rep < len(resident) else None
+            compute = (
+                beside["per_token_s"] * 1e3 if beside and "error" not in beside else compute_ms
+            )
+            io_ms = need["bytes_per_token"] / r["bandwidth"]["best"] * 1e3
+            floors.append(max(compute, io_ms))
+            ratios.append(r["per_token_s"] * 1e3 / floors[-1])
+        if floors:
+            row["floor_ms"] = statistics.median(floors)
+            row["x_floor"] = statistics.median(ratios)
+    whole = next((r for r in rows if r["system"] == WHOLE and "error" not in r), None)
+    for row in rows:
+        if whole is not None and "error" not in row:
+            row["x_whole_block"] = row["per_token_ms"] / whole["per_token_ms"]
+
+
+def print_table(title: str, rows: list[dict]) -> None:
+    print(f"\n== {title}")
+    cols = ["system", "ms/tok", "x whole", "floor", "x floor", "MiB/tok", "experts", "rest",
+            "peakRSS", "cgroup", "exact"]  # fmt: skip
+    print(f"{cols[0]:<30}" + "".join(f"{c:>9}" for c in cols[1:]))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['system']:<30}  {r['error'][:100]}")
+            continue
+        mib, experts = r["bytes_read_per_token_mib"], r["expert_mib_per_token"]
+        print(
+            f"{r['system']:<30}{r['per_token_ms']:>9.1f}{r.get('x_whole_block', 0):>9.2f}"
+            f"{r.get('floor_ms', 0):>9.1f}{r.get('x_floor', 0):>9.2f}{mib:>9.1f}"
+            f"{experts:>9.1f}{mib - experts:>9.1f}{r['peak_rss_mib']:>9.0f}"
+            f"{r['cgroup_peak_mib']:>9.0f}{r['identical_to_resident']!s:>9}"
+        )
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--presets", default="qwen3-moe-2b,mixtral-1b")
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, the same for all")
+    parser.add_argument("--regimes", default="warm,cold")
+    parser.add_argument("--out", type=Path, default=ROOT / "experts.json")
+    args = parser.parse_args()
+    report: dict = {"args": vars(args) | {"out": str(args.out)}}
+    work = Path(tempfile.mkdtemp(prefix="layerstream-experts-"))
+    for preset in args.presets.split(","):
+        source, store = streaming.prepare(preset, dtype="bfloat16")
+        report[preset] = {"model_bytes": streaming.model_bytes(store)}
+        reference, compute_ms = None, 0.0
+        for regime in args.regimes.split(","):
+            if regime == "cold" and (why := cgroup.available()):
+                report[preset][regime] = {"skipped": why}
+                log.warning("cold regime skipped: %s", why)
+                continue
+            runs = run_regime(regime, source, store, args, work)
+            ok = [r for r in runs["resident"] if "error" not in r]
+            if regime == "warm" and ok:
+                reference = ok[0]["ids"]
+                compute_ms = statistics.median(r["per_token_s"] for r in ok) * 1e3
+            rows = rows_of(runs, reference, args)
+            add_routed_floor(rows, runs, compute_ms)
+            title = (
+                f"{preset} ({streaming.model_bytes(store) / 2**30:.2f} GiB bf16), {regime}, "
+                f"25% budget, {args.new_tokens} tokens, {args.reps} rep(s)"
+            )
+            print_table(title, rows)
+            report[preset][regime] = {"rows": rows, "runs": runs}
+    args.out.write_text(json.dumps(report, indent=1, default=str))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
