@@ -308,3 +308,19 @@ def test_dense_stores_keep_format_version_1(model_factory):
     data = json.loads((model_factory("llama").store / "manifest.json").read_text())
     assert data["format_version"] == 1
     assert all("experts" not in c for c in data["chunks"].values())
+
+
+def test_local_expert_reads_split_across_threads_stay_exact(moe_models, monkeypatch):
+    """Routed experts of a local store are read as many small reads at once (PIECE bytes
+    each, here a few hundred): the bytes land where they belong."""
+    from layerstream.engine import expert_reader
+
+    monkeypatch.setattr(expert_reader, "PIECE", 320)
+    source, store = moe_models("olmoe")
+    engine = expert_engine(store, streaming_budget(store))
+    try:
+        generation = compare_generation(engine, reference_model(source), STEPS)
+        assert generation.ids_equal and generation.step_diffs == [0.0] * STEPS
+        assert engine.streamer.stats.experts_read > 0
+    finally:
+        engine.close()

@@ -241,6 +241,10 @@ class Engine:
                 plan.buffer_bytes,
                 self.parts,
                 self.options.poison_unread_experts,
+                # routed experts are read while the block waits: several reads in flight
+                # (they wait on the disk, not on a core)
+                threads=max(self.io_threads, 4),
+                evict=self._evict,
             )
         elif kind is ReaderKind.MMAP and isinstance(self.store, MappableStore):
             reader = MappedReader(self.store, checks, plan.pool_buffers, self._evict)

@@ -15,18 +15,21 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 
 from ..errors import ChunkIntegrityError
 from ..format.manifest import ChunkInfo
-from ..format.parts import ChunkParts, Range, coalesce
-from ..stores import ChunkStore
+from ..format.parts import ChunkParts, Range, coalesce, span
+from ..stores import ChunkStore, MappableStore, ReadResult
 from .checks import ChunkChecks
 from .readers import Lease, PooledLease, PooledReader
 
 # 0xFF bytes are NaN in float32, float16 and bfloat16 alike.
 POISON = 0xFF
+PIECE = 1 << 20  # a local read of experts is split into reads of this size, run at once
 
 
 class ExpertLease(PooledLease):
@@ -77,10 +80,21 @@ class ExpertReader(PooledReader):
         buffer_bytes: int,
         parts: dict[str, ChunkParts],
         poison: bool = False,
+        threads: int = 4,
+        evict: Callable[[str], None] | None = None,
     ):
         super().__init__(store, checks, buffers, buffer_bytes)
         self.parts = parts
         self.poison = poison
+        # the bytes are copied into the buffer: where the page cache cannot hold the chunks
+        # anyway, their cached pages go at once rather than by reclaim on the next read
+        self._evict = evict
+        self._threads = max(threads, 1)
+        self._pool = (
+            ThreadPoolExecutor(self._threads, thread_name_prefix="layerstream-experts")
+            if isinstance(store, MappableStore) and self._threads > 1
+            else None
+        )
 
     def lease(self, j: int, info: ChunkInfo) -> Lease:
         parts = self.parts.get(info.name)
@@ -130,6 +144,36 @@ class ExpertReader(PooledReader):
         experts: int,
     ) -> str | None:
         start = time.perf_counter()
-        got = self.store.read_ranges(info.file, memoryview(data.numpy()), ranges, info.bytes)
+        got = self._fetch(info, memoryview(data.numpy()), ranges)
+        if self._evict is not None:
+            self._evict(info.file)
         self.checks.check_parts(info, data, got.version, start, checked, experts)
         return got.version
+
+    def _fetch(self, info: ChunkInfo, view: memoryview, ranges: list[Range]) -> ReadResult:
+        """The ranges into ``view``; from a local file in PIECE-sized reads on the pool's
+        threads at once (a disk delivers its bandwidth only to several reads in flight;
+        remote stores fetch their parts in parallel themselves)."""
+        if self._pool is None or span(ranges) <= PIECE:
+            return self.store.read_ranges(info.file, view, ranges, info.bytes)
+        pieces = [
+            (o, min(PIECE, offset + length - o))
+            for offset, length in ranges
+            for o in range(offset, offset + length, PIECE)
+        ]
+        lanes = [pieces[i :: self._threads] for i in range(self._threads)]
+        futures = [
+            self._pool.submit(self.store.read_ranges, info.file, view, lane, info.bytes)
+            for lane in lanes
+            if lane
+        ]
+        wait(futures)  # every read ends before the buffer can be reused, even after a failure
+        results = [future.result() for future in futures]
+        versions = {r.version for r in results}
+        version = versions.pop() if len(versions) == 1 else None  # changed meanwhile: hashed
+        return ReadResult(sum(r.size for r in results), version)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        super().close()

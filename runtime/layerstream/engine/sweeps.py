@@ -271,11 +271,14 @@ class SweepGroup:
             rider.experts_routed += len(experts)
         if not lease.missing(group, experts):
             return
+        started = time.perf_counter()
         self.slots.release()
         try:
             lease.ensure(group, experts)
         finally:
             self.slots.acquire()
+            if rider is not None:  # waiting for experts is waiting for weights
+                rider.wait_s += time.perf_counter() - started
 
     def note_token(self, rider: Rider) -> None:
         """``rider`` generated a token (counted in the sweep it last rode)."""
