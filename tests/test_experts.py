@@ -54,7 +54,12 @@ def moe_models(tmp_path_factory):
 
 
 def expert_engine(store: Path | str, budget: str | int, **options) -> Engine:
-    options = {"read_ahead": 1, "poison_unread_experts": True, **options}
+    options = {
+        "read_ahead": 1,
+        "poison_unread_experts": True,
+        "expert_streaming": "on",
+        **options,
+    }
     return Engine(open_store(str(store)), EngineOptions(memory_budget=budget, **options))
 
 
@@ -279,7 +284,7 @@ def test_a_store_chunked_before_expert_streaming_streams_whole_blocks(moe_models
         chunk.pop("experts", None)
     data["format_version"] = 1
     (old / "manifest.json").write_text(json.dumps(data))
-    engine = expert_engine(old, streaming_budget(old))
+    engine = expert_engine(old, streaming_budget(old), expert_streaming="auto")
     try:
         assert not engine.parts
         generation = compare_generation(engine, reference_model(source), 3)
@@ -324,3 +329,24 @@ def test_local_expert_reads_split_across_threads_stay_exact(moe_models, monkeypa
         assert engine.streamer.stats.experts_read > 0
     finally:
         engine.close()
+
+
+def test_auto_streams_experts_where_the_page_cache_cannot_hold_the_chunks(moe_models, monkeypatch):
+    """Locally, whole blocks mapped from the page cache cost no copy: "auto" streams experts
+    only when the cache cannot hold the streamed chunks (and always from remote stores:
+    test_over_http_the_experts_arrive_as_ranged_gets)."""
+    from layerstream.engine import tuning
+
+    _, store = moe_models("qwen3_moe")
+    budget = streaming_budget(store)
+    roomy = expert_engine(store, budget, expert_streaming="auto")
+    try:
+        assert not roomy.evict_after_use and not roomy.parts
+    finally:
+        roomy.close()
+    monkeypatch.setattr(tuning, "memory_limit", lambda: budget)  # a box the size of the budget
+    tight = expert_engine(store, budget, expert_streaming="auto")
+    try:
+        assert tight.evict_after_use and tight.parts
+    finally:
+        tight.close()

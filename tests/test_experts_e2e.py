@@ -27,7 +27,12 @@ def moe_server(tmp_path_factory):
     spec = ModelSpec(
         MODEL,
         store,
-        {"memory_budget": str(streaming_budget(store)), "read_ahead": 1, "torch_threads": 1},
+        {
+            "memory_budget": str(streaming_budget(store)),
+            "read_ahead": 1,
+            "torch_threads": 1,
+            "expert_streaming": "on",
+        },
     )
     with serve(tmp_path_factory.mktemp("mlserver-moe"), [spec]) as server:
         server.source = source

@@ -73,9 +73,11 @@ class EngineOptions:
     poison_unread_experts: bool = False
 
 
-# "auto": a mixture-of-experts block streams its base and then only its routed experts when
-# the store lists its experts (chunked by a layerstream that knows them), else whole; "on":
-# the same, and a store that cannot is an error; "off": every block streams whole.
+# "on": a mixture-of-experts block streams its base and then only its routed experts (the
+# store must list its experts: chunked by a layerstream that knows them); "off": every block
+# streams whole; "auto": "on" where the store lists them and the bytes come from a disk or a
+# network, whole blocks where a local store's chunks stay in the page cache, whose mapped
+# pages cost no copy (copying the routed experts out was slower there: docs/benchmarks.md).
 EXPERT_STREAMING = ("auto", "on", "off")
 
 
@@ -195,6 +197,13 @@ class Engine:
                 f"expert_streaming=on, but {self.manifest.name} ({self.manifest.architecture}) "
                 f"{why}{'' if self.plan.streamed else ' (and no block streams at this budget)'}"
             )
+        if mode == "auto" and listed and self._cache_holds_chunks():
+            log.info(
+                "expert streaming off: the page cache holds %s's streamed chunks, which are "
+                "mapped whole without a copy (expert_streaming=on reads only routed experts)",
+                self.manifest.name,
+            )
+            return {}
         if mode == "off" or not listed:
             if self.experts and layouts and not self.manifest.has_experts:
                 log.info(
@@ -204,6 +213,9 @@ class Engine:
                 )
             return {}
         return {name: self._chunk_parts(name, layouts[name]) for name in listed}
+
+    def _cache_holds_chunks(self) -> bool:
+        return isinstance(self.store, MappableStore) and not self.evict_after_use
 
     def _chunk_parts(self, name: str, layout: list[TensorEntry]) -> ChunkParts:
         info = self.manifest.chunks[name]

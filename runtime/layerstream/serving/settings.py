@@ -97,10 +97,12 @@ class LayerStreamSettings(BaseSettings):
         default="auto",
         description="Mixture-of-experts models: a streamed block reads its non-expert weights, "
         "then only the experts its router chose for the tokens at hand (each read once per "
-        "pass for every request on it), instead of the whole block. `auto`: when the store "
-        "lists its experts' byte ranges (chunked by this layerstream); `on`: the same, and a "
-        "store that cannot is a load error; `off`: every block streams whole. Needs the "
-        "`read` reader (`auto` picks it).",
+        "pass for every request on it), instead of the whole block. `on`: so, and a store "
+        "chunked without its experts' byte ranges is a load error; `off`: every block "
+        "streams whole; `auto`: `on` where the store lists them and the bytes come from a "
+        "disk or a network, whole blocks where a local store's chunks stay in the page "
+        "cache (mapped whole, no copy: faster there). Needs the `read` reader (`auto` "
+        "picks it).",
     )
     max_new_tokens_limit: int = Field(
         default=1024, ge=1, description="Largest `max_new_tokens` a request may ask for."
