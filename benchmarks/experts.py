@@ -30,7 +30,7 @@ import streaming
 
 log = logging.getLogger("benchmarks.experts")
 ROOT = Path(__file__).resolve().parent
-WHOLE, EXPERTS = "ls:25%:expert_streaming=off", "ls:25%"
+WHOLE, EXPERTS = "ls:25%:expert_streaming=off", "ls:25%:expert_streaming=on"
 SYSTEMS = ["resident", WHOLE, EXPERTS]
 
 
