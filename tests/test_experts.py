@@ -350,3 +350,76 @@ def test_auto_streams_experts_where_the_page_cache_cannot_hold_the_chunks(moe_mo
         assert tight.evict_after_use and tight.parts
     finally:
         tight.close()
+
+
+def test_a_damaged_expert_chunk_replaced_by_a_good_one_makes_the_model_whole(tmp_path):
+    """The damage a request finds in a part takes the model out of service until a part of
+    another version of the file passes: after the chunk is replaced (by rename), the next
+    request is exact and the damage is gone; the damaged version itself stays damaged."""
+    import os
+
+    source, store = build("deepseek_v3", tmp_path)
+    manifest, name, path = _chunk_of(store, 5)
+    info = manifest.chunks[name]
+    good = path.read_bytes()
+    parts = chunk_parts(
+        info, parse_layout(info, torch.frombuffer(bytearray(good), dtype=torch.uint8))
+    )
+    for e in range(parts.groups[0].count):
+        _damage(path, parts.experts[0][e][0][0])
+    reference = reference_model(source)
+    engine = expert_engine(store, streaming_budget(store), verify_in_background=False)
+    try:
+        with pytest.raises(ChunkIntegrityError, match="expert"):
+            compare_generation(engine, reference, 2)
+        assert engine.damage is not None
+        with pytest.raises(ChunkIntegrityError):  # the same file: still damaged
+            compare_generation(engine, reference, 2)
+        assert engine.damage is not None
+        fixed = path.with_suffix(".tmp")
+        fixed.write_bytes(good)
+        os.replace(fixed, path)
+        generation = compare_generation(engine, reference, 3)
+        assert generation.ids_equal and generation.step_diffs == [0.0] * 3
+        assert engine.damage is None
+    finally:
+        engine.close()
+
+
+def test_with_verify_once_each_part_is_hashed_once_per_version(moe_models, monkeypatch):
+    from layerstream.engine import checks
+
+    hashed: list[tuple[str, str]] = []
+    real = checks.verify_part
+
+    def counted(info, what, *args):
+        hashed.append((info.name, what))
+        return real(info, what, *args)
+
+    monkeypatch.setattr(checks, "verify_part", counted)
+    _, store = moe_models("olmoe")
+    engine = expert_engine(store, streaming_budget(store), verify_in_background=False)
+    try:
+        for _ in range(2):
+            with engine.request():
+                engine.model.generate(
+                    torch.tensor([PROMPT]), max_new_tokens=3, do_sample=False, pad_token_id=0
+                )
+        assert hashed and len(hashed) == len(set(hashed)) > 0
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("edit", ["no groups", "a group twice", "format_version 1"])
+def test_manifest_expert_edits_are_refused(moe_models, edit):
+    _, store = moe_models("qwen3_moe")
+    data = json.loads((store / "manifest.json").read_text())
+    experts = next(c for c in data["chunks"].values() if "experts" in c)["experts"]
+    if edit == "no groups":
+        experts["groups"] = []
+    elif edit == "a group twice":
+        experts["groups"] = experts["groups"] * 2
+    else:
+        data["format_version"] = 1
+    with pytest.raises(ManifestError, match=r"each experts module once|format_version 1"):
+        Manifest.from_json(json.dumps(data))

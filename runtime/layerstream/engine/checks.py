@@ -64,7 +64,8 @@ class ChunkHealth:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._verified: dict[str, str] = {}  # chunk name -> store version whose sha256 passed
-        self._damaged: dict[str, ChunkIntegrityError] = {}
+        # chunk name -> the error, and the store version found damaged (None: unknown)
+        self._damaged: dict[str, tuple[ChunkIntegrityError, str | None]] = {}
 
     def is_verified(self, chunk: str, version: str | None) -> bool:
         with self._lock:
@@ -76,20 +77,30 @@ class ChunkHealth:
                 self._verified[chunk] = version
             self._damaged.pop(chunk, None)
 
-    def failed(self, chunk: str, error: ChunkIntegrityError) -> None:
-        """``chunk`` is damaged in the store (not in transit): the model is unusable until a
-        verified version of it replaces it (or the model is reloaded)."""
+    def part_passed(self, chunk: str, version: str | None) -> None:
+        """A part of ``chunk`` passed its check (expert streaming): a chunk found damaged
+        is whole again once a part of another version of its file passes (the damaged
+        version's other parts are not vouched for by this one)."""
+        with self._lock:
+            damaged = self._damaged.get(chunk)
+            if damaged is not None and version is not None and damaged[1] != version:
+                del self._damaged[chunk]
+
+    def failed(self, chunk: str, error: ChunkIntegrityError, version: str | None = None) -> None:
+        """``chunk`` (at store ``version``) is damaged in the store (not in transit): the
+        model is unusable until a verified version of it replaces it (or the model is
+        reloaded)."""
         with self._lock:
             self._verified.pop(chunk, None)
             first = not self._damaged
-            self._damaged[chunk] = error
+            self._damaged[chunk] = (error, version)
         if first:
             log.error("model unusable, no longer ready: %s", error.message)
 
     @property
     def damage(self) -> ChunkIntegrityError | None:
         with self._lock:
-            return next(iter(self._damaged.values()), None)
+            return next((error for error, _ in self._damaged.values()), None)
 
 
 def refetch_once(
@@ -130,6 +141,9 @@ class ChunkChecks:
         # chunk name -> (store version, parsed header): a streamed block's header is parsed
         # once, not on every token (less Python on the I/O thread, less GIL for compute)
         self._layouts: dict[str, tuple[str, list[TensorEntry]]] = {}
+        # (chunk name, part) -> store version whose sha256 passed: with verify "once", a
+        # part read alone is hashed once per version too
+        self._parts_verified: dict[tuple[str, str], str] = {}
 
     def check(
         self,
@@ -175,7 +189,13 @@ class ChunkChecks:
         read_done = time.perf_counter()
         if self._must_verify(info, version):
             for what, ranges, digest in parts:
+                if self.mode is VerifyMode.ONCE and self._part_verified(info, what, version):
+                    continue
                 verify_part(info, what, data, ranges, digest)
+                if version is not None:
+                    with self._lock:
+                        self._parts_verified[(info.name, what)] = version
+        self.health.part_passed(info.name, version)
         got = sum(span(ranges) for _, ranges, _ in parts)
         with self._lock:
             self.stats.bytes_read += got
@@ -185,6 +205,10 @@ class ChunkChecks:
                 self.stats.expert_bytes += got
             else:
                 self.stats.chunks_read += 1
+
+    def _part_verified(self, info: ChunkInfo, what: str, version: str | None) -> bool:
+        with self._lock:
+            return version is not None and self._parts_verified.get((info.name, what)) == version
 
     def _must_verify(self, info: ChunkInfo, version: str | None) -> bool:
         if self.mode is VerifyMode.OFF:
@@ -223,5 +247,12 @@ class ChunkChecks:
             # read twice from a local file system and still wrong: the file itself is
             # damaged, not a transfer (remote stores are read afresh by the next request)
             if isinstance(self.store, MappableStore):
-                self.health.failed(info.name, exc)
+                self.health.failed(info.name, exc, self._version_now(info))
             raise
+
+    def _version_now(self, info: ChunkInfo) -> str | None:
+        assert isinstance(self.store, MappableStore)
+        try:
+            return self.store.version(info.file)
+        except Exception:  # gone or unreadable: unknown, so no later version can tell it apart
+            return None

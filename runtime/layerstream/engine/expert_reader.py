@@ -24,6 +24,7 @@ from ..errors import ChunkIntegrityError
 from ..format.manifest import ChunkInfo
 from ..format.parts import ChunkParts, Range, coalesce, span
 from ..stores import ChunkStore, MappableStore, ReadResult
+from ..stores.ranged import split
 from .checks import ChunkChecks
 from .readers import Lease, PooledLease, PooledReader
 
@@ -156,11 +157,7 @@ class ExpertReader(PooledReader):
         remote stores fetch their parts in parallel themselves)."""
         if self._pool is None or span(ranges) <= PIECE:
             return self.store.read_ranges(info.file, view, ranges, info.bytes)
-        pieces = [
-            (o, min(PIECE, offset + length - o))
-            for offset, length in ranges
-            for o in range(offset, offset + length, PIECE)
-        ]
+        pieces = split(ranges, PIECE)
         lanes = [pieces[i :: self._threads] for i in range(self._threads)]
         futures = [
             self._pool.submit(self.store.read_ranges, info.file, view, lane, info.bytes)

@@ -218,6 +218,7 @@ class BackgroundVerifier:
                     f"manifest says {info.bytes} bytes, {info.sha256[:12]}…): the store is "
                     "damaged; re-run the chunker, then reload the model"
                 ),
+                version,
             )
         return size
 

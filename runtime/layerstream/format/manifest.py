@@ -233,6 +233,12 @@ def _experts(raw: Any, chunk: str, source: str) -> ChunkExperts:
                 sha256=[_digest(d, f"an expert's sha256 in {what}", source) for d in digests],
             )
         )
+    modules = [g.module for g in groups]
+    if not groups or len(set(modules)) != len(modules):
+        raise ManifestError(
+            f"{source}: {what} must list each experts module once, and at least one; the "
+            "manifest was edited: re-run the chunker"
+        )
     return ChunkExperts(_digest(raw["base_sha256"], f"{what} 'base_sha256'", source), groups)
 
 
@@ -285,6 +291,11 @@ def _parse(data: Any, source: str) -> Manifest:
         raise ManifestError(
             f"{source}: 'file_sha256' has no digest for {sorted(set(files) - set(file_sha256))}"
             "; the manifest was edited: re-run the chunker"
+        )
+    if version < 2 and any(c.experts is not None for c in chunks.values()):
+        raise ManifestError(
+            f"{source} lists experts, which format_version {version} does not have; the "
+            "manifest was edited: re-run the chunker"
         )
     tied = _typed(data.get("tied", []), list, "'tied'", source)
     return Manifest(

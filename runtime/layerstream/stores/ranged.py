@@ -143,7 +143,7 @@ class RangedReader:
                 self.options.part_bytes,
                 max(MIN_PART, -(-expected // self.options.max_concurrency)),
             )
-            pieces = [(o, min(step, expected - o)) for o in range(0, expected, step)]
+            pieces = split([(0, expected)], step)
             _check_totals(what, self._parts(what, buffer, part, pieces, None, until), expected)
             return expected, None
         length = min(len(buffer), self.options.part_bytes)
@@ -154,7 +154,7 @@ class RangedReader:
                 "the store was modified after chunking: re-run the chunker"
             )
         step = self.options.part_bytes
-        pieces = [(o, min(step, size - o)) for o in range(filled, size, step)]
+        pieces = split([(filled, size - filled)], step)
         self._parts(what, buffer, part, pieces, version, until)
         return size, version
 
@@ -200,11 +200,7 @@ class RangedReader:
         at most ``part_bytes``; returns the bytes fetched."""
         until = time.monotonic() + self.options.deadline_s
         step = self.options.part_bytes
-        pieces = [
-            (o, min(step, offset + length - o))
-            for offset, length in ranges
-            for o in range(offset, offset + length, step)
-        ]
+        pieces = split(ranges, step)
         if pieces and max(o + n for o, n in pieces) > min(size, len(buffer)):
             raise ChunkStoreError(f"{what}: a range ends past the chunk's {size} bytes")
         _check_totals(what, self._parts(what, buffer, part, pieces, None, until), size)
@@ -212,6 +208,15 @@ class RangedReader:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def split(ranges: list[tuple[int, int]], step: int) -> list[tuple[int, int]]:
+    """Each (offset, length) range as pieces of at most ``step`` bytes."""
+    return [
+        (o, min(step, offset + length - o))
+        for offset, length in ranges
+        for o in range(offset, offset + length, step)
+    ]
 
 
 def _check_totals(what: str, totals: list[int], size: int) -> None:
