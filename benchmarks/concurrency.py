@@ -513,6 +513,9 @@ def parse_args() -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--preset", default="llama-1b")
+    parser.add_argument(
+        "--dtype", default=None, help="save and chunk the preset in this dtype (e.g. bfloat16)"
+    )
     parser.add_argument("--regimes", default="cold,http,warm25,warm100")
     parser.add_argument("--clients", default="1,2,4,8,16")
     parser.add_argument(
@@ -553,7 +556,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def prepare_bench(args: argparse.Namespace, work: Path) -> Bench:
-    source, store = streaming.prepare(args.preset)
+    source, store = streaming.prepare(args.preset, args.dtype)
     vocab = json.loads((store / "config.json").read_text())["vocab_size"]
     count = max([*args.clients, args.grpc_clients])
     prompts = [prompt_ids(i, args.prompt_tokens, vocab) for i in range(count)]
