@@ -24,12 +24,13 @@ from transformers import PreTrainedModel
 
 from ..errors import ChunkIntegrityError, ManifestError, SettingsError
 from ..format.manifest import MANIFEST_NAME, ChunkInfo, Manifest
-from ..format.parts import ChunkParts, chunk_parts
-from ..format.safetensors import ChunkSpec, TensorEntry
+from ..format.parts import ChunkParts
+from ..format.safetensors import ChunkSpec
 from ..stores import CachingStore, ChunkStore, MappableStore
 from ..units import format_size
 from . import tuning
 from .checks import ChunkChecks, VerifyMode
+from .expert_plan import expert_parts
 from .expert_reader import ExpertReader
 from .experts import ExpertsModule, find_experts
 from .hooks import BlockBinding, BlockHook, ResidentBlockHook, StreamedBlockHook
@@ -68,17 +69,9 @@ class EngineOptions:
     verify_in_background: bool = True  # hash streamed local chunks after load (integrity.py)
     reader: str = "auto"  # see readers.pick_reader
     compute_slots: int | str = "auto"  # requests computing at once; see tuning.compute_slots
-    expert_streaming: str = "auto"  # see EXPERT_STREAMING
+    expert_streaming: str = "auto"  # see expert_plan.py
     # fill expert slices that were not read with NaN (tests: proves an unread one is unused)
     poison_unread_experts: bool = False
-
-
-# "on": a mixture-of-experts block streams its base and then only its routed experts (the
-# store must list its experts: chunked by a layerstream that knows them); "off": every block
-# streams whole; "auto": "on" where the store lists them and the bytes come from a disk or a
-# network, whole blocks where a local store's chunks stay in the page cache, whose mapped
-# pages cost no copy (copying the routed experts out was slower there: docs/benchmarks.md).
-EXPERT_STREAMING = ("auto", "on", "off")
 
 
 @dataclass
@@ -178,60 +171,13 @@ class Engine:
         layouts = check_chunk_heads(
             self.store, self._streamed_chunks(), self.specs, max(self.io_threads, 4)
         )
-        self.parts: dict[str, ChunkParts] = self._expert_parts(layouts)
-
-    def _expert_parts(self, layouts: dict[str, list[TensorEntry]]) -> dict[str, ChunkParts]:
-        mode = self.options.expert_streaming
-        if mode not in EXPERT_STREAMING:
-            raise SettingsError(
-                f"expert_streaming must be one of {', '.join(EXPERT_STREAMING)}, not {mode!r}"
-            )
-        listed = [name for name in layouts if self.manifest.chunks[name].experts is not None]
-        if mode == "on" and not listed:
-            why = (
-                "has no experts modules"
-                if not self.experts
-                else "was chunked without its experts' byte ranges: re-run the chunker"
-            )
-            raise SettingsError(
-                f"expert_streaming=on, but {self.manifest.name} ({self.manifest.architecture}) "
-                f"{why}{'' if self.plan.streamed else ' (and no block streams at this budget)'}"
-            )
-        if mode == "auto" and listed and self._cache_holds_chunks():
-            log.info(
-                "expert streaming off: the page cache holds %s's streamed chunks, which are "
-                "mapped whole without a copy (expert_streaming=on reads only routed experts)",
-                self.manifest.name,
-            )
-            return {}
-        if mode == "off" or not listed:
-            if self.experts and layouts and not self.manifest.has_experts:
-                log.info(
-                    "%s was chunked without its experts' byte ranges: its blocks stream whole; "
-                    "re-run the chunker to stream only the routed experts",
-                    self.manifest.name,
-                )
-            return {}
-        return {name: self._chunk_parts(name, layouts[name]) for name in listed}
-
-    def _cache_holds_chunks(self) -> bool:
-        return isinstance(self.store, MappableStore) and not self.evict_after_use
-
-    def _chunk_parts(self, name: str, layout: list[TensorEntry]) -> ChunkParts:
-        info = self.manifest.chunks[name]
-        assert info.experts is not None
-        for group in info.experts.groups:
-            module = self.experts.get(group.module)
-            if module is None or (module.count, sorted(module.tensors)) != (
-                group.count,
-                sorted(group.tensors),
-            ):
-                raise ManifestError(
-                    f"chunk {name} lists experts of {group.module} ({group.count} experts in "
-                    f"{group.tensors}), which the model built from config.json does not have "
-                    "as such; the chunks do not belong to this config: re-run the chunker"
-                )
-        return chunk_parts(info, layout)
+        self.parts: dict[str, ChunkParts] = expert_parts(
+            self.options.expert_streaming,
+            self.manifest,
+            self.experts,
+            layouts,
+            cache_holds_chunks=isinstance(self.store, MappableStore) and not self.evict_after_use,
+        )
 
     def _start_streamer(self) -> WeightStreamer:
         checks = ChunkChecks(
