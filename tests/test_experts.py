@@ -53,14 +53,19 @@ def moe_models(tmp_path_factory):
     return make
 
 
-def expert_engine(store: Path | str, budget: str | int, **options) -> Engine:
+def expert_engine(
+    store: Path | str, budget: str | int, store_options: StoreOptions | None = None, **options
+) -> Engine:
     options = {
         "read_ahead": 1,
         "poison_unread_experts": True,
         "expert_streaming": "on",
         **options,
     }
-    return Engine(open_store(str(store)), EngineOptions(memory_budget=budget, **options))
+    return Engine(
+        open_store(str(store), options=store_options),
+        EngineOptions(memory_budget=budget, **options),
+    )
 
 
 def test_the_moe_rows_cover_the_released_layouts():
@@ -423,3 +428,35 @@ def test_manifest_expert_edits_are_refused(moe_models, edit):
         data["format_version"] = 1
     with pytest.raises(ManifestError, match=r"each experts module once|format_version 1"):
         Manifest.from_json(json.dumps(data))
+
+
+def test_through_the_disk_cache_each_part_is_kept_and_served_again(moe_models, tmp_path):
+    """Over HTTP with a disk cache, every part read (a block's base, each routed expert) is
+    kept under its own digest: a second engine on the same cache runs the same request
+    exactly with no byte from the origin; after every entry is damaged, a third finds the
+    damage, drops the entries and fetches again, still exact."""
+    source, store = moe_models("olmoe")
+    server = StaticServer(store).start()
+    options = StoreOptions(cache_dir=str(tmp_path / "cache"), cache_bytes=1 << 30)
+    reference = reference_model(source)
+    try:
+        for run in range(3):
+            if run == 2:
+                for entry in (tmp_path / "cache").rglob("sha256/*/*"):
+                    _damage(entry, 0)
+            engine = expert_engine(
+                server.url, streaming_budget(store), store_options=options, read_ahead=0
+            )
+            try:
+                before = engine.store.cache.stats.bytes_from_origin
+                generation = compare_generation(engine, reference, STEPS)
+                assert generation.ids_equal and generation.step_diffs == [0.0] * STEPS
+                fetched = engine.store.cache.stats.bytes_from_origin - before
+                assert engine.streamer.stats.experts_read > 0
+                assert (fetched == 0) if run == 1 else (fetched > 0), (run, fetched)
+                if run == 2:
+                    assert engine.store.cache.stats.discarded > 0
+            finally:
+                engine.close()
+    finally:
+        server.stop()

@@ -17,13 +17,14 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
+from functools import partial
 
 import torch
 
 from ..errors import ChunkIntegrityError
 from ..format.manifest import ChunkInfo
 from ..format.parts import ChunkParts, Range, coalesce, span
-from ..stores import ChunkStore, MappableStore, ReadResult
+from ..stores import CachingStore, ChunkStore, MappableStore, ReadResult
 from ..stores.ranged import split
 from .checks import ChunkChecks
 from .readers import Lease, PooledLease, PooledReader
@@ -93,7 +94,7 @@ class ExpertReader(PooledReader):
         self._threads = max(threads, 1)
         self._pool = (
             ThreadPoolExecutor(self._threads, thread_name_prefix="layerstream-experts")
-            if isinstance(store, MappableStore) and self._threads > 1
+            if isinstance(store, (MappableStore, CachingStore)) and self._threads > 1
             else None
         )
 
@@ -145,27 +146,43 @@ class ExpertReader(PooledReader):
         experts: int,
     ) -> str | None:
         start = time.perf_counter()
-        got = self._fetch(info, memoryview(data.numpy()), ranges)
+        got = self._fetch(info, memoryview(data.numpy()), ranges, checked)
         if self._evict is not None:
             self._evict(info.file)
         self.checks.check_parts(info, data, got.version, start, checked, experts)
         return got.version
 
-    def _fetch(self, info: ChunkInfo, view: memoryview, ranges: list[Range]) -> ReadResult:
-        """The ranges into ``view``; from a local file in PIECE-sized reads on the pool's
-        threads at once (a disk delivers its bandwidth only to several reads in flight;
-        remote stores fetch their parts in parallel themselves)."""
-        if self._pool is None or span(ranges) <= PIECE:
-            return self.store.read_ranges(info.file, view, ranges, info.bytes)
-        pieces = split(ranges, PIECE)
-        lanes = [pieces[i :: self._threads] for i in range(self._threads)]
-        futures = [
-            self._pool.submit(self.store.read_ranges, info.file, view, lane, info.bytes)
-            for lane in lanes
-            if lane
-        ]
-        wait(futures)  # every read ends before the buffer can be reused, even after a failure
-        results = [future.result() for future in futures]
+    def _fetch(
+        self,
+        info: ChunkInfo,
+        view: memoryview,
+        ranges: list[Range],
+        checked: list[tuple[str, list[Range], str]],
+    ) -> ReadResult:
+        """The ranges into ``view``: through a disk cache part by part (each kept under its
+        digest); from a local file in PIECE-sized reads at once (a disk delivers its
+        bandwidth only to several reads in flight); remote stores fetch their parts in
+        parallel themselves."""
+        store = self.store
+        if isinstance(store, CachingStore):
+            calls = [
+                partial(store.read_part, info.file, view, part, info.bytes, digest)
+                for _, part, digest in checked
+            ]
+        elif self._pool is None or span(ranges) <= PIECE:
+            return store.read_ranges(info.file, view, ranges, info.bytes)
+        else:
+            pieces = split(ranges, PIECE)
+            calls = [
+                partial(store.read_ranges, info.file, view, pieces[i :: self._threads], info.bytes)
+                for i in range(min(self._threads, len(pieces)))
+            ]
+        if self._pool is None or len(calls) == 1:
+            results = [call() for call in calls]
+        else:
+            futures = [self._pool.submit(call) for call in calls]
+            wait(futures)  # every read ends before the buffer can be reused, even on failure
+            results = [future.result() for future in futures]
         versions = {r.version for r in results}
         version = versions.pop() if len(versions) == 1 else None  # changed meanwhile: hashed
         return ReadResult(sum(r.size for r in results), version)

@@ -145,3 +145,15 @@ class CachingStore(ChunkStore, Protocol):
     def invalidate(self, name: str) -> None:
         """Drop the copy of ``name`` (its bytes failed a check)."""
         ...
+
+    def read_part(
+        self,
+        name: str,
+        buffer: memoryview,
+        ranges: list[tuple[int, int]],
+        size: int,
+        digest: str,
+    ) -> ReadResult:
+        """``read_ranges`` of one part of a chunk (an expert) whose bytes at ``ranges``,
+        concatenated, have sha256 ``digest``: kept as a copy of its own."""
+        ...

@@ -230,25 +230,61 @@ class CachedStore:
         self, name: str, buffer: memoryview, ranges: list[tuple[int, int]], size: int
     ) -> ReadResult:
         """From the cached copy of the whole chunk when there is one, else from the origin
-        (parts are not cached: their reader hashes them against the manifest)."""
-        if name in self._digests:
-            path = self.cache.path(self._digests[name][1])
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                pass
-            else:
-                try:
-                    if os.fstat(fd).st_size == size:
-                        got = sum(read_fully(fd, buffer[o : o + n], o) for o, n in ranges)
-                        if got == sum(n for _, n in ranges):
-                            self.cache.count(hits=1)
-                            return ReadResult(got, None)
-                finally:
-                    os.close(fd)
-        got = self.origin.read_ranges(name, buffer, ranges, size)
-        self.cache.count(misses=1, bytes_from_origin=got.size)
+        (not cached: ``read_part`` caches a part it knows the digest of)."""
+        got = self._from_whole_copy(name, buffer, ranges, size)
+        if got is None:
+            got = self.origin.read_ranges(name, buffer, ranges, size)
+            self.cache.count(misses=1, bytes_from_origin=got.size)
         return got
+
+    def read_part(
+        self,
+        name: str,
+        buffer: memoryview,
+        ranges: list[tuple[int, int]],
+        size: int,
+        digest: str,
+    ) -> ReadResult:
+        """``read_ranges`` of one part of a chunk whose bytes at ``ranges``, concatenated,
+        have sha256 ``digest`` (an expert, a block's base): from the cache's entry for the
+        part or its copy of the whole chunk, else from the origin, then kept as an entry of
+        its own. Bytes that fail the digest are an error and are not cached."""
+        part = bytearray(sum(n for _, n in ranges))
+        view = memoryview(part)
+        if self.cache.read_into(digest, len(part), view):
+            _scatter(view, buffer, ranges)
+            return ReadResult(len(part), None)
+        got = self._from_whole_copy(name, buffer, ranges, size)
+        if got is None:
+            got = self.origin.read_ranges(name, buffer, ranges, size)
+            _gather(buffer, ranges, view)
+            self._check(name, view, digest)  # counts the bytes from the origin
+        else:
+            _gather(buffer, ranges, view)
+            if hashlib.sha256(view).hexdigest() != digest:
+                return got  # the reader's own check names the damage
+        self.cache.put(digest, view)
+        return got
+
+    def _from_whole_copy(
+        self, name: str, buffer: memoryview, ranges: list[tuple[int, int]], size: int
+    ) -> ReadResult | None:
+        if name not in self._digests:
+            return None
+        path = self.cache.path(self._digests[name][1])
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            if os.fstat(fd).st_size == size:
+                got = sum(read_fully(fd, buffer[o : o + n], o) for o, n in ranges)
+                if got == sum(n for _, n in ranges):
+                    self.cache.count(hits=1)
+                    return ReadResult(got, None)
+        finally:
+            os.close(fd)
+        return None
 
     def _check(self, name: str, data: memoryview, digest: str) -> None:
         self.cache.count(bytes_from_origin=len(data))
@@ -285,6 +321,22 @@ class CachedStore:
 
     def close(self) -> None:
         self.origin.close()
+
+
+def _scatter(part: memoryview, buffer: memoryview, ranges: list[tuple[int, int]]) -> None:
+    """A part's concatenated bytes into ``buffer`` at its ranges."""
+    position = 0
+    for offset, length in ranges:
+        buffer[offset : offset + length] = part[position : position + length]
+        position += length
+
+
+def _gather(buffer: memoryview, ranges: list[tuple[int, int]], part: memoryview) -> None:
+    """``buffer``'s bytes at ``ranges``, concatenated into ``part``."""
+    position = 0
+    for offset, length in ranges:
+        part[position : position + length] = buffer[offset : offset + length]
+        position += length
 
 
 def _touch(path: Path) -> None:
