@@ -251,3 +251,22 @@ def test_stores_declare_their_capabilities(tmp_path):
     finally:
         for store in (s3, http, cached, local):
             store.close()
+
+
+def test_many_small_entries_scan_the_directory_once_per_share_of_the_budget(tmp_path):
+    """An entry per expert (thousands) must not stat the whole directory on every put: the
+    eviction scan runs once per 1/SCAN_SHARE of the budget written, and the budget holds
+    within that share."""
+    from layerstream.stores import cache as cache_module
+
+    budget = 64 * 1000
+    cache = DiskCache(tmp_path, budget=budget)
+    scans = []
+    real = cache.evict_to_budget
+    cache.evict_to_budget = lambda: scans.append(1) or real()  # type: ignore[method-assign]
+    for i in range(1000):  # 100-byte entries: 100 KB, more than the budget
+        data = i.to_bytes(2, "little") * 50
+        cache.put(hashlib.sha256(data).hexdigest(), memoryview(data))
+    assert len(scans) == 1000 * 100 // (budget // cache_module.SCAN_SHARE)  # 100, not 1000
+    held = sum(p.stat().st_size for p in (tmp_path / "sha256").rglob("*") if p.is_file())
+    assert held <= budget + budget // cache_module.SCAN_SHARE

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 STALE_TEMP_S = 3600  # temporary files older than this were left by a crashed writer
 
 
+SCAN_SHARE = 64  # the eviction scan runs once per this share of the budget written
+
+
 @dataclass
 class CacheStats:
     hits: int = 0
@@ -51,6 +54,7 @@ class DiskCache:
             raise ChunkStoreError(f"the disk cache {self.root} is not writable by this process")
         self.stats = CacheStats()
         self._lock = threading.Lock()
+        self._unscanned = 0  # bytes put since the last eviction scan
 
     def path(self, digest: str) -> Path:
         return self.root / digest[:2] / digest
@@ -92,7 +96,16 @@ class DiskCache:
             _unlink(temp)
             log.warning("could not write disk cache entry %s: %s", path, exc)
             return
-        self.evict_to_budget()
+        # The directory is scanned once per 1/SCAN_SHARE of the budget written, not after
+        # every entry: an expert-streamed model writes an entry per expert, thousands, and a
+        # scan stats them all. The cache may pass its budget by that share meanwhile.
+        with self._lock:
+            self._unscanned += len(data)
+            due = self._unscanned >= self.budget // SCAN_SHARE
+            if due:
+                self._unscanned = 0
+        if due:
+            self.evict_to_budget()
 
     def evict_to_budget(self) -> None:
         entries = []
