@@ -430,11 +430,24 @@ def test_manifest_expert_edits_are_refused(moe_models, edit):
         Manifest.from_json(json.dumps(data))
 
 
-def test_through_the_disk_cache_each_part_is_kept_and_served_again(moe_models, tmp_path):
+def test_through_the_disk_cache_each_part_is_kept_and_served_again(
+    moe_models, tmp_path, monkeypatch
+):
     """Over HTTP with a disk cache, every part read (a block's base, each routed expert) is
     kept under its own digest: a second engine on the same cache runs the same request
-    exactly with no byte from the origin; after every entry is damaged, a third finds the
-    damage, drops the entries and fetches again, still exact."""
+    exactly with no byte from the origin, the cache's own check standing for the reader's
+    (no part hashed twice); after every entry is damaged, a third finds the damage, drops
+    the entries and fetches again, still exact."""
+    from layerstream.engine import checks
+
+    rehashed: list[str] = []
+    real = checks.verify_part
+
+    def counted(info, what, *args):
+        rehashed.append(what)
+        return real(info, what, *args)
+
+    monkeypatch.setattr(checks, "verify_part", counted)
     source, store = moe_models("olmoe")
     server = StaticServer(store).start()
     options = StoreOptions(cache_dir=str(tmp_path / "cache"), cache_bytes=1 << 30)
@@ -454,6 +467,7 @@ def test_through_the_disk_cache_each_part_is_kept_and_served_again(moe_models, t
                 fetched = engine.store.cache.stats.bytes_from_origin - before
                 assert engine.streamer.stats.experts_read > 0
                 assert (fetched == 0) if run == 1 else (fetched > 0), (run, fetched)
+                assert rehashed == []
                 if run == 2:
                     assert engine.store.cache.stats.discarded > 0
             finally:

@@ -181,13 +181,15 @@ class ChunkChecks:
         start: float,
         parts: list[tuple[str, list[Range], str]],
         experts: int = 0,
+        verified: bool = False,
     ) -> None:
         """Count a ranged read of ``info`` into ``data`` (laid out like the file) and check
-        each (name, ranges, sha256) part it read, unless this version of the whole chunk
-        passed its check before. ``experts``: how many of the parts are experts (else the
-        read is the chunk's base)."""
+        each (name, ranges, sha256) part it read, unless the store checked them
+        (``verified``: the disk cache does) or this version of the whole chunk passed its
+        check before. ``experts``: how many of the parts are experts (else the read is the
+        chunk's base)."""
         read_done = time.perf_counter()
-        if self._must_verify(info, version):
+        if not verified and self._must_verify(info, version):
             for what, ranges, digest in parts:
                 if self.mode is VerifyMode.ONCE and self._part_verified(info, what, version):
                     continue

@@ -149,7 +149,7 @@ class ExpertReader(PooledReader):
         got = self._fetch(info, memoryview(data.numpy()), ranges, checked)
         if self._evict is not None:
             self._evict(info.file)
-        self.checks.check_parts(info, data, got.version, start, checked, experts)
+        self.checks.check_parts(info, data, got.version, start, checked, experts, got.verified)
         return got.version
 
     def _fetch(
@@ -185,7 +185,8 @@ class ExpertReader(PooledReader):
             results = [future.result() for future in futures]
         versions = {r.version for r in results}
         version = versions.pop() if len(versions) == 1 else None  # changed meanwhile: hashed
-        return ReadResult(sum(r.size for r in results), version)
+        verified = all(r.verified for r in results)
+        return ReadResult(sum(r.size for r in results), version, verified)
 
     def close(self) -> None:
         if self._pool is not None:

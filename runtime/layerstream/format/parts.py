@@ -41,11 +41,19 @@ def span(ranges: list[Range]) -> int:
 class ChunkParts:
     """Where a chunk's base and each expert lie (from its header), with their digests."""
 
-    info: ChunkInfo
+    info: ChunkInfo  # with its experts listed
     base: list[Range]
-    base_sha256: str
     experts: list[list[list[Range]]]  # [group][expert] -> ranges
-    groups: list[ExpertGroup]
+
+    @property
+    def groups(self) -> list[ExpertGroup]:
+        assert self.info.experts is not None
+        return self.info.experts.groups
+
+    @property
+    def base_sha256(self) -> str:
+        assert self.info.experts is not None
+        return self.info.experts.base_sha256
 
     @property
     def base_bytes(self) -> int:
@@ -88,7 +96,7 @@ def chunk_parts(info: ChunkInfo, layout: list[TensorEntry]) -> ChunkParts:
         position = offset + length
     if position < info.bytes:
         base.append((position, info.bytes - position))
-    return ChunkParts(info, base, info.experts.base_sha256, experts, info.experts.groups)
+    return ChunkParts(info, base, experts)
 
 
 def sha256_of_ranges(buffer: torch.Tensor | memoryview, ranges: list[Range]) -> str:

@@ -261,12 +261,13 @@ class CachedStore:
         """``read_ranges`` of one part of a chunk whose bytes at ``ranges``, concatenated,
         have sha256 ``digest`` (an expert, a block's base): from the cache's entry for the
         part or its copy of the whole chunk, else from the origin, then kept as an entry of
-        its own. Bytes that fail the digest are an error and are not cached."""
+        its own. Bytes that fail the digest are an error and are not cached; bytes that
+        passed it are returned ``verified`` (the reader need not hash them again)."""
         part = bytearray(sum(n for _, n in ranges))
         view = memoryview(part)
         if self.cache.read_into(digest, len(part), view):
             _scatter(view, buffer, ranges)
-            return ReadResult(len(part), None)
+            return ReadResult(len(part), None, verified=True)
         got = self._from_whole_copy(name, buffer, ranges, size)
         if got is None:
             got = self.origin.read_ranges(name, buffer, ranges, size)
@@ -277,7 +278,7 @@ class CachedStore:
             if hashlib.sha256(view).hexdigest() != digest:
                 return got  # the reader's own check names the damage
         self.cache.put(digest, view)
-        return got
+        return ReadResult(got.size, None, verified=True)
 
     def _from_whole_copy(
         self, name: str, buffer: memoryview, ranges: list[tuple[int, int]], size: int
