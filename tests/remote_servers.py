@@ -405,8 +405,8 @@ class FaultProxy:
                     continue
                 if data.startswith(b"HTTP/1.") and self._take("truncate"):
                     cut = end + 4 + self.truncate_after
-                    client.sendall(data[:cut])
                     self._count(max(0, min(len(data), cut) - end - 4))
+                    client.sendall(data[:cut])
                     break  # and close: the client is left with a short body
                 head = data.startswith(b"HTTP/1.")
                 if head and self._take("corrupt"):
@@ -416,8 +416,10 @@ class FaultProxy:
                     flip = body_from + (len(data) - body_from) // 2
                     data = data[:flip] + bytes([data[flip] ^ 0xFF]) + data[flip + 1 :]
                     owed = False
-                client.sendall(data)
+                # counted before it is sent: once a client holds its bytes, a test reading
+                # body_bytes must already see them (counting after raced the client)
                 self._count(len(data) - (end + 4 if data.startswith(b"HTTP/1.") else 0))
+                client.sendall(data)
         except OSError:
             pass
         finally:
