@@ -31,7 +31,8 @@ import streaming
 log = logging.getLogger("benchmarks.experts")
 ROOT = Path(__file__).resolve().parent
 WHOLE, EXPERTS = "ls:25%:expert_streaming=off", "ls:25%:expert_streaming=on"
-SYSTEMS = ["resident", WHOLE, EXPERTS]
+NO_GUESS = "ls:25%:expert_streaming=on:expert_prefetch=false"
+SYSTEMS = ["resident", WHOLE, NO_GUESS, EXPERTS]
 
 
 def run_regime(
@@ -58,6 +59,20 @@ def run_regime(
     return runs
 
 
+def resident_reference(
+    source: Path, store: Path, args: argparse.Namespace, work: Path
+) -> tuple[list[int] | None, float]:
+    """The ids every row is checked against and the compute floor: the resident model,
+    warm, whichever regimes and systems run (so a subset still has both)."""
+    streaming.warm_page_cache(store)
+    cmd = streaming.command("resident", source, store, args, work)
+    result = streaming.run("resident", "warm", cmd, None)
+    if "error" in result:
+        log.warning("the resident reference failed: %s", result["error"])
+        return None, 0.0
+    return result["ids"], result["per_token_s"] * 1e3
+
+
 def rows_of(runs: dict[str, list[dict]], reference: list[int] | None, args) -> list[dict]:
     steps = args.new_tokens + 1  # the prefill and each decode step sweep the blocks once
     rows = []
@@ -69,6 +84,11 @@ def rows_of(runs: dict[str, list[dict]], reference: list[int] | None, args) -> l
         row["expert_mib_per_token"] = (
             statistics.median(r.get("expert_bytes_per_token", 0) for r in ok) / 2**20 if ok else 0
         )
+        guessed = sum(r.get("experts_predicted", 0) for r in ok)
+        used = sum(r.get("experts_predicted_used", 0) for r in ok)
+        routed = sum(r.get("experts_routed_predicted", 0) for r in ok)
+        row["prediction_precision"] = used / guessed if guessed else None
+        row["prediction_recall"] = used / routed if routed else None
         rows.append(row)
     return rows
 
@@ -76,7 +96,8 @@ def rows_of(runs: dict[str, list[dict]], reference: list[int] | None, args) -> l
 def add_routed_floor(rows: list[dict], runs: dict[str, list[dict]], compute_ms: float) -> None:
     """The floor of every row: max(compute, what expert streaming read per token at the
     best bandwidth), per repetition, medians reported."""
-    mine = runs.get(EXPERTS, [])
+    # the bytes the routing needs: expert streaming without guesses (a wrong guess adds some)
+    mine = runs.get(NO_GUESS) or runs.get(EXPERTS, [])
     resident = runs.get("resident", [])
     for row in rows:
         if "error" in row or row["system"] == "resident":
@@ -102,10 +123,14 @@ def add_routed_floor(rows: list[dict], runs: dict[str, list[dict]], compute_ms: 
             row["x_whole_block"] = row["per_token_ms"] / whole["per_token_ms"]
 
 
+def _share(value: float | None) -> str:
+    return f"{'':>9}" if value is None else f"{value:>9.2f}"
+
+
 def print_table(title: str, rows: list[dict]) -> None:
     print(f"\n== {title}")
     cols = ["system", "ms/tok", "x whole", "floor", "x floor", "MiB/tok", "experts", "rest",
-            "peakRSS", "cgroup", "exact"]  # fmt: skip
+            "peakRSS", "cgroup", "guess P", "guess R", "exact"]  # fmt: skip
     print(f"{cols[0]:<30}" + "".join(f"{c:>9}" for c in cols[1:]))
     for r in rows:
         if "error" in r:
@@ -116,7 +141,8 @@ def print_table(title: str, rows: list[dict]) -> None:
             f"{r['system']:<30}{r['per_token_ms']:>9.1f}{r.get('x_whole_block', 0):>9.2f}"
             f"{r.get('floor_ms', 0):>9.1f}{r.get('x_floor', 0):>9.2f}{mib:>9.1f}"
             f"{experts:>9.1f}{mib - experts:>9.1f}{r['peak_rss_mib']:>9.0f}"
-            f"{r['cgroup_peak_mib']:>9.0f}{r['identical_to_resident']!s:>9}"
+            f"{r['cgroup_peak_mib']:>9.0f}{_share(r.get('prediction_precision'))}"
+            f"{_share(r.get('prediction_recall'))}{r['identical_to_resident']!s:>9}"
         )
 
 
@@ -137,17 +163,13 @@ def main() -> None:
     for preset in args.presets.split(","):
         source, store = streaming.prepare(preset, dtype="bfloat16")
         report[preset] = {"model_bytes": streaming.model_bytes(store)}
-        reference, compute_ms = None, 0.0
+        reference, compute_ms = resident_reference(source, store, args, work)
         for regime in args.regimes.split(","):
             if regime == "cold" and (why := cgroup.available()):
                 report[preset][regime] = {"skipped": why}
                 log.warning("cold regime skipped: %s", why)
                 continue
             runs = run_regime(regime, source, store, args, work)
-            ok = [r for r in runs["resident"] if "error" not in r]
-            if regime == "warm" and ok:
-                reference = ok[0]["ids"]
-                compute_ms = statistics.median(r["per_token_s"] for r in ok) * 1e3
             rows = rows_of(runs, reference, args)
             add_routed_floor(rows, runs, compute_ms)
             title = (

@@ -60,6 +60,9 @@ def main() -> None:
         result["expert_bytes_per_token"] = stats.expert_bytes / (new_tokens + 1)
         result["experts_read"] = stats.experts_read
         result["experts_routed"] = stats.experts_routed
+        result["experts_predicted"] = stats.experts_predicted
+        result["experts_predicted_used"] = stats.experts_predicted_used
+        result["experts_routed_predicted"] = stats.experts_routed_predicted
     io_after = timing.io_counters()
     result["disk_read_per_token"] = (io_after["disk_read"] - io_before["disk_read"]) / (
         new_tokens + 1
@@ -76,7 +79,10 @@ def engine_options(system: str):
     from layerstream.engine.engine import EngineOptions
 
     _, budget, *pairs = system.split(":")
-    extra = dict(pair.split("=", 1) for pair in pairs)
+    extra: dict[str, str | bool] = dict(pair.split("=", 1) for pair in pairs)
+    for key, value in extra.items():
+        if value in ("true", "false"):  # the boolean knobs (expert_prefetch=false)
+            extra[key] = value == "true"
     return EngineOptions(memory_budget=budget, **extra)
 
 

@@ -153,3 +153,19 @@ def model_factory(tmp_path_factory):
         return built[key]
 
     return make
+
+
+@pytest.fixture(scope="module")
+def moe_models(tmp_path_factory):
+    """``make(name)``: the (checkpoint, chunk store) of an architectures.py row, built once
+    per test module."""
+    from architectures import build
+
+    built: dict[str, tuple[Path, Path]] = {}
+
+    def make(name: str) -> tuple[Path, Path]:
+        if name not in built:
+            built[name] = build(name, tmp_path_factory.mktemp(name))
+        return built[name]
+
+    return make

@@ -41,18 +41,6 @@ IMPLEMENTATIONS = ["eager", "grouped_mm", "batched_mm"]
 MOE = [name for name, config in ARCHITECTURES.items() if any("expert" in k for k in config)]
 
 
-@pytest.fixture(scope="module")
-def moe_models(tmp_path_factory):
-    built: dict[str, tuple[Path, Path]] = {}
-
-    def make(name: str) -> tuple[Path, Path]:
-        if name not in built:
-            built[name] = build(name, tmp_path_factory.mktemp(name))
-        return built[name]
-
-    return make
-
-
 def expert_engine(
     store: Path | str, budget: str | int, store_options: StoreOptions | None = None, **options
 ) -> Engine:

@@ -208,6 +208,14 @@ class ChunkChecks:
             else:
                 self.stats.chunks_read += 1
 
+    def count_predictions(self, predicted: int, used: int, routed: int) -> None:
+        """A released install's guesses: experts read ahead on a guess, those of them its
+        routers chose, and all its routers chose."""
+        with self._lock:
+            self.stats.experts_predicted += predicted
+            self.stats.experts_predicted_used += used
+            self.stats.experts_routed_predicted += routed
+
     def _part_verified(self, info: ChunkInfo, what: str, version: str | None) -> bool:
         with self._lock:
             return version is not None and self._parts_verified.get((info.name, what)) == version

@@ -43,6 +43,7 @@ from .integrity import (
 )
 from .mapped import MappedReader
 from .plan import ResidencyPlan, plan_residency, resolve_budget
+from .prediction import ExpertPredictor
 from .readers import BlockReader, PooledReader, ReaderKind, pick_reader
 from .sidefiles import load_side_files
 from .skeleton import (
@@ -70,6 +71,7 @@ class EngineOptions:
     reader: str = "auto"  # see readers.pick_reader
     compute_slots: int | str = "auto"  # requests computing at once; see tuning.compute_slots
     expert_streaming: str = "auto"  # see expert_plan.py
+    expert_prefetch: bool = True  # guess the next block's experts and read them ahead
     # fill expert slices that were not read with NaN (tests: proves an unread one is unused)
     poison_unread_experts: bool = False
 
@@ -209,7 +211,15 @@ class Engine:
             reader = MappedReader(self.store, checks, plan.pool_buffers, self._evict)
         else:
             reader = PooledReader(self.store, checks, plan.pool_buffers, plan.buffer_bytes)
-        return WeightStreamer(reader, self.manifest, plan, self.io_threads)
+        streamer = WeightStreamer(reader, self.manifest, plan, self.io_threads)
+        if self.parts and self.options.expert_prefetch:
+            groups = {j: [m for _, m in self._block_experts(j)] for j in plan.streamed}
+            predictor = ExpertPredictor(self.model, self.prefixes, groups)
+            if predictor.routers:
+                streamer.predictor = predictor
+            else:
+                log.info("expert prefetch off: found no router beside the experts modules")
+        return streamer
 
     def _streamed_chunks(self) -> list[ChunkInfo]:
         return [self.manifest.chunks[self.manifest.blocks[j].chunk] for j in self.plan.streamed]

@@ -13,10 +13,11 @@ was routed to (``poison`` fills such slices with NaN, which proves it in the tes
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from functools import partial
 
 import torch
@@ -29,13 +30,16 @@ from ..stores.ranged import split
 from .checks import ChunkChecks
 from .readers import Lease, PooledLease, PooledReader
 
+log = logging.getLogger(__name__)
+
 # 0xFF bytes are NaN in float32, float16 and bfloat16 alike.
 POISON = 0xFF
 PIECE = 1 << 20  # a local read of experts is split into reads of this size, run at once
 
 
 class ExpertLease(PooledLease):
-    """A mixture-of-experts block's buffer: its base read, its experts read on demand."""
+    """A mixture-of-experts block's buffer: its base read, its experts read on demand or
+    ahead of demand (``prefetch``, on a guess of what the router will choose)."""
 
     def __init__(
         self,
@@ -52,23 +56,107 @@ class ExpertLease(PooledLease):
         self._experts = reader
         self._lock = threading.Lock()
         self._loaded: list[set[int]] = [set() for _ in parts.groups]
+        # experts being read, by group: the future of the read that brings each
+        self._pending: list[dict[int, Future[None]]] = [{} for _ in parts.groups]
+        self._predicted: list[set[int]] = [set() for _ in parts.groups]
+        self._routed: list[set[int]] = [set() for _ in parts.groups]
+        self._closing = False
 
     def missing(self, group: int, experts: list[int]) -> bool:
-        loaded = self._loaded[group]
-        return any(e not in loaded for e in experts)
+        """Whether any of ``experts`` (the router's choice) is not read yet; counted for
+        the precision and recall of the guesses."""
+        with self._lock:
+            self._routed[group].update(experts)
+            loaded = self._loaded[group]
+            return any(e not in loaded for e in experts)
+
+    def _claim(self, group: int, experts: list[int]) -> tuple[list[int], Future[None] | None]:
+        """(Under the lock) those of ``experts`` nobody has read or is reading, marked as
+        being read by the returned future."""
+        loaded, pending = self._loaded[group], self._pending[group]
+        mine = [e for e in experts if e not in loaded and e not in pending]
+        if not mine:
+            return [], None
+        future: Future[None] = Future()
+        for e in mine:
+            pending[e] = future
+        return mine, future
+
+    def _read(self, group: int, experts: list[int], future: Future[None]) -> None:
+        """Read ``experts`` (claimed by ``future``) and settle the future either way."""
+        try:
+            if self._data is None or self._closing:
+                raise RuntimeError(f"block {self.index}'s lease was released before it ran")
+            self._experts.read_experts(self, self._data, group, experts)
+        except BaseException as exc:
+            self._settle(group, experts, future, exc)
+            raise
+        self._settle(group, experts, future, None)
+
+    def _settle(
+        self, group: int, experts: list[int], future: Future[None], error: BaseException | None
+    ) -> None:
+        with self._lock:
+            pending = self._pending[group]
+            for e in experts:
+                if pending.get(e) is future:
+                    del pending[e]
+            if error is None:
+                self._loaded[group].update(experts)
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
 
     def ensure(self, group: int, experts: list[int]) -> None:
-        """Read those of ``experts`` (of experts module ``group``) not read yet. Requests
-        sharing the install call it at once: one reads, the others wait for its read."""
-        with self._lock:
-            loaded = self._loaded[group]
-            wanted = [e for e in experts if e not in loaded]
-            if not wanted:
+        """Have ``experts`` (of experts module ``group``) read. Requests sharing the install
+        call it at once: each expert is read by one of them (or by a prefetch) and waited
+        for by the others. An expert whose read failed for someone else is read again."""
+        while True:
+            with self._lock:
+                if self._data is None:
+                    raise RuntimeError(f"block {self.index}'s lease was released before it ran")
+                mine, future = self._claim(group, experts)
+                pending = self._pending[group]
+                others = {pending[e] for e in experts if e in pending and pending[e] is not future}
+            if future is not None:
+                self._read(group, mine, future)
+            wait(others)
+            if all(not f.cancelled() and f.exception() is None for f in others):
                 return
-            if self._data is None:
-                raise RuntimeError(f"block {self.index}'s lease was released before it ran")
-            self._experts.read_experts(self, self._data, group, wanted)
-            loaded.update(wanted)
+
+    def prefetch(self, group: int, experts: list[int]) -> None:
+        """Start reading ``experts`` (a guess of the router's choice) on the reader's
+        prefetch threads; a failed guess read is left for ``ensure`` to read again."""
+        with self._lock:
+            if self._data is None or self._closing:
+                return
+            mine, future = self._claim(group, experts)
+            self._predicted[group].update(mine)  # read on the guess: counted for precision
+        if future is not None:
+            self._experts.submit_prefetch(partial(self._quiet_read, group, mine, future))
+
+    def _quiet_read(self, group: int, experts: list[int], future: Future[None]) -> None:
+        try:
+            self._read(group, experts, future)
+        except Exception as exc:  # the block's own ensure reads them again, and raises
+            log.debug("prefetch of block %d's experts failed: %s", self.index, exc)
+
+    def _give_back(self) -> None:
+        # a prefetch still writing into the buffer must end before the buffer is reused
+        with self._lock:
+            self._closing = True
+            pending = {f for group in self._pending for f in group.values()}
+        wait(pending)
+        predicted = used = routed = 0
+        for guess, chosen in zip(self._predicted, self._routed, strict=True):
+            if guess:
+                predicted += len(guess)
+                used += len(guess & chosen)
+                routed += len(chosen)
+        if predicted:
+            self._experts.checks.count_predictions(predicted, used, routed)
+        super()._give_back()
 
 
 class ExpertReader(PooledReader):
@@ -97,6 +185,12 @@ class ExpertReader(PooledReader):
             if isinstance(store, (MappableStore, CachingStore)) and self._threads > 1
             else None
         )
+        # guessed experts are read here, each guess's reads split over the pool above; its
+        # own threads, since a guess waits on the pool's (one pool would deadlock)
+        self._prefetch = ThreadPoolExecutor(2, thread_name_prefix="layerstream-prefetch")
+
+    def submit_prefetch(self, read: Callable[[], None]) -> None:
+        self._prefetch.submit(read)
 
     def lease(self, j: int, info: ChunkInfo) -> Lease:
         parts = self.parts.get(info.name)
@@ -189,6 +283,7 @@ class ExpertReader(PooledReader):
         return ReadResult(sum(r.size for r in results), version, verified)
 
     def close(self) -> None:
+        self._prefetch.shutdown(wait=True)
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         super().close()

@@ -145,6 +145,10 @@ class StreamedBlockHook(BlockHook):
         if not isinstance(lease, ExpertLease):  # read whole (a lease of a dense reader)
             return
         self.group.fetch_experts(lease, g, routed(args, kwargs, spec))
+        hidden = args[0] if args else next(iter(kwargs.values()), None)
+        if isinstance(hidden, torch.Tensor):
+            # after this block's own experts: their read goes first
+            self.group.streamer.guess_next(self.index, g, hidden)
 
     def detach(self) -> None:
         super().detach()
@@ -163,6 +167,9 @@ class StreamedBlockHook(BlockHook):
             self.binding.bind(lease.tensors)
             self._bound = lease.tensors if lease.kept else None
         self._lease = lease
+        predictor = self.group.streamer.predictor
+        if predictor is not None and isinstance(lease, ExpertLease):
+            predictor.learn(self.index, lease.tensors)
 
     def uninstall(self, lease: Lease) -> None:
         self._lease = None

@@ -26,6 +26,12 @@ class StreamStats:
     experts_read: int = 0
     expert_bytes: int = 0
     experts_routed: int = 0  # a request's: experts its streamed blocks' routers chose
+    # prefetch by prediction (engine/prediction.py), over the installs that had a guess:
+    # experts guessed, those the router then chose (precision: used / predicted), and all
+    # the routers chose there (recall: used / routed_predicted)
+    experts_predicted: int = 0
+    experts_predicted_used: int = 0
+    experts_routed_predicted: int = 0
 
     def snapshot(self) -> StreamStats:
         return dataclasses.replace(self)

@@ -9,6 +9,8 @@ checked is the reader's business (readers.py, mapped.py, checks.py).
 
 from __future__ import annotations
 
+import functools
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -16,7 +18,9 @@ import torch
 
 from ..format.manifest import ChunkInfo, Manifest
 from .checks import ChunkHealth
+from .expert_reader import ExpertLease
 from .plan import ResidencyPlan
+from .prediction import ExpertPredictor
 from .readers import BlockReader, Lease, ReaderKind
 from .stats import StreamStats
 
@@ -56,6 +60,15 @@ class BlockOrder:
         return out
 
 
+def _prefetch(done: Future[Lease], group: int, experts: list[int]) -> None:
+    """A guess for a block read ahead, handed to its lease once the read is done."""
+    if done.cancelled() or done.exception() is not None:
+        return
+    lease = done.result()
+    if isinstance(lease, ExpertLease):
+        lease.prefetch(group, experts)
+
+
 class WeightStreamer:
     def __init__(
         self, reader: BlockReader, manifest: Manifest, plan: ResidencyPlan, io_threads: int
@@ -68,6 +81,10 @@ class WeightStreamer:
         self.plan = plan
         self.order = BlockOrder(manifest)
         self._inflight: dict[int, Future[Lease]] = {}
+        # guesses of a block's routed experts made before its read began (prediction.py)
+        self._hints: dict[int, list[tuple[int, list[int]]]] = {}
+        self._hint_lock = threading.Lock()
+        self.predictor: ExpertPredictor | None = None
         self._wanted: frozenset[int] = frozenset()  # the last read-ahead's predictions
         self._io = (
             ThreadPoolExecutor(max_workers=max(io_threads, 1), thread_name_prefix="layerstream-io")
@@ -108,6 +125,11 @@ class WeightStreamer:
         else:
             self.read_ahead(j)  # start the next reads before waiting for this one
             lease = future.result()
+        with self._hint_lock:
+            hints = self._hints.pop(j, [])
+        if isinstance(lease, ExpertLease):
+            for group, experts in hints:
+                lease.prefetch(group, experts)
         try:
             lease.make_views()
         except BaseException:
@@ -115,6 +137,28 @@ class WeightStreamer:
             raise
         self.stats.wait_s += time.perf_counter() - start
         return lease
+
+    def guess_next(self, j: int, group: int, hidden: torch.Tensor) -> None:
+        """Block j's experts module ``group`` runs on ``hidden``: guess what the next
+        streamed block's router will choose and have those experts read ahead. Not past the
+        end of the block order (the block after the last one runs on the next token)."""
+        predictor = self.predictor
+        if predictor is None:
+            return
+        ahead = self.order.upcoming(j, self.plan.resident, 1)
+        if not ahead or ahead[0] <= j or not predictor.predicts(ahead[0]):
+            return
+        k = ahead[0]
+        guess = predictor.predict(j, group, k, hidden)
+        if guess is None:
+            return
+        group_k, experts = guess
+        future = self._inflight.get(k)
+        if future is None:  # not being read yet: its read starts with these
+            with self._hint_lock:
+                self._hints.setdefault(k, []).append((group_k, experts))
+            return
+        future.add_done_callback(functools.partial(_prefetch, group=group_k, experts=experts))
 
     def read_ahead(self, j: int) -> None:
         """Start reading the blocks predicted to run after ``j``, except those already in
@@ -140,6 +184,8 @@ class WeightStreamer:
     def drop_read_ahead(self) -> None:
         """Give back every read-ahead buffer (after a request ends or fails)."""
         self._wanted = frozenset()
+        with self._hint_lock:
+            self._hints.clear()
         for k in list(self._inflight):
             self._discard(self._inflight.pop(k))
 

@@ -93,6 +93,8 @@ class SweepRecord:
     seconds: float
     experts_read: int = 0  # routed experts read alone (expert streaming)
     expert_bytes: int = 0  # their bytes, a part of bytes_streamed
+    experts_predicted: int = 0  # experts read ahead on a guess (a part of experts_read)
+    experts_predicted_used: int = 0  # those the router then chose
 
 
 @dataclass(eq=False)
@@ -388,6 +390,8 @@ class SweepGroup:
             seconds=time.perf_counter() - sweep.started,
             experts_read=read.experts_read,
             expert_bytes=read.expert_bytes,
+            experts_predicted=read.experts_predicted,
+            experts_predicted_used=read.experts_predicted_used,
         )
 
     def _retire(self, install: _Install | None) -> None:

@@ -70,6 +70,9 @@ class RequestStats:
     experts_routed: int = 0
     experts_read: int = 0
     expert_bytes: int = 0
+    # experts read ahead on a guess of the next block's routing, and those its router chose
+    experts_predicted: int = 0
+    experts_predicted_used: int = 0
 
     @classmethod
     def measure(
@@ -98,6 +101,8 @@ class RequestStats:
             experts_routed=ctx.stats.experts_routed,
             experts_read=ctx.stats.experts_read,
             expert_bytes=ctx.stats.expert_bytes,
+            experts_predicted=ctx.stats.experts_predicted,
+            experts_predicted_used=ctx.stats.experts_predicted_used,
         )
 
 

@@ -43,6 +43,8 @@ def stats_parameters(stats: RequestStats) -> dict[str, int]:
         "experts_routed": stats.experts_routed,
         "experts_read": stats.experts_read,
         "expert_bytes": stats.expert_bytes,
+        "experts_predicted": stats.experts_predicted,
+        "experts_predicted_used": stats.experts_predicted_used,
     }
 
 

@@ -66,6 +66,18 @@ EXPERTS_ROUTED = Counter(
     "their block runs (over layerstream_experts_read: how often a read expert served)",
     _MODEL,
 )
+EXPERTS_PREDICTED = Counter(
+    "layerstream_experts_predicted",
+    "Experts read ahead on a guess of what the next block's router would choose (expert "
+    "prefetch; a part of layerstream_experts_read)",
+    _MODEL,
+)
+EXPERTS_PREDICTED_USED = Counter(
+    "layerstream_experts_predicted_used",
+    "Those of them the router then chose (over layerstream_experts_predicted: the guesses' "
+    "precision)",
+    _MODEL,
+)
 SWEEPS = Counter(
     "layerstream_sweeps",
     "Passes over the streamed blocks (each shared by the requests on it)",
@@ -108,6 +120,8 @@ _PER_MODEL = (
     EXPERTS_READ,
     EXPERT_BYTES,
     EXPERTS_ROUTED,
+    EXPERTS_PREDICTED,
+    EXPERTS_PREDICTED_USED,
     SWEEPS,
     SWEEP_SEQUENCES,
     SWEEP_TOKENS,
@@ -197,5 +211,7 @@ class ModelMetrics:
         BYTES.labels(*labels).inc(sweep.bytes_streamed)
         EXPERTS_READ.labels(*labels).inc(sweep.experts_read)
         EXPERT_BYTES.labels(*labels).inc(sweep.expert_bytes)
+        EXPERTS_PREDICTED.labels(*labels).inc(sweep.experts_predicted)
+        EXPERTS_PREDICTED_USED.labels(*labels).inc(sweep.experts_predicted_used)
         if sweep.tokens:
             BYTES_PER_TOKEN.labels(*labels).observe(sweep.bytes_streamed / sweep.tokens)

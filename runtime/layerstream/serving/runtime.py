@@ -353,6 +353,7 @@ def _build_engine(settings: LayerStreamSettings, folder: Path | None) -> Engine:
         verify_in_background=settings.verify_in_background,
         reader=settings.reader,
         expert_streaming=settings.expert_streaming,
+        expert_prefetch=settings.expert_prefetch,
     )
     try:
         engine = Engine(store, options)

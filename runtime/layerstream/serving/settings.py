@@ -104,6 +104,14 @@ class LayerStreamSettings(BaseSettings):
         "cache (mapped whole, no copy: faster there). Needs the `read` reader (`auto` "
         "picks it).",
     )
+    expert_prefetch: bool = Field(
+        default=True,
+        description="With expert streaming: while a block computes, guess the experts the "
+        "next block's router will choose (its router applied to the hidden state at hand) "
+        "and read them ahead. A wrong guess costs bytes, never correctness: a block always "
+        "computes with exactly the experts its router chose, read then if not ahead. The "
+        "final event reports `experts_predicted` and `experts_predicted_used` (precision).",
+    )
     max_new_tokens_limit: int = Field(
         default=1024, ge=1, description="Largest `max_new_tokens` a request may ask for."
     )
