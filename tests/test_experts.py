@@ -87,12 +87,27 @@ def test_routed_experts_only_and_exact(moe_models, name, impl):
         engine.close()
 
 
-def test_bytes_read_are_the_bases_and_the_routed_experts(moe_models):
-    """Every install reads its block's base once and each routed expert once; the store
-    reads nothing else (per-expert sizes from the chunk's own header)."""
+def _bases_budget(store: Path, pinned: int, buffers: int = 2) -> int:
+    """Room for the non-block weights, the streaming buffers and ``pinned`` blocks' bases."""
+    manifest, name, path = _chunk_of(store, 1)
+    info = manifest.chunks[name]
+    data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+    base = chunk_parts(info, parse_layout(info, data)).base_bytes  # the same for every block
+    return manifest.rest_bytes + buffers * max(manifest.block_bytes) + pinned * base
+
+
+@pytest.mark.parametrize("pinned", [3, 8])
+def test_bytes_read_are_the_bases_and_the_routed_experts(moe_models, pinned):
+    """The bases of the first blocks that fit are pinned (all eight, or three); every install
+    of another block reads its base once, and each routed expert once; the store reads
+    nothing else (per-expert sizes from the chunk's own header)."""
     _, store = moe_models("olmoe")
-    engine = expert_engine(store, streaming_budget(store), read_ahead=0)
+    engine = expert_engine(
+        store, _bases_budget(store, pinned, buffers=1), read_ahead=0, expert_prefetch=False
+    )
     try:
+        plan = engine.plan
+        assert sorted(plan.pinned_bases) == list(range(pinned)) and not plan.resident
         before = engine.streamer.stats.snapshot()
         with engine.request() as ctx:
             engine.model.generate(
@@ -107,7 +122,9 @@ def test_bytes_read_are_the_bases_and_the_routed_experts(moe_models):
         }
         (base,) = {p.base_bytes for p in engine.parts.values()}
         assert stats.expert_bytes == stats.experts_read * expert_size
-        assert stats.bytes_read == stats.streamed_runs * base + stats.expert_bytes
+        passes = stats.streamed_runs // len(plan.streamed)
+        assert stats.chunks_read == passes * (len(plan.streamed) - pinned)
+        assert stats.bytes_read == stats.chunks_read * base + stats.expert_bytes
         # a prompt pass may route to every expert; each decode step to top-2 per token
         assert ctx.stats.experts_routed >= stats.experts_read
     finally:
@@ -161,9 +178,9 @@ def test_an_expert_is_read_once_per_install_whoever_asks(moe_models):
         reads: list[list[tuple[int, int]]] = []
         real = engine.store.read_ranges
 
-        def counted(name, buffer, ranges, size):
+        def counted(name, buffer, ranges, size, **options):
             reads.append(list(ranges))
-            return real(name, buffer, ranges, size)
+            return real(name, buffer, ranges, size, **options)
 
         engine.store.read_ranges = counted  # type: ignore[method-assign]
         lease = engine.streamer.acquire(j)
@@ -224,21 +241,28 @@ def _damage(path: Path, offset: int) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("where", ["base", "expert"])
+@pytest.mark.parametrize("where", ["pinned base", "base", "expert"])
 def test_a_damaged_part_is_an_error_naming_it(tmp_path, where):
+    """A damaged base of a block whose base is pinned fails the load; of one read per
+    install (only three bases fit), and a damaged expert, fail the request that reads it."""
     source, store = build("olmoe", tmp_path)
     manifest, name, path = _chunk_of(store, 5)
     info = manifest.chunks[name]
     layout = parse_layout(info, torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8))
     parts = chunk_parts(info, layout)
-    if where == "base":  # a byte of a non-expert tensor (or padding), past the header
+    if where != "expert":  # a byte of a non-expert tensor (or padding), past the header
         data_start = 8 + int.from_bytes(path.read_bytes()[:8], "little")
         _damage(path, next(max(o, data_start) for o, n in parts.base if o + n > data_start))
     else:  # every expert's first byte: whichever is routed is found
         for e in range(parts.groups[0].count):
             _damage(path, parts.experts[0][e][0][0])
-    engine = expert_engine(store, streaming_budget(store), verify_in_background=False)
+    if where == "pinned base":
+        with pytest.raises(ChunkIntegrityError, match=r"block_0005.*its base"):
+            expert_engine(store, streaming_budget(store), verify_in_background=False)
+        return
+    engine = expert_engine(store, _bases_budget(store, 3), verify_in_background=False)
     try:
+        assert 5 not in engine.plan.pinned_bases
         with pytest.raises(ChunkIntegrityError, match="its base" if where == "base" else "expert"):
             compare_generation(engine, reference_model(source), 2)
     finally:
@@ -462,3 +486,59 @@ def test_through_the_disk_cache_each_part_is_kept_and_served_again(
                 engine.close()
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "gpt_oss"])
+def test_where_the_page_cache_cannot_hold_the_chunks_parts_are_read_past_it(
+    moe_models, monkeypatch, name
+):
+    """A local store whose chunks the page cache cannot hold is read with O_DIRECT (bytes
+    of the file beside each part land in the buffer too): still exact with every unread
+    expert NaN, with and without pinned bases."""
+    from layerstream.engine import engine as engine_module
+    from layerstream.stores.local import LocalStore
+
+    source, store = moe_models(name)
+    monkeypatch.setattr(engine_module.tuning, "evict_after_use", lambda manifest, plan: True)
+    calls = []
+    real = LocalStore._read_ranges_direct
+
+    def counted(self, *args):
+        calls.append(args[0])
+        return real(self, *args)
+
+    monkeypatch.setattr(LocalStore, "_read_ranges_direct", counted)
+    reference = reference_model(source)
+    for budget in (streaming_budget(store), _bases_budget(store, 2)):
+        engine = expert_engine(store, budget)
+        try:
+            generation = compare_generation(engine, reference, STEPS)
+            assert generation.ids_equal and generation.step_diffs == [0.0] * STEPS
+            assert engine.store._direct_ok
+        finally:
+            engine.close()
+    assert calls
+
+
+def test_the_plan_pins_every_base_before_any_whole_block(moe_models):
+    """Bases of the first blocks that fit, then whole blocks in the room left (a pinned
+    block holds its base, which no longer counts apart); never more than the budget."""
+    from layerstream.engine.plan import plan_residency
+
+    _, store = moe_models("olmoe")
+    manifest = Manifest.from_json((store / "manifest.json").read_text())
+    sizes, largest = manifest.block_bytes, max(manifest.block_bytes)
+    base = _bases_budget(store, 1) - _bases_budget(store, 0)
+    bases = dict.fromkeys(range(len(sizes)), base)
+    floor = manifest.rest_bytes + 2 * largest
+    for budget, pinned_bases, resident in [
+        (floor + 3 * base + base // 2, [0, 1, 2], []),  # three bases fit, not four
+        (floor + 8 * base, list(range(8)), []),
+        # every base, and room for block 0's experts: block 0 pinned whole
+        (floor + 8 * base + sizes[0] - base, list(range(1, 8)), [0]),
+    ]:
+        plan = plan_residency(manifest, budget, 1, bases)
+        assert sorted(plan.pinned_bases) == pinned_bases
+        assert sorted(plan.resident) == resident
+        assert plan.weight_bytes(manifest) <= budget
+        assert "non-expert parts of" in plan.describe(manifest)

@@ -272,3 +272,43 @@ def test_block_order_predicts_the_next_blocks_and_learns_jumps():
     assert order.upcoming(1, frozenset(), 1) == [2]  # learned: the encoder hands over
     assert order.upcoming(3, frozenset(), 1) == [2]
     assert order.upcoming(1, frozenset(), 3) == [2, 3]
+
+
+def _aligned(size: int) -> memoryview:
+    """A page-aligned buffer, as the streaming pool's are."""
+    import mmap
+
+    return memoryview(mmap.mmap(-1, size))
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_read_ranges_land_at_their_offsets_whether_or_not_past_the_page_cache(store_copy, direct):
+    """Ranges that start and end mid-page, one at the file's last byte: each lands at its
+    offset; a direct read also brings the file's own bytes around it, never anything else."""
+    store = LocalStore(store_copy)
+    name = next(p.name for p in sorted(store_copy.iterdir()) if p.name.startswith("block"))
+    data = (store_copy / name).read_bytes()
+    size = len(data)
+    ranges = [(5, 100), (4096 + 7, 9000), (size - 33, 33)]
+    buffer = _aligned(size)
+    buffer[:] = b"\xff" * size
+    got = store.read_ranges(name, buffer, ranges, size, direct=direct)
+    assert got.size == sum(n for _, n in ranges)
+    for offset, n in ranges:
+        assert bytes(buffer[offset : offset + n]) == data[offset : offset + n]
+    for i, byte in enumerate(bytes(buffer)):  # every other byte: untouched, or the file's
+        if byte != 0xFF:
+            assert byte == data[i], i
+    if direct and not store._direct_ok:
+        pytest.skip("this file system refuses O_DIRECT (tmpfs): read through the page cache")
+
+
+def test_a_buffer_that_cannot_take_direct_reads_is_read_through_the_page_cache(store_copy, caplog):
+    store = LocalStore(store_copy)
+    name = next(p.name for p in sorted(store_copy.iterdir()) if p.name.startswith("block"))
+    data = (store_copy / name).read_bytes()
+    buffer = _aligned(len(data) + 8)[8:]  # 8 bytes past a page boundary
+    with caplog.at_level("INFO", logger="layerstream.stores.local"):
+        store.read_ranges(name, buffer, [(4096, 4096)], len(data), direct=True)
+    assert bytes(buffer[4096:8192]) == data[4096:8192]
+    assert "reads go through the page cache" in caplog.text and not store._direct_ok

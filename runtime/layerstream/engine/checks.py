@@ -231,6 +231,11 @@ class ChunkChecks:
         self, info: ChunkInfo, data: torch.Tensor, version: str | None
     ) -> dict[str, torch.Tensor]:
         """Views of ``data`` (checked bytes of ``info``) as the tensors its header lists."""
+        return tensors_from_layout(self.layout(info, data, version), data)
+
+    def layout(self, info: ChunkInfo, data: torch.Tensor, version: str | None) -> list[TensorEntry]:
+        """The tensors ``data`` (checked bytes of ``info``, header included) holds, checked
+        against what the module needs once per version."""
         cached = self._layouts.get(info.name)
         if cached is None or version is None or cached[0] != version:
             layout = parse_layout(info, data)
@@ -241,7 +246,7 @@ class ChunkChecks:
                 self._layouts[info.name] = (version, layout)
         else:
             layout = cached[1]
-        return tensors_from_layout(layout, data)
+        return layout
 
     def refetching(self, info: ChunkInfo, read: Callable[[], T]) -> T:
         """``read()``, once more from the origin if its bytes fail their check; a local

@@ -155,9 +155,9 @@ class Engine:
 
     def _plan(self) -> None:
         options = self.options
-        budget = resolve_budget(options.memory_budget, self.manifest.total_bytes)
+        self.budget = resolve_budget(options.memory_budget, self.manifest.total_bytes)
         self.plan: ResidencyPlan = plan_residency(
-            self.manifest, budget, tuning.read_ahead(options.read_ahead)
+            self.manifest, self.budget, tuning.read_ahead(options.read_ahead)
         )
         self.io_threads = tuning.io_threads(options.io_threads, self.plan.read_ahead)
         self.evict_after_use = tuning.evict_after_use(self.manifest, self.plan)
@@ -180,6 +180,31 @@ class Engine:
             layouts,
             cache_holds_chunks=isinstance(self.store, MappableStore) and not self.evict_after_use,
         )
+        if self.parts:
+            self._plan_bases(layouts)
+
+    def _plan_bases(self, layouts: dict[str, list]) -> None:
+        """Plan again with the bases of the blocks with experts pinned first (plan.py); a
+        block the first plan pinned whole may stream now, so every such chunk's head is
+        checked."""
+        manifest = self.manifest
+        unread = [
+            manifest.chunks[b.chunk]
+            for b in manifest.blocks
+            if manifest.chunks[b.chunk].experts is not None and b.chunk not in layouts
+        ]
+        layouts = layouts | check_chunk_heads(
+            self.store, unread, self.specs, max(self.io_threads, 4)
+        )
+        parts = expert_parts("on", manifest, self.experts, layouts, cache_holds_chunks=False)
+        bases = {
+            j: parts[b.chunk].base_bytes for j, b in enumerate(manifest.blocks) if b.chunk in parts
+        }
+        self.plan = plan_residency(
+            manifest, self.budget, tuning.read_ahead(self.options.read_ahead), bases
+        )
+        streamed = {manifest.blocks[j].chunk for j in self.plan.streamed}
+        self.parts = {name: p for name, p in parts.items() if name in streamed}
 
     def _start_streamer(self) -> WeightStreamer:
         checks = ChunkChecks(
@@ -230,6 +255,8 @@ class Engine:
         for j in sorted(self.plan.resident):
             chunk = self.manifest.blocks[j].chunk
             self.bindings[j].bind(self.streamer.load_resident(chunk))
+        for j in sorted(self.plan.pinned_bases):
+            self.streamer.pin_base(j)
         self._check_materialised()
 
     def _load_rest(self) -> None:

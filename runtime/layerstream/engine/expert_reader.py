@@ -13,11 +13,13 @@ was routed to (``poison`` fills such slices with NaN, which proves it in the tes
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -25,6 +27,7 @@ import torch
 from ..errors import ChunkIntegrityError
 from ..format.manifest import ChunkInfo
 from ..format.parts import ChunkParts, Range, coalesce, span
+from ..format.safetensors import TensorEntry, tensors_from_layout
 from ..stores import CachingStore, ChunkStore, MappableStore, ReadResult
 from ..stores.ranged import split
 from .checks import ChunkChecks
@@ -35,6 +38,46 @@ log = logging.getLogger(__name__)
 # 0xFF bytes are NaN in float32, float16 and bfloat16 alike.
 POISON = 0xFF
 PIECE = 1 << 20  # a local read of experts is split into reads of this size, run at once
+ALIGN = 64  # a pinned base tensor keeps its file offset modulo this (PinnedBase)
+
+
+@dataclass(frozen=True)
+class PinnedBase:
+    """A streamed block's base held for good: its tensors in memory of their own, each at
+    the offset mod 64 it has in the chunk (transformers' CPU kernels round by a weight's
+    address: docs/exactness.md), and where its expert tensors lie in the chunk."""
+
+    version: str | None
+    tensors: dict[str, torch.Tensor]
+    experts: list[TensorEntry]
+    nbytes: int  # the memory it holds
+
+    @classmethod
+    def copy_of(
+        cls,
+        info: ChunkInfo,
+        data: torch.Tensor,
+        version: str | None,
+        parts: ChunkParts,
+        checks: ChunkChecks,
+    ) -> PinnedBase:
+        """From ``data``, a buffer holding the chunk's checked base at its file offsets."""
+        layout = checks.layout(info, data, version)
+        expert_keys = {key for group in parts.groups for key in group.tensors}
+        base = [t for t in layout if t.key not in expert_keys]
+        offsets, end = [], 0
+        for t in base:
+            offset = end + (t.begin - end) % ALIGN  # the same residue mod ALIGN as in the file
+            offsets.append(offset)
+            end = offset + t.nbytes
+        memory = torch.empty(end, dtype=torch.uint8)
+        placed = []
+        for t, offset in zip(base, offsets, strict=True):
+            memory[offset : offset + t.nbytes] = data[t.begin : t.end]
+            placed.append(dataclasses.replace(t, begin=offset, end=offset + t.nbytes))
+        tensors = tensors_from_layout(placed, memory)
+        experts = [t for t in layout if t.key in expert_keys]
+        return cls(version, tensors, experts, end)
 
 
 class ExpertLease(PooledLease):
@@ -50,9 +93,11 @@ class ExpertLease(PooledLease):
         buffer: torch.Tensor,
         reader: ExpertReader,
         parts: ChunkParts,
+        pinned: PinnedBase | None = None,
     ):
         super().__init__(index, info, version, data, buffer, reader)
         self.parts = parts
+        self.pinned = pinned  # its base in memory of its own (else read into the buffer)
         self._experts = reader
         self._lock = threading.Lock()
         self._loaded: list[set[int]] = [set() for _ in parts.groups]
@@ -61,6 +106,12 @@ class ExpertLease(PooledLease):
         self._predicted: list[set[int]] = [set() for _ in parts.groups]
         self._routed: list[set[int]] = [set() for _ in parts.groups]
         self._closing = False
+
+    def _views(self) -> dict[str, torch.Tensor]:
+        if self.pinned is None:
+            return super()._views()
+        assert self._data is not None
+        return {**self.pinned.tensors, **tensors_from_layout(self.pinned.experts, self._data)}
 
     def missing(self, group: int, experts: list[int]) -> bool:
         """Whether any of ``experts`` (the router's choice) is not read yet; counted for
@@ -175,9 +226,13 @@ class ExpertReader(PooledReader):
     ):
         super().__init__(store, checks, buffers, buffer_bytes)
         self.parts = parts
+        self.bases: dict[str, PinnedBase] = {}  # by chunk name
         self.poison = poison
-        # the bytes are copied into the buffer: where the page cache cannot hold the chunks
-        # anyway, their cached pages go at once rather than by reclaim on the next read
+        # where the page cache cannot hold the chunks anyway, a local store's parts are read
+        # past it (O_DIRECT: no copy, no cache to fill and then reclaim; what lands beside a
+        # part is the file's own bytes, stores/local.py); else, with a cache that could hold
+        # them, they are copied and their cached pages kept
+        self._direct = evict is not None and isinstance(store, MappableStore)
         self._evict = evict
         self._threads = max(threads, 1)
         self._pool = (
@@ -196,19 +251,37 @@ class ExpertReader(PooledReader):
         parts = self.parts.get(info.name)
         if parts is None:  # a dense block of a mixture-of-experts model
             return super().lease(j, info)
+        pinned = self.bases.get(info.name)
         buffer = self.pool.acquire()
         try:
             data = buffer[: info.bytes]
             if self.poison:
                 data.fill_(POISON)
-            base = [("its base", parts.base, parts.base_sha256)]
-            version = self.checks.refetching(
-                info, lambda: self._read(info, data, parts.base, base, 0)
-            )
+            if pinned is not None:  # its base is in memory: only its experts are read
+                return ExpertLease(j, info, pinned.version, data, buffer, self, parts, pinned)
+            version = self._read_base(info, data, parts)
         except BaseException:
             self.pool.release(buffer)
             raise
         return ExpertLease(j, info, version, data, buffer, self, parts)
+
+    def _read_base(self, info: ChunkInfo, data: torch.Tensor, parts: ChunkParts) -> str | None:
+        base = [("its base", parts.base, parts.base_sha256)]
+        return self.checks.refetching(info, lambda: self._read(info, data, parts.base, base, 0))
+
+    def pin_base(self, info: ChunkInfo) -> PinnedBase:
+        """Read ``info``'s base and keep it in memory of its own, for good: its block's
+        leases then read only experts."""
+        parts = self.parts[info.name]
+        buffer = self.pool.acquire()
+        try:
+            data = buffer[: info.bytes]
+            version = self._read_base(info, data, parts)
+            pinned = PinnedBase.copy_of(info, data, version, parts, self.checks)
+        finally:
+            self.pool.release(buffer)
+        self.bases[info.name] = pinned
+        return pinned
 
     def read_experts(
         self, lease: ExpertLease, data: torch.Tensor, group: int, experts: list[int]
@@ -225,6 +298,12 @@ class ExpertReader(PooledReader):
         )
         if lease.version is not None and version != lease.version:
             # the base came from another version of the file (replaced or rewritten since)
+            if lease.pinned is not None:
+                raise ChunkIntegrityError(
+                    f"chunk {info.name} ({info.file} in {self.store.uri}) changed after its "
+                    "non-expert part was loaded, so its experts no longer match it: reload "
+                    "the model. Replace a served model's chunks as a new model version"
+                )
             raise ChunkIntegrityError(
                 f"chunk {info.name} ({info.file} in {self.store.uri}) changed while its block "
                 "ran, so this request's output cannot be trusted; retry it. Replace chunk "
@@ -241,7 +320,7 @@ class ExpertReader(PooledReader):
     ) -> str | None:
         start = time.perf_counter()
         got = self._fetch(info, memoryview(data.numpy()), ranges, checked)
-        if self._evict is not None:
+        if self._evict is not None:  # cheap after a direct read, which cached nothing
             self._evict(info.file)
         self.checks.check_parts(info, data, got.version, start, checked, experts, got.verified)
         return got.version
@@ -263,14 +342,17 @@ class ExpertReader(PooledReader):
                 partial(store.read_part, info.file, view, part, info.bytes, digest)
                 for _, part, digest in checked
             ]
-        elif self._pool is None or span(ranges) <= PIECE:
-            return store.read_ranges(info.file, view, ranges, info.bytes)
-        else:
+        elif isinstance(store, MappableStore):
+            read = partial(store.read_ranges, info.file, view, size=info.bytes, direct=self._direct)
+            if self._pool is None or span(ranges) <= PIECE:
+                return read(ranges)
             pieces = split(ranges, PIECE)
             calls = [
-                partial(store.read_ranges, info.file, view, pieces[i :: self._threads], info.bytes)
+                partial(read, pieces[i :: self._threads])
                 for i in range(min(self._threads, len(pieces)))
             ]
+        else:
+            return store.read_ranges(info.file, view, ranges, info.bytes)
         if self._pool is None or len(calls) == 1:
             results = [call() for call in calls]
         else:

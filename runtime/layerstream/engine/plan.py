@@ -5,12 +5,18 @@ once the budget is below the model size. Pinning a fixed set of blocks (the firs
 fit) and streaming the rest gives the optimal hit rate, pinned/total. The budget covers the
 non-block weights, the pinned blocks and the pool of streaming buffers (the block being
 computed plus the read-ahead).
+
+With expert streaming, a block's base (every byte outside its experts) is read by every
+token while its experts are read a few at a time: a byte of base pinned saves a byte read
+per token, a byte of whole block pinned saves less (only the share of its experts a token
+routes to). So the bases of the streamed blocks are pinned first, as many as fit, then
+whole blocks in the room left.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import SettingsError
 from ..format.manifest import Manifest
@@ -28,6 +34,8 @@ class ResidencyPlan:
     buffer_bytes: int  # each: the largest block's chunk
     n_blocks: int
     rest_bytes: int
+    # streamed blocks whose base (non-expert part) is held in memory for good, and its bytes
+    pinned_bases: dict[int, int] = field(default_factory=dict)
 
     @property
     def read_ahead(self) -> int:
@@ -47,14 +55,22 @@ class ResidencyPlan:
         return (
             self.rest_bytes
             + sum(sizes[j] for j in self.resident)
+            + sum(self.pinned_bases.values())
             + self.pool_buffers * self.buffer_bytes
         )
 
     def describe(self, manifest: Manifest) -> str:
         if self.fully_resident:
             return f"all {self.n_blocks} blocks resident ({format_size(manifest.total_bytes)})"
+        bases = (
+            f" (the non-expert parts of {len(self.pinned_bases)} of them pinned, "
+            f"{format_size(sum(self.pinned_bases.values()))})"
+            if self.pinned_bases
+            else ""
+        )
         return (
-            f"{len(self.resident)}/{self.n_blocks} blocks pinned, {len(self.streamed)} streamed "
+            f"{len(self.resident)}/{self.n_blocks} blocks pinned, {len(self.streamed)} streamed"
+            f"{bases} "
             f"through {self.pool_buffers} x {format_size(self.buffer_bytes)} buffers "
             f"(read-ahead {self.read_ahead}); weights in memory <= "
             f"{format_size(self.weight_bytes(manifest))} of a {format_size(self.budget)} budget"
@@ -74,8 +90,12 @@ def resolve_budget(spec: str | int, model_bytes: int) -> int:
         raise SettingsError(f"memory_budget: {exc}") from exc
 
 
-def plan_residency(manifest: Manifest, budget: int, read_ahead: int) -> ResidencyPlan:
-    """Pin the first blocks that fit beside the non-block weights and the streaming pool."""
+def plan_residency(
+    manifest: Manifest, budget: int, read_ahead: int, bases: dict[int, int] | None = None
+) -> ResidencyPlan:
+    """Pin the first blocks that fit beside the non-block weights and the streaming pool;
+    with ``bases`` (by block, the bytes of an expert-streamed block's non-expert part), pin
+    the first bases that fit before any whole block (module docstring)."""
     sizes = manifest.block_bytes
     n, rest = len(sizes), manifest.rest_bytes
     if budget >= manifest.total_bytes:
@@ -99,11 +119,21 @@ def plan_residency(manifest: Manifest, budget: int, read_ahead: int) -> Residenc
             read_ahead,
         )
     room = budget - rest - buffers * largest
-    resident: list[int] = []
-    for j, size in enumerate(sizes):
+    pinned_bases: dict[int, int] = {}
+    for j, size in sorted((bases or {}).items()):
         if size > room:
             break
-        resident.append(j)
+        pinned_bases[j] = size
         room -= size
+    resident: list[int] = []
+    for j, size in enumerate(sizes):
+        extra = size - pinned_bases.get(j, 0)  # a pinned block holds its base
+        if extra > room:
+            break
+        resident.append(j)
+        room -= extra
+        pinned_bases.pop(j, None)
     streamed = n - len(resident)
-    return ResidencyPlan(budget, frozenset(resident), min(buffers, streamed), largest, n, rest)
+    return ResidencyPlan(
+        budget, frozenset(resident), min(buffers, streamed), largest, n, rest, pinned_bases
+    )

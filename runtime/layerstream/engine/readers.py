@@ -12,6 +12,7 @@ the lease is confirmed and released. Nothing outside this module sees a buffer o
 
 from __future__ import annotations
 
+import mmap
 import queue
 import time
 from abc import ABC, abstractmethod
@@ -122,7 +123,10 @@ class BufferPool:
     def __init__(self, count: int, nbytes: int):
         self._free: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
         for _ in range(count):
-            self._free.put(torch.empty(nbytes, dtype=torch.uint8))
+            # page-aligned (anonymous mappings are), so reads past the page cache (O_DIRECT)
+            # can land in it; a tensor's address mod 64 stays its offset's, as with malloc
+            memory = mmap.mmap(-1, max(nbytes, 1))
+            self._free.put(torch.frombuffer(memory, dtype=torch.uint8)[:nbytes])
 
     def acquire(self) -> torch.Tensor:
         return self._free.get()

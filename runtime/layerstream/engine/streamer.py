@@ -18,7 +18,7 @@ import torch
 
 from ..format.manifest import ChunkInfo, Manifest
 from .checks import ChunkHealth
-from .expert_reader import ExpertLease
+from .expert_reader import ExpertLease, ExpertReader
 from .plan import ResidencyPlan
 from .prediction import ExpertPredictor
 from .readers import BlockReader, Lease, ReaderKind
@@ -58,6 +58,11 @@ class BlockOrder:
                 if len(out) == count:
                     break
         return out
+
+
+# how many streamed blocks ahead expert guesses go: two gave each guess the time of a whole
+# block, but at 0.61 precision against 0.74 the extra bytes made it slower (docs/benchmarks.md)
+GUESS_AHEAD = 1
 
 
 def _prefetch(done: Future[Lease], group: int, experts: list[int]) -> None:
@@ -103,6 +108,16 @@ class WeightStreamer:
         """A chunk's tensors in memory of their own, for good (the rest, pinned blocks)."""
         return self._reader.load_resident(self.manifest.chunks[chunk])
 
+    def pin_base(self, j: int) -> None:
+        """Hold block j's non-expert part in memory for good (its routers teach the
+        predictor at once)."""
+        reader = self._reader
+        if not isinstance(reader, ExpertReader):
+            raise RuntimeError(f"block {j}'s base can be pinned only with expert streaming")
+        pinned = reader.pin_base(self._info(j))
+        if self.predictor is not None:
+            self.predictor.learn(j, pinned.tensors)
+
     # -- the compute thread's side ---------------------------------------------------------
     def acquire(self, j: int) -> Lease:
         """Block j's lease, with its tensors, from its read-ahead if one was started, else
@@ -140,25 +155,33 @@ class WeightStreamer:
 
     def guess_next(self, j: int, group: int, hidden: torch.Tensor) -> None:
         """Block j's experts module ``group`` runs on ``hidden``: guess what the next
-        streamed block's router will choose and have those experts read ahead. Not past the
-        end of the block order (the block after the last one runs on the next token)."""
+        GUESS_AHEAD streamed blocks' routers will choose and have those experts read ahead.
+        Not past the end of the block order (the block after the last one runs on the next
+        token)."""
         predictor = self.predictor
         if predictor is None:
             return
-        ahead = self.order.upcoming(j, self.plan.resident, 1)
-        if not ahead or ahead[0] <= j or not predictor.predicts(ahead[0]):
-            return
-        k = ahead[0]
-        guess = predictor.predict(j, group, k, hidden)
-        if guess is None:
-            return
-        group_k, experts = guess
+        for k in self.order.upcoming(j, self.plan.resident, GUESS_AHEAD):
+            if k <= j:
+                return
+            guess = predictor.predict(j, group, k, hidden) if predictor.predicts(k) else None
+            if guess is not None:
+                self._hint(k, *guess)
+
+    def _hint(self, k: int, group: int, experts: list[int]) -> None:
         future = self._inflight.get(k)
         if future is None:  # not being read yet: its read starts with these
             with self._hint_lock:
-                self._hints.setdefault(k, []).append((group_k, experts))
+                self._hints.setdefault(k, []).append((group, experts))
             return
-        future.add_done_callback(functools.partial(_prefetch, group=group_k, experts=experts))
+        future.add_done_callback(functools.partial(_prefetch, group=group, experts=experts))
+
+    def _hinted(self, k: int, done: Future[Lease]) -> None:
+        """A read-ahead lease is ready: start the guesses made before it existed."""
+        with self._hint_lock:
+            hints = self._hints.pop(k, [])
+        for group, experts in hints:
+            _prefetch(done, group, experts)
 
     def read_ahead(self, j: int) -> None:
         """Start reading the blocks predicted to run after ``j``, except those already in
@@ -178,7 +201,8 @@ class WeightStreamer:
             info = self._info(k)
             if self._reader.in_memory(info):
                 continue
-            self._inflight[k] = self._io.submit(self._reader.lease, k, info)
+            future = self._inflight[k] = self._io.submit(self._reader.lease, k, info)
+            future.add_done_callback(functools.partial(self._hinted, k))
             self.stats.read_aheads += 1
 
     def drop_read_ahead(self) -> None:

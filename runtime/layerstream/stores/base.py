@@ -119,6 +119,18 @@ class MappableStore(ChunkStore, Protocol):
         """Drop ``name`` from the page cache (advisory)."""
         ...
 
+    def read_ranges(
+        self,
+        name: str,
+        buffer: memoryview,
+        ranges: list[tuple[int, int]],
+        size: int,
+        direct: bool = False,
+    ) -> ReadResult:
+        """``ChunkStore.read_ranges``; ``direct``: past the page cache where the file system
+        allows (stores/local.py says what lands beside each range)."""
+        ...
+
     def sha256(self, name: str) -> tuple[str, int, str | None]:
         """``name``'s sha256, size and version (None when it changed while hashed)."""
         ...

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
+import logging
 import os
 import stat
 from collections.abc import Iterator
@@ -15,6 +17,29 @@ from ..format.manifest import check_relative_name
 from .base import ReadResult
 from .fileio import read_fully
 from .mapping import LocalMapping, map_populated
+
+log = logging.getLogger(__name__)
+
+# O_DIRECT transfers start and end on this boundary, in the file and in memory (the largest
+# logical block size of common devices)
+DIRECT_ALIGN = 4096
+
+
+class _NoDirectIO(Exception):
+    """This file system or buffer does not allow O_DIRECT reads."""
+
+
+def _pread_direct(fd: int, view: memoryview, offset: int, size: int) -> int:
+    """``read_fully`` for an O_DIRECT descriptor: stops at the file's end (``size``) rather
+    than asking again there, at an offset O_DIRECT would refuse as unaligned."""
+    got = 0
+    while got < len(view) and offset + got < size:
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n == 0:
+            break
+        got += n
+    return got
+
 
 PROBE_STRIDE = 4 << 20  # bytes between the page-cache probes of ``in_memory``
 
@@ -29,6 +54,7 @@ class LocalStore:
     """
 
     def __init__(self, root: str | os.PathLike[str]):
+        self._direct_ok = hasattr(os, "O_DIRECT")  # until the file system refuses it
         self.root = Path(root).expanduser().resolve()
         self._paths: dict[str, str] = {}  # name -> checked path: looked up per block per token
         self.uri = str(self.root)
@@ -129,8 +155,24 @@ class LocalStore:
             os.close(fd)
 
     def read_ranges(
-        self, name: str, buffer: memoryview, ranges: list[tuple[int, int]], size: int
+        self,
+        name: str,
+        buffer: memoryview,
+        ranges: list[tuple[int, int]],
+        size: int,
+        direct: bool = False,
     ) -> ReadResult:
+        """``ranges`` of ``name`` into ``buffer`` at their offsets. ``direct``: past the page
+        cache (O_DIRECT: no copy, no page cache to fill and reclaim), where the file system
+        allows; each range is then read as the DIRECT_ALIGN-aligned span around it, so the
+        file's own bytes beside it land in ``buffer`` too (up to DIRECT_ALIGN - 1 each side),
+        and ``buffer`` must start DIRECT_ALIGN-aligned."""
+        if direct and self._direct_ok and ranges:
+            try:
+                return self._read_ranges_direct(name, buffer, ranges, size)
+            except _NoDirectIO as exc:
+                self._direct_ok = False
+                log.info("%s: reads go through the page cache (%s)", self.root, exc)
         path = self._path(name)
         fd = self._open(name)
         try:
@@ -153,6 +195,60 @@ class LocalStore:
                 got += n
             after = os.fstat(fd)
             return ReadResult(got, _version(before) if _same(before, after) else None)
+        except OSError as exc:
+            raise ChunkStoreError(f"cannot read chunk file {path}: {exc.strerror or exc}") from exc
+        finally:
+            os.close(fd)
+
+    def _read_ranges_direct(
+        self, name: str, buffer: memoryview, ranges: list[tuple[int, int]], size: int
+    ) -> ReadResult:
+        path = self._path(name)
+        address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+        if address % DIRECT_ALIGN:
+            raise _NoDirectIO(f"a buffer at {address:#x} is not {DIRECT_ALIGN}-aligned")
+        fd = self._open(name)
+        try:
+            try:
+                direct = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECT)
+            except OSError as exc:
+                raise _NoDirectIO(f"O_DIRECT: {exc.strerror or exc}") from exc
+            try:
+                before = os.fstat(fd)
+                if before.st_size != size or os.fstat(direct).st_ino != before.st_ino:
+                    raise ChunkIntegrityError(
+                        f"chunk file {path} has {before.st_size} bytes, the manifest says "
+                        f"{size}; the store was modified: re-run the chunker"
+                    )
+                got = 0
+                limit = min(size, len(buffer))
+                for offset, length in ranges:
+                    end = offset + length
+                    if end > limit:
+                        raise ChunkStoreError(f"{path}: a range ends past the chunk's {size} bytes")
+                    start = offset - offset % DIRECT_ALIGN
+                    # the aligned span stops at the buffer's last whole unit: the tail, if
+                    # any, is read through the page cache
+                    stop = min(-(-end // DIRECT_ALIGN) * DIRECT_ALIGN, len(buffer))
+                    stop -= (stop - start) % DIRECT_ALIGN
+                    if stop > start:
+                        try:
+                            n = _pread_direct(direct, buffer[start:stop], start, size)
+                        except OSError as exc:
+                            if exc.errno != errno.EINVAL:
+                                raise
+                            raise _NoDirectIO(f"O_DIRECT read: {exc.strerror}") from exc
+                        if n < min(stop, size) - start:
+                            raise ChunkStoreError(f"chunk file {path} ended before byte {stop}")
+                    if stop < end:
+                        tail = max(stop, offset)
+                        if read_fully(fd, buffer[tail:end], tail) < end - tail:
+                            raise ChunkStoreError(f"chunk file {path} ended before byte {end}")
+                    got += length
+                after = os.fstat(fd)
+                return ReadResult(got, _version(before) if _same(before, after) else None)
+            finally:
+                os.close(direct)
         except OSError as exc:
             raise ChunkStoreError(f"cannot read chunk file {path}: {exc.strerror or exc}") from exc
         finally:
