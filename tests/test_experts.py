@@ -520,9 +520,9 @@ def test_where_the_page_cache_cannot_hold_the_chunks_parts_are_read_past_it(
     assert calls
 
 
-def test_the_plan_pins_every_base_before_any_whole_block(moe_models):
-    """Bases of the first blocks that fit, then whole blocks in the room left (a pinned
-    block holds its base, which no longer counts apart); never more than the budget."""
+def test_the_plan_pins_every_base_before_any_expert(moe_models):
+    """Bases of the first blocks that fit; once all fit, the room left is the expert cache
+    (no whole block of experts is pinned); never more than the budget."""
     from layerstream.engine.plan import plan_residency
 
     _, store = moe_models("olmoe")
@@ -531,14 +531,14 @@ def test_the_plan_pins_every_base_before_any_whole_block(moe_models):
     base = _bases_budget(store, 1) - _bases_budget(store, 0)
     bases = dict.fromkeys(range(len(sizes)), base)
     floor = manifest.rest_bytes + 2 * largest
-    for budget, pinned_bases, resident in [
-        (floor + 3 * base + base // 2, [0, 1, 2], []),  # three bases fit, not four
-        (floor + 8 * base, list(range(8)), []),
-        # every base, and room for block 0's experts: block 0 pinned whole
-        (floor + 8 * base + sizes[0] - base, list(range(1, 8)), [0]),
+    for budget, pinned_bases, cache in [
+        (floor + 3 * base + base // 2, [0, 1, 2], 0),  # three bases fit, not four
+        (floor + 8 * base, list(range(8)), 0),
+        # every base, and room for block 0's experts: an expert cache of that size
+        (floor + 8 * base + sizes[0] - base, list(range(8)), sizes[0] - base),
     ]:
         plan = plan_residency(manifest, budget, 1, bases)
         assert sorted(plan.pinned_bases) == pinned_bases
-        assert sorted(plan.resident) == resident
+        assert not plan.resident and plan.expert_cache == cache
         assert plan.weight_bytes(manifest) <= budget
         assert "non-expert parts of" in plan.describe(manifest)

@@ -80,9 +80,11 @@ def test_sse_and_grpc_streams_at_once_are_exact_and_report_experts(moe_server):
     for _, final in results:
         stats = final.stats
         assert stats["experts_routed"] > 0
-        assert 0 < stats["expert_bytes"] < stats["bytes_streamed"]
+        # every base is pinned at this budget: what streams is experts
+        assert 0 < stats["expert_bytes"] <= stats["bytes_streamed"]
         assert stats["experts_read"] > 0
         assert 0 <= stats["experts_predicted_used"] <= stats["experts_predicted"]
+        assert stats["expert_cache_hits"] >= 0  # reported (its value: test_expert_cache.py)
     after = metric_samples(moe_server.metrics_url)
     label = labels(MODEL)
 
@@ -97,5 +99,5 @@ def test_sse_and_grpc_streams_at_once_are_exact_and_report_experts(moe_server):
     assert (
         0
         < grew("layerstream_expert_bytes_streamed_total")
-        < grew("layerstream_bytes_streamed_total")
+        <= grew("layerstream_bytes_streamed_total")
     )

@@ -208,6 +208,11 @@ class ChunkChecks:
             else:
                 self.stats.chunks_read += 1
 
+    def count_cache_hits(self, experts: int) -> None:
+        """Experts copied from the expert cache instead of read."""
+        with self._lock:
+            self.stats.expert_cache_hits += experts
+
     def count_predictions(self, predicted: int, used: int, routed: int) -> None:
         """A released install's guesses: experts read ahead on a guess, those of them its
         routers chose, and all its routers chose."""

@@ -30,6 +30,7 @@ from ..stores import CachingStore, ChunkStore, MappableStore
 from ..units import format_size
 from . import tuning
 from .checks import ChunkChecks, VerifyMode
+from .expert_cache import ExpertCache
 from .expert_plan import expert_parts
 from .expert_reader import ExpertReader
 from .experts import ExpertsModule, find_experts
@@ -231,6 +232,7 @@ class Engine:
                 # took qwen3-moe-2b cold from 342 to 281 ms/token, docs/benchmarks.md)
                 threads=max(self.io_threads, 16),
                 evict=self._evict,
+                cache=self._expert_cache(),
             )
         elif kind is ReaderKind.MMAP and isinstance(self.store, MappableStore):
             reader = MappedReader(self.store, checks, plan.pool_buffers, self._evict)
@@ -245,6 +247,18 @@ class Engine:
             else:
                 log.info("expert prefetch off: found no router beside the experts modules")
         return streamer
+
+    def _expert_cache(self) -> ExpertCache | None:
+        """The plan's expert cache, in slots of the largest expert."""
+        if not self.plan.expert_cache:
+            return None
+        largest = max(
+            p.expert_bytes(g, e)
+            for p in self.parts.values()
+            for g, group in enumerate(p.groups)
+            for e in range(group.count)
+        )
+        return ExpertCache(self.plan.expert_cache, largest)
 
     def _streamed_chunks(self) -> list[ChunkInfo]:
         return [self.manifest.chunks[self.manifest.blocks[j].chunk] for j in self.plan.streamed]

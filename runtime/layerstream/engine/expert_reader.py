@@ -31,6 +31,7 @@ from ..format.safetensors import TensorEntry, tensors_from_layout
 from ..stores import CachingStore, ChunkStore, MappableStore, ReadResult
 from ..stores.ranged import split
 from .checks import ChunkChecks
+from .expert_cache import ExpertCache
 from .readers import Lease, PooledLease, PooledReader
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,9 @@ class ExpertLease(PooledLease):
     def missing(self, group: int, experts: list[int]) -> bool:
         """Whether any of ``experts`` (the router's choice) is not read yet; counted for
         the precision and recall of the guesses."""
+        cache = self._experts.cache
+        if cache is not None:
+            cache.routed(self.info.name, group, experts)
         with self._lock:
             self._routed[group].update(experts)
             loaded = self._loaded[group]
@@ -223,10 +227,12 @@ class ExpertReader(PooledReader):
         poison: bool = False,
         threads: int = 4,
         evict: Callable[[str], None] | None = None,
+        cache: ExpertCache | None = None,
     ):
         super().__init__(store, checks, buffers, buffer_bytes)
         self.parts = parts
         self.bases: dict[str, PinnedBase] = {}  # by chunk name
+        self.cache = cache
         self.poison = poison
         # where the page cache cannot hold the chunks anyway, a local store's parts are read
         # past it (O_DIRECT: no copy, no cache to fill and then reclaim; what lands beside a
@@ -252,6 +258,8 @@ class ExpertReader(PooledReader):
         if parts is None:  # a dense block of a mixture-of-experts model
             return super().lease(j, info)
         pinned = self.bases.get(info.name)
+        if self.cache is not None:
+            self.cache.tick()
         buffer = self.pool.acquire()
         try:
             data = buffer[: info.bytes]
@@ -286,6 +294,28 @@ class ExpertReader(PooledReader):
     def read_experts(
         self, lease: ExpertLease, data: torch.Tensor, group: int, experts: list[int]
     ) -> None:
+        """``experts`` of ``group`` into ``data``: those the expert cache keeps copied from
+        it, the others read, checked, and offered to it."""
+        info, parts = lease.info, lease.parts
+        cache = self.cache
+        if cache is not None:
+            wanted, experts = experts, []
+            for e in wanted:
+                key = (info.name, group, e)
+                if not cache.copy_into(key, lease.version, data, parts.experts[group][e]):
+                    experts.append(e)
+            if len(experts) < len(wanted):
+                self.checks.count_cache_hits(len(wanted) - len(experts))
+            if not experts:
+                return
+        version = self._read_experts(lease, data, group, experts)
+        if cache is not None:
+            for e in experts:
+                cache.offer((info.name, group, e), version, data, parts.experts[group][e])
+
+    def _read_experts(
+        self, lease: ExpertLease, data: torch.Tensor, group: int, experts: list[int]
+    ) -> str | None:
         info, parts = lease.info, lease.parts
         module = parts.groups[group]
         checked = [
@@ -309,6 +339,7 @@ class ExpertReader(PooledReader):
                 "ran, so this request's output cannot be trusted; retry it. Replace chunk "
                 "files by rename (as the chunker does), never rewrite them in place"
             )
+        return version
 
     def _read(
         self,

@@ -9,8 +9,9 @@ computed plus the read-ahead).
 With expert streaming, a block's base (every byte outside its experts) is read by every
 token while its experts are read a few at a time: a byte of base pinned saves a byte read
 per token, a byte of whole block pinned saves less (only the share of its experts a token
-routes to). So the bases of the streamed blocks are pinned first, as many as fit, then
-whole blocks in the room left.
+routes to). So the bases of the streamed blocks are pinned first, as many as fit, then the
+blocks without experts whole, and the room left holds the most routed experts
+(expert_cache.py): a whole block pinned would hold its experts whatever the routing.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class ResidencyPlan:
     rest_bytes: int
     # streamed blocks whose base (non-expert part) is held in memory for good, and its bytes
     pinned_bases: dict[int, int] = field(default_factory=dict)
+    expert_cache: int = 0  # bytes for the most routed experts of the streamed blocks
 
     @property
     def read_ahead(self) -> int:
@@ -56,6 +58,7 @@ class ResidencyPlan:
             self.rest_bytes
             + sum(sizes[j] for j in self.resident)
             + sum(self.pinned_bases.values())
+            + self.expert_cache
             + self.pool_buffers * self.buffer_bytes
         )
 
@@ -64,7 +67,8 @@ class ResidencyPlan:
             return f"all {self.n_blocks} blocks resident ({format_size(manifest.total_bytes)})"
         bases = (
             f" (the non-expert parts of {len(self.pinned_bases)} of them pinned, "
-            f"{format_size(sum(self.pinned_bases.values()))})"
+            f"{format_size(sum(self.pinned_bases.values()))}; an expert cache of "
+            f"{format_size(self.expert_cache)})"
             if self.pinned_bases
             else ""
         )
@@ -126,14 +130,27 @@ def plan_residency(
         pinned_bases[j] = size
         room -= size
     resident: list[int] = []
-    for j, size in enumerate(sizes):
-        extra = size - pinned_bases.get(j, 0)  # a pinned block holds its base
-        if extra > room:
-            break
-        resident.append(j)
-        room -= extra
-        pinned_bases.pop(j, None)
+    if bases:  # the blocks without experts whole, the rest for the expert cache
+        for j, size in enumerate(sizes):
+            if j not in bases and size <= room:
+                resident.append(j)
+                room -= size
+        cache = room if len(pinned_bases) == len(bases) else 0
+    else:
+        for j, size in enumerate(sizes):
+            if size > room:
+                break
+            resident.append(j)
+            room -= size
+        cache = 0
     streamed = n - len(resident)
     return ResidencyPlan(
-        budget, frozenset(resident), min(buffers, streamed), largest, n, rest, pinned_bases
+        budget,
+        frozenset(resident),
+        min(buffers, streamed),
+        largest,
+        n,
+        rest,
+        pinned_bases,
+        cache,
     )

@@ -95,6 +95,7 @@ class SweepRecord:
     expert_bytes: int = 0  # their bytes, a part of bytes_streamed
     experts_predicted: int = 0  # experts read ahead on a guess (a part of experts_read)
     experts_predicted_used: int = 0  # those the router then chose
+    expert_cache_hits: int = 0  # experts copied from the expert cache instead of read
 
 
 @dataclass(eq=False)
@@ -392,6 +393,7 @@ class SweepGroup:
             expert_bytes=read.expert_bytes,
             experts_predicted=read.experts_predicted,
             experts_predicted_used=read.experts_predicted_used,
+            expert_cache_hits=read.expert_cache_hits,
         )
 
     def _retire(self, install: _Install | None) -> None:

@@ -73,6 +73,7 @@ class RequestStats:
     # experts read ahead on a guess of the next block's routing, and those its router chose
     experts_predicted: int = 0
     experts_predicted_used: int = 0
+    expert_cache_hits: int = 0  # routed experts copied from the expert cache, not read
 
     @classmethod
     def measure(
@@ -103,6 +104,7 @@ class RequestStats:
             expert_bytes=ctx.stats.expert_bytes,
             experts_predicted=ctx.stats.experts_predicted,
             experts_predicted_used=ctx.stats.experts_predicted_used,
+            expert_cache_hits=ctx.stats.expert_cache_hits,
         )
 
 

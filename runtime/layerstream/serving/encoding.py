@@ -45,6 +45,7 @@ def stats_parameters(stats: RequestStats) -> dict[str, int]:
         "expert_bytes": stats.expert_bytes,
         "experts_predicted": stats.experts_predicted,
         "experts_predicted_used": stats.experts_predicted_used,
+        "expert_cache_hits": stats.expert_cache_hits,
     }
 
 

@@ -78,6 +78,12 @@ EXPERTS_PREDICTED_USED = Counter(
     "precision)",
     _MODEL,
 )
+EXPERT_CACHE_HITS = Counter(
+    "layerstream_expert_cache_hits",
+    "Routed experts copied from the expert cache instead of read from the chunk store "
+    "(over it plus layerstream_experts_read: the cache's hit rate)",
+    _MODEL,
+)
 SWEEPS = Counter(
     "layerstream_sweeps",
     "Passes over the streamed blocks (each shared by the requests on it)",
@@ -122,6 +128,7 @@ _PER_MODEL = (
     EXPERTS_ROUTED,
     EXPERTS_PREDICTED,
     EXPERTS_PREDICTED_USED,
+    EXPERT_CACHE_HITS,
     SWEEPS,
     SWEEP_SEQUENCES,
     SWEEP_TOKENS,
@@ -213,5 +220,6 @@ class ModelMetrics:
         EXPERT_BYTES.labels(*labels).inc(sweep.expert_bytes)
         EXPERTS_PREDICTED.labels(*labels).inc(sweep.experts_predicted)
         EXPERTS_PREDICTED_USED.labels(*labels).inc(sweep.experts_predicted_used)
+        EXPERT_CACHE_HITS.labels(*labels).inc(sweep.expert_cache_hits)
         if sweep.tokens:
             BYTES_PER_TOKEN.labels(*labels).observe(sweep.bytes_streamed / sweep.tokens)
