@@ -6,11 +6,13 @@ budget. Every run is its own process (benchmarks/probe.py), greedy ids checked a
 resident ``from_pretrained`` model. Regimes as in streaming.py: warm (page cache, no limit)
 and cold (page cache dropped, a memory cgroup of import baseline + budget + margin).
 
-Per row: ms/token, bytes read per token split into experts and the rest, peak RSS, ids;
-the floor is max(resident compute, bytes the routing needs per token / the bandwidth the
-store delivers to single-expert reads, 16 in flight), where the bytes the routing needs are
-what expert streaming without guesses read (each routed expert once per block run, plus
-the blocks' non-expert parts not pinned): every row is held to the same floor.
+Per row: ms/token and bytes read per token of the decode steps (the prefill's 64 tokens
+route to nearly every expert), split into experts and the rest; the guesses' precision and
+recall, the expert cache's hit rate, peak RSS, ids. The floor is max(resident compute,
+bytes the routing needs per token / the bandwidth the store delivers to single-expert
+reads, 16 in flight), where the bytes the routing needs are what expert streaming without
+guesses read (each routed expert once per block run, but those the expert cache holds,
+plus the blocks' non-expert parts not pinned): every row is held to the same floor.
 
     .venv/bin/python benchmarks/experts.py                        # both models, both regimes
     .venv/bin/python benchmarks/experts.py --presets mixtral-1b --regimes warm --reps 1
@@ -139,9 +141,15 @@ def rows_of(runs: dict[str, list[dict]], reference: list[int] | None, args) -> l
             continue
         row = streaming.summarise(system, results, reference, steps)
         ok = [r for r in results if "error" not in r]
-        row["expert_mib_per_token"] = (
-            statistics.median(r.get("expert_bytes_per_token", 0) for r in ok) / 2**20 if ok else 0
-        )
+        # decode steps only: the prefill's 64 tokens route to nearly every expert
+        for key, field in (
+            ("decode_mib_per_token", "decode_bytes_per_token"),
+            ("expert_mib_per_token", "decode_expert_bytes_per_token"),
+        ):
+            row[key] = statistics.median(r.get(field, 0) for r in ok) / 2**20 if ok else 0
+        hits = sum(r.get("expert_cache_hits", 0) for r in ok)
+        read = sum(r.get("experts_read", 0) for r in ok)
+        row["expert_cache_hit_rate"] = hits / (hits + read) if hits + read else None
         guessed = sum(r.get("experts_predicted", 0) for r in ok)
         used = sum(r.get("experts_predicted_used", 0) for r in ok)
         routed = sum(r.get("experts_routed_predicted", 0) for r in ok)
@@ -170,7 +178,7 @@ def add_routed_floor(rows: list[dict], runs: dict[str, list[dict]], compute_ms: 
                 beside["per_token_s"] * 1e3 if beside and "error" not in beside else compute_ms
             )
             # the routing's bytes at the bandwidth of that access size (single experts)
-            io_ms = need["bytes_per_token"] / r["bandwidth"]["experts"] * 1e3
+            io_ms = need["decode_bytes_per_token"] / r["bandwidth"]["experts"] * 1e3
             floors.append(max(compute, io_ms))
             ratios.append(r["per_token_s"] * 1e3 / floors[-1])
         if floors:
@@ -189,19 +197,20 @@ def _share(value: float | None) -> str:
 def print_table(title: str, rows: list[dict]) -> None:
     print(f"\n== {title}")
     cols = ["system", "ms/tok", "x whole", "floor", "x floor", "MiB/tok", "experts", "rest",
-            "peakRSS", "cgroup", "guess P", "guess R", "exact"]  # fmt: skip
+            "peakRSS", "cgroup", "guess P", "guess R", "cached", "exact"]  # fmt: skip
     print(f"{cols[0]:<30}" + "".join(f"{c:>9}" for c in cols[1:]))
     for r in rows:
         if "error" in r:
             print(f"{r['system']:<30}  {r['error'][:100]}")
             continue
-        mib, experts = r["bytes_read_per_token_mib"], r["expert_mib_per_token"]
+        mib, experts = r["decode_mib_per_token"], r["expert_mib_per_token"]
         print(
             f"{r['system']:<30}{r['per_token_ms']:>9.1f}{r.get('x_whole_block', 0):>9.2f}"
             f"{r.get('floor_ms', 0):>9.1f}{r.get('x_floor', 0):>9.2f}{mib:>9.1f}"
             f"{experts:>9.1f}{mib - experts:>9.1f}{r['peak_rss_mib']:>9.0f}"
             f"{r['cgroup_peak_mib']:>9.0f}{_share(r.get('prediction_precision'))}"
-            f"{_share(r.get('prediction_recall'))}{r['identical_to_resident']!s:>9}"
+            f"{_share(r.get('prediction_recall'))}{_share(r.get('expert_cache_hit_rate'))}"
+            f"{r['identical_to_resident']!s:>9}"
         )
 
 

@@ -43,7 +43,8 @@ def main() -> None:
     )
     with context():
         model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
-    clock = timing.clock()
+    # the engine's counters when the prefill has run: what follows is the decode steps'
+    clock = timing.clock(engine.streamer.stats.snapshot if engine is not None else None)
     io_before = timing.io_counters()
     with context() as scope:
         start = time.perf_counter()
@@ -63,6 +64,10 @@ def main() -> None:
         result["experts_predicted"] = stats.experts_predicted
         result["experts_predicted_used"] = stats.experts_predicted_used
         result["experts_routed_predicted"] = stats.experts_routed_predicted
+        result["expert_cache_hits"] = stats.expert_cache_hits
+        decode = engine.streamer.stats.since(clock.first)  # the decode steps alone
+        result["decode_bytes_per_token"] = decode.bytes_read / max(new_tokens - 1, 1)
+        result["decode_expert_bytes_per_token"] = decode.expert_bytes / max(new_tokens - 1, 1)
     io_after = timing.io_counters()
     result["disk_read_per_token"] = (io_after["disk_read"] - io_before["disk_read"]) / (
         new_tokens + 1

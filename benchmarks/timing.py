@@ -19,17 +19,21 @@ def rss(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def clock():
+def clock(at_first_token=None):
     """A transformers streamer recording when each put() arrives: times[0] is the prompt,
-    times[1] the first new token, then one per decode step."""
+    times[1] the first new token, then one per decode step. ``at_first_token()``, if given,
+    is called when the first new token arrives and its result kept as ``first``."""
     from transformers.generation.streamers import BaseStreamer
 
     class Clock(BaseStreamer):
         def __init__(self) -> None:
             self.times: list[float] = []
+            self.first = None
 
         def put(self, value) -> None:
             self.times.append(time.perf_counter())
+            if len(self.times) == 2 and at_first_token is not None:
+                self.first = at_first_token()
 
         def end(self) -> None:
             pass

@@ -40,19 +40,43 @@ def test_a_kept_expert_is_copied_back_to_its_ranges():
 
 def test_the_most_routed_experts_stay():
     """Two slots: the two most routed experts are kept; a less routed one is not admitted,
-    a more routed one replaces the least routed kept one."""
+    nor one routed a little more (by less than ADMIT); one routed ADMIT times more replaces
+    the least routed kept one."""
     cache = ExpertCache(2 * SLOT, SLOT)
     ranges = [(0, SLOT)]
     for expert, times in [(0, 5), (1, 3), (2, 1)]:
         _route(cache, expert, times)
         cache.offer(("block_0001", 0, expert), None, _data(expert), ranges)
     assert cache.kept() == [("block_0001", 0, 0), ("block_0001", 0, 1)]
-    _route(cache, 3, 4)
+    _route(cache, 3, 4)  # 4 <= 1.5 x 3
+    cache.offer(("block_0001", 0, 3), None, _data(3), ranges)
+    assert cache.kept() == [("block_0001", 0, 0), ("block_0001", 0, 1)]
+    _route(cache, 3, 1)  # 5 > 1.5 x 3
     cache.offer(("block_0001", 0, 3), None, _data(3), ranges)
     assert cache.kept() == [("block_0001", 0, 0), ("block_0001", 0, 3)]
     target = torch.zeros(64, dtype=torch.uint8)
     assert cache.copy_into(("block_0001", 0, 3), None, target, ranges)
     assert torch.equal(target[:SLOT], _data(3)[:SLOT])  # expert 1's slot holds expert 3 now
+
+
+def test_a_pass_over_the_blocks_does_not_churn_the_cache():
+    """Experts routed once each, in order, pass after pass (a cache smaller than a pass):
+    the ones kept first stay and serve the next pass; a least-recently-used cache would
+    replace each by the next and never hit."""
+    cache = ExpertCache(4 * SLOT, SLOT)
+    ranges = [(0, SLOT)]
+    target = torch.zeros(64, dtype=torch.uint8)
+    hits = 0
+    for _ in range(3):
+        for expert in range(8):
+            cache.tick()
+            key = ("block_0001", 0, expert)
+            cache.routed(*key[:2], [expert])
+            if cache.copy_into(key, None, target, ranges):
+                hits += 1
+            else:
+                cache.offer(key, None, _data(expert), ranges)
+    assert hits == 2 * 4  # passes 2 and 3 find the first four
 
 
 def test_old_routing_decays():

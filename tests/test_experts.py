@@ -427,19 +427,47 @@ def test_with_verify_once_each_part_is_hashed_once_per_version(moe_models, monke
         engine.close()
 
 
-@pytest.mark.parametrize("edit", ["no groups", "a group twice", "format_version 1"])
+@pytest.mark.parametrize(
+    "edit", ["no groups", "a group twice", "format_version 1", "base as large as the chunk"]
+)
 def test_manifest_expert_edits_are_refused(moe_models, edit):
     _, store = moe_models("qwen3_moe")
     data = json.loads((store / "manifest.json").read_text())
-    experts = next(c for c in data["chunks"].values() if "experts" in c)["experts"]
+    chunk = next(c for c in data["chunks"].values() if "experts" in c)
+    experts = chunk["experts"]
     if edit == "no groups":
         experts["groups"] = []
     elif edit == "a group twice":
         experts["groups"] = experts["groups"] * 2
+    elif edit == "base as large as the chunk":
+        experts["base_bytes"] = chunk["bytes"]
     else:
         data["format_version"] = 1
-    with pytest.raises(ManifestError, match=r"each experts module once|format_version 1"):
+    with pytest.raises(
+        ManifestError, match=r"each experts module once|format_version 1|leaving none"
+    ):
         Manifest.from_json(json.dumps(data))
+
+
+def test_a_base_size_the_header_contradicts_fails_the_load(moe_models, tmp_path):
+    """The manifest's base size (what `layerstream size` plans with) must be the header's;
+    a store chunked before it was recorded has none and loads."""
+    import shutil
+
+    _, store = moe_models("olmoe")
+    copy = tmp_path / "chunks"
+    shutil.copytree(store, copy)
+    data = json.loads((copy / "manifest.json").read_text())
+    chunks = [c for c in data["chunks"].values() if "experts" in c]
+    assert all(c["experts"]["base_bytes"] > 0 for c in chunks)
+    for c in chunks:
+        del c["experts"]["base_bytes"]
+    (copy / "manifest.json").write_text(json.dumps(data))
+    expert_engine(copy, streaming_budget(copy)).close()
+    chunks[3]["experts"]["base_bytes"] = 4096
+    (copy / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ChunkIntegrityError, match="the manifest says 4096"):
+        expert_engine(copy, streaming_budget(copy))
 
 
 def test_through_the_disk_cache_each_part_is_kept_and_served_again(

@@ -214,3 +214,28 @@ def test_chunk_prints_the_sizing_of_the_new_store(tmp_path, capsys):
     config = config_from_json((dest / "config.json").read_text())
     sizing = size_model(manifest, config, memory_budget="50%")
     assert f"Seldon Model spec.memory: {sizing.spec_memory}" in out
+
+
+def test_a_moe_store_is_sized_as_expert_streaming_plans_it(moe_models):
+    """The manifest's base sizes give `layerstream size` the engine's own plan: every base
+    pinned, the rest an expert cache, the weights within the budget."""
+    from layerstream.engine.engine import Engine, EngineOptions
+    from layerstream.stores import open_store
+
+    _, store = moe_models("olmoe")
+    manifest = Manifest.from_json((store / "manifest.json").read_text())
+    config = config_from_json((store / "config.json").read_text())
+    sizing = size_model(manifest, config, memory_budget="60%")
+    engine = Engine(
+        open_store(str(store)), EngineOptions(memory_budget="60%", expert_streaming="on")
+    )
+    try:
+        plan = engine.plan
+        assert sizing.based_blocks == len(plan.pinned_bases) > 0
+        assert sizing.bases == sum(plan.pinned_bases.values())
+        assert sizing.expert_cache == plan.expert_cache > 0
+        assert sizing.weights == plan.weight_bytes(manifest) <= sizing.budget
+    finally:
+        engine.close()
+    report = sizing.report()
+    assert "pinned bases" in report and "expert cache" in report

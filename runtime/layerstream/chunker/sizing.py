@@ -66,10 +66,14 @@ class Sizing:
     kv_how: str
     baseline: int = BASELINE_BYTES
     working_set: int = WORKING_SET_BYTES
+    # expert streaming: the streamed blocks' non-expert parts pinned, and the expert cache
+    bases: int = 0
+    based_blocks: int = 0
+    expert_cache: int = 0
 
     @property
     def weights(self) -> int:
-        return self.pinned + self.buffers
+        return self.pinned + self.bases + self.expert_cache + self.buffers
 
     @property
     def kv_slack(self) -> int:
@@ -92,6 +96,19 @@ class Sizing:
                 "pinned weights",
                 self.pinned,
                 f"non-block weights + {self.pinned_blocks}/{self.n_blocks} blocks pinned",
+            ),
+            *(
+                [
+                    (
+                        "pinned bases",
+                        self.bases,
+                        f"the non-expert parts of {self.based_blocks} streamed blocks "
+                        "(expert streaming)",
+                    ),
+                    ("expert cache", self.expert_cache, "the most routed experts"),
+                ]
+                if self.based_blocks
+                else []
             ),
             (
                 "streaming buffers",
@@ -155,6 +172,9 @@ def size_model(
 
     budget = resolve_sizing_budget(memory_budget, manifest.total_bytes)
     plan = plan_residency(manifest, budget, tuning.read_ahead(read_ahead))
+    bases = expert_bases(manifest)
+    if bases and not plan.fully_resident:  # as the engine plans once it streams experts
+        plan = plan_residency(manifest, budget, tuning.read_ahead(read_ahead), bases)
     sizes = manifest.block_bytes
     pinned = manifest.rest_bytes + sum(sizes[j] for j in plan.resident)
     per_token = kv_bytes_per_token(config, len(manifest.blocks), manifest.dtype)
@@ -179,10 +199,26 @@ def size_model(
         n_blocks=plan.n_blocks,
         buffers=plan.pool_buffers * plan.buffer_bytes,
         buffer_count=plan.pool_buffers,
+        bases=sum(plan.pinned_bases.values()),
+        based_blocks=len(plan.pinned_bases),
+        expert_cache=plan.expert_cache,
         kv=kv,
         kv_per_token=per_token,
         kv_how=kv_how,
     )
+
+
+def expert_bases(manifest: Manifest) -> dict[int, int]:
+    """By block, the size of each block's non-expert part, from the manifest: empty for a
+    dense model, or a store chunked before the sizes were recorded (planned whole then)."""
+    bases = {}
+    for j, block in enumerate(manifest.blocks):
+        experts = manifest.chunks[block.chunk].experts
+        if experts is not None:
+            if experts.base_bytes is None:
+                return {}
+            bases[j] = experts.base_bytes
+    return bases
 
 
 def config_from_json(text: str | bytes, where: str = "config.json") -> PretrainedConfig:

@@ -83,4 +83,5 @@ def with_expert_digests(info: ChunkInfo, path: Path, experts: list[ExpertsModule
         ExpertGroup(g.module, g.count, g.tensors, d) for g, d in zip(groups, digests, strict=True)
     ]
     base = sha256_of_ranges(data, parts.base)
-    return ChunkInfo(**{**vars(info), "experts": ChunkExperts(base, groups)})
+    experts = ChunkExperts(base, groups, parts.base_bytes)
+    return ChunkInfo(**{**vars(info), "experts": experts})

@@ -5,9 +5,15 @@ install. Routers favour some experts over others (per model, per layer, and drif
 the text), so the budget left once the non-expert parts are pinned holds the most used
 experts: each routing adds one to its expert's score, and every score decays by half every
 HALF_LIFE installs, so the cache follows what the requests in flight route to. An expert
-read from the store is kept when a slot is free or its score beats the lowest kept one
-(which it then replaces); an install that routes to a kept expert copies it into its buffer
-instead of reading it.
+read from the store is kept when a slot is free or its score beats the lowest kept one by
+ADMIT (which it then replaces); an install that routes to a kept expert copies it into its
+buffer instead of reading it.
+
+Without the margin, an expert routed once just now beats one routed once a pass ago (by
+the decay of a pass), and every read replaces the stalest entry: least recently used, which
+never hits on a pass over the blocks in order once the cache is smaller than what a pass
+reads (measured: 983 admissions, 0 hits in 6 tokens). With it, only routing more often
+displaces an entry.
 
 Scores are kept normalised to install 0 (``score / DECAY**tick``): a decay applies to every
 score alike, so it never reorders them, and an update touches one entry. The normalised
@@ -31,6 +37,7 @@ from ..format.parts import Range
 HALF_LIFE = 1024  # installs: with 16 streamed blocks, about 64 tokens
 DECAY = 0.5 ** (1 / HALF_LIFE)
 _RESCALE = 1e150  # normalised scores are brought back to the current tick past this
+ADMIT = 1.5  # a read expert replaces the lowest kept one when it scores this much higher
 
 Key = tuple[str, int, int]  # (chunk name, expert group, expert)
 
@@ -133,7 +140,7 @@ class ExpertCache:
             lowest = self._lowest
             if lowest is None:
                 lowest = self._lowest = min(self._slot, key=lambda k: self._score.get(k, 0.0))
-            if self._score.get(key, 0.0) <= self._score.get(lowest, 0.0):
+            if self._score.get(key, 0.0) <= ADMIT * self._score.get(lowest, 0.0):
                 return None
             slot = self._slot.pop(lowest)
             del self._version[lowest]

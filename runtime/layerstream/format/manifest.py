@@ -44,6 +44,9 @@ class ChunkExperts:
 
     base_sha256: str
     groups: list[ExpertGroup]
+    # the base's size (stores chunked before it was recorded have none): what `layerstream
+    # size` plans with; the engine checks it against the chunk's header
+    base_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,8 @@ class Manifest:
         for chunk in data["chunks"].values():
             if chunk["experts"] is None:  # dense chunks keep the version 1 shape
                 del chunk["experts"]
+            elif chunk["experts"]["base_bytes"] is None:  # as it was read
+                del chunk["experts"]["base_bytes"]
         if not self.has_experts:
             data["format_version"] = 1  # readable by layerstream before expert streaming
         return json.dumps(data, indent=1, sort_keys=False) + "\n"
@@ -194,6 +199,12 @@ def _chunk(name: str, raw: Any, source: str) -> ChunkInfo:
                 f"{source}: {what} lists experts in tensors it does not hold: "
                 f"{sorted(unknown)[:3]}; the manifest was edited: re-run the chunker"
             )
+        base = info.experts.base_bytes
+        if base is not None and base >= info.bytes:
+            raise ManifestError(
+                f"{source}: {what} says {base} of its {info.bytes} bytes lie outside its "
+                "experts, leaving none for them; the manifest was edited: re-run the chunker"
+            )
     return info
 
 
@@ -207,8 +218,11 @@ def _digest(value: Any, what: str, source: str) -> str:
 def _experts(raw: Any, chunk: str, source: str) -> ChunkExperts:
     what = f"{chunk} 'experts'"
     raw = _typed(raw, dict, what, source)
-    if set(raw) != {"base_sha256", "groups"}:
-        raise ManifestError(f"{source}: {what} must have exactly 'base_sha256' and 'groups'")
+    if not {"base_sha256", "groups"} <= set(raw) <= {"base_sha256", "groups", "base_bytes"}:
+        raise ManifestError(
+            f"{source}: {what} must have 'base_sha256' and 'groups' (and may have "
+            "'base_bytes'), nothing else"
+        )
     groups = []
     for item in _typed(raw["groups"], list, f"{what} 'groups'", source):
         item = _typed(item, dict, f"a group of {what}", source)
@@ -239,7 +253,13 @@ def _experts(raw: Any, chunk: str, source: str) -> ChunkExperts:
             f"{source}: {what} must list each experts module once, and at least one; the "
             "manifest was edited: re-run the chunker"
         )
-    return ChunkExperts(_digest(raw["base_sha256"], f"{what} 'base_sha256'", source), groups)
+    base_bytes = raw.get("base_bytes")
+    if base_bytes is not None:
+        base_bytes = _typed(base_bytes, int, f"{what} 'base_bytes'", source)
+        if base_bytes < 8:  # the header's length at least
+            raise ManifestError(f"{source}: {what} 'base_bytes' is below 8; re-run the chunker")
+    digest = _digest(raw["base_sha256"], f"{what} 'base_sha256'", source)
+    return ChunkExperts(digest, groups, base_bytes)
 
 
 def _block(raw: Any, source: str) -> BlockInfo:

@@ -96,6 +96,12 @@ def chunk_parts(info: ChunkInfo, layout: list[TensorEntry]) -> ChunkParts:
         position = offset + length
     if position < info.bytes:
         base.append((position, info.bytes - position))
+    listed = info.experts.base_bytes
+    if listed is not None and listed != span(base):
+        raise ChunkIntegrityError(
+            f"chunk {info.name} ({info.file}): its header leaves {span(base)} bytes outside "
+            f"its experts, the manifest says {listed}; re-run the chunker"
+        )
     return ChunkParts(info, base, experts)
 
 
