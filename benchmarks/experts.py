@@ -6,6 +6,9 @@ budget. Every run is its own process (benchmarks/probe.py), greedy ids checked a
 resident ``from_pretrained`` model. Regimes as in streaming.py: warm (page cache, no limit)
 and cold (page cache dropped, a memory cgroup of import baseline + budget + margin).
 
+Each streaming run is timed once the engine's background pass has hashed every streamed
+chunk (a server's steady state; before that, each part is hashed on its first read).
+
 Per row: ms/token and bytes read per token of the decode steps (the prefill's 64 tokens
 route to nearly every expert), split into experts and the rest; the guesses' precision and
 recall, the expert cache's hit rate, peak RSS, ids. The floor is max(resident compute,
@@ -232,6 +235,7 @@ def main() -> None:
         source, store = streaming.prepare(preset, dtype="bfloat16")
         report[preset] = {"model_bytes": streaming.model_bytes(store)}
         reference, compute_ms = resident_reference(source, store, args, work)
+        report[preset]["resident_ms_per_token"] = compute_ms
         for regime in args.regimes.split(","):
             if regime == "cold" and (why := cgroup.available()):
                 report[preset][regime] = {"skipped": why}
