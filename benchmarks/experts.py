@@ -27,6 +27,7 @@ import argparse
 import json
 import logging
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -39,6 +40,46 @@ ROOT = Path(__file__).resolve().parent
 WHOLE, EXPERTS = "ls:25%:expert_streaming=off", "ls:25%:expert_streaming=on"
 NO_GUESS = "ls:25%:expert_streaming=on:expert_prefetch=false"
 SYSTEMS = ["resident", WHOLE, NO_GUESS, EXPERTS]
+# with --peers (benchmarks/.venv-peers, setup_peers.sh): accelerate's disk offload at the
+# same budget, and llama.cpp with mmap on a GGUF of the same checkpoint, in the same cgroup
+LLAMA_CPP = "llama.cpp"
+# the same, in a cgroup of its own imports' baseline + budget + margin: without torch its
+# process is ~600 MiB smaller, room the same cgroup as ours leaves to its page cache
+LLAMA_CPP_OWN = "llama.cpp:own-baseline"
+PEERS = ["accelerate:25%", LLAMA_CPP, LLAMA_CPP_OWN]
+
+
+def llama_baseline() -> int:
+    """What llama-cpp-python's imports cost inside a cgroup, as baseline_usage() for ours."""
+    cmd = [str(streaming.PEERS_PYTHON), "-c", "import llama_cpp"]
+    _, peak = cgroup.run_capped(cmd, 8 * 2**30, timeout=600)
+    return peak or 0
+
+
+def llama_command(source: Path, args: argparse.Namespace) -> list[str]:
+    """llama.cpp's run on the checkpoint converted by llama.cpp's own converter (once)."""
+    gguf = source.with_suffix(".gguf")
+    if not gguf.exists():
+        partial = gguf.with_suffix(".partial")
+        subprocess.run(
+            [
+                str(streaming.PEERS_PYTHON),
+                str(ROOT / "llamacpp.py"),
+                "convert",
+                str(source),
+                str(partial),
+            ],
+            check=True,
+        )
+        partial.rename(gguf)
+    return [
+        str(streaming.PEERS_PYTHON),
+        str(ROOT / "llamacpp.py"),
+        "run",
+        str(gguf),
+        str(args.new_tokens),
+        str(args.threads),
+    ]
 
 
 def expert_bandwidth(store: Path, cold: bool, samples: int = 512, depth: int = 16) -> float:
@@ -98,7 +139,11 @@ def run_regime(
     base = streaming.baseline_usage() if regime == "cold" else 0
     if regime == "warm":
         streaming.warm_page_cache(store)
-    runs: dict[str, list[dict]] = {s: [] for s in SYSTEMS}
+    systems = SYSTEMS + (PEERS if args.peers else [])
+    if args.only:
+        systems = [s for s in systems if s in args.only.split(",")]
+    own = llama_baseline() if regime == "cold" and LLAMA_CPP_OWN in systems else 0
+    runs: dict[str, list[dict]] = {s: [] for s in systems}
     for rep in range(args.reps):
         bandwidth = streaming.read_bandwidth(store, cold=regime == "cold")
         bandwidth["experts"] = expert_bandwidth(store, cold=regime == "cold")
@@ -109,12 +154,20 @@ def run_regime(
             bandwidth["best"] / 1e9,
             bandwidth["experts"] / 1e9,
         )
-        for system in SYSTEMS:
-            budget = streaming.budget_of(system, total)
+        for system in systems:
+            floor_of_box = base
+            if system in (LLAMA_CPP, LLAMA_CPP_OWN):
+                budget = streaming.budget_of(WHOLE, total)  # the same budget as ours
+                cmd = llama_command(source, args)
+                floor_of_box = own if system == LLAMA_CPP_OWN else base
+            else:
+                budget = streaming.budget_of(system, total)
+                cmd = streaming.command(system, source, store, args, work)
             if regime == "cold" and budget is None:
                 continue  # the resident model does not fit the box
-            cmd = streaming.command(system, source, store, args, work)
-            result = streaming.run(system, regime, cmd, base + (budget or 0) + streaming.MARGIN)
+            limit = floor_of_box + (budget or 0) + streaming.MARGIN
+            result = streaming.run(system, regime, cmd, limit)
+            result["cgroup_limit"] = limit
             result["bandwidth"] = bandwidth
             runs[system].append(result)
             shown = result.get("error") or f"{result['per_token_s'] * 1e3:.1f} ms/token"
@@ -145,11 +198,11 @@ def rows_of(runs: dict[str, list[dict]], reference: list[int] | None, args) -> l
         row = streaming.summarise(system, results, reference, steps)
         ok = [r for r in results if "error" not in r]
         # decode steps only: the prefill's 64 tokens route to nearly every expert
-        for key, field in (
-            ("decode_mib_per_token", "decode_bytes_per_token"),
-            ("expert_mib_per_token", "decode_expert_bytes_per_token"),
-        ):
-            row[key] = statistics.median(r.get(field, 0) for r in ok) / 2**20 if ok else 0
+        # a peer reports what the disk read per token over its run (prefill included)
+        decode = [r.get("decode_bytes_per_token", r.get("disk_read_per_token", 0)) for r in ok]
+        experts = [r.get("decode_expert_bytes_per_token", 0) for r in ok]
+        row["decode_mib_per_token"] = statistics.median(decode) / 2**20 if ok else 0
+        row["expert_mib_per_token"] = statistics.median(experts) / 2**20 if ok else 0
         hits = sum(r.get("expert_cache_hits", 0) for r in ok)
         read = sum(r.get("experts_read", 0) for r in ok)
         row["expert_cache_hit_rate"] = hits / (hits + read) if hits + read else None
@@ -227,6 +280,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="torch threads, the same for all")
     parser.add_argument("--regimes", default="warm,cold")
+    parser.add_argument("--peers", action="store_true", help="accelerate and llama.cpp rows too")
+    parser.add_argument("--only", default="", help="comma-separated systems to run, of those")
     parser.add_argument("--out", type=Path, default=ROOT / "experts.json")
     args = parser.parse_args()
     report: dict = {"args": vars(args) | {"out": str(args.out)}}
