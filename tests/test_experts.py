@@ -8,6 +8,7 @@ implementation transformers runs.
 from __future__ import annotations
 
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -570,3 +571,34 @@ def test_the_plan_pins_every_base_before_any_expert(moe_models):
         assert not plan.resident and plan.expert_cache == cache
         assert plan.weight_bytes(manifest) <= budget
         assert "non-expert parts of" in plan.describe(manifest)
+
+
+def test_a_chunk_replaced_while_its_block_runs_fails_every_request_on_that_install(
+    moe_models, tmp_path
+):
+    """A read that finds another version of the chunk than the install's fails, and so does
+    every request that ran the install (confirm): a read past the page cache writes the new
+    version's bytes beside its parts, into experts already read."""
+    import shutil
+
+    _, store = moe_models("olmoe")
+    copy = tmp_path / "chunks"
+    shutil.copytree(store, copy)
+    engine = expert_engine(copy, streaming_budget(copy), read_ahead=0, expert_prefetch=False)
+    try:
+        j = engine.plan.streamed[0]
+        lease = engine.streamer.acquire(j)
+        try:
+            lease.ensure(0, [0])
+            lease.confirm()  # nothing changed yet
+            path = copy / lease.info.file
+            shutil.copyfile(path, tmp_path / "new")
+            os.replace(tmp_path / "new", path)  # the same bytes, another version
+            with pytest.raises(ChunkIntegrityError, match="changed"):
+                lease.ensure(0, [1])
+            with pytest.raises(ChunkIntegrityError, match="changed while its block ran"):
+                lease.confirm()
+        finally:
+            lease.release()
+    finally:
+        engine.close()

@@ -107,12 +107,23 @@ class ExpertLease(PooledLease):
         self._predicted: list[set[int]] = [set() for _ in parts.groups]
         self._routed: list[set[int]] = [set() for _ in parts.groups]
         self._closing = False
+        self.changed = False  # a read found another version of the chunk than its base's
 
     def _views(self) -> dict[str, torch.Tensor]:
         if self.pinned is None:
             return super()._views()
         assert self._data is not None
         return {**self.pinned.tensors, **tensors_from_layout(self.pinned.experts, self._data)}
+
+    def confirm(self) -> None:
+        """After the block has run: every request that ran it fails if a read into its
+        buffer found the chunk changed (its bytes may mix two versions)."""
+        if self.changed:
+            raise ChunkIntegrityError(
+                f"chunk {self.info.name} ({self.info.file}) changed while its block ran, so "
+                "this request's output cannot be trusted; retry it. Replace chunk files by "
+                "rename (as the chunker does), never rewrite them in place"
+            )
 
     def missing(self, group: int, experts: list[int]) -> bool:
         """Whether any of ``experts`` (the router's choice) is not read yet; counted for
@@ -327,7 +338,10 @@ class ExpertReader(PooledReader):
             info, lambda: self._read(info, data, ranges, checked, len(experts))
         )
         if lease.version is not None and version != lease.version:
-            # the base came from another version of the file (replaced or rewritten since)
+            # the base came from another version of the file (replaced or rewritten since);
+            # a read past the page cache also wrote that version's bytes beside its parts,
+            # into experts other requests on this install may be computing with: all fail
+            lease.changed = True
             if lease.pinned is not None:
                 raise ChunkIntegrityError(
                     f"chunk {info.name} ({info.file} in {self.store.uri}) changed after its "
