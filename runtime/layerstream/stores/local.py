@@ -29,6 +29,22 @@ class _NoDirectIO(Exception):
     """This file system or buffer does not allow O_DIRECT reads."""
 
 
+def _stat_of_size(path: str, fd: int, size: int) -> os.stat_result:
+    """``fd``'s stat, which must show the manifest's ``size``."""
+    st = os.fstat(fd)
+    if st.st_size != size:
+        raise ChunkIntegrityError(
+            f"chunk file {path} has {st.st_size} bytes, the manifest says {size}; the store "
+            "was modified: re-run the chunker"
+        )
+    return st
+
+
+def _check_range(path: str, end: int, size: int, buffer: memoryview) -> None:
+    if end > min(size, len(buffer)):
+        raise ChunkStoreError(f"{path}: a range ends past the chunk's {size} bytes")
+
+
 def _pread_direct(fd: int, view: memoryview, offset: int, size: int) -> int:
     """``read_fully`` for an O_DIRECT descriptor: stops at the file's end (``size``) rather
     than asking again there, at an offset O_DIRECT would refuse as unaligned."""
@@ -179,16 +195,10 @@ class LocalStore:
             # no read-ahead past a range: the bytes beside it (other experts) are not wanted,
             # and reading them would cost disk time and page cache
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-            before = os.fstat(fd)
-            if before.st_size != size:
-                raise ChunkIntegrityError(
-                    f"chunk file {path} has {before.st_size} bytes, the manifest says {size}; "
-                    "the store was modified: re-run the chunker"
-                )
+            before = _stat_of_size(path, fd, size)
             got = 0
             for offset, length in ranges:
-                if offset + length > min(size, len(buffer)):
-                    raise ChunkStoreError(f"{path}: a range ends past the chunk's {size} bytes")
+                _check_range(path, offset + length, size, buffer)
                 n = read_fully(fd, buffer[offset : offset + length], offset)
                 if n < length:
                     raise ChunkStoreError(f"chunk file {path} ended before byte {offset + length}")
@@ -214,18 +224,15 @@ class LocalStore:
             except OSError as exc:
                 raise _NoDirectIO(f"O_DIRECT: {exc.strerror or exc}") from exc
             try:
-                before = os.fstat(fd)
-                if before.st_size != size or os.fstat(direct).st_ino != before.st_ino:
+                before = _stat_of_size(path, fd, size)
+                if os.fstat(direct).st_ino != before.st_ino:
                     raise ChunkIntegrityError(
-                        f"chunk file {path} has {before.st_size} bytes, the manifest says "
-                        f"{size}; the store was modified: re-run the chunker"
+                        f"chunk file {path} was replaced while it was opened; retry"
                     )
                 got = 0
-                limit = min(size, len(buffer))
                 for offset, length in ranges:
                     end = offset + length
-                    if end > limit:
-                        raise ChunkStoreError(f"{path}: a range ends past the chunk's {size} bytes")
+                    _check_range(path, end, size, buffer)
                     start = offset - offset % DIRECT_ALIGN
                     # the aligned span stops at the buffer's last whole unit: the tail, if
                     # any, is read through the page cache
