@@ -129,13 +129,20 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--out", type=Path, default=ROOT / "remote.json")
+    parser.add_argument("--dtype", default=None, help="the preset saved in this dtype")
+    parser.add_argument(
+        "--systems",
+        default=",".join(SYSTEMS[1:]),
+        help="probe.py systems beside the resident model, e.g. ls:25%%:expert_streaming=on",
+    )
     args = parser.parse_args()
+    systems = ["resident", *args.systems.split(",")]
     sys.path.insert(0, str(ROOT))
     from streaming import prepare
 
     from layerstream.format.manifest import Manifest
 
-    source, store_dir = prepare(args.preset)
+    source, store_dir = prepare(args.preset, dtype=args.dtype)
     manifest = Manifest.from_json((store_dir / "manifest.json").read_text())
     files = [manifest.chunks[b.chunk].file for b in manifest.blocks]
     sizes = {info.file: info.bytes for info in manifest.chunks.values()}
@@ -145,9 +152,9 @@ def main() -> None:
         for c in CONCURRENCY:
             rates[c] = throughput(url, files[: max(4, min(len(files), 2 * c))], sizes, c)
             log.info("concurrency %2d: %.1f MB/s", c, rates[c] / 1e6)
-        runs: dict[str, list[dict]] = {s: [] for s in SYSTEMS}
+        runs: dict[str, list[dict]] = {s: [] for s in systems}
         for rep in range(args.reps):
-            for system in SYSTEMS:
+            for system in systems:
                 runs[system].append(probe(system, source, url, args.new_tokens))
                 r = runs[system][-1]
                 shown = f"{r['per_token_s'] * 1e3:.1f} ms/token" if "error" not in r else r["error"]
@@ -179,7 +186,10 @@ def print_tables(report: dict, rates: dict[int, float], runs: dict[str, list[dic
             continue
         concurrency = 8  # the runtime's default store_max_concurrency
         per_token = statistics.median(r["per_token_s"] for r in ok) * 1e3
-        bytes_tok = statistics.median(r["bytes_per_token"] for r in ok)
+        # the decode steps' bytes where the probe tells them (the prefill's may differ)
+        bytes_tok = statistics.median(
+            r.get("decode_bytes_per_token", r["bytes_per_token"]) for r in ok
+        )
         floor = max(compute_ms, bytes_tok / rates[concurrency] * 1e3)
         wait = statistics.median(r["wait_s"] for r in ok) * 1e3 / (report["args"]["new_tokens"] + 1)
         exact = all(r["ids"] == reference for r in ok)

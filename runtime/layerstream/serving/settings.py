@@ -110,7 +110,10 @@ class LayerStreamSettings(BaseSettings):
         "next block's router will choose (its router applied to the hidden state at hand) "
         "and read them ahead. A wrong guess costs bytes, never correctness: a block always "
         "computes with exactly the experts its router chose, read then if not ahead. The "
-        "final event reports `experts_predicted` and `experts_predicted_used` (precision).",
+        "final event reports `experts_predicted` and `experts_predicted_used` (precision). "
+        "From a local disk the guesses made it faster; over a store whose bandwidth is the "
+        "bound (a rate-limited network) their wrong guesses' bytes made it slower: turn it "
+        "off there (docs/benchmarks.md).",
     )
     max_new_tokens_limit: int = Field(
         default=1024, ge=1, description="Largest `max_new_tokens` a request may ask for."
