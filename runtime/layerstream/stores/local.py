@@ -45,6 +45,30 @@ def _check_range(path: str, end: int, size: int, buffer: memoryview) -> None:
         raise ChunkStoreError(f"{path}: a range ends past the chunk's {size} bytes")
 
 
+def _read_span_direct(
+    path: str, direct: int, fd: int, buffer: memoryview, offset: int, end: int, size: int
+) -> None:
+    """``[offset, end)`` of the file into ``buffer`` as the DIRECT_ALIGN-aligned span around
+    it, through ``direct`` (an O_DIRECT descriptor); a tail past the buffer's last whole
+    unit goes through ``fd`` and the page cache."""
+    start = offset - offset % DIRECT_ALIGN
+    stop = min(-(-end // DIRECT_ALIGN) * DIRECT_ALIGN, len(buffer))
+    stop -= (stop - start) % DIRECT_ALIGN
+    if stop > start:
+        try:
+            n = _pread_direct(direct, buffer[start:stop], start, size)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            raise _NoDirectIO(f"O_DIRECT read: {exc.strerror}") from exc
+        if n < min(stop, size) - start:
+            raise ChunkStoreError(f"chunk file {path} ended before byte {stop}")
+    if stop < end:
+        tail = max(stop, offset)
+        if read_fully(fd, buffer[tail:end], tail) < end - tail:
+            raise ChunkStoreError(f"chunk file {path} ended before byte {end}")
+
+
 def _pread_direct(fd: int, view: memoryview, offset: int, size: int) -> int:
     """``read_fully`` for an O_DIRECT descriptor: stops at the file's end (``size``) rather
     than asking again there, at an offset O_DIRECT would refuse as unaligned."""
@@ -153,20 +177,19 @@ class LocalStore:
         path = self._path(name)
         fd = self._open(name)
         try:
-            before = os.fstat(fd)
-            size = before.st_size
-            if size > len(buffer):
-                raise ChunkIntegrityError(
-                    f"chunk file {path} has more than {len(buffer)} bytes, more than the "
-                    "manifest allows; the store was modified: re-run the chunker"
-                )
-            got = read_fully(fd, buffer[:size])
-            if got < size:
-                raise ChunkStoreError(f"chunk file {path} ended after {got} of {size} bytes")
-            after = os.fstat(fd)
-            return ReadResult(size, _version(before) if _same(before, after) else None)
-        except OSError as exc:
-            raise ChunkStoreError(f"cannot read chunk file {path}: {exc.strerror or exc}") from exc
+            with _chunk_file_errors(path, "read"):
+                before = os.fstat(fd)
+                size = before.st_size
+                if size > len(buffer):
+                    raise ChunkIntegrityError(
+                        f"chunk file {path} has more than {len(buffer)} bytes, more than the "
+                        "manifest allows; the store was modified: re-run the chunker"
+                    )
+                got = read_fully(fd, buffer[:size])
+                if got < size:
+                    raise ChunkStoreError(f"chunk file {path} ended after {got} of {size} bytes")
+                after = os.fstat(fd)
+                return ReadResult(size, _version(before) if _same(before, after) else None)
         finally:
             os.close(fd)
 
@@ -192,21 +215,21 @@ class LocalStore:
         path = self._path(name)
         fd = self._open(name)
         try:
-            # no read-ahead past a range: the bytes beside it (other experts) are not wanted,
-            # and reading them would cost disk time and page cache
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-            before = _stat_of_size(path, fd, size)
-            got = 0
-            for offset, length in ranges:
-                _check_range(path, offset + length, size, buffer)
-                n = read_fully(fd, buffer[offset : offset + length], offset)
-                if n < length:
-                    raise ChunkStoreError(f"chunk file {path} ended before byte {offset + length}")
-                got += n
-            after = os.fstat(fd)
-            return ReadResult(got, _version(before) if _same(before, after) else None)
-        except OSError as exc:
-            raise ChunkStoreError(f"cannot read chunk file {path}: {exc.strerror or exc}") from exc
+            with _chunk_file_errors(path, "read"):
+                # no read-ahead past a range: the bytes beside it (other experts) are not wanted,
+                # and reading them would cost disk time and page cache
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+                before = _stat_of_size(path, fd, size)
+                got = 0
+                for offset, length in ranges:
+                    _check_range(path, offset + length, size, buffer)
+                    n = read_fully(fd, buffer[offset : offset + length], offset)
+                    if n < length:
+                        end = offset + length
+                        raise ChunkStoreError(f"chunk file {path} ended before byte {end}")
+                    got += n
+                after = os.fstat(fd)
+                return ReadResult(got, _version(before) if _same(before, after) else None)
         finally:
             os.close(fd)
 
@@ -219,45 +242,26 @@ class LocalStore:
             raise _NoDirectIO(f"a buffer at {address:#x} is not {DIRECT_ALIGN}-aligned")
         fd = self._open(name)
         try:
-            try:
-                direct = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECT)
-            except OSError as exc:
-                raise _NoDirectIO(f"O_DIRECT: {exc.strerror or exc}") from exc
-            try:
-                before = _stat_of_size(path, fd, size)
-                if os.fstat(direct).st_ino != before.st_ino:
-                    raise ChunkIntegrityError(
-                        f"chunk file {path} was replaced while it was opened; retry"
-                    )
-                got = 0
-                for offset, length in ranges:
-                    end = offset + length
-                    _check_range(path, end, size, buffer)
-                    start = offset - offset % DIRECT_ALIGN
-                    # the aligned span stops at the buffer's last whole unit: the tail, if
-                    # any, is read through the page cache
-                    stop = min(-(-end // DIRECT_ALIGN) * DIRECT_ALIGN, len(buffer))
-                    stop -= (stop - start) % DIRECT_ALIGN
-                    if stop > start:
-                        try:
-                            n = _pread_direct(direct, buffer[start:stop], start, size)
-                        except OSError as exc:
-                            if exc.errno != errno.EINVAL:
-                                raise
-                            raise _NoDirectIO(f"O_DIRECT read: {exc.strerror}") from exc
-                        if n < min(stop, size) - start:
-                            raise ChunkStoreError(f"chunk file {path} ended before byte {stop}")
-                    if stop < end:
-                        tail = max(stop, offset)
-                        if read_fully(fd, buffer[tail:end], tail) < end - tail:
-                            raise ChunkStoreError(f"chunk file {path} ended before byte {end}")
-                    got += length
-                after = os.fstat(fd)
-                return ReadResult(got, _version(before) if _same(before, after) else None)
-            finally:
-                os.close(direct)
-        except OSError as exc:
-            raise ChunkStoreError(f"cannot read chunk file {path}: {exc.strerror or exc}") from exc
+            with _chunk_file_errors(path, "read"):
+                try:
+                    direct = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECT)
+                except OSError as exc:
+                    raise _NoDirectIO(f"O_DIRECT: {exc.strerror or exc}") from exc
+                try:
+                    before = _stat_of_size(path, fd, size)
+                    if os.fstat(direct).st_ino != before.st_ino:
+                        raise ChunkIntegrityError(
+                            f"chunk file {path} was replaced while it was opened; retry"
+                        )
+                    got = 0
+                    for offset, length in ranges:
+                        _check_range(path, offset + length, size, buffer)
+                        _read_span_direct(path, direct, fd, buffer, offset, offset + length, size)
+                        got += length
+                    after = os.fstat(fd)
+                    return ReadResult(got, _version(before) if _same(before, after) else None)
+                finally:
+                    os.close(direct)
         finally:
             os.close(fd)
 
