@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ..engine.skeleton import block_of, get_tensor, tied_groups
+from ..format.quantization import FP8_DTYPE, Quantization, scale_key
 from ..format.safetensors import TENSOR_ALIGNMENT
 from ..format.writer import ChunkEntry, SourceTensor
 from .sinks import ChunkerError
@@ -52,12 +53,16 @@ def direct_entries(
     meta_sd: dict[str, torch.Tensor],
     sources: list[Routed],
     target: torch.dtype,
+    scales: Mapping[str, SourceTensor] | None = None,
+    quant: Quantization | None = None,
 ) -> list[ChunkEntry] | None:
     """The part's chunk as byte ranges of the source files, when every tensor is a plain
     rename of one checkpoint tensor already in the right dtype and shape (the common case):
     then no tensor is ever materialised and memory stays at one staging buffer. ``None``
     sends the part through transformers' conversion instead (fused or split weights, a
-    dtype change, ties, a missing tensor, which that path reports)."""
+    dtype change, ties, a missing tensor, which that path reports). A weight in ``scales``
+    (a quantized checkpoint's, by key) is stored quantized, its scales beside it."""
+    scales = scales or {}
     by_key: dict[str, list[SourceTensor]] = collections.defaultdict(list)
     for routed in sources:
         if routed.converter is not None:
@@ -69,11 +74,28 @@ def direct_entries(
         found = [s for name in names for s in by_key.get(name, ())]
         if len(found) != 1:
             return None
+        scale = next((scales[name] for name in names if name in scales), None)
         want = target if meta.is_floating_point() else meta.dtype
+        if scale is not None:
+            if quant is None or len(names) > 1 or not _on_grid(scale, meta, quant):
+                return None
+            want = FP8_DTYPE
         if found[0].dtype != want or found[0].shape != tuple(meta.shape):
             return None
         entries.append(ChunkEntry.of_source(key, found[0]))
+        if scale is not None:
+            entries.append(ChunkEntry.of_source(scale_key(key), scale))
     return entries
+
+
+def _on_grid(scale: SourceTensor, meta: torch.Tensor, quant: Quantization) -> bool:
+    """Whether ``scale`` holds one scale per ``weight_block_size`` block of ``meta``."""
+    shape = tuple(meta.shape)
+    return (
+        quant.tileable(shape)
+        and scale.dtype == quant.scale_torch_dtype
+        and scale.shape == quant.scale_shape(shape)
+    )
 
 
 def unconverted_residues(

@@ -63,6 +63,21 @@ def _parser() -> argparse.ArgumentParser:
         "--dtype", choices=["float32", "float16", "bfloat16"], help="cast weights (default: keep)"
     )
     chunk.add_argument(
+        "--quantize",
+        choices=["fp8"],
+        help="store the blocks' linear weights in block-wise fp8 (128x128 blocks, the layout "
+        "of DeepSeek-V3 and the Qwen3 -FP8 releases): about half the bytes per token of "
+        "bfloat16. The store is then exact to that fp8 checkpoint (--save-checkpoint), not "
+        "to SOURCE; the chunker reports how far their logits differ",
+    )
+    chunk.add_argument(
+        "--save-checkpoint",
+        type=Path,
+        metavar="DIR",
+        help="with --quantize: keep the fp8 checkpoint the store is exact to in DIR, for "
+        "from_pretrained (default: a temporary folder, removed)",
+    )
+    chunk.add_argument(
         "--model-repo",
         type=Path,
         help="MLServer model repository to write NAME/model-settings.json into "
@@ -155,6 +170,8 @@ def _usage_error(args: argparse.Namespace) -> str | None:
         return f"--random-init takes the place of SOURCE; got SOURCE {args.source} too: pass one"
     if not args.random_init and not args.source:
         return "give SOURCE DEST, or --random-init PRESET|CONFIG.json DEST"
+    if args.save_checkpoint is not None and not args.quantize:
+        return "--save-checkpoint keeps the checkpoint --quantize writes; pass --quantize fp8"
     if args.name is None:
         args.name = infer_name(args.dest)
         if args.name is None:
@@ -210,13 +227,16 @@ def chunk_command(args: argparse.Namespace) -> int:
     if settings_path is not None and settings_path.exists() and not args.force:
         log.error("%s exists; pass --force to overwrite it", settings_path)
         return 1
-    tmp = None
+    tmp = quantized = None
     try:
         if args.random_init:
             tmp = random_source(args.random_init)
             source = Path(tmp.name)
         else:
             source = resolve_source(args.source)
+        if args.quantize:
+            original = source
+            source, quantized = _quantized_source(source, args.save_checkpoint)
         manifest = chunk_checkpoint(
             source,
             dest,
@@ -227,12 +247,15 @@ def chunk_command(args: argparse.Namespace) -> int:
             store_options=options,
         )
         sizing = _chunk_sizing(manifest, source / "config.json", args.memory_budget)
+        if args.quantize:
+            _report_quantization(original, source)
     except (ChunkerError, ValueError, LayerStreamError) as exc:
         log.error("%s", exc)
         return 1
     finally:
-        if tmp is not None:
-            tmp.cleanup()
+        for folder in (quantized, tmp):
+            if folder is not None:
+                folder.cleanup()
     print(f"{dest}: {len(manifest.blocks)} blocks, {manifest.total_bytes / 2**20:.1f} MiB")
     if model_dir is None:
         log.warning(
@@ -246,6 +269,33 @@ def chunk_command(args: argparse.Namespace) -> int:
     if code == 0 and sizing is not None:
         print(sizing.report())
     return code
+
+
+def _quantized_source(source: Path, keep: Path | None):
+    """The fp8 checkpoint of ``source``: in ``keep``, or in a temporary folder (returned
+    too, for the caller to remove)."""
+    import tempfile
+
+    from .quantize import write_fp8_checkpoint
+
+    if keep is not None:
+        return write_fp8_checkpoint(source, keep), None
+    tmp = tempfile.TemporaryDirectory(prefix="layerstream-fp8-")
+    return write_fp8_checkpoint(source, Path(tmp.name)), tmp
+
+
+def _report_quantization(original: Path, quantized: Path) -> None:
+    from .quantize import compare
+
+    found = compare(original, quantized)
+    if found is None:
+        return
+    print(
+        f"fp8 against the original on {found.prompts} prompts ({found.positions} positions): "
+        f"max logit difference {found.max_logit_diff:.4g}, same top token at "
+        f"{found.top1_agreement:.1%} of positions. The store is exact to the fp8 "
+        "checkpoint, not to the original"
+    )
 
 
 def _chunk_sizing(manifest, config_path: Path, memory_budget: str | None):
@@ -286,7 +336,7 @@ def _check_budget(manifest, budget: str) -> None:
     from ..engine.plan import plan_residency, resolve_budget
 
     plan_residency(
-        manifest, resolve_budget(budget, manifest.total_bytes), tuning.read_ahead("auto")
+        manifest, resolve_budget(budget, manifest.total_memory_bytes), tuning.read_ahead("auto")
     )
 
 

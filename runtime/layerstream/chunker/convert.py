@@ -34,8 +34,10 @@ from ..engine.skeleton import (
     set_tensor,
     tied_groups,
 )
+from ..format import quantization
 from ..format.manifest import BlockInfo, ChunkInfo, Manifest
-from ..format.writer import ChunkEntry, sha256_file
+from ..format.quantization import Quantization, UnsupportedQuantization
+from ..format.writer import ChunkEntry, SourceTensor, sha256_file
 from ..stores.ranged import StoreOptions
 from . import blocks
 from .blocks import CrossTies, Part, Routed, chunk_name, collect
@@ -75,11 +77,38 @@ def chunk_checkpoint(
         raise ChunkerError(f"{source_dir}/config.json names no 'architectures'; add one")
     architecture = config.architectures[0]
     dtype = _pick_dtype(config, dtype)
+    quant = _quantization(config, checkpoint, source_dir)
     sink = open_sink(dest, force, store_options)
     try:
-        return _chunk_into(sink, checkpoint, config, architecture, dtype, name, progress)
+        return _chunk_into(sink, checkpoint, config, architecture, dtype, name, progress, quant)
     finally:
         sink.close()
+
+
+def _quantization(
+    config: transformers.PretrainedConfig, checkpoint: Checkpoint, source_dir: Path
+) -> Quantization | None:
+    """The store layout of a quantized checkpoint (None for a plain one); ChunkerError for a
+    format layerstream cannot serve exactly (format/quantization.py)."""
+    raw = quantization.of_config(config)
+    if raw is None:
+        return None
+    scales = {
+        t.dtype
+        for index in checkpoint.indexes()
+        for key, t in index.items()
+        if key.endswith(quantization.SCALE_SUFFIX)
+    }
+    where = f"{source_dir} (config.json quantization_config)"
+    try:
+        if len(scales) != 1:
+            raise UnsupportedQuantization(
+                f"{where}: its weights have scales in {len(scales)} dtypes "
+                f"({sorted(map(str, scales))}), not one"
+            )
+        return quantization.supported(raw, scales.pop(), where)
+    except UnsupportedQuantization as exc:
+        raise ChunkerError(str(exc)) from None
 
 
 def _chunk_into(
@@ -90,20 +119,23 @@ def _chunk_into(
     dtype: str,
     name: str,
     progress: bool,
+    quant: Quantization | None = None,
 ) -> Manifest:
     model = build_skeleton(config, architecture, dtype, buffers=False)
     prefixes = block_prefixes(model)
     if not prefixes:
         raise ChunkerError(f"{architecture}: found no repeated transformer blocks to stream")
     conversion = _Conversion(model)
-    routes = _route(model, prefixes, checkpoint, conversion)
+    routes = _route(model, prefixes, checkpoint, conversion, quant)
     parts: list[Part] = [None, *range(len(prefixes))]
     bar = tqdm(parts, desc=f"chunking {name}", unit="chunk", disable=not progress or None)
     # transformers draws its own "Loading weights" bar for every block; ours is enough.
     hf_bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        chunks = _write_chunks(model, prefixes, routes, conversion, TORCH_DTYPES[dtype], sink, bar)
+        chunks = _write_chunks(
+            model, prefixes, routes, conversion, TORCH_DTYPES[dtype], sink, bar, quant
+        )
     finally:
         if hf_bars:
             hf_logging.enable_progress_bar()
@@ -121,6 +153,7 @@ def _chunk_into(
         files=side_files,
         file_sha256={f: sha256_file(sink.staging / f) for f in side_files},
         transformers_version=transformers.__version__,
+        quantization=quant,
     )
     sink.commit([info.file for info in chunks.values()] + side_files, manifest.to_json().encode())
     log.info(
@@ -165,6 +198,10 @@ class _Routes:
         default_factory=lambda: collections.defaultdict(list)
     )  # for the byte-range path
     handles: list[Any] = field(default_factory=list)  # the open files the slices read
+    # a quantized checkpoint's scales: by part, the (renamed) weight key -> its scales
+    scales: dict[Part, dict[str, SourceTensor]] = field(
+        default_factory=lambda: collections.defaultdict(dict)
+    )
 
 
 def _route(
@@ -172,8 +209,10 @@ def _route(
     prefixes: list[str],
     checkpoint: Checkpoint,
     conversion: _Conversion,
+    quant: Quantization | None = None,
 ) -> _Routes:
-    """Which part each checkpoint tensor goes into, renamed into the model's key space."""
+    """Which part each checkpoint tensor goes into, renamed into the model's key space; a
+    quantized weight's scales go with it."""
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
     meta = model.state_dict(keep_vars=True)
@@ -184,14 +223,23 @@ def _route(
     indexes = checkpoint.indexes()
     # A checkpoint whose keys are all the model's own (most are) needs no renaming, so the
     # conversion table is not built for it.
-    identity = all(key in meta for index in indexes for key in index)
+    suffix = quantization.SCALE_SUFFIX if quant is not None else None
+    identity = all(
+        key in meta or (suffix is not None and key.endswith(suffix))
+        for index in indexes
+        for key in index
+    )
     renamings: list[WeightRenaming] = []
     converters: list[WeightConverter] = []
     if not identity:
         renamings = [w for w in conversion.mapping if isinstance(w, WeightRenaming)]
         converters = [w for w in conversion.mapping if isinstance(w, WeightConverter)]
+    scales: list[SourceTensor] = []
     for handle, index in zip(routes.handles, indexes, strict=True):
         for key in index:
+            if suffix is not None and key.endswith(suffix):
+                scales.append(index[key])
+                continue
             renamed, converter = (
                 (key, None)
                 if identity
@@ -200,7 +248,33 @@ def _route(
             part = block_of(renamed, prefixes)
             routes.slices[part][key] = handle.get_slice(key)
             routes.sources[part].append(Routed(renamed, converter, index[key]))
+    if scales:
+        _route_scales(routes, scales, prefixes)
     return routes
+
+
+def _route_scales(routes: _Routes, scales: list[SourceTensor], prefixes: list[str]) -> None:
+    """Each scale tensor into its weight's part: only beside a weight stored as is (one
+    that transformers fuses or splits at load would need its scales converted alike)."""
+    weights = {
+        r.source.key: r for sources in routes.sources.values() for r in sources
+    }  # checkpoint key -> its route
+    for scale in scales:
+        weight = weights.get(scale.key.removesuffix(quantization.SCALE_SUFFIX))
+        if weight is None or weight.source.dtype != quantization.FP8_DTYPE:
+            raise ChunkerError(
+                f"{scale.path.name}: {scale.key} scales no float8_e4m3fn weight of the "
+                "checkpoint; it is not a block-wise fp8 checkpoint layerstream can serve"
+            )
+        if weight.converter is not None or not weight.key.endswith(".weight"):
+            raise ChunkerError(
+                f"{weight.source.key}: an fp8 weight that transformers converts at load (fused "
+                "or split, e.g. the experts of a mixture-of-experts model) or that is no "
+                "module's `.weight`; layerstream cannot keep it quantized yet. Dequantize the "
+                "checkpoint first (from_pretrained on a CPU dequantizes it; save_pretrained) "
+                "and chunk that"
+            )
+        routes.scales[block_of(weight.key, prefixes)][weight.key] = scale
 
 
 def _write_chunks(
@@ -211,6 +285,7 @@ def _write_chunks(
     target: torch.dtype,
     sink: Sink,
     parts: Iterable[Part],
+    quant: Quantization | None = None,
 ) -> dict[str, ChunkInfo]:
     """Write every part's chunk: copied as byte ranges when ``blocks.direct_entries`` can,
     else loaded into the model by transformers and written from there, one block at a
@@ -230,8 +305,19 @@ def _write_chunks(
             keys = [k for k in meta if block_of(k, prefixes) == part]
             name = chunk_name(part)
             entries = None
+            scales = routes.scales.get(part, {})
             if cross.keys.isdisjoint(keys):
-                entries = blocks.direct_entries(keys, meta, routes.sources.get(part, []), target)
+                entries = blocks.direct_entries(
+                    keys, meta, routes.sources.get(part, []), target, scales, quant
+                )
+            if entries is None and scales:
+                raise ChunkerError(
+                    f"{chunk_name(part)}: its fp8 weights cannot be stored as they are "
+                    f"({sorted(scales)[:3]}: not plain tensors of the model, in its shapes, "
+                    "with scales on the weight_block_size grid); dequantize the checkpoint "
+                    "first (from_pretrained on a CPU dequantizes it; save_pretrained) and "
+                    "chunk that"
+                )
             converted = entries is None
             if entries is None:
                 convert_and_load_state_dict_in_model(
@@ -245,7 +331,10 @@ def _write_chunks(
                 del tensors
             log.debug("%s: %s", name, "converted" if converted else "copied from the source")
             label = "rest" if part is None else prefixes[part]
-            written = writer.submit(name, entries, label, by_block.get(part))
+            dequantized = sum(meta[k].numel() * meta[k].element_size() for k in scales)
+            written = writer.submit(
+                name, entries, label, by_block.get(part), sorted(scales), dequantized
+            )
             if converted:
                 written.result()  # its tensors live in the model until written
             if part is not None:  # back to meta: one block in memory at a time

@@ -70,10 +70,11 @@ class Sizing:
     bases: int = 0
     based_blocks: int = 0
     expert_cache: int = 0
+    dequantized: int = 0  # a quantized store's: the streamed block's tensors dequantized
 
     @property
     def weights(self) -> int:
-        return self.pinned + self.bases + self.expert_cache + self.buffers
+        return self.pinned + self.bases + self.expert_cache + self.buffers + self.dequantized
 
     @property
     def kv_slack(self) -> int:
@@ -114,6 +115,11 @@ class Sizing:
                 "streaming buffers",
                 self.buffers,
                 f"{self.buffer_count} x the largest block (computing + read-ahead)",
+            ),
+            *(
+                [("dequantized block", self.dequantized, "the block computing, dequantized")]
+                if self.dequantized
+                else []
             ),
             ("working set", self.working_set, "activations, tokenizer, allocator slack"),
             ("KV cache budget", self.kv, self.kv_how),
@@ -170,13 +176,13 @@ def size_model(
     from ..engine.skeleton import context_length
     from ..inference.kv import full_kv_budget, kv_bytes_per_token
 
-    budget = resolve_sizing_budget(memory_budget, manifest.total_bytes)
+    budget = resolve_sizing_budget(memory_budget, manifest.total_memory_bytes)
     plan = plan_residency(manifest, budget, tuning.read_ahead(read_ahead))
     bases = expert_bases(manifest)
     if bases and not plan.fully_resident:  # as the engine plans once it streams experts
         plan = plan_residency(manifest, budget, tuning.read_ahead(read_ahead), bases)
-    sizes = manifest.block_bytes
-    pinned = manifest.rest_bytes + sum(sizes[j] for j in plan.resident)
+    sizes = manifest.block_memory_bytes
+    pinned = manifest.rest_memory_bytes + sum(sizes[j] for j in plan.resident)
     per_token = kv_bytes_per_token(config, len(manifest.blocks), manifest.dtype)
     if kv_cache_budget == AUTO:
         context = context or context_length(config)
@@ -191,7 +197,7 @@ def size_model(
         kv_how = f"kv_cache_budget {kv_cache_budget} ({kv // max(per_token, 1)} tokens)"
     return Sizing(
         model=manifest.name,
-        model_bytes=manifest.total_bytes,
+        model_bytes=manifest.total_memory_bytes,
         budget=budget,
         budget_spec=str(memory_budget),
         pinned=pinned,
@@ -202,6 +208,7 @@ def size_model(
         bases=sum(plan.pinned_bases.values()),
         based_blocks=len(plan.pinned_bases),
         expert_cache=plan.expert_cache,
+        dequantized=plan.dequantized,
         kv=kv,
         kv_per_token=per_token,
         kv_how=kv_how,

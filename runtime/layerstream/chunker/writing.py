@@ -34,11 +34,16 @@ class ChunkWriter:
         entries: list[ChunkEntry],
         label: str,
         experts: list[ExpertsModule] | None = None,
+        quantized: list[str] | None = None,
+        dequantized_bytes: int = 0,
     ) -> Future[ChunkInfo]:
         """Queue one chunk (``label``: its block's prefix, or "rest"; ``experts``: the block's
-        experts modules); returns once at most WORKERS chunks are still being written (so
-        progress shows written chunks, and a failure stops the chunker early)."""
-        future = self._pool.submit(self._write, name, entries, label, experts or [])
+        experts modules; ``quantized``: its keys stored quantized, ``dequantized_bytes``
+        their size dequantized); returns once at most WORKERS chunks are still being written
+        (so progress shows written chunks, and a failure stops the chunker early)."""
+        future = self._pool.submit(
+            self._write, name, entries, label, experts or [], quantized or None, dequantized_bytes
+        )
         self._pending[name] = future
         running = [f for f in self._pending.values() if not f.done()]
         if len(running) > self.WORKERS:
@@ -46,7 +51,13 @@ class ChunkWriter:
         return future
 
     def _write(
-        self, name: str, entries: list[ChunkEntry], label: str, experts: list[ExpertsModule]
+        self,
+        name: str,
+        entries: list[ChunkEntry],
+        label: str,
+        experts: list[ExpertsModule],
+        quantized: list[str] | None,
+        dequantized_bytes: int,
     ) -> ChunkInfo:
         file = f"{name}.safetensors"
         # "scope" is the metadata key every chunk written so far carries: renaming it would
@@ -54,7 +65,13 @@ class ChunkWriter:
         metadata = {"scope": label, "format": "pt"}
         size, sha256 = write_chunk(self.sink.staging / file, entries, metadata)
         info = ChunkInfo(
-            name=name, file=file, bytes=size, sha256=sha256, tensors=sorted(e.key for e in entries)
+            name=name,
+            file=file,
+            bytes=size,
+            sha256=sha256,
+            tensors=sorted(e.key for e in entries),
+            quantized=quantized,
+            dequantized_bytes=dequantized_bytes if quantized else 0,
         )
         if experts:
             info = with_expert_digests(info, self.sink.staging / file, experts)

@@ -21,6 +21,7 @@ import torch
 from ..errors import ChunkIntegrityError
 from ..format.manifest import ChunkInfo
 from ..format.parts import Range, span, verify_part
+from ..format.quantization import dequantize, scale_key
 from ..format.safetensors import (
     ChunkSpec,
     TensorEntry,
@@ -232,11 +233,27 @@ class ChunkChecks:
             return True
         return not self.health.is_verified(info.name, version)
 
+    def dequantizes(self, info: ChunkInfo) -> bool:
+        """Whether ``info``'s tensors are made anew on each use (dequantized), rather than
+        views of its bytes."""
+        spec = self.specs.get(info.name)
+        return spec is not None and bool(spec.quantized)
+
     def tensors(
         self, info: ChunkInfo, data: torch.Tensor, version: str | None
     ) -> dict[str, torch.Tensor]:
-        """Views of ``data`` (checked bytes of ``info``) as the tensors its header lists."""
-        return tensors_from_layout(self.layout(info, data, version), data)
+        """Views of ``data`` (checked bytes of ``info``) as the tensors its header lists; a
+        quantized tensor dequantized into memory of its own, its scales dropped."""
+        tensors = tensors_from_layout(self.layout(info, data, version), data)
+        spec = self.specs.get(info.name)
+        if spec is None or not spec.quantized:
+            return tensors
+        start = time.perf_counter()
+        for key, dtype in spec.quantized.items():
+            tensors[key] = dequantize(tensors[key], tensors.pop(scale_key(key)), dtype)
+        with self._lock:
+            self.stats.dequantize_s += time.perf_counter() - start
+        return tensors
 
     def layout(self, info: ChunkInfo, data: torch.Tensor, version: str | None) -> list[TensorEntry]:
         """The tensors ``data`` (checked bytes of ``info``, header included) holds, checked

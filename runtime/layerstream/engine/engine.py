@@ -156,7 +156,7 @@ class Engine:
 
     def _plan(self) -> None:
         options = self.options
-        self.budget = resolve_budget(options.memory_budget, self.manifest.total_bytes)
+        self.budget = resolve_budget(options.memory_budget, self.manifest.total_memory_bytes)
         self.plan: ResidencyPlan = plan_residency(
             self.manifest, self.budget, tuning.read_ahead(options.read_ahead)
         )

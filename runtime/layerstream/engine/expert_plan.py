@@ -38,6 +38,15 @@ def expert_parts(
             f"expert_streaming must be one of {', '.join(EXPERT_STREAMING)}, not {mode!r}"
         )
     listed = [name for name in layouts if manifest.chunks[name].experts is not None]
+    quantized = [name for name in listed if manifest.chunks[name].quantized is not None]
+    if quantized:
+        # its quantized tensors are dequantized on install, which expert leases do not do
+        log.info(
+            "%s: %d blocks hold quantized tensors: they stream whole, not expert by expert",
+            manifest.name,
+            len(quantized),
+        )
+        listed = [name for name in listed if name not in quantized]
     if mode == "on" and not listed:
         why = (
             "has no experts modules"

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -26,6 +27,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from ..errors import ChunkIntegrityError, ManifestError
+from ..format import quantization
 from ..format.manifest import ChunkInfo, Manifest
 from ..format.safetensors import (
     HEADER_PROBE,
@@ -59,6 +61,15 @@ def check_config_fits_manifest(manifest: Manifest, config: PretrainedConfig) -> 
         raise ManifestError(
             f"{where}, which takes a {wanted.__name__}, but config.json holds a "
             f"{type(config).__name__}; re-run the chunker"
+        )
+    raw = quantization.of_config(config)
+    if raw is not None and manifest.quantization is None:
+        raise ManifestError(
+            f"config.json says {manifest.name} is quantized (quant_method "
+            f"{raw.get('quant_method')!r}), but its chunks are listed as plain weights: a "
+            "layerstream before quantized stores chunked quantized checkpoints as plain ones, and "
+            "such a store answers wrongly. Re-run the chunker (it keeps block-wise fp8 "
+            "quantized, and names what to do for other formats)"
         )
 
 
@@ -103,15 +114,49 @@ def chunk_specs(
         for key, value in model.state_dict(keep_vars=True).items()
         if block_of(key, prefixes) is None
     }
-    specs = {name: ChunkSpec(rest) for name in manifest.rest}
+    specs = {name: _quantized(ChunkSpec(rest), manifest, name) for name in manifest.rest}
     for block, binding in zip(manifest.blocks, blocks, strict=True):
         base = block.prefix + "."
         aliases = binding.aliases
         groups = {frozenset(base + a for a in aliases.get(k, (k,))) for k in binding.places}
-        specs[block.chunk] = ChunkSpec(
-            {base + k: spec(v) for k, v in binding.placeholders.items()}, tuple(groups)
+        specs[block.chunk] = _quantized(
+            ChunkSpec({base + k: spec(v) for k, v in binding.placeholders.items()}, tuple(groups)),
+            manifest,
+            block.chunk,
         )
     return specs
+
+
+def _quantized(spec: ChunkSpec, manifest: Manifest, chunk: str) -> ChunkSpec:
+    """``spec`` with the tensors its chunk holds quantized as they are stored (fp8, and
+    their scales beside them, which the chunk must hold)."""
+    keys, quant = manifest.chunks[chunk].quantized, manifest.quantization
+    if not keys or quant is None:
+        return spec
+    tensors = dict(spec.tensors)
+    required = list(spec.required)
+    decoded: dict[str, torch.dtype] = {}
+    for key in keys:
+        want = tensors.get(key)
+        if want is None or not want.dtype.is_floating_point or not quant.tileable(want.shape):
+            raise ManifestError(
+                f"manifest.json lists {key} of chunk {chunk} as quantized, but the model built "
+                "from config.json has no floating tensor there that weight_block_size "
+                f"{list(quant.weight_block_size)} tiles; re-run the chunker"
+            )
+        decoded[key] = want.dtype
+        tensors[key] = TensorSpec(quantization.FP8_DTYPE, want.shape)
+        scales = quantization.scale_key(key)
+        tensors[scales] = TensorSpec(quant.scale_torch_dtype, quant.scale_shape(want.shape))
+        required.append(frozenset({scales}))
+    size = sum(math.prod(tensors[k].shape) * dtype.itemsize for k, dtype in decoded.items())
+    if size != manifest.chunks[chunk].dequantized_bytes:
+        raise ManifestError(
+            f"manifest.json says chunk {chunk}'s quantized tensors take "
+            f"{manifest.chunks[chunk].dequantized_bytes} bytes dequantized, the model built "
+            f"from config.json needs {size}; re-run the chunker"
+        )
+    return ChunkSpec(tensors, tuple(required), decoded)
 
 
 def check_chunk_heads(

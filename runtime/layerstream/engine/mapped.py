@@ -44,8 +44,6 @@ def _view(mapping: mmap.mmap) -> torch.Tensor:
 
 
 class MappedLease(Lease):
-    kept = True
-
     def __init__(
         self,
         index: int,
@@ -57,6 +55,9 @@ class MappedLease(Lease):
         super().__init__(index, info, version)
         self._data: torch.Tensor | None = data
         self._reader = reader
+        # views of the kept mapping stay valid between uses; dequantized tensors are made
+        # per use, and must go with it
+        self.kept = not reader.checks.dequantizes(info)
 
     def _views(self) -> dict[str, torch.Tensor]:
         assert self._data is not None
@@ -139,8 +140,8 @@ class MappedReader(BlockReader):
         """The kept mapping's tensors, made on its first use."""
         with self._lock:
             kept = self._kept.get(j)
-        if kept is None or kept.data is not data:  # remapped meanwhile (a rare race)
-            return self.checks.tensors(info, data, version)
+        if kept is None or kept.data is not data or self.checks.dequantizes(info):
+            return self.checks.tensors(info, data, version)  # or remapped meanwhile (rare)
         if kept.tensors is None:
             kept.tensors = self.checks.tensors(info, data, version)
         return kept.tensors

@@ -12,6 +12,11 @@ per token, a byte of whole block pinned saves less (only the share of its expert
 routes to). So the bases of the streamed blocks are pinned first, as many as fit, then the
 blocks without experts whole, and the room left holds the most routed experts
 (expert_cache.py): a whole block pinned would hold its experts whatever the routing.
+
+A quantized store's block is read at its stored size and dequantized when installed
+(format/quantization.py): a streamed block adds its dequantized tensors to the buffer it
+was read into while it runs (one block at a time: the working set below), and a pinned
+one keeps both for good.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ class ResidencyPlan:
     # streamed blocks whose base (non-expert part) is held in memory for good, and its bytes
     pinned_bases: dict[int, int] = field(default_factory=dict)
     expert_cache: int = 0  # bytes for the most routed experts of the streamed blocks
+    dequantized: int = 0  # a quantized store's: the largest streamed block's, dequantized
 
     @property
     def read_ahead(self) -> int:
@@ -53,18 +59,21 @@ class ResidencyPlan:
 
     def weight_bytes(self, manifest: Manifest) -> int:
         """Bytes of weights this plan holds in memory at most."""
-        sizes = manifest.block_bytes
+        sizes = manifest.block_memory_bytes
         return (
             self.rest_bytes
             + sum(sizes[j] for j in self.resident)
             + sum(self.pinned_bases.values())
             + self.expert_cache
             + self.pool_buffers * self.buffer_bytes
+            + self.dequantized
         )
 
     def describe(self, manifest: Manifest) -> str:
         if self.fully_resident:
-            return f"all {self.n_blocks} blocks resident ({format_size(manifest.total_bytes)})"
+            return (
+                f"all {self.n_blocks} blocks resident ({format_size(manifest.total_memory_bytes)})"
+            )
         bases = (
             f" (the non-expert parts of {len(self.pinned_bases)} of them pinned, "
             f"{format_size(sum(self.pinned_bases.values()))}; an expert cache of "
@@ -76,7 +85,13 @@ class ResidencyPlan:
             f"{len(self.resident)}/{self.n_blocks} blocks pinned, {len(self.streamed)} streamed"
             f"{bases} "
             f"through {self.pool_buffers} x {format_size(self.buffer_bytes)} buffers "
-            f"(read-ahead {self.read_ahead}); weights in memory <= "
+            f"(read-ahead {self.read_ahead})"
+            + (
+                f" and {format_size(self.dequantized)} for a block dequantized"
+                if self.dequantized
+                else ""
+            )
+            + "; weights in memory <= "
             f"{format_size(self.weight_bytes(manifest))} of a {format_size(self.budget)} budget"
         )
 
@@ -100,20 +115,23 @@ def plan_residency(
     """Pin the first blocks that fit beside the non-block weights and the streaming pool;
     with ``bases`` (by block, the bytes of an expert-streamed block's non-expert part), pin
     the first bases that fit before any whole block (module docstring)."""
-    sizes = manifest.block_bytes
-    n, rest = len(sizes), manifest.rest_bytes
-    if budget >= manifest.total_bytes:
+    sizes = manifest.block_memory_bytes  # held pinned: stored and dequantized
+    n, rest = len(sizes), manifest.rest_memory_bytes
+    if budget >= manifest.total_memory_bytes:
         return ResidencyPlan(budget, frozenset(range(n)), 0, 0, n, rest)
-    largest = max(sizes)
-    minimum = rest + largest
+    largest = max(manifest.block_bytes)  # a streaming buffer
+    dequantized = max(manifest.chunks[b.chunk].dequantized_bytes for b in manifest.blocks)
+    minimum = rest + largest + dequantized
     if budget < minimum:
+        working = f" + its tensors dequantized {format_size(dequantized)}" if dequantized else ""
         raise SettingsError(
             f"memory_budget {format_size(budget)} is below this model's minimum of "
             f"{format_size(minimum)} (non-block weights {format_size(rest)} + one block "
-            f"{format_size(largest)}); raise memory_budget"
+            f"{format_size(largest)}{working}); raise memory_budget"
         )
+    budget_left = budget - dequantized
     buffers = 1 + max(read_ahead, 0)
-    while buffers > 1 and rest + buffers * largest > budget:
+    while buffers > 1 and rest + buffers * largest > budget_left:
         buffers -= 1
     if buffers < 1 + read_ahead:
         log.warning(
@@ -122,7 +140,7 @@ def plan_residency(
             buffers - 1,
             read_ahead,
         )
-    room = budget - rest - buffers * largest
+    room = budget_left - rest - buffers * largest
     pinned_bases: dict[int, int] = {}
     for j, size in sorted((bases or {}).items()):
         if size > room:
@@ -153,4 +171,5 @@ def plan_residency(
         rest,
         pinned_bases,
         cache,
+        dequantized,
     )

@@ -20,6 +20,7 @@ class StreamStats:
     chunks_read: int = 0
     read_s: float = 0.0  # time spent in store reads (I/O threads)
     wait_s: float = 0.0  # time the compute thread waited for weights
+    dequantize_s: float = 0.0  # time spent dequantizing a quantized store's tensors
     chunks_verified: int = 0
     refetches: int = 0  # chunks read again after failing their sha256 check
     # expert streaming (a part of bytes_read): routed experts read alone, and their bytes

@@ -15,11 +15,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import ManifestError
+from .quantization import SCALE_DTYPES, Quantization, scale_key
 
 FORMAT = "layerstream.chunks"
-# 2: a block's chunk may list its experts (ExpertGroup); a store without any is written as 1,
-# so older readers still serve it
-FORMAT_VERSION = 2
+# 2: a block's chunk may list its experts (ExpertGroup); 3: a store may keep tensors
+# quantized (format/quantization.py). A store is written with the lowest version that holds
+# it, so older readers still serve what they can, and refuse what they would serve wrong
+FORMAT_VERSION = 3
 MANIFEST_NAME = "manifest.json"
 DTYPES = ("float32", "float16", "bfloat16")
 # Chunk file names stay inside the store: no absolute paths, no "..", no odd characters.
@@ -59,6 +61,16 @@ class ChunkInfo:
     sha256: str
     tensors: list[str]  # state-dict keys (module key space) held in the file
     experts: ChunkExperts | None = None  # a mixture-of-experts block's expert slices
+    # keys of ``tensors`` stored quantized, each with its scales (quantization.scale_key),
+    # and the bytes they take once dequantized, which a block holds beside its chunk's
+    # bytes while it runs
+    quantized: list[str] | None = None
+    dequantized_bytes: int = 0
+
+    @property
+    def memory_bytes(self) -> int:
+        """What the chunk holds in memory once loaded: its bytes and its dequantized tensors."""
+        return self.bytes + self.dequantized_bytes
 
 
 @dataclass(frozen=True)
@@ -83,6 +95,7 @@ class Manifest:
     # sha256 of each of ``files`` (stores written before this field have none: not checked)
     file_sha256: dict[str, str] = field(default_factory=dict)
     transformers_version: str = ""
+    quantization: Quantization | None = None  # how ``ChunkInfo.quantized`` tensors are stored
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -99,6 +112,18 @@ class Manifest:
         return sum(self.chunks[name].bytes for name in self.rest)
 
     @property
+    def block_memory_bytes(self) -> list[int]:
+        return [self.chunks[b.chunk].memory_bytes for b in self.blocks]
+
+    @property
+    def rest_memory_bytes(self) -> int:
+        return sum(self.chunks[name].memory_bytes for name in self.rest)
+
+    @property
+    def total_memory_bytes(self) -> int:
+        return sum(c.memory_bytes for c in self.chunks.values())
+
+    @property
     def has_experts(self) -> bool:
         return any(c.experts is not None for c in self.chunks.values())
 
@@ -109,8 +134,14 @@ class Manifest:
                 del chunk["experts"]
             elif chunk["experts"]["base_bytes"] is None:  # as it was read
                 del chunk["experts"]["base_bytes"]
-        if not self.has_experts:
-            data["format_version"] = 1  # readable by layerstream before expert streaming
+            if chunk["quantized"] is None:
+                del chunk["quantized"], chunk["dequantized_bytes"]
+        if self.quantization is None:
+            del data["quantization"]
+            # readable by layerstream before quantized stores, or before expert streaming
+            data["format_version"] = 2 if self.has_experts else 1
+        else:
+            data["quantization"] = self.quantization.to_json()
         return json.dumps(data, indent=1, sort_keys=False) + "\n"
 
     @classmethod
@@ -170,10 +201,13 @@ def _chunk(name: str, raw: Any, source: str) -> ChunkInfo:
     what = f"chunk {name!r}"
     raw = _typed(raw, dict, what, source)
     fields = {"name", "file", "bytes", "sha256", "tensors"}
-    if not fields <= set(raw) <= fields | {"experts"}:
+    optional = {"experts", "quantized", "dequantized_bytes"}
+    if not fields <= set(raw) <= fields | optional or ("quantized" in raw) != (
+        "dequantized_bytes" in raw
+    ):
         raise ManifestError(
             f"{source}: {what} must have exactly the fields {sorted(fields)} (and optionally "
-            f"'experts'), has {sorted(raw)}"
+            f"'experts', and 'quantized' with 'dequantized_bytes'), has {sorted(raw)}"
         )
     info = ChunkInfo(
         name=_typed(raw["name"], str, f"{what} 'name'", source),
@@ -182,6 +216,14 @@ def _chunk(name: str, raw: Any, source: str) -> ChunkInfo:
         sha256=_typed(raw["sha256"], str, f"{what} 'sha256'", source),
         tensors=_strings(raw["tensors"], f"{what} 'tensors'", source),
         experts=_experts(raw["experts"], what, source) if "experts" in raw else None,
+        quantized=(
+            _strings(raw["quantized"], f"{what} 'quantized'", source)
+            if "quantized" in raw
+            else None
+        ),
+        dequantized_bytes=_typed(
+            raw.get("dequantized_bytes", 0), int, f"{what} 'dequantized_bytes'", source
+        ),
     )
     if info.name != name:
         raise ManifestError(f"{source}: {what} is named {info.name!r} inside")
@@ -205,7 +247,38 @@ def _chunk(name: str, raw: Any, source: str) -> ChunkInfo:
                 f"{source}: {what} says {base} of its {info.bytes} bytes lie outside its "
                 "experts, leaving none for them; the manifest was edited: re-run the chunker"
             )
+    if info.quantized is not None:
+        held = set(info.tensors)
+        if (
+            not info.quantized
+            or any(k not in held or scale_key(k) not in held for k in info.quantized)
+            or not 0 < info.dequantized_bytes <= MAX_CHUNK_BYTES
+        ):
+            raise ManifestError(
+                f"{source}: {what} lists quantized tensors it does not hold with their "
+                "scales, or no size for them dequantized; the manifest was edited: re-run "
+                "the chunker"
+            )
     return info
+
+
+def _quantization(raw: Any, source: str) -> Quantization:
+    raw = _typed(raw, dict, "'quantization'", source)
+    block = raw.get("weight_block_size")
+    if (
+        set(raw) != {"method", "weight_block_size", "scale_dtype"}
+        or raw["method"] != "fp8"
+        or raw["scale_dtype"] not in SCALE_DTYPES
+        or not isinstance(block, list)
+        or len(block) != 2
+        or not all(type(b) is int and b > 0 for b in block)
+    ):
+        raise ManifestError(
+            f"{source}: 'quantization' {raw!r} is not a quantization this layerstream reads "
+            "(method 'fp8', weight_block_size [rows, cols], scale_dtype); upgrade "
+            "layerstream or re-run the chunker"
+        )
+    return Quantization(raw["method"], (block[0], block[1]), raw["scale_dtype"])
 
 
 def _digest(value: Any, what: str, source: str) -> str:
@@ -317,6 +390,13 @@ def _parse(data: Any, source: str) -> Manifest:
             f"{source} lists experts, which format_version {version} does not have; the "
             "manifest was edited: re-run the chunker"
         )
+    quantization = _quantization(data["quantization"], source) if "quantization" in data else None
+    quantized = [name for name, c in chunks.items() if c.quantized is not None]
+    if (quantization is None) != (not quantized) or (quantization is not None and version < 3):
+        raise ManifestError(
+            f"{source}: its 'quantization' and the chunks it lists as quantized "
+            f"({quantized[:3]}) do not agree; the manifest was edited: re-run the chunker"
+        )
     tied = _typed(data.get("tied", []), list, "'tied'", source)
     return Manifest(
         name=_require(data, "name", str, source),
@@ -332,5 +412,6 @@ def _parse(data: Any, source: str) -> Manifest:
         transformers_version=_typed(
             data.get("transformers_version", ""), str, "'transformers_version'", source
         ),
+        quantization=quantization,
         format_version=version,
     )

@@ -10,7 +10,7 @@ copied instead.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -118,6 +118,9 @@ class ChunkSpec:
 
     tensors: dict[str, TensorSpec]
     required: tuple[frozenset[str], ...] = ()
+    # keys held quantized, with their scales (format/quantization.py): the dtype each is
+    # dequantized to when its chunk is loaded
+    quantized: dict[str, torch.dtype] = field(default_factory=dict)
 
 
 def check_layout(info: ChunkInfo, layout: list[TensorEntry], spec: ChunkSpec) -> None:

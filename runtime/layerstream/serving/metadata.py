@@ -30,6 +30,7 @@ def model_metadata(
     architecture: str,
     max_new_tokens_limit: int,
     max_prompt_bytes: int | None,
+    stored_format: str | None = None,
 ) -> MetadataModelResponse:
     """What a client needs to call the model: its inputs (the prompt only where it has a
     tokenizer, messages only where that has a chat template), the outputs of the modes it
@@ -40,6 +41,8 @@ def model_metadata(
         "request_parameters": ",".join(KNOWN_PARAMETERS),
         "architecture": architecture,
         "dtype": dtype,
+        # how the store holds the weights a token reads: the dtype, or a quantized format
+        "stored_format": stored_format or dtype,
         "vocab_size": caps.vocab_size,
         "max_new_tokens_limit": max_new_tokens_limit,
     }

@@ -162,6 +162,7 @@ class LayerStreamRuntime(OpenAIRoutes, MLModel):
             manifest.architecture,
             self._options.max_new_tokens_limit,
             self._prompt_limit.max_bytes if self._prompt_limit is not None else None,
+            manifest.quantization.describe() if manifest.quantization is not None else None,
         )
 
     def _model_folder(self) -> Path | None:

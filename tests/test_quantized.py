@@ -1,0 +1,357 @@
+"""Quantized checkpoints: block-wise fp8 stored as released and served bit-identical to what
+from_pretrained of the same checkpoint computes on a CPU; every other format refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import types
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from layerstream.chunker.convert import ChunkerError, chunk_checkpoint
+from layerstream.chunker.presets import write_random_checkpoint
+from layerstream.chunker.quantize import write_fp8_checkpoint
+from layerstream.chunker.sizing import config_from_json, size_model
+from layerstream.engine.engine import Engine, EngineOptions
+from layerstream.errors import ManifestError
+from layerstream.format.manifest import Manifest
+from layerstream.stores import open_store
+
+PROMPT = torch.tensor([[1, 5, 9, 13, 2, 7, 3, 11]])
+NEW_TOKENS = 8
+# the shapes fp8 releases tile: 128 x 128 blocks of the linear weights
+CONFIGS = {
+    "llama": dict(
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=320,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    ),
+    "qwen3": dict(
+        model_type="qwen3",
+        architectures=["Qwen3ForCausalLM"],
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=4,  # k_proj and v_proj 128 x 128: quantized too
+        head_dim=32,
+        vocab_size=320,
+        max_position_embeddings=128,
+    ),
+}
+
+
+class Quantized(types.SimpleNamespace):
+    plain: Path  # the bfloat16 checkpoint
+    fp8: Path  # its block-wise fp8 checkpoint
+    store: Path  # the fp8 checkpoint chunked
+
+
+@pytest.fixture(scope="module")
+def fp8_models(tmp_path_factory):
+    built: dict[str, Quantized] = {}
+
+    def make(name: str) -> Quantized:
+        if name not in built:
+            root = tmp_path_factory.mktemp(f"fp8-{name}")
+            (root / "config.json").write_text(json.dumps(CONFIGS[name]))
+            plain = write_random_checkpoint(
+                str(root / "config.json"), root / "plain", weight_scale=8.0, dtype="bfloat16"
+            )
+            fp8 = write_fp8_checkpoint(plain, root / "fp8")
+            chunk_checkpoint(fp8, root / "store", name, progress=False)
+            built[name] = Quantized(plain=plain, fp8=fp8, store=root / "store")
+        return built[name]
+
+    return make
+
+
+def reference(path: Path) -> transformers.PreTrainedModel:
+    """from_pretrained on a CPU, which dequantizes an fp8 checkpoint at load."""
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+
+
+def generate(model, **kwargs):
+    kwargs = dict(
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+        attention_mask=torch.ones_like(PROMPT),
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **kwargs,
+    )
+    seed = kwargs.pop("seed", None)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return model.generate(PROMPT, **kwargs)
+
+
+@pytest.mark.parametrize("reader", ["read", "mmap"])
+@pytest.mark.parametrize("budget", ["25%", "100%"])
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_fp8_store_is_exact_to_from_pretrained_of_the_fp8_checkpoint(
+    fp8_models, name, budget, reader
+):
+    model = fp8_models(name)
+    ref = reference(model.fp8)
+    engine = Engine(
+        open_store(str(model.store)), EngineOptions(memory_budget=budget, reader=reader)
+    )
+    try:
+        assert engine.plan.fully_resident == (budget == "100%")
+        with engine.request():
+            out = engine.model(PROMPT, output_hidden_states=True)
+        with torch.inference_mode():
+            theirs = ref(PROMPT, output_hidden_states=True)
+        assert torch.equal(out.logits, theirs.logits)
+        assert all(
+            torch.equal(a, b) for a, b in zip(out.hidden_states, theirs.hidden_states, strict=True)
+        )
+        for kwargs in (dict(do_sample=False), dict(do_sample=True, top_k=20, seed=7)):
+            with engine.request():
+                mine = generate(engine.model, **kwargs)
+            with torch.inference_mode():
+                want = generate(ref, **kwargs)
+            assert torch.equal(mine.sequences, want.sequences)
+            assert all(torch.equal(a, b) for a, b in zip(mine.logits, want.logits, strict=True))
+        # and the answer is the fp8 model's, not the plain one's it was quantized from
+        plain = reference(model.plain)
+        with torch.inference_mode():
+            assert not torch.equal(plain(PROMPT).logits, theirs.logits)
+        if budget == "25%":
+            assert engine.streamer.stats.dequantize_s > 0
+    finally:
+        engine.close()
+
+
+def test_the_store_keeps_the_quantized_bytes_and_streams_them(fp8_models, tmp_path):
+    model = fp8_models("qwen3")  # every linear weight of its blocks tiled
+    manifest = Manifest.from_json((model.store / "manifest.json").read_text())
+    assert manifest.quantization is not None
+    assert manifest.quantization.weight_block_size == (128, 128)
+    block = manifest.chunks[manifest.blocks[0].chunk]
+    assert block.quantized and all(k.endswith(".weight") for k in block.quantized)
+    header = load_file(model.store / block.file)
+    for key in block.quantized:
+        assert header[key].dtype == torch.float8_e4m3fn
+        assert header[key + "_scale_inv"].dtype == torch.float32
+    # the plain checkpoint chunked: its blocks are twice the fp8 ones' bytes, nearly (norms
+    # and scales stay wider)
+    chunk_checkpoint(model.plain, tmp_path / "plain", "plain", progress=False)
+    plain = Manifest.from_json((tmp_path / "plain" / "manifest.json").read_text())
+    assert sum(manifest.block_bytes) < 0.55 * sum(plain.block_bytes)
+    # a streamed block reads its stored (fp8) bytes, and holds them dequantized while it runs
+    engine = Engine(open_store(str(model.store)), EngineOptions(memory_budget="25%"))
+    try:
+        streamed = len(engine.plan.streamed)
+        before = engine.streamer.stats.snapshot()
+        with engine.request():
+            engine.model(PROMPT)
+        read = engine.streamer.stats.since(before)
+        assert read.bytes_read == sum(manifest.block_bytes[j] for j in engine.plan.streamed)
+        assert streamed >= len(manifest.blocks) // 2
+        assert engine.plan.dequantized == max(
+            manifest.chunks[b.chunk].dequantized_bytes for b in manifest.blocks
+        )
+        assert engine.plan.weight_bytes(manifest) <= engine.budget
+    finally:
+        engine.close()
+
+
+def test_size_shows_the_dequantized_block(fp8_models):
+    model = fp8_models("llama")
+    manifest = Manifest.from_json((model.store / "manifest.json").read_text())
+    config = config_from_json((model.store / "config.json").read_text())
+    sizing = size_model(manifest, config, memory_budget="25%")
+    terms = {term: nbytes for term, nbytes, _ in sizing.terms()}
+    assert terms["dequantized block"] == manifest.chunks["block_0000"].dequantized_bytes
+    assert sizing.weights <= sizing.budget
+    whole = size_model(manifest, config, memory_budget="100%")
+    assert whole.pinned == manifest.total_memory_bytes > manifest.total_bytes
+
+
+def _requantize(source: Path, dest: Path, config: dict) -> Path:
+    """``source`` with its config's quantization_config replaced by ``config``."""
+    shutil.copytree(source, dest)
+    data = json.loads((dest / "config.json").read_text())
+    data["quantization_config"] = config
+    (dest / "config.json").write_text(json.dumps(data))
+    return dest
+
+
+@pytest.mark.parametrize(
+    ("config", "words"),
+    [
+        ({"quant_method": "mxfp4"}, "quant_method 'mxfp4'"),
+        ({"quant_method": "gptq", "bits": 4}, "quant_method 'gptq'"),
+        ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "'bitsandbytes'"),
+        ({"quant_method": "fp8", "weight_block_size": None}, "weight_block_size None"),
+        (
+            {"quant_method": "fp8", "weight_block_size": [128, 128], "scale_fmt": "ue8m0"},
+            "scale_fmt 'ue8m0'",
+        ),
+        (
+            {"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "static"},
+            "activation_scheme 'static'",
+        ),
+    ],
+)
+def test_formats_not_served_exactly_are_refused_by_name(fp8_models, tmp_path, config, words):
+    source = _requantize(fp8_models("llama").fp8, tmp_path / "source", config)
+    with pytest.raises(ChunkerError, match=words) as err:
+        chunk_checkpoint(source, tmp_path / "store", "refused", progress=False)
+    assert "dequantize" in str(err.value)
+    assert not (tmp_path / "store" / "manifest.json").exists()
+
+
+def test_scales_off_the_block_grid_are_refused(fp8_models, tmp_path):
+    # the config says 64 x 64 blocks, the scales are one per 128 x 128
+    source = _requantize(
+        fp8_models("llama").fp8,
+        tmp_path / "source",
+        {"quant_method": "fp8", "weight_block_size": [64, 64], "activation_scheme": "dynamic"},
+    )
+    with pytest.raises(ChunkerError, match="weight_block_size grid"):
+        chunk_checkpoint(source, tmp_path / "store", "refused", progress=False)
+
+
+def test_fp8_experts_that_transformers_fuses_are_refused(tmp_path):
+    """A mixture-of-experts checkpoint holds each expert's weights apart (as Qwen3-MoE-FP8
+    does), which transformers fuses at load: kept quantized they would need their scales
+    fused alike (not done yet), so the chunker refuses rather than store them wrong."""
+    from transformers import FineGrainedFP8Config
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+
+    config = dict(
+        model_type="qwen3_moe",
+        architectures=["Qwen3MoeForCausalLM"],
+        hidden_size=128,
+        intermediate_size=256,
+        moe_intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        vocab_size=320,
+        max_position_embeddings=128,
+    )
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    plain = write_random_checkpoint(str(tmp_path / "config.json"), tmp_path / "plain")
+    tensors = load_file(plain / "model.safetensors")
+    quantizer = Fp8Quantize(
+        types.SimpleNamespace(
+            quantization_config=FineGrainedFP8Config(weight_block_size=[128, 128])
+        )
+    )
+    out = {}
+    for key, value in tensors.items():
+        out.update(quantizer._quantize_one(key, value) if "experts" in key else {key: value})
+    assert "model.layers.0.mlp.experts.3.up_proj.weight_scale_inv" in out
+    fp8 = _requantize(
+        plain,
+        tmp_path / "fp8",
+        {"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "dynamic"},
+    )
+    save_file(out, fp8 / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ChunkerError, match="cannot keep it quantized yet"):
+        chunk_checkpoint(fp8, tmp_path / "store", "refused", progress=False)
+
+
+def test_a_store_chunked_as_plain_from_a_quantized_checkpoint_is_refused(fp8_models, tmp_path):
+    """Stores an earlier layerstream wrote from a quantized checkpoint hold its quantized
+    weights read as plain ones; their config.json still says quantized."""
+    model = fp8_models("llama")
+    store = tmp_path / "store"
+    chunk_checkpoint(model.plain, store, "plain", progress=False)
+    data = json.loads((store / "config.json").read_text())
+    data["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    text = json.dumps(data)
+    (store / "config.json").write_text(text)
+    manifest = json.loads((store / "manifest.json").read_text())
+    import hashlib
+
+    manifest["file_sha256"]["config.json"] = hashlib.sha256(text.encode()).hexdigest()
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match=r"as plain ones.*Re-run the chunker"):
+        Engine(open_store(str(store)), EngineOptions(memory_budget="25%"))
+
+
+@pytest.mark.parametrize(
+    ("edit", "words"),
+    [
+        (lambda m: m.pop("quantization"), "do not agree"),
+        (lambda m: m.update(format_version=2), "do not agree"),
+        (lambda m: m["chunks"]["block_0001"].pop("dequantized_bytes"), "dequantized_bytes"),
+        (lambda m: m["quantization"].update(method="int4"), "not a quantization"),
+        (
+            lambda m: m["chunks"]["block_0001"]["quantized"].append("model.norm.weight"),
+            "does not hold with their scales",
+        ),
+    ],
+)
+def test_edited_quantization_in_the_manifest_is_refused(fp8_models, edit, words):
+    data = json.loads((fp8_models("llama").store / "manifest.json").read_text())
+    edit(data)
+    with pytest.raises(ManifestError, match=words):
+        Manifest.from_json(json.dumps(data))
+
+
+def test_a_wrong_dequantized_size_fails_the_load(fp8_models, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(fp8_models("llama").store, store)
+    data = json.loads((store / "manifest.json").read_text())
+    data["chunks"]["block_0002"]["dequantized_bytes"] -= 2
+    (store / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="block_0002's quantized tensors take"):
+        Engine(open_store(str(store)), EngineOptions(memory_budget="25%"))
+
+
+def test_quantizing_needs_a_plain_checkpoint(fp8_models, tmp_path):
+    with pytest.raises(ChunkerError, match="quantized already"):
+        write_fp8_checkpoint(fp8_models("llama").fp8, tmp_path / "again")
+
+
+@pytest.mark.e2e
+def test_an_fp8_model_served_by_mlserver_streams_its_checkpoints_tokens(fp8_models, tmp_path):
+    """`mlserver start` on an fp8 store at 25%: greedy tokens over SSE and gRPC are
+    from_pretrained's of the fp8 checkpoint, and the metadata names the stored format."""
+    from mlserver_proc import ModelSpec, serve
+
+    from layerstream_client import Final, GRPCClient, SSEClient, Token
+
+    model = fp8_models("llama")
+    ref = reference(model.fp8)
+    ids = PROMPT[0].tolist()
+    with torch.inference_mode():
+        out = ref.generate(
+            PROMPT, max_new_tokens=10, do_sample=False, attention_mask=torch.ones_like(PROMPT)
+        )
+    expected = out[0, len(ids) :].tolist()
+    spec = ModelSpec("fp8", model.store, {"memory_budget": "25%", "torch_threads": 1})
+    with serve(tmp_path / "repo", [spec]) as server:
+        metadata = httpx.get(f"{server.http_url}/v2/models/fp8", timeout=30).json()
+        assert metadata["parameters"]["stored_format"] == "fp8 (128x128 blocks, float32 scales)"
+        assert metadata["parameters"]["dtype"] == "bfloat16"
+        for client in (SSEClient(server.http_url, 60.0), GRPCClient(server.grpc_target, 60.0)):
+            events = list(client.generate("fp8", input_ids=ids, max_new_tokens=10))
+            tokens = [e.token_id for e in events if isinstance(e, Token)]
+            final = events[-1]
+            assert isinstance(final, Final) and final.error is None
+            assert tokens == expected
+            assert final.stats["bytes_streamed"] > 0
