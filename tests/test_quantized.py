@@ -13,6 +13,7 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
+from test_exactness import assert_same_generation, generate_both
 
 from layerstream.chunker.convert import ChunkerError, chunk_checkpoint
 from layerstream.chunker.presets import write_random_checkpoint
@@ -24,7 +25,6 @@ from layerstream.format.manifest import Manifest
 from layerstream.stores import open_store
 
 PROMPT = torch.tensor([[1, 5, 9, 13, 2, 7, 3, 11]])
-NEW_TOKENS = 8
 # the shapes fp8 releases tile: 128 x 128 blocks of the linear weights
 CONFIGS = {
     "llama": dict(
@@ -84,22 +84,6 @@ def reference(path: Path) -> transformers.PreTrainedModel:
     return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
 
 
-def generate(model, **kwargs):
-    kwargs = dict(
-        max_new_tokens=NEW_TOKENS,
-        min_new_tokens=NEW_TOKENS,
-        attention_mask=torch.ones_like(PROMPT),
-        pad_token_id=0,
-        output_logits=True,
-        return_dict_in_generate=True,
-        **kwargs,
-    )
-    seed = kwargs.pop("seed", None)
-    if seed is not None:
-        torch.manual_seed(seed)
-    return model.generate(PROMPT, **kwargs)
-
-
 @pytest.mark.parametrize("reader", ["read", "mmap"])
 @pytest.mark.parametrize("budget", ["25%", "100%"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -121,13 +105,9 @@ def test_fp8_store_is_exact_to_from_pretrained_of_the_fp8_checkpoint(
         assert all(
             torch.equal(a, b) for a, b in zip(out.hidden_states, theirs.hidden_states, strict=True)
         )
-        for kwargs in (dict(do_sample=False), dict(do_sample=True, top_k=20, seed=7)):
-            with engine.request():
-                mine = generate(engine.model, **kwargs)
-            with torch.inference_mode():
-                want = generate(ref, **kwargs)
-            assert torch.equal(mine.sequences, want.sequences)
-            assert all(torch.equal(a, b) for a, b in zip(mine.logits, want.logits, strict=True))
+        assert_same_generation(*generate_both(engine, ref, do_sample=False))
+        sampling = dict(do_sample=True, top_k=20, temperature=0.8, seed=7)
+        assert_same_generation(*generate_both(engine, ref, **sampling))
         # and the answer is the fp8 model's, not the plain one's it was quantized from
         plain = reference(model.plain)
         with torch.inference_mode():
@@ -165,7 +145,7 @@ def test_the_store_keeps_the_quantized_bytes_and_streams_them(fp8_models, tmp_pa
         assert read.bytes_read == sum(manifest.block_bytes[j] for j in engine.plan.streamed)
         assert streamed >= len(manifest.blocks) // 2
         assert engine.plan.dequantized == max(
-            manifest.chunks[b.chunk].dequantized_bytes for b in manifest.blocks
+            manifest.chunks[b.chunk].dequantized_room for b in manifest.blocks
         )
         assert engine.plan.weight_bytes(manifest) <= engine.budget
     finally:
@@ -178,7 +158,8 @@ def test_size_shows_the_dequantized_block(fp8_models):
     config = config_from_json((model.store / "config.json").read_text())
     sizing = size_model(manifest, config, memory_budget="25%")
     terms = {term: nbytes for term, nbytes, _ in sizing.terms()}
-    assert terms["dequantized block"] == manifest.chunks["block_0000"].dequantized_bytes
+    room = manifest.chunks["block_0000"].dequantized_room
+    assert terms["dequantized blocks"] == room * sizing.buffer_count
     assert sizing.weights <= sizing.budget
     whole = size_model(manifest, config, memory_budget="100%")
     assert whole.pinned == manifest.total_memory_bytes > manifest.total_bytes
@@ -355,3 +336,171 @@ def test_an_fp8_model_served_by_mlserver_streams_its_checkpoints_tokens(fp8_mode
             assert isinstance(final, Final) and final.error is None
             assert tokens == expected
             assert final.stats["bytes_streamed"] > 0
+
+
+@pytest.mark.parametrize("flush", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_dequantize_is_bit_identical_to_transformers_for_every_fp8_value(dtype, flush):
+    """Every byte (subnormals, ±0, NaN) against scales of every kind (a scale × 256 past
+    float32 included): the fast path and its fallbacks equal transformers' routine."""
+    from layerstream.format.quantization import dequantize, dequantize_reference
+
+    every = torch.arange(256, dtype=torch.uint8)
+    finite = every[(every & 0x7F) != 0x7F]
+    scales = [
+        torch.rand(2, 2) * 1e-2,
+        torch.tensor([[1e-40, 2.0**-126], [3e38, 7.1e-3]]),  # subnormal, tiny, huge
+        torch.tensor([[1.0, -0.5], [0.0, 2.0**-20]]),
+    ]
+    torch.set_flush_denormal(flush)
+    try:
+        for values in (finite, every):
+            weight = values.repeat(256 * 256 // values.numel() + 1)[: 256 * 256]
+            weight = weight[torch.randperm(weight.numel())].view(256, 256)
+            weight = weight.view(torch.float8_e4m3fn)
+            for scale in scales:
+                for s in (scale, scale.to(torch.bfloat16)):
+                    want = dequantize_reference(weight, s, dtype)
+                    got = dequantize(weight, s, dtype)
+                    bits = {1: torch.int8, 2: torch.int16, 4: torch.int32}[dtype.itemsize]
+                    assert torch.equal(got.view(bits), want.view(bits)), (values.numel(), s)
+                    out = torch.empty(256, 256, dtype=dtype)
+                    assert dequantize(weight, s, dtype, out=out) is out
+                    assert torch.equal(out.view(bits), want.view(bits))
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def test_a_streamed_block_is_dequantized_into_its_streaming_buffer(fp8_models):
+    """Dequantized on the reading thread into room beside the block's bytes in its pool
+    buffer: no allocation per use, and within the budget's buffers."""
+    model = fp8_models("qwen3")
+    engine = Engine(open_store(str(model.store)), EngineOptions(memory_budget="25%"))
+    try:
+        pool = engine.streamer._reader.pool
+        spans = [(b.data_ptr(), b.data_ptr() + b.numel()) for b in pool.buffers]
+        seen: list[int] = []
+        j = engine.plan.streamed[0]
+        module = engine.model.get_submodule(engine.prefixes[j])
+        weight = module.mlp.down_proj
+
+        def record(mod, args) -> None:  # runs after the install hook
+            seen.append(weight.weight.data_ptr())
+
+        handle = module.register_forward_pre_hook(record)
+        with engine.request():
+            engine.model(PROMPT)
+        handle.remove()
+        assert seen and all(any(lo <= p < hi for lo, hi in spans) for p in seen)
+        assert all(p % 64 == 0 for p in seen)
+    finally:
+        engine.close()
+
+
+def _jobs(count: int):
+    from layerstream.engine.dequantization import Job
+    from layerstream.format.quantization import dequantize_reference
+
+    jobs, want = [], {}
+    for i in range(count):
+        weight = (torch.randn(256, 128) * 100).to(torch.float8_e4m3fn)
+        scales = torch.rand(2, 1) * 1e-3
+        jobs.append(Job(f"w{i}", weight, scales, torch.bfloat16, None))
+        want[f"w{i}"] = dequantize_reference(weight, scales, torch.bfloat16)
+    return jobs, want
+
+
+def test_dequantization_is_shared_by_two_threads_each_tensor_once(monkeypatch):
+    """The reading thread takes tensors from the first, the computing one from the last:
+    between them every tensor is dequantized exactly once, and finish has them all."""
+    import threading
+
+    from layerstream.engine import dequantization
+
+    jobs, want = _jobs(6)
+    done: list[tuple[str, str]] = []
+    real = dequantization.dequantize
+    first_started, release_first = threading.Event(), threading.Event()
+
+    def slow(weight, scales, dtype, out):
+        name = threading.current_thread().name
+        done.append((name, next(j.key for j in jobs if j.weight is weight)))
+        if name == "reader" and len(done) == 1:
+            first_started.set()
+            assert release_first.wait(30)
+        return real(weight, scales, dtype, out)
+
+    monkeypatch.setattr(dequantization, "dequantize", slow)
+    seconds: list[float] = []
+    work = dequantization.Dequantization(jobs, seconds.append)
+    reader = threading.Thread(target=work.work, name="reader")
+    reader.start()
+    assert first_started.wait(30)  # the reader holds w0; the computing thread takes the rest
+    out_box: dict = {}
+
+    def compute() -> None:
+        out_box.update(work.finish())
+
+    computer = threading.Thread(target=compute, name="compute")
+    computer.start()
+    for _ in range(3000):  # bounded: the computing thread's five tensors, then it waits
+        if sum(1 for n, _ in done if n == "compute") == 5:
+            break
+        computer.join(0.01)
+    assert computer.is_alive()  # finish waits for w0, which the reader still holds
+    release_first.set()
+    computer.join(30)
+    reader.join(30)
+    assert sorted(k for _, k in done) == sorted(want)  # each once
+    assert [k for n, k in done if n == "reader"] == ["w0"]
+    assert [k for n, k in done if n == "compute"] == ["w5", "w4", "w3", "w2", "w1"]
+    assert all(torch.equal(out_box[k], v) for k, v in want.items())
+    assert len(seconds) == 6
+
+
+def test_a_closed_dequantization_waits_for_what_runs_and_starts_nothing(monkeypatch):
+    """A lease given back while its block is being dequantized: close returns only once the
+    running tensor is written (its room is reused next), and no other tensor starts."""
+    import threading
+
+    from layerstream.engine import dequantization
+
+    jobs, _ = _jobs(3)
+    started, go = threading.Event(), threading.Event()
+    calls: list[int] = []
+
+    def blocking(weight, scales, dtype, out):
+        calls.append(1)
+        started.set()
+        assert go.wait(30)
+        return weight.to(dtype)
+
+    monkeypatch.setattr(dequantization, "dequantize", blocking)
+    work = dequantization.Dequantization(jobs, lambda s: None)
+    reader = threading.Thread(target=work.work)
+    reader.start()
+    assert started.wait(30)
+    closer = threading.Thread(target=work.close)
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive()  # waits for the running tensor
+    go.set()
+    closer.join(30)
+    reader.join(30)
+    assert not closer.is_alive() and not reader.is_alive()
+    assert len(calls) == 1  # nothing started after close
+
+
+def test_a_failed_tensor_fails_the_block(monkeypatch):
+    from layerstream.engine import dequantization
+
+    jobs, _ = _jobs(2)
+
+    def broken(*args):
+        raise ValueError("bad scales")
+
+    monkeypatch.setattr(dequantization, "dequantize", broken)
+    work = dequantization.Dequantization(jobs, lambda s: None)
+    work.work()
+    with pytest.raises(ValueError, match="bad scales"):
+        work.finish()

@@ -70,7 +70,7 @@ class Sizing:
     bases: int = 0
     based_blocks: int = 0
     expert_cache: int = 0
-    dequantized: int = 0  # a quantized store's: the streamed block's tensors dequantized
+    dequantized: int = 0  # a quantized store's: the blocks in flight, dequantized
 
     @property
     def weights(self) -> int:
@@ -117,7 +117,7 @@ class Sizing:
                 f"{self.buffer_count} x the largest block (computing + read-ahead)",
             ),
             *(
-                [("dequantized block", self.dequantized, "the block computing, dequantized")]
+                [("dequantized blocks", self.dequantized, "the blocks in flight, dequantized")]
                 if self.dequantized
                 else []
             ),
@@ -208,7 +208,7 @@ def size_model(
         bases=sum(plan.pinned_bases.values()),
         based_blocks=len(plan.pinned_bases),
         expert_cache=plan.expert_cache,
-        dequantized=plan.dequantized,
+        dequantized=plan.pool_buffers * plan.dequantized,
         kv=kv,
         kv_per_token=per_token,
         kv_how=kv_how,

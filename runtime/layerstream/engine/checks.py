@@ -21,7 +21,7 @@ import torch
 from ..errors import ChunkIntegrityError
 from ..format.manifest import ChunkInfo
 from ..format.parts import Range, span, verify_part
-from ..format.quantization import dequantize, scale_key
+from ..format.quantization import scale_key
 from ..format.safetensors import (
     ChunkSpec,
     TensorEntry,
@@ -32,6 +32,7 @@ from ..format.safetensors import (
 )
 from ..stores import CachingStore, ChunkStore, MappableStore
 from ..words import Word
+from .dequantization import Dequantization, Job
 from .stats import StreamStats
 
 log = logging.getLogger(__name__)
@@ -239,20 +240,56 @@ class ChunkChecks:
         spec = self.specs.get(info.name)
         return spec is not None and bool(spec.quantized)
 
+    def dequantization(
+        self,
+        info: ChunkInfo,
+        data: torch.Tensor,
+        version: str | None,
+        into: torch.Tensor | None = None,
+    ) -> Dequantization | None:
+        """The work of dequantizing the quantized tensors of ``data`` (checked bytes of
+        ``info``) into ``into`` (bytes with ``info.dequantized_room``, each tensor on a
+        64-byte boundary) or memory of their own; None for a plain chunk."""
+        spec = self.specs.get(info.name)
+        if spec is None or not spec.quantized:
+            return None
+        views = tensors_from_layout(self.layout(info, data, version), data)
+        jobs = []
+        offset = 0
+        for key, dtype in spec.quantized.items():
+            weight = views[key]
+            target = None
+            if into is not None:
+                size = weight.numel() * dtype.itemsize
+                target = into[offset : offset + size].view(dtype).view(weight.shape)
+                offset = -(-(offset + size) // 64) * 64
+            jobs.append(Job(key, weight, views[scale_key(key)], dtype, target))
+        return Dequantization(jobs, self._count_dequantize)
+
+    def _count_dequantize(self, seconds: float) -> None:
+        with self._lock:
+            self.stats.dequantize_s += seconds
+
     def tensors(
-        self, info: ChunkInfo, data: torch.Tensor, version: str | None
+        self,
+        info: ChunkInfo,
+        data: torch.Tensor,
+        version: str | None,
+        dequantized: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Views of ``data`` (checked bytes of ``info``) as the tensors its header lists; a
-        quantized tensor dequantized into memory of its own, its scales dropped."""
+        quantized chunk's with its ``dequantized`` tensors in place of the quantized ones
+        and their scales (dequantized now if not given)."""
         tensors = tensors_from_layout(self.layout(info, data, version), data)
         spec = self.specs.get(info.name)
         if spec is None or not spec.quantized:
             return tensors
-        start = time.perf_counter()
-        for key, dtype in spec.quantized.items():
-            tensors[key] = dequantize(tensors[key], tensors.pop(scale_key(key)), dtype)
-        with self._lock:
-            self.stats.dequantize_s += time.perf_counter() - start
+        if dequantized is None:
+            work = self.dequantization(info, data, version)
+            dequantized = work.finish() if work is not None else {}
+        for key in spec.quantized:
+            del tensors[scale_key(key)]
+        tensors.update(dequantized)
         return tensors
 
     def layout(self, info: ChunkInfo, data: torch.Tensor, version: str | None) -> list[TensorEntry]:

@@ -212,6 +212,9 @@ class Engine:
             self.store, VerifyMode.parse(self.options.verify_checksums), self.specs
         )
         kind = pick_reader(self.options.reader, self.store, checks.mode)
+        if self.manifest.quantization is not None and self.options.reader == "auto":
+            # its blocks are dequantized into memory of their own anyway: read, not mapped
+            kind = ReaderKind.READ
         plan = self.plan
         reader: BlockReader
         if self.parts:
@@ -233,11 +236,14 @@ class Engine:
                 threads=max(self.io_threads, 16),
                 evict=self._evict,
                 cache=self._expert_cache(),
+                dequantized=plan.dequantized,
             )
         elif kind is ReaderKind.MMAP and isinstance(self.store, MappableStore):
             reader = MappedReader(self.store, checks, plan.pool_buffers, self._evict)
         else:
-            reader = PooledReader(self.store, checks, plan.pool_buffers, plan.buffer_bytes)
+            reader = PooledReader(
+                self.store, checks, plan.pool_buffers, plan.buffer_bytes, plan.dequantized
+            )
         streamer = WeightStreamer(reader, self.manifest, plan, self.io_threads)
         if self.parts and self.options.expert_prefetch:
             groups = {j: [m for _, m in self._block_experts(j)] for j in plan.streamed}

@@ -239,8 +239,9 @@ class ExpertReader(PooledReader):
         threads: int = 4,
         evict: Callable[[str], None] | None = None,
         cache: ExpertCache | None = None,
+        dequantized: int = 0,
     ):
-        super().__init__(store, checks, buffers, buffer_bytes)
+        super().__init__(store, checks, buffers, buffer_bytes, dequantized)
         self.parts = parts
         self.bases: dict[str, PinnedBase] = {}  # by chunk name
         self.cache = cache

@@ -56,11 +56,16 @@ class MappedLease(Lease):
         self._data: torch.Tensor | None = data
         self._reader = reader
         # views of the kept mapping stay valid between uses; dequantized tensors are made
-        # per use, and must go with it
-        self.kept = not reader.checks.dequantizes(info)
+        # per use, and go with it
+        self.dequantization = reader.checks.dequantization(info, data, version)
+        self.kept = self.dequantization is None
 
     def _views(self) -> dict[str, torch.Tensor]:
         assert self._data is not None
+        if self.dequantization is not None:
+            return self._reader.checks.tensors(
+                self.info, self._data, self.version, self._dequantized()
+            )
         return self._reader.views(self.index, self.info, self._data, self.version)
 
     def confirm(self) -> None:
@@ -140,8 +145,8 @@ class MappedReader(BlockReader):
         """The kept mapping's tensors, made on its first use."""
         with self._lock:
             kept = self._kept.get(j)
-        if kept is None or kept.data is not data or self.checks.dequantizes(info):
-            return self.checks.tensors(info, data, version)  # or remapped meanwhile (rare)
+        if kept is None or kept.data is not data:  # remapped meanwhile (a rare race)
+            return self.checks.tensors(info, data, version)
         if kept.tensors is None:
             kept.tensors = self.checks.tensors(info, data, version)
         return kept.tensors

@@ -13,10 +13,9 @@ routes to). So the bases of the streamed blocks are pinned first, as many as fit
 blocks without experts whole, and the room left holds the most routed experts
 (expert_cache.py): a whole block pinned would hold its experts whatever the routing.
 
-A quantized store's block is read at its stored size and dequantized when installed
-(format/quantization.py): a streamed block adds its dequantized tensors to the buffer it
-was read into while it runs (one block at a time: the working set below), and a pinned
-one keeps both for good.
+A quantized store's block is read at its stored size and dequantized right after, on the
+thread that read it (format/quantization.py): each streaming buffer has room for a block's
+bytes and its dequantized tensors, and a pinned block keeps both for good.
 """
 
 from __future__ import annotations
@@ -43,7 +42,8 @@ class ResidencyPlan:
     # streamed blocks whose base (non-expert part) is held in memory for good, and its bytes
     pinned_bases: dict[int, int] = field(default_factory=dict)
     expert_cache: int = 0  # bytes for the most routed experts of the streamed blocks
-    dequantized: int = 0  # a quantized store's: the largest streamed block's, dequantized
+    # a quantized store's: room beside each buffer for a block's tensors dequantized
+    dequantized: int = 0
 
     @property
     def read_ahead(self) -> int:
@@ -65,8 +65,7 @@ class ResidencyPlan:
             + sum(sizes[j] for j in self.resident)
             + sum(self.pinned_bases.values())
             + self.expert_cache
-            + self.pool_buffers * self.buffer_bytes
-            + self.dequantized
+            + self.pool_buffers * (self.buffer_bytes + self.dequantized)
         )
 
     def describe(self, manifest: Manifest) -> str:
@@ -87,7 +86,7 @@ class ResidencyPlan:
             f"through {self.pool_buffers} x {format_size(self.buffer_bytes)} buffers "
             f"(read-ahead {self.read_ahead})"
             + (
-                f" and {format_size(self.dequantized)} for a block dequantized"
+                f", each with {format_size(self.dequantized)} for its block dequantized"
                 if self.dequantized
                 else ""
             )
@@ -120,8 +119,9 @@ def plan_residency(
     if budget >= manifest.total_memory_bytes:
         return ResidencyPlan(budget, frozenset(range(n)), 0, 0, n, rest)
     largest = max(manifest.block_bytes)  # a streaming buffer
-    dequantized = max(manifest.chunks[b.chunk].dequantized_bytes for b in manifest.blocks)
-    minimum = rest + largest + dequantized
+    dequantized = max(manifest.chunks[b.chunk].dequantized_room for b in manifest.blocks)
+    per_buffer = largest + dequantized
+    minimum = rest + per_buffer
     if budget < minimum:
         working = f" + its tensors dequantized {format_size(dequantized)}" if dequantized else ""
         raise SettingsError(
@@ -129,9 +129,8 @@ def plan_residency(
             f"{format_size(minimum)} (non-block weights {format_size(rest)} + one block "
             f"{format_size(largest)}{working}); raise memory_budget"
         )
-    budget_left = budget - dequantized
     buffers = 1 + max(read_ahead, 0)
-    while buffers > 1 and rest + buffers * largest > budget_left:
+    while buffers > 1 and rest + buffers * per_buffer > budget:
         buffers -= 1
     if buffers < 1 + read_ahead:
         log.warning(
@@ -140,7 +139,7 @@ def plan_residency(
             buffers - 1,
             read_ahead,
         )
-    room = budget_left - rest - buffers * largest
+    room = budget - rest - buffers * per_buffer
     pinned_bases: dict[int, int] = {}
     for j, size in sorted((bases or {}).items()):
         if size > room:

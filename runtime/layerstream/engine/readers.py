@@ -24,6 +24,7 @@ from ..format.manifest import ChunkInfo
 from ..stores import ChunkStore, MappableStore
 from ..words import Word
 from .checks import ChunkChecks, VerifyMode
+from .dequantization import Dequantization
 
 READERS = ("auto", "mmap", "read")
 
@@ -52,6 +53,8 @@ class Lease(ABC):
 
     # the tensors view a kept mapping: they may stay installed in the module after release
     kept = False
+    # a quantized chunk's tensors, dequantized by the reading thread and the computing one
+    dequantization: Dequantization | None = None
 
     def __init__(self, index: int, info: ChunkInfo, version: str | None):
         self.index = index
@@ -76,7 +79,17 @@ class Lease(ABC):
             return
         self._released = True
         self.tensors = {}
+        if self.dequantization is not None:
+            self.dequantization.close()  # nothing writes into the bytes once given back
         self._give_back()
+
+    def work_ahead(self) -> None:
+        """On the thread that read it, once delivered: dequantize what the block needs."""
+        if self.dequantization is not None:
+            self.dequantization.work(first=True)
+
+    def _dequantized(self) -> dict[str, torch.Tensor] | None:
+        return None if self.dequantization is None else self.dequantization.finish()
 
     @abstractmethod
     def _views(self) -> dict[str, torch.Tensor]: ...
@@ -122,11 +135,13 @@ class BufferPool:
 
     def __init__(self, count: int, nbytes: int):
         self._free: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
+        self.buffers: list[torch.Tensor] = []  # every buffer, free or not
         for _ in range(count):
             # page-aligned (anonymous mappings are), so reads past the page cache (O_DIRECT)
             # can land in it; a tensor's address mod 64 stays its offset's, as with malloc
             memory = mmap.mmap(-1, max(nbytes, 1))
-            self._free.put(torch.frombuffer(memory, dtype=torch.uint8)[:nbytes])
+            self.buffers.append(torch.frombuffer(memory, dtype=torch.uint8)[:nbytes])
+            self._free.put(self.buffers[-1])
 
     def acquire(self) -> torch.Tensor:
         return self._free.get()
@@ -144,15 +159,17 @@ class PooledLease(Lease):
         data: torch.Tensor,
         buffer: torch.Tensor,
         reader: PooledReader,
+        dequantization: Dequantization | None = None,
     ):
         super().__init__(index, info, version)
         self._data: torch.Tensor | None = data
         self._buffer = buffer
         self._reader = reader
+        self.dequantization = dequantization
 
     def _views(self) -> dict[str, torch.Tensor]:
         assert self._data is not None
-        return self._reader.checks.tensors(self.info, self._data, self.version)
+        return self._reader.checks.tensors(self.info, self._data, self.version, self._dequantized())
 
     def _give_back(self) -> None:
         self._data = None
@@ -164,10 +181,20 @@ class PooledReader(BlockReader):
 
     kind = ReaderKind.READ
 
-    def __init__(self, store: ChunkStore, checks: ChunkChecks, buffers: int, buffer_bytes: int):
+    def __init__(
+        self,
+        store: ChunkStore,
+        checks: ChunkChecks,
+        buffers: int,
+        buffer_bytes: int,
+        dequantized: int = 0,
+    ):
         super().__init__(checks)
         self.store = store
-        self.pool = BufferPool(buffers, buffer_bytes)
+        # a quantized store's buffers hold a block's bytes, then (from a 64-byte boundary)
+        # its tensors dequantized
+        self._dequantized_at = -(-buffer_bytes // 64) * 64 if dequantized else buffer_bytes
+        self.pool = BufferPool(buffers, self._dequantized_at + dequantized)
 
     def read_chunk(
         self, info: ChunkInfo, buffer: torch.Tensor | None = None
@@ -192,10 +219,12 @@ class PooledReader(BlockReader):
         buffer = self.pool.acquire()
         try:
             data, version = self.read_chunk(info, buffer)
+            into = buffer[self._dequantized_at :]
+            work = self.checks.dequantization(info, data, version, into)
         except BaseException:
             self.pool.release(buffer)
             raise
-        return PooledLease(j, info, version, data, buffer, self)
+        return PooledLease(j, info, version, data, buffer, self, work)
 
     def load_resident(self, info: ChunkInfo) -> dict[str, torch.Tensor]:
         data, version = self.read_chunk(info)

@@ -201,9 +201,25 @@ class WeightStreamer:
             info = self._info(k)
             if self._reader.in_memory(info):
                 continue
-            future = self._inflight[k] = self._io.submit(self._reader.lease, k, info)
+            future: Future[Lease] = Future()
+            self._inflight[k] = future
+            self._io.submit(self._lease_ahead, future, k, info)
             future.add_done_callback(functools.partial(self._hinted, k))
             self.stats.read_aheads += 1
+
+    def _lease_ahead(self, future: Future[Lease], k: int, info: ChunkInfo) -> None:
+        """On an I/O thread: block k's lease, handed over as soon as it is read; then the
+        thread dequantizes a quantized block's tensors, which the compute thread shares
+        once it needs them (dequantization.py)."""
+        if not future.set_running_or_notify_cancel():
+            return  # dropped before it started
+        try:
+            lease = self._reader.lease(k, info)
+        except BaseException as exc:
+            future.set_exception(exc)
+            return
+        future.set_result(lease)
+        lease.work_ahead()
 
     def drop_read_ahead(self) -> None:
         """Give back every read-ahead buffer (after a request ends or fails)."""

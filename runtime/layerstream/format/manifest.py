@@ -68,9 +68,15 @@ class ChunkInfo:
     dequantized_bytes: int = 0
 
     @property
+    def dequantized_room(self) -> int:
+        """Room for the dequantized tensors, each starting on a 64-byte boundary as a fresh
+        torch allocation does (from_pretrained's are)."""
+        return self.dequantized_bytes + 64 * len(self.quantized or ())
+
+    @property
     def memory_bytes(self) -> int:
         """What the chunk holds in memory once loaded: its bytes and its dequantized tensors."""
-        return self.bytes + self.dequantized_bytes
+        return self.bytes + self.dequantized_room
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ plain weights it would be served silently wrong.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,9 +132,97 @@ def supported(raw: dict[str, Any], scale_dtype: torch.dtype, where: str) -> Quan
     return Quantization(FP8, (block[0], block[1]), names[scale_dtype])
 
 
-def dequantize(weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``weight`` (fp8) times its block ``scales``, in ``dtype``: transformers' own routine,
-    the one from_pretrained runs on a CPU, so the result is bit-identical to its weights."""
+def dequantize_reference(
+    weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """transformers' own routine, the one from_pretrained runs on a CPU: what ``dequantize``
+    must equal bit for bit."""
     from transformers.integrations.finegrained_fp8 import Fp8Dequantize
 
     return Fp8Dequantize(None)._dequantize_one(weight, scales, output_dtype=dtype)
+
+
+# Rows are dequantized a piece at a time, so a piece's intermediates stay in the CPU's
+# cache: ~512 Ki elements ran 7x faster than transformers' routine on a 2816 x 1024
+# weight, whose whole-tensor passes each go through memory (docs/quantization.md).
+PIECE = 1 << 19
+_scratch = threading.local()
+
+
+def _piece_buffers() -> tuple[torch.Tensor, torch.Tensor]:
+    """This thread's scratch: the float16 bits and their float32 values of one piece."""
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        with torch.inference_mode(False):  # normal tensors, usable in and out of that mode
+            buffers = _scratch.buffers = (
+                torch.empty(PIECE, dtype=torch.int16),
+                torch.empty(PIECE, dtype=torch.float32),
+            )
+    return buffers
+
+
+def dequantize(
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``weight`` (fp8) times its block ``scales``, in ``dtype`` (into ``out`` if given):
+    bit-identical to ``dequantize_reference``, several times faster.
+
+    transformers computes ``float32(weight) × float32(scale)``, rounded once to float32, then
+    to ``dtype``. Here the fp8 bits are moved into a float16's (sign to bit 15, exponent and
+    mantissa to bits 13..7: the same number times 2^-8, exact for every finite e4m3 value,
+    subnormals included) and multiplied by ``scale × 256`` (exact: a power of two) in
+    float32: the same exact product, rounded the same way. The rare inputs this cannot hold
+    (a NaN byte, a scale × 256 past float32, subnormals flushed to zero) take
+    transformers' routine."""
+    rows, cols = weight.shape[-2:]
+    scale_rows, scale_cols = scales.shape[-2:]
+    if rows % scale_rows or cols % scale_cols or weight.dtype != FP8_DTYPE:
+        return _into(dequantize_reference(weight, scales, dtype), out)
+    raw = weight.contiguous().view(torch.uint8)
+    scaled = scales.to(torch.float32) * 256.0
+    nan = int(raw.max()) == 0xFF or int(raw.view(torch.int8).max()) == 0x7F
+    if nan or not bool(torch.isfinite(scaled).all()) or _flushes_subnormals():
+        return _into(dequantize_reference(weight, scales, dtype), out)
+    block_cols = cols // scale_cols
+    signed = raw.view(torch.int8).reshape(-1, cols)
+    # one scale per row and column block: a row's scales repeat over its block's rows
+    row_scales = scaled.reshape(-1, scale_cols).repeat_interleave(rows // scale_rows, 0)
+    if out is None:
+        with torch.inference_mode(False):  # weights like from_pretrained's, in any mode
+            out = torch.empty(weight.shape, dtype=dtype)
+    target = out.view(-1, cols)
+    step = max(PIECE // cols, 1)
+    bits_buffer, values_buffer = _piece_buffers()
+    if step * cols > PIECE:  # a row longer than a piece
+        bits_buffer, values_buffer = torch.empty(cols, dtype=torch.int16), torch.empty(cols)
+    for r in range(0, signed.shape[0], step):
+        n = min(step, signed.shape[0] - r)
+        bits = bits_buffer[: n * cols].view(n, cols)
+        bits.copy_(signed[r : r + n])  # sign-extended: bits 15 and 14 hold the sign
+        bits.bitwise_left_shift_(7).bitwise_and_(-(1 << 14) - 1)  # bit 14 cleared
+        # float16 -> float32 on its own: a multiply of mixed dtypes takes a scalar path,
+        # 10x slower on float16 subnormals
+        values = values_buffer[: n * cols].view(n, scale_cols, block_cols)
+        values.copy_(bits.view(torch.float16).view(n, scale_cols, block_cols))
+        torch.mul(
+            values,
+            row_scales[r : r + n].view(n, scale_cols, 1),
+            out=target[r : r + n].view(n, scale_cols, block_cols),
+        )
+    return out
+
+
+def _flushes_subnormals() -> bool:
+    """Whether float16 subnormals read as zero here (torch.set_flush_denormal(True)): the
+    bit move above makes fp8's subnormals float16 subnormals."""
+    smallest = torch.tensor([1], dtype=torch.int16).view(torch.float16)
+    return float(smallest.to(torch.float32)) == 0.0
+
+
+def _into(value: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        return value
+    return out.copy_(value)
