@@ -12,7 +12,7 @@ import httpx
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from test_exactness import assert_same_generation, generate_both
 
 from layerstream.chunker.convert import ChunkerError, chunk_checkpoint
@@ -20,7 +20,7 @@ from layerstream.chunker.presets import write_random_checkpoint
 from layerstream.chunker.quantize import write_fp8_checkpoint
 from layerstream.chunker.sizing import config_from_json, size_model
 from layerstream.engine.engine import Engine, EngineOptions
-from layerstream.errors import ManifestError
+from layerstream.errors import ManifestError, SettingsError
 from layerstream.format.manifest import Manifest
 from layerstream.stores import open_store
 
@@ -210,46 +210,88 @@ def test_scales_off_the_block_grid_are_refused(fp8_models, tmp_path):
         chunk_checkpoint(source, tmp_path / "store", "refused", progress=False)
 
 
-def test_fp8_experts_that_transformers_fuses_are_refused(tmp_path):
-    """A mixture-of-experts checkpoint holds each expert's weights apart (as Qwen3-MoE-FP8
-    does), which transformers fuses at load: kept quantized they would need their scales
-    fused alike (not done yet), so the chunker refuses rather than store them wrong."""
-    from transformers import FineGrainedFP8Config
-    from transformers.integrations.finegrained_fp8 import Fp8Quantize
-
-    config = dict(
+MOE_CONFIGS = {
+    "qwen3_moe": dict(  # the Qwen3-MoE-FP8 layout: each expert's weights apart, fp8
         model_type="qwen3_moe",
         architectures=["Qwen3MoeForCausalLM"],
         hidden_size=128,
         intermediate_size=256,
         moe_intermediate_size=128,
-        num_hidden_layers=4,
+        num_hidden_layers=6,
         num_attention_heads=4,
-        num_key_value_heads=2,
+        num_key_value_heads=4,
         head_dim=32,
         num_experts=8,
         num_experts_per_tok=2,
         vocab_size=320,
         max_position_embeddings=128,
+    ),
+    "mixtral": dict(
+        model_type="mixtral",
+        architectures=["MixtralForCausalLM"],
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        vocab_size=320,
+        max_position_embeddings=128,
+    ),
+}
+
+
+@pytest.mark.parametrize("budget", ["25%", "100%"])
+@pytest.mark.parametrize("name", sorted(MOE_CONFIGS))
+def test_fp8_experts_are_fused_fp8_and_exact(tmp_path, name, budget):
+    """A mixture-of-experts checkpoint holds each expert's fp8 weights and scales apart,
+    which transformers dequantizes and fuses at load: the store keeps the fused parameter
+    fp8 with its scales fused alike, and serves what from_pretrained computes."""
+    (tmp_path / "config.json").write_text(json.dumps(MOE_CONFIGS[name]))
+    plain = write_random_checkpoint(
+        str(tmp_path / "config.json"), tmp_path / "plain", weight_scale=8.0, dtype="bfloat16"
     )
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    plain = write_random_checkpoint(str(tmp_path / "config.json"), tmp_path / "plain")
-    tensors = load_file(plain / "model.safetensors")
-    quantizer = Fp8Quantize(
-        types.SimpleNamespace(
-            quantization_config=FineGrainedFP8Config(weight_block_size=[128, 128])
+    fp8 = write_fp8_checkpoint(plain, tmp_path / "fp8")
+    keys = json.loads((fp8 / "model.safetensors.index.json").read_text())["weight_map"]
+    assert any(".experts.1." in k and k.endswith(".weight_scale_inv") for k in keys)
+    manifest = chunk_checkpoint(fp8, tmp_path / "store", name, progress=False)
+    block = manifest.chunks[manifest.blocks[0].chunk]
+    experts = [k for k in block.quantized or [] if ".experts." in k]
+    assert experts, block.quantized  # the fused experts parameters, stored fp8
+    header = load_file(tmp_path / "store" / block.file)
+    assert all(header[k].dtype == torch.float8_e4m3fn and header[k].dim() == 3 for k in experts)
+    ref = reference(fp8)
+    engine = Engine(open_store(str(tmp_path / "store")), EngineOptions(memory_budget=budget))
+    try:
+        with engine.request():
+            out = engine.model(PROMPT, output_hidden_states=True)
+        with torch.inference_mode():
+            theirs = ref(PROMPT, output_hidden_states=True)
+        assert torch.equal(out.logits, theirs.logits)
+        assert all(
+            torch.equal(a, b) for a, b in zip(out.hidden_states, theirs.hidden_states, strict=True)
         )
-    )
-    out = {}
-    for key, value in tensors.items():
-        out.update(quantizer._quantize_one(key, value) if "experts" in key else {key: value})
-    assert "model.layers.0.mlp.experts.3.up_proj.weight_scale_inv" in out
-    fp8 = _requantize(
-        plain,
-        tmp_path / "fp8",
-        {"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "dynamic"},
-    )
-    save_file(out, fp8 / "model.safetensors", metadata={"format": "pt"})
+        assert_same_generation(*generate_both(engine, ref, do_sample=False))
+    finally:
+        engine.close()
+    if budget == "25%":  # its blocks stream whole: asking for experts alone says why
+        with pytest.raises(SettingsError, match="quantized, which stream whole"):
+            Engine(
+                open_store(str(tmp_path / "store")),
+                EngineOptions(memory_budget=budget, expert_streaming="on"),
+            )
+
+
+def test_fp8_weights_transformers_splits_are_refused(tmp_path, monkeypatch):
+    """Only stacking and concatenating converters keep the scales on the weights' grid; a
+    weight fused any other way is refused, never stored wrong."""
+    from layerstream.chunker import fused
+
+    monkeypatch.setattr(fused, "FUSING_OPS", ("Concatenate",))  # stacking not taken
+    (tmp_path / "config.json").write_text(json.dumps(MOE_CONFIGS["qwen3_moe"]))
+    plain = write_random_checkpoint(str(tmp_path / "config.json"), tmp_path / "plain")
+    fp8 = write_fp8_checkpoint(plain, tmp_path / "fp8")
     with pytest.raises(ChunkerError, match="cannot keep it quantized yet"):
         chunk_checkpoint(fp8, tmp_path / "store", "refused", progress=False)
 

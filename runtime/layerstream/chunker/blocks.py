@@ -31,7 +31,7 @@ class Routed(NamedTuple):
     """A checkpoint tensor on its way into a chunk."""
 
     key: str  # in the model's key space (renamed from the checkpoint's)
-    converter: Any  # transformers' WeightConverter that fuses or splits it, or None
+    converter: Any  # the source pattern of transformers' converter that fuses or splits it
     source: SourceTensor
 
 

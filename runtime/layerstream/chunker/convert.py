@@ -39,8 +39,9 @@ from ..format.manifest import BlockInfo, ChunkInfo, Manifest
 from ..format.quantization import Quantization, UnsupportedQuantization
 from ..format.writer import ChunkEntry, SourceTensor, sha256_file
 from ..stores.ranged import StoreOptions
-from . import blocks
+from . import blocks, fused
 from .blocks import CrossTies, Part, Routed, chunk_name, collect
+from .fused import fuses_alike
 from .sinks import ChunkerError, Sink, open_sink
 from .source import Checkpoint
 from .writing import ChunkWriter
@@ -202,6 +203,8 @@ class _Routes:
     scales: dict[Part, dict[str, SourceTensor]] = field(
         default_factory=lambda: collections.defaultdict(dict)
     )
+    # by part, the parameters transformers fuses from fp8 weights (fused.py)
+    fused: dict[Part, set[str]] = field(default_factory=lambda: collections.defaultdict(set))
 
 
 def _route(
@@ -235,10 +238,12 @@ def _route(
         renamings = [w for w in conversion.mapping if isinstance(w, WeightRenaming)]
         converters = [w for w in conversion.mapping if isinstance(w, WeightConverter)]
     scales: list[SourceTensor] = []
+    scale_slices: dict[str, Any] = {}
     for handle, index in zip(routes.handles, indexes, strict=True):
         for key in index:
             if suffix is not None and key.endswith(suffix):
                 scales.append(index[key])
+                scale_slices[key] = handle.get_slice(key)
                 continue
             renamed, converter = (
                 (key, None)
@@ -249,13 +254,19 @@ def _route(
             routes.slices[part][key] = handle.get_slice(key)
             routes.sources[part].append(Routed(renamed, converter, index[key]))
     if scales:
-        _route_scales(routes, scales, prefixes)
+        _route_scales(routes, scales, scale_slices, prefixes, converters)
     return routes
 
 
-def _route_scales(routes: _Routes, scales: list[SourceTensor], prefixes: list[str]) -> None:
-    """Each scale tensor into its weight's part: only beside a weight stored as is (one
-    that transformers fuses or splits at load would need its scales converted alike)."""
+def _route_scales(
+    routes: _Routes,
+    scales: list[SourceTensor],
+    slices: dict[str, Any],
+    prefixes: list[str],
+    converters: list,
+) -> None:
+    """Each scale tensor into its weight's part: beside a weight stored as is, or one that
+    transformers fuses by stacking and concatenating (fused.py)."""
     weights = {
         r.source.key: r for sources in routes.sources.values() for r in sources
     }  # checkpoint key -> its route
@@ -266,15 +277,23 @@ def _route_scales(routes: _Routes, scales: list[SourceTensor], prefixes: list[st
                 f"{scale.path.name}: {scale.key} scales no float8_e4m3fn weight of the "
                 "checkpoint; it is not a block-wise fp8 checkpoint layerstream can serve"
             )
-        if weight.converter is not None or not weight.key.endswith(".weight"):
+        # the converter that matched its weight (Routed keeps its source pattern)
+        converter = next((c for c in converters if weight.converter in c.source_patterns), None)
+        fused = converter is not None and fuses_alike(converter)
+        if not fused and (weight.converter is not None or not weight.key.endswith(".weight")):
             raise ChunkerError(
-                f"{weight.source.key}: an fp8 weight that transformers converts at load (fused "
-                "or split, e.g. the experts of a mixture-of-experts model) or that is no "
+                f"{weight.source.key}: an fp8 weight that transformers converts at load other "
+                "than by stacking or concatenating (split, transposed), or that is no "
                 "module's `.weight`; layerstream cannot keep it quantized yet. Dequantize the "
                 "checkpoint first (from_pretrained on a CPU dequantizes it; save_pretrained) "
                 "and chunk that"
             )
-        routes.scales[block_of(weight.key, prefixes)][weight.key] = scale
+        part = block_of(weight.key, prefixes)
+        routes.slices[part][scale.key] = slices[scale.key]  # for transformers' loader
+        if fused:
+            routes.fused[part].add(weight.key)
+        else:
+            routes.scales[part][weight.key] = scale
 
 
 def _write_chunks(
@@ -306,34 +325,34 @@ def _write_chunks(
             name = chunk_name(part)
             entries = None
             scales = routes.scales.get(part, {})
-            if cross.keys.isdisjoint(keys):
+            quantized = sorted({*scales, *routes.fused.get(part, ())})
+            if cross.keys.isdisjoint(keys) and not routes.fused.get(part):
                 entries = blocks.direct_entries(
                     keys, meta, routes.sources.get(part, []), target, scales, quant
                 )
-            if entries is None and scales:
-                raise ChunkerError(
-                    f"{chunk_name(part)}: its fp8 weights cannot be stored as they are "
-                    f"({sorted(scales)[:3]}: not plain tensors of the model, in its shapes, "
-                    "with scales on the weight_block_size grid); dequantize the checkpoint "
-                    "first (from_pretrained on a CPU dequantizes it; save_pretrained) and "
-                    "chunk that"
-                )
             converted = entries is None
             if entries is None:
-                convert_and_load_state_dict_in_model(
-                    model,
-                    routes.slices.get(part, {}),
-                    LoadStateDictConfig(weight_mapping=conversion.mapping),
-                )
-                tensors = collect(model, keys, routes.tied, cross, target, part)
+                mapping = conversion.mapping
+                if quantized:
+                    assert quant is not None
+                    mapping = mapping + fused.scale_converters(mapping)
+                with fused.scale_parameters(model, quantized, meta, quant):
+                    convert_and_load_state_dict_in_model(
+                        model,
+                        routes.slices.get(part, {}),
+                        LoadStateDictConfig(weight_mapping=mapping),
+                    )
+                    tensors = collect(model, keys, routes.tied, cross, target, part)
+                    if quantized:
+                        tensors = fused.stored(model, tensors, quantized, quant)
                 kept = blocks.unconverted_residues(routes.sources.get(part, []), tensors)
                 entries = [ChunkEntry.of_tensor(k, v, kept.get(k, 0)) for k, v in tensors.items()]
                 del tensors
             log.debug("%s: %s", name, "converted" if converted else "copied from the source")
             label = "rest" if part is None else prefixes[part]
-            dequantized = sum(meta[k].numel() * meta[k].element_size() for k in scales)
+            dequantized = sum(meta[k].numel() * meta[k].element_size() for k in quantized)
             written = writer.submit(
-                name, entries, label, by_block.get(part), sorted(scales), dequantized
+                name, entries, label, by_block.get(part), quantized, dequantized
             )
             if converted:
                 written.result()  # its tensors live in the model until written

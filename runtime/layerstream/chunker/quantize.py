@@ -48,21 +48,51 @@ PROMPTS = (
 )
 
 
-def quantizable(config: transformers.PretrainedConfig) -> tuple[set[str], set[str]]:
-    """The keys of a model built from ``config``, and those of them an fp8 release would
-    hold quantized: linear modules' weights inside the blocks, routers excluded."""
-    model = build_skeleton(config, config.architectures[0], "bfloat16", buffers=False)
-    prefixes = tuple(p + "." for p in block_prefixes(model))
-    routers = set()
-    for experts in find_experts(model):
-        router = find_router(model, experts)
-        if router is not None:
-            routers.add(router.name)
-    return set(model.state_dict(keep_vars=True)), {
-        f"{name}.weight"
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and name.startswith(prefixes) and name not in routers
-    }
+class Quantizable:
+    """Which checkpoint tensors an fp8 release holds quantized: the weights of the linear
+    modules inside the blocks, routers excluded, and each expert's weights (a checkpoint
+    keeps them apart; transformers fuses them at load)."""
+
+    def __init__(self, config: transformers.PretrainedConfig):
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+        model = build_skeleton(config, config.architectures[0], "bfloat16", buffers=False)
+        prefixes = tuple(p + "." for p in block_prefixes(model))
+        routers, experts = set(), set()
+        for module in find_experts(model):
+            experts.update(module.tensors)
+            router = find_router(model, module)
+            if router is not None:
+                routers.add(router.name)
+        self.model = model
+        self.meta = model.state_dict(keep_vars=True)
+        self.linear = {
+            f"{name}.weight"
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear)
+            and name.startswith(prefixes)
+            and name not in routers
+        }
+        self.experts = experts
+        mapping = get_model_conversion_mapping(model)
+        self._renamings = [w for w in mapping if isinstance(w, WeightRenaming)]
+        self._converters = [w for w in mapping if isinstance(w, WeightConverter)]
+
+    def __call__(self, key: str) -> bool:
+        if key in self.meta:
+            return key in self.linear
+        from transformers.core_model_loading import rename_source_key
+
+        renamed, _ = rename_source_key(
+            key, self._renamings, self._converters, self.model.base_model_prefix, self.meta
+        )
+        if renamed not in self.meta:
+            raise ChunkerError(
+                f"tensor {key} is not one the model built from its config loads; --quantize "
+                "reads checkpoints transformers loads without missing or unexpected weights"
+            )
+        return renamed in self.experts and key.endswith(".weight")
 
 
 def write_fp8_checkpoint(source: Path, dest: Path, block: tuple[int, int] = BLOCK) -> Path:
@@ -74,7 +104,7 @@ def write_fp8_checkpoint(source: Path, dest: Path, block: tuple[int, int] = BLOC
     config = AutoConfig.from_pretrained(source)
     if getattr(config, "quantization_config", None) is not None:
         raise ChunkerError(f"{source} is quantized already; --quantize takes a plain checkpoint")
-    keys, wanted = quantizable(config)
+    wanted = Quantizable(config)
     qconfig = FineGrainedFP8Config(weight_block_size=list(block))
     quantizer = Fp8Quantize(types.SimpleNamespace(quantization_config=qconfig))
     dest.mkdir(parents=True, exist_ok=True)
@@ -91,15 +121,11 @@ def write_fp8_checkpoint(source: Path, dest: Path, block: tuple[int, int] = BLOC
             weight_map.update(dict.fromkeys(shard, name))
             shard, held, count = {}, 0, count + 1
 
+    considered = 0
     for key, tensor in _tensors(checkpoint):
-        if key not in keys:
-            raise ChunkerError(
-                f"{source}: tensor {key} is not named as the model built from its config names "
-                "it; --quantize reads checkpoints in transformers' own key names (load it with "
-                "from_pretrained and save_pretrained it first)"
-            )
         out = {key: tensor}
-        if key in wanted and tensor.is_floating_point():
+        if wanted(key) and tensor.is_floating_point():
+            considered += 1
             out = quantizer._quantize_one(key, tensor)
             quantized += len(out) > 1  # an untileable weight comes back alone, as it was
         for k, v in out.items():
@@ -125,7 +151,7 @@ def write_fp8_checkpoint(source: Path, dest: Path, block: tuple[int, int] = BLOC
     for name in SIDE_FILES:
         if name != "config.json" and (source / name).is_file():
             shutil.copyfile(source / name, dest / name)
-    log.info("quantized %d of %d linear weights to fp8 into %s", quantized, len(wanted), dest)
+    log.info("quantized %d of %d linear weights to fp8 into %s", quantized, considered, dest)
     return dest
 
 

@@ -51,6 +51,9 @@ def expert_parts(
         why = (
             "has no experts modules"
             if not experts
+            else "holds its blocks quantized, which stream whole (experts read alone are "
+            "not dequantized yet): set expert_streaming to auto or off"
+            if quantized
             else "was chunked without its experts' byte ranges: re-run the chunker"
         )
         raise SettingsError(
