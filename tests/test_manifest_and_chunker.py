@@ -379,3 +379,25 @@ def test_blocks_in_lists_of_one_are_found(name, overrides, prefixes):
         buffers=False,
     )
     assert block_prefixes(model) == prefixes
+
+
+def test_random_init_keeps_the_dtype_its_config_declares(tmp_path):
+    """A config.json that says "dtype": "bfloat16" gets a bfloat16 checkpoint (and store),
+    as the release it stands for; without one, float32."""
+    from layerstream.chunker.presets import write_random_checkpoint
+
+    base = dict(
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=320,
+    )
+    for declared, stored in (("bfloat16", "bfloat16"), (None, "float32")):
+        config = dict(base, **({"dtype": declared} if declared else {}))
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        source = write_random_checkpoint(str(tmp_path / "config.json"), tmp_path / f"m-{stored}")
+        manifest = chunk_checkpoint(source, tmp_path / f"s-{stored}", "m", progress=False)
+        assert manifest.dtype == stored

@@ -4,6 +4,7 @@ from_pretrained of the same checkpoint computes on a CPU; every other format ref
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import types
 from pathlib import Path
@@ -175,27 +176,40 @@ def _requantize(source: Path, dest: Path, config: dict) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("config", "words"),
+    ("config", "words", "todo"),
     [
-        ({"quant_method": "mxfp4"}, "quant_method 'mxfp4'"),
-        ({"quant_method": "gptq", "bits": 4}, "quant_method 'gptq'"),
-        ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "'bitsandbytes'"),
-        ({"quant_method": "fp8", "weight_block_size": None}, "weight_block_size None"),
+        ({"quant_method": "mxfp4"}, "quant_method 'mxfp4'", r"Mxfp4Config\(dequantize=True\)"),
+        ({"quant_method": "gptq", "bits": 4}, "quant_method 'gptq'", "unquantized checkpoint"),
+        ({"quant_method": "awq", "bits": 4}, "quant_method 'awq'", "unquantized checkpoint"),
+        (
+            {"quant_method": "bitsandbytes", "load_in_4bit": True},
+            "'bitsandbytes'",
+            r"\.dequantize\(\)",
+        ),
+        (
+            {"quant_method": "fp8", "weight_block_size": None},
+            "weight_block_size None",
+            r"FineGrainedFP8Config\(dequantize=True\)",
+        ),
         (
             {"quant_method": "fp8", "weight_block_size": [128, 128], "scale_fmt": "ue8m0"},
             "scale_fmt 'ue8m0'",
+            "FineGrainedFP8Config",
         ),
         (
             {"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "static"},
             "activation_scheme 'static'",
+            "FineGrainedFP8Config",
         ),
     ],
 )
-def test_formats_not_served_exactly_are_refused_by_name(fp8_models, tmp_path, config, words):
+def test_formats_not_served_exactly_are_refused_by_name_with_what_to_do(
+    fp8_models, tmp_path, config, words, todo
+):
     source = _requantize(fp8_models("llama").fp8, tmp_path / "source", config)
     with pytest.raises(ChunkerError, match=words) as err:
         chunk_checkpoint(source, tmp_path / "store", "refused", progress=False)
-    assert "dequantize" in str(err.value)
+    assert re.search(todo, str(err.value)), str(err.value)
     assert not (tmp_path / "store" / "manifest.json").exists()
 
 
@@ -346,7 +360,7 @@ def test_a_wrong_dequantized_size_fails_the_load(fp8_models, tmp_path):
 
 
 def test_quantizing_needs_a_plain_checkpoint(fp8_models, tmp_path):
-    with pytest.raises(ChunkerError, match="quantized already"):
+    with pytest.raises(ChunkerError, match=r"quantized already.*without --quantize"):
         write_fp8_checkpoint(fp8_models("llama").fp8, tmp_path / "again")
 
 

@@ -109,8 +109,9 @@ def _size_parser(sub) -> None:
         help="print the memory a served model needs (Seldon's Model spec.memory)",
         usage="%(prog)s [options] MODEL",
         description="Print each term of the memory a model needs when served (process "
-        "baseline, pinned weights, streaming buffers, working set, KV cache budget and its "
-        "growth slack), their total and the spec.memory for a Seldon Model. The settings "
+        "baseline, pinned weights, streaming buffers, a quantized store's dequantized "
+        "blocks, working set, KV cache budget and its growth slack), their total and the "
+        "spec.memory for a Seldon Model. The settings "
         "come from MODEL's model-settings.json when MODEL is a model folder; the options "
         "override them.",
     )

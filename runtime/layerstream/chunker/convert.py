@@ -330,6 +330,14 @@ def _write_chunks(
                 entries = blocks.direct_entries(
                     keys, meta, routes.sources.get(part, []), target, scales, quant
                 )
+            if entries is None and scales and not routes.fused.get(part):
+                raise ChunkerError(
+                    f"{chunk_name(part)}: its fp8 weights cannot be stored as they are "
+                    f"({sorted(scales)[:3]}: not plain tensors of the model, in its shapes, "
+                    "with scales on the weight_block_size grid); re-quantize it, or "
+                    "dequantize it (from_pretrained on a CPU dequantizes it; save_pretrained) "
+                    "and chunk that"
+                )
             converted = entries is None
             if entries is None:
                 mapping = conversion.mapping

@@ -245,7 +245,8 @@ def write_random_checkpoint(
     spec: str, dest: Path, seed: int = 0, weight_scale: float = 1.0, dtype: str | None = None
 ) -> Path:
     """Save a random-init model + tokenizer with ``save_pretrained``; return ``dest``.
-    ``dtype`` ("bfloat16", ...): saved in that dtype, as released checkpoints are.
+    ``dtype`` ("bfloat16", ...): saved in that dtype, as released checkpoints are; by
+    default the one the config declares (``"dtype"``), else float32.
 
     ``weight_scale`` multiplies every weight matrix (parameters named ``*weight`` with two
     or more dimensions; norms, biases and state-space constants keep their init): at
@@ -253,6 +254,9 @@ def write_random_checkpoint(
     or two tokens, which makes "same ids" a weak check; at 8 they vary from token to token.
     """
     config = random_init_config(spec)
+    if dtype is None:  # the dtype the config declares, as a release's checkpoint holds it
+        declared = str(getattr(config, "dtype", None) or "").removeprefix("torch.")
+        dtype = declared if declared in TORCH_DTYPES else None
     tokenizer = build_tokenizer(config)
     # The built-in text yields fewer BPE merges than a big vocabulary asks for; shrink the
     # model's vocabulary to the tokenizer's so every id it generates decodes to text.

@@ -103,7 +103,10 @@ def write_fp8_checkpoint(source: Path, dest: Path, block: tuple[int, int] = BLOC
 
     config = AutoConfig.from_pretrained(source)
     if getattr(config, "quantization_config", None) is not None:
-        raise ChunkerError(f"{source} is quantized already; --quantize takes a plain checkpoint")
+        raise ChunkerError(
+            f"{source} is quantized already; --quantize takes a plain checkpoint (chunk this "
+            "one without --quantize: an fp8 one is kept fp8, another format is told what to do)"
+        )
     wanted = Quantizable(config)
     qconfig = FineGrainedFP8Config(weight_block_size=list(block))
     quantizer = Fp8Quantize(types.SimpleNamespace(quantization_config=qconfig))

@@ -6,8 +6,9 @@ weight is stored as ``float8_e4m3fn`` beside ``<key>_scale_inv``, one scale per 
 ``weight_block_size``. On a CPU transformers dequantizes such a checkpoint at load (its FP8
 kernels need a GPU): each weight becomes ``weight × scale`` computed in float32, cast to the
 parameter's dtype. A store keeps the quantized bytes and their scales, so a token reads the
-quantized bytes, and the engine dequantizes a block when it installs it, with transformers'
-own routine, so the weights it computes with are bit-identical to from_pretrained's.
+quantized bytes, and the engine dequantizes a block once it is read: with a faster route to
+the same exact product (``dequantize``), checked bit-identical to transformers' routine,
+which stays the fallback, so the weights it computes with are from_pretrained's.
 
 Every other ``quantization_config`` is refused, by the chunker and by the engine: read as
 plain weights it would be served silently wrong.
@@ -27,13 +28,32 @@ FP8_DTYPE = torch.float8_e4m3fn
 SCALE_SUFFIX = "_scale_inv"  # transformers' name: `x.weight` -> `x.weight_scale_inv`
 SCALE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# what a user can do with a checkpoint in a format layerstream does not serve
-_DEQUANTIZE_FIRST = (
-    "layerstream serves block-wise fp8 checkpoints (quant_method 'fp8', float scales) as they "
-    "are; for another format, dequantize it where transformers can run it "
-    "(`AutoModelForCausalLM.from_pretrained(dir, dtype=torch.bfloat16, "
-    "quantization_config=...(dequantize=True)).save_pretrained(out)`) and chunk `out`"
-)
+# what a user can do with a checkpoint in a format layerstream does not serve: the formats
+# whose transformers config can dequantize at load, and bitsandbytes, which can after it
+_DEQUANTIZING_CONFIGS = {
+    "fp8": "FineGrainedFP8Config",
+    "mxfp4": "Mxfp4Config",
+    "compressed-tensors": "CompressedTensorsConfig",
+}
+
+
+def what_to_do(method: object) -> str:
+    """How to turn a checkpoint quantized with ``method`` into one layerstream serves."""
+    served = "layerstream serves block-wise fp8 checkpoints (quant_method 'fp8', float scales)"
+    config = _DEQUANTIZING_CONFIGS.get(str(method))
+    if config is not None:
+        return (
+            f"{served}; dequantize this one where transformers runs it "
+            f"(`AutoModelForCausalLM.from_pretrained(dir, dtype=torch.bfloat16, "
+            f"quantization_config={config}(dequantize=True)).save_pretrained(out)`) and "
+            "chunk `out`"
+        )
+    if method == "bitsandbytes":
+        return (
+            f"{served}; dequantize this one where bitsandbytes runs "
+            "(`from_pretrained(dir).dequantize().save_pretrained(out)`) and chunk `out`"
+        )
+    return f"{served}; chunk the unquantized checkpoint this one was made from"
 
 
 class UnsupportedQuantization(ValueError):
@@ -100,7 +120,7 @@ def supported(raw: dict[str, Any], scale_dtype: torch.dtype, where: str) -> Quan
     method = raw.get("quant_method")
     if method != FP8:
         raise UnsupportedQuantization(
-            f"{where} is quantized with quant_method {method!r}; {_DEQUANTIZE_FIRST}"
+            f"{where} is quantized with quant_method {method!r}; {what_to_do(method)}"
         )
     block = raw.get("weight_block_size")
     if not (
@@ -110,7 +130,7 @@ def supported(raw: dict[str, Any], scale_dtype: torch.dtype, where: str) -> Quan
     ):
         raise UnsupportedQuantization(
             f"{where}: fp8 with weight_block_size {block!r} (per-tensor or per-channel "
-            f"scales) is not served yet; {_DEQUANTIZE_FIRST}"
+            f"scales) is not served yet; {what_to_do(FP8)}"
         )
     details = {
         "activation_scheme": (raw.get("activation_scheme", "dynamic"), "dynamic"),
@@ -121,13 +141,13 @@ def supported(raw: dict[str, Any], scale_dtype: torch.dtype, where: str) -> Quan
         if value != served:
             raise UnsupportedQuantization(
                 f"{where}: fp8 with {name} {value!r} is not served yet (only {served!r}); "
-                f"{_DEQUANTIZE_FIRST}"
+                f"{what_to_do(FP8)}"
             )
     names = {v: k for k, v in SCALE_DTYPES.items()}
     if scale_dtype not in names:
         raise UnsupportedQuantization(
             f"{where}: fp8 scales in {scale_dtype} are not served (float32, bfloat16 or "
-            f"float16 only); {_DEQUANTIZE_FIRST}"
+            f"float16 only); {what_to_do(FP8)}"
         )
     return Quantization(FP8, (block[0], block[1]), names[scale_dtype])
 
