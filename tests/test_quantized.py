@@ -85,6 +85,20 @@ def reference(path: Path) -> transformers.PreTrainedModel:
     return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
 
 
+def assert_same_forward_and_greedy(engine: Engine, ref: transformers.PreTrainedModel):
+    """Logits, every hidden state and greedy generation equal; the reference's output."""
+    with engine.request():
+        out = engine.model(PROMPT, output_hidden_states=True)
+    with torch.inference_mode():
+        theirs = ref(PROMPT, output_hidden_states=True)
+    assert torch.equal(out.logits, theirs.logits)
+    assert all(
+        torch.equal(a, b) for a, b in zip(out.hidden_states, theirs.hidden_states, strict=True)
+    )
+    assert_same_generation(*generate_both(engine, ref, do_sample=False))
+    return theirs
+
+
 @pytest.mark.parametrize("reader", ["read", "mmap"])
 @pytest.mark.parametrize("budget", ["25%", "100%"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -98,15 +112,7 @@ def test_fp8_store_is_exact_to_from_pretrained_of_the_fp8_checkpoint(
     )
     try:
         assert engine.plan.fully_resident == (budget == "100%")
-        with engine.request():
-            out = engine.model(PROMPT, output_hidden_states=True)
-        with torch.inference_mode():
-            theirs = ref(PROMPT, output_hidden_states=True)
-        assert torch.equal(out.logits, theirs.logits)
-        assert all(
-            torch.equal(a, b) for a, b in zip(out.hidden_states, theirs.hidden_states, strict=True)
-        )
-        assert_same_generation(*generate_both(engine, ref, do_sample=False))
+        theirs = assert_same_forward_and_greedy(engine, ref)
         sampling = dict(do_sample=True, top_k=20, temperature=0.8, seed=7)
         assert_same_generation(*generate_both(engine, ref, **sampling))
         # and the answer is the fp8 model's, not the plain one's it was quantized from
@@ -278,15 +284,7 @@ def test_fp8_experts_are_fused_fp8_and_exact(tmp_path, name, budget):
     ref = reference(fp8)
     engine = Engine(open_store(str(tmp_path / "store")), EngineOptions(memory_budget=budget))
     try:
-        with engine.request():
-            out = engine.model(PROMPT, output_hidden_states=True)
-        with torch.inference_mode():
-            theirs = ref(PROMPT, output_hidden_states=True)
-        assert torch.equal(out.logits, theirs.logits)
-        assert all(
-            torch.equal(a, b) for a, b in zip(out.hidden_states, theirs.hidden_states, strict=True)
-        )
-        assert_same_generation(*generate_both(engine, ref, do_sample=False))
+        assert_same_forward_and_greedy(engine, ref)
     finally:
         engine.close()
     if budget == "25%":  # its blocks stream whole: asking for experts alone says why
