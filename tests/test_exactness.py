@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SCALED
+from conftest import CONFIGS, SCALED
 
 from layerstream.engine.engine import Engine, EngineOptions
 from layerstream.stores import open_store
@@ -258,5 +258,96 @@ def test_parameters_are_flagged_like_from_pretrained(scaled, resident_models, bu
     try:
         flags = {k: v.requires_grad for k, v in _parameters_as_they_run(engine).items()}
         assert flags == {k: v.requires_grad for k, v in reference.named_parameters()}
+    finally:
+        engine.close()
+
+
+# models that keep some tensors in float32 whatever the dtype asked for: T5's `wo` in
+# float16 (_keep_in_fp32_modules), DeepSeek-V2's router in bfloat16 (..._strict), gpt-oss's
+# sinks and norms in float16
+KEEP_FP32 = {
+    "t5-float16": (CONFIGS["t5"], "float16"),
+    "deepseek_v2-bfloat16": (
+        dict(
+            model_type="deepseek_v2",
+            architectures=["DeepseekV2ForCausalLM"],
+            hidden_size=64,
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            kv_lora_rank=16,
+            q_lora_rank=None,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=16,
+            vocab_size=320,
+            max_position_embeddings=128,
+        ),
+        "bfloat16",
+    ),
+    "gpt_oss-float16": (
+        dict(
+            model_type="gpt_oss",
+            architectures=["GptOssForCausalLM"],
+            hidden_size=64,
+            intermediate_size=64,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            vocab_size=320,
+            max_position_embeddings=128,
+            sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"] * 3,
+        ),
+        "float16",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(KEEP_FP32))
+def test_tensors_from_pretrained_keeps_in_float32_stay_float32(tmp_path, case):
+    """Every chunk tensor has the dtype from_pretrained(dtype=...) gives it, the ones a
+    model keeps in float32 included, and the outputs are identical streamed and resident."""
+    import json
+
+    import transformers
+    from safetensors import safe_open
+
+    from layerstream.chunker.convert import chunk_checkpoint
+    from layerstream.chunker.presets import write_random_checkpoint
+    from layerstream.format.header import BY_CODE
+
+    config, dtype = KEEP_FP32[case]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    source = write_random_checkpoint(
+        str(tmp_path / "config.json"), tmp_path / "src", weight_scale=8
+    )
+    manifest = chunk_checkpoint(source, tmp_path / "store", case, dtype=dtype, progress=False)
+    cls = getattr(transformers, config["architectures"][0])
+    reference = cls.from_pretrained(source, dtype=getattr(torch, dtype)).eval()
+    want = {k: v.dtype for k, v in reference.state_dict().items()}
+    assert torch.float32 in want.values()  # the model keeps some in float32
+    for info in manifest.chunks.values():
+        with safe_open(str(tmp_path / "store" / info.file), "pt") as f:
+            for key in info.tensors:
+                assert BY_CODE[f.get_slice(key).get_dtype()].torch == want[key], key
+    kwargs = {"decoder_input_ids": PROMPT} if config["model_type"] == "t5" else {}
+    engine = Engine(open_store(str(tmp_path / "store")), EngineOptions(memory_budget="40%"))
+    try:
+        assert engine.plan.streamed
+        with engine.request():
+            mine = engine.model(PROMPT, **kwargs).logits
+        with torch.inference_mode():
+            theirs = reference(PROMPT, **kwargs).logits
+        assert max_diff(mine, theirs) == 0.0
     finally:
         engine.close()

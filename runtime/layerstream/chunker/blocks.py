@@ -52,12 +52,12 @@ def direct_entries(
     keys: list[str],
     meta_sd: dict[str, torch.Tensor],
     sources: list[Routed],
-    target: torch.dtype,
     scales: Mapping[str, SourceTensor] | None = None,
     quant: Quantization | None = None,
 ) -> list[ChunkEntry] | None:
     """The part's chunk as byte ranges of the source files, when every tensor is a plain
-    rename of one checkpoint tensor already in the right dtype and shape (the common case):
+    rename of one checkpoint tensor already in its dtype (the skeleton's: from_pretrained's)
+    and shape (the common case):
     then no tensor is ever materialised and memory stays at one staging buffer. ``None``
     sends the part through transformers' conversion instead (fused or split weights, a
     dtype change, ties, a missing tensor, which that path reports). A weight in ``scales``
@@ -75,7 +75,7 @@ def direct_entries(
         if len(found) != 1:
             return None
         scale = next((scales[name] for name in names if name in scales), None)
-        want = target if meta.is_floating_point() else meta.dtype
+        want = meta.dtype  # from_pretrained's dtype for it (engine/skeleton.py)
         if scale is not None:
             if quant is None or len(names) > 1 or not _on_grid(scale, meta, quant):
                 return None
@@ -150,7 +150,7 @@ def collect(
     keys: list[str],
     groups: list[list[str]],
     cross: CrossTies,
-    target: torch.dtype,
+    dtypes: Mapping[str, torch.dtype],
     part: Part,
 ) -> dict[str, torch.Tensor]:
     """The part's tensors from the model transformers loaded them into, each stored once."""
@@ -162,7 +162,7 @@ def collect(
             continue
         value = tensor.detach()
         if value.is_floating_point():
-            value = value.to(target)
+            value = value.to(dtypes[key])  # from_pretrained's dtype for it
         out[key] = value.contiguous()
     cross.add_to(out, part)
     missing = [

@@ -134,9 +134,7 @@ def _chunk_into(
     hf_bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        chunks = _write_chunks(
-            model, prefixes, routes, conversion, TORCH_DTYPES[dtype], sink, bar, quant
-        )
+        chunks = _write_chunks(model, prefixes, routes, conversion, sink, bar, quant)
     finally:
         if hf_bars:
             hf_logging.enable_progress_bar()
@@ -301,7 +299,6 @@ def _write_chunks(
     prefixes: list[str],
     routes: _Routes,
     conversion: _Conversion,
-    target: torch.dtype,
     sink: Sink,
     parts: Iterable[Part],
     quant: Quantization | None = None,
@@ -328,7 +325,7 @@ def _write_chunks(
             quantized = sorted({*scales, *routes.fused.get(part, ())})
             if cross.keys.isdisjoint(keys) and not routes.fused.get(part):
                 entries = blocks.direct_entries(
-                    keys, meta, routes.sources.get(part, []), target, scales, quant
+                    keys, meta, routes.sources.get(part, []), scales, quant
                 )
             if entries is None and scales and not routes.fused.get(part):
                 raise ChunkerError(
@@ -350,7 +347,8 @@ def _write_chunks(
                         routes.slices.get(part, {}),
                         LoadStateDictConfig(weight_mapping=mapping),
                     )
-                    tensors = collect(model, keys, routes.tied, cross, target, part)
+                    dtypes = {k: meta[k].dtype for k in keys}
+                    tensors = collect(model, keys, routes.tied, cross, dtypes, part)
                     if quantized:
                         tensors = fused.stored(model, tensors, quantized, quant)
                 kept = blocks.unconverted_residues(routes.sources.get(part, []), tensors)

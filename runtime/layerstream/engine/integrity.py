@@ -42,7 +42,7 @@ from ..stores import ChunkStore, MappableStore
 from ..units import format_size
 from .checks import ChunkHealth, refetch_once
 from .hooks import BlockBinding
-from .skeleton import TORCH_DTYPES, block_of, model_class, tied_groups
+from .skeleton import block_of, model_class, tied_groups
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +103,11 @@ def chunk_specs(
     """What each chunk must hold, from the model built on the meta device: a block's chunk
     exactly its block's tensors (one of each group tied within the block), the rest chunks
     any of the other tensors (whether together they cover them is checked once loaded)."""
-    dtype = TORCH_DTYPES[manifest.dtype]
 
     def spec(value: torch.Tensor) -> TensorSpec:
-        # the chunker writes floating tensors in the manifest's dtype, the others as they are
-        return TensorSpec(dtype if value.is_floating_point() else value.dtype, tuple(value.shape))
+        # the skeleton's dtype: from_pretrained's for it (the manifest's, but for the tensors
+        # a model keeps in float32 or creates in a dtype of its own; skeleton.py)
+        return TensorSpec(value.dtype, tuple(value.shape))
 
     rest = {
         key: spec(value)

@@ -50,6 +50,7 @@ def build_skeleton(
         try:
             with torch.device("meta"), hf_init.meta_device_safe_creation_ops():
                 model = cls(config)
+            _keep_in_fp32(model, TORCH_DTYPES[dtype])
             if not buffers:
                 return model.eval()
             for key, buf in list(model.named_non_persistent_buffers()):
@@ -70,6 +71,33 @@ def build_skeleton(
     # The engine runs every forward in inference_mode, so no graph is ever recorded.
     model.eval()
     return model
+
+
+def _keep_in_fp32(model: PreTrainedModel, dtype: torch.dtype) -> None:
+    """The tensors from_pretrained(dtype=...) keeps in float32 (the model's
+    ``_keep_in_fp32_modules``, in float16, and ``_keep_in_fp32_modules_strict``, in float16
+    and bfloat16) made float32 here too, with transformers' own plan and key matching: the
+    chunker then stores them in float32 and the engine checks every chunk against that."""
+    plan = model._get_dtype_plan(dtype)
+    if not plan:
+        return
+    from transformers.core_model_loading import build_glob_alternation
+
+    pattern, groups, _ = build_glob_alternation(list(plan))
+    changed: dict[int, torch.Tensor] = {}  # by the original's id: tied keys stay tied
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        found = pattern.search(key)
+        if found is None or not tensor.is_floating_point():
+            continue
+        want = plan[groups[found.lastgroup]]
+        if tensor.dtype == want:
+            continue
+        if id(tensor) not in changed:
+            wider = torch.empty_like(tensor, dtype=want, device="meta")
+            if isinstance(tensor, nn.Parameter):
+                wider = nn.Parameter(wider, requires_grad=tensor.requires_grad)
+            changed[id(tensor)] = wider
+        set_tensor(model, key, changed[id(tensor)])
 
 
 def context_length(config: PretrainedConfig) -> int | None:
