@@ -1,4 +1,4 @@
-"""Small configs for 45 architectures transformers builds from a config, plus ALBERT with
+"""Small configs for 47 architectures transformers builds from a config, plus ALBERT with
 two layer groups: the architecture sweep test (test_architectures.py) and the exactness
 sweep benchmark (benchmarks/exactness_sweep.py) both use them.
 
@@ -202,6 +202,24 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
         expand=2,
         conv_kernel=4,
     ),
+    # hybrids: one list of blocks of two classes (attention and Mamba / linear attention)
+    "jamba": _arch(
+        "jamba",
+        "JambaForCausalLM",
+        **_DECODER,
+        num_experts=4,
+        num_experts_per_tok=2,
+        expert_layer_period=2,
+        expert_layer_offset=1,
+        attn_layer_period=4,
+        attn_layer_offset=2,
+        mamba_d_state=8,
+        mamba_d_conv=4,
+        mamba_expand=2,
+        mamba_dt_rank=8,
+        use_mamba_kernels=False,
+    ),
+    "olmo_hybrid": _arch("olmo_hybrid", "OlmoHybridForCausalLM", **_DECODER),
     "recurrent_gemma": _arch(
         "recurrent_gemma",
         "RecurrentGemmaForCausalLM",

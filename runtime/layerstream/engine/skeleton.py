@@ -117,22 +117,28 @@ def _param_count(module: nn.Module) -> int:
 def find_block_lists(model: PreTrainedModel) -> list[str]:
     """Qualified names of the ModuleLists that hold the repeated transformer blocks.
 
-    A candidate is a ModuleList of children of one class; it may hold a single child: a
-    one-layer model, or ALBERT, whose one shared layer group is applied
-    ``num_hidden_layers`` times (the block hooks run on every application, so such a block
-    is pinned, or streamed once per application). transformers' ``_no_split_modules``
-    names the block classes (decoder/encoder layer); without it, the candidate holding the
-    most parameters wins. Lists nested inside a chosen list (MoE experts inside a layer,
-    ALBERT's layers inside a group) are not blocks of their own.
+    transformers' ``_no_split_modules`` names the block classes (decoder/encoder layers): a
+    ModuleList of them is a list of blocks, whether its children are of one class or of
+    several (hybrid models mix attention and state-space layers). Without such a list, a
+    candidate is a ModuleList of children of one class, and the one holding the most
+    parameters wins. A list may hold a single child: a one-layer model, or ALBERT, whose one
+    shared layer group is applied ``num_hidden_layers`` times (the block hooks run on every
+    application, so such a block is pinned, or streamed once per application). Lists nested
+    inside a chosen list (MoE experts inside a layer, ALBERT's layers inside a group) are
+    not blocks of their own.
     """
     no_split = set(getattr(model, "_no_split_modules", None) or [])
     candidates = []
+    preferred = []
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) >= 1:
             classes = {type(child).__name__ for child in module}
-            if len(classes) == 1:
+            if classes <= no_split:
+                # a list of the model's blocks, of one class or several (Jamba's attention
+                # and Mamba layers): run in order all the same
+                preferred.append((name, ",".join(sorted(classes)), _param_count(module)))
+            elif len(classes) == 1:
                 candidates.append((name, classes.pop(), _param_count(module)))
-    preferred = [c for c in candidates if c[1] in no_split]
     chosen = preferred or sorted(candidates, key=lambda c: -c[2])[:1]
     names = [c[0] for c in chosen]
     return [n for n in names if not any(n != o and n.startswith(o + ".") for o in names)]
