@@ -1,4 +1,4 @@
-"""Small configs for 47 architectures transformers builds from a config, plus ALBERT with
+"""Small configs for 48 architectures transformers builds from a config, plus ALBERT with
 two layer groups: the architecture sweep test (test_architectures.py) and the exactness
 sweep benchmark (benchmarks/exactness_sweep.py) both use them.
 
@@ -220,6 +220,22 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
         use_mamba_kernels=False,
     ),
     "olmo_hybrid": _arch("olmo_hybrid", "OlmoHybridForCausalLM", **_DECODER),
+    # one transformer applied at several of its Mamba layers: weights tied among blocks
+    "zamba": _arch(
+        "zamba",
+        "ZambaForCausalLM",
+        **{**_DECODER, "num_key_value_heads": 4},
+        attention_hidden_size=128,
+        attention_head_dim=32,
+        mamba_d_state=8,
+        mamba_d_conv=4,
+        mamba_expand=2,
+        mamba_dt_rank=8,
+        n_mamba_heads=2,
+        use_mamba_kernels=False,
+        attn_layer_period=3,
+        attn_layer_offset=2,
+    ),
     "recurrent_gemma": _arch(
         "recurrent_gemma",
         "RecurrentGemmaForCausalLM",

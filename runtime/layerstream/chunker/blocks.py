@@ -120,7 +120,9 @@ def unconverted_residues(
 
 class CrossTies:
     """Tensors tied across parts: the rest chunk is written first, and its copy of each such
-    tensor is held until the blocks that share it have been written."""
+    tensor is held until the blocks that share it have been written; a tensor tied among
+    blocks only (Zamba's one transformer applied at several layers) is held from the first
+    block that has it."""
 
     def __init__(self, groups: list[list[str]], prefixes: list[str]):
         self.prefixes = prefixes
@@ -129,7 +131,7 @@ class CrossTies:
         self._held: dict[tuple[str, ...], torch.Tensor] = {}
 
     def add_to(self, out: dict[str, torch.Tensor], part: Part) -> None:
-        """Hold the rest's shared tensors (part None), or give a block its copy of them."""
+        """Hold the shared tensors a part has, or give a block its copy of them."""
         for group in self.groups:
             if part is None:
                 for key in group:
@@ -137,12 +139,29 @@ class CrossTies:
                         self._held[tuple(group)] = out[key]
                 continue
             mine = [k for k in group if block_of(k, self.prefixes) == part]
-            if mine and not any(k in out for k in mine):
+            have = [k for k in mine if k in out]
+            if have:  # a tie among blocks: the first block that holds it lends it to the next
+                self._held.setdefault(tuple(group), out[have[0]])
+            elif mine:
                 value = self._held.get(tuple(group))
                 if value is None:
                     raise ChunkerError(f"tied weights {group} span blocks in a way not supported")
                 # written into the block's own file; the rest's tensor stays held until the end
                 out[mine[0]] = value
+
+    def residues(
+        self, known: Mapping[str, int], tensors: Mapping[str, torch.Tensor]
+    ) -> dict[str, int]:
+        """For each of ``tensors`` tied across parts, the residue of the one tensor
+        from_pretrained holds for its group (``known``: by key, for the keys whose tensor was
+        copied from the source as is): every copy sits where that tensor does, modulo the
+        alignment (format/writer.py ``_aligned``)."""
+        out = {}
+        for group in self.groups:
+            residue = next((known[k] for k in group if k in known), None)
+            if residue is not None:
+                out.update({k: residue for k in group if k in tensors})
+        return out
 
 
 def collect(

@@ -315,6 +315,11 @@ def _write_chunks(
     for module in find_experts(model):
         by_block[block_of(module.tensors[0], prefixes)].append(module)
     by_block.pop(None, None)  # experts outside the blocks are never streamed
+    # where each tied tensor from_pretrained holds once sits, for its copies in other chunks
+    tied_residues = blocks.unconverted_residues(
+        [r for sources in routes.sources.values() for r in sources if r.key in cross.keys],
+        {k: meta[k] for k in cross.keys},
+    )
     writer = ChunkWriter(sink)
     try:
         for part in parts:
@@ -352,6 +357,7 @@ def _write_chunks(
                     if quantized:
                         tensors = fused.stored(model, tensors, quantized, quant)
                 kept = blocks.unconverted_residues(routes.sources.get(part, []), tensors)
+                kept = cross.residues(tied_residues, tensors) | kept
                 entries = [ChunkEntry.of_tensor(k, v, kept.get(k, 0)) for k, v in tensors.items()]
                 del tensors
             log.debug("%s: %s", name, "converted" if converted else "copied from the source")
