@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from architectures import ARCHITECTURES
 from conftest import CONFIGS, SCALED
 
 from layerstream.engine.engine import Engine, EngineOptions
@@ -291,25 +292,7 @@ KEEP_FP32 = {
         ),
         "bfloat16",
     ),
-    "gpt_oss-float16": (
-        dict(
-            model_type="gpt_oss",
-            architectures=["GptOssForCausalLM"],
-            hidden_size=64,
-            intermediate_size=64,
-            num_hidden_layers=6,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            num_local_experts=4,
-            num_experts_per_tok=2,
-            vocab_size=320,
-            max_position_embeddings=128,
-            sliding_window=16,
-            layer_types=["sliding_attention", "full_attention"] * 3,
-        ),
-        "float16",
-    ),
+    "gpt_oss-float16": (ARCHITECTURES["gpt_oss"], "float16"),
 }
 
 
