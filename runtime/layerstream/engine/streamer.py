@@ -154,17 +154,21 @@ class WeightStreamer:
         return lease
 
     def guess_next(self, j: int, group: int, hidden: torch.Tensor) -> None:
-        """Block j's experts module ``group`` runs on ``hidden``: guess what the next
-        GUESS_AHEAD streamed blocks' routers will choose and have those experts read ahead.
-        Not past the end of the block order (the block after the last one runs on the next
-        token)."""
+        """Block j's experts module ``group`` runs on ``hidden``: guess what the routers of
+        the next GUESS_AHEAD streamed blocks with experts will choose (past the blocks
+        without: Jamba alternates them) and have those experts read ahead. Not past the end
+        of the block order (the block after the last one runs on the next token)."""
         predictor = self.predictor
         if predictor is None:
             return
-        for k in self.order.upcoming(j, self.plan.resident, GUESS_AHEAD):
-            if k <= j:
+        guessed = 0
+        for k in self.order.upcoming(j, self.plan.resident, self.plan.n_blocks):
+            if k <= j or guessed == GUESS_AHEAD:
                 return
-            guess = predictor.predict(j, group, k, hidden) if predictor.predicts(k) else None
+            if not predictor.predicts(k):
+                continue
+            guessed += 1
+            guess = predictor.predict(j, group, k, hidden)
             if guess is not None:
                 self._hint(k, *guess)
 
