@@ -1,4 +1,4 @@
-"""Small configs for 48 architectures transformers builds from a config, plus ALBERT with
+"""Small configs for 49 architectures transformers builds from a config, plus ALBERT with
 two layer groups: the architecture sweep test (test_architectures.py) and the exactness
 sweep benchmark (benchmarks/exactness_sweep.py) both use them.
 
@@ -220,6 +220,23 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
         use_mamba_kernels=False,
     ),
     "olmo_hybrid": _arch("olmo_hybrid", "OlmoHybridForCausalLM", **_DECODER),
+    # one shared transformer with per-layer adapters, tied among the hybrid layers
+    "zamba2": _arch(
+        "zamba2",
+        "Zamba2ForCausalLM",
+        **{**_DECODER, "num_key_value_heads": 4},
+        layers_block_type=["mamba", "mamba", "hybrid", "mamba"] * 2,
+        num_mem_blocks=1,
+        use_shared_attention_adapter=True,
+        adapter_rank=8,
+        mamba_d_state=8,
+        mamba_d_conv=4,
+        mamba_expand=2,
+        mamba_headdim=16,
+        mamba_ngroups=1,
+        n_mamba_heads=8,
+        use_mamba_kernels=False,
+    ),
     # one transformer applied at several of its Mamba layers: weights tied among blocks
     "zamba": _arch(
         "zamba",
