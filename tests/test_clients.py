@@ -296,13 +296,22 @@ def test_metadata_declares_inputs_outputs_and_limits(server):
     assert "messages" in inputs  # the fixture Llama's tokenizer has a chat template
     outputs = {o["name"]: o for o in llama["outputs"]}
     assert outputs["token_id"]["parameters"]["calls"] == "stream"
-    assert outputs["embedding"]["shape"] == [64]  # hidden_size of the fixture Llama
+    # every dimension a request decides is -1; hidden_size (64 here) is the model's
+    assert {name: o["shape"] for name, o in outputs.items()} == {
+        "text": [1],
+        "token_id": [1],
+        "token_ids": [-1],
+        "hidden_state": [-1, 64],
+        "hidden_states": [-1, -1, 64],
+        "embedding": [64],
+    }
     params = llama["parameters"]
     assert params["modes"] == "tokens,hidden_states,embedding"
     assert params["default_mode"] == "tokens"
     assert params["context_length"] == 128
     assert params["hidden_state_layers"] == 13
     assert params["dtype"] == server.chunked[LLAMA_25].manifest["dtype"]
+    assert params["stored_format"] == params["dtype"]  # a plain store holds its dtype
     assert "max_new_tokens" in params["request_parameters"].split(",")
 
     bert = httpx.get(f"{server.http_url}/v2/models/{BERT}", timeout=10).json()

@@ -90,3 +90,51 @@ def test_a_request_that_could_never_fit_is_refused_with_the_numbers(model_factor
 
 async def _one(payload: dict):
     yield InferenceRequest.model_validate(payload)
+
+
+def test_admission_counts_kv_bytes_against_the_budget_in_bytes(model_factory):
+    """16 KiB of KV budget on the tiny GPT-2 (6 KiB per token) and three requests of two
+    tokens (12 KiB each), with room for four sequences: one runs at a time. Counting the
+    request in tokens, or the budget in anything but bytes, would admit all three."""
+    store = model_factory("gpt2").store
+    settings = ModelSettings(
+        name="kv",
+        implementation=LayerStreamRuntime,
+        parameters=ModelParameters(
+            extra={
+                "chunk_store": str(store),
+                "torch_threads": 1,
+                "kv_cache_budget": "16KiB",
+                "max_active_sequences": 4,
+            }
+        ),
+    )
+    runtime = LayerStreamRuntime(settings)
+    active: list[int] = []
+
+    async def main():
+        runtime.ready = await runtime.load()
+        scheduler = runtime._scheduler
+        report = scheduler._on_active_change
+
+        def record(count: int) -> None:
+            active.append(count)
+            report(count)
+
+        scheduler._on_active_change = record
+        try:
+            payload = {
+                "inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1], "data": [5]}],
+                "parameters": {"max_new_tokens": 1, "temperature": 0},
+            }
+
+            async def one():
+                return [r async for r in runtime.predict_stream(_one(payload))]
+
+            return await asyncio.gather(one(), one(), one())
+        finally:
+            await runtime.unload()
+
+    results = asyncio.run(main())
+    assert all(r[-1].parameters.finish_reason in ("length", "stop") for r in results)
+    assert active and max(active) == 1, active
