@@ -12,6 +12,7 @@ disk: a store without it is incomplete and is never served.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -126,7 +127,7 @@ def _chunk_into(
     prefixes = block_prefixes(model)
     if not prefixes:
         raise ChunkerError(f"{architecture}: found no repeated transformer blocks to stream")
-    conversion = _Conversion(model)
+    conversion = Conversion(model)
     routes = _route(model, prefixes, checkpoint, conversion, quant)
     parts: list[Part] = [None, *range(len(prefixes))]
     bar = tqdm(parts, desc=f"chunking {name}", unit="chunk", disable=not progress or None)
@@ -166,7 +167,7 @@ def _chunk_into(
     return manifest
 
 
-class _Conversion:
+class Conversion:
     """transformers' key conversion table for the model, built on first use only: most
     checkpoints use the model's own keys and never need it (docs/design-notes-storage.md)."""
 
@@ -181,6 +182,30 @@ class _Conversion:
 
             self._mapping = get_model_conversion_mapping(self.model)
         return self._mapping
+
+    @functools.cached_property
+    def _split(self) -> tuple[list, list]:
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+        return (
+            [w for w in self.mapping if isinstance(w, WeightRenaming)],
+            [w for w in self.mapping if isinstance(w, WeightConverter)],
+        )
+
+    def rename(self, key: str, meta: dict[str, torch.Tensor]) -> tuple[str, str | None]:
+        """A checkpoint key in the model's key space (``meta``: its state dict), and the
+        source pattern of the converter that fuses or splits it (None for a rename)."""
+        from transformers.core_model_loading import rename_source_key
+
+        renamings, converters = self._split
+        return rename_source_key(key, renamings, converters, self.model.base_model_prefix, meta)
+
+    def converter_of(self, pattern: str | None) -> Any:
+        """The converter whose source patterns include ``pattern`` (from ``rename``); None
+        for a plain rename, without building the table."""
+        if pattern is None:
+            return None
+        return next((c for c in self._split[1] if pattern in c.source_patterns), None)
 
 
 @dataclass
@@ -209,13 +234,11 @@ def _route(
     model: transformers.PreTrainedModel,
     prefixes: list[str],
     checkpoint: Checkpoint,
-    conversion: _Conversion,
+    conversion: Conversion,
     quant: Quantization | None = None,
 ) -> _Routes:
     """Which part each checkpoint tensor goes into, renamed into the model's key space; a
     quantized weight's scales go with it."""
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-
     meta = model.state_dict(keep_vars=True)
     routes = _Routes(meta, tied_groups(meta))
     # backend="pread": real reads; the default mmap backend would keep every touched page of
@@ -230,11 +253,6 @@ def _route(
         for index in indexes
         for key in index
     )
-    renamings: list[WeightRenaming] = []
-    converters: list[WeightConverter] = []
-    if not identity:
-        renamings = [w for w in conversion.mapping if isinstance(w, WeightRenaming)]
-        converters = [w for w in conversion.mapping if isinstance(w, WeightConverter)]
     scales: list[SourceTensor] = []
     scale_slices: dict[str, Any] = {}
     for handle, index in zip(routes.handles, indexes, strict=True):
@@ -243,16 +261,12 @@ def _route(
                 scales.append(index[key])
                 scale_slices[key] = handle.get_slice(key)
                 continue
-            renamed, converter = (
-                (key, None)
-                if identity
-                else rename_source_key(key, renamings, converters, model.base_model_prefix, meta)
-            )
+            renamed, converter = (key, None) if identity else conversion.rename(key, meta)
             part = block_of(renamed, prefixes)
             routes.slices[part][key] = handle.get_slice(key)
             routes.sources[part].append(Routed(renamed, converter, index[key]))
     if scales:
-        _route_scales(routes, scales, scale_slices, prefixes, converters)
+        _route_scales(routes, scales, scale_slices, prefixes, conversion)
     return routes
 
 
@@ -261,7 +275,7 @@ def _route_scales(
     scales: list[SourceTensor],
     slices: dict[str, Any],
     prefixes: list[str],
-    converters: list,
+    conversion: Conversion,
 ) -> None:
     """Each scale tensor into its weight's part: beside a weight stored as is, or one that
     transformers fuses by stacking and concatenating (fused.py)."""
@@ -275,8 +289,7 @@ def _route_scales(
                 f"{scale.path.name}: {scale.key} scales no float8_e4m3fn weight of the "
                 "checkpoint; it is not a block-wise fp8 checkpoint layerstream can serve"
             )
-        # the converter that matched its weight (Routed keeps its source pattern)
-        converter = next((c for c in converters if weight.converter in c.source_patterns), None)
+        converter = conversion.converter_of(weight.converter)  # Routed keeps its pattern
         fused = converter is not None and fuses_alike(converter)
         if not fused and (weight.converter is not None or not weight.key.endswith(".weight")):
             raise ChunkerError(
@@ -298,7 +311,7 @@ def _write_chunks(
     model: transformers.PreTrainedModel,
     prefixes: list[str],
     routes: _Routes,
-    conversion: _Conversion,
+    conversion: Conversion,
     sink: Sink,
     parts: Iterable[Part],
     quant: Quantization | None = None,

@@ -54,8 +54,7 @@ class Quantizable:
     keeps them apart; transformers fuses them at load)."""
 
     def __init__(self, config: transformers.PretrainedConfig):
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming
+        from .convert import Conversion
 
         model = build_skeleton(config, config.architectures[0], "bfloat16", buffers=False)
         prefixes = tuple(p + "." for p in block_prefixes(model))
@@ -65,7 +64,6 @@ class Quantizable:
             router = find_router(model, module)
             if router is not None:
                 routers.add(router.name)
-        self.model = model
         self.meta = model.state_dict(keep_vars=True)
         self.linear = {
             f"{name}.weight"
@@ -75,18 +73,12 @@ class Quantizable:
             and name not in routers
         }
         self.experts = experts
-        mapping = get_model_conversion_mapping(model)
-        self._renamings = [w for w in mapping if isinstance(w, WeightRenaming)]
-        self._converters = [w for w in mapping if isinstance(w, WeightConverter)]
+        self._conversion = Conversion(model)
 
     def __call__(self, key: str) -> bool:
         if key in self.meta:
             return key in self.linear
-        from transformers.core_model_loading import rename_source_key
-
-        renamed, _ = rename_source_key(
-            key, self._renamings, self._converters, self.model.base_model_prefix, self.meta
-        )
+        renamed, _ = self._conversion.rename(key, self.meta)
         if renamed not in self.meta:
             raise ChunkerError(
                 f"tensor {key} is not one the model built from its config loads; --quantize "

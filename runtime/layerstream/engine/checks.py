@@ -21,7 +21,7 @@ import torch
 from ..errors import ChunkIntegrityError
 from ..format.manifest import ChunkInfo
 from ..format.parts import Range, span, verify_part
-from ..format.quantization import scale_key
+from ..format.quantization import aligned, scale_key
 from ..format.safetensors import (
     ChunkSpec,
     TensorEntry,
@@ -234,12 +234,6 @@ class ChunkChecks:
             return True
         return not self.health.is_verified(info.name, version)
 
-    def dequantizes(self, info: ChunkInfo) -> bool:
-        """Whether ``info``'s tensors are made anew on each use (dequantized), rather than
-        views of its bytes."""
-        spec = self.specs.get(info.name)
-        return spec is not None and bool(spec.quantized)
-
     def dequantization(
         self,
         info: ChunkInfo,
@@ -253,7 +247,13 @@ class ChunkChecks:
         spec = self.specs.get(info.name)
         if spec is None or not spec.quantized:
             return None
-        views = tensors_from_layout(self.layout(info, data, version), data)
+        return self._dequantization(
+            spec, tensors_from_layout(self.layout(info, data, version), data), into
+        )
+
+    def _dequantization(
+        self, spec: ChunkSpec, views: dict[str, torch.Tensor], into: torch.Tensor | None
+    ) -> Dequantization:
         jobs = []
         offset = 0
         for key, dtype in spec.quantized.items():
@@ -262,7 +262,7 @@ class ChunkChecks:
             if into is not None:
                 size = weight.numel() * dtype.itemsize
                 target = into[offset : offset + size].view(dtype).view(weight.shape)
-                offset = -(-(offset + size) // 64) * 64
+                offset = aligned(offset + size)
             jobs.append(Job(key, weight, views[scale_key(key)], dtype, target))
         return Dequantization(jobs, self._count_dequantize)
 
@@ -285,8 +285,7 @@ class ChunkChecks:
         if spec is None or not spec.quantized:
             return tensors
         if dequantized is None:
-            work = self.dequantization(info, data, version)
-            dequantized = work.finish() if work is not None else {}
+            dequantized = self._dequantization(spec, tensors, None).finish()
         for key in spec.quantized:
             del tensors[scale_key(key)]
         tensors.update(dequantized)

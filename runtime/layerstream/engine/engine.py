@@ -211,10 +211,8 @@ class Engine:
         checks = ChunkChecks(
             self.store, VerifyMode.parse(self.options.verify_checksums), self.specs
         )
-        kind = pick_reader(self.options.reader, self.store, checks.mode)
-        if self.manifest.quantization is not None and self.options.reader == "auto":
-            # its blocks are dequantized into memory of their own anyway: read, not mapped
-            kind = ReaderKind.READ
+        quantized = self.manifest.quantization is not None
+        kind = pick_reader(self.options.reader, self.store, checks.mode, quantized)
         plan = self.plan
         reader: BlockReader
         if self.parts:

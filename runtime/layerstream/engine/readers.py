@@ -21,6 +21,7 @@ import torch
 
 from ..errors import ChunkStoreError
 from ..format.manifest import ChunkInfo
+from ..format.quantization import aligned
 from ..stores import ChunkStore, MappableStore
 from ..words import Word
 from .checks import ChunkChecks, VerifyMode
@@ -34,16 +35,19 @@ class ReaderKind(Word):
     READ = "read"  # copies into the pool
 
 
-def pick_reader(reader: str, store: ChunkStore, verify: VerifyMode) -> ReaderKind:
+def pick_reader(
+    reader: str, store: ChunkStore, verify: VerifyMode, quantized: bool = False
+) -> ReaderKind:
     """The ``reader`` setting's reader; "auto" maps local files, except with
-    verify_checksums="always", which must hash the very bytes it then uses."""
+    verify_checksums="always", which must hash the very bytes it then uses, and for a
+    ``quantized`` store, whose blocks are dequantized into memory of their own anyway."""
     if reader not in READERS:
         raise ValueError(f"reader must be one of {', '.join(READERS)}, not {reader!r}")
     mappable = isinstance(store, MappableStore)
     if reader == "mmap" and not mappable:
         raise ChunkStoreError(f"chunk store {store.uri} cannot be memory-mapped; use reader=read")
     if reader == "auto":
-        mapped = mappable and verify is not VerifyMode.ALWAYS
+        mapped = mappable and verify is not VerifyMode.ALWAYS and not quantized
         return ReaderKind.MMAP if mapped else ReaderKind.READ
     return ReaderKind(reader)
 
@@ -191,9 +195,9 @@ class PooledReader(BlockReader):
     ):
         super().__init__(checks)
         self.store = store
-        # a quantized store's buffers hold a block's bytes, then (from a 64-byte boundary)
+        # a quantized store's buffers hold a block's bytes, then (from an aligned boundary)
         # its tensors dequantized
-        self._dequantized_at = -(-buffer_bytes // 64) * 64 if dequantized else buffer_bytes
+        self._dequantized_at = aligned(buffer_bytes) if dequantized else buffer_bytes
         self.pool = BufferPool(buffers, self._dequantized_at + dequantized)
 
     def read_chunk(

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import ManifestError
-from .quantization import SCALE_DTYPES, Quantization, scale_key
+from .quantization import DEQUANTIZED_ALIGNMENT, SCALE_DTYPES, Quantization, scale_key
 
 FORMAT = "layerstream.chunks"
 # 2: a block's chunk may list its experts (ExpertGroup); 3: a store may keep tensors
@@ -69,9 +69,8 @@ class ChunkInfo:
 
     @property
     def dequantized_room(self) -> int:
-        """Room for the dequantized tensors, each starting on a 64-byte boundary as a fresh
-        torch allocation does (from_pretrained's are)."""
-        return self.dequantized_bytes + 64 * len(self.quantized or ())
+        """Room for the dequantized tensors, each starting on an aligned boundary."""
+        return self.dequantized_bytes + DEQUANTIZED_ALIGNMENT * len(self.quantized or ())
 
     @property
     def memory_bytes(self) -> int:

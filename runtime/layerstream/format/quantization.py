@@ -27,6 +27,15 @@ FP8 = "fp8"
 FP8_DTYPE = torch.float8_e4m3fn
 SCALE_SUFFIX = "_scale_inv"  # transformers' name: `x.weight` -> `x.weight_scale_inv`
 SCALE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# where each dequantized tensor starts: a fresh torch allocation's alignment, as
+# from_pretrained's dequantized weights are (CPU kernels round by the address mod 64)
+DEQUANTIZED_ALIGNMENT = 64
+
+
+def aligned(size: int) -> int:
+    """``size`` rounded up to the next DEQUANTIZED_ALIGNMENT boundary."""
+    return size + (-size % DEQUANTIZED_ALIGNMENT)
+
 
 # what a user can do with a checkpoint in a format layerstream does not serve: the formats
 # whose transformers config can dequantize at load, and bitsandbytes, which can after it
