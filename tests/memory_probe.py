@@ -1,9 +1,12 @@
 """Run in a subprocess by test_memory.py: peak RSS of a streamed or resident model.
 
-usage: python memory_probe.py (stream BUDGET | resident | concurrent BUDGET N) STORE SOURCE
+usage: python memory_probe.py (stream BUDGET | resident | concurrent BUDGET N | bursts BUDGET N)
+    STORE SOURCE
 Prints one JSON line: baseline (after imports) and peak RSS in bytes, budget, timings;
 ``concurrent`` runs N requests at once (shared sweeps) after each alone, and reports both
-answers and the KV cache the N sequences were estimated to need.
+answers and the KV cache the N sequences were estimated to need; ``bursts`` runs three
+bursts of N requests at once and reports the anonymous RSS once the engine is loaded and after each
+burst, once the engine has gone idle.
 """
 
 from __future__ import annotations
@@ -17,6 +20,16 @@ import time
 def rss_now() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def anon_rss() -> int:
+    """Resident anonymous memory: what the allocator holds, without the pages of mapped
+    files (chunks, the code of libraries faulted in as new kernels first run)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon in /proc/self/status")
 
 
 def peak_rss() -> int:
@@ -71,15 +84,49 @@ def concurrent(budget: str, n: int, store: str) -> dict:
     return result
 
 
+def bursts(budget: str, n: int, store: str) -> dict:
+    import threading
+
+    from layerstream.engine.engine import Engine, EngineOptions
+    from layerstream.inference.generation import run_generation
+    from layerstream.inference.request import Request
+    from layerstream.stores import open_store
+
+    engine = Engine(open_store(store), EngineOptions(memory_budget=budget, read_ahead=1))
+    loaded, after = anon_rss(), []
+    for burst in range(3):
+        request = Request(mode="tokens", max_new_tokens=8 + burst, do_sample=False)
+        threads = [
+            threading.Thread(
+                target=run_generation,
+                args=(engine, request, list(range(5 + k, 37 + 7 * k)), lambda e: None),
+                kwargs={"cancelled": lambda: False},
+            )
+            for k in range(n)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(600)
+        # the last request out started the engine's release of free memory: wait for it
+        for thread in threading.enumerate():
+            if thread.name == "layerstream-trim":
+                thread.join(60)
+        after.append(anon_rss())
+    engine.close()
+    return {"loaded": loaded, "after": after}
+
+
 def main() -> None:
     mode, store, source = sys.argv[1], sys.argv[-2], sys.argv[-1]
-    if mode == "concurrent":
+    if mode in ("concurrent", "bursts"):
         import torch
         import transformers
 
         torch.set_num_threads(1)
         transformers.logging.set_verbosity_error()
-        print(json.dumps(concurrent(sys.argv[2], int(sys.argv[3]), store)))
+        run = concurrent if mode == "concurrent" else bursts
+        print(json.dumps(run(sys.argv[2], int(sys.argv[3]), store)))
         return
     import torch
     import transformers

@@ -28,7 +28,7 @@ from ..format.parts import ChunkParts
 from ..format.safetensors import ChunkSpec
 from ..stores import CachingStore, ChunkStore, MappableStore
 from ..units import format_size
-from . import tuning
+from . import allocator, tuning
 from .checks import ChunkChecks, VerifyMode
 from .expert_cache import ExpertCache
 from .expert_plan import expert_parts
@@ -105,6 +105,7 @@ class Engine:
 
     def __init__(self, store: ChunkStore, options: EngineOptions):
         started = time.perf_counter()
+        allocator.fix_mmap_threshold()
         self.store = store
         self.options = options
         with contextlib.ExitStack() as stack:
@@ -386,6 +387,8 @@ class Engine:
             # the last request out after a failure drops read-aheads nobody may need
             self.sweeps.leave(context.rider, failed)
             context.stats = context.measure(self.streamer.stats)
+            if self.sweeps.members == 0:
+                allocator.release_free_memory_soon()  # after a burst, its memory goes back
 
     @property
     def damage(self) -> ChunkIntegrityError | None:
