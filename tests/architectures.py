@@ -1,4 +1,4 @@
-"""Small configs for 49 architectures transformers builds from a config, plus ALBERT with
+"""Small configs for 52 architectures transformers builds from a config, plus ALBERT with
 two layer groups: the architecture sweep test (test_architectures.py) and the exactness
 sweep benchmark (benchmarks/exactness_sweep.py) both use them.
 
@@ -253,6 +253,19 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
         attn_layer_period=3,
         attn_layer_offset=2,
     ),
+    # writes to its weights on its first forward (engine/writes.py): served with every block
+    # in memory, refused at a budget that streams any
+    "rwkv": _arch(
+        "rwkv",
+        "RwkvForCausalLM",
+        hidden_size=64,
+        attention_hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=LAYERS,
+        vocab_size=VOCAB,
+        context_length=128,
+        rescale_every=3,
+    ),
     "recurrent_gemma": _arch(
         "recurrent_gemma",
         "RecurrentGemmaForCausalLM",
@@ -267,6 +280,11 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
         block_types=["recurrent", "attention"],
         head_dim=16,
     ),
+    # their forwards read a value (.item()) that the meta pass answers (engine/writes.py)
+    "biogpt": _arch(
+        "biogpt", "BioGptForCausalLM", **{k: v for k, v in _DECODER.items() if "key" not in k}
+    ),
+    "roformer": _arch("roformer", "RoFormerModel", **_ENCODER),
     "bert": _arch("bert", "BertModel", **_ENCODER),
     "roberta": _arch("roberta", "RobertaModel", **_ENCODER),
     "distilbert": _arch(

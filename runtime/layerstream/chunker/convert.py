@@ -35,8 +35,9 @@ from ..engine.skeleton import (
     set_tensor,
     tied_groups,
 )
+from ..engine.writes import WritesEveryForward, learn_weight_writes, served_only_resident
 from ..format import quantization
-from ..format.manifest import BlockInfo, ChunkInfo, Manifest
+from ..format.manifest import BlockInfo, ChunkInfo, Manifest, WeightWrites
 from ..format.quantization import Quantization, UnsupportedQuantization
 from ..format.writer import ChunkEntry, SourceTensor, sha256_file
 from ..stores.ranged import StoreOptions
@@ -127,6 +128,7 @@ def _chunk_into(
     prefixes = block_prefixes(model)
     if not prefixes:
         raise ChunkerError(f"{architecture}: found no repeated transformer blocks to stream")
+    writes = _weight_writes(config, architecture, dtype)
     conversion = Conversion(model)
     routes = _route(model, prefixes, checkpoint, conversion, quant)
     parts: list[Part] = [None, *range(len(prefixes))]
@@ -154,6 +156,7 @@ def _chunk_into(
         file_sha256={f: sha256_file(sink.staging / f) for f in side_files},
         transformers_version=transformers.__version__,
         quantization=quant,
+        weight_writes=writes,
     )
     sink.commit([info.file for info in chunks.values()] + side_files, manifest.to_json().encode())
     log.info(
@@ -165,6 +168,21 @@ def _chunk_into(
         sink.uri,
     )
     return manifest
+
+
+def _weight_writes(
+    config: transformers.PretrainedConfig, architecture: str, dtype: str
+) -> WeightWrites:
+    """What the model's forward writes of its weights (engine/writes.py): a model that
+    writes on every forward is refused; one that writes on its first is served only with
+    every block in memory, which the log says now."""
+    try:
+        writes = learn_weight_writes(config, architecture, dtype)
+    except WritesEveryForward as exc:
+        raise ChunkerError(str(exc)) from None
+    if writes.first:
+        log.warning("%s", served_only_resident(architecture, writes))
+    return writes
 
 
 class Conversion:

@@ -23,7 +23,7 @@ import torch
 from transformers import PreTrainedModel
 
 from ..errors import ChunkIntegrityError, ManifestError, SettingsError
-from ..format.manifest import MANIFEST_NAME, ChunkInfo, Manifest
+from ..format.manifest import MANIFEST_NAME, ChunkInfo, Manifest, WeightWrites
 from ..format.parts import ChunkParts
 from ..format.safetensors import ChunkSpec
 from ..stores import CachingStore, ChunkStore, MappableStore
@@ -58,6 +58,12 @@ from .skeleton import (
 from .stats import StreamStats
 from .streamer import WeightStreamer
 from .sweeps import ComputeSlots, Rider, SweepGroup
+from .writes import (
+    WritesEveryForward,
+    forward_inputs,
+    learn_weight_writes,
+    served_only_resident,
+)
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +131,7 @@ class Engine:
             self.verifier = self._start_verifier()
             if self.verifier is not None:
                 stack.callback(self.verifier.close)
+            self._write_once()
             self._closing = stack.pop_all()
         self._log_loaded(time.perf_counter() - started)
 
@@ -154,6 +161,49 @@ class Engine:
             self.model, self.manifest, self.prefixes, self.bindings
         )
         self.experts = {m.name: m for m in find_experts(self.model)}
+        self.writes = self._find_weight_writes()
+
+    def _find_weight_writes(self) -> WeightWrites:
+        """What the model's forward writes of its weights (writes.py): learned by the
+        chunker, or here for a store chunked before it did."""
+        manifest = self.manifest
+        if manifest.weight_writes is not None:
+            if manifest.weight_writes.unchecked is not None:
+                log.warning(
+                    "%s: whether its forward writes to its weights is not known (%s)",
+                    manifest.name,
+                    manifest.weight_writes.unchecked,
+                )
+            return manifest.weight_writes
+        try:
+            return learn_weight_writes(self.config, manifest.architecture, manifest.dtype)
+        except WritesEveryForward as exc:
+            raise SettingsError(str(exc)) from None
+
+    def _check_writes_fit_plan(self) -> None:
+        """A model that writes to its weights on its first forward keeps every block in
+        memory (writes.py)."""
+        writes, plan = self.writes, self.plan
+        if not writes.first or len(plan.resident) == plan.n_blocks:
+            return
+        raise SettingsError(
+            f"{served_only_resident(self.manifest.architecture, writes)}; a memory_budget of "
+            f"{format_size(self.budget)} streams {plan.n_blocks - len(plan.resident)} of its "
+            f"{plan.n_blocks} blocks. Set memory_budget to 100% "
+            f"({format_size(self.manifest.total_memory_bytes)})"
+        )
+
+    def _write_once(self) -> None:
+        """The first forward's writes, made at load, once, before any request (writes.py)."""
+        if not self.writes.first:
+            return
+        with self.request():
+            self.model(**forward_inputs(self.model, "cpu"))
+        log.info(
+            "%s: its first forward, run at load, wrote to %d of its weights",
+            self.manifest.name,
+            len(self.writes.first),
+        )
 
     def _plan(self) -> None:
         options = self.options
@@ -161,6 +211,7 @@ class Engine:
         self.plan: ResidencyPlan = plan_residency(
             self.manifest, self.budget, tuning.read_ahead(options.read_ahead)
         )
+        self._check_writes_fit_plan()
         self.io_threads = tuning.io_threads(options.io_threads, self.plan.read_ahead)
         self.evict_after_use = tuning.evict_after_use(self.manifest, self.plan)
         # streamed chunks leave the page cache after use (the store's advice; local only)

@@ -19,9 +19,11 @@ from .quantization import DEQUANTIZED_ALIGNMENT, SCALE_DTYPES, Quantization, sca
 
 FORMAT = "layerstream.chunks"
 # 2: a block's chunk may list its experts (ExpertGroup); 3: a store may keep tensors
-# quantized (format/quantization.py). A store is written with the lowest version that holds
+# quantized (format/quantization.py); 4: the model writes to its weights on its first
+# forward (WeightWrites), which a reader must make happen once, with every block in memory.
+# A store is written with the lowest version that holds
 # it, so older readers still serve what they can, and refuse what they would serve wrong
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 MANIFEST_NAME = "manifest.json"
 DTYPES = ("float32", "float16", "bfloat16")
 # Chunk file names stay inside the store: no absolute paths, no "..", no odd characters.
@@ -86,6 +88,20 @@ class BlockInfo:
     chunk: str
 
 
+@dataclass(frozen=True)
+class WeightWrites:
+    """What the model's own forward writes of its stored tensors, learned by the chunker on
+    the meta device (engine/writes.py); a model that writes on every forward is refused."""
+
+    first: tuple[str, ...] = ()  # written on its first forward (RWKV's rescaling)
+    unchecked: str | None = None  # why it could not be learned (its forward fails on meta)
+
+    def to_json(self) -> dict[str, Any]:
+        if self.unchecked is not None:
+            return {"unchecked": self.unchecked}
+        return {"first": list(self.first)}
+
+
 @dataclass
 class Manifest:
     name: str
@@ -101,6 +117,8 @@ class Manifest:
     file_sha256: dict[str, str] = field(default_factory=dict)
     transformers_version: str = ""
     quantization: Quantization | None = None  # how ``ChunkInfo.quantized`` tensors are stored
+    # None: chunked before the chunker learned it (the engine learns it at load)
+    weight_writes: WeightWrites | None = None
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -147,6 +165,12 @@ class Manifest:
             data["format_version"] = 2 if self.has_experts else 1
         else:
             data["quantization"] = self.quantization.to_json()
+        if self.weight_writes is None:
+            del data["weight_writes"]
+        else:
+            data["weight_writes"] = self.weight_writes.to_json()
+            if self.weight_writes.first:
+                data["format_version"] = 4
         return json.dumps(data, indent=1, sort_keys=False) + "\n"
 
     @classmethod
@@ -403,6 +427,12 @@ def _parse(data: Any, source: str) -> Manifest:
             f"({quantized[:3]}) do not agree; the manifest was edited: re-run the chunker"
         )
     tied = _typed(data.get("tied", []), list, "'tied'", source)
+    writes = _weight_writes(data["weight_writes"], source) if "weight_writes" in data else None
+    if writes is not None and writes.first and version < 4:
+        raise ManifestError(
+            f"{source}: format_version {version} has no weights written by the model's "
+            "forward; the manifest was edited: re-run the chunker"
+        )
     return Manifest(
         name=_require(data, "name", str, source),
         architecture=_require(data, "architecture", str, source),
@@ -418,5 +448,20 @@ def _parse(data: Any, source: str) -> Manifest:
             data.get("transformers_version", ""), str, "'transformers_version'", source
         ),
         quantization=quantization,
+        weight_writes=writes,
         format_version=version,
+    )
+
+
+def _weight_writes(raw: Any, source: str) -> WeightWrites:
+    raw = _typed(raw, dict, "'weight_writes'", source)
+    if set(raw) == {"first"}:
+        return WeightWrites(first=tuple(_strings(raw["first"], "'weight_writes' 'first'", source)))
+    if set(raw) == {"unchecked"}:
+        return WeightWrites(
+            unchecked=_typed(raw["unchecked"], str, "'weight_writes' 'unchecked'", source)
+        )
+    raise ManifestError(
+        f"{source}: 'weight_writes' must have one field, 'first' or 'unchecked', has "
+        f"{sorted(raw)}; the manifest was edited: re-run the chunker"
     )

@@ -21,7 +21,6 @@ counter moved), has no source. hidden.py streams the states of a request from th
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import threading
 import weakref
@@ -30,10 +29,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig
 
 from ..engine.engine import Engine
-from ..engine.skeleton import build_skeleton
+from ..engine.writes import MetaReads, meta_runnable
 
 log = logging.getLogger(__name__)
 
@@ -162,16 +161,7 @@ def on_calls(
 
 def learn_layout(config: PretrainedConfig, architecture: str, dtype: str) -> HiddenLayout:
     """The meta pass (step 1 of the module docstring)."""
-    config = copy.deepcopy(config)
-    # MoE experts: the default (grouped_mm) has a meta kernel for bf16 only, the eager loop
-    # branches on which experts got tokens (values); batched_mm reads no values.
-    config._experts_implementation = "batched_mm"
-    model = build_skeleton(config, architecture, dtype, buffers=False)
-    for module in model.modules():
-        if isinstance(module, PreTrainedModel):
-            # It only logs a warning, after reading the ids' values (a meta tensor has none).
-            module.warn_if_padding_and_no_attention_mask = lambda *args, **kwargs: None
-    base = model.base_model
+    base = meta_runnable(config, architecture, dtype).base_model
     seen: list[tuple[StateSource, torch.Tensor, int]] = []
     first: dict[int, int] = {}  # id(tensor) -> its first sighting (tensors kept alive in seen)
 
@@ -186,7 +176,7 @@ def learn_layout(config: PretrainedConfig, architecture: str, dtype: str) -> Hid
     # no_grad, not inference_mode: inference tensors have no version counter. No attention
     # mask: turning one into a 4-d mask reads its values, which meta tensors do not have.
     try:
-        with torch.no_grad(), on_calls(base, everything, record):
+        with torch.no_grad(), MetaReads(), on_calls(base, everything, record):
             states = base(input_ids=ids, output_hidden_states=True).hidden_states
     except Exception as exc:  # any failure of transformers' forward on meta means the same
         raise LayoutUnknown(f"its forward pass on the meta device failed ({exc!r})") from exc

@@ -1,0 +1,149 @@
+"""Models whose forward writes to their own weights, found on the meta device.
+
+transformers' RWKV divides some block weights in place on its first forward in eval mode,
+then sets a flag so it never does again. A streamed block's weights are read from the store
+for every use, so the division is lost for every streamed block after its first install,
+and two first requests at once divide the pinned ones twice: every answer after that is
+wrong, with no error. So before serving, the model's forward runs on the meta device (a
+second skeleton: no weights, no I/O) twice, while every in-place aten op is watched: an op
+that writes into the storage of a parameter or a stored buffer (through the tensor itself,
+a view or ``.data``) is such a write.
+
+- writes on the first forward only (RWKV): served exactly when every block stays in memory,
+  the engine running one forward at load so that the write happens once, before any
+  request, as from_pretrained's first forward would do it;
+- writes on every forward: each output would depend on the requests before it; refused.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import PretrainedConfig, PreTrainedModel
+
+from ..format.manifest import WeightWrites
+from .skeleton import build_skeleton
+
+log = logging.getLogger(__name__)
+
+_META_TOKENS = 4
+
+
+class WritesEveryForward(Exception):
+    """The model writes to its weights on every forward: not served (the message says so)."""
+
+
+class MetaReads(TorchDispatchMode):
+    """Answers the values a forward reads on the meta device (``.item()``, as transformers'
+    mask code asks whether an all-ones mask is all ones) with 1 / True, the answer for the
+    ordinary inputs of a meta pass, so the forward goes on down their path. What a meta pass
+    learns is checked where it is used (hidden.py checks every state against transformers'
+    own)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].is_meta:
+            return True if args[0].dtype == torch.bool else 1
+        return func(*args, **(kwargs or {}))
+
+
+class _WatchWrites(MetaReads):
+    """Records the stored tensors that in-place ops write into, by storage."""
+
+    def __init__(self, owners: dict[int, str]):
+        super().__init__()
+        self.owners = owners
+        self.written: dict[str, None] = {}  # insertion-ordered set
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for i, argument in enumerate(func._schema.arguments):
+            if argument.alias_info is None or not argument.alias_info.is_write:
+                continue
+            value = args[i] if i < len(args) else kwargs.get(argument.name)
+            values = value if isinstance(value, (list, tuple)) else (value,)
+            for tensor in values:
+                if isinstance(tensor, torch.Tensor):
+                    name = self.owners.get(tensor.untyped_storage()._cdata)
+                    if name is not None:
+                        self.written[name] = None
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+def meta_runnable(config: PretrainedConfig, architecture: str, dtype: str) -> PreTrainedModel:
+    """A skeleton whose forward runs on the meta device (as far as the model's code allows:
+    a forward that reads values, ``.item()``, cannot)."""
+    import copy
+
+    config = copy.deepcopy(config)
+    # MoE experts: the default (grouped_mm) has a meta kernel for bf16 only, the eager loop
+    # branches on which experts got tokens (values); batched_mm reads no values.
+    config._experts_implementation = "batched_mm"
+    model = build_skeleton(config, architecture, dtype, buffers=False)
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            # It only logs a warning, after reading the ids' values (a meta tensor has none).
+            module.warn_if_padding_and_no_attention_mask = lambda *args, **kwargs: None
+    return model
+
+
+def forward_inputs(model: PreTrainedModel, device: str) -> dict[str, torch.Tensor]:
+    """The smallest inputs the whole model's forward takes: a few token ids (and as many
+    decoder ids for an encoder-decoder)."""
+    ids = torch.zeros((1, _META_TOKENS), dtype=torch.long, device=device)
+    inputs = {"input_ids": ids}
+    if getattr(model.config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = ids
+    return inputs
+
+
+def learn_weight_writes(config: PretrainedConfig, architecture: str, dtype: str) -> WeightWrites:
+    """What the model's forward writes of its stored tensors (``unchecked`` when its forward
+    cannot run on the meta device); WritesEveryForward when it writes on a second forward
+    too."""
+    try:
+        model = meta_runnable(config, architecture, dtype)
+        owners: dict[int, str] = {}
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            owners.setdefault(tensor.untyped_storage()._cdata, name)
+        inputs = forward_inputs(model, "meta")
+        first = _written(model, inputs, owners)
+        again = _written(model, inputs, owners) if first else ()
+    except Exception as exc:  # any failure of transformers' forward on meta means the same
+        log.warning(
+            "%s: could not learn whether its forward writes to its weights (its forward on "
+            "the meta device failed: %r)",
+            architecture,
+            exc,
+        )
+        return WeightWrites(unchecked=f"its forward on the meta device failed ({exc!r:.200})")
+    if again:
+        raise WritesEveryForward(
+            f"{architecture} writes to its weights on every forward ({_some(again)}): each "
+            "answer would depend on the requests before it, so layerstream does not serve it"
+        )
+    return WeightWrites(first=first)
+
+
+def _written(
+    model: PreTrainedModel, inputs: dict[str, torch.Tensor], owners: dict[int, str]
+) -> tuple[str, ...]:
+    # no_grad, as the engine's inference_mode: the same code paths of the model run
+    with torch.no_grad(), _WatchWrites(owners) as watch:
+        model(**inputs)
+    return tuple(watch.written)
+
+
+def _some(names: tuple[str, ...]) -> str:
+    shown = ", ".join(names[:3])
+    return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def served_only_resident(architecture: str, writes: WeightWrites) -> str:
+    """Why a model that writes on its first forward keeps every block in memory."""
+    return (
+        f"{architecture} writes to its weights on its first forward ({_some(writes.first)}), "
+        "which a streamed block would lose (it is read again from the store for each use): "
+        "it is served only with every block in memory"
+    )
