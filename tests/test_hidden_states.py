@@ -4,12 +4,15 @@ state that turns out not to be transformers' own ends the request with an error.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
 import pytest
 import torch
 from conftest import SCALED
+from torch import nn
+from torch.utils.hooks import RemovableHandle
 from transformers import AutoConfig
 
 from layerstream.engine.engine import Engine, EngineOptions
@@ -122,3 +125,45 @@ def test_a_model_whose_layout_is_unknown_serves_no_hidden_states(engine, caplog)
     assert "hidden_states" not in caps.modes
     assert "embedding" in caps.modes and "tokens" in caps.modes
     assert "serves no hidden_states mode: its forward pass on the meta device" in caplog.text
+
+
+@pytest.mark.parametrize("layers", ["all", "ends"])
+def test_a_state_taken_from_a_module_input_goes_out_before_the_blocks_run(
+    model_factory, layers: str
+) -> None:
+    """GPT-2's hidden state 0 (token plus position embeddings) is made by a plain addition:
+    the first module call that hands it over is the *input* of its dropout. Streamed (every
+    block read while the forward runs), it is sent as soon as that input exists, before the
+    first block runs, not from transformers' tuple after the last one; then state k right
+    after block k-1, before block k runs."""
+    engine = Engine(
+        open_store(str(model_factory("gpt2").store)),
+        EngineOptions(memory_budget="25%", read_ahead=1),
+    )
+    handles: list[RemovableHandle] = []
+    try:
+        assert engine.plan.streamed, "the test needs streamed blocks"
+        n = len(engine.prefixes)
+        wanted = list(range(n + 1)) if layers == "all" else [0, n]  # ends: the first, the last
+        seen: list[tuple[str, int]] = []  # on the request's own thread, in order
+
+        def block_runs(j: int, module: nn.Module, args: tuple) -> None:
+            seen.append(("block", j))
+
+        for j, prefix in enumerate(engine.prefixes):
+            module = engine.model.get_submodule(prefix)
+            handles.append(module.register_forward_pre_hook(functools.partial(block_runs, j)))
+        request = Request(mode="hidden_states", layers=wanted)
+        run_hidden_states(
+            engine, request, PROMPT, lambda e: seen.append(("state", e.layer)), lambda: False
+        )
+        blocks = [("block", j) for j in range(n)]
+        if layers == "all":
+            expected = [x for j in range(n) for x in (("state", j), blocks[j])]
+            assert seen == [*expected, ("state", n)]
+        else:
+            assert seen == [("state", 0), *blocks, ("state", n)]
+    finally:
+        for handle in handles:
+            handle.remove()
+        engine.close()

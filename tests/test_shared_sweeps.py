@@ -3,22 +3,29 @@ streamed blocks, and each one's output is exactly its output alone."""
 
 from __future__ import annotations
 
+import functools
 import gc
 import threading
+from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import CONFIGS, SCALED
+from torch import nn
+from torch.utils.hooks import RemovableHandle
 from transformers import DynamicCache
 
 from layerstream.engine.engine import Engine, EngineOptions
-from layerstream.engine.sweeps import ComputeSlots
+from layerstream.engine.sweeps import ComputeSlots, SweepRecord
 from layerstream.errors import ChunkStoreError, RequestCancelled
 from layerstream.inference.request import Request
 from layerstream.inference.run import RUNNERS
 from layerstream.inference.types import FinalEvent, HiddenStateEvent, TokenEvent
-from layerstream.stores import open_store
+from layerstream.stores import LocalStore, ReadResult, open_store
+from layerstream.stores.mapping import LocalMapping
 
 WAIT_S = 120.0  # a bound on every wait below, never a timing assertion
 
@@ -388,3 +395,251 @@ def test_dynamic_rotary_frequencies_keep_requests_one_at_a_time():
     )
     reason = shared_state(build_skeleton(dynamic, "LlamaForCausalLM", "float32"))
     assert reason is not None and "dynamic" in reason
+
+
+# -- a read that fails, then succeeds ------------------------------------------------------------
+
+
+class FlakyStore(LocalStore):
+    """A local store whose next reads of a chunk file fail, as a disk or a mount that has a
+    moment's trouble: to the engine a real store (nothing of the engine is replaced). Counts
+    every read of each file (``read_into`` for the read reader, ``map`` for the mmap one)."""
+
+    def __init__(self, root: Path):
+        super().__init__(root)
+        self._lock = threading.Lock()
+        self._failing: dict[str, int] = {}
+        self.reads: Counter[str] = Counter()
+        self.failed = threading.Event()  # a read failed (on whichever thread read)
+
+    def fail_next(self, name: str, times: int = 1) -> None:
+        with self._lock:
+            self._failing[name] = times
+
+    def _attempt(self, name: str) -> None:
+        with self._lock:
+            self.reads[name] += 1
+            left = self._failing.get(name, 0)
+            if left:
+                self._failing[name] = left - 1
+                self.failed.set()
+                raise ChunkStoreError(f"{name}: input/output error (a read that fails once)")
+
+    def read_into(self, name: str, buffer: memoryview, size: int | None = None) -> ReadResult:
+        self._attempt(name)
+        return super().read_into(name, buffer, size)
+
+    def map(self, name: str) -> LocalMapping:
+        self._attempt(name)
+        return super().map(name)
+
+
+def block_file(engine: Engine, j: int) -> str:
+    return engine.manifest.chunks[engine.manifest.blocks[j].chunk].file
+
+
+@pytest.mark.parametrize("reader", ["read", "mmap"])
+@pytest.mark.parametrize("where", ["first", "middle"])
+def test_a_failed_read_fails_its_waiters_and_the_next_request_reads_afresh(
+    model_factory, reader: str, where: str
+) -> None:
+    """One read of a streamed block fails (the store is good again at once). Both requests
+    that were waiting for that read get its error (each its own copy); a request that
+    arrives right after (it joins while they are still in flight, so the failed install is
+    the last one) reads the block afresh instead of being handed the stale error, and its
+    output is exact. ``first``: the first streamed block, which the newcomer reaches just
+    after the failure (the failed install is still the installed one); ``middle``: a later
+    block, whose failed read was a read-ahead with the read reader."""
+    model = model_factory("llama")
+    store = FlakyStore(model.store)
+    options = EngineOptions(memory_budget="25%", read_ahead=1, reader=reader, compute_slots=3)
+    engine = Engine(store, options)
+    handles: list[RemovableHandle] = []
+    try:
+        streamed = engine.plan.streamed
+        assert len(streamed) >= 3, "the test needs streamed blocks"
+        failing = streamed[0] if where == "first" else streamed[len(streamed) // 2]
+        name = block_file(engine, failing)
+        store.fail_next(name)
+        request = Request(mode="hidden_states", layers=list(range(len(engine.prefixes) + 1)))
+        prompt = ids(90, 9)
+        together = threading.Barrier(2)
+        failed = [threading.Event() for _ in range(2)]
+        newcomer_joined = threading.Event()
+        errors: list[BaseException | None] = [None, None]
+
+        def waiting_for_the_failing_read(k: int) -> None:
+            """A request in flight with the other one: both wait for the read that fails;
+            it ends (leaves) only once the newcomer has joined."""
+            try:
+                with engine.request():
+                    together.wait(WAIT_S)  # both are members before any block is installed
+                    try:
+                        tensor = torch.tensor([prompt])
+                        engine.model.base_model(input_ids=tensor)
+                    finally:
+                        failed[k].set()
+                        newcomer_joined.wait(WAIT_S)
+            except BaseException as exc:  # handed to the test
+                errors[k] = exc
+
+        threads = [
+            threading.Thread(target=waiting_for_the_failing_read, args=(k,), daemon=True)
+            for k in range(2)
+        ]
+        for thread in threads:
+            thread.start()
+        for event in failed:
+            assert event.wait(WAIT_S)
+        newcomer = Run(engine, request, prompt)
+        reads_when_it_ran: list[int] = []
+
+        def joined(module: nn.Module, args: tuple) -> None:
+            if threading.current_thread() is newcomer.thread:
+                newcomer_joined.set()
+
+        def runs_the_block(module: nn.Module, args: tuple) -> None:
+            if threading.current_thread() is newcomer.thread:
+                reads_when_it_ran.append(store.reads[name])
+
+        embeddings = engine.model.get_input_embeddings()
+        handles.append(embeddings.register_forward_pre_hook(joined))
+        block = engine.model.get_submodule(engine.prefixes[failing])
+        handles.append(block.register_forward_pre_hook(runs_the_block))
+        newcomer.start().join()
+        for thread in threads:
+            thread.join(WAIT_S)
+            assert not thread.is_alive()
+        assert all(isinstance(e, ChunkStoreError) for e in errors), errors
+        assert all("a read that fails once" in str(e) for e in errors), errors
+        assert errors[0] is not errors[1]
+        assert newcomer.error is None, newcomer.error
+        # the failed read, then the newcomer's own
+        assert reads_when_it_ran == [2]
+        assert engine.sweeps.members == 0
+        for handle in handles:
+            handle.remove()
+        handles.clear()
+        assert_same_output(newcomer, solo(engine, request, prompt))
+    finally:
+        for handle in handles:
+            handle.remove()
+        engine.close()
+
+
+def test_a_read_ahead_that_failed_after_its_requests_left_is_read_again(model_factory) -> None:
+    """A request reads the first streamed block ahead, at its last block, for whoever comes
+    next; that read fails (the store is good again at once), maybe after the request has
+    left. The next request arrives afterwards: it was waiting for no read, so it reads the
+    block afresh and succeeds instead of being handed the read-ahead's stale error."""
+    model = model_factory("llama")
+    store = FlakyStore(model.store)
+    engine = Engine(store, EngineOptions(memory_budget="25%", read_ahead=1, reader="read"))
+    handles: list[RemovableHandle] = []
+    try:
+        first_block = engine.plan.streamed[0]
+        name = block_file(engine, first_block)
+        request = Request(mode="hidden_states", layers=list(range(len(engine.prefixes) + 1)))
+        prompt = ids(95, 8)
+        reference = solo(engine, request, prompt)
+        before = Run(engine, request, prompt)
+        after = Run(engine, request, prompt)
+        reads_at_arm: list[int] = []
+        reads_when_it_ran: list[int] = []
+
+        def runs_the_block(module: nn.Module, args: tuple) -> None:
+            me = threading.current_thread()
+            if me is before.thread and not reads_at_arm:
+                # its own block 0 is installed: every earlier read of it is done, so the
+                # next one is made ahead, at its last block, and fails
+                reads_at_arm.append(store.reads[name])
+                store.fail_next(name)
+            elif me is after.thread:
+                reads_when_it_ran.append(store.reads[name])
+
+        block = engine.model.get_submodule(engine.prefixes[first_block])
+        handles.append(block.register_forward_pre_hook(runs_the_block))
+        assert_same_output(before.start().join(), reference)
+        assert store.failed.wait(WAIT_S)
+        assert engine.sweeps.members == 0
+        assert_same_output(after.start().join(), reference)
+        # the read that failed, then its own fresh one
+        assert reads_when_it_ran == [reads_at_arm[0] + 2]
+    finally:
+        for handle in handles:
+            handle.remove()
+        engine.close()
+
+
+# -- the order of a sweep ------------------------------------------------------------------------
+
+
+def test_a_sweep_goes_forward_when_requests_join_it_midway(model_factory) -> None:
+    """A request is half-way through a sweep when two others join (they wait at the first
+    streamed block) and a third joins and is cancelled at once (it leaves): the blocks
+    after the half-way one are installed next, in order, to the end of the sweep; only then
+    does a new sweep begin at the first block, for the two that joined. The one in flight
+    rode one sweep, the two newcomers one other (shared)."""
+    engine = Engine(
+        open_store(str(model_factory("llama").store)),
+        EngineOptions(memory_budget="25%", read_ahead=1, compute_slots=4),
+    )
+    records: list[SweepRecord] = []
+    engine.sweeps.on_sweep = records.append
+    handles: list[RemovableHandle] = []
+    try:
+        streamed = engine.plan.streamed
+        assert len(streamed) >= 3, "the test needs streamed blocks"
+        halfway = streamed[len(streamed) // 2]
+        request = Request(mode="hidden_states", layers=[0])
+        first = Run(engine, request, ids(91, 8))
+        joiners = [Run(engine, request, ids(92 + k, 6 + k)) for k in range(2)]
+        leaver = Run(engine, request, ids(94, 7), cancel_after=1)  # at its first block
+        names = {first.thread: "first", joiners[0].thread: "joiner", joiners[1].thread: "joiner"}
+        joined = [threading.Event() for _ in joiners]
+        halfway_reached = threading.Event()
+        ran: list[tuple[str, int]] = []  # who ran which streamed block, in order
+        lock = threading.Lock()
+
+        def on_embeddings(module: nn.Module, args: tuple) -> None:
+            for joiner, event in zip(joiners, joined, strict=True):
+                if threading.current_thread() is joiner.thread:
+                    event.set()
+
+        def on_block(j: int, module: nn.Module, args: tuple) -> None:
+            """Runs after the engine's own hook: block j is installed for this thread."""
+            me = threading.current_thread()
+            with lock:
+                ran.append((names.get(me, "other"), j))
+            if me is first.thread and j == halfway and not halfway_reached.is_set():
+                halfway_reached.set()
+                for joiner in joiners:
+                    joiner.start()
+                leaver.start()
+                for event in joined:
+                    assert event.wait(WAIT_S)
+                leaver.join()  # it has left the sweeps
+
+        embeddings = engine.model.get_input_embeddings()
+        handles.append(embeddings.register_forward_pre_hook(on_embeddings))
+        for j in streamed:
+            block = engine.model.get_submodule(engine.prefixes[j])
+            handles.append(block.register_forward_pre_hook(functools.partial(on_block, j)))
+        first.start().join()
+        for joiner in joiners:
+            joiner.join()
+        assert first.error is None and all(j.error is None for j in joiners)
+        assert isinstance(leaver.error, RequestCancelled)
+        sweep = list(streamed)
+        installs = [j for k, (_, j) in enumerate(ran) if k == 0 or ran[k - 1][1] != j]
+        assert installs == sweep + sweep
+        assert [j for who, j in ran if who == "first"] == sweep
+        assert ran[: len(sweep)] == [("first", j) for j in sweep]
+        assert first.final.stats.sweeps == 1
+        assert [j.final.stats.sweeps for j in joiners] == [1, 1]
+        assert [j.final.stats.sweep_sequences for j in joiners] == [2, 2]
+        assert [r.sequences for r in records] == [1, 2]
+    finally:
+        for handle in handles:
+            handle.remove()
+        engine.close()

@@ -86,6 +86,9 @@ class WeightStreamer:
         self.plan = plan
         self.order = BlockOrder(manifest)
         self._inflight: dict[int, Future[Lease]] = {}
+        # read-aheads started for requests that have all left since: a failure of one is
+        # nobody's (the block is read afresh for the next request that needs it)
+        self._orphans: set[Future[Lease]] = set()
         # guesses of a block's routed experts made before its read began (prediction.py)
         self._hints: dict[int, list[tuple[int, list[int]]]] = {}
         self._hint_lock = threading.Lock()
@@ -139,7 +142,7 @@ class WeightStreamer:
             self.read_ahead(j)
         else:
             self.read_ahead(j)  # start the next reads before waiting for this one
-            lease = future.result()
+            lease = self._delivered(j, future)
         with self._hint_lock:
             hints = self._hints.pop(j, [])
         if isinstance(lease, ExpertLease):
@@ -152,6 +155,18 @@ class WeightStreamer:
             raise
         self.stats.wait_s += time.perf_counter() - start
         return lease
+
+    def _delivered(self, j: int, future: Future[Lease]) -> Lease:
+        """Block j's read-ahead lease. A read-ahead that failed after every request it was
+        read for had left is read again: its error would be a stale one for this request."""
+        orphaned = future in self._orphans
+        self._orphans.discard(future)
+        try:
+            return future.result()
+        except Exception:
+            if not orphaned:
+                raise
+        return self._reader.lease(j, self._info(j))
 
     def guess_next(self, j: int, group: int, hidden: torch.Tensor) -> None:
         """Block j's experts module ``group`` runs on ``hidden``: guess what the routers of
@@ -225,15 +240,23 @@ class WeightStreamer:
         future.set_result(lease)
         lease.work_ahead()
 
+    def orphan_read_ahead(self) -> None:
+        """Every request has left: the read-aheads in flight were for them. They are kept
+        (the next request's first blocks are likely the same), but one that fails is read
+        again when needed, not failed with the stale error."""
+        self._orphans = set(self._inflight.values())
+
     def drop_read_ahead(self) -> None:
         """Give back every read-ahead buffer (after a request ends or fails)."""
         self._wanted = frozenset()
+        self._orphans.clear()
         with self._hint_lock:
             self._hints.clear()
         for k in list(self._inflight):
             self._discard(self._inflight.pop(k))
 
     def _discard(self, future: Future[Lease]) -> None:
+        self._orphans.discard(future)
         if future.cancel():
             return
 

@@ -219,6 +219,8 @@ class SweepGroup:
             self._retire(old)
             if failed:
                 self.streamer.drop_read_ahead()
+            else:  # kept for the next request, which gets a fresh read if one fails
+                self.streamer.orphan_read_ahead()
         finally:
             with self._cond:
                 self._busy = False
