@@ -1,4 +1,4 @@
-"""Small configs for 52 architectures transformers builds from a config, plus ALBERT with
+"""Small configs for 56 architectures transformers builds from a config, plus ALBERT with
 two layer groups: the architecture sweep test (test_architectures.py) and the exactness
 sweep benchmark (benchmarks/exactness_sweep.py) both use them.
 
@@ -285,6 +285,46 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
         "biogpt", "BioGptForCausalLM", **{k: v for k, v in _DECODER.items() if "key" not in k}
     ),
     "roformer": _arch("roformer", "RoFormerModel", **_ENCODER),
+    # its encoder's layers in one list per stage (a list of lists, which never runs)
+    "funnel": _arch(
+        "funnel",
+        "FunnelModel",
+        d_model=64,
+        n_head=4,
+        d_head=16,
+        d_inner=256,
+        block_sizes=[2, 2, 2],
+        num_decoder_layers=2,
+        vocab_size=VOCAB,
+    ),
+    # ESM-1b's layout: multiplies its embeddings' layer norm output by the attention mask
+    "esm": _arch(
+        "esm",
+        "EsmModel",
+        **_ENCODER,
+        pad_token_id=1,
+        mask_token_id=2,
+        token_dropout=True,
+        emb_layer_norm_before=True,
+    ),
+    # forwards that cannot run on the meta device (META_PASS_FAILS)
+    "jetmoe": _arch(
+        "jetmoe",
+        "JetMoeForCausalLM",
+        **{**_DECODER, "num_key_value_heads": 4},
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        kv_channels=16,
+    ),
+    "xlnet": _arch(
+        "xlnet",
+        "XLNetLMHeadModel",
+        d_model=64,
+        n_layer=LAYERS,
+        n_head=4,
+        d_inner=256,
+        vocab_size=VOCAB,
+    ),
     "bert": _arch("bert", "BertModel", **_ENCODER),
     "roberta": _arch("roberta", "RobertaModel", **_ENCODER),
     "distilbert": _arch(
@@ -320,6 +360,12 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     "bart": _arch("bart", "BartForConditionalGeneration", **_SEQ2SEQ),
     "mbart": _arch("mbart", "MBartForConditionalGeneration", **_SEQ2SEQ),
 }
+
+
+# Their forwards cannot run on the meta device (JetMoE copies routing values out of it,
+# XLNet makes tensors on the CPU): whether they write to their weights is not known, and
+# they serve no hidden_states mode, which their metadata says with the reason.
+META_PASS_FAILS = {"jetmoe", "xlnet"}
 
 
 # -- building and comparing (the sweep test asserts on these, the benchmark tabulates them) --

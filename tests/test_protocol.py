@@ -536,3 +536,21 @@ def test_transformers_refusing_a_conversation_is_an_invalid_request(chat_tokeniz
     a client error, not an internal one."""
     with pytest.raises(InvalidRequest, match="the chat cannot be rendered"):
         chat_ids(chat_tokenizer, [])
+
+
+def test_a_model_without_hidden_states_says_why_in_its_metadata_and_refusals():
+    """A model whose hidden-state layout cannot be learned (its forward fails on the meta
+    device) serves tokens and embeddings; its metadata and a hidden_states request name why."""
+    from layerstream.serving.metadata import model_metadata
+
+    why = "its hidden-state layout could not be learned: its forward pass on the meta device"
+    caps = dataclasses.replace(
+        CAUSAL, modes=("tokens", "embedding"), num_layers=0, hidden_states_unavailable=why
+    )
+    metadata = model_metadata(
+        "m", None, "layerstream", caps, "float32", "XLNetLMHeadModel", 8, None
+    )
+    assert metadata.parameters.hidden_states_unavailable == why
+    assert "hidden_state_layers" not in metadata.parameters.model_dump()
+    with pytest.raises(InvalidRequest, match=r"cannot do mode 'hidden_states' \(its hidden-state"):
+        parse_request(request(mode="hidden_states"), caps, 8, 64)

@@ -35,7 +35,12 @@ from ..engine.skeleton import (
     set_tensor,
     tied_groups,
 )
-from ..engine.writes import WritesEveryForward, learn_weight_writes, served_only_resident
+from ..engine.writes import (
+    BlocksNeverRun,
+    WritesEveryForward,
+    learn_weight_writes,
+    served_only_resident,
+)
 from ..format import quantization
 from ..format.manifest import BlockInfo, ChunkInfo, Manifest, WeightWrites
 from ..format.quantization import Quantization, UnsupportedQuantization
@@ -128,7 +133,7 @@ def _chunk_into(
     prefixes = block_prefixes(model)
     if not prefixes:
         raise ChunkerError(f"{architecture}: found no repeated transformer blocks to stream")
-    writes = _weight_writes(config, architecture, dtype)
+    writes = _weight_writes(config, architecture, dtype, prefixes)
     conversion = Conversion(model)
     routes = _route(model, prefixes, checkpoint, conversion, quant)
     parts: list[Part] = [None, *range(len(prefixes))]
@@ -171,14 +176,15 @@ def _chunk_into(
 
 
 def _weight_writes(
-    config: transformers.PretrainedConfig, architecture: str, dtype: str
+    config: transformers.PretrainedConfig, architecture: str, dtype: str, blocks: list[str]
 ) -> WeightWrites:
     """What the model's forward writes of its weights (engine/writes.py): a model that
-    writes on every forward is refused; one that writes on its first is served only with
-    every block in memory, which the log says now."""
+    writes on every forward is refused, as is one whose blocks never run as modules; one
+    that writes on its first is served only with every block in memory, which the log says
+    now."""
     try:
-        writes = learn_weight_writes(config, architecture, dtype)
-    except WritesEveryForward as exc:
+        writes = learn_weight_writes(config, architecture, dtype, blocks)
+    except (WritesEveryForward, BlocksNeverRun) as exc:
         raise ChunkerError(str(exc)) from None
     if writes.first:
         log.warning("%s", served_only_resident(architecture, writes))

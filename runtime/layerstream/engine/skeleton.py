@@ -114,24 +114,30 @@ def _param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict)
+
+
 def find_block_lists(model: PreTrainedModel) -> list[str]:
     """Qualified names of the ModuleLists that hold the repeated transformer blocks.
 
     transformers' ``_no_split_modules`` names the block classes (decoder/encoder layers): a
     ModuleList of them is a list of blocks, whether its children are of one class or of
     several (hybrid models mix attention and state-space layers). Without such a list, a
-    candidate is a ModuleList of children of one class, and the one holding the most
-    parameters wins. A list may hold a single child: a one-layer model, or ALBERT, whose one
-    shared layer group is applied ``num_hidden_layers`` times (the block hooks run on every
-    application, so such a block is pinned, or streamed once per application). Lists nested
-    inside a chosen list (MoE experts inside a layer, ALBERT's layers inside a group) are
-    not blocks of their own.
+    candidate is a ModuleList of children of one class, and the class of the one holding
+    the most parameters wins, in every list of it. A list of lists is no list of blocks:
+    a ModuleList never runs as a module, so hooks on it would never fire. A list may hold
+    a single child: a one-layer model, or ALBERT, whose one shared layer group is applied
+    ``num_hidden_layers`` times (the block hooks run on every application, so such a block
+    is pinned, or streamed once per application). Lists nested inside a chosen list (MoE
+    experts inside a layer, ALBERT's layers inside a group) are not blocks of their own.
     """
     no_split = set(getattr(model, "_no_split_modules", None) or [])
     candidates = []
     preferred = []
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) >= 1:
+            if any(isinstance(child, _CONTAINERS) for child in module):
+                continue  # containers never run as modules: their hooks would never fire
             classes = {type(child).__name__ for child in module}
             if classes <= no_split:
                 # a list of the model's blocks, of one class or several (Jamba's attention
@@ -139,8 +145,12 @@ def find_block_lists(model: PreTrainedModel) -> list[str]:
                 preferred.append((name, ",".join(sorted(classes)), _param_count(module)))
             elif len(classes) == 1:
                 candidates.append((name, classes.pop(), _param_count(module)))
-    chosen = preferred or sorted(candidates, key=lambda c: -c[2])[:1]
-    names = [c[0] for c in chosen]
+    if not preferred and candidates:
+        # the block class holding the most parameters in one list, in every list of it
+        # (Funnel keeps its encoder's layers in one list per stage)
+        block_class = max(candidates, key=lambda c: c[2])[1]
+        preferred = [c for c in candidates if c[1] == block_class]
+    names = [c[0] for c in preferred]
     return [n for n in names if not any(n != o and n.startswith(o + ".") for o in names)]
 
 

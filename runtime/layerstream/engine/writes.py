@@ -28,7 +28,8 @@ from .skeleton import build_skeleton
 
 log = logging.getLogger(__name__)
 
-_META_TOKENS = 4
+# a few tokens: enough for every stage of Funnel's pooling (4 are not)
+META_TOKENS = 8
 
 
 class WritesEveryForward(Exception):
@@ -91,24 +92,39 @@ def meta_runnable(config: PretrainedConfig, architecture: str, dtype: str) -> Pr
 def forward_inputs(model: PreTrainedModel, device: str) -> dict[str, torch.Tensor]:
     """The smallest inputs the whole model's forward takes: a few token ids (and as many
     decoder ids for an encoder-decoder)."""
-    ids = torch.zeros((1, _META_TOKENS), dtype=torch.long, device=device)
+    ids = torch.zeros((1, META_TOKENS), dtype=torch.long, device=device)
     inputs = {"input_ids": ids}
     if getattr(model.config, "is_encoder_decoder", False):
         inputs["decoder_input_ids"] = ids
     return inputs
 
 
-def learn_weight_writes(config: PretrainedConfig, architecture: str, dtype: str) -> WeightWrites:
+class BlocksNeverRun(Exception):
+    """Blocks whose forward the model never calls: hooks on them would never fire."""
+
+
+def learn_weight_writes(
+    config: PretrainedConfig, architecture: str, dtype: str, blocks: list[str] = ()
+) -> WeightWrites:
     """What the model's forward writes of its stored tensors (``unchecked`` when its forward
     cannot run on the meta device); WritesEveryForward when it writes on a second forward
-    too."""
+    too, BlocksNeverRun when one of ``blocks`` (module names) is never called."""
     try:
         model = meta_runnable(config, architecture, dtype)
         owners: dict[int, str] = {}
         for name, tensor in model.state_dict(keep_vars=True).items():
             owners.setdefault(tensor.untyped_storage()._cdata, name)
         inputs = forward_inputs(model, "meta")
-        first = _written(model, inputs, owners)
+        ran: set[str] = set()
+        hooks = [
+            model.get_submodule(name).register_forward_pre_hook(lambda *_, name=name: ran.add(name))
+            for name in blocks
+        ]
+        try:
+            first = _written(model, inputs, owners)
+        finally:
+            for hook in hooks:
+                hook.remove()
         again = _written(model, inputs, owners) if first else ()
     except Exception as exc:  # any failure of transformers' forward on meta means the same
         log.warning(
@@ -118,6 +134,12 @@ def learn_weight_writes(config: PretrainedConfig, architecture: str, dtype: str)
             exc,
         )
         return WeightWrites(unchecked=f"its forward on the meta device failed ({exc!r:.200})")
+    idle = [name for name in blocks if name not in ran]
+    if idle:
+        raise BlocksNeverRun(
+            f"{architecture}: its blocks {_some(tuple(idle))} never run as modules in its "
+            "forward, so layerstream cannot install their weights when they are needed"
+        )
     if again:
         raise WritesEveryForward(
             f"{architecture} writes to its weights on every forward ({_some(again)}): each "

@@ -21,13 +21,16 @@ def capabilities(engine: Engine) -> ModelCapabilities:
     model = engine.model
     modes = [Mode.TOKENS] if model.can_generate() else []
     num_layers = 0
-    block_lists = {prefix.rsplit(".", 1)[0] for prefix in engine.prefixes}
-    if len(block_lists) == 1:  # one stack of blocks: the base model maps ids to states
+    unavailable = None
+    # the base model maps ids to states, unless it is an encoder-decoder (it wants decoder
+    # ids too); its blocks may lie in several lists (Funnel: one per stage)
+    if not getattr(model.config, "is_encoder_decoder", False):
         try:
             # hidden states 0..num_layers, numbered as transformers' output_hidden_states
             num_layers = hidden_layout(engine).count - 1
             modes.append(Mode.HIDDEN_STATES)
         except LayoutUnknown as exc:
+            unavailable = f"its hidden-state layout could not be learned: {exc}"
             log.warning(
                 "%s (%s) serves no hidden_states mode: %s",
                 engine.manifest.name,
@@ -47,4 +50,5 @@ def capabilities(engine: Engine) -> ModelCapabilities:
         has_tokenizer=engine.tokenizer is not None,
         has_chat_template=bool(getattr(engine.tokenizer, "chat_template", None)),
         hidden_size=getattr(text_config, "hidden_size", None),
+        hidden_states_unavailable=unavailable,
     )

@@ -32,7 +32,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from ..engine.engine import Engine
-from ..engine.writes import MetaReads, meta_runnable
+from ..engine.writes import META_TOKENS, MetaReads, meta_runnable
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 # indexes and dict / ModelOutput keys. Hidden states are never nested deeper.
 Path = tuple[int | str, ...]
 _MAX_DEPTH = 3
-_META_TOKENS = 4
 
 
 @dataclass(frozen=True)
@@ -172,12 +171,16 @@ def learn_layout(config: PretrainedConfig, architecture: str, dtype: str) -> Hid
                 seen.append((StateSource(name, call, output, path), tensor, tensor._version))
 
     everything = {name: (True, True) for name, _ in base.named_modules()}
-    ids = torch.zeros((1, _META_TOKENS), dtype=torch.long, device="meta")
-    # no_grad, not inference_mode: inference tensors have no version counter. No attention
-    # mask: turning one into a 4-d mask reads its values, which meta tensors do not have.
+    ids = torch.zeros((1, META_TOKENS), dtype=torch.long, device="meta")
+    # no_grad, not inference_mode: inference tensors have no version counter. With the
+    # all-ones mask requests pass (hidden.py): a model may apply it to a state after the
+    # module that made it (ESM-1b multiplies its embeddings' layer norm output by it), and
+    # MetaReads answers the values transformers' mask code reads of it.
     try:
         with torch.no_grad(), MetaReads(), on_calls(base, everything, record):
-            states = base(input_ids=ids, output_hidden_states=True).hidden_states
+            states = base(
+                input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True
+            ).hidden_states
     except Exception as exc:  # any failure of transformers' forward on meta means the same
         raise LayoutUnknown(f"its forward pass on the meta device failed ({exc!r})") from exc
     if not isinstance(states, tuple) or not states:

@@ -25,6 +25,8 @@ class ModelCapabilities:
     has_tokenizer: bool = True
     has_chat_template: bool = False  # the tokenizer has one: the ``messages`` input works
     hidden_size: int | None = None  # the width of hidden states and embeddings
+    # why a model with one stack of blocks serves no hidden_states mode (its layout is unknown)
+    hidden_states_unavailable: str | None = None
 
     def __post_init__(self) -> None:
         # callers outside capabilities.py (tests, benchmarks) may pass the wire words

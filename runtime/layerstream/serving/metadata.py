@@ -48,6 +48,8 @@ def model_metadata(
     }
     if Mode.HIDDEN_STATES in caps.modes:
         params["hidden_state_layers"] = caps.num_layers + 1  # indexes 0..num_layers
+    elif caps.hidden_states_unavailable is not None:
+        params["hidden_states_unavailable"] = caps.hidden_states_unavailable
     if caps.context_length is not None:
         params["context_length"] = caps.context_length
     if caps.hidden_size is not None:

@@ -81,8 +81,11 @@ def _mode(params: dict[str, Any], caps: ModelCapabilities) -> Mode:
         raise InvalidRequest(f"mode {show(mode)} is not one of {', '.join(Mode)}")
     mode = Mode(mode)
     if mode not in caps.modes:
+        why = ""
+        if mode == Mode.HIDDEN_STATES and caps.hidden_states_unavailable is not None:
+            why = f" ({caps.hidden_states_unavailable})"
         raise InvalidRequest(
-            f"this model cannot do mode {mode.value!r}; it supports {', '.join(caps.modes)}"
+            f"this model cannot do mode {mode.value!r}{why}; it supports {', '.join(caps.modes)}"
         )
     return mode
 
