@@ -1,4 +1,4 @@
-"""Small configs for 56 architectures transformers builds from a config, plus ALBERT with
+"""Small configs for 57 architectures transformers builds from a config, plus ALBERT with
 two layer groups: the architecture sweep test (test_architectures.py) and the exactness
 sweep benchmark (benchmarks/exactness_sweep.py) both use them.
 
@@ -359,6 +359,10 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     ),
     "bart": _arch("bart", "BartForConditionalGeneration", **_SEQ2SEQ),
     "mbart": _arch("mbart", "MBartForConditionalGeneration", **_SEQ2SEQ),
+    # its sinusoidal positions are never saved: from_pretrained computes them at init
+    "marian": _arch(
+        "marian", "MarianMTModel", **_SEQ2SEQ, decoder_start_token_id=0, pad_token_id=0
+    ),
 }
 
 

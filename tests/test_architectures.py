@@ -264,3 +264,22 @@ def test_blocks_that_never_run_as_modules_are_refused_at_chunk_time(tmp_path, mo
     monkeypatch.setattr(convert, "block_prefixes", lambda model: stages)
     with pytest.raises(ChunkerError, match=r"encoder.blocks.0.*never run as modules"):
         build("funnel", tmp_path)
+
+
+def test_weights_computed_at_init_are_stored_only_when_the_init_is_deterministic(
+    tmp_path, monkeypatch
+):
+    """Marian never saves its sinusoidal positions (from_pretrained computes them at init):
+    the chunker stores what that init computes, exact above. A weight transformers leaves
+    out of checkpoints but initialises at random stays refused: from_pretrained itself would
+    give it other values on each load."""
+    from transformers.models.marian import modeling_marian
+
+    _, store = build("marian", tmp_path / "sinusoidal")
+    manifest = Manifest.from_json((store / "manifest.json").read_text())
+    assert "model.encoder.embed_positions.weight" in manifest.chunks["rest"].tensors
+
+    embedding = modeling_marian.MarianSinusoidalPositionalEmbedding
+    monkeypatch.setattr(embedding, "create_weight", lambda self: torch.randn(self.weight.shape))
+    with pytest.raises(ChunkerError, match=r"no values for .*embed_positions"):
+        build("marian", tmp_path / "random")

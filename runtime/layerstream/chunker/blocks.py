@@ -9,10 +9,13 @@ a block) is written into every chunk that uses it, so each chunk stays self-cont
 from __future__ import annotations
 
 import collections
+import copy
+import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
+from transformers import PreTrainedModel
 
 from ..engine.skeleton import block_of, get_tensor, tied_groups
 from ..format.quantization import FP8_DTYPE, Quantization, scale_key
@@ -164,8 +167,36 @@ class CrossTies:
         return out
 
 
+def made_at_init(model: PreTrainedModel, keys: list[str]) -> dict[str, torch.Tensor]:
+    """Those of ``keys`` that the model never saves and computes at init, with the values
+    from_pretrained gives them: keys transformers does not expect in a checkpoint
+    (``_keys_to_ignore_on_load_missing``) whose module's own init makes the same values
+    whatever the random state (Marian's sinusoidal positions). A key whose init is random
+    is not among them: from_pretrained itself would give it other values on each load."""
+    patterns = [
+        re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_missing", None) or []
+    ]
+    made: dict[str, torch.Tensor] = {}
+    for key in keys:
+        if not any(p.search(key) for p in patterns):
+            continue
+        owner, _, name = key.rpartition(".")
+        values = []
+        for seed in (0, 1):
+            module = copy.deepcopy(model.get_submodule(owner)).to_empty(device="cpu")
+            for sub in module.modules():
+                sub.__dict__.pop("_is_hf_initialized", None)
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                model._init_weights(module)
+            values.append(getattr(module, name).detach())
+        if torch.equal(values[0], values[1]):
+            made[key] = values[0]
+    return made
+
+
 def collect(
-    model: torch.nn.Module,
+    model: PreTrainedModel,
     keys: list[str],
     groups: list[list[str]],
     cross: CrossTies,
@@ -189,6 +220,9 @@ def collect(
         for k in keys
         if k not in out and not any(k in g and any(o in out for o in g) for g in groups)
     ]
+    made = made_at_init(model, missing)
+    out.update({k: v.to(dtypes[k]) if v.is_floating_point() else v for k, v in made.items()})
+    missing = [k for k in missing if k not in made]
     if missing:
         raise ChunkerError(
             f"the checkpoint has no values for {missing[:5]}; refusing to chunk a model with "
