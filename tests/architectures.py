@@ -383,13 +383,18 @@ def build(
     root: Path,
     weight_scale: float = WEIGHT_SCALE,
     config: dict[str, Any] | None = None,
+    dtype: str | None = None,
+    perturb: float = 0.0,
 ) -> tuple[Path, Path]:
-    """A random-init checkpoint of ``name`` (or of ``config``, a variant of it) and its
-    chunk store, under ``root``."""
+    """A random-init checkpoint of ``name`` (or of ``config``, a variant of it), saved in
+    ``dtype`` (default: float32) with its 1-D weights ``perturb``ed, and its chunk store,
+    under ``root``."""
     root.mkdir(parents=True, exist_ok=True)
     path = root / "config.json"
     path.write_text(json.dumps(config or ARCHITECTURES[name]))
-    source = write_random_checkpoint(str(path), root / "source", weight_scale=weight_scale)
+    source = write_random_checkpoint(
+        str(path), root / "source", weight_scale=weight_scale, dtype=dtype, perturb=perturb
+    )
     store = root / "chunks"
     chunk_checkpoint(source, store, name, progress=False)
     return source, store

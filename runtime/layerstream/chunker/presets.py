@@ -242,7 +242,12 @@ def _is_causal(config: PretrainedConfig) -> bool:
 
 
 def write_random_checkpoint(
-    spec: str, dest: Path, seed: int = 0, weight_scale: float = 1.0, dtype: str | None = None
+    spec: str,
+    dest: Path,
+    seed: int = 0,
+    weight_scale: float = 1.0,
+    dtype: str | None = None,
+    perturb: float = 0.0,
 ) -> Path:
     """Save a random-init model + tokenizer with ``save_pretrained``; return ``dest``.
     ``dtype`` ("bfloat16", ...): saved in that dtype, as released checkpoints are; by
@@ -252,6 +257,9 @@ def write_random_checkpoint(
     or more dimensions; norms, biases and state-space constants keep their init): at
     transformers' default init the logits are nearly flat and greedy decoding repeats one
     or two tokens, which makes "same ids" a weak check; at 8 they vary from token to token.
+    ``perturb`` adds that much Gaussian noise to every 1-D parameter: at the default init
+    norms are exactly 1 and biases 0, values any dtype holds exactly, which hides a tensor
+    kept in the wrong dtype.
     """
     config = random_init_config(spec)
     if dtype is None:  # the dtype the config declares, as a release's checkpoint holds it
@@ -273,6 +281,11 @@ def write_random_checkpoint(
             for name, param in model.named_parameters():  # a tied weight is listed once
                 if name.endswith("weight") and param.ndim >= 2:
                     param.mul_(weight_scale)
+    if perturb:
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.ndim == 1 and param.is_floating_point():
+                    param.add_(torch.randn_like(param) * perturb)
     if dtype is not None:
         model = model.to(TORCH_DTYPES[dtype])
         model.config.dtype = TORCH_DTYPES[dtype]
