@@ -13,15 +13,19 @@ import numpy as np
 import pytest
 from mlserver_proc import (
     BERT,
+    GATED,
     GPT2,
     LLAMA,
     LLAMA_25,
     MAX_NEW_TOKENS_LIMIT,
     ids_input,
+    joined,
     labels,
     metric_samples,
     prompt_input,
     raw_sse,
+    wait_idle,
+    wait_until,
 )
 from reference import Reference
 
@@ -453,6 +457,34 @@ def test_unary_infer_hidden_states_stacked(server, reference):
     assert body["parameters"]["layers"] == f"0,3,{NUM_BLOCKS}"
 
 
+@pytest.mark.parametrize(
+    "layers",
+    [[-1, 0], [0, 0], [2, -(NUM_BLOCKS - 1)], "3,1,3"],
+    ids=["back", "twice", "alias", "text"],
+)
+def test_unary_hidden_states_keep_the_requests_order_and_count(server, reference, layers):
+    """``[-1, 0]`` came back as layer 0 first, ``[0, 0]`` and ``[2, -7]`` as one layer, with
+    no error: the stacked states now follow the request, entry by entry."""
+    ref = reference(BERT)
+    ids = ref.encode(PROMPT)
+    states = ref.hidden_states(ids)
+    asked = layers if isinstance(layers, list) else [int(k) for k in layers.split(",")]
+    expected = [k % (NUM_BLOCKS + 1) for k in asked]
+    request = {
+        "inputs": [prompt_input(PROMPT)],
+        "parameters": {"mode": "hidden_states", "layers": layers},
+    }
+
+    body = SSEClient(server.http_url).infer(BERT, request)
+
+    stacked = {o["name"]: o for o in body["outputs"]}["hidden_states"]
+    assert stacked["shape"] == [len(expected), len(ids), 64]
+    values = np.asarray(stacked["data"], dtype=np.float32).reshape(stacked["shape"])
+    for row, layer in zip(values, expected, strict=True):
+        np.testing.assert_allclose(row, states[layer], rtol=0, atol=1e-5)
+    assert body["parameters"]["layers"] == ",".join(map(str, expected))
+
+
 # -- 6. concurrency --------------------------------------------------------------------------
 
 
@@ -477,11 +509,17 @@ def test_concurrent_streams_each_get_their_own_answer(server, reference):
     assert results == expected
 
 
-def test_four_sse_and_grpc_streams_share_sweeps_and_stay_exact(server, reference):
+def test_four_sse_and_grpc_streams_share_sweeps_and_stay_exact(gated_layerstream_server, reference):
     """Two SSE and two gRPC streams at once on the 25% model, greedy and seeded sampling
     with different prompts and lengths: each equals the resident model alone, and they rode
-    shared sweeps (their stats and the server's metrics say so)."""
-    ref = reference(LLAMA_25)
+    shared sweeps (their stats and the server's metrics say so).
+
+    They are in flight together by construction, not by being sent at once: the gated
+    server's store holds every block read until all four have joined the sweeps (its hook
+    logs each join), so none can finish, or even produce a token, before the last one is in.
+    """
+    server, gate = gated_layerstream_server, gated_layerstream_server.gate
+    ref = reference(LLAMA_25)  # GATED serves the same llama weights
     plan = [
         ("sse", PROMPT, {"max_new_tokens": 12, "temperature": 0}),
         ("grpc", "The quick brown fox", {"max_new_tokens": 9, "temperature": 0}),
@@ -507,26 +545,34 @@ def test_four_sse_and_grpc_streams_share_sweeps_and_stay_exact(server, reference
             )
         else:
             expected.append(ref.greedy(ids, n))
+    wait_idle(server, GATED)  # nothing an earlier test started is counted below
     before = metric_samples(server.metrics_url)
-    start = threading.Barrier(len(plan))
+    joins_before = joined(server)
 
     def run(step) -> tuple[list[int], Final]:
         transport, prompt, params = step
-        start.wait(timeout=30)
-        tokens, _, final = split(
-            list(client(server, transport).generate(LLAMA_25, prompt, **params))
-        )
+        tokens, _, final = split(list(client(server, transport).generate(GATED, prompt, **params)))
         return [t.token_id for t in tokens], final
 
+    def all_in_or_one_ended() -> bool:
+        return joined(server) - joins_before >= len(plan) or any(f.done() for f in futures)
+
     with ThreadPoolExecutor(max_workers=len(plan)) as pool:
-        results = list(pool.map(run, plan))
+        gate.close()
+        try:
+            futures = [pool.submit(run, step) for step in plan]
+            wait_until(all_in_or_one_ended, "all four requests to join the sweeps")
+            assert not any(f.done() for f in futures)  # none ended while the reads were held
+        finally:
+            gate.open()
+        results = [future.result() for future in futures]
 
     assert [ids for ids, _ in results] == expected
     finals = [final for _, final in results]
     assert all(f.stats["sweeps"] > 0 for f in finals)
     assert any(f.stats["sweep_sequences"] > f.stats["sweeps"] for f in finals)  # shared
-    after = metric_samples(server.metrics_url)
-    label = labels(LLAMA_25)
+    after = metric_samples(server.metrics_url)  # each sweep is counted before its last final
+    label = labels(GATED)
 
     def grew(name: str) -> float:
         return after[(name, label)] - before.get((name, label), 0.0)

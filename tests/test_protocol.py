@@ -151,9 +151,12 @@ def test_input_ids():
     assert r.input_ids == [1, 2, 3] and r.prompt is None
 
 
-def test_layers_list_or_string_normalised():
+def test_layers_list_or_string_normalised_in_the_requests_order_and_count():
+    """``[-1, 0]`` asks for the last state first, ``[3, -2, 3]`` for state 3 three times:
+    each was once sorted and deduplicated without a word."""
     assert parse_layers("0,-1", 4) == [0, 4]
-    assert parse_layers([3, -2, 3], 4) == [3]
+    assert parse_layers("-1,0", 4) == [4, 0]
+    assert parse_layers([3, -2, 3], 4) == [3, 3, 3]
     assert parse(request(mode="hidden_states")).layers == [0, 1, 2, 3, 4]
     assert parse(request(mode="hidden_states", layers="-1")).layers == [4]
 

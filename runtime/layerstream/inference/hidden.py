@@ -32,7 +32,7 @@ class _StateStream:
 
     def __init__(self, layout: HiddenLayout, layers: list[int], emit: Emit):
         self.layout = layout
-        self.wanted = sorted(layers)
+        self.wanted = sorted(set(layers))  # each state once, in index order
         self.emit = emit
         self.taken: dict[int, tuple[torch.Tensor, np.ndarray]] = {}
         self.early: set[int] = set()

@@ -49,7 +49,8 @@ class Request:
     repetition_penalty: float | None = None
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
-    layers: list[int] = field(default_factory=list)  # normalised, ascending, 0..num_layers
+    # normalised into 0..num_layers, in the request's order and count
+    layers: list[int] = field(default_factory=list)
     pooling: Pooling = Pooling.MEAN
     timeout_us: int | None = None  # the request's own deadline, microseconds from arrival
 

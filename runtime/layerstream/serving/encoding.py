@@ -188,12 +188,14 @@ def encode_unary(
         outputs.append(_text("text", "".join(e.text for e in tokens) + final.text))
         outputs.append(_ids("token_ids", [e.token_id for e in tokens]))
     else:
-        hidden = [e for e in events if isinstance(e, HiddenStateEvent)]
-        if hidden:
-            outputs.append(_floats("hidden_states", np.stack([e.hidden_state for e in hidden])))
+        # the states in the request's order and count (``[-1, 0]``: the last first)
+        hidden = {e.layer: e.hidden_state for e in events if isinstance(e, HiddenStateEvent)}
+        layers = request.layers or sorted(hidden)  # hidden.py sends every state asked for
+        if layers:
+            outputs.append(_floats("hidden_states", np.stack([hidden[k] for k in layers])))
         assert final.embedding is not None  # every hidden_states or embedding request has one
         outputs.append(_floats("embedding", final.embedding))
     params = _final_parameters(final)
     if request.mode is Mode.HIDDEN_STATES:
-        params["layers"] = ",".join(str(e.layer) for e in events if isinstance(e, HiddenStateEvent))
+        params["layers"] = ",".join(map(str, layers))
     return _response(model, version, request_id, _pick(outputs, wanted, final=True), **params)

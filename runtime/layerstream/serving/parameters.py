@@ -131,7 +131,9 @@ def _as_stop(name: str, value: Any) -> list[str]:
 
 
 def parse_layers(value: Any, num_layers: int) -> list[int]:
-    """``[0, -1]`` or ``"0,-1"`` -> normalised indexes into ``0..num_layers``."""
+    """``[0, -1]`` or ``"0,-1"`` -> normalised indexes into ``0..num_layers``, in the
+    request's order and count (a unary answer stacks them so; a stream sends each state
+    once, in index order, as it is computed)."""
     if isinstance(value, str):
         parts = value.replace(" ", "").split(",")
         if "" in parts and value.strip():
@@ -150,7 +152,7 @@ def parse_layers(value: Any, num_layers: int) -> list[int]:
             f"parameter layers lists {len(parts)} indexes; this model has hidden states "
             f"0..{num_layers}"
         )
-    out = set()
+    out = []
     for part in parts:
         index = _as_int("layers", part)
         if not -(num_layers + 1) <= index <= num_layers:
@@ -158,8 +160,8 @@ def parse_layers(value: Any, num_layers: int) -> list[int]:
                 f"layer {index} is out of range: this model has hidden states 0..{num_layers} "
                 f"(negative indexes count from the end, -1 = {num_layers})"
             )
-        out.add(index % (num_layers + 1))
-    return sorted(out)
+        out.append(index % (num_layers + 1))
+    return out
 
 
 # Every parameter but mode and layers (which need the model): its converter, in the order
