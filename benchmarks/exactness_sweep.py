@@ -144,6 +144,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16, help="generated tokens per run")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--unaligned", action="store_true", help="8-byte aligned chunks")
+    parser.add_argument(
+        "--dtypes",
+        nargs="*",
+        default=["float32"],
+        help="checkpoint (and store) dtypes to run, e.g. float32 float16 bfloat16",
+    )
+    parser.add_argument(
+        "--perturb",
+        type=float,
+        default=0.0,
+        help="Gaussian noise added to every 1-D weight (default-init norms are exactly 1)",
+    )
     parser.add_argument("--json", type=Path, help="write the rows here")
     parser.add_argument("--markdown", type=Path, help="write a table per architecture here")
     args = parser.parse_args()
@@ -163,24 +175,27 @@ def main() -> None:
     rows = []
     print(" | ".join(COLUMNS))
     with tempfile.TemporaryDirectory(prefix="layerstream-sweep-") as tmp:
-        for name in args.only or list(ARCHITECTURES):
+        runs = [(name, dtype) for name in args.only or list(ARCHITECTURES) for dtype in args.dtypes]
+        for name, dtype in runs:
+            label = name if args.dtypes == ["float32"] else f"{name} {dtype}"
             started = time.perf_counter()
             try:
-                source, store = build(name, Path(tmp) / name)
+                root = Path(tmp) / f"{name}-{dtype}"
+                source, store = build(name, root, dtype=dtype, perturb=args.perturb)
                 reference = reference_model(source)
             except Exception as exc:  # a sweep reports every architecture, whatever breaks
-                rows.append({"architecture": name, "error": f"build: {exc!r}"})
-                print(f"{name} | build failed: {exc!r}", flush=True)
+                rows.append({"architecture": label, "error": f"build: {exc!r}"})
+                print(f"{label} | build failed: {exc!r}", flush=True)
                 continue
             for budget in BUDGETS:
                 try:
-                    row = _row(name, budget, store, reference, args.steps)
+                    row = _row(label, budget, store, reference, args.steps)
                 except Exception as exc:  # a failing row is a result of the sweep
-                    row = {"architecture": name, "budget": budget, "error": repr(exc)}
+                    row = {"architecture": label, "budget": budget, "error": repr(exc)}
                 row["seconds"] = round(time.perf_counter() - started, 2)
                 rows.append(row)
                 if "error" in row:
-                    print(f"{name} | {budget} | {row['error']}", flush=True)
+                    print(f"{label} | {budget} | {row['error']}", flush=True)
                 else:
                     print(" | ".join(_fmt(row.get(c)) for c in COLUMNS), flush=True)
     meta = {
@@ -189,6 +204,8 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "aligned": not args.unaligned,
         "steps": args.steps,
+        "dtypes": args.dtypes,
+        "perturb": args.perturb,
     }
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
