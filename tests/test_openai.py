@@ -191,6 +191,20 @@ def test_stop_and_length(server):
 
 
 @pytest.mark.e2e
+def test_a_stop_string_that_reads_as_a_json_list_is_literal(server):
+    """'["x"]' as OpenAI's stop is those five characters: it was read as the V2 JSON list
+    and cut the answer at the first x."""
+    text, _ = v2_answer(server, PLAIN, prompt_input(PROMPT))
+    letter = next(c for c in text.strip() if c.isalpha())
+    for stop in (json.dumps([letter]), "[]"):
+        answer = client(server, PLAIN).completions.create(
+            model=PLAIN, prompt=PROMPT, stop=stop, **GREEDY
+        )
+        assert answer.choices[0].text == text, stop
+        assert answer.choices[0].finish_reason == "length", stop
+
+
+@pytest.mark.e2e
 def test_models(server):
     listed = client(server, CHAT).models.list()
     assert [m.id for m in listed.data] == [CHAT]

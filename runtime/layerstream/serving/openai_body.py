@@ -181,6 +181,10 @@ def parse_call(body: dict[str, Any], model_name: str, chat: bool) -> Call:
         raise _invalid("max_tokens and max_completion_tokens disagree; send one", "max_tokens")
     params: dict[str, Any] = {"mode": "tokens"}
     params.update({v2: body[name] for name, (v2, _) in _MAPPED.items() if name in body})
+    if isinstance(params.get("stop"), str):
+        # an OpenAI stop string is literal: as a list of one, the V2 reading of a JSON list
+        # in a string ('["l"]', which gRPC parameters need) cannot split it
+        params["stop"] = [params["stop"]]
     call_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     item = _messages_input(body) if chat else _prompt_input(body)
     return Call(
