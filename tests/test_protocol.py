@@ -232,6 +232,10 @@ def test_nested_input_ids_for_shape_1_by_n():
         ({"temperature": ""}, "temperature must be a number"),
         ({"do_sample": 2}, "do_sample must be true or false"),
         ({"temperature": 0, "do_sample": True}, "temperature 0 means greedy"),
+        # the mirror case: sampling parameters with greedy decoding were silently ignored
+        ({"temperature": 0.7, "do_sample": False}, "would ignore temperature 0.7"),
+        ({"top_p": 0.5, "do_sample": "false"}, "would ignore top_p 0.5"),
+        ({"top_k": 5, "temperature": 0.9, "do_sample": 0}, "ignore temperature 0.9, top_k 5"),
         ({"timeout": 0}, "timeout is in microseconds and must be >= 1"),
         ({"timeout": "soon"}, "timeout must be an integer"),
         ({"mode": "embedding", "pooling": 3}, "pooling must be a string"),
@@ -260,6 +264,8 @@ def test_temperature_zero_is_greedy():
         r = parse(request(temperature=zero))
         assert (r.do_sample, r.temperature) == (False, None)
     assert parse(request(temperature=0, do_sample=False)).do_sample is False
+    # what asks for nothing is no contradiction: OpenAI clients send top_p 1
+    assert parse(request(top_p=1, top_k=0, do_sample=False)).do_sample is False
 
 
 def test_edges_of_the_ranges_are_accepted():

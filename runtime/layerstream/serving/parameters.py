@@ -225,6 +225,21 @@ def check_ranges(request: Request, limit: int) -> None:
         raise InvalidRequest(
             f"max_new_tokens must be between 1 and {limit}, got {request.max_new_tokens}"
         )
+    if request.do_sample is False:
+        ignored = [
+            f"{name} {value}"
+            for name, value, asks in (
+                ("temperature", request.temperature, request.temperature not in (None, 0)),
+                ("top_p", request.top_p, request.top_p is not None and request.top_p < 1),
+                ("top_k", request.top_k, request.top_k is not None and request.top_k > 0),
+            )
+            if asks
+        ]
+        if ignored:
+            raise InvalidRequest(
+                f"do_sample false decodes greedily, which would ignore {', '.join(ignored)}: "
+                "drop them, or set do_sample true to sample with them"
+            )
     if request.temperature == 0:
         if request.do_sample:
             raise InvalidRequest("temperature 0 means greedy decoding; it contradicts do_sample")
