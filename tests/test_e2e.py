@@ -683,7 +683,7 @@ def test_string_parameters_and_token_wire_format_raw_sse(server, reference):
             "mode": "tokens",
             "max_new_tokens": "5",
             "do_sample": "false",
-            "top_k": "7",
+            "top_k": "0",  # off: with do_sample false, a top_k would be refused
             "repetition_penalty": "1.0",
         },
     }
@@ -825,3 +825,40 @@ def test_mlservers_own_streaming_example_decodes_every_event(server, reference):
             texts.extend(StringCodec.decode_output(response.outputs[0]))
     assert len(texts) == 7
     assert "".join(texts) == expected
+
+
+@pytest.mark.filterwarnings("ignore:The `construct` method is deprecated")  # MLServer's own
+def test_a_second_request_on_one_grpc_stream_is_refused_not_dropped(server, reference):
+    """Two requests on one ModelStreamInfer stream: the first is answered in full, then the
+    call ends INVALID_ARGUMENT naming the second (it ended OK with one answer before)."""
+    import grpc
+    from mlserver import grpc as mlserver_grpc
+    from mlserver.codecs import StringCodec
+    from mlserver.grpc import converters
+    from mlserver.types import InferenceRequest
+
+    ref = reference(LLAMA_25)
+    expected = ref.greedy(ref.encode(PROMPT), 4)
+    messages = [
+        converters.ModelInferRequestConverter.from_types(
+            InferenceRequest(
+                id=f"r{k}",
+                inputs=[StringCodec.encode_input("prompt", [PROMPT], use_bytes=True)],
+                parameters={"max_new_tokens": 4, "temperature": 0},
+            ),
+            model_name=LLAMA_25,
+            model_version=None,
+        )
+        for k in (1, 2)
+    ]
+    ids: list[int] = []
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = mlserver_grpc.dataplane_pb2_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as excinfo:
+            for reply in stub.ModelStreamInfer(iter(messages), timeout=60):
+                response = converters.ModelInferResponseConverter.to_types(reply)
+                assert response.id == "r1"
+                ids.extend(o.data[0] for o in response.outputs if o.name == "token_id")
+    assert ids == expected
+    assert excinfo.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "carries one request" in excinfo.value.details()

@@ -188,6 +188,25 @@ class LayerStreamRuntime(OpenAIRoutes, MLModel):
         payload = await payloads.__anext__()
         record = RequestRecord(self.name, self._metrics, payload.id)
         transport = transport_of(payloads)
+        # A gRPC stream may carry more requests; one sent while this one is served is
+        # refused when it ends (it was dropped without a word, the call ending OK).
+        another = asyncio.ensure_future(_next_payload(payloads))
+        try:
+            async for response in self._stream_one(payload, record, transport):
+                yield response
+            await asyncio.sleep(0)  # a request already received is seen now
+            if another.done() and another.result() is not None:
+                raise InvalidRequest(
+                    "a ModelStreamInfer stream carries one request, answered as a stream: "
+                    f"the one after {payload.id or 'the first'} was not served; open a "
+                    "stream per request"
+                )
+        finally:
+            another.cancel()
+
+    async def _stream_one(
+        self, payload: InferenceRequest, record: RequestRecord, transport: Transport
+    ) -> AsyncIterator[InferenceResponse]:
         try:
             with record.failures():
                 # closed here, not when garbage collected: closing flags the engine at once
@@ -363,3 +382,11 @@ def _build_engine(settings: LayerStreamSettings, folder: Path | None) -> Engine:
         raise
     log.info("engine for %s ready in %.2fs", store.uri, time.perf_counter() - started)
     return engine
+
+
+async def _next_payload(payloads: AsyncIterator[InferenceRequest]) -> InferenceRequest | None:
+    """The stream's next request, or None once the client has closed its side."""
+    try:
+        return await payloads.__anext__()
+    except StopAsyncIteration:
+        return None
