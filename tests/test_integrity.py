@@ -456,6 +456,7 @@ def test_a_manifest_with_a_string_size_fails_the_model_load(store_copy):
 
 @pytest.mark.e2e
 def test_served_model_with_a_damaged_chunk_stops_reporting_ready(store_copy, tmp_path):
+    good = block_file(store_copy).read_bytes()
     flip_tensor_byte(block_file(store_copy))
     server = MLServerProcess(
         tmp_path / "server", [ModelSpec("damaged", store_copy, {"memory_budget": "25%"})]
@@ -487,5 +488,16 @@ def test_served_model_with_a_damaged_chunk_stops_reporting_ready(store_copy, tmp
             assert "re-run the chunker" in error
         events = raw_sse(server.http_url, "damaged", {"inputs": [prompt_input("hello")]})
         assert [e["parameters"]["error_type"] for e in events] == ["integrity"]
+        # Repaired as the chunker replaces files (by rename): the next request checks the
+        # new version and is served, and the model is ready again. The latched damage was
+        # raised before anything was tried, so every request failed with the stale error.
+        replacement = store_copy / "block.repaired"
+        replacement.write_bytes(good)
+        os.replace(replacement, block_file(store_copy))
+        request = {"inputs": [prompt_input("hello")], "parameters": {"max_new_tokens": 3}}
+        events = raw_sse(server.http_url, "damaged", request)
+        assert [e["parameters"].get("finish_reason") for e in events][-1] == "length", events
+        assert httpx.get(f"{server.http_url}/v2/models/damaged/ready").status_code == 200
+        assert "was replaced by a version that passed its check" in server.log_text()
     finally:
         server.stop()

@@ -104,6 +104,11 @@ class ChunkHealth:
         with self._lock:
             return next((error for error, _ in self._damaged.values()), None)
 
+    def damaged(self) -> dict[str, str | None]:
+        """Each damaged chunk and the store version found damaged (None: unknown)."""
+        with self._lock:
+            return {chunk: version for chunk, (_, version) in self._damaged.items()}
+
 
 def refetch_once(
     store: ChunkStore,

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel
 
-from ..errors import ChunkIntegrityError, ManifestError, SettingsError
+from ..errors import ChunkIntegrityError, LayerStreamError, ManifestError, SettingsError
 from ..format.manifest import MANIFEST_NAME, ChunkInfo, Manifest, WeightWrites
 from ..format.parts import ChunkParts
 from ..format.safetensors import ChunkSpec
@@ -446,6 +446,28 @@ class Engine:
         """The first damaged chunk found after load (in the background or by a request), until
         a verified version of it replaces it: the model is unusable meanwhile."""
         return self.streamer.health.damage
+
+    def recheck_damage(self) -> ChunkIntegrityError | None:
+        """``damage``, after a second look at each damaged chunk of a local store: one the
+        store now holds in another version (re-chunked, its file replaced by rename) is
+        hashed again, and a version that passes makes the model whole (docs/integrity.md).
+        A damaged version that is still there is not read again: a remote store's
+        damage lasts until the model is reloaded."""
+        health, store = self.streamer.health, self.store
+        if not isinstance(store, MappableStore):
+            return health.damage
+        for name, damaged in health.damaged().items():
+            info = self.manifest.chunks[name]
+            try:
+                if store.version(info.file) == damaged:
+                    continue
+                digest, size, version = store.sha256(info.file)
+            except (OSError, LayerStreamError):  # missing still: the damage stands
+                continue
+            if version is not None and size == info.bytes and digest == info.sha256:
+                log.info("chunk %s was replaced by a version that passed its check", name)
+                health.passed(name, version)
+        return health.damage
 
     def close(self) -> None:
         self._closing.close()

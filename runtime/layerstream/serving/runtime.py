@@ -284,6 +284,10 @@ class LayerStreamRuntime(OpenAIRoutes, MLModel):
         """The one path of every request: parse, queue, run; the final event is recorded
         (metrics, log) as it passes. ``call``: outputs.STREAM or UNARY (which outputs the
         request may ask for)."""
+        engine = self._engine
+        if engine is not None and engine.damage is not None:
+            # the store may have been repaired since (hashing is I/O: off the event loop)
+            await asyncio.to_thread(engine.recheck_damage)
         request = record.request = self._parse(payload)
         record.outputs = requested_outputs(payload, request.mode, call)
         async with contextlib.aclosing(self._stream(request, payload, record.arrived)) as events:
