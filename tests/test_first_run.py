@@ -125,6 +125,74 @@ def test_chunk_into_model_repo_name_chunks_needs_no_name(tmp_path):
     assert manifest["name"] == "toy"
 
 
+def test_force_keeps_the_old_store_whole_until_the_new_one_is_complete(
+    tmp_path, monkeypatch, caplog
+):
+    """``--force`` deleted the old store first: a chunker stopped midway left no store, and
+    the model being served lost its chunks. The new store is written beside the old one and
+    swapped in once complete; a failure leaves the old one as it was, and nothing else."""
+    from layerstream.chunker import sinks
+
+    model_dir = tmp_path / "model-repo" / "toy"
+    chunks = model_dir / "chunks"
+    argv = ["chunk", "--random-init", "tiny-llama", str(chunks), "--quiet", "--force"]
+    assert chunker_cli.main(argv) == 0
+    before = {p.name: p.read_bytes() for p in chunks.iterdir()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sinks, "write_durably", disk_full)  # every chunk written, then this
+        assert chunker_cli.main([*argv[:2], "tiny-gpt2", *argv[3:]]) == 1
+    assert "No space left on device" in caplog.text and "is as it was" in caplog.text
+    assert {p.name: p.read_bytes() for p in chunks.iterdir()} == before
+    assert sorted(p.name for p in model_dir.iterdir()) == ["chunks", "model-settings.json"]
+
+    assert chunker_cli.main([*argv[:2], "tiny-gpt2", *argv[3:]]) == 0
+    manifest = json.loads((chunks / "manifest.json").read_text())
+    assert manifest["architecture"] == "GPT2LMHeadModel"
+    assert sorted(p.name for p in model_dir.iterdir()) == ["chunks", "model-settings.json"]
+
+
+def test_rechunking_keeps_the_users_settings(tmp_path):
+    """``--force`` rewrote model-settings.json from scratch, dropping memory_budget,
+    max_active_sequences and request_timeout_s the user had set."""
+    model_dir = tmp_path / "model-repo" / "toy"
+    argv = ["chunk", "--random-init", "tiny-llama", str(model_dir / "chunks"), "--quiet"]
+    assert chunker_cli.main(argv) == 0
+    path = model_dir / "model-settings.json"
+    settings = json.loads(path.read_text())
+    mine = {"memory_budget": "60%", "max_active_sequences": 3, "request_timeout_s": 90}
+    settings["parameters"]["extra"] |= mine
+    settings["max_batch_size"] = 1
+    path.write_text(json.dumps(settings))
+
+    assert chunker_cli.main([*argv, "--force"]) == 0
+    after = json.loads(path.read_text())
+    assert after["max_batch_size"] == 1
+    assert after["parameters"]["extra"] == {"chunk_store": "./chunks", **mine}
+    # what this run is given explicitly wins
+    assert chunker_cli.main([*argv, "--force", "--memory-budget", "75%"]) == 0
+    assert json.loads(path.read_text())["parameters"]["extra"]["memory_budget"] == "75%"
+
+
+def test_a_chunker_that_fails_into_a_new_folder_leaves_nothing(tmp_path, monkeypatch, caplog):
+    """A full disk left 36 MB of partial chunks and a traceback; now the error names the
+    destination and the cause, and what was written is gone."""
+    from layerstream.chunker import sinks
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sinks, "sync_files", disk_full)
+    chunks = tmp_path / "model-repo" / "toy" / "chunks"
+    argv = ["chunk", "--random-init", "tiny-llama", str(chunks), "--quiet"]
+    assert chunker_cli.main(argv) == 1
+    assert f"chunking into {chunks} failed" in caplog.text and "No space left" in caplog.text
+    assert not chunks.exists()
+
+
 def test_chunk_says_how_to_name_a_model_it_cannot_name(tmp_path, caplog):
     dest = tmp_path / "stores" / "toy"
     assert chunker_cli.main(["chunk", "--random-init", "tiny-llama", str(dest), "--quiet"]) == 2

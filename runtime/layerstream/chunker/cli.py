@@ -253,6 +253,14 @@ def chunk_command(args: argparse.Namespace) -> int:
     except (ChunkerError, ValueError, LayerStreamError) as exc:
         log.error("%s", exc)
         return 1
+    except OSError as exc:  # a full disk, a folder not writable...
+        log.error(
+            "chunking into %s failed: %s. What was written is removed; a store that was "
+            "there is as it was",
+            dest,
+            exc,
+        )
+        return 1
     finally:
         for folder in (quantized, tmp):
             if folder is not None:

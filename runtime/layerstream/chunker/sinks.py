@@ -7,7 +7,9 @@ chunker never leaves something that looks servable.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -43,14 +45,23 @@ class Sink(Protocol):
 
 
 class LocalSink:
+    """Writes into ``dest``; with ``force`` over a store already there, into a folder beside
+    it, swapped in for it once complete, so that the store in place stays whole (and served)
+    until the new one is, and an interrupted chunker leaves it as it was."""
+
     def __init__(self, dest: Path, force: bool):
-        if dest.exists() and any(dest.iterdir()):
+        self.dest = dest
+        self._replacing = dest.exists() and any(dest.iterdir())
+        if self._replacing:
             if not force:
                 raise ChunkerError(f"{dest} is not empty; pass --force to overwrite it")
-            shutil.rmtree(dest)
-        dest.mkdir(parents=True, exist_ok=True)
-        self.staging = dest
+            self.staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.new-", dir=dest.parent))
+        else:
+            self._created = not dest.exists()
+            dest.mkdir(parents=True, exist_ok=True)
+            self.staging = dest
         self.uri = str(dest)
+        self._committed = False
 
     def file_done(self, name: str) -> None:
         pass  # written in place; made durable all at once in commit
@@ -58,9 +69,37 @@ class LocalSink:
     def commit(self, names: list[str], manifest: bytes) -> None:
         sync_files([self.staging / n for n in names])
         write_durably(self.staging / MANIFEST_NAME, manifest)
+        if self._replacing:
+            old = swap_directories(self.staging, self.dest)
+            shutil.rmtree(old)
+        self._committed = True
 
     def close(self) -> None:
-        pass
+        """After a failure, what was written goes: a store in place stays as it was."""
+        if self._committed:
+            return
+        if self._replacing or self._created:
+            shutil.rmtree(self.staging, ignore_errors=True)
+        else:  # an empty folder given: emptied again
+            for path in self.staging.iterdir():
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def swap_directories(new: Path, dest: Path) -> Path:
+    """Put ``new`` in place of ``dest`` and return where the old one is now: in one atomic
+    step where Linux can (renameat2 RENAME_EXCHANGE: a reader of ``dest`` sees the old
+    store or the new one, never neither), else by two renames."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is not None:
+        at_cwd, exchange = -100, 2
+        if renameat2(at_cwd, bytes(new), at_cwd, bytes(dest), exchange) == 0:
+            return new  # now holds the old store
+        log.debug("renameat2 failed (errno %d); renaming twice", ctypes.get_errno())
+    aside = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+    os.replace(dest, aside / dest.name)
+    os.replace(new, dest)
+    return aside
 
 
 class S3Sink:
