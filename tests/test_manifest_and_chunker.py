@@ -401,3 +401,55 @@ def test_random_init_keeps_the_dtype_its_config_declares(tmp_path):
         source = write_random_checkpoint(str(tmp_path / "config.json"), tmp_path / f"m-{stored}")
         manifest = chunk_checkpoint(source, tmp_path / f"s-{stored}", "m", progress=False)
         assert manifest.dtype == stored
+
+
+def _damaged_checkpoints(source: Path) -> dict[str, bytes]:
+    """Ways a downloaded safetensors file is damaged: its header length, its JSON, a
+    tensor's dtype or offsets, the file cut short; and a tensor transposed."""
+    import struct
+
+    path = next(source.glob("*.safetensors"))
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    keys = [k for k in header if k != "__metadata__"]
+    wide = next(k for k in keys if len(set(header[k]["shape"])) == 2)
+
+    def rewritten(key: str, **entry) -> bytes:
+        edited = {**header, key: {**header[key], **entry}}
+        text = json.dumps(edited).encode()
+        text += b" " * (-len(text) % 8)
+        return struct.pack("<Q", len(text)) + text + raw[8 + n :]
+
+    begin, end = header[keys[0]]["data_offsets"]
+    return {
+        "header length past the end": struct.pack("<Q", 1 << 40) + raw[8:],
+        "fewer than 8 bytes": raw[:4],
+        "header not JSON": raw[:8] + b"[" + raw[9 : 8 + n] + raw[8 + n :],
+        "cut short": raw[: len(raw) // 2],
+        "offsets past the end": rewritten(keys[0], data_offsets=[begin, end + 10**9]),
+        "unknown dtype": rewritten(keys[0], dtype="Q9"),
+        "transposed": rewritten(wide, shape=header[wide]["shape"][::-1]),
+    }
+
+
+def test_a_damaged_checkpoint_is_one_clear_error_naming_the_file(tmp_path, caplog):
+    """Each used to end in a raw OSError or SafetensorError traceback naming neither the file
+    nor the fix; a transposed tensor was reported as having no values."""
+    from layerstream.chunker import cli
+    from layerstream.chunker.presets import write_random_checkpoint
+
+    source = write_random_checkpoint("tiny-llama", tmp_path / "source")
+    for case, data in _damaged_checkpoints(source).items():
+        damaged = tmp_path / case.replace(" ", "-")
+        shutil.copytree(source, damaged)
+        next(damaged.glob("*.safetensors")).write_bytes(data)
+        caplog.clear()
+        argv = ["chunk", str(damaged), str(tmp_path / "out" / damaged.name), "--name", "x"]
+        assert cli.main([*argv, "--quiet"]) == 1, case
+        message = caplog.records[-1].getMessage()
+        if case == "transposed":
+            assert "has shape" in message and "do not match" in message, message
+        else:
+            assert "model.safetensors" in message and "download it again" in message, message
+        assert not (tmp_path / "out" / damaged.name).exists(), case

@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 import transformers
-from safetensors import safe_open
 from tqdm import tqdm
 from transformers import AutoConfig
 from transformers.utils import logging as hf_logging
@@ -265,10 +264,8 @@ def _route(
     quantized weight's scales go with it."""
     meta = model.state_dict(keep_vars=True)
     routes = _Routes(meta, tied_groups(meta))
-    # backend="pread": real reads; the default mmap backend would keep every touched page of
-    # the source mapped, so RSS would grow to the whole checkpoint.
-    routes.handles = [safe_open(str(f), framework="pt", backend="pread") for f in checkpoint.files]
-    indexes = checkpoint.indexes()
+    indexes = checkpoint.indexes()  # our own reading of every header first: its errors say more
+    routes.handles = checkpoint.handles()
     # A checkpoint whose keys are all the model's own (most are) needs no renaming, so the
     # conversion table is not built for it.
     suffix = quantization.SCALE_SUFFIX if quant is not None else None
@@ -286,12 +283,28 @@ def _route(
                 scale_slices[key] = handle.get_slice(key)
                 continue
             renamed, converter = (key, None) if identity else conversion.rename(key, meta)
+            _check_shape(index[key], renamed, converter, meta)
             part = block_of(renamed, prefixes)
             routes.slices[part][key] = handle.get_slice(key)
             routes.sources[part].append(Routed(renamed, converter, index[key]))
     if scales:
         _route_scales(routes, scales, scale_slices, prefixes, conversion)
     return routes
+
+
+def _check_shape(
+    source: SourceTensor, key: str, converter: Any, meta: dict[str, torch.Tensor]
+) -> None:
+    """A tensor the model takes as it is must have the model's shape: otherwise transformers
+    leaves it out, and the chunker would report it as missing."""
+    want = meta.get(key)
+    if converter is not None or want is None or tuple(want.shape) == source.shape:
+        return
+    raise ChunkerError(
+        f"{source.path.name}: tensor {source.key} has shape {list(source.shape)}, the model "
+        f"its config.json describes wants {list(want.shape)}: the checkpoint and its config "
+        "do not match"
+    )
 
 
 def _route_scales(

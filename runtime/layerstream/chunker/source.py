@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import transformers
 
@@ -72,8 +73,29 @@ class Checkpoint:
             try:
                 out.append(read_safetensors_index(path))
             except HeaderError as exc:
-                raise ChunkerError(f"{path}: {exc}") from exc
+                raise ChunkerError(
+                    f"{path}: {exc}; the checkpoint is damaged or incompletely downloaded: "
+                    "download it again"
+                ) from exc
         return out
+
+    def handles(self) -> list[Any]:
+        """safetensors' own readers of the weight files, a file it cannot read being a
+        ChunkerError that names it. backend="pread": real reads; the default mmap backend
+        would keep every touched page of the source mapped, so RSS would grow to the whole
+        checkpoint."""
+        from safetensors import SafetensorError, safe_open
+
+        handles = []
+        for path in self.files:
+            try:
+                handles.append(safe_open(str(path), framework="pt", backend="pread"))
+            except (SafetensorError, OSError) as exc:
+                raise ChunkerError(
+                    f"{path} is not a readable safetensors file ({exc}): the checkpoint is "
+                    "damaged or incompletely downloaded; download it again"
+                ) from exc
+        return handles
 
     def copy_side_files(
         self, dest: Path, config: transformers.PretrainedConfig, dtype: str

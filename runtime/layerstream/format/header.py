@@ -105,7 +105,9 @@ class Header:
 
 def header_length(first8: bytes, size: int) -> int:
     """The JSON header's length from a file's first 8 bytes, checked against its size."""
-    length = int.from_bytes(first8, "little") if len(first8) == 8 else -1
+    if len(first8) < 8:
+        raise HeaderError(Problem.LENGTH, f"{size} bytes, fewer than the 8 of a header length")
+    length = int.from_bytes(first8, "little")
     if length < 2 or 8 + length > size:
         raise HeaderError(Problem.LENGTH, f"header length {length} in a file of {size} bytes")
     return length
