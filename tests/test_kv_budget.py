@@ -11,7 +11,7 @@ from mlserver.settings import ModelParameters, ModelSettings
 from mlserver.types import InferenceRequest
 from transformers import AutoConfig
 
-from layerstream.errors import SettingsError
+from layerstream.errors import InvalidRequest, SettingsError
 from layerstream.inference.kv import kv_bytes_per_token, request_kv_bytes, resolve_kv_budget
 from layerstream.inference.request import Request
 from layerstream.serving.runtime import LayerStreamRuntime
@@ -138,3 +138,35 @@ def test_admission_counts_kv_bytes_against_the_budget_in_bytes(model_factory):
     results = asyncio.run(main())
     assert all(r[-1].parameters.finish_reason in ("length", "stop") for r in results)
     assert active and max(active) == 1, active
+
+
+def test_hidden_states_count_against_the_budget_until_read(model_factory):
+    """A hidden-states request holds its states until its client has read them: they count
+    as its KV cache does. The KV of two tokens (12 KiB) fits a 16 KiB budget; with the
+    float32 states of all 13 layers (stacked for a unary answer) it does not, and the
+    refusal says so. Counting its KV only admitted it (8 such requests took 374 MiB against
+    a ~96 MiB bound)."""
+    store = model_factory("gpt2").store
+    settings = ModelSettings(
+        name="kvh",
+        implementation=LayerStreamRuntime,
+        parameters=ModelParameters(
+            extra={"chunk_store": str(store), "torch_threads": 1, "kv_cache_budget": "16KiB"}
+        ),
+    )
+    runtime = LayerStreamRuntime(settings)
+    ids = {"name": "input_ids", "datatype": "INT64", "shape": [2], "data": [5, 6]}
+
+    async def main():
+        runtime.ready = await runtime.load()
+        try:
+            hidden = {"inputs": [ids], "parameters": {"mode": "hidden_states"}}
+            with pytest.raises(InvalidRequest, match=r"KV cache and .* of hidden states"):
+                await runtime.predict(InferenceRequest.model_validate(hidden))
+            one = {"inputs": [ids], "parameters": {"mode": "hidden_states", "layers": [-1]}}
+            return await runtime.predict(InferenceRequest.model_validate(one))
+        finally:
+            await runtime.unload()
+
+    answer = asyncio.run(main())
+    assert answer.parameters.layers == "12"

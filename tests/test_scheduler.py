@@ -337,3 +337,48 @@ def test_closing_tells_queued_requests_and_refuses_new_ones():
     finally:
         for event in jobs.release.values():
             event.set()
+
+
+def test_a_consumer_that_stops_reading_holds_its_bytes_until_its_deadline_then_drops_them():
+    """A paused reader: its job has finished, its events wait unread. Its memory (kv_bytes)
+    stays counted, so another request is not admitted past the budget, until the deadline:
+    then the unread events are dropped, the bytes given back, and the reader hears why."""
+    scheduler = Scheduler("m", max_queued=4, max_active=2, kv_budget=100)
+    finished = threading.Event()
+    second_ran = threading.Event()
+
+    def big(emit, stop_requested):
+        for i in range(3):
+            emit(("state", i))
+        finished.set()
+        return "final"
+
+    def second(emit, stop_requested):
+        second_ran.set()
+        return "second"
+
+    async def main():
+        # far enough that the steps below are done before it, on any machine
+        deadline = Deadline.after(5.0, "a test")
+        paused = scheduler.stream(big, deadline, kv_bytes=80)
+        first = await paused.__anext__()  # read one event, then stop reading
+        assert await wait_for_event(finished)
+        waiting = asyncio.ensure_future(collect_with(scheduler, second, kv_bytes=40))
+        await asyncio.sleep(0)
+        # not admitted: the paused reader's 80 bytes are still held although its job ended
+        assert not second_ran.is_set() and scheduler._kv_in_use == 80
+        assert await waiting == ["second"]  # admitted once the deadline dropped them
+        assert second_ran.is_set()
+        with pytest.raises(RequestTimeout, match="before its client read its answer"):
+            await paused.__anext__()
+        return first
+
+    try:
+        assert run(main()) == ("state", 0)
+        assert scheduler._kv_in_use == 0
+    finally:
+        scheduler.close()
+
+
+async def collect_with(scheduler, job, kv_bytes):
+    return [e async for e in scheduler.stream(job, kv_bytes=kv_bytes)]

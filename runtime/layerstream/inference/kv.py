@@ -40,9 +40,7 @@ def kv_bytes_per_token(config: PretrainedConfig, blocks: int, dtype: str) -> int
     return 2 * blocks * int(width) * getattr(torch, dtype).itemsize
 
 
-def request_kv_bytes(
-    request: Request, per_token: int, context: int | None, chat_overhead: int = 0
-) -> int:
+def request_tokens(request: Request, context: int | None, chat_overhead: int = 0) -> int:
     """What the request's sequence may grow to: its prompt plus the tokens it may generate.
     A text prompt is not tokenized yet (that happens on its worker thread): its UTF-8
     length plus a few special tokens bounds its token count; a chat's, its text plus
@@ -56,9 +54,27 @@ def request_kv_bytes(
         assert request.prompt is not None  # the protocol sets one of the three
         prompt = len(request.prompt.encode()) + PROMPT_SPECIALS
     tokens = prompt + (request.max_new_tokens if request.mode is Mode.TOKENS else 0)
-    if context is not None:
-        tokens = min(tokens, context)
-    return tokens * per_token
+    return tokens if context is None else min(tokens, context)
+
+
+def request_kv_bytes(
+    request: Request, per_token: int, context: int | None, chat_overhead: int = 0
+) -> int:
+    """The KV cache the request's sequence may grow to (``request_tokens``)."""
+    return request_tokens(request, context, chat_overhead) * per_token
+
+
+def request_output_bytes(
+    request: Request, hidden_size: int | None, context: int | None, chat_overhead: int = 0
+) -> int:
+    """What a hidden-states or embedding request's answer holds until its client has read it:
+    float32 states of ``hidden_size`` per token, each selected state twice at most (as
+    computed, and stacked for a unary answer), the last state and the embedding. Token
+    answers are a few bytes per token: 0."""
+    if request.mode is Mode.TOKENS or hidden_size is None:
+        return 0
+    states = 2 * len(request.layers) + 1
+    return (states * request_tokens(request, context, chat_overhead) + 1) * hidden_size * 4
 
 
 def resolve_kv_budget(spec: str, per_token: int, max_active: int, context: int | None) -> int:

@@ -26,12 +26,19 @@ from ..engine import tuning
 from ..engine.engine import Engine, EngineOptions
 from ..errors import ChunkIntegrityError, InvalidRequest, LayerStreamError
 from ..inference.capabilities import capabilities
-from ..inference.kv import describe, kv_bytes_per_token, request_kv_bytes, resolve_kv_budget
+from ..inference.kv import (
+    describe,
+    kv_bytes_per_token,
+    request_kv_bytes,
+    request_output_bytes,
+    resolve_kv_budget,
+)
 from ..inference.prompts import chat_overhead, prompt_byte_limit
 from ..inference.request import Request
 from ..inference.run import run
 from ..inference.types import Cancelled, Emit, Event, FinalEvent, HiddenStateEvent
 from ..stores import open_store
+from ..units import format_size
 from . import grpc_status, loaded, workers
 from .accounting import UNPARSED, RequestRecord
 from .encoding import encode_event, encode_unary, error_response
@@ -323,18 +330,24 @@ class LayerStreamRuntime(OpenAIRoutes, MLModel):
             )
         engine, caps = self._engine, self._caps
         kv = request_kv_bytes(request, self._kv_per_token, caps.context_length, self._chat_overhead)
-        if kv > self._kv_budget:
+        # hidden states are held until the client has read them: they count as its KV does
+        out = request_output_bytes(
+            request, caps.hidden_size, caps.context_length, self._chat_overhead
+        )
+        if kv + out > self._kv_budget:
+            held = f"{describe(kv, self._kv_per_token)} of KV cache" + (
+                f" and {format_size(out)} of hidden states" if out else ""
+            )
             raise InvalidRequest(
-                f"this request's KV cache may reach {describe(kv, self._kv_per_token)}, more "
-                f"than the model's kv_cache_budget of "
-                f"{describe(self._kv_budget, self._kv_per_token)}; lower max_new_tokens or "
-                "shorten the prompt"
+                f"this request may hold {held}, more than the model's kv_cache_budget of "
+                f"{describe(self._kv_budget, self._kv_per_token)}; lower max_new_tokens, ask "
+                "for fewer layers or shorten the prompt"
             )
 
         def job(emit: Emit, cancelled: Cancelled) -> FinalEvent:
             return run(engine, request, caps, emit, cancelled)
 
-        return self._scheduler.stream(job, deadline, label=payload.id or "", kv_bytes=kv)
+        return self._scheduler.stream(job, deadline, label=payload.id or "", kv_bytes=kv + out)
 
 
 def _settle_heap(release: bool = False) -> None:

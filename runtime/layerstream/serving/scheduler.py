@@ -63,15 +63,32 @@ class _Ticket:
     events: asyncio.Queue
     label: str
     deadline: Deadline | None = None
-    kv_bytes: int = 0
+    kv_bytes: int = 0  # held from admission until the consumer is done (or the deadline)
     cancel: threading.Event = field(default_factory=threading.Event)
     emitted: int = 0  # events the job has emitted, for the log line when it stops early
+    admitted: bool = False
+    released: bool = False  # its kv_bytes given back (under the scheduler's condition)
+    dropped: bool = False  # past its deadline undelivered: later events are dropped
 
     def post(self, item: object) -> None:
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+            self.loop.call_soon_threadsafe(self._put, item)
         except RuntimeError:  # the loop is closed: the server is shutting down
             self.cancel.set()
+
+    def _put(self, item: object) -> None:
+        if not self.dropped:
+            self.events.put_nowait(item)
+
+    def drop_undelivered(self, error: BaseException) -> None:
+        """On the loop, at the deadline: what the consumer has not read goes (a client that
+        stopped reading holds no memory past it), and it reads ``error`` next."""
+        self.cancel.set()
+        self.dropped = True
+        while not self.events.empty():
+            self.events.get_nowait()
+        self.events.put_nowait(error)
+        self.events.put_nowait(_DONE)
 
     def emit(self, event: object) -> None:
         self.emitted += 1
@@ -152,6 +169,11 @@ class Scheduler:
             self._queue.append(ticket)
             self._on_queue_change(len(self._queue))
             self._cond.notify_all()
+        # The deadline bounds delivery too: a consumer that stopped reading (its client
+        # paused) would otherwise keep the events of a finished job for as long as it liked.
+        timer = None
+        if deadline is not None:
+            timer = ticket.loop.call_later(max(deadline.remaining(), 0), self._expire, ticket)
         try:
             while True:
                 item = await self._next(ticket)
@@ -164,8 +186,33 @@ class Scheduler:
             # Reached on normal end, on error, and when the consumer is cancelled or closed
             # (client disconnect): the job stops at its next block boundary, and a ticket
             # still waiting gives its place up.
+            if timer is not None:
+                timer.cancel()
             ticket.cancel.set()
             self._discard(ticket)
+            self._release(ticket)
+
+    def _expire(self, ticket: _Ticket) -> None:
+        assert ticket.deadline is not None
+        if ticket.released or ticket.events.empty():
+            return  # read up to date: a consumer waiting hears of the deadline in _next
+        log.info(
+            "%s: request %s passed its deadline with %d events undelivered; dropped",
+            self.name,
+            ticket.label,
+            ticket.events.qsize(),
+        )
+        ticket.drop_undelivered(ticket.deadline.error("before its client read its answer"))
+        self._release(ticket)
+
+    def _release(self, ticket: _Ticket) -> None:
+        """Give back what ``ticket`` held (once): its events are read or dropped."""
+        with self._cond:
+            if ticket.released or not ticket.admitted:
+                return
+            ticket.released = True
+            self._kv_in_use -= ticket.kv_bytes
+            self._cond.notify_all()
 
     def _discard(self, ticket: _Ticket) -> None:
         with self._cond:
@@ -204,6 +251,7 @@ class Scheduler:
                 self._on_queue_change(len(self._queue))
                 admitted = not (ticket.cancel.is_set() or ticket.expired())
                 if admitted:
+                    ticket.admitted = True
                     self._active += 1
                     self._kv_in_use += ticket.kv_bytes
                     self._on_active_change(self._active)
@@ -253,12 +301,13 @@ class Scheduler:
         except BaseException as exc:  # handed to the request's coroutine, never lost
             ticket.post(exc)
         finally:
-            ticket.post(_DONE)
             with self._cond:
+                # its kv_bytes stay held until its events are read (stream's finally), which
+                # may happen as soon as _DONE is posted: the job counts as ended first
                 self._active -= 1
-                self._kv_in_use -= ticket.kv_bytes
                 self._on_active_change(self._active)
                 self._cond.notify_all()
+            ticket.post(_DONE)
 
     def close(self) -> None:
         """Refuse new requests and tell the queued ones the model is gone; the requests in

@@ -140,8 +140,10 @@ class LayerStreamSettings(BaseSettings):
         default="auto",
         description="Bytes the KV caches of the requests in flight may take, each estimated "
         "from the config (2 x blocks x KV heads x head size x dtype bytes per token, for the "
-        "prompt plus `max_new_tokens`; a text prompt counts as its UTF-8 length). A request "
-        "waits rather than exceed it; one that could never fit is refused. `auto`: "
+        "prompt plus `max_new_tokens`; a text prompt counts as its UTF-8 length), and the "
+        "float32 hidden states of `hidden_states` and `embedding` requests, held until their "
+        "client has read them. A request waits rather than exceed it; one that could never "
+        "fit is refused. `auto`: "
         "`max_active_sequences` sequences of the full context, at most a quarter of the "
         "memory available at load.",
     )
@@ -150,7 +152,8 @@ class LayerStreamSettings(BaseSettings):
         description="Seconds a request may take from arrival, queue wait included; then the "
         "engine stops at the next block and the client gets error_type `timeout` (SSE event, "
         "`/infer` 504, gRPC `DEADLINE_EXCEEDED`). It bounds work a client abandoned where "
-        "the transport cannot say so (an HTTP/1.1 `/infer` client that timed out). A "
+        "the transport cannot say so (an HTTP/1.1 `/infer` client that timed out), and "
+        "delivery: what a client that stopped reading has not read by then is dropped. A "
         "request's own `timeout` parameter (microseconds, as tritonclient sends it) can only "
         "shorten it.",
     )
