@@ -39,7 +39,7 @@ from ..inference.run import run
 from ..inference.types import Cancelled, Emit, Event, FinalEvent, HiddenStateEvent
 from ..stores import open_store
 from ..units import format_size
-from . import grpc_status, loaded, workers
+from . import grpc_status, loaded, shutdown, workers
 from .accounting import UNPARSED, RequestRecord
 from .encoding import encode_event, encode_unary, error_response
 from .metadata import model_metadata
@@ -93,6 +93,7 @@ class LayerStreamRuntime(OpenAIRoutes, MLModel):
             # (docs/integrity.md): the log then shows where, not just an exit status.
             faulthandler.enable()
         grpc_status.install()
+        shutdown.bound_rest_shutdown()
         settings = LayerStreamSettings.from_extra(
             self.settings.parameters.extra if self.settings.parameters else None
         )
