@@ -166,6 +166,10 @@ def test_context_length():
     check_context(48, r, CAUSAL)
     with pytest.raises(InvalidRequest, match="exceeds the model's context of 64"):
         check_context(49, r, CAUSAL)
+    # a default is not named as if the client had sent it
+    defaulted = parse(request())
+    with pytest.raises(InvalidRequest, match=r"max_new_tokens 16 \(the default: the request"):
+        check_context(60, defaulted, CAUSAL)
     hidden = parse(request(mode="hidden_states"))
     check_context(64, hidden, CAUSAL)
     with pytest.raises(InvalidRequest, match="prompt of 65 tokens"):
@@ -351,7 +355,8 @@ def test_prompt_bytes_must_be_utf8():
 def test_prompt_over_the_byte_limit_is_refused_before_decoding():
     assert parse(request(prompt(["x" * 100])), max_prompt_bytes=100).prompt == "x" * 100
     with pytest.raises(
-        InvalidRequest, match=r"has 101 characters, over this model.s limit of 100 bytes \(a test"
+        InvalidRequest,
+        match=r"is at least 101 bytes \(UTF-8\), over this model.s limit of 100 bytes \(a test",
     ):
         parse(request(prompt(["x" * 101])), max_prompt_bytes=100)  # not even encoded
     # counted in UTF-8 bytes, not characters: 34 x 3 bytes
@@ -468,7 +473,8 @@ def test_bad_messages(value, caps, words):
 def test_messages_count_against_the_prompt_limit():
     chat = [{"role": "user", "content": "x" * 200}]
     with pytest.raises(
-        InvalidRequest, match=r"input 'messages' has 233 characters, over this model's limit of 100"
+        InvalidRequest,
+        match=r"input 'messages' is at least 233 bytes \(UTF-8\), over this model's limit of 100",
     ):
         parse(request(messages(chat)), caps=CHAT_CAPS, max_prompt_bytes=100)
 

@@ -42,6 +42,7 @@ class Request:
     messages: list[dict[str, str]] | None = None
     input_ids: list[int] | None = None
     max_new_tokens: int = 64
+    max_new_tokens_sent: bool = True  # False: the default_max_new_tokens setting's
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -68,7 +69,11 @@ def check_context(n_prompt: int, request: Request, caps: ModelCapabilities) -> N
     needed = n_prompt + (request.max_new_tokens if generates else 0)
     if needed > caps.context_length:
         extra = f" + max_new_tokens {request.max_new_tokens}" if generates else ""
+        fix = "lower max_new_tokens"
+        if generates and not request.max_new_tokens_sent:
+            extra += " (the default: the request sent none)"
+            fix = "send a lower max_new_tokens"
         raise InvalidRequest(
             f"prompt of {n_prompt} tokens{extra} exceeds the model's context of "
-            f"{caps.context_length} tokens; shorten the prompt or lower max_new_tokens"
+            f"{caps.context_length} tokens; shorten the prompt or {fix}"
         )

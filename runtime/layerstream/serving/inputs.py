@@ -227,7 +227,8 @@ def _check_prompt_size(name: str, value: str | bytes, limit: PromptLimit) -> Non
             return
         what = f"is {size} bytes"
     else:
-        what = f"has {low} characters"  # at least as many bytes: no need to count them
+        # characters, each at least one byte: no need to count the bytes themselves
+        what = f"is at least {low} bytes (UTF-8)"
     raise InvalidRequest(
         f"input {name!r} {what}, over this model's limit of {limit.max_bytes} bytes "
         f"({limit.reason}); shorten the prompt"

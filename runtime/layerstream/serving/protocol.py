@@ -102,9 +102,10 @@ def parse_request(
     mode = _mode(params, caps)
     check_applicable(params, mode)
     fields = convert_scalars(params)
+    sent = "max_new_tokens" in fields
     fields.setdefault("max_new_tokens", min(default_max_new_tokens, max_new_tokens_limit))
     pooling = fields.pop("pooling", Pooling.MEAN)  # checked after the ranges
-    request = Request(mode=mode, **fields)
+    request = Request(mode=mode, max_new_tokens_sent=sent, **fields)
     if "layers" in params:
         request.layers = parse_layers(params.pop("layers"), caps.num_layers)
     elif mode is Mode.HIDDEN_STATES:
