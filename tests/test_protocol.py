@@ -463,6 +463,8 @@ def test_messages_are_parsed_into_the_request():
         ([{"role": "user", "content": None}], CHAT_CAPS, "content must be a string, got null"),
         ([{"role": "user", "content": "x", "tool_calls": []}], CHAT_CAPS, "'tool_calls'"),
         ([{"role": "user", "content": "x", "name": 3}], CHAT_CAPS, "name must be a string"),
+        # it was taken as empty text
+        ([{"role": "user", "content": []}], CHAT_CAPS, "content is an empty list of parts"),
     ],
 )
 def test_bad_messages(value, caps, words):

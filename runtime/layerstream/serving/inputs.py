@@ -157,6 +157,8 @@ def unicode_text(what: str, text: str) -> str:
 
 
 def _joined_parts(where: str, parts: list[Any]) -> str:
+    if not parts:  # OpenAI refuses it too: not the empty text it would join to
+        raise InvalidRequest(f"{where}.content is an empty list of parts; send a string")
     texts = []
     for part in parts:
         if not (isinstance(part, dict) and part.get("type") == "text"):
