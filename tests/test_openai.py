@@ -350,6 +350,24 @@ def test_a_path_not_served_is_an_openai_404(server):
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "not_found"
 
 
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("PUT", "chat/completions", "POST"),
+        ("DELETE", "models/x", "GET"),
+        ("PATCH", "anything", "POST"),
+    ],
+)
+def test_other_methods_get_an_openai_405(server, method, path, allow):
+    """They got FastAPI's {"detail": "Method Not Allowed"}, which OpenAI clients cannot read."""
+    url = f"{server.http_url}/v2/models/{CHAT}/openai/v1/{path}"
+    answer = httpx.request(method, url, json={}, timeout=30)
+    assert answer.status_code == 405 and answer.headers["allow"] == allow
+    error = answer.json()["error"]
+    assert error["code"] == "method_not_allowed" and f"{method} /{path}" in error["message"]
+
+
 # -- the stream's wire format, in process ------------------------------------------------------
 
 

@@ -274,6 +274,31 @@ class OpenAIRoutes:
     async def openai_other_post(self, model_name: str, path: str) -> Response:
         return _not_served(path)
 
+    # Other methods anywhere under the base URL: OpenAI's 405, not FastAPI's {"detail": ...}
+    @custom_handler(rest_path=BASE + "/{path:path}", rest_method="PUT")
+    async def openai_other_put(self, model_name: str, path: str) -> Response:
+        return _wrong_method("PUT", path)
+
+    @custom_handler(rest_path=BASE + "/{path:path}", rest_method="PATCH")
+    async def openai_other_patch(self, model_name: str, path: str) -> Response:
+        return _wrong_method("PATCH", path)
+
+    @custom_handler(rest_path=BASE + "/{path:path}", rest_method="DELETE")
+    async def openai_other_delete(self, model_name: str, path: str) -> Response:
+        return _wrong_method("DELETE", path)
+
+
+def _wrong_method(method: str, path: str) -> Response:
+    allowed = "GET" if path.rstrip("/").split("/")[0] == "models" else "POST"
+    response = OpenAIError(
+        405,
+        f"{method} /{path} is not served; this base URL serves POST /chat/completions, POST "
+        "/completions and GET /models",
+        "method_not_allowed",
+    ).response()
+    response.headers["Allow"] = allowed
+    return response
+
 
 def _not_served(path: str) -> Response:
     return OpenAIError(
