@@ -1,4 +1,4 @@
-"""Small configs for 57 architectures transformers builds from a config, plus ALBERT with
+"""Small configs for 58 architectures transformers builds from a config, plus ALBERT with
 two layer groups: the architecture sweep test (test_architectures.py) and the exactness
 sweep benchmark (benchmarks/exactness_sweep.py) both use them.
 
@@ -306,6 +306,18 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
         mask_token_id=2,
         token_dropout=True,
         emb_layer_norm_before=True,
+    ),
+    # its router's nonzero(), which the meta pass takes as all non-zero (engine/writes.py)
+    "dbrx": _arch(
+        "dbrx",
+        "DbrxForCausalLM",
+        d_model=64,
+        n_layers=LAYERS,
+        n_heads=4,
+        vocab_size=VOCAB,
+        max_seq_len=128,
+        attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+        ffn_config={"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2},
     ),
     # forwards that cannot run on the meta device (META_PASS_FAILS)
     "jetmoe": _arch(

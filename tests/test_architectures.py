@@ -63,7 +63,7 @@ def test_architecture_is_exact_while_streaming(name, tmp_path):
 # the rows added for issue 22's classes, in half precision too (not XLNet: transformers' own
 # from_pretrained of a half-precision XLNet fails on a CPU, "expected scalar type Float but
 # found Half", and so does the engine, with the same error)
-HALF_PRECISION = ["rwkv", "biogpt", "roformer", "funnel", "esm", "jetmoe", "marian"]
+HALF_PRECISION = ["rwkv", "biogpt", "roformer", "funnel", "esm", "dbrx", "jetmoe", "marian"]
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

@@ -39,9 +39,24 @@ class WritesEveryForward(Exception):
 class MetaReads(TorchDispatchMode):
     """Answers the values a forward reads on the meta device (``.item()``, as transformers'
     mask code asks whether an all-ones mask is all ones) with 1 / True, the answer for the
-    ordinary inputs of a meta pass, so the forward goes on down their path. What a meta pass
+    ordinary inputs of a meta pass, so the forward goes on down their path (the config flag
+    is process-wide, but only meta tensors ever read it). What a meta pass
     learns is checked where it is used (hidden.py checks every state against transformers'
     own)."""
+
+    def __enter__(self):
+        # likewise ``nonzero`` (of a router's choices): every element taken as non-zero
+        from torch.fx.experimental import _config
+
+        self._nonzero = _config.patch(meta_nonzero_assume_all_nonzero=True)
+        self._nonzero.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._nonzero.__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten._local_scalar_dense.default and args[0].is_meta:
