@@ -54,18 +54,19 @@ def test_the_budget_setting():
         resolve_kv_budget("lots", 100, 8, 128)
 
 
+def gpt2_at_16kib(model_factory, name: str) -> LayerStreamRuntime:
+    """The tiny GPT-2 (6 KiB of KV cache per token) with a 16 KiB kv_cache_budget."""
+    extra = {"chunk_store": str(model_factory("gpt2").store), "torch_threads": 1}
+    parameters = ModelParameters(extra=extra | {"kv_cache_budget": "16KiB"})
+    return LayerStreamRuntime(
+        ModelSettings(name=name, implementation=LayerStreamRuntime, parameters=parameters)
+    )
+
+
 def test_a_request_that_could_never_fit_is_refused_with_the_numbers(model_factory):
     """A 16 KiB budget on the tiny GPT-2 (6 KiB of KV cache per token): a request of two
     tokens fits, one of 12 could never fit and is an invalid_request naming the setting."""
-    store = model_factory("gpt2").store
-    settings = ModelSettings(
-        name="kv",
-        implementation=LayerStreamRuntime,
-        parameters=ModelParameters(
-            extra={"chunk_store": str(store), "torch_threads": 1, "kv_cache_budget": "16KiB"}
-        ),
-    )
-    runtime = LayerStreamRuntime(settings)
+    runtime = gpt2_at_16kib(model_factory, "kv")
 
     async def main():
         runtime.ready = await runtime.load()
@@ -146,15 +147,7 @@ def test_hidden_states_count_against_the_budget_until_read(model_factory):
     float32 states of all 13 layers (stacked for a unary answer) it does not, and the
     refusal says so. Counting its KV only admitted it (8 such requests took 374 MiB against
     a ~96 MiB bound)."""
-    store = model_factory("gpt2").store
-    settings = ModelSettings(
-        name="kvh",
-        implementation=LayerStreamRuntime,
-        parameters=ModelParameters(
-            extra={"chunk_store": str(store), "torch_threads": 1, "kv_cache_budget": "16KiB"}
-        ),
-    )
-    runtime = LayerStreamRuntime(settings)
+    runtime = gpt2_at_16kib(model_factory, "kvh")
     ids = {"name": "input_ids", "datatype": "INT64", "shape": [2], "data": [5, 6]}
 
     async def main():
