@@ -6,6 +6,12 @@ two modules would start two servers), and import the helpers they need. The serv
 started in its own process group and stopped by that group's id (SIGTERM, then SIGKILL),
 never by name. Everything it writes (log, .metrics, .envs) stays in a temporary folder.
 
+It also registers :func:`gated_layerstream_server`, for tests that must hold the engine
+where they say (a request that cannot end before its client leaves, requests that are all in
+flight before any can finish) instead of racing its speed: its store's block reads pass a
+gate the test closes and opens, and a hook in the server logs each request joining the
+sweeps.
+
 PYTEST_DONT_REWRITE: the test modules import this module before pytest loads it as a
 plugin, too late for assertion rewriting (pytest would warn about it).
 """
@@ -15,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -35,6 +42,8 @@ from layerstream.chunker.model_settings import model_settings
 HOST = "127.0.0.1"
 READY_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 15.0
+WAIT_S = 120.0  # bound on waiting for an event; reached only if the code under test hangs
+POLL_S = 0.05  # polling interval of bounded polls, not a timing assertion
 
 
 @dataclass
@@ -126,6 +135,7 @@ class MLServerProcess:
         self.log_path = self.root / "mlserver.log"
         self.proc: subprocess.Popen | None = None
         self.chunked: dict[str, Any] = {}  # served name -> conftest ChunkedModel, if known
+        self.gate: Any = None  # the Gate of a gated server's store (gated_layerstream_server)
 
     @property
     def http_url(self) -> str:
@@ -288,6 +298,95 @@ def layerstream_server(model_factory, tmp_path_factory) -> Iterator[MLServerProc
     with serve(tmp_path_factory.mktemp("mlserver"), specs) as server:
         server.chunked = chunked
         yield server
+
+
+# -- the gated server ------------------------------------------------------------------------
+
+GATED = "llama-gated"  # LLAMA_25's weights and settings, streamed from a gated HTTP store
+JOINED = "test hook: a request joined the sweeps"
+# sitecustomize.py of the gated server: logs each request joining the sweeps (the engine's
+# rendezvous, engine/sweeps.py), which nothing else in the server tells from outside
+JOIN_HOOK = f"""
+import logging
+
+from layerstream.engine import sweeps
+
+_join = sweeps.SweepGroup.join
+
+
+def join(self, *args, **kwargs):
+    rider = _join(self, *args, **kwargs)
+    logging.getLogger("layerstream.tests").info("{JOINED} (%d in flight)", self.members)
+    return rider
+
+
+sweeps.SweepGroup.join = join
+"""
+
+
+@pytest.fixture(scope="session")
+def gated_layerstream_server(model_factory, tmp_path_factory) -> Iterator[MLServerProcess]:
+    """One ``mlserver start`` serving :data:`GATED`: the llama fixture model at a 25% budget,
+    read-ahead 1, one torch thread (LLAMA_25's settings), its blocks read over HTTP through
+    ``server.gate`` (tests/test_overload.py's Gate: closed, it holds every block read until
+    opened, or lets ``allow`` more through first). Tests leave it open, and the model idle.
+    Its log has a :data:`JOINED` line for each request that joins the sweeps."""
+    from test_overload import GatedStore  # imported here: that module imports this one
+
+    llama = model_factory("llama")
+    store = GatedStore(llama.store).start()
+    root = tmp_path_factory.mktemp("mlserver-gated")
+    hooks = root / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(JOIN_HOOK)
+    path = os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")]))
+    extra = {
+        "memory_budget": "25%",
+        "read_ahead": 1,
+        "torch_threads": 1,
+        "max_new_tokens_limit": MAX_NEW_TOKENS_LIMIT,
+        # a held read must not time out: the test, not a clock, lets it go
+        "store_read_timeout_s": 600,
+        "store_deadline_s": 600,
+    }
+    spec = ModelSpec(GATED, store.url, extra, store_mode="raw")
+    try:
+        with serve(root / "server", [spec], env={"PYTHONPATH": path}) as server:
+            server.chunked = {GATED: llama}
+            server.gate = store.gate
+            yield server
+    finally:
+        store.stop()
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:
+    """A bounded poll of something only the server can tell (a metric, a log line)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(POLL_S)
+
+
+def log_lines(server: MLServerProcess, pattern: str) -> list[int]:
+    """Indexes of the server log lines that match ``pattern``."""
+    lines = server.log_text().splitlines()
+    return [i for i, line in enumerate(lines) if re.search(pattern, line)]
+
+
+def joined(server: MLServerProcess) -> int:
+    """How many requests have joined the sweeps of the gated server (its hook's lines)."""
+    return len(log_lines(server, re.escape(JOINED)))
+
+
+def active(server: MLServerProcess, model: str) -> float:
+    """``layerstream_active_sequences`` of ``model``: requests admitted and not yet ended."""
+    samples = metric_samples(server.metrics_url)
+    return samples.get(("layerstream_active_sequences", labels(model)), 0.0)
+
+
+def wait_idle(server: MLServerProcess, model: str) -> None:
+    """Until no request of ``model`` runs (one an earlier test left stops at a block)."""
+    wait_until(lambda: active(server, model) == 0, f"{model} to be idle")
 
 
 # -- raw wire helpers (independent of layerstream_client) -----------------------------------
