@@ -142,13 +142,17 @@ def learn_weight_writes(
                 hook.remove()
         again = _written(model, inputs, owners) if first else ()
     except Exception as exc:  # any failure of transformers' forward on meta means the same
+        # text only: the exception's traceback holds the meta forward's frames and cache
+        unchecked = f"its forward on the meta device failed ({exc!r:.200})"
+    else:
+        unchecked = None
+    if unchecked is not None:
         log.warning(
-            "%s: could not learn whether its forward writes to its weights (its forward on "
-            "the meta device failed: %r)",
+            "%s: could not learn whether its forward writes to its weights (%s)",
             architecture,
-            exc,
+            unchecked,
         )
-        return WeightWrites(unchecked=f"its forward on the meta device failed ({exc!r:.200})")
+        return WeightWrites(unchecked=unchecked)
     idle = [name for name in blocks if name not in ran]
     if idle:
         raise BlocksNeverRun(

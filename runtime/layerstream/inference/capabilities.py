@@ -35,7 +35,7 @@ def capabilities(engine: Engine) -> ModelCapabilities:
                 "%s (%s) serves no hidden_states mode: %s",
                 engine.manifest.name,
                 engine.manifest.architecture,
-                exc,
+                str(exc),  # a log record keeps its arguments
             )
         modes.append(Mode.EMBEDDING)
     config = model.config

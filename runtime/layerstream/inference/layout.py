@@ -176,13 +176,18 @@ def learn_layout(config: PretrainedConfig, architecture: str, dtype: str) -> Hid
     # all-ones mask requests pass (hidden.py): a model may apply it to a state after the
     # module that made it (ESM-1b multiplies its embeddings' layer norm output by it), and
     # MetaReads answers the values transformers' mask code reads of it.
+    # The failure is kept as text: the exception's traceback holds the meta forward's frames
+    # (its cache, its tensors) for as long as the exception lives (a log record, a cache).
+    failure = None
     try:
         with torch.no_grad(), MetaReads(), on_calls(base, everything, record):
             states = base(
                 input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True
             ).hidden_states
     except Exception as exc:  # any failure of transformers' forward on meta means the same
-        raise LayoutUnknown(f"its forward pass on the meta device failed ({exc!r})") from exc
+        failure = f"its forward pass on the meta device failed ({exc!r})"
+    if failure is not None:
+        raise LayoutUnknown(failure)
     if not isinstance(states, tuple) or not states:
         raise LayoutUnknown("its base model returns no hidden_states")
     sources: list[StateSource | None] = []
@@ -220,7 +225,7 @@ def hidden_layout(engine: Engine) -> HiddenLayout:
                     late or "none",
                 )
             except LayoutUnknown as exc:
-                known = exc
+                known = LayoutUnknown(str(exc))  # without the traceback of the meta pass
             _LAYOUTS[engine] = known
     if isinstance(known, LayoutUnknown):
         raise LayoutUnknown(str(known))
