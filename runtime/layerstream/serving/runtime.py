@@ -403,8 +403,9 @@ def _build_engine(settings: LayerStreamSettings, folder: Path | None) -> Engine:
 
 
 async def _next_payload(payloads: AsyncIterator[InferenceRequest]) -> InferenceRequest | None:
-    """The stream's next request, or None once the client has closed its side."""
+    """The stream's next request, or None once the client has closed its side (or the call
+    has failed: a client gone after its answer is no second request)."""
     try:
         return await payloads.__anext__()
-    except StopAsyncIteration:
+    except Exception:  # StopAsyncIteration among them
         return None
