@@ -10,7 +10,7 @@ import json
 import subprocess
 import sys
 import textwrap
-import time
+import uuid
 from pathlib import Path
 
 import grpc
@@ -23,7 +23,19 @@ from mlserver.codecs import StringCodec
 from mlserver.grpc import converters
 from mlserver.grpc import dataplane_pb2 as pb
 from mlserver.grpc import dataplane_pb2_grpc as dataplane
-from mlserver_proc import BERT, GPT2, LLAMA, LLAMA_25, labels, metric_samples, raw_sse
+from mlserver_proc import (
+    BERT,
+    GATED,
+    GPT2,
+    LLAMA,
+    LLAMA_25,
+    labels,
+    log_lines,
+    metric_samples,
+    raw_sse,
+    wait_idle,
+    wait_until,
+)
 
 pytest_plugins = ["mlserver_proc"]
 pytestmark = [
@@ -520,19 +532,43 @@ def test_tritonclient_grpc_stream_misreads_mlservers_stream_as_documented(server
     assert LLAMA_25 in done.stdout.split("error=", 1)[1]
 
 
-def test_a_request_whose_client_left_is_counted_as_cancelled(server):
-    key = ("layerstream_requests_total", labels(LLAMA_25, finish_reason="cancelled", mode="tokens"))
+def test_a_request_whose_client_left_is_counted_as_cancelled(gated_layerstream_server):
+    """The client reads one token and hangs up: the request is counted as cancelled. It
+    cannot end before the hang-up, however fast the engine: its store holds a block read
+    after its first tokens until the hang-up is counted (the gated server), and the test
+    waits until the engine has stopped, so nothing of it runs into the next test."""
+    server, gate = gated_layerstream_server, gated_layerstream_server.gate
+    key = ("layerstream_requests_total", labels(GATED, finish_reason="cancelled", mode="tokens"))
+    wait_idle(server, GATED)
+    raw_sse(server.http_url, GATED, example_request(1))  # warm: a first request reads more
+    before_reads = gate.passed
+    raw_sse(server.http_url, GATED, example_request(1))
+    reads_per_token = gate.passed - before_reads  # a token reads every streamed block
+    assert reads_per_token > 0
     before = metric_samples(server.metrics_url).get(key, 0.0)
-    request = example_request(32)
-    url = f"{server.http_url}/v2/models/{LLAMA_25}/generate_stream"
-    with (
-        httpx.Client(timeout=60) as client,
-        connect_sse(client, "POST", url, json=request) as source,
-    ):
-        next(source.iter_sse())  # one token, then hang up
-    deadline = time.monotonic() + 60
-    while metric_samples(server.metrics_url).get(key, 0.0) == before:
-        # the server notices the hang-up at its next block; bounded, not timed
-        assert time.monotonic() < deadline, "the cancelled request was never counted"
-        time.sleep(0.1)
-    assert metric_samples(server.metrics_url)[key] == before + 1
+    leaver = f"left-after-one-token-{uuid.uuid4().hex[:8]}"  # its own log lines
+    request = {**example_request(32), "id": leaver}
+    url = f"{server.http_url}/v2/models/{GATED}/generate_stream"
+
+    def counted() -> float:
+        return metric_samples(server.metrics_url).get(key, 0.0)
+
+    gate.close(allow=2 * reads_per_token)  # the first tokens' reads pass, a later one is held
+    try:
+        with (
+            httpx.Client(timeout=60) as client,
+            connect_sse(client, "POST", url, json=request) as source,
+        ):
+            events = source.iter_sse()  # held: closing it would hang up at once
+            next(events)  # one token
+            gate.wait_held()  # the engine waits in a read: 32 tokens cannot be done
+        # hung up; the server counts it when it notices, while the read is still held
+        wait_until(lambda: counted() != before, "the cancelled request to be counted")
+        assert gate.held > 0 and counted() == before + 1  # counted while the engine was held
+    finally:
+        gate.open()
+    # let go, the engine stops at its next block
+    stopped = rf"request {leaver} cancelled by the client; stopped after \d+ events"
+    wait_until(lambda: log_lines(server, stopped), "the engine to stop the request")
+    wait_idle(server, GATED)
+    assert counted() == before + 1
