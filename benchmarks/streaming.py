@@ -1,19 +1,25 @@
 """Decode speed, memory and bytes read: resident transformers vs layerstream vs its peers.
 
 Each run is its own process (so its peak RSS is its own), systems interleaved A B C A B C
-over the repetitions, medians reported; every run's greedy ids are checked against the
-resident model's. Two regimes:
+over the repetitions, medians reported. Two regimes:
 
 - warm: chunk files in the page cache, no memory limit;
 - cold ("a box smaller than the model"): the page cache is dropped before each run and the
   run sits in a memory cgroup (which also caps its page cache) of import baseline + budget
   + margin. Needs root; skipped with the reason where the machine does not allow it.
 
-The floor of a streamed run is measured in the same invocation: max(resident compute per
-token, bytes read from the disk per token / the store's bandwidth), the bandwidth being the
-best of several readers and depths (bandwidth.py), measured again just before each
-repetition; bytes the page cache served cost no disk time. A run below 1.0 x its floor is
-logged as an error: its floor was measured too low.
+Every repetition of either regime starts with a reference run, whichever systems are
+chosen and not reported as one of them: resident transformers (the whole model in memory,
+no memory limit, the page cache as it is). Its greedy ids are what every run must
+reproduce ("exact"), its time per token is the "x res" of every row of that repetition
+and the compute term of their floors. The table's header and the JSON ("reference") say
+so, with the reference runs themselves.
+
+The floor of a streamed run is measured in the same invocation: max(the reference's
+compute per token, bytes read from the disk per token / the store's bandwidth), the
+bandwidth being the best of several readers and depths (bandwidth.py), measured again just
+before each repetition; bytes the page cache served cost no disk time. A run below 1.0 x
+its floor is logged as an error: its floor was measured too low.
 
     .venv/bin/python benchmarks/streaming.py                       # ~1 GB Llama, both regimes
     .venv/bin/python benchmarks/streaming.py --preset llama-300m --regimes warm --reps 1
@@ -39,6 +45,11 @@ ROOT = Path(__file__).resolve().parent
 CACHE = ROOT / ".cache"
 PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
 MARGIN = 128 * 2**20  # activations, KV cache, allocator slack in the cold cgroup
+REFERENCE = "resident"  # the reference run: probe.py's resident transformers model
+REFERENCE_SOURCE = (
+    "resident transformers (probe.py resident: from_pretrained of the source checkpoint), "
+    "run uncapped at the start of every repetition whichever systems are chosen"
+)
 DEFAULT_SYSTEMS = [
     "resident",
     "ls:100%",
@@ -131,6 +142,20 @@ def run(system: str, regime: str, cmd: list[str], limit: int | None) -> dict:
     return data
 
 
+def reference_run(source: Path, store: Path, args: argparse.Namespace, work: Path) -> dict:
+    """The reference: the resident model in its own process, with no memory limit whatever
+    the regime (the cold box cannot hold it; the reference is about what it computes)."""
+    cmd = command(REFERENCE, source, store, args, work)
+    return run(REFERENCE, "warm", cmd, None)
+
+
+def reference_ids(references: list[dict]) -> tuple[list[int] | None, bool]:
+    """The reference runs' greedy ids (the first run's; None if none ran), and whether every
+    one gave the same (the same model and prompt, in any regime)."""
+    ids = [r["ids"] for r in references if "error" not in r]
+    return (ids[0] if ids else None), all(other == ids[0] for other in ids[1:])
+
+
 def baseline_usage() -> int:
     """What the probe's imports cost inside a cgroup (anon + library page cache)."""
     cmd = [sys.executable, "-c", "import torch, transformers, layerstream.engine.engine"]
@@ -192,30 +217,35 @@ def summarise(system: str, results: list[dict], reference: list[int] | None, swe
         "pinned_fraction": first.get("pinned_fraction"),
         "wait_ms_per_token": median(lambda r: r.get("wait_s", 0)) * 1e3 / sweeps,
         "reader": first.get("reader", ""),
-        "identical_to_resident": reference is not None and all(r["ids"] == reference for r in ok),
+        # None: no reference run succeeded, so nothing to compare with
+        "identical_to_resident": None
+        if reference is None
+        else all(r["ids"] == reference for r in ok),
         "errors": [r["error"] for r in results if "error" in r],
     }
 
 
-def add_floor(rows: list[dict], runs: dict[str, list[dict]], compute_ms: float) -> None:
+def add_floor(rows: list[dict], runs: dict[str, list[dict]], references: list[dict]) -> None:
     """Each run's floor uses the bandwidth measured just before its repetition (the disk
-    of a shared machine drifts by tens of percent over minutes), and, where the resident
-    model ran in the same repetition (warm), that repetition's resident compute; its
-    "× resident" is likewise against the resident run beside it. Rows report medians of
-    these per-repetition ratios."""
-    resident = runs.get("resident", [])
+    of a shared machine drifts by tens of percent over minutes) and the compute of that
+    repetition's reference run; its "× resident" is likewise against that reference run
+    (where it failed, the median of the others). Rows report medians of these
+    per-repetition ratios; without any reference run there is no floor."""
+    computes = [r["per_token_s"] * 1e3 for r in references if "error" not in r]
+    fallback = statistics.median(computes) if computes else None
     for row in rows:
         if "error" in row:
+            continue
+        row["floor_ms"] = row["x_floor"] = row["x_resident"] = None
+        if fallback is None:
             continue
         floors, ratios, x_resident = [], [], []
         for rep, r in enumerate(runs[row["system"]]):
             if "error" in r:
                 continue
-            beside = resident[rep] if rep < len(resident) else None
-            if beside is None or "error" in beside:
-                compute = compute_ms  # cold: the resident model does not fit the box
-            else:
-                compute = beside["per_token_s"] * 1e3
+            ref = references[rep] if rep < len(references) else None
+            ok = ref is not None and "error" not in ref
+            compute = ref["per_token_s"] * 1e3 if ok else fallback
             # the physical floor: the bytes that really came from the disk (not those the
             # page cache served) at the store's best reader and depth, whatever this run used
             io_ms = r.get("disk_read_per_token", 0) / r["bandwidth"]["best"] * 1e3
@@ -233,6 +263,10 @@ def add_floor(rows: list[dict], runs: dict[str, list[dict]], compute_ms: float) 
                 min(ratios),
             )
         row["x_resident"] = statistics.median(x_resident)
+
+
+def _cell(value: float | None, spec: str) -> str:
+    return f"{'-':>9}" if value is None else f"{value:>9{spec}}"
 
 
 def print_table(regime: str, rows: list[dict], header: str) -> None:
@@ -260,13 +294,15 @@ def print_table(regime: str, rows: list[dict], header: str) -> None:
             print(f"{r['system']:<22}  {r['error'][:110]}")
             continue
         hit = "" if r["hit_rate"] is None else f"{r['hit_rate']:.2f}"
+        exact = "no ref" if r["identical_to_resident"] is None else r["identical_to_resident"]
         print(
             f"{r['system']:<22}{r['per_token_ms']:>9.1f}{1e3 / r['per_token_ms']:>9.2f}"
-            f"{r['x_resident']:>9.2f}{r['floor_ms']:>9.1f}{r['x_floor']:>9.2f}"
+            f"{_cell(r['x_resident'], '.2f')}{_cell(r['floor_ms'], '.1f')}"
+            f"{_cell(r['x_floor'], '.2f')}"
             f"{r['ttft_ms']:>9.0f}{r['peak_rss_mib']:>9.0f}{r['rss_over_baseline_mib']:>9.0f}"
             f"{r['cgroup_peak_mib']:>9.0f}{r['bytes_read_per_token_mib']:>9.1f}"
             f"{r['disk_read_per_token_mib']:>9.1f}{hit:>9}"
-            f"{r['wait_ms_per_token']:>9.1f}{r['identical_to_resident']!s:>9}"
+            f"{r['wait_ms_per_token']:>9.1f}{exact!s:>9}"
         )
 
 
@@ -303,8 +339,7 @@ def main() -> None:
         "args": vars(args) | {"out": str(args.out)},
     }
     work = Path(tempfile.mkdtemp(prefix="layerstream-bench-"))
-    compute_ms = None
-    reference = None
+    all_references: list[dict] = []
     for regime in args.regimes.split(","):
         if regime == "cold" and (why := cgroup.available()):
             log.warning("cold regime skipped: %s", why)
@@ -314,6 +349,7 @@ def main() -> None:
         if regime == "warm":
             warm_page_cache(store)
         runs: dict[str, list[dict]] = {s: [] for s in systems}
+        references: list[dict] = []
         bandwidths = []
         for rep in range(args.reps):
             bandwidth = read_bandwidth(store, cold=regime == "cold")
@@ -326,6 +362,18 @@ def main() -> None:
                 bandwidth["best_by"],
                 ", ".join(f"{k} {v / 1e9:.2f}" for k, v in bandwidth["rates"].items()),
                 "".join(f"; {k} refused: {v}" for k, v in bandwidth["refused"].items()),
+            )
+            reference = reference_run(source, store, args, work)
+            reference["bandwidth"] = bandwidth
+            references.append(reference)
+            log.info(
+                "%s rep %d %-22s %s",
+                regime,
+                rep,
+                "reference (resident)",
+                f"{reference['per_token_s'] * 1e3:.1f} ms/token"
+                if "error" not in reference
+                else reference["error"][:80],
             )
             for system in systems:
                 if regime != "cold" and system in cold_only:
@@ -343,12 +391,19 @@ def main() -> None:
                     else result["error"][:80]
                 )
                 log.info("%s rep %d %-22s %s", regime, rep, system, shown)
-        if regime == "warm" and runs.get("resident"):
-            reference = runs["resident"][0]["ids"]
-            compute_ms = statistics.median(r["per_token_s"] for r in runs["resident"]) * 1e3
+        all_references += references
+        ids, agree = reference_ids(all_references)
+        if not agree:
+            log.error("the reference runs disagree on the greedy ids: 'exact' is against the first")
+        ok_refs = [r for r in references if "error" not in r]
+        if not ok_refs:
+            log.error("%s: no reference run succeeded: no 'exact', no floor", regime)
+        reference_ms = (
+            statistics.median(r["per_token_s"] for r in ok_refs) * 1e3 if ok_refs else None
+        )
         # the prefill and each decode step sweep the blocks once
-        rows = [summarise(s, runs[s], reference, args.new_tokens + 1) for s in systems if runs[s]]
-        add_floor(rows, runs, compute_ms or rows[0]["per_token_ms"])
+        rows = [summarise(s, runs[s], ids, args.new_tokens + 1) for s in systems if runs[s]]
+        add_floor(rows, runs, references)
         rates = (
             f"{statistics.median(b['best'] for b in bandwidths) / 1e9:.2f} GB/s ("
             + ", ".join(sorted({b["best_by"] for b in bandwidths}))
@@ -363,14 +418,25 @@ def main() -> None:
                 if regime == "cold"
                 else ""
             )
+            + f"\n   reference (exact, x res, the floor's compute): {REFERENCE_SOURCE}; "
+            + f"{len(ok_refs)} of {len(references)} ran, median "
+            + ("-" if reference_ms is None else f"{reference_ms:.1f}")
+            + " ms/token"
         )
         print_table(regime, rows, header)
         report[regime] = {
             "bandwidth": bandwidths,
             "limit_base": limit_base,
+            "reference": {
+                "source": REFERENCE_SOURCE,
+                "per_token_ms": reference_ms,
+                "runs": references,
+            },
             "rows": rows,
             "runs": runs,
         }
+    ids, agree = reference_ids(all_references)
+    report["reference"] = {"source": REFERENCE_SOURCE, "ids": ids, "runs_agree": agree}
     args.out.write_text(json.dumps(report, indent=1, default=str))
     print(f"\nwrote {args.out}")
 
