@@ -120,6 +120,10 @@ def markdown(rows: list[dict]) -> str:
     for row in rows:
         by_name.setdefault(row["architecture"], []).append(row)
     for name, runs in by_name.items():
+        refused = [r["refused"] for r in runs if "refused" in r]
+        if refused:
+            lines.append(f"| {name} | | refused at chunk time: {refused[0]} | | | | | |")
+            continue
         errors = [r["error"] for r in runs if "error" in r]
         if errors:
             lines.append(f"| {name} | | error: {'; '.join(errors)} | | | | | |")
@@ -165,6 +169,8 @@ def main() -> None:
     import transformers
     from architectures import ARCHITECTURES, build, reference_model
 
+    from layerstream.chunker.sinks import ChunkerError
+
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     logging.basicConfig(level=logging.ERROR)
@@ -183,6 +189,10 @@ def main() -> None:
                 root = Path(tmp) / f"{name}-{dtype}"
                 source, store = build(name, root, dtype=dtype, perturb=args.perturb)
                 reference = reference_model(source)
+            except ChunkerError as exc:  # refused at chunk time, with the reason
+                rows.append({"architecture": label, "refused": str(exc)})
+                print(f"{label} | refused at chunk time: {exc}", flush=True)
+                continue
             except Exception as exc:  # a sweep reports every architecture, whatever breaks
                 rows.append({"architecture": label, "error": f"build: {exc!r}"})
                 print(f"{label} | build failed: {exc!r}", flush=True)

@@ -60,9 +60,8 @@ def test_architecture_is_exact_while_streaming(name, tmp_path):
     check_exact_while_streaming(name, *build(name, tmp_path))
 
 
-# the rows added for issue 22's classes, in half precision too (not XLNet: transformers' own
-# from_pretrained of a half-precision XLNet fails on a CPU, "expected scalar type Float but
-# found Half", and so does the engine, with the same error)
+# the rows added for issue 22's classes, in half precision too (not XLNet: it cannot run in
+# half precision on a CPU, and the chunker refuses it, test_dtype_refusals.py)
 HALF_PRECISION = ["rwkv", "biogpt", "roformer", "funnel", "esm", "dbrx", "jetmoe", "marian"]
 
 

@@ -36,6 +36,7 @@ from ..engine.skeleton import (
 )
 from ..engine.writes import (
     BlocksNeverRun,
+    DtypeMismatch,
     WritesEveryForward,
     learn_weight_writes,
     served_only_resident,
@@ -180,10 +181,10 @@ def _weight_writes(
     """What the model's forward writes of its weights (engine/writes.py): a model that
     writes on every forward is refused, as is one whose blocks never run as modules; one
     that writes on its first is served only with every block in memory, which the log says
-    now."""
+    now. A model that cannot run in ``dtype`` at all is refused too."""
     try:
         writes = learn_weight_writes(config, architecture, dtype, blocks)
-    except (WritesEveryForward, BlocksNeverRun) as exc:
+    except (WritesEveryForward, BlocksNeverRun, DtypeMismatch) as exc:
         raise ChunkerError(str(exc)) from None
     if writes.first:
         log.warning("%s", served_only_resident(architecture, writes))

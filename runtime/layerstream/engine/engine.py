@@ -59,6 +59,7 @@ from .stats import StreamStats
 from .streamer import WeightStreamer
 from .sweeps import ComputeSlots, Rider, SweepGroup
 from .writes import (
+    DtypeMismatch,
     WritesEveryForward,
     forward_inputs,
     learn_weight_writes,
@@ -177,7 +178,7 @@ class Engine:
             return manifest.weight_writes
         try:
             return learn_weight_writes(self.config, manifest.architecture, manifest.dtype)
-        except WritesEveryForward as exc:
+        except (WritesEveryForward, DtypeMismatch) as exc:
             raise SettingsError(str(exc)) from None
 
     def _check_writes_fit_plan(self) -> None:

@@ -13,6 +13,12 @@ a view or ``.data``) is such a write.
   the engine running one forward at load so that the write happens once, before any
   request, as from_pretrained's first forward would do it;
 - writes on every forward: each output would depend on the requests before it; refused.
+
+The same pass finds a model that cannot run in the chunk's dtype at all (XLNet in half
+precision multiplies its half-precision queries by float32 positions it makes in forward):
+an op given two floating dtypes where it takes one fails on every device, so transformers'
+own forward fails too, and the chunker refuses it instead of writing a store that fails
+every request.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import PretrainedConfig, PreTrainedModel
 
@@ -36,13 +43,23 @@ class WritesEveryForward(Exception):
     """The model writes to its weights on every forward: not served (the message says so)."""
 
 
+class DtypeMismatch(Exception):
+    """The forward passes two floating dtypes to an op that takes one (the message says
+    which): it fails in this dtype on the CPU, as transformers' own forward does."""
+
+
 class MetaReads(TorchDispatchMode):
     """Answers the values a forward reads on the meta device (``.item()``, as transformers'
     mask code asks whether an all-ones mask is all ones) with 1 / True, the answer for the
     ordinary inputs of a meta pass, so the forward goes on down their path (the config flag
     is process-wide, but only meta tensors ever read it). What a meta pass
     learns is checked where it is used (hidden.py checks every state against transformers'
-    own)."""
+    own).
+
+    An op given two floating dtypes is tried on the CPU, where requests run: the meta
+    kernels do not check dtypes as the CPU's do (``mm`` of float16 by float32 runs on meta,
+    and fails on the CPU). If it fails there and runs given one dtype, it raises
+    MixedDtypes here as it would there."""
 
     def __enter__(self):
         # likewise ``nonzero`` (of a router's choices): every element taken as non-zero
@@ -61,7 +78,65 @@ class MetaReads(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten._local_scalar_dense.default and args[0].is_meta:
             return True if args[0].dtype == torch.bool else 1
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        reason = _cpu_refuses_the_mix(func, args, kwargs)
+        if reason is not None:
+            raise MixedDtypes(reason)
+        return func(*args, **kwargs)
+
+
+class MixedDtypes(RuntimeError):
+    """What the CPU raises for an op of a meta pass (a RuntimeError, as the CPU's own, so
+    that a model catching it goes on as it would on the CPU)."""
+
+
+def mixed_dtypes(exc: BaseException | None) -> str | None:
+    """Why a failed meta pass failed on mixed dtypes, if ``exc`` or an error it was raised
+    from is MixedDtypes."""
+    for _ in range(8):
+        if exc is None:
+            return None
+        if isinstance(exc, MixedDtypes):
+            return str(exc)
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+# the most an op's arguments may take to be tried on the CPU (a meta pass's activations are
+# a few tokens; only a weight could be larger, and mixes with weights fail on meta too)
+_CPU_TRY_BYTES = 256 * 2**20
+
+
+def _cpu_refuses_the_mix(func, args: tuple, kwargs: dict) -> str | None:
+    """Why ``func`` fails on the CPU, when it is given two floating dtypes and fails there
+    with them but runs given one (so the mix, not a shape or a value, is the cause)."""
+    tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    dtypes = list(dict.fromkeys(t.dtype for t in tensors if t.is_floating_point()))
+    if len(dtypes) < 2 or sum(t.nbytes for t in tensors) > _CPU_TRY_BYTES:
+        return None
+
+    def on_cpu(floats_as: torch.dtype | None):
+        def made(value):
+            if not isinstance(value, torch.Tensor):
+                return value
+            dtype = floats_as if floats_as and value.is_floating_point() else value.dtype
+            return torch.zeros(value.shape, dtype=dtype)
+
+        return made
+
+    try:
+        func(*pytree.tree_map(on_cpu(None), args), **pytree.tree_map(on_cpu(None), kwargs))
+    except RuntimeError as exc:
+        error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    else:
+        return None
+    one = on_cpu(dtypes[0])
+    try:
+        func(*pytree.tree_map(one, args), **pytree.tree_map(one, kwargs))
+    except Exception:
+        return None
+    names = " and ".join(str(d).removeprefix("torch.") for d in dtypes)
+    return f"{func} is given {names} tensors and fails ({error})"
 
 
 class _WatchWrites(MetaReads):
@@ -123,7 +198,8 @@ def learn_weight_writes(
 ) -> WeightWrites:
     """What the model's forward writes of its stored tensors (``unchecked`` when its forward
     cannot run on the meta device); WritesEveryForward when it writes on a second forward
-    too, BlocksNeverRun when one of ``blocks`` (module names) is never called."""
+    too, BlocksNeverRun when one of ``blocks`` (module names) is never called,
+    DtypeMismatch when the forward cannot run in ``dtype`` at all."""
     try:
         model = meta_runnable(config, architecture, dtype)
         owners: dict[int, str] = {}
@@ -141,7 +217,13 @@ def learn_weight_writes(
             for hook in hooks:
                 hook.remove()
         again = _written(model, inputs, owners) if first else ()
-    except Exception as exc:  # any failure of transformers' forward on meta means the same
+    except DtypeMismatch as exc:
+        raise DtypeMismatch(
+            f"{architecture} cannot run in {dtype}: in its forward, {exc}, as it does on a "
+            f"CPU in transformers' own from_pretrained(dtype={dtype}). Chunk it in another "
+            "dtype (--dtype float32)"
+        ) from None
+    except Exception as exc:  # any other failure of transformers' forward on meta
         # text only: the exception's traceback holds the meta forward's frames and cache
         unchecked = f"its forward on the meta device failed ({exc!r:.200})"
     else:
@@ -172,7 +254,17 @@ def _written(
 ) -> tuple[str, ...]:
     # no_grad, as the engine's inference_mode: the same code paths of the model run
     with torch.no_grad(), _WatchWrites(owners) as watch:
-        model(**inputs)
+        try:
+            model(**inputs)
+        except RuntimeError as exc:
+            # text only, as below: the traceback holds the forward's frames
+            failure = mixed_dtypes(exc)
+            if failure is None:
+                raise
+        else:
+            failure = None
+    if failure is not None:
+        raise DtypeMismatch(failure)
     return tuple(watch.written)
 
 
