@@ -7,15 +7,26 @@ import os
 import select
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
 import pytest
-from mlserver_proc import MLServerProcess, ModelSpec, prompt_input
+from mlserver_proc import (
+    JOIN_HOOK,
+    MLServerProcess,
+    ModelSpec,
+    joined,
+    prompt_input,
+    raw_sse,
+    wait_until,
+)
 
 from layerstream.chunker.convert import chunk_checkpoint
 from layerstream.chunker.presets import write_random_checkpoint
 from layerstream.serving.shutdown import GRACE_S
+
+WAIT_S = 60  # bound on every wait for an event; reached only when the code under test hangs
 
 
 def wide_model(root: Path) -> Path:
@@ -87,3 +98,96 @@ def test_sigterm_ends_the_server_while_an_sse_client_has_stopped_reading(tmp_pat
     finally:
         client.close()
         server.stop()
+
+
+# the server's sitecustomize.py: the drain is over as soon as shutdown begins, so the test
+# (not a clock) decides when the requests in flight reach their next block; and a log line
+# for each request joining the sweeps
+NO_DRAIN_TIME = "from layerstream.serving import shutdown\nshutdown.DRAIN_S = 0.0\n" + JOIN_HOOK
+
+
+@pytest.mark.e2e
+@pytest.mark.filterwarnings("ignore:The `construct` method is deprecated")  # MLServer's own
+def test_sigterm_ends_streams_in_flight_with_a_final_shutdown_event(model_factory, tmp_path):
+    """gRPC streams still running after MLServer's 5 s grace were cut with no final event.
+    Now every stream in flight, gRPC and SSE, ends with ``finish_reason: shutdown`` after
+    the tokens it sent (its solo output's first tokens), and the server exits. The requests
+    cannot end on their own first: the store holds a block read until the drain is over."""
+    from reference import Reference
+    from test_overload import GatedStore
+
+    from layerstream_client import Final, GRPCClient, SSEClient, Token
+
+    llama = model_factory("llama")
+    store = GatedStore(llama.store).start()
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(NO_DRAIN_TIME)
+    path = os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")]))
+    extra = {
+        "memory_budget": "25%",
+        "read_ahead": 0,
+        "torch_threads": 1,
+        "max_active_sequences": 2,
+        "store_read_timeout_s": 600,
+        "store_deadline_s": 600,
+    }
+    server = MLServerProcess(
+        tmp_path / "server",
+        [ModelSpec("drained", store.url, extra, store_mode="raw")],
+        env={"PYTHONPATH": path},
+    ).start()
+    clients = {
+        "grpc": GRPCClient(server.grpc_target, timeout=120.0),
+        "sse": SSEClient(server.http_url, timeout=120.0),
+    }
+    prompt = "Once upon a time"
+    request = {
+        "inputs": [prompt_input(prompt)],
+        "parameters": {"max_new_tokens": 100, "temperature": 0},
+    }
+    events: dict[str, list] = {name: [] for name in clients}
+    failures: dict[str, BaseException] = {}
+
+    def read(name: str) -> None:
+        try:
+            events[name].extend(clients[name].stream("drained", request))
+        except BaseException as exc:  # reported by the test below
+            failures[name] = exc
+
+    readers = [threading.Thread(target=read, args=(name,)) for name in clients]
+    try:
+        server.wait_ready()
+        one = {"inputs": [prompt_input(prompt)], "parameters": {"max_new_tokens": 1}}
+        raw_sse(server.http_url, "drained", one)  # warm: a first request reads more
+        before = store.gate.passed
+        raw_sse(server.http_url, "drained", one)
+        reads_per_token = store.gate.passed - before
+        store.gate.close(allow=2 * reads_per_token)  # a few reads pass, a later one is held
+        for reader in readers:
+            reader.start()
+        wait_until(lambda: failures or joined(server) >= 4, "both requests to join the sweeps")
+        assert not failures, failures
+        store.gate.wait_held()  # inside a token: 100 of them cannot be done
+        os.killpg(server.proc.pid, signal.SIGTERM)
+        wait_until(
+            lambda: "end with finish_reason shutdown" in server.log_text(), "shutdown to begin"
+        )
+        store.gate.open()
+        for reader in readers:
+            reader.join(WAIT_S)
+        code = server.wait_exit(timeout=GRACE_S + 50)
+    finally:
+        store.gate.open()
+        server.stop()
+        store.stop()
+    assert not failures, (failures, server.log_tail())
+    reference = Reference(llama)
+    solo = reference.greedy(reference.encode(prompt), 100)
+    for name, got in events.items():
+        *tokens, final = got
+        assert isinstance(final, Final) and final.finish_reason == "shutdown", (name, final)
+        assert all(isinstance(t, Token) for t in tokens)
+        assert [t.token_id for t in tokens] == solo[: len(tokens)], name
+        assert final.stats["tokens"] == len(tokens) < 100
+    assert code is not None, server.log_tail()

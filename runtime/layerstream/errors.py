@@ -39,6 +39,7 @@ __all__ = [
     "RequestTimeout",
     "ServerBusy",
     "SettingsError",
+    "ShuttingDown",
     "error_type",
 ]
 
@@ -86,6 +87,11 @@ class ServerBusy(LayerStreamError):
 
     status = 503
     kind = "overloaded"
+
+
+class ShuttingDown(ServerBusy):
+    """The server is shutting down: a request waiting is refused, one in flight past the
+    drain is stopped (serving/shutdown.py); retry on another replica (HTTP 503)."""
 
 
 class RequestTimeout(LayerStreamError):

@@ -21,6 +21,7 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 
 from ..engine.engine import Engine
+from ..errors import ShuttingDown
 from .request import Request
 from .sampling import GiveRandomBack, RequestRandom, TakeRandom
 from .types import Cancelled, Emit, FinalEvent, FinishReason, RequestStats, TokenEvent
@@ -178,23 +179,31 @@ def run_generation(
     if config.do_sample:
         processors.append(TakeRandom(random))
         criteria.append(GiveRandomBack(random))
-    with engine.request(cancelled) as ctx, random.around():
-        rider = ctx.rider
-        streamer = _EventStreamer(
-            engine.tokenizer, request.stop, emit, lambda: engine.sweeps.note_token(rider)
-        )
-        criteria.append(_StopWhen(lambda: streamer.matcher.stopped or cancelled()))
-        output = engine.model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            generation_config=config,
-            streamer=streamer,
-            logits_processor=processors,
-            stopping_criteria=criteria,
-        )
-    eos = config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    ending = generation_end(streamer, output[0, ids.shape[1] :].tolist(), eos_ids)
+    streamer = None
+    try:
+        with engine.request(cancelled) as ctx, random.around():
+            rider = ctx.rider
+            streamer = _EventStreamer(
+                engine.tokenizer, request.stop, emit, lambda: engine.sweeps.note_token(rider)
+            )
+            criteria.append(_StopWhen(lambda: streamer.matcher.stopped or cancelled()))
+            output = engine.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                generation_config=config,
+                streamer=streamer,
+                logits_processor=processors,
+                stopping_criteria=criteria,
+            )
+    except ShuttingDown:
+        if streamer is None:  # stopped before it began: nothing to end
+            raise
+        # the server's drain is over: the tokens sent stand, and the final event says why
+        ending = shutdown_end(streamer)
+    else:
+        eos = config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        ending = generation_end(streamer, output[0, ids.shape[1] :].tolist(), eos_ids)
     stats = RequestStats.measure(ctx, len(input_ids), streamer.tokens, streamer.first_token_at)
     return FinalEvent(finish_reason=ending.finish_reason, stats=stats, text=ending.text)
 
@@ -214,3 +223,12 @@ def generation_end(streamer: _EventStreamer, new_ids: list[int], eos_ids: set[in
     ended = streamer.matcher.stopped or (bool(new_ids) and new_ids[-1] in eos_ids)
     reason = FinishReason.STOP if ended else FinishReason.LENGTH
     return Ending(finish_reason=reason, text=tail + streamer.matcher.flush())
+
+
+def shutdown_end(streamer: _EventStreamer) -> Ending:
+    """A generation the server's shutdown ended: the text held back goes out with it (no
+    stop string can complete it now), unless a stop string had ended it already."""
+    if streamer.matcher.stopped:
+        return Ending(finish_reason=FinishReason.STOP, text=streamer.matcher.flush())
+    tail = streamer.matcher.feed(streamer.decoder.flush())
+    return Ending(finish_reason=FinishReason.SHUTDOWN, text=tail + streamer.matcher.flush())

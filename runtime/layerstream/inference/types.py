@@ -34,6 +34,7 @@ class Pooling(Word):
 class FinishReason(Word):
     STOP = "stop"  # end of sequence, a stop string, or (hidden states, embedding) done
     LENGTH = "length"  # max_new_tokens reached
+    SHUTDOWN = "shutdown"  # the server shut down: the tokens sent so far stand
     ERROR = "error"  # only on the wire: a failed request ends with an error, not an event
 
 
@@ -119,5 +120,6 @@ class FinalEvent:
 Event = TokenEvent | HiddenStateEvent | FinalEvent
 Emit = Callable[[Event], None]  # hands an event to the request's consumer
 # Asked before every block and after every token: True once the consumer has gone (the
-# engine then raises RequestCancelled); may itself raise RequestTimeout past the deadline.
+# engine then raises RequestCancelled); may itself raise RequestTimeout past the deadline,
+# or ShuttingDown once the server's drain is over (a generation then ends with SHUTDOWN).
 Cancelled = Callable[[], bool]

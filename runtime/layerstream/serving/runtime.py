@@ -93,7 +93,7 @@ class LayerStreamRuntime(OpenAIRoutes, MLModel):
             # (docs/integrity.md): the log then shows where, not just an exit status.
             faulthandler.enable()
         grpc_status.install()
-        shutdown.bound_rest_shutdown()
+        shutdown.bound_shutdown()
         settings = LayerStreamSettings.from_extra(
             self.settings.parameters.extra if self.settings.parameters else None
         )

@@ -10,7 +10,8 @@ A request stops early, at the next block boundary (the engine asks before every 
 after every generated token), when its consumer has gone (client disconnect: the flag is
 set when the stream is closed or cancelled) or when its deadline has passed (counted from
 arrival, queue wait included: a request that expires while queued never runs, and its
-client hears so at the deadline, not when the requests ahead of it finish).
+client hears so at the deadline, not when the requests ahead of it finish), or when the
+server's shutdown drain is over (shutdown.py).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from ..errors import RequestCancelled, RequestTimeout, ServerBusy
+from ..errors import RequestCancelled, RequestTimeout, ServerBusy, ShuttingDown
+from .shutdown import DRAIN, Drain
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,7 @@ class _Ticket:
     events: asyncio.Queue
     label: str
     deadline: Deadline | None = None
+    drain_due: Callable[[], bool] = lambda: False  # the server's drain is over
     kv_bytes: int = 0  # held from admission until the consumer is done (or the deadline)
     cancel: threading.Event = field(default_factory=threading.Event)
     emitted: int = 0  # events the job has emitted, for the log line when it stops early
@@ -99,10 +102,15 @@ class _Ticket:
 
     def stop_requested(self) -> bool:
         """The engine's check before every block: raises RequestTimeout past the deadline
-        (checked first, so a consumer that gave up at the deadline reads as a timeout);
-        True once the consumer has gone."""
+        (checked first, so a consumer that gave up at the deadline reads as a timeout),
+        ShuttingDown once the server's drain is over; True once the consumer has gone."""
         if self.expired():
             raise self.deadline.error(f"and was stopped after {self.emitted} events")
+        if self.drain_due() and not self.cancel.is_set():
+            raise ShuttingDown(
+                f"the server is shutting down; the request was stopped after {self.emitted} "
+                "events: retry on another replica"
+            )
         return self.cancel.is_set()
 
 
@@ -124,6 +132,7 @@ class Scheduler:
         kv_budget: int | None = None,
         on_queue_change: Callable[[int], None] = lambda waiting: None,
         on_active_change: Callable[[int], None] = lambda active: None,
+        drain: Drain = DRAIN,
     ):
         self.name = name
         self.max_queued = max_queued
@@ -136,11 +145,26 @@ class Scheduler:
         self._active = 0
         self._kv_in_use = 0
         self._closed = False
+        self._drain = drain
+        self._draining = False  # the server is shutting down: new requests are refused
         self._workers = ThreadPoolExecutor(max_active, thread_name_prefix=f"layerstream-{name}")
         self._thread = threading.Thread(
             target=self._admit_in_order, name=f"layerstream-{name}-admission", daemon=True
         )
         self._thread.start()
+        drain.subscribe(self)
+
+    def drain_begins(self) -> None:
+        """The server is shutting down (shutdown.py): refuse what waits and what comes; the
+        requests in flight go on until the drain is over."""
+        with self._cond:
+            self._draining = True
+            for ticket in self._queue:
+                ticket.post(ShuttingDown("the server is shutting down: retry on another replica"))
+                ticket.post(_DONE)
+            self._queue.clear()
+            self._on_queue_change(0)
+            self._cond.notify_all()
 
     async def stream(
         self, job: Job, deadline: Deadline | None = None, label: str = "", kv_bytes: int = 0
@@ -157,9 +181,12 @@ class Scheduler:
             events=asyncio.Queue(),
             label=label,
             deadline=deadline,
+            drain_due=self._drain.due,
             kv_bytes=kv_bytes,
         )
         with self._cond:
+            if self._draining:
+                raise ShuttingDown("the server is shutting down: retry on another replica")
             if self._closed:
                 raise ServerBusy(f"model {self.name} is being unloaded; retry later")
             if len(self._queue) >= self.max_queued:
@@ -290,6 +317,14 @@ class Scheduler:
                 ticket.label,
                 ticket.emitted,
             )
+        except ShuttingDown as exc:
+            log.info(
+                "%s: request %s stopped by the shutdown after %d events",
+                self.name,
+                ticket.label,
+                ticket.emitted,
+            )
+            ticket.post(exc)
         except RequestTimeout as exc:
             log.info(
                 "%s: request %s stopped at its deadline after %d events",
