@@ -10,6 +10,7 @@ import threading
 
 import pytest
 import torch
+from conftest import SCALED
 from remote_servers import FaultProxy, S3Server, StaticServer
 
 from layerstream.chunker.convert import chunk_checkpoint
@@ -234,6 +235,79 @@ def test_interrupted_s3_chunking_leaves_no_manifest(s3, s3_env, llama, monkeypat
     assert "partial/manifest.json" not in keys
     with pytest.raises(ChunkStoreError, match=r"manifest\.json does not exist"):
         remote_engine("s3://models/partial", endpoint_url=s3.endpoint)
+
+
+def _keys(s3, prefix: str) -> set[str]:
+    listed = s3.client().list_objects_v2(Bucket="models", Prefix=prefix)
+    return {o["Key"].removeprefix(prefix) for o in listed.get("Contents", [])}
+
+
+def test_a_store_replaced_on_s3_stays_whole_and_served_until_the_new_one_is(
+    s3, s3_env, llama, model_factory, reference_ids, monkeypatch
+):
+    """``--force`` over an S3 store deleted its manifest first, then overwrote its chunks in
+    place: a chunker killed half-way left neither store, and a server's streams failed. The
+    new store is written beside the old one (a folder the new manifest names); the old one
+    is served, whole, until the new manifest replaces it in one PUT, then goes."""
+    from layerstream.chunker.sinks import S3Sink
+
+    uri, options = "s3://models/replaced", StoreOptions(endpoint_url=s3.endpoint)
+    s3.chunk(llama.source, uri, "llama")
+    first = _keys(s3, "replaced/")
+    scaled = model_factory("llama", weight_scale=SCALED)
+    with torch.inference_mode():
+        out = scaled.resident().generate(
+            PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0
+        )
+    scaled_ids = out[0].tolist()
+    assert scaled_ids != reference_ids
+
+    engine = remote_engine(uri, endpoint_url=s3.endpoint)  # serving the old store throughout
+    try:
+        uploads = []
+        real = S3Sink.file_done
+
+        def dies_half_way(self, name):
+            if len(uploads) == 3:
+                raise OSError("killed")
+            uploads.append(name)
+            real(self, name)
+
+        monkeypatch.setattr(S3Sink, "file_done", dies_half_way)
+        with pytest.raises(OSError, match="killed"):
+            chunk_checkpoint(
+                scaled.source, uri, "llama", force=True, progress=False, store_options=options
+            )
+        monkeypatch.setattr(S3Sink, "file_done", real)
+        assert first <= _keys(s3, "replaced/")  # the old store is whole
+        assert generate(engine) == reference_ids
+        again = remote_engine(uri, endpoint_url=s3.endpoint)  # and loads as it was
+        try:
+            assert generate(again) == reference_ids
+        finally:
+            again.close()
+
+        # the next run completes: the new store is served, the old one's objects are gone,
+        # and so are the dead run's
+        manifest = chunk_checkpoint(
+            scaled.source, uri, "llama", force=True, progress=False, store_options=options
+        )
+        folders = {info.file.split("/")[0] for info in manifest.chunks.values()}
+        assert len(folders) == 1 and folders.pop().startswith("r-")
+        keys = _keys(s3, "replaced/")
+        assert keys == {
+            "manifest.json",
+            *(i.file for i in manifest.chunks.values()),
+            *manifest.files,
+        }
+        assert not keys & (first - {"manifest.json"})
+    finally:
+        engine.close()
+    replaced = remote_engine(uri, endpoint_url=s3.endpoint)
+    try:
+        assert generate(replaced) == scaled_ids
+    finally:
+        replaced.close()
 
 
 # -- faults ----------------------------------------------------------------------------------

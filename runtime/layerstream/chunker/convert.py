@@ -12,6 +12,7 @@ disk: a store without it is incomplete and is never served.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import logging
 from collections.abc import Iterable
@@ -155,10 +156,14 @@ def _chunk_into(
         dtype=dtype,
         blocks=[BlockInfo(prefix=p, chunk=chunk_name(j)) for j, p in enumerate(prefixes)],
         rest=[chunk_name(None)],
-        chunks=chunks,
+        # each file under the name the sink stores it by (S3: a replacing store's folder)
+        chunks={
+            name: dataclasses.replace(info, file=sink.stored_name(info.file))
+            for name, info in chunks.items()
+        },
         tied=routes.tied,
-        files=side_files,
-        file_sha256={f: sha256_file(sink.staging / f) for f in side_files},
+        files=[sink.stored_name(f) for f in side_files],
+        file_sha256={sink.stored_name(f): sha256_file(sink.staging / f) for f in side_files},
         transformers_version=transformers.__version__,
         quantization=quant,
         weight_writes=writes,

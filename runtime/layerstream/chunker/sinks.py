@@ -2,7 +2,8 @@
 
 Either way the manifest is written last, and only once every chunk is durable (fsynced
 locally, acknowledged by S3): a store without a manifest is incomplete, so an interrupted
-chunker never leaves something that looks servable.
+chunker never leaves something that looks servable. A store being replaced stays whole and
+servable until the new one is complete.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -32,6 +34,10 @@ class ChunkerError(Exception):
 class Sink(Protocol):
     uri: str
     staging: Path  # the chunker writes each file here first
+
+    def stored_name(self, name: str) -> str:
+        """Where the file staged as ``name`` is in the store: the manifest's name for it."""
+        ...
 
     def file_done(self, name: str) -> None:
         """``staging/name`` is complete (called from the chunker's writer threads)."""
@@ -62,6 +68,9 @@ class LocalSink:
             self.staging = dest
         self.uri = str(dest)
         self._committed = False
+
+    def stored_name(self, name: str) -> str:
+        return name  # the whole folder is swapped in
 
     def file_done(self, name: str) -> None:
         pass  # written in place; made durable all at once in commit
@@ -104,7 +113,13 @@ def swap_directories(new: Path, dest: Path) -> Path:
 
 class S3Sink:
     """Uploads each finished file (multipart above 64 MiB) and removes its staged copy, so
-    the local disk holds only the chunks in flight; the manifest goes up last."""
+    the local disk holds only the chunks in flight; the manifest goes up last.
+
+    S3 renames nothing, so a store that replaces another is written beside it, in a folder
+    of its own under the prefix (``r-<id>/``, which the new manifest names), and the
+    manifest is replaced in one PUT at the end: until then the old store stays whole and
+    served, and a chunker that dies leaves it as it was. The old store's objects are deleted
+    after the new manifest is up."""
 
     MULTIPART_BYTES = 64 << 20
 
@@ -127,18 +142,16 @@ class S3Sink:
         existing = self._keys()
         if existing and not force:
             raise ChunkerError(f"{self.uri} already holds {len(existing)} objects; pass --force")
-        # A store being replaced loses its manifest first: until the new one is written last,
-        # a server cannot mistake the mix of old and new chunks for a complete store.
-        if self._key(MANIFEST_NAME) in existing:
-            self._call(
-                lambda: self._client.delete_object(Bucket=self.bucket, Key=self._key(MANIFEST_NAME))
-            )
+        self.folder = f"r-{uuid.uuid4().hex[:12]}/" if existing else ""
         self._stale = existing - {self._key(MANIFEST_NAME)}
         self._tmp = tempfile.TemporaryDirectory(prefix="layerstream-staging-")
         self.staging = Path(self._tmp.name)
 
     def _key(self, name: str) -> str:
         return self.location.key(name)
+
+    def stored_name(self, name: str) -> str:
+        return self.folder + name
 
     def _call(self, op: Callable[[], T]) -> T:
         """``op()`` with botocore's errors worded like the S3 store's (no retries: a failed
@@ -155,7 +168,7 @@ class S3Sink:
         path = self.staging / name
         self._call(
             lambda: self._client.upload_file(
-                str(path), self.bucket, self._key(name), Config=self._transfer
+                str(path), self.bucket, self._key(self.stored_name(name)), Config=self._transfer
             )
         )
         path.unlink()
@@ -165,13 +178,15 @@ class S3Sink:
         for name in names:
             if (self.staging / name).exists():  # side files are staged, not yet uploaded
                 self.file_done(name)
-        for key in sorted(self._stale - {self._key(n) for n in names}):
-            self._call(lambda key=key: self._client.delete_object(Bucket=self.bucket, Key=key))
         self._call(
             lambda: self._client.put_object(
                 Bucket=self.bucket, Key=self._key(MANIFEST_NAME), Body=manifest
             )
         )
+        # the new store is whole and named: the old one's objects go (a server still
+        # serving it hears so at its next read, and is told to reload)
+        for key in sorted(self._stale - {self._key(self.stored_name(n)) for n in names}):
+            self._call(lambda key=key: self._client.delete_object(Bucket=self.bucket, Key=key))
 
     def close(self) -> None:
         self._tmp.cleanup()

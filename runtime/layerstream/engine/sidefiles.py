@@ -16,6 +16,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import posixpath
 import shutil
 import tempfile
 import time
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig
 
-from ..errors import ChunkIntegrityError
+from ..errors import ChunkIntegrityError, ManifestError
 from ..format.manifest import Manifest
 from ..stores import ChunkStore
 from .checks import refetch_once
@@ -76,17 +77,21 @@ def load_side_files(store: ChunkStore, manifest: Manifest) -> SideFiles:
             store.uri,
         )
     with _owned_directory() as folder:
-        for name in manifest.files:
-            (folder / name).write_bytes(read_side_file(store, manifest, name))
+        # by their base names: a store that replaced another on S3 keeps them in a folder
+        names = [posixpath.basename(name) for name in manifest.files]
+        if len(set(names)) != len(names):
+            raise ManifestError(f"{store.uri}: the manifest lists two side files of one name")
+        for name, base in zip(manifest.files, names, strict=True):
+            (folder / base).write_bytes(read_side_file(store, manifest, name))
         config = AutoConfig.from_pretrained(folder)
         tokenizer = None
-        if any(n.startswith("tokenizer") or n == "vocab.json" for n in manifest.files):
+        if any(n.startswith("tokenizer") or n == "vocab.json" for n in names):
             tokenizer = AutoTokenizer.from_pretrained(folder)
         generation_config = None
         if model_class(manifest.architecture).can_generate():
             generation_config = (
                 GenerationConfig.from_pretrained(folder)
-                if "generation_config.json" in manifest.files
+                if "generation_config.json" in names
                 else GenerationConfig.from_model_config(config)
             )
     return SideFiles(config, tokenizer, generation_config)
