@@ -116,12 +116,18 @@ def _modules_in_design_tree() -> set[str]:
     text = (ROOT / "docs" / "design.md").read_text()
     tree = text[text.index("```\nruntime/layerstream/") :]
     tree = tree[: tree.index("\n```", 4)]
-    listed, package = set(), ""
+    listed: set[str] = set()
+    packages: list[tuple[int, str]] = []  # (indent, name) of the packages above a line
     for line in tree.splitlines()[2:]:
-        if match := re.match(r"  (\w+)/ ", line):
-            package = match.group(1) + "/"
-        elif match := re.match(r"(  |    )(\w+\.py) ", line):
-            listed.add((package if match.group(1) == "    " else "") + match.group(2))
+        if not line.startswith(" "):  # the next top-level folder: the package's tree ended
+            break
+        if match := re.match(r"( {2,8})(\w+)/ ", line):
+            indent = len(match.group(1))
+            packages = [p for p in packages if p[0] < indent] + [(indent, match.group(2))]
+        elif match := re.match(r"( {2,8})(\w+\.py) ", line):
+            indent = len(match.group(1))
+            above = [name for at, name in packages if at < indent]
+            listed.add("/".join([*above, match.group(2)]))
     return listed
 
 

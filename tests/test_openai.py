@@ -21,8 +21,8 @@ from openai import OpenAI
 from layerstream.chunker.convert import chunk_checkpoint
 from layerstream.errors import RequestTimeout
 from layerstream.inference.types import FinalEvent, FinishReason, RequestStats, TokenEvent
-from layerstream.serving import openai as routes
-from layerstream.serving import openai_body
+from layerstream.serving.openai import routes
+from layerstream.serving.openai import body as openai_body
 
 pytest_plugins = ["mlserver_proc"]
 

@@ -18,12 +18,12 @@ from fastapi.responses import JSONResponse
 from mlserver.types import InferenceRequest, Parameters, RequestInput
 from starlette.requests import Request
 
-from ..errors import LayerStreamError
-from . import loaded
-from .parameters import show
+from ...errors import LayerStreamError
+from .. import loaded
+from ..parameters import show
 
 if TYPE_CHECKING:
-    from .runtime import LayerStreamRuntime
+    from ..runtime import LayerStreamRuntime
 
 # layerstream error kind -> HTTP status. The openai client retries 408, 429 and 5xx
 # (``max_retries``): the statuses of the V2 path, except that a store that cannot be read

@@ -7,7 +7,7 @@ needs, with ``base_url="http://HOST:PORT/v2/models/NAME/openai/v1"``.
 
 Each request becomes a V2 request (``mode`` "tokens") and runs through the runtime's
 ``events``, the path every V2 request takes (validation, queue, metrics, the log line), so
-both APIs give the same answer. The request body and the errors: openai_body.py;
+both APIs give the same answer. The request body and the errors: body.py;
 docs/openai.md has the tables and the statuses.
 
 MLServer adds a custom handler's route once per model instance, and the first one registered
@@ -30,9 +30,9 @@ from mlserver.handlers import custom_handler
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
-from ..errors import LayerStreamError
-from ..inference.types import Event, FinalEvent, TokenEvent
-from .openai_body import Call, OpenAIError, check_model, find_runtime, json_body, parse_call
+from ...errors import LayerStreamError
+from ...inference.types import Event, FinalEvent, TokenEvent
+from .body import Call, OpenAIError, check_model, find_runtime, json_body, parse_call
 
 log = logging.getLogger(__name__)
 
