@@ -59,6 +59,11 @@ class ModelSpec:
     store: Path | str
     extra: dict[str, Any] = field(default_factory=dict)
     store_mode: str = "absolute"
+    version: str | None = None  # parameters.version; its folder is then NAME-vVERSION
+
+    @property
+    def folder(self) -> str:
+        return self.name if self.version is None else f"{self.name}-v{self.version}"
 
 
 def free_ports(count: int) -> list[int]:
@@ -99,7 +104,7 @@ def write_repository(root: Path, models: list[ModelSpec], ports: tuple[int, int,
     }
     (repo / "settings.json").write_text(json.dumps(settings, indent=2))
     for spec in models:
-        folder = repo / spec.name
+        folder = repo / spec.folder
         folder.mkdir()
         if spec.store_mode == "absolute":
             uri = str(Path(spec.store).resolve())
@@ -114,6 +119,8 @@ def write_repository(root: Path, models: list[ModelSpec], ports: tuple[int, int,
         else:
             raise ValueError(f"unknown store_mode {spec.store_mode!r}")
         content = model_settings(spec.name, uri, spec.extra)
+        if spec.version is not None:
+            content["parameters"]["version"] = spec.version
         (folder / "model-settings.json").write_text(json.dumps(content, indent=2))
     return repo
 
@@ -185,9 +192,11 @@ class MLServerProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def wait_ready(self, names: list[str] | None = None, timeout: float = READY_TIMEOUT_S) -> None:
-        """Until ``GET /v2/models/NAME/ready`` is 200 for every model; fail with the log tail
-        if the process exits or the timeout passes."""
-        names = [m.name for m in self.models] if names is None else names
+        """Until ``GET /v2/models/NAME/ready`` (``.../versions/VERSION/ready`` for a versioned
+        model) is 200 for every model; fail with the log tail if the process exits or the
+        timeout passes."""
+        if names is None:
+            names = [m.name + (f"/versions/{m.version}" if m.version else "") for m in self.models]
         pending = list(names)
         deadline = time.monotonic() + timeout
         with httpx.Client(timeout=5.0) as client:

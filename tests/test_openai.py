@@ -21,14 +21,15 @@ from openai import OpenAI
 from layerstream.chunker.convert import chunk_checkpoint
 from layerstream.errors import RequestTimeout
 from layerstream.inference.types import FinalEvent, FinishReason, RequestStats, TokenEvent
-from layerstream.serving.openai import routes
 from layerstream.serving.openai import body as openai_body
+from layerstream.serving.openai import routes
 
 pytest_plugins = ["mlserver_proc"]
 
 # a llama with a chat template; a gpt2 without one, named as Seldon Core 2 names a model's
 # version 1 ("<model>_<version>")
 CHAT, PLAIN = "chat", "plain_1"
+VERSIONED = "versioned"  # two versions of one name: 1 is PLAIN's store, 2 is CHAT's
 LIMIT = 32  # max_new_tokens_limit of both
 PROMPT = "Once upon a time"
 MESSAGES = [
@@ -68,6 +69,10 @@ def server(model_factory, tmp_path_factory):
     }
     extra = {"torch_threads": 1, "max_new_tokens_limit": LIMIT}
     specs = [ModelSpec(name, store, extra) for name, store in stores.items()]
+    specs += [
+        ModelSpec(VERSIONED, stores[PLAIN], extra, version="1"),
+        ModelSpec(VERSIONED, stores[CHAT], extra, version="2"),
+    ]
     with serve(root / "server", specs) as running:
         yield running
 
@@ -340,6 +345,86 @@ def test_hostile_bodies_are_openai_errors(server, path, body, words):
     answer = httpx.post(url, content=body.encode(), timeout=30)
     assert answer.status_code == 400, answer.text
     assert words in answer.json()["error"]["message"]
+
+
+# -- one base URL, versions, placeholders ------------------------------------------------------
+
+
+def server_client(server) -> OpenAI:
+    return OpenAI(base_url=f"{server.http_url}/v1", api_key="unused")
+
+
+def completion(openai_client: OpenAI, model: str) -> str:
+    answer = openai_client.completions.create(model=model, prompt=PROMPT, **GREEDY)
+    assert answer.model == model
+    return answer.choices[0].text
+
+
+@pytest.mark.e2e
+def test_one_base_url_serves_every_model_and_version_by_the_body(server):
+    """Gateways and UIs take one base URL and a list of every model: /v1, routed by the
+    body's ``model`` (NAME: its default version, NAME:VERSION: that one)."""
+    ids = [m.id for m in server_client(server).models.list().data]
+    assert ids == [CHAT, PLAIN, VERSIONED, f"{VERSIONED}:2", f"{VERSIONED}:1"]
+    assert server_client(server).models.retrieve(f"{VERSIONED}:1").id == f"{VERSIONED}:1"
+    for name in (CHAT, PLAIN):
+        assert completion(server_client(server), name) == completion(client(server, name), name)
+    # each version answers as the model whose store it has; the name alone is the newest
+    assert completion(server_client(server), f"{VERSIONED}:1") == completion(
+        client(server, PLAIN), PLAIN
+    )
+    assert completion(server_client(server), f"{VERSIONED}:2") == completion(
+        client(server, CHAT), CHAT
+    )
+    assert completion(server_client(server), VERSIONED) == completion(client(server, CHAT), CHAT)
+    chat = server_client(server).chat.completions.create(model=CHAT, messages=MESSAGES, **GREEDY)
+    mine = client(server, CHAT).chat.completions.create(model=CHAT, messages=MESSAGES, **GREEDY)
+    assert chat.choices[0].message.content == mine.choices[0].message.content
+
+
+@pytest.mark.e2e
+def test_a_version_has_a_base_url_of_its_own(server):
+    """A second version of a name was unreachable over OpenAI: its own base URL now."""
+    for version, same_as in (("1", PLAIN), ("2", CHAT)):
+        url = f"{server.http_url}/v2/models/{VERSIONED}/versions/{version}/openai/v1"
+        versioned = OpenAI(base_url=url, api_key="unused")
+        assert [m.id for m in versioned.models.list().data] == [
+            VERSIONED if version == "2" else f"{VERSIONED}:1"
+        ]
+        assert completion(versioned, VERSIONED) == completion(client(server, same_as), same_as)
+    with pytest.raises(openai.NotFoundError, match="version '3'"):
+        OpenAI(
+            base_url=f"{server.http_url}/v2/models/{VERSIONED}/versions/3/openai/v1",
+            api_key="unused",
+        ).completions.create(model=VERSIONED, prompt=PROMPT)
+
+
+@pytest.mark.e2e
+def test_unknown_or_missing_model_at_the_server_base_url(server):
+    with pytest.raises(openai.NotFoundError) as excinfo:
+        server_client(server).completions.create(model="nope", prompt=PROMPT)
+    error = error_of(excinfo)
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    assert all(repr(i) in error["message"] for i in (CHAT, PLAIN, f"{VERSIONED}:1"))
+    answer = httpx.post(f"{server.http_url}/v1/completions", json={"prompt": PROMPT}, timeout=30)
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "model"
+    gone = httpx.get(f"{server.http_url}/v1/models/nope", timeout=30)
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
+
+
+@pytest.mark.e2e
+def test_huggingface_hubs_inference_client_on_a_models_base_url(server):
+    """Given a base URL, huggingface_hub sends ``"model": "dummy"``, which a model's base URL
+    refused (404): a placeholder there means the model of the URL."""
+    from huggingface_hub import InferenceClient
+
+    hf = InferenceClient(base_url=f"{server.http_url}/v2/models/{CHAT}/openai/v1")
+    answer = hf.chat_completion(messages=MESSAGES, max_tokens=12, temperature=0)
+    mine = client(server, CHAT).chat.completions.create(model=CHAT, messages=MESSAGES, **GREEDY)
+    text = mine.choices[0].message.content
+    assert answer.choices[0].message.content == text
+    streamed = hf.chat_completion(messages=MESSAGES, max_tokens=12, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == text
 
 
 @pytest.mark.e2e

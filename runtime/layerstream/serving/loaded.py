@@ -34,14 +34,23 @@ def unregister(runtime: LayerStreamRuntime) -> None:
             _loaded.pop(runtime.name, None)
 
 
-def find(name: str) -> LayerStreamRuntime | None:
-    """The model loaded as ``name``: of several versions, the one MLServer serves for the
-    name without a version (its default, the highest version)."""
+def find(name: str, version: str | None = None) -> LayerStreamRuntime | None:
+    """The model loaded as ``name`` at ``version``; without a version, of several the one
+    MLServer serves for the name alone (its default, the newest)."""
+    instances = versions(name)
+    if version is None:
+        return instances[0] if instances else None
+    return next((r for r in instances if r.version == version), None)
+
+
+def versions(name: str) -> list[LayerStreamRuntime]:
+    """The instances loaded as ``name``, newest first (MLServer's order: no version is
+    newest, then numbers, then other names)."""
     from mlserver.registry import _is_newer
 
     with _lock:
         instances = list(_loaded.get(name, []))
-    return max(instances, key=functools.cmp_to_key(_is_newer)) if instances else None
+    return sorted(instances, key=functools.cmp_to_key(_is_newer), reverse=True)
 
 
 def is_loaded(name: str, version: str | None) -> bool:

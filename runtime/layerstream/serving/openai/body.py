@@ -8,22 +8,17 @@ ignored: docs/openai.md lists them.
 from __future__ import annotations
 
 import json
-import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi.responses import JSONResponse
 from mlserver.types import InferenceRequest, Parameters, RequestInput
 from starlette.requests import Request
 
 from ...errors import LayerStreamError
-from .. import loaded
 from ..parameters import show
-
-if TYPE_CHECKING:
-    from ..runtime import LayerStreamRuntime
 
 # layerstream error kind -> HTTP status. The openai client retries 408, 429 and 5xx
 # (``max_retries``): the statuses of the V2 path, except that a store that cannot be read
@@ -70,7 +65,8 @@ class _AsciiJSON(JSONResponse):
         return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
-def _invalid(message: str, param: str | None, code: str = "invalid_request") -> OpenAIError:
+def invalid(message: str, param: str | None, code: str = "invalid_request") -> OpenAIError:
+    """A 400 naming the field (``param``) that is wrong."""
     return OpenAIError(400, message, code, param)
 
 
@@ -159,7 +155,9 @@ class Call:
         return "chat.completion.chunk" if self.chat else "text_completion"
 
 
-def parse_call(body: dict[str, Any], model_name: str, chat: bool) -> Call:
+def parse_call(body: dict[str, Any], model: str, chat: bool) -> Call:
+    """``body`` checked, and the V2 request that answers it; ``model``: the name the answer
+    carries."""
     # OpenAI reads a null as an absent field
     body = {key: value for key, value in body.items() if value is not None}
     _check_fields(body, chat)
@@ -173,12 +171,12 @@ def parse_call(body: dict[str, Any], model_name: str, chat: bool) -> Call:
         or set(options) - {"include_usage"}
         or not isinstance(options.get("include_usage", False), bool)
     ):
-        raise _invalid("stream_options must be like {'include_usage': true}", "stream_options")
+        raise invalid("stream_options must be like {'include_usage': true}", "stream_options")
     if options and not body.get("stream", False):
-        raise _invalid("stream_options is only allowed with stream: true", "stream_options")
+        raise invalid("stream_options is only allowed with stream: true", "stream_options")
     limits = {body[n] for n in ("max_tokens", "max_completion_tokens") if n in body}
     if len(limits) > 1:
-        raise _invalid("max_tokens and max_completion_tokens disagree; send one", "max_tokens")
+        raise invalid("max_tokens and max_completion_tokens disagree; send one", "max_tokens")
     params: dict[str, Any] = {"mode": "tokens"}
     params.update({v2: body[name] for name, (v2, _) in _MAPPED.items() if name in body})
     if isinstance(params.get("stop"), str):
@@ -190,7 +188,7 @@ def parse_call(body: dict[str, Any], model_name: str, chat: bool) -> Call:
     return Call(
         chat=chat,
         id=call_id,
-        model=body.get("model", model_name),
+        model=model,
         created=int(time.time()),
         stream=body.get("stream", False),
         include_usage=options.get("include_usage", False),
@@ -204,13 +202,13 @@ def _check_fields(body: dict[str, Any], chat: bool) -> None:
         refused = _REFUSED[chat].get(name)
         if refused is not None:
             if not any(type(value) is type(n) and value == n for n in refused.neutral):
-                raise _invalid(
+                raise invalid(
                     f"{name}={show(value)} is not supported: {refused.reason}",
                     name,
                     "unsupported_parameter",
                 )
         elif name not in known:
-            raise _invalid(
+            raise invalid(
                 f"unrecognized request argument {name!r}: ignoring it could change the "
                 "answer, so it is refused (docs/openai.md lists the fields this server reads)",
                 name,
@@ -226,7 +224,7 @@ def _check_type(name: str, value: Any, want: str) -> None:
     else:
         ok = isinstance(value, int if want == _INT else int | float)
     if not ok:
-        raise _invalid(f"{name} must be {want}, got {show(value)}", name)
+        raise invalid(f"{name} must be {want}, got {show(value)}", name)
 
 
 def _text_input(name: str, text: str) -> RequestInput:
@@ -236,7 +234,7 @@ def _text_input(name: str, text: str) -> RequestInput:
 def _messages_input(body: dict[str, Any]) -> RequestInput:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise _invalid("messages must be a non-empty list of messages", "messages")
+        raise invalid("messages must be a non-empty list of messages", "messages")
     # a message echoed back from a response carries nulls (refusal, tool_calls, ...): absent
     chat = [
         {k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m
@@ -256,48 +254,19 @@ def _prompt_input(body: dict[str, Any]) -> RequestInput:
         return RequestInput(name="input_ids", datatype="INT64", shape=[len(prompt)], data=prompt)
     if isinstance(prompt, list) and prompt and not any(isinstance(i, str | list) for i in prompt):
         wrong = next(i for i in prompt if type(i) is not int)
-        raise _invalid(f"prompt token ids must be integers, got {show(wrong)}", "prompt")
-    raise _invalid(
+        raise invalid(f"prompt token ids must be integers, got {show(wrong)}", "prompt")
+    raise invalid(
         "prompt must be one string or one list of token ids (several prompts in one request "
         f"are not supported: send one request each), got {show(prompt)}",
         "prompt",
     )
 
 
-def check_model(named: Any, model_name: str) -> None:
-    """The body's ``model`` must name the model of the path; under Seldon Core 2 the path
-    holds the internal name ``<model>_<version>`` while the client sends ``<model>``."""
-    if not isinstance(named, str):
-        raise _invalid(f"model must be a string, got {show(named)}", "model")
-    if named != model_name and not re.fullmatch(re.escape(named) + r"_\d+", model_name):
-        raise OpenAIError(
-            404,
-            f"model {named!r} is not served at this URL, which serves {model_name!r}; each "
-            "model has its own base URL, /v2/models/NAME/openai/v1 (loaded: "
-            f"{', '.join(loaded.names()) or 'none'})",
-            "model_not_found",
-            "model",
-        )
-
-
-def find_runtime(model_name: str) -> LayerStreamRuntime:
-    runtime = loaded.find(model_name)
-    if runtime is None:
-        raise OpenAIError(
-            404,
-            f"model {model_name!r} is not loaded here as a layerstream model (loaded: "
-            f"{', '.join(loaded.names()) or 'none'})",
-            "model_not_found",
-            "model",
-        )
-    return runtime
-
-
 async def json_body(request: Request) -> dict[str, Any]:
     try:
         body = json.loads(await request.body())
     except (ValueError, RecursionError) as exc:
-        raise _invalid(f"the request body is not valid JSON: {str(exc)[:120]}", None) from None
+        raise invalid(f"the request body is not valid JSON: {str(exc)[:120]}", None) from None
     if not isinstance(body, dict):
-        raise _invalid("the request body must be a JSON object", None)
+        raise invalid("the request body must be a JSON object", None)
     return body

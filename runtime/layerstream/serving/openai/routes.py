@@ -1,9 +1,9 @@
-"""OpenAI-compatible endpoints for each loaded model: what the official ``openai`` client
-needs, with ``base_url="http://HOST:PORT/v2/models/NAME/openai/v1"``.
+"""OpenAI-compatible endpoints: what the official ``openai`` client needs, at the server's
+``/v1`` and at each model's own base URL (models.py says which model each serves).
 
 - ``POST /chat/completions``: ``messages``, rendered with the model's own chat template;
 - ``POST /completions``: one ``prompt`` (a string, or a list of token ids);
-- ``GET /models``, ``GET /models/{id}``: the model the path names.
+- ``GET /models``, ``GET /models/{id}``: the models the base URL serves.
 
 Each request becomes a V2 request (``mode`` "tokens") and runs through the runtime's
 ``events``, the path every V2 request takes (validation, queue, metrics, the log line), so
@@ -11,7 +11,7 @@ both APIs give the same answer. The request body and the errors: body.py;
 docs/openai.md has the tables and the statuses.
 
 MLServer adds a custom handler's route once per model instance, and the first one registered
-answers every request on its path: the handlers serve the model the path names
+answers every request on its path: the handlers serve the model the path or the body names
 (``loaded.find``), whichever instance ``self`` is.
 """
 
@@ -21,8 +21,7 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -32,7 +31,8 @@ from starlette.types import Receive, Scope, Send
 
 from ...errors import LayerStreamError
 from ...inference.types import Event, FinalEvent, TokenEvent
-from .body import Call, OpenAIError, check_model, find_runtime, json_body, parse_call
+from .body import Call, OpenAIError, json_body, parse_call
+from .models import Target, by_body, by_path, model_card, served_ids
 
 log = logging.getLogger(__name__)
 
@@ -201,19 +201,20 @@ async def _collect(events: AsyncIterator[Event]) -> tuple[str, FinalEvent]:
     raise LayerStreamError("the request's events ended without a final event")
 
 
-async def _complete(model_name: str, request: Request, chat: bool) -> Response:
-    try:
-        runtime = find_runtime(model_name)
-    except OpenAIError as error:
-        return error.response()
+Resolve = Callable[[Any], Target]  # the body's ``model`` -> the model the request is for
+
+
+async def _complete(resolve: Resolve, request: Request, chat: bool) -> Response:
+    runtime = None
     try:
         body = await json_body(request)
-        if "model" in body and body["model"] is not None:
-            check_model(body["model"], model_name)
-        call = parse_call(body, model_name, chat)
+        target = resolve(body.get("model"))
+        runtime = target.runtime
+        call = parse_call(body, target.model, chat)
     except OpenAIError as error:
-        # refused before it became a V2 request: counted with the model's other refusals
-        runtime.count_refused("invalid_request" if error.status < 500 else "internal")
+        if runtime is not None:
+            # refused before it became a V2 request: counted with the model's other refusals
+            runtime.count_refused("invalid_request" if error.status < 500 else "internal")
         return error.response()
     events = runtime.events(call.payload)
     try:
@@ -226,74 +227,134 @@ async def _complete(model_name: str, request: Request, chat: bool) -> Response:
     except LayerStreamError as error:
         return OpenAIError.of(error).response()
     except _ClientGone:
-        log.info("%s: request %s: the client left before the answer began", model_name, call.id)
+        log.info("%s: request %s: the client left before the answer began", call.model, call.id)
         return Response(status_code=CLIENT_GONE)
 
 
-def _model_card(name: str) -> dict[str, Any]:
-    # created: when asked, as vLLM does (the loaded model has no creation time of its own)
-    return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "layerstream"}
+async def _post(resolve: Resolve, path: str, request: Request) -> Response:
+    """``POST`` under a base URL: the route its path names."""
+    route = path.strip("/")
+    if route == "chat/completions":
+        return await _complete(resolve, request, chat=True)
+    if route == "completions":
+        return await _complete(resolve, request, chat=False)
+    if route == "models" or route.startswith("models/"):
+        return _wrong_method("POST", path)
+    return _not_served(path)
+
+
+def _get(path: str, resolve: Resolve, models: Callable[[], list[str]]) -> Response:
+    """``GET`` under a base URL: the models it serves (``models()``: their ids), or one."""
+    route = path.strip("/")
+    try:
+        if route == "models":
+            return JSONResponse({"object": "list", "data": [model_card(i) for i in models()]})
+        if route.startswith("models/"):
+            return JSONResponse(model_card(resolve(route.removeprefix("models/")).model))
+    except OpenAIError as error:
+        return error.response()
+    if route in {"chat/completions", "completions"}:
+        return _wrong_method("GET", path)
+    return _not_served(path)
+
+
+def _own(model_name: str, version: str | None = None) -> tuple[Resolve, Callable[[], list[str]]]:
+    """A model's own base URL: how it reads a body's ``model``, and its one id."""
+
+    def resolve(named: Any) -> Target:
+        return by_path(model_name, version, named)
+
+    return resolve, lambda: [resolve(None).model]
+
+
+# MLServer adds a custom handler's route once per model instance: each route below serves
+# whatever its path names, whichever instance it was registered by. One route per method and
+# base URL, dispatching on the path itself: routes that overlap would be matched in the
+# order MLServer happened to add them.
+SERVER = "/v1"
+VERSIONED = "/v2/models/{model_name}/versions/{model_version}/openai/v1"
 
 
 class OpenAIRoutes:
-    """MLServer custom handlers that serve the OpenAI API for a loaded model."""
+    """MLServer custom handlers that serve the OpenAI API: at the server's ``/v1`` and at
+    each model's own base URL (models.py)."""
 
-    @custom_handler(rest_path=BASE + "/chat/completions")
-    async def openai_chat_completions(self, model_name: str, request: Request) -> Response:
-        return await _complete(model_name, request, chat=True)
+    @custom_handler(rest_path=SERVER + "/{path:path}")
+    async def openai_server_post(self, path: str, request: Request) -> Response:
+        return await _post(by_body, path, request)
 
-    @custom_handler(rest_path=BASE + "/completions")
-    async def openai_completions(self, model_name: str, request: Request) -> Response:
-        return await _complete(model_name, request, chat=False)
-
-    @custom_handler(rest_path=BASE + "/models", rest_method="GET")
-    async def openai_models(self, model_name: str) -> Response:
-        try:
-            find_runtime(model_name)
-        except OpenAIError as error:
-            return error.response()
-        return JSONResponse({"object": "list", "data": [_model_card(model_name)]})
-
-    @custom_handler(rest_path=BASE + "/models/{model_id}", rest_method="GET")
-    async def openai_model(self, model_name: str, model_id: str) -> Response:
-        try:
-            find_runtime(model_name)
-            check_model(model_id, model_name)
-        except OpenAIError as error:
-            return error.response()
-        return JSONResponse(_model_card(model_name))
-
-    # Any other path under the base URL (``/embeddings``, ``/responses``, ...): OpenAI's
-    # 404, which the openai client shows with its message, not FastAPI's bare "Not Found".
-    # Registered after the routes above (MLServer adds a model's handlers in name order).
-    @custom_handler(rest_path=BASE + "/{path:path}", rest_method="GET")
-    async def openai_other_get(self, model_name: str, path: str) -> Response:
-        return _not_served(path)
+    @custom_handler(rest_path=SERVER + "/{path:path}", rest_method="GET")
+    async def openai_server_get(self, path: str) -> Response:
+        return _get(path, by_body, served_ids)
 
     @custom_handler(rest_path=BASE + "/{path:path}")
-    async def openai_other_post(self, model_name: str, path: str) -> Response:
-        return _not_served(path)
+    async def openai_model_post(self, model_name: str, path: str, request: Request) -> Response:
+        return await _post(_own(model_name)[0], path, request)
 
-    # Other methods anywhere under the base URL: OpenAI's 405, not FastAPI's {"detail": ...}
+    @custom_handler(rest_path=BASE + "/{path:path}", rest_method="GET")
+    async def openai_model_get(self, model_name: str, path: str) -> Response:
+        return _get(path, *_own(model_name))
+
+    @custom_handler(rest_path=VERSIONED + "/{path:path}")
+    async def openai_version_post(
+        self, model_name: str, model_version: str, path: str, request: Request
+    ) -> Response:
+        return await _post(_own(model_name, model_version)[0], path, request)
+
+    @custom_handler(rest_path=VERSIONED + "/{path:path}", rest_method="GET")
+    async def openai_version_get(self, model_name: str, model_version: str, path: str) -> Response:
+        return _get(path, *_own(model_name, model_version))
+
+    # Other methods anywhere under a base URL: OpenAI's 405, not FastAPI's {"detail": ...}
+    @custom_handler(rest_path=SERVER + "/{path:path}", rest_method="PUT")
+    async def openai_server_put(self, path: str) -> Response:
+        return _wrong_method("PUT", path)
+
+    @custom_handler(rest_path=SERVER + "/{path:path}", rest_method="PATCH")
+    async def openai_server_patch(self, path: str) -> Response:
+        return _wrong_method("PATCH", path)
+
+    @custom_handler(rest_path=SERVER + "/{path:path}", rest_method="DELETE")
+    async def openai_server_delete(self, path: str) -> Response:
+        return _wrong_method("DELETE", path)
+
     @custom_handler(rest_path=BASE + "/{path:path}", rest_method="PUT")
-    async def openai_other_put(self, model_name: str, path: str) -> Response:
+    async def openai_model_put(self, model_name: str, path: str) -> Response:
         return _wrong_method("PUT", path)
 
     @custom_handler(rest_path=BASE + "/{path:path}", rest_method="PATCH")
-    async def openai_other_patch(self, model_name: str, path: str) -> Response:
+    async def openai_model_patch(self, model_name: str, path: str) -> Response:
         return _wrong_method("PATCH", path)
 
     @custom_handler(rest_path=BASE + "/{path:path}", rest_method="DELETE")
-    async def openai_other_delete(self, model_name: str, path: str) -> Response:
+    async def openai_model_delete(self, model_name: str, path: str) -> Response:
+        return _wrong_method("DELETE", path)
+
+    @custom_handler(rest_path=VERSIONED + "/{path:path}", rest_method="PUT")
+    async def openai_version_put(self, model_name: str, model_version: str, path: str) -> Response:
+        return _wrong_method("PUT", path)
+
+    @custom_handler(rest_path=VERSIONED + "/{path:path}", rest_method="PATCH")
+    async def openai_version_patch(
+        self, model_name: str, model_version: str, path: str
+    ) -> Response:
+        return _wrong_method("PATCH", path)
+
+    @custom_handler(rest_path=VERSIONED + "/{path:path}", rest_method="DELETE")
+    async def openai_version_delete(
+        self, model_name: str, model_version: str, path: str
+    ) -> Response:
         return _wrong_method("DELETE", path)
 
 
+SERVED = "POST /chat/completions, POST /completions and GET /models"
+
+
 def _wrong_method(method: str, path: str) -> Response:
-    allowed = "GET" if path.rstrip("/").split("/")[0] == "models" else "POST"
+    allowed = "GET" if path.strip("/").split("/")[0] == "models" else "POST"
     response = OpenAIError(
         405,
-        f"{method} /{path} is not served; this base URL serves POST /chat/completions, POST "
-        "/completions and GET /models",
+        f"{method} /{path.strip('/')} is not served; a base URL here serves {SERVED}",
         "method_not_allowed",
     ).response()
     response.headers["Allow"] = allowed
@@ -302,8 +363,5 @@ def _wrong_method(method: str, path: str) -> Response:
 
 def _not_served(path: str) -> Response:
     return OpenAIError(
-        404,
-        f"/{path} is not served here; this base URL serves POST /chat/completions, POST "
-        "/completions and GET /models",
-        "not_found",
+        404, f"/{path.strip('/')} is not served here; a base URL here serves {SERVED}", "not_found"
     ).response()
