@@ -862,3 +862,24 @@ def test_a_second_request_on_one_grpc_stream_is_refused_not_dropped(server, refe
     assert ids == expected
     assert excinfo.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "carries one request" in excinfo.value.details()
+
+
+def test_openai_embeddings_of_an_encoder_are_its_v2_embedding(server, reference):
+    """``/v1/embeddings`` on BERT (an encoder: it serves no completions): each vector is the
+    V2 ``embedding`` mode's, the mean of transformers' last hidden state."""
+    from openai import OpenAI
+
+    ref = reference(BERT)
+    texts = [PROMPT, "a second text"]
+    answer = OpenAI(base_url=f"{server.http_url}/v1", api_key="unused").embeddings.create(
+        model=BERT, input=texts
+    )
+    assert answer.usage.prompt_tokens == sum(len(ref.encode(t)) for t in texts)
+    for item, text in zip(answer.data, texts, strict=True):
+        request = {"inputs": [prompt_input(text)], "parameters": {"mode": "embedding"}}
+        final = raw_sse(server.http_url, BERT, request)[-1]
+        (v2,) = [o["data"] for o in final["outputs"] if o["name"] == "embedding"]
+        got = np.asarray(item.embedding, dtype=np.float32)
+        assert np.array_equal(got, np.asarray(v2, dtype=np.float32))
+        states = ref.hidden_states(ref.encode(text))
+        np.testing.assert_allclose(got, states[-1].mean(axis=0), rtol=0, atol=1e-5)

@@ -5,6 +5,7 @@ the V2 stats, and what cannot be honoured is refused with OpenAI's error types."
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import json
 import shutil
@@ -13,9 +14,18 @@ from typing import Any
 
 import httpx
 import httpx2
+import numpy as np
 import openai
 import pytest
-from mlserver_proc import ModelSpec, labels, metric_samples, prompt_input, raw_sse, serve
+from mlserver_proc import (
+    ModelSpec,
+    ids_input,
+    labels,
+    metric_samples,
+    prompt_input,
+    raw_sse,
+    serve,
+)
 from openai import OpenAI
 
 from layerstream.chunker.convert import chunk_checkpoint
@@ -427,10 +437,119 @@ def test_huggingface_hubs_inference_client_on_a_models_base_url(server):
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == text
 
 
+# -- embeddings -------------------------------------------------------------------------------
+
+
+def v2_embedding(server, name: str, item: dict[str, Any], **params: Any) -> np.ndarray:
+    events = raw_sse(
+        server.http_url, name, {"inputs": [item], "parameters": {"mode": "embedding", **params}}
+    )
+    (out,) = [o for o in events[-1]["outputs"] if o["name"] == "embedding"]
+    return np.asarray(out["data"], dtype=np.float32)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", [CHAT, PLAIN])
+def test_embeddings_are_the_v2_embedding_mode(server, name):
+    texts = [PROMPT, "A second, longer text to embed"]
+    expected = [v2_embedding(server, name, prompt_input(t)) for t in texts]
+    for fmt in ("float", "base64", openai.NOT_GIVEN):  # the client asks for base64 by default
+        got = client(server, name).embeddings.create(model=name, input=texts, encoding_format=fmt)
+        assert [d.index for d in got.data] == [0, 1] and got.model == name
+        for vector, want in zip(got.data, expected, strict=True):
+            if fmt == "base64":  # asked for explicitly, the client hands the string over
+                floats = np.frombuffer(base64.b64decode(vector.embedding), dtype="<f4")
+            else:
+                floats = np.asarray(vector.embedding, dtype=np.float32)
+            assert np.array_equal(floats, want)
+    ids = [5, 17, 99, 3]
+    got = server_client(server).embeddings.create(model=name, input=[ids, ids[:2]])
+    assert got.usage.prompt_tokens == got.usage.total_tokens == 6
+    assert np.array_equal(
+        np.asarray(got.data[0].embedding, dtype=np.float32),
+        v2_embedding(server, name, ids_input(ids)),
+    )
+    single = server_client(server).embeddings.create(model=name, input=texts[0])
+    assert len(single.data) == 1
+    assert np.array_equal(np.asarray(single.data[0].embedding, dtype=np.float32), expected[0])
+    last = server_client(server).embeddings.create(
+        model=name, input=texts[0], extra_body={"pooling": "last"}
+    )
+    assert np.array_equal(
+        np.asarray(last.data[0].embedding, dtype=np.float32),
+        v2_embedding(server, name, prompt_input(texts[0]), pooling="last"),
+    )
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"input": ""}, "input"),
+        ({"input": []}, "input"),
+        ({"input": [1, "a"]}, "input"),
+        ({"input": "a", "dimensions": 3}, "dimensions"),
+        ({"input": "a", "encoding_format": "hex"}, "encoding_format"),
+        ({"input": "a", "truncate": True}, "truncate"),
+        ({"input": "a", "pooling": "max"}, None),
+    ],
+)
+def test_embeddings_refusals_name_the_field(server, fields, param):
+    answer = httpx.post(
+        f"{server.http_url}/v1/embeddings", json={"model": CHAT, **fields}, timeout=30
+    )
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error", error
+
+
+# -- tokenize / detokenize --------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_tokenize_gives_the_ids_a_completion_starts_from(server):
+    for url in (f"{server.http_url}/tokenize", f"{server.http_url}/v1/tokenize"):
+        got = httpx.post(url, json={"model": CHAT, "prompt": PROMPT}, timeout=30).json()
+        _, final = v2_answer(server, CHAT, prompt_input(PROMPT))
+        assert got["count"] == len(got["tokens"]) == final["prompt_tokens"]
+        assert got["max_model_len"] == 128
+        back = httpx.post(
+            url.replace("tokenize", "detokenize"),
+            json={"model": CHAT, "tokens": got["tokens"]},
+            timeout=30,
+        ).json()
+        assert PROMPT in back["prompt"]
+    chat = httpx.post(
+        f"{server.http_url}/v2/models/{CHAT}/openai/v1/tokenize",
+        json={"messages": MESSAGES},
+        timeout=30,
+    ).json()
+    _, final = v2_answer(server, CHAT, messages_input(MESSAGES))
+    assert chat["count"] == final["prompt_tokens"]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("path", "fields", "param"),
+    [
+        ("tokenize", {"prompt": PROMPT, "add_special_tokens": False}, "add_special_tokens"),
+        ("tokenize", {"prompt": PROMPT, "messages": MESSAGES}, "prompt"),
+        ("tokenize", {}, "prompt"),
+        ("tokenize", {"prompt": 5}, "prompt"),
+        ("detokenize", {"tokens": [1, 10**9]}, None),
+        ("detokenize", {"tokens": ["a"]}, "tokens"),
+    ],
+)
+def test_tokenize_refusals(server, path, fields, param):
+    answer = httpx.post(f"{server.http_url}/v1/{path}", json={"model": CHAT, **fields}, timeout=30)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == param
+
+
 @pytest.mark.e2e
 def test_a_path_not_served_is_an_openai_404(server):
-    with pytest.raises(openai.NotFoundError, match="/embeddings is not served here"):
-        client(server, CHAT).embeddings.create(model=CHAT, input="hi")
+    with pytest.raises(openai.NotFoundError, match="/responses is not served here"):
+        client(server, CHAT).responses.create(model=CHAT, input="hi")
     gone = httpx.get(f"{server.http_url}/v2/models/{CHAT}/openai/v1/files", timeout=30)
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "not_found"
 

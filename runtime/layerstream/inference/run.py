@@ -37,10 +37,17 @@ def run(
     ``cancelled`` says the consumer has gone."""
     ids = request.input_ids
     if ids is None:
-        if request.messages is not None:
-            ids = chat_ids(engine.tokenizer, request.messages)
-        else:
-            assert request.prompt is not None  # the protocol sets one of the three
-            ids = tokenize(engine.tokenizer, request.prompt)
+        ids = prompt_ids(engine, request)
         check_context(len(ids), request, caps)  # ids that came as ids were checked on arrival
     return RUNNERS[request.mode](engine, request, ids, emit, cancelled)
+
+
+def prompt_ids(engine: Engine, request: Request) -> list[int]:
+    """The token ids of the request's prompt: its ids as sent, or its text or chat (the
+    model's own template) tokenized."""
+    if request.input_ids is not None:
+        return list(request.input_ids)
+    if request.messages is not None:
+        return chat_ids(engine.tokenizer, request.messages)
+    assert request.prompt is not None  # the protocol sets one of the three
+    return tokenize(engine.tokenizer, request.prompt)

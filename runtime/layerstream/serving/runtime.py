@@ -33,9 +33,9 @@ from ..inference.kv import (
     request_output_bytes,
     resolve_kv_budget,
 )
-from ..inference.prompts import chat_overhead, prompt_byte_limit
-from ..inference.request import Request
-from ..inference.run import run
+from ..inference.prompts import NO_CONTEXT_LIMIT, chat_overhead, prompt_byte_limit
+from ..inference.request import ModelCapabilities, Request
+from ..inference.run import prompt_ids, run
 from ..inference.types import Cancelled, Emit, Event, FinalEvent, HiddenStateEvent
 from ..stores import open_store
 from ..units import format_size
@@ -63,6 +63,7 @@ class LayerStreamRuntime(OpenAIRoutes, MLModel):
         # set by load(); None until then, and where load() failed part way (unload closes
         # what there is). MLServer's __init__ sets ``ready``, which reads the engine.
         self._engine: Engine | None = None
+        self._caps: ModelCapabilities | None = None
         self._scheduler: Scheduler | None = None
         super().__init__(settings)
         self._metrics = ModelMetrics(self.name, self.version)
@@ -269,6 +270,34 @@ class LayerStreamRuntime(OpenAIRoutes, MLModel):
                 async for event in stream:
                     yield event
                     record.events += 1
+
+    def caps(self) -> ModelCapabilities:
+        """What the loaded model can do (modes, sizes); InvalidRequest before load. A method:
+        MLServer reads every attribute of a model (inspect.getmembers) while loading it."""
+        if self._caps is None:
+            raise InvalidRequest(f"model {self.name} is not loaded")
+        return self._caps
+
+    async def token_ids(self, payload: InferenceRequest) -> list[int]:
+        """The ids the prompt or chat of ``payload`` becomes, checked as the same request
+        would be (its size, before anything tokenizes it), without running it."""
+        request = self._parse(payload)
+        return await asyncio.to_thread(prompt_ids, self._engine, request)
+
+    async def detokenize(self, ids: list[int]) -> str:
+        """The text of ``ids`` (at most the model's context of them); InvalidRequest for an
+        id outside the vocabulary."""
+        engine, caps = self._engine, self.caps()
+        if engine is None or engine.tokenizer is None:
+            raise InvalidRequest(f"model {self.name} has no tokenizer")
+        most = caps.context_length or NO_CONTEXT_LIMIT
+        if len(ids) > most:
+            raise InvalidRequest(f"{len(ids)} token ids are more than the model's {most}")
+        last = caps.vocab_size - 1
+        wrong = next((i for i in ids if not 0 <= i <= last), None)
+        if wrong is not None:
+            raise InvalidRequest(f"token id {wrong} is outside the vocabulary (0..{last})")
+        return await asyncio.to_thread(engine.tokenizer.decode, ids)
 
     def count_refused(self, error_type: str) -> None:
         """A request refused before it became a V2 request (an OpenAI body this server

@@ -11,14 +11,17 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
+import pydantic
 from fastapi.responses import JSONResponse
 from mlserver.types import InferenceRequest, Parameters, RequestInput
 from starlette.requests import Request
 
 from ...errors import LayerStreamError
 from ..parameters import show
+
+M = TypeVar("M", bound=pydantic.BaseModel)
 
 # layerstream error kind -> HTTP status. The openai client retries 408, 429 and 5xx
 # (``max_retries``): the statuses of the V2 path, except that a store that cannot be read
@@ -68,6 +71,25 @@ class _AsciiJSON(JSONResponse):
 def invalid(message: str, param: str | None, code: str = "invalid_request") -> OpenAIError:
     """A 400 naming the field (``param``) that is wrong."""
     return OpenAIError(400, message, code, param)
+
+
+def validated(model: type[M], body: dict[str, Any]) -> M:
+    """``body`` as ``model`` (a pydantic model): a field it does not validate is a 400 naming
+    that field, as OpenAI words it."""
+    try:
+        return model.model_validate(body)
+    except pydantic.ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        where = error["loc"][0] if error["loc"] else None
+        param = where if isinstance(where, str) else None
+        shown = ".".join(str(part) for part in error["loc"]) or "the body"
+        if error["type"] == "extra_forbidden":
+            message = (
+                f"unrecognized request argument {shown!r}: ignoring it could change the "
+                "answer, so it is refused (docs/openai.md lists the fields this server reads)"
+            )
+            raise invalid(message, param, "unknown_parameter") from None
+        raise invalid(f"{shown}: {error['msg']}", param) from None
 
 
 # -- the request body -----------------------------------------------------------------------
@@ -184,7 +206,7 @@ def parse_call(body: dict[str, Any], model: str, chat: bool) -> Call:
         # in a string ('["l"]', which gRPC parameters need) cannot split it
         params["stop"] = [params["stop"]]
     call_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    item = _messages_input(body) if chat else _prompt_input(body)
+    item = messages_input(body) if chat else _prompt_input(body)
     return Call(
         chat=chat,
         id=call_id,
@@ -227,11 +249,12 @@ def _check_type(name: str, value: Any, want: str) -> None:
         raise invalid(f"{name} must be {want}, got {show(value)}", name)
 
 
-def _text_input(name: str, text: str) -> RequestInput:
+def text_input(name: str, text: str) -> RequestInput:
     return RequestInput(name=name, datatype="BYTES", shape=[1], data=[text])
 
 
-def _messages_input(body: dict[str, Any]) -> RequestInput:
+def messages_input(body: dict[str, Any]) -> RequestInput:
+    """The body's ``messages`` as the V2 ``messages`` input (checked by the runtime)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise invalid("messages must be a non-empty list of messages", "messages")
@@ -241,7 +264,7 @@ def _messages_input(body: dict[str, Any]) -> RequestInput:
         for m in messages
     ]
     # the runtime checks each message and renders the chat with the model's template
-    return _text_input("messages", json.dumps(chat, ensure_ascii=False))
+    return text_input("messages", json.dumps(chat, ensure_ascii=False))
 
 
 def _prompt_input(body: dict[str, Any]) -> RequestInput:
@@ -249,7 +272,7 @@ def _prompt_input(body: dict[str, Any]) -> RequestInput:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
-        return _text_input("prompt", prompt)
+        return text_input("prompt", prompt)
     if isinstance(prompt, list) and prompt and all(type(i) is int for i in prompt):
         return RequestInput(name="input_ids", datatype="INT64", shape=[len(prompt)], data=prompt)
     if isinstance(prompt, list) and prompt and not any(isinstance(i, str | list) for i in prompt):

@@ -31,6 +31,7 @@ from starlette.types import Receive, Scope, Send
 
 from ...errors import LayerStreamError
 from ...inference.types import Event, FinalEvent, TokenEvent
+from . import embeddings, tokens
 from .body import Call, OpenAIError, json_body, parse_call
 from .models import Target, by_body, by_path, model_card, served_ids
 
@@ -231,6 +232,44 @@ async def _complete(resolve: Resolve, request: Request, chat: bool) -> Response:
         return Response(status_code=CLIENT_GONE)
 
 
+async def _embed(resolve: Resolve, request: Request) -> Response:
+    runtime = None
+    try:
+        body = await json_body(request)
+        target = resolve(body.get("model"))
+        runtime = target.runtime
+        parsed = embeddings.parse_embeddings(body, runtime.caps().hidden_size)
+        payloads = embeddings.payloads(parsed)
+    except OpenAIError as error:
+        if runtime is not None:
+            runtime.count_refused("invalid_request" if error.status < 500 else "internal")
+        return error.response()
+    streams = [runtime.events(payload) for payload in payloads]
+    try:
+        finals = await _unless_client_leaves(embeddings.all_finals(streams), request)
+    except LayerStreamError as error:
+        return OpenAIError.of(error).response()
+    except _ClientGone:
+        log.info("%s: embeddings: the client left before the answer", target.model)
+        return Response(status_code=CLIENT_GONE)
+    return JSONResponse(embeddings.answer(parsed, target.model, finals))
+
+
+async def _tokens(resolve: Resolve, request: Request, decode: bool) -> Response:
+    try:
+        body = await json_body(request)
+        runtime = resolve(body.get("model")).runtime
+        if decode:
+            return JSONResponse({"prompt": await runtime.detokenize(tokens.detokenize_ids(body))})
+        caps = runtime.caps()
+        ids = await runtime.token_ids(tokens.tokenize_payload(body, caps.default_mode.value))
+    except OpenAIError as error:
+        return error.response()
+    except LayerStreamError as error:
+        return OpenAIError.of(error).response()
+    return JSONResponse({"count": len(ids), "max_model_len": caps.context_length, "tokens": ids})
+
+
 async def _post(resolve: Resolve, path: str, request: Request) -> Response:
     """``POST`` under a base URL: the route its path names."""
     route = path.strip("/")
@@ -238,6 +277,10 @@ async def _post(resolve: Resolve, path: str, request: Request) -> Response:
         return await _complete(resolve, request, chat=True)
     if route == "completions":
         return await _complete(resolve, request, chat=False)
+    if route == "embeddings":
+        return await _embed(resolve, request)
+    if route in {"tokenize", "detokenize"}:
+        return await _tokens(resolve, request, decode=route == "detokenize")
     if route == "models" or route.startswith("models/"):
         return _wrong_method("POST", path)
     return _not_served(path)
@@ -253,7 +296,7 @@ def _get(path: str, resolve: Resolve, models: Callable[[], list[str]]) -> Respon
             return JSONResponse(model_card(resolve(route.removeprefix("models/")).model))
     except OpenAIError as error:
         return error.response()
-    if route in {"chat/completions", "completions"}:
+    if route in {"chat/completions", "completions", "embeddings", "tokenize", "detokenize"}:
         return _wrong_method("GET", path)
     return _not_served(path)
 
@@ -282,6 +325,15 @@ class OpenAIRoutes:
     @custom_handler(rest_path=SERVER + "/{path:path}")
     async def openai_server_post(self, path: str, request: Request) -> Response:
         return await _post(by_body, path, request)
+
+    # where vLLM's server has them: at its root, the body's model choosing
+    @custom_handler(rest_path="/tokenize")
+    async def openai_root_tokenize(self, request: Request) -> Response:
+        return await _tokens(by_body, request, decode=False)
+
+    @custom_handler(rest_path="/detokenize")
+    async def openai_root_detokenize(self, request: Request) -> Response:
+        return await _tokens(by_body, request, decode=True)
 
     @custom_handler(rest_path=SERVER + "/{path:path}", rest_method="GET")
     async def openai_server_get(self, path: str) -> Response:
@@ -347,7 +399,7 @@ class OpenAIRoutes:
         return _wrong_method("DELETE", path)
 
 
-SERVED = "POST /chat/completions, POST /completions and GET /models"
+SERVED = "POST /chat/completions, /completions, /embeddings, /tokenize, /detokenize and GET /models"
 
 
 def _wrong_method(method: str, path: str) -> Response:
