@@ -71,3 +71,57 @@ def test_a_stop_string_completed_by_the_last_flush_ends_with_stop(model_factory)
     final = generation_end(streamer, ids, eos_ids=set())
     assert final.finish_reason == "stop" and "\ufffd" not in final.text
     assert "".join(e.text for e in events) + final.text == "ok "
+
+
+def _byte_token(tokenizer, byte: int) -> int:
+    """The id of the byte-level token for one byte (GPT-2's byte-to-unicode alphabet)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return tokenizer.convert_tokens_to_ids(bytes_to_unicode()[byte])
+
+
+def test_bytes_that_never_form_text_are_sent_as_they_settle_not_at_the_end(model_factory):
+    """A random-init model's bytes rarely form UTF-8, and every text ending in U+FFFD was
+    held back: a demo chat arrived in one piece at the end. Text followed by three tokens
+    that add text is settled (a character is at most four bytes) and is sent."""
+    import random
+
+    tokenizer = AutoTokenizer.from_pretrained(model_factory("gpt2").store)
+    rng = random.Random(7)
+    for _ in range(50):
+        ids = [_byte_token(tokenizer, rng.choice(range(0x80, 0x100))) for _ in range(40)]
+        decoder = IncrementalDecoder(tokenizer)
+        deltas = [decoder.add(i) for i in ids]
+        assert "".join(deltas) + decoder.flush() == tokenizer.decode(ids)
+        # piece by piece: after each token, all but the text of its last few tokens is sent
+        for k in range(MAX, len(ids)):
+            sent = "".join(deltas[: k + 1])
+            assert len(sent) >= len(tokenizer.decode(ids[: k + 1 - MAX])) - 1, (k, deltas)
+
+
+MAX = 4  # a character's most bytes
+
+
+def test_a_character_split_over_tokens_is_never_sent_broken(model_factory):
+    """Valid characters among invalid bytes: the settled text never cuts one, whatever the
+    bytes around it (the deltas always add up to the whole decode, with every ✓ in it)."""
+    import random
+
+    tokenizer = AutoTokenizer.from_pretrained(model_factory("gpt2").store)
+    check = [_byte_token(tokenizer, b) for b in "✓".encode()]
+    rng = random.Random(11)
+    for _ in range(50):
+        ids: list[int] = []
+        for _ in range(12):
+            choice = rng.random()
+            if choice < 0.4:
+                ids += check
+            elif choice < 0.8:
+                ids.append(_byte_token(tokenizer, rng.choice(range(0x80, 0x100))))
+            else:
+                ids += tokenizer("ab")["input_ids"]
+        decoder = IncrementalDecoder(tokenizer)
+        deltas = [decoder.add(i) for i in ids]
+        whole = tokenizer.decode(ids)
+        assert "".join(deltas) + decoder.flush() == whole
+        assert all(whole.startswith("".join(deltas[: k + 1])) for k in range(len(deltas)))

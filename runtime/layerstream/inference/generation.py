@@ -26,15 +26,26 @@ from .request import Request
 from .sampling import GiveRandomBack, RequestRandom, TakeRandom
 from .types import Cancelled, Emit, FinalEvent, FinishReason, RequestStats, TokenEvent
 
+# the most bytes a character takes in UTF-8
+MAX_CHAR_BYTES = 4
+
 
 class IncrementalDecoder:
-    """Text deltas of a growing id sequence (the prefix-offset method of TGI/vLLM)."""
+    """Text deltas of a growing id sequence (the prefix-offset method of TGI/vLLM).
+
+    Text that ends in U+FFFD is held back: it may be a character whose bytes have not all
+    come. Bytes that never form a character (a random-init model's, a model's mistakes)
+    end every text in U+FFFD, and all of it was held back to the end of the answer. So the
+    text up to the last three tokens that add text is sent once it is a prefix of the whole
+    text: a character is at most four bytes and each such token adds at least one, so what
+    comes before them decodes the same whatever tokens follow."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
+        self._adds_text: dict[int, bool] = {}  # token id -> whether it decodes to anything
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
@@ -55,10 +66,36 @@ class IncrementalDecoder:
         decode = self.tokenizer.decode
         prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
         text = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
-        if not final and (len(text) <= len(prefix) or text.endswith("\ufffd")):
+        if not final and text.endswith("\ufffd"):
+            return self._settled(prefix, text)
+        if not final and len(text) <= len(prefix):
             return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return text[len(prefix) :]
+
+    def _settled(self, prefix: str, text: str) -> str:
+        """The text before the last MAX_CHAR_BYTES - 1 tokens that add text, where it is a
+        prefix of ``text`` (the class docstring says why it cannot change); else ``""``."""
+        settled, adding = len(self.ids), 0
+        while settled > self.read_offset and adding < MAX_CHAR_BYTES - 1:
+            settled -= 1
+            adding += self._adds(self.ids[settled])
+        if adding < MAX_CHAR_BYTES - 1 or settled <= self.read_offset:
+            return ""
+        head = self.tokenizer.decode(
+            self.ids[self.prefix_offset : settled], skip_special_tokens=True
+        )
+        if len(head) <= len(prefix) or not text.startswith(head):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, settled
+        return head[len(prefix) :]
+
+    def _adds(self, token_id: int) -> bool:
+        known = self._adds_text.get(token_id)
+        if known is None:
+            known = bool(self.tokenizer.decode([token_id], skip_special_tokens=True))
+            self._adds_text[token_id] = known
+        return known
 
 
 class StopMatcher:
