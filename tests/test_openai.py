@@ -32,7 +32,7 @@ from layerstream.chunker.convert import chunk_checkpoint
 from layerstream.errors import RequestTimeout
 from layerstream.inference.types import FinalEvent, FinishReason, RequestStats, TokenEvent
 from layerstream.serving.openai import body as openai_body
-from layerstream.serving.openai import routes
+from layerstream.serving.openai import completions, routes
 
 pytest_plugins = ["mlserver_proc"]
 
@@ -263,7 +263,8 @@ def test_the_seldon_name_of_a_model(server):
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
-        ({"n": 2}, "n"),
+        ({"n": 17}, "n"),
+        ({"n": 0}, "n"),
         ({"logprobs": True}, "logprobs"),
         ({"presence_penalty": 0.5}, "presence_penalty"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
@@ -295,11 +296,11 @@ def test_max_tokens_out_of_range(server, max_tokens, stream):
 
 @pytest.mark.e2e
 def test_every_openai_request_is_counted_by_outcome(server):
-    """Refused by the OpenAI layer (n=2), by the V2 contract (max_tokens 0) or answered:
+    """Refused by the OpenAI layer (n=17), by the V2 contract (max_tokens 0) or answered:
     each counted once in the model's layerstream_requests_total."""
     before = metric_samples(server.metrics_url)
     with pytest.raises(openai.BadRequestError):
-        client(server, PLAIN).completions.create(model=PLAIN, prompt=PROMPT, n=2)
+        client(server, PLAIN).completions.create(model=PLAIN, prompt=PROMPT, n=17)
     with pytest.raises(openai.BadRequestError):
         client(server, PLAIN).completions.create(model=PLAIN, prompt=PROMPT, max_tokens=0)
     client(server, PLAIN).completions.create(model=PLAIN, prompt=PROMPT, **GREEDY)
@@ -309,7 +310,7 @@ def test_every_openai_request_is_counted_by_outcome(server):
         key = ("layerstream_requests_total", labels(PLAIN, **more))
         return after.get(key, 0.0) - before.get(key, 0.0)
 
-    # n=2 never became a V2 request; max_tokens 0 failed the V2 contract's range check
+    # n=17 never became a V2 request; max_tokens 0 failed the V2 contract's range check
     assert grew(finish_reason="error", mode="unparsed") == 2
     answered = grew(finish_reason="length", mode="tokens") + grew(
         finish_reason="stop", mode="tokens"
@@ -435,6 +436,54 @@ def test_huggingface_hubs_inference_client_on_a_models_base_url(server):
     assert answer.choices[0].message.content == text
     streamed = hf.chat_completion(messages=MESSAGES, max_tokens=12, temperature=0, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == text
+
+
+# -- n choices --------------------------------------------------------------------------------
+
+
+SAMPLED = {"temperature": 1.0, "max_tokens": 8, "seed": 5}
+
+
+@pytest.mark.e2e
+def test_n_choices_are_each_what_their_seed_gives_alone(server):
+    """n choices run as requests of their own (sharing the sweeps); choice i uses seed + i,
+    so it is reproducible alone."""
+    many = client(server, PLAIN).completions.create(model=PLAIN, prompt=PROMPT, n=3, **SAMPLED)
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    alone = [
+        client(server, PLAIN).completions.create(
+            model=PLAIN, prompt=PROMPT, **{**SAMPLED, "seed": SAMPLED["seed"] + i}
+        )
+        for i in range(3)
+    ]
+    assert [c.text for c in many.choices] == [a.choices[0].text for a in alone]
+    assert [c.finish_reason for c in many.choices] == [a.choices[0].finish_reason for a in alone]
+    assert many.usage.prompt_tokens == alone[0].usage.prompt_tokens
+    assert many.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    assert len({c.text for c in many.choices}) > 1  # sampled: the seeds differ
+
+    chat = client(server, CHAT).chat.completions
+    whole = chat.create(model=CHAT, messages=MESSAGES, n=2, **SAMPLED)
+    texts: dict[int, str] = {0: "", 1: ""}
+    finished: dict[int, str] = {}
+    chunks = list(
+        chat.create(
+            model=CHAT,
+            messages=MESSAGES,
+            n=2,
+            stream=True,
+            stream_options={"include_usage": True},
+            **SAMPLED,
+        )
+    )
+    for chunk in chunks[:-1]:
+        (choice,) = chunk.choices
+        texts[choice.index] += choice.delta.content or ""
+        if choice.finish_reason:
+            finished[choice.index] = choice.finish_reason
+    assert [texts[i] for i in (0, 1)] == [c.message.content for c in whole.choices]
+    assert [finished[i] for i in (0, 1)] == [c.finish_reason for c in whole.choices]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
 # -- embeddings -------------------------------------------------------------------------------
@@ -591,7 +640,8 @@ def sse_bytes(body: dict[str, Any], events: list[Any]) -> bytes:
     async def run() -> bytes:
         stream = source()
         first = await stream.__anext__()
-        return b"".join([chunk async for chunk in routes._stream(call, first, stream)])
+        body = completions.stream(call, [first], [stream])
+        return b"".join([chunk async for chunk in body])
 
     return asyncio.run(run())
 
@@ -678,7 +728,7 @@ def test_closing_the_stream_closes_the_engine_events():
     async def run() -> None:
         events = source()
         first = await events.__anext__()
-        stream = routes._stream(call, first, events)
+        stream = completions.stream(call, [first], [events])
         await stream.__anext__()
         await stream.__anext__()
         assert not closed

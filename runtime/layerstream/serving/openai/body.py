@@ -1,8 +1,8 @@
 """The OpenAI request body, checked, and the V2 request that answers it; OpenAI's errors.
 
-A field that would change the answer and cannot be honoured (``n`` > 1, ``logprobs``,
-``tools``, penalties, JSON mode, any field not known here) is refused with a 400, never
-ignored: docs/openai.md lists them.
+A field that would change the answer and cannot be honoured (``logprobs``, ``tools``,
+penalties, JSON mode, any field not known here) is refused with a 400, never ignored:
+docs/openai.md lists them. ``n`` choices are ``n`` V2 requests (completions.py).
 """
 
 from __future__ import annotations
@@ -112,7 +112,8 @@ _MAPPED = {
 # read, and change nothing in the answer
 _HARMLESS = {"model", "stream", "stream_options", "user", "metadata", "store", "service_tier"}
 _HARMLESS |= {"prompt_cache_key", "safety_identifier", "parallel_tool_calls"}
-_COMMON = set(_MAPPED) - {"max_completion_tokens"}
+_COMMON = (set(_MAPPED) - {"max_completion_tokens"}) | {"n"}
+MAX_CHOICES = 16  # choices of one request (each is a request of its own in the queue)
 _OWN = {True: {"messages", "max_completion_tokens"}, False: {"prompt"}}  # chat: True
 
 
@@ -126,7 +127,6 @@ _NO_LOGPROBS = "log probabilities are not returned"
 _NO_TOOLS = "tool and function calling are not supported"
 _NO_PENALTY = "only 0 is supported (repetition_penalty, an extension, is)"
 _REFUSED_BOTH = {
-    "n": _Refused((1,), "one choice is generated per request: send n=1 and repeat the request"),
     "presence_penalty": _Refused((0, 0.0), _NO_PENALTY),
     "frequency_penalty": _Refused((0, 0.0), _NO_PENALTY),
     "logit_bias": _Refused(({},), "logit_bias is not supported"),
@@ -164,7 +164,7 @@ class Call:
     created: int
     stream: bool
     include_usage: bool
-    payload: InferenceRequest
+    payloads: tuple[InferenceRequest, ...]  # one per choice (``n``)
 
     @property
     def answer_object(self) -> str:
@@ -205,6 +205,10 @@ def parse_call(body: dict[str, Any], model: str, chat: bool) -> Call:
         # an OpenAI stop string is literal: as a list of one, the V2 reading of a JSON list
         # in a string ('["l"]', which gRPC parameters need) cannot split it
         params["stop"] = [params["stop"]]
+    n = body.get("n", 1)
+    _check_type("n", n, _INT)
+    if not 1 <= n <= MAX_CHOICES:
+        raise invalid(f"n must be between 1 and {MAX_CHOICES}, got {n}", "n")
     call_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     item = messages_input(body) if chat else _prompt_input(body)
     return Call(
@@ -214,8 +218,23 @@ def parse_call(body: dict[str, Any], model: str, chat: bool) -> Call:
         created=int(time.time()),
         stream=body.get("stream", False),
         include_usage=options.get("include_usage", False),
-        payload=InferenceRequest(id=call_id, inputs=[item], parameters=Parameters(**params)),
+        payloads=tuple(
+            InferenceRequest(
+                id=call_id if n == 1 else f"{call_id}-{index}",
+                inputs=[item],
+                parameters=Parameters(**_choice(params, index)),
+            )
+            for index in range(n)
+        ),
     )
+
+
+def _choice(params: dict[str, Any], index: int) -> dict[str, Any]:
+    """Choice ``index``'s parameters: with a seed, its own (seed + index), so that each
+    choice is what the same request with that seed and ``n`` 1 generates."""
+    if index == 0 or "seed" not in params:
+        return params
+    return {**params, "seed": params["seed"] + index}
 
 
 def _check_fields(body: dict[str, Any], chat: bool) -> None:

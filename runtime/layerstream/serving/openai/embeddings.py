@@ -8,7 +8,6 @@ The pooling is the V2 default (mean over the prompt's tokens) unless the body's 
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import uuid
@@ -22,6 +21,7 @@ from mlserver.types import InferenceRequest, Parameters, RequestInput
 from ...errors import LayerStreamError
 from ...inference.types import Event, FinalEvent
 from .body import invalid, validated
+from .completions import all_of
 
 # OpenAI's own limit on the inputs of one request
 MAX_INPUTS = 2048
@@ -100,13 +100,7 @@ async def final_of(events: AsyncIterator[Event]) -> FinalEvent:
 
 async def all_finals(streams: list[AsyncIterator[Event]]) -> list[FinalEvent]:
     """Every input's final event; the first failure fails the request (the others stop)."""
-    tasks = [asyncio.ensure_future(final_of(stream)) for stream in streams]
-    try:
-        return list(await asyncio.gather(*tasks))
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    return await all_of([final_of(stream) for stream in streams])
 
 
 def answer(parsed: EmbeddingsBody, model: str, finals: list[FinalEvent]) -> dict[str, Any]:

@@ -18,21 +18,18 @@ answers every request on its path: the handlers serve the model the path or the 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from mlserver.handlers import custom_handler
 from starlette.requests import Request
-from starlette.types import Receive, Scope, Send
 
 from ...errors import LayerStreamError
-from ...inference.types import Event, FinalEvent, TokenEvent
-from . import embeddings, tokens
-from .body import Call, OpenAIError, json_body, parse_call
+from ...inference.types import Event
+from . import completions, embeddings, tokens
+from .body import OpenAIError, json_body, parse_call
 from .models import Target, by_body, by_path, model_card, served_ids
 
 log = logging.getLogger(__name__)
@@ -41,121 +38,6 @@ BASE = "/v2/models/{model_name}/openai/v1"
 T = TypeVar("T")
 
 CLIENT_GONE = 499  # nginx's "client closed request": in the access log and metrics only
-
-
-# -- the answer -----------------------------------------------------------------------------
-
-
-def _usage(final: FinalEvent) -> dict[str, int]:
-    s = final.stats
-    return {
-        "prompt_tokens": s.prompt_tokens,
-        "completion_tokens": s.tokens,
-        "total_tokens": s.prompt_tokens + s.tokens,
-    }
-
-
-def _envelope(call: Call, kind: str, choices: list[dict[str, Any]], **extra: Any) -> dict:
-    return {
-        "id": call.id,
-        "object": kind,
-        "created": call.created,
-        "model": call.model,
-        "choices": choices,
-        **extra,
-    }
-
-
-def _answer(call: Call, text: str, final: FinalEvent) -> dict[str, Any]:
-    """The whole answer (``stream`` false)."""
-    choice: dict[str, Any] = {"index": 0, "logprobs": None}
-    if call.chat:
-        choice["message"] = {"role": "assistant", "content": text, "refusal": None}
-    else:
-        choice["text"] = text
-    choice["finish_reason"] = final.finish_reason.value
-    return _envelope(call, call.answer_object, [choice], usage=_usage(final))
-
-
-def _chunk(call: Call, text: str, finish: str | None = None, role: bool = False) -> bytes:
-    """One SSE event of a streamed answer: ``text`` (a chat's first chunk opens the
-    assistant's turn), the finish reason on the last."""
-    choice: dict[str, Any] = {"index": 0}
-    if call.chat:
-        delta = {"role": "assistant", "content": text} if role else {}
-        if text:
-            delta["content"] = text
-        choice["delta"] = delta
-    else:
-        choice["text"] = text
-    choice.update(logprobs=None, finish_reason=finish)
-    usage = {"usage": None} if call.include_usage else {}  # as OpenAI: null until the last
-    return _sse(_envelope(call, call.chunk_object, [choice], **usage))
-
-
-def _sse(data: dict[str, Any]) -> bytes:
-    return (
-        b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
-    )
-
-
-_DONE = b"data: [DONE]\n\n"
-
-
-def _chunks(call: Call, event: Event) -> list[bytes]:
-    if isinstance(event, TokenEvent):
-        # "" while a character's bytes are incomplete: nothing to send yet
-        return [_chunk(call, event.text)] if event.text else []
-    if isinstance(event, FinalEvent):
-        out = [_chunk(call, event.text, event.finish_reason.value)]
-        if call.include_usage:
-            out.append(_sse(_envelope(call, call.chunk_object, [], usage=_usage(event))))
-        return out
-    return []  # mode "tokens" produces no other event
-
-
-async def _stream(call: Call, first: Event, events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
-    async with contextlib.aclosing(events):  # closing it is what stops the engine
-        try:
-            if call.chat:
-                yield _chunk(call, "", role=True)
-            for chunk in _chunks(call, first):
-                yield chunk
-            async for event in events:
-                for chunk in _chunks(call, event):
-                    yield chunk
-        except LayerStreamError as error:
-            # the 200 is sent: the error is the last event, as OpenAI and vLLM send it (the
-            # openai client raises APIError with it)
-            yield _sse(OpenAIError.of(error).body())
-        except (asyncio.CancelledError, GeneratorExit):
-            log.info("%s: request %s: the client left mid-stream", call.model, call.id)
-            raise
-        yield _DONE
-
-
-class _EventStream(StreamingResponse):
-    """SSE whose generators are closed when the response ends, however it ends: starlette
-    leaves a generator suspended at a ``yield`` to the garbage collector when the client
-    leaves, and closing the request's events is what stops the engine. Both are closed: the
-    body never starts if the client leaves while the headers are being sent, and then
-    closing it would not reach the events (closing twice is harmless)."""
-
-    media_type = "text/event-stream"
-
-    def __init__(self, body: AsyncIterator[bytes], events: AsyncIterator[Event]) -> None:
-        super().__init__(body, headers=_SSE_HEADERS)
-        self._events = events
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.body_iterator.aclose()  # type: ignore[attr-defined]
-            await self._events.aclose()  # type: ignore[attr-defined]
-
-
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class _ClientGone(Exception):
@@ -187,21 +69,6 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _first(events: AsyncIterator[Event]) -> Event:
-    return await events.__anext__()
-
-
-async def _collect(events: AsyncIterator[Event]) -> tuple[str, FinalEvent]:
-    texts: list[str] = []
-    async with contextlib.aclosing(events):
-        async for event in events:
-            if isinstance(event, TokenEvent | FinalEvent):
-                texts.append(event.text)
-            if isinstance(event, FinalEvent):
-                return "".join(texts), event
-    raise LayerStreamError("the request's events ended without a final event")
-
-
 Resolve = Callable[[Any], Target]  # the body's ``model`` -> the model the request is for
 
 
@@ -217,19 +84,26 @@ async def _complete(resolve: Resolve, request: Request, chat: bool) -> Response:
             # refused before it became a V2 request: counted with the model's other refusals
             runtime.count_refused("invalid_request" if error.status < 500 else "internal")
         return error.response()
-    events = runtime.events(call.payload)
+    streams = [runtime.events(payload) for payload in call.payloads]
     try:
         if call.stream:
-            # the first event before the 200: a refused or queued-out request gets its status
-            first = await _unless_client_leaves(_first(events), request)
-            return _EventStream(_stream(call, first, events), events)
-        text, final = await _unless_client_leaves(_collect(events), request)
-        return JSONResponse(_answer(call, text, final))
+            # the first events before the 200: a refused or queued-out request gets its status
+            firsts = await _unless_client_leaves(completions.first_events(streams), request)
+            return completions.EventStream(completions.stream(call, firsts, streams), streams)
+        answers = await _unless_client_leaves(completions.collect_all(streams), request)
+        return JSONResponse(completions.answer(call, answers))
     except LayerStreamError as error:
+        await _close(streams)
         return OpenAIError.of(error).response()
     except _ClientGone:
+        await _close(streams)
         log.info("%s: request %s: the client left before the answer began", call.model, call.id)
         return Response(status_code=CLIENT_GONE)
+
+
+async def _close(streams: list[AsyncIterator[Event]]) -> None:
+    for events in streams:
+        await events.aclose()  # type: ignore[attr-defined]
 
 
 async def _embed(resolve: Resolve, request: Request) -> Response:
