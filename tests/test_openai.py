@@ -17,6 +17,7 @@ import httpx2
 import numpy as np
 import openai
 import pytest
+import torch
 from mlserver_proc import (
     ModelSpec,
     ids_input,
@@ -265,7 +266,9 @@ def test_the_seldon_name_of_a_model(server):
     [
         ({"n": 17}, "n"),
         ({"n": 0}, "n"),
-        ({"logprobs": True}, "logprobs"),
+        ({"logprobs": "yes"}, "logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),
         ({"presence_penalty": 0.5}, "presence_penalty"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
@@ -486,6 +489,73 @@ def test_n_choices_are_each_what_their_seed_gives_alone(server):
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
+# -- logprobs ---------------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_logprobs_are_those_of_from_pretrained_scores(server, model_factory):
+    """Completions' ``logprobs`` (the legacy lists) and chat's (``content`` entries), whole
+    and streamed, are log_softmax of the scores from_pretrained chose each token from."""
+    ids = [5, 17, 99, 3, 250, 7]
+    reference = model_factory("gpt2").resident()
+    prompt = torch.tensor([ids])
+    with torch.no_grad():
+        out = reference.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=GREEDY["max_tokens"],
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    chosen = out.sequences[0, len(ids) :].tolist()
+    expected = [
+        float(torch.log_softmax(s[0].float(), -1)[t])
+        for s, t in zip(out.scores, chosen, strict=True)
+    ]
+    tops = [torch.topk(torch.log_softmax(s[0].float(), -1), 3) for s in out.scores]
+
+    answer = client(server, PLAIN).completions.create(model=PLAIN, prompt=ids, logprobs=3, **GREEDY)
+    got = answer.choices[0].logprobs
+    assert got.token_logprobs == expected[: len(got.token_logprobs)]
+    assert len(got.tokens) == answer.usage.completion_tokens
+    # keyed by the tokens' text, as OpenAI's are: two tokens of one text (bytes of a
+    # character, U+FFFD alone) are one key
+    for alternatives, top in zip(got.top_logprobs, tops, strict=False):
+        assert set(alternatives.values()) <= set(top.values.tolist())
+        assert max(alternatives.values()) == top.values[0].item()
+    assert got.text_offset[0] == 0
+
+    streamed = [
+        lp
+        for chunk in client(server, PLAIN).completions.create(
+            model=PLAIN, prompt=ids, logprobs=0, stream=True, **GREEDY
+        )
+        if chunk.choices and chunk.choices[0].logprobs
+        for lp in chunk.choices[0].logprobs.token_logprobs
+    ]
+    assert streamed == got.token_logprobs
+
+    chat = client(server, CHAT).chat.completions
+    whole = chat.create(model=CHAT, messages=MESSAGES, logprobs=True, top_logprobs=2, **GREEDY)
+    content = whole.choices[0].logprobs.content
+    assert len(content) == whole.usage.completion_tokens
+    assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob >= e.logprob for e in content)
+    pieces = chat.create(
+        model=CHAT, messages=MESSAGES, logprobs=True, top_logprobs=2, stream=True, **GREEDY
+    )
+    entries = [
+        e
+        for c in pieces
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content
+    ]
+    assert [(e.token, e.logprob) for e in entries] == [(e.token, e.logprob) for e in content]
+    plain = chat.create(model=CHAT, messages=MESSAGES, **GREEDY)
+    assert plain.choices[0].logprobs is None
+    assert plain.choices[0].message.content == whole.choices[0].message.content
+
+
 # -- embeddings -------------------------------------------------------------------------------
 
 
@@ -640,7 +710,7 @@ def sse_bytes(body: dict[str, Any], events: list[Any]) -> bytes:
     async def run() -> bytes:
         stream = source()
         first = await stream.__anext__()
-        body = completions.stream(call, [first], [stream])
+        body = completions.stream(call, [first], [stream], str)
         return b"".join([chunk async for chunk in body])
 
     return asyncio.run(run())
@@ -728,7 +798,7 @@ def test_closing_the_stream_closes_the_engine_events():
     async def run() -> None:
         events = source()
         first = await events.__anext__()
-        stream = completions.stream(call, [first], [events])
+        stream = completions.stream(call, [first], [events], str)
         await stream.__anext__()
         await stream.__anext__()
         assert not closed

@@ -22,6 +22,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from ..engine.engine import Engine
 from ..errors import ShuttingDown
+from .logprobs import ScoresSeen, token_logprobs, warp_here
 from .request import Request
 from .sampling import GiveRandomBack, RequestRandom, TakeRandom
 from .types import Cancelled, Emit, FinalEvent, FinishReason, RequestStats, TokenEvent
@@ -137,8 +138,16 @@ class _EventStreamer(BaseStreamer):
     """transformers calls put() with the prompt first, then with each new token."""
 
     def __init__(
-        self, tokenizer, stops: list[str], emit: Emit, on_token: Callable[[], None] = lambda: None
+        self,
+        tokenizer,
+        stops: list[str],
+        emit: Emit,
+        on_token: Callable[[], None] = lambda: None,
+        scores: ScoresSeen | None = None,
+        top_logprobs: int = 0,
     ):
+        self.scores = scores  # the scores each token is chosen from, where logprobs are asked
+        self.top_logprobs = top_logprobs
         self.decoder = IncrementalDecoder(tokenizer)
         self.matcher = StopMatcher(stops)
         self.emit = emit
@@ -159,7 +168,11 @@ class _EventStreamer(BaseStreamer):
                 self.first_token_at = time.perf_counter()
             self.tokens += 1
             self.on_token()
-            self.emit(TokenEvent(token_id=token_id, text=text))
+            if self.scores is None or self.scores.last is None:
+                self.emit(TokenEvent(token_id=token_id, text=text))
+                continue
+            logprob, top = token_logprobs(self.scores.last[0], token_id, self.top_logprobs)
+            self.emit(TokenEvent(token_id, text, logprob=logprob, top_logprobs=top))
 
     def end(self) -> None:
         pass
@@ -216,12 +229,22 @@ def run_generation(
     if config.do_sample:
         processors.append(TakeRandom(random))
         criteria.append(GiveRandomBack(random))
+    scores = None
+    if request.logprobs is not None:
+        config = warp_here(config, processors)
+        scores = ScoresSeen()
+        processors.append(scores)
     streamer = None
     try:
         with engine.request(cancelled) as ctx, random.around():
             rider = ctx.rider
             streamer = _EventStreamer(
-                engine.tokenizer, request.stop, emit, lambda: engine.sweeps.note_token(rider)
+                engine.tokenizer,
+                request.stop,
+                emit,
+                lambda: engine.sweeps.note_token(rider),
+                scores,
+                request.logprobs or 0,
             )
             criteria.append(_StopWhen(lambda: streamer.matcher.stopped or cancelled()))
             output = engine.model.generate(

@@ -49,6 +49,9 @@ class Request:
     do_sample: bool | None = None
     repetition_penalty: float | None = None
     seed: int | None = None
+    # log probabilities of each token and of its ``logprobs`` most likely alternatives (None:
+    # not asked for); set by the OpenAI routes, not a V2 parameter
+    logprobs: int | None = None
     stop: list[str] = field(default_factory=list)
     # normalised into 0..num_layers, in the request's order and count
     layers: list[int] = field(default_factory=list)

@@ -42,6 +42,10 @@ class FinishReason(Word):
 class TokenEvent:
     token_id: int
     text: str  # the decoded text this token adds (may be "" while a character is incomplete)
+    # where the request asked for them (logprobs.py): the token's log probability under the
+    # scores it was chosen from, and the most likely tokens' (id, log probability)
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)

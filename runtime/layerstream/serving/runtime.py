@@ -36,7 +36,7 @@ from ..inference.kv import (
 from ..inference.prompts import NO_CONTEXT_LIMIT, chat_overhead, prompt_byte_limit
 from ..inference.request import ModelCapabilities, Request
 from ..inference.run import prompt_ids, run
-from ..inference.types import Cancelled, Emit, Event, FinalEvent, HiddenStateEvent
+from ..inference.types import Cancelled, Emit, Event, FinalEvent, HiddenStateEvent, Mode
 from ..stores import open_store
 from ..units import format_size
 from . import grpc_status, loaded, shutdown, workers
@@ -260,16 +260,28 @@ class LayerStreamRuntime(OpenAIRoutes, MLModel):
                 self.name, self.version, payload.id, record.request, events, record.outputs
             )
 
-    async def events(self, payload: InferenceRequest) -> AsyncIterator[Event]:
+    async def events(
+        self, payload: InferenceRequest, logprobs: int | None = None
+    ) -> AsyncIterator[Event]:
         """The engine events of one V2 request, accounted for like any other (metrics, the
-        log line): what the OpenAI endpoints serve. A failure raises the LayerStreamError
-        the client gets (its ``kind`` and ``message``)."""
+        log line): what the OpenAI endpoints serve, with each token's log probability and its
+        ``logprobs`` most likely alternatives' where asked. A failure raises the
+        LayerStreamError the client gets (its ``kind`` and ``message``)."""
         record = RequestRecord(self.name, self._metrics, payload.id)
         with record.failures():
-            async with contextlib.aclosing(self._events(payload, record, STREAM)) as stream:
+            events = self._events(payload, record, STREAM, logprobs)
+            async with contextlib.aclosing(events) as stream:
                 async for event in stream:
                     yield event
                     record.events += 1
+
+    def token_text(self, token_id: int) -> str:
+        """One token's own text, special tokens spelled out (U+FFFD where its bytes are part
+        of a character)."""
+        engine = self._engine
+        if engine is None or engine.tokenizer is None:
+            return ""
+        return engine.tokenizer.decode([token_id])
 
     def caps(self) -> ModelCapabilities:
         """What the loaded model can do (modes, sizes); InvalidRequest before load. A method:
@@ -316,7 +328,11 @@ class LayerStreamRuntime(OpenAIRoutes, MLModel):
         return encode()
 
     async def _events(
-        self, payload: InferenceRequest, record: RequestRecord, call: str
+        self,
+        payload: InferenceRequest,
+        record: RequestRecord,
+        call: str,
+        logprobs: int | None = None,
     ) -> AsyncIterator[Event]:
         """The one path of every request: parse, queue, run; the final event is recorded
         (metrics, log) as it passes. ``call``: outputs.STREAM or UNARY (which outputs the
@@ -326,6 +342,10 @@ class LayerStreamRuntime(OpenAIRoutes, MLModel):
             # the store may have been repaired since (hashing is I/O: off the event loop)
             await asyncio.to_thread(engine.recheck_damage)
         request = record.request = self._parse(payload)
+        if logprobs is not None:
+            if request.mode is not Mode.TOKENS:
+                raise InvalidRequest("log probabilities are for generated tokens (mode tokens)")
+            request.logprobs = logprobs
         record.outputs = requested_outputs(payload, request.mode, call)
         async with contextlib.aclosing(self._stream(request, payload, record.arrived)) as events:
             async for event in events:

@@ -19,6 +19,7 @@ from mlserver.types import InferenceRequest, Parameters, RequestInput
 from starlette.requests import Request
 
 from ...errors import LayerStreamError
+from ...inference.logprobs import MAX_TOP_LOGPROBS
 from ..parameters import show
 
 M = TypeVar("M", bound=pydantic.BaseModel)
@@ -114,7 +115,11 @@ _HARMLESS = {"model", "stream", "stream_options", "user", "metadata", "store", "
 _HARMLESS |= {"prompt_cache_key", "safety_identifier", "parallel_tool_calls"}
 _COMMON = (set(_MAPPED) - {"max_completion_tokens"}) | {"n"}
 MAX_CHOICES = 16  # choices of one request (each is a request of its own in the queue)
-_OWN = {True: {"messages", "max_completion_tokens"}, False: {"prompt"}}  # chat: True
+_OWN = {
+    True: {"messages", "max_completion_tokens", "logprobs", "top_logprobs"},  # chat
+    False: {"prompt", "logprobs"},
+}
+MAX_COMPLETION_LOGPROBS = 5  # the legacy completions API's limit
 
 
 @dataclass(frozen=True)
@@ -123,7 +128,6 @@ class _Refused:
     reason: str
 
 
-_NO_LOGPROBS = "log probabilities are not returned"
 _NO_TOOLS = "tool and function calling are not supported"
 _NO_PENALTY = "only 0 is supported (repetition_penalty, an extension, is)"
 _REFUSED_BOTH = {
@@ -134,8 +138,6 @@ _REFUSED_BOTH = {
 _REFUSED = {
     True: {
         **_REFUSED_BOTH,
-        "logprobs": _Refused((False,), _NO_LOGPROBS),
-        "top_logprobs": _Refused((0,), _NO_LOGPROBS),
         "tools": _Refused(([],), _NO_TOOLS),
         "tool_choice": _Refused(("none",), _NO_TOOLS),
         "functions": _Refused(([],), _NO_TOOLS),
@@ -146,7 +148,6 @@ _REFUSED = {
     },
     False: {
         **_REFUSED_BOTH,
-        "logprobs": _Refused((), _NO_LOGPROBS),  # even 0 asks for the chosen tokens' own
         "echo": _Refused((False,), "the prompt is not echoed"),
         "best_of": _Refused((1,), "one candidate is generated per request"),
         "suffix": _Refused(("",), "insertion (suffix) is not supported"),
@@ -164,6 +165,8 @@ class Call:
     created: int
     stream: bool
     include_usage: bool
+    # each token's log probability and its this many most likely alternatives' (None: none)
+    logprobs: int | None
     payloads: tuple[InferenceRequest, ...]  # one per choice (``n``)
 
     @property
@@ -209,6 +212,7 @@ def parse_call(body: dict[str, Any], model: str, chat: bool) -> Call:
     _check_type("n", n, _INT)
     if not 1 <= n <= MAX_CHOICES:
         raise invalid(f"n must be between 1 and {MAX_CHOICES}, got {n}", "n")
+    logprobs = _chat_logprobs(body) if chat else _completion_logprobs(body)
     call_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     item = messages_input(body) if chat else _prompt_input(body)
     return Call(
@@ -218,6 +222,7 @@ def parse_call(body: dict[str, Any], model: str, chat: bool) -> Call:
         created=int(time.time()),
         stream=body.get("stream", False),
         include_usage=options.get("include_usage", False),
+        logprobs=logprobs,
         payloads=tuple(
             InferenceRequest(
                 id=call_id if n == 1 else f"{call_id}-{index}",
@@ -227,6 +232,36 @@ def parse_call(body: dict[str, Any], model: str, chat: bool) -> Call:
             for index in range(n)
         ),
     )
+
+
+def _chat_logprobs(body: dict[str, Any]) -> int | None:
+    """Chat: ``logprobs`` true asks for them, ``top_logprobs`` (0 to 20) for alternatives."""
+    wanted = body.get("logprobs", False)
+    _check_type("logprobs", wanted, _BOOL)
+    top = body.get("top_logprobs")
+    if top is None:
+        return 0 if wanted else None
+    _check_type("top_logprobs", top, _INT)
+    if not wanted:
+        raise invalid("top_logprobs needs logprobs: true", "top_logprobs")
+    if not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise invalid(
+            f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {top}", "top_logprobs"
+        )
+    return top
+
+
+def _completion_logprobs(body: dict[str, Any]) -> int | None:
+    """Completions: ``logprobs`` N (0 to 5) asks for them and for N alternatives."""
+    top = body.get("logprobs")
+    if top is None:
+        return None
+    _check_type("logprobs", top, _INT)
+    if not 0 <= top <= MAX_COMPLETION_LOGPROBS:
+        raise invalid(
+            f"logprobs must be between 0 and {MAX_COMPLETION_LOGPROBS}, got {top}", "logprobs"
+        )
+    return top
 
 
 def _choice(params: dict[str, Any], index: int) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi.responses import StreamingResponse
@@ -50,26 +50,78 @@ def _envelope(call: Call, kind: str, choices: list[dict[str, Any]], **extra: Any
     }
 
 
-def answer(call: Call, answers: list[tuple[str, FinalEvent]]) -> dict[str, Any]:
+TokenText = Callable[[int], str]  # one token's own text (the model's tokenizer)
+# what OpenAI (and vLLM) send for a log probability of minus infinity, which JSON cannot
+# spell: a token top-k or top-p left out, listed among a request's top_logprobs
+NO_CHANCE = -9999.0
+
+
+def _entry(token_id: int, logprob: float, token_text: TokenText) -> dict[str, Any]:
+    text = token_text(token_id)
+    # the bytes of a token that holds part of a character are not its text's (U+FFFD)
+    raw = None if "\ufffd" in text else list(text.encode())
+    return {"token": text, "logprob": max(logprob, NO_CHANCE), "bytes": raw}
+
+
+def logprobs(call: Call, tokens: list[TokenEvent], token_text: TokenText, offset: int = 0):
+    """The ``logprobs`` of a choice (or of a chunk of it) holding ``tokens``: a chat's
+    ``content`` list, or the completions API's parallel lists (``offset``: where the first
+    token's text begins in the choice's text)."""
+    if call.logprobs is None:
+        return None
+    if call.chat:
+        content = []
+        for event in tokens:
+            entry = _entry(event.token_id, event.logprob, token_text)
+            entry["top_logprobs"] = [_entry(i, lp, token_text) for i, lp in event.top_logprobs]
+            content.append(entry)
+        return {"content": content, "refusal": None}
+    texts = [token_text(event.token_id) for event in tokens]
+    offsets = []
+    for text in texts:
+        offsets.append(offset)
+        offset += len(text)
+    return {
+        "tokens": texts,
+        "token_logprobs": [max(event.logprob, NO_CHANCE) for event in tokens],
+        "top_logprobs": [
+            {token_text(i): max(lp, NO_CHANCE) for i, lp in event.top_logprobs} for event in tokens
+        ]
+        if call.logprobs
+        else None,
+        "text_offset": offsets,
+    }
+
+
+def answer(call: Call, answers: list[Collected], token_text: TokenText) -> dict[str, Any]:
     """The whole answer (``stream`` false): each choice's text and why it ended."""
     choices = []
-    for index, (text, final) in enumerate(answers):
-        choice: dict[str, Any] = {"index": index, "logprobs": None}
+    for index, (text, final, tokens) in enumerate(answers):
+        choice: dict[str, Any] = {
+            "index": index,
+            "logprobs": logprobs(call, tokens, token_text),
+        }
         if call.chat:
             choice["message"] = {"role": "assistant", "content": text, "refusal": None}
         else:
             choice["text"] = text
         choice["finish_reason"] = final.finish_reason.value
         choices.append(choice)
-    finals = [final for _, final in answers]
+    finals = [final for _, final, _ in answers]
     return _envelope(call, call.answer_object, choices, usage=usage(finals))
 
 
 def _chunk(
-    call: Call, index: int, text: str, finish: str | None = None, role: bool = False
+    call: Call,
+    index: int,
+    text: str,
+    finish: str | None = None,
+    role: bool = False,
+    chosen: Any = None,
 ) -> bytes:
     """One SSE event of a streamed answer: choice ``index``'s ``text`` (a chat's first chunk
-    of a choice opens the assistant's turn), the finish reason on its last."""
+    of a choice opens the assistant's turn), the finish reason on its last, the log
+    probabilities of its tokens (``chosen``) where asked."""
     choice: dict[str, Any] = {"index": index}
     if call.chat:
         delta = {"role": "assistant", "content": text} if role else {}
@@ -78,7 +130,7 @@ def _chunk(
         choice["delta"] = delta
     else:
         choice["text"] = text
-    choice.update(logprobs=None, finish_reason=finish)
+    choice.update(logprobs=chosen, finish_reason=finish)
     extra = {"usage": None} if call.include_usage else {}  # as OpenAI: null until the last
     return sse(_envelope(call, call.chunk_object, [choice], **extra))
 
@@ -92,13 +144,29 @@ def sse(data: dict[str, Any]) -> bytes:
 DONE = b"data: [DONE]\n\n"
 
 
-def _chunks(call: Call, index: int, event: Event) -> list[bytes]:
-    if isinstance(event, TokenEvent):
-        # "" while a character's bytes are incomplete: nothing to send yet
-        return [_chunk(call, index, event.text)] if event.text else []
-    if isinstance(event, FinalEvent):
-        return [_chunk(call, index, event.text, event.finish_reason.value)]
-    return []  # mode "tokens" produces no other event
+class _Choice:
+    """A streamed choice: the tokens whose text is not sent yet, and how much text is."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.tokens: list[TokenEvent] = []
+        self.sent = 0
+
+    def chunks(self, call: Call, event: Event, token_text: TokenText) -> list[bytes]:
+        if isinstance(event, TokenEvent):
+            self.tokens.append(event)
+            if not event.text:  # a character's bytes incomplete: nothing to send yet
+                return []
+            return [self._chunk(call, event.text, None, token_text)]
+        if isinstance(event, FinalEvent):
+            return [self._chunk(call, event.text, event.finish_reason.value, token_text)]
+        return []  # mode "tokens" produces no other event
+
+    def _chunk(self, call: Call, text: str, finish: str | None, token_text: TokenText) -> bytes:
+        chosen = logprobs(call, self.tokens, token_text, self.sent)
+        self.tokens = []
+        self.sent += len(text)
+        return _chunk(call, self.index, text, finish, chosen=chosen)
 
 
 async def first_events(streams: list[Events]) -> list[Event]:
@@ -107,19 +175,22 @@ async def first_events(streams: list[Events]) -> list[Event]:
     return list(await asyncio.gather(*(stream.__anext__() for stream in streams)))
 
 
-async def stream(call: Call, firsts: list[Event], streams: list[Events]) -> AsyncIterator[bytes]:
+async def stream(
+    call: Call, firsts: list[Event], streams: list[Events], token_text: TokenText
+) -> AsyncIterator[bytes]:
     """The SSE body: every choice's chunks as they come, a usage chunk, ``[DONE]``. At most
     one event of each choice is read ahead of the client: one that stops reading holds its
     events where the scheduler's deadline reaches them (serving/scheduler.py)."""
     pending: dict[asyncio.Future, int] = {}
     finals: list[FinalEvent] = []
+    choices = [_Choice(index) for index in range(len(streams))]
     try:
         if call.chat:
             for index in range(len(streams)):
                 yield _chunk(call, index, "", role=True)
         for index, first in enumerate(firsts):
             finals += [first] if isinstance(first, FinalEvent) else []
-            for chunk in _chunks(call, index, first):
+            for chunk in choices[index].chunks(call, first, token_text):
                 yield chunk
             pending[asyncio.ensure_future(anext(streams[index]))] = index
         while pending:
@@ -137,7 +208,7 @@ async def stream(call: Call, firsts: list[Event], streams: list[Events]) -> Asyn
                     yield DONE
                     return
                 finals += [event] if isinstance(event, FinalEvent) else []
-                for chunk in _chunks(call, index, event):
+                for chunk in choices[index].chunks(call, event, token_text):
                     yield chunk
                 pending[asyncio.ensure_future(anext(streams[index]))] = index
         if call.include_usage and finals:
@@ -180,19 +251,25 @@ class EventStream(StreamingResponse):
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-async def collect(events: Events) -> tuple[str, FinalEvent]:
-    """One choice's whole text and its final event."""
+Collected = tuple[str, FinalEvent, list[TokenEvent]]
+
+
+async def collect(events: Events) -> Collected:
+    """One choice's whole text, its final event and its tokens."""
     texts: list[str] = []
+    tokens: list[TokenEvent] = []
     async with contextlib.aclosing(events):
         async for event in events:
+            if isinstance(event, TokenEvent):
+                tokens.append(event)
             if isinstance(event, TokenEvent | FinalEvent):
                 texts.append(event.text)
             if isinstance(event, FinalEvent):
-                return "".join(texts), event
+                return "".join(texts), event, tokens
     raise LayerStreamError("the request's events ended without a final event")
 
 
-async def collect_all(streams: list[Events]) -> list[tuple[str, FinalEvent]]:
+async def collect_all(streams: list[Events]) -> list[Collected]:
     """Every choice's answer; the first failure fails the request (the others stop)."""
     return await all_of([collect(events) for events in streams])
 

@@ -84,14 +84,15 @@ async def _complete(resolve: Resolve, request: Request, chat: bool) -> Response:
             # refused before it became a V2 request: counted with the model's other refusals
             runtime.count_refused("invalid_request" if error.status < 500 else "internal")
         return error.response()
-    streams = [runtime.events(payload) for payload in call.payloads]
+    streams = [runtime.events(payload, call.logprobs) for payload in call.payloads]
     try:
         if call.stream:
             # the first events before the 200: a refused or queued-out request gets its status
             firsts = await _unless_client_leaves(completions.first_events(streams), request)
-            return completions.EventStream(completions.stream(call, firsts, streams), streams)
+            body = completions.stream(call, firsts, streams, runtime.token_text)
+            return completions.EventStream(body, streams)
         answers = await _unless_client_leaves(completions.collect_all(streams), request)
-        return JSONResponse(completions.answer(call, answers))
+        return JSONResponse(completions.answer(call, answers, runtime.token_text))
     except LayerStreamError as error:
         await _close(streams)
         return OpenAIError.of(error).response()
