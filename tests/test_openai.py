@@ -52,6 +52,7 @@ TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 GREEDY = {"temperature": 0, "max_tokens": 12}
+RF = "response_format"
 
 
 def rechunk(source: Path, root: Path, name: str, template: str | None) -> Path:
@@ -270,7 +271,15 @@ def test_the_seldon_name_of_a_model(server):
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"presence_penalty": 0.5}, "presence_penalty"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            "response_format",
+        ),
+        (
+            {"response_format": {"type": "json_object", "value": {"type": "nope"}}},
+            "response_format",
+        ),
+        ({"response_format": {"type": "xml"}}, RF),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"extra_body": {"guided_json": {}}}, "guided_json"),
         ({"temperature": "hot"}, "temperature"),
@@ -554,6 +563,70 @@ def test_logprobs_are_those_of_from_pretrained_scores(server, model_factory):
     plain = chat.create(model=CHAT, messages=MESSAGES, **GREEDY)
     assert plain.choices[0].logprobs is None
     assert plain.choices[0].message.content == whole.choices[0].message.content
+
+
+# -- structured output --------------------------------------------------------------------------
+
+
+# short: the fixture model's small vocabulary spells JSON in many tokens, and its
+# max_new_tokens_limit is 32
+PERSON = {
+    "type": "object",
+    "properties": {
+        "n": {"type": "string", "maxLength": 2},
+        "c": {"enum": ["r", "g"]},
+        "a": {"type": "integer", "minimum": 0, "maximum": 9},
+    },
+    "required": ["n", "c", "a"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.e2e
+def test_response_format_constrains_the_answer_to_the_schema(server):
+    import jsonschema
+
+    chat = client(server, CHAT).chat.completions
+    schema_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    for seed in range(3):
+        answer = chat.create(
+            model=CHAT,
+            messages=MESSAGES,
+            response_format=schema_format,
+            max_tokens=LIMIT,
+            temperature=1.0,
+            seed=seed,
+        )
+        choice = answer.choices[0]
+        assert choice.finish_reason == "stop", (choice.message.content, answer.usage)
+        jsonschema.validate(json.loads(choice.message.content), PERSON)
+    streamed = chat.create(
+        model=CHAT, messages=MESSAGES, response_format=schema_format, stream=True, **GREEDY
+    )
+    whole = chat.create(model=CHAT, messages=MESSAGES, response_format=schema_format, **GREEDY)
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert text == whole.choices[0].message.content
+    any_object = chat.create(
+        model=CHAT, messages=MESSAGES, response_format={"type": "json_object"}, max_tokens=LIMIT
+    )
+    content = any_object.choices[0].message.content
+    assert any_object.choices[0].finish_reason == "length" or isinstance(json.loads(content), dict)
+
+
+@pytest.mark.e2e
+def test_huggingface_hubs_json_schema_reaches_the_constraint(server):
+    """huggingface_hub sends a json_schema as TGI's {"type": "json_object", "value": schema}."""
+    import jsonschema
+    from huggingface_hub import InferenceClient
+
+    hf = InferenceClient(base_url=f"{server.http_url}/v2/models/{CHAT}/openai/v1")
+    answer = hf.chat_completion(
+        messages=MESSAGES,
+        max_tokens=LIMIT,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}},
+    )
+    jsonschema.validate(json.loads(answer.choices[0].message.content), PERSON)
 
 
 # -- embeddings -------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from ..engine.engine import Engine
 from ..errors import ShuttingDown
+from .constraints import GrammarDone, JsonConstraint
 from .logprobs import ScoresSeen, token_logprobs, warp_here
 from .request import Request
 from .sampling import GiveRandomBack, RequestRandom, TakeRandom
@@ -229,6 +230,13 @@ def run_generation(
     if config.do_sample:
         processors.append(TakeRandom(random))
         criteria.append(GiveRandomBack(random))
+    constraint = None
+    if request.grammar is not None:
+        constraint = JsonConstraint(
+            request.grammar, engine.tokenizer, config.eos_token_id, len(input_ids)
+        )
+        processors.append(constraint)
+        criteria.append(GrammarDone(constraint))
     scores = None
     if request.logprobs is not None:
         config = warp_here(config, processors)
@@ -264,6 +272,8 @@ def run_generation(
         eos = config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         ending = generation_end(streamer, output[0, ids.shape[1] :].tolist(), eos_ids)
+        if constraint is not None and constraint.done():  # the grammar is complete
+            ending = Ending(FinishReason.STOP, ending.text)
     stats = RequestStats.measure(ctx, len(input_ids), streamer.tokens, streamer.first_token_at)
     return FinalEvent(finish_reason=ending.finish_reason, stats=stats, text=ending.text)
 

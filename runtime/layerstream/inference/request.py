@@ -52,6 +52,8 @@ class Request:
     # log probabilities of each token and of its ``logprobs`` most likely alternatives (None:
     # not asked for); set by the OpenAI routes, not a V2 parameter
     logprobs: int | None = None
+    # an llguidance grammar (constraints.py) the output must follow; set by the OpenAI routes
+    grammar: str | None = None
     stop: list[str] = field(default_factory=list)
     # normalised into 0..num_layers, in the request's order and count
     layers: list[int] = field(default_factory=list)

@@ -261,15 +261,16 @@ class LayerStreamRuntime(OpenAIRoutes, MLModel):
             )
 
     async def events(
-        self, payload: InferenceRequest, logprobs: int | None = None
+        self, payload: InferenceRequest, logprobs: int | None = None, grammar: str | None = None
     ) -> AsyncIterator[Event]:
         """The engine events of one V2 request, accounted for like any other (metrics, the
         log line): what the OpenAI endpoints serve, with each token's log probability and its
-        ``logprobs`` most likely alternatives' where asked. A failure raises the
-        LayerStreamError the client gets (its ``kind`` and ``message``)."""
+        ``logprobs`` most likely alternatives' where asked, its output following ``grammar``
+        (inference/constraints.py) where given. A failure raises the LayerStreamError the
+        client gets (its ``kind`` and ``message``)."""
         record = RequestRecord(self.name, self._metrics, payload.id)
         with record.failures():
-            events = self._events(payload, record, STREAM, logprobs)
+            events = self._events(payload, record, STREAM, logprobs, grammar)
             async with contextlib.aclosing(events) as stream:
                 async for event in stream:
                     yield event
@@ -333,6 +334,7 @@ class LayerStreamRuntime(OpenAIRoutes, MLModel):
         record: RequestRecord,
         call: str,
         logprobs: int | None = None,
+        grammar: str | None = None,
     ) -> AsyncIterator[Event]:
         """The one path of every request: parse, queue, run; the final event is recorded
         (metrics, log) as it passes. ``call``: outputs.STREAM or UNARY (which outputs the
@@ -342,10 +344,9 @@ class LayerStreamRuntime(OpenAIRoutes, MLModel):
             # the store may have been repaired since (hashing is I/O: off the event loop)
             await asyncio.to_thread(engine.recheck_damage)
         request = record.request = self._parse(payload)
-        if logprobs is not None:
-            if request.mode is not Mode.TOKENS:
-                raise InvalidRequest("log probabilities are for generated tokens (mode tokens)")
-            request.logprobs = logprobs
+        if (logprobs is not None or grammar is not None) and request.mode is not Mode.TOKENS:
+            raise InvalidRequest("log probabilities and schemas are for generated tokens")
+        request.logprobs, request.grammar = logprobs, grammar
         record.outputs = requested_outputs(payload, request.mode, call)
         async with contextlib.aclosing(self._stream(request, payload, record.arrived)) as events:
             async for event in events:

@@ -18,7 +18,8 @@ from fastapi.responses import JSONResponse
 from mlserver.types import InferenceRequest, Parameters, RequestInput
 from starlette.requests import Request
 
-from ...errors import LayerStreamError
+from ...errors import InvalidRequest, LayerStreamError
+from ...inference.constraints import ANY_OBJECT, grammar
 from ...inference.logprobs import MAX_TOP_LOGPROBS
 from ..parameters import show
 
@@ -116,7 +117,7 @@ _HARMLESS |= {"prompt_cache_key", "safety_identifier", "parallel_tool_calls"}
 _COMMON = (set(_MAPPED) - {"max_completion_tokens"}) | {"n"}
 MAX_CHOICES = 16  # choices of one request (each is a request of its own in the queue)
 _OWN = {
-    True: {"messages", "max_completion_tokens", "logprobs", "top_logprobs"},  # chat
+    True: {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format"},
     False: {"prompt", "logprobs"},
 }
 MAX_COMPLETION_LOGPROBS = 5  # the legacy completions API's limit
@@ -142,9 +143,6 @@ _REFUSED = {
         "tool_choice": _Refused(("none",), _NO_TOOLS),
         "functions": _Refused(([],), _NO_TOOLS),
         "function_call": _Refused(("none",), _NO_TOOLS),
-        "response_format": _Refused(
-            ({"type": "text"},), "only plain text is generated (no JSON mode or schema)"
-        ),
     },
     False: {
         **_REFUSED_BOTH,
@@ -167,6 +165,7 @@ class Call:
     include_usage: bool
     # each token's log probability and its this many most likely alternatives' (None: none)
     logprobs: int | None
+    grammar: str | None  # the llguidance grammar of its response_format (None: free text)
     payloads: tuple[InferenceRequest, ...]  # one per choice (``n``)
 
     @property
@@ -213,6 +212,7 @@ def parse_call(body: dict[str, Any], model: str, chat: bool) -> Call:
     if not 1 <= n <= MAX_CHOICES:
         raise invalid(f"n must be between 1 and {MAX_CHOICES}, got {n}", "n")
     logprobs = _chat_logprobs(body) if chat else _completion_logprobs(body)
+    constraint = _response_format(body.get("response_format")) if chat else None
     call_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     item = messages_input(body) if chat else _prompt_input(body)
     return Call(
@@ -223,6 +223,7 @@ def parse_call(body: dict[str, Any], model: str, chat: bool) -> Call:
         stream=body.get("stream", False),
         include_usage=options.get("include_usage", False),
         logprobs=logprobs,
+        grammar=constraint,
         payloads=tuple(
             InferenceRequest(
                 id=call_id if n == 1 else f"{call_id}-{index}",
@@ -249,6 +250,42 @@ def _chat_logprobs(body: dict[str, Any]) -> int | None:
             f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {top}", "top_logprobs"
         )
     return top
+
+
+def _response_format(value: Any) -> str | None:
+    """The grammar a chat's answer must follow: none for text, any JSON object for
+    ``json_object`` (or the schema in its ``value``, as huggingface_hub sends it, TGI's
+    form), the schema of ``json_schema``."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        raise invalid("response_format must be like {'type': 'json_object'}", "response_format")
+    kind, known = value["type"], {"text": {"type"}, "json_object": {"type", "value"}}
+    known["json_schema"] = {"type", "json_schema"}
+    if kind not in known or set(value) - known[kind]:
+        raise invalid(
+            f"response_format {show(value)} is not one of type text, json_object (an optional "
+            "schema in 'value') and json_schema (with 'json_schema': {'name', 'schema'})",
+            "response_format",
+        )
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        schema = value.get("value", ANY_OBJECT)
+    else:
+        spec = value.get("json_schema")
+        fields = {"name", "schema", "strict", "description"}
+        if not isinstance(spec, dict) or set(spec) - fields or "schema" not in spec:
+            raise invalid(
+                "response_format.json_schema must be like {'name': ..., 'schema': {...}, "
+                "'strict': true}",
+                "response_format",
+            )
+        schema = spec["schema"]
+    try:
+        return grammar(schema)
+    except InvalidRequest as error:
+        raise invalid(error.message, "response_format") from None
 
 
 def _completion_logprobs(body: dict[str, Any]) -> int | None:

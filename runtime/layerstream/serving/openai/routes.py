@@ -84,7 +84,7 @@ async def _complete(resolve: Resolve, request: Request, chat: bool) -> Response:
             # refused before it became a V2 request: counted with the model's other refusals
             runtime.count_refused("invalid_request" if error.status < 500 else "internal")
         return error.response()
-    streams = [runtime.events(payload, call.logprobs) for payload in call.payloads]
+    streams = [runtime.events(p, call.logprobs, call.grammar) for p in call.payloads]
     try:
         if call.stream:
             # the first events before the 200: a refused or queued-out request gets its status
