@@ -379,7 +379,7 @@ def test_control_tokens_typed_into_a_message_stay_text(server, layerstream_refer
         (BERT, CHAT, "no chat template"),
         (LLAMA, [], "non-empty JSON list"),
         (LLAMA, [{"role": "user"}], "messages[0].content must be a string"),
-        (LLAMA, [{"role": "user", "content": "x", "tool_calls": []}], "unsupported key"),
+        (LLAMA, [{"role": "user", "content": "x", "audio": {}}], "unsupported key"),
         (LLAMA, [{"role": "user", "content": [{"type": "image_url"}]}], "not text"),
     ],
     ids=["no-template", "empty", "no-content", "extra-key", "image-part"],

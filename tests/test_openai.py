@@ -41,7 +41,7 @@ pytest_plugins = ["mlserver_proc"]
 # version 1 ("<model>_<version>")
 CHAT, PLAIN = "chat", "plain_1"
 VERSIONED = "versioned"  # two versions of one name: 1 is PLAIN's store, 2 is CHAT's
-LIMIT = 32  # max_new_tokens_limit of both
+LIMIT = 64  # max_new_tokens_limit of both (a tool call takes some 45 tokens of this vocabulary)
 PROMPT = "Once upon a time"
 MESSAGES = [
     {"role": "system", "content": "You tell short stories."},
@@ -53,6 +53,19 @@ TEMPLATE = (
 )
 GREEDY = {"temperature": 0, "max_tokens": 12}
 RF = "response_format"
+TC = "tool_choice"
+# short names: the fixture model's small vocabulary spells JSON in many tokens, and its
+# max_new_tokens_limit is 32
+WEATHER = {
+    "type": "object",
+    "properties": {"c": {"enum": ["P", "R"]}, "d": {"enum": [1, 2]}},
+    "required": ["c", "d"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "wx", "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "tm", "parameters": {"enum": [{}]}}},
+]
 
 
 def rechunk(source: Path, root: Path, name: str, template: str | None) -> Path:
@@ -280,7 +293,11 @@ def test_the_seldon_name_of_a_model(server):
             "response_format",
         ),
         ({"response_format": {"type": "xml"}}, RF),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": 1}}]}, "tools"),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "x"}}}, TC),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"functions": [{"name": "f"}]}, "functions"),
         ({"extra_body": {"guided_json": {}}}, "guided_json"),
         ({"temperature": "hot"}, "temperature"),
     ],
@@ -627,6 +644,87 @@ def test_huggingface_hubs_json_schema_reaches_the_constraint(server):
         response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}},
     )
     jsonschema.validate(json.loads(answer.choices[0].message.content), PERSON)
+
+
+# -- tools ----------------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_a_required_or_named_tool_is_always_called_with_valid_arguments(server):
+    import jsonschema
+
+    chat = client(server, CHAT).chat.completions
+    for choice, names in (("required", {"wx", "tm"}), (NAMED, {"wx"})):
+        for seed in range(3):
+            answer = chat.create(
+                model=CHAT,
+                messages=MESSAGES,
+                tools=TOOLS,
+                tool_choice=choice,
+                max_tokens=LIMIT,
+                temperature=1.0,
+                seed=seed,
+            )
+            (picked,) = answer.choices
+            assert picked.finish_reason == "tool_calls", (picked.message, answer.usage)
+            assert picked.message.content is None
+            (called,) = picked.message.tool_calls
+            assert called.type == "function" and called.id.startswith("call_")
+            assert called.function.name in names
+            if called.function.name == "wx":
+                jsonschema.validate(json.loads(called.function.arguments), WEATHER)
+    room = {"temperature": 0, "max_tokens": LIMIT}
+    streamed = list(
+        chat.create(
+            model=CHAT, messages=MESSAGES, tools=TOOLS, tool_choice=NAMED, stream=True, **room
+        )
+    )
+    deltas = [c.choices[0].delta for c in streamed if c.choices]
+    calls = [call for delta in deltas for call in delta.tool_calls or []]
+    (called,) = calls
+    whole = chat.create(model=CHAT, messages=MESSAGES, tools=TOOLS, tool_choice=NAMED, **room)
+    assert called.function.arguments == whole.choices[0].message.tool_calls[0].function.arguments
+    assert streamed[-1].choices[0].finish_reason == "tool_calls"
+
+
+NAMED = {"type": "function", "function": {"name": "wx"}}
+
+
+@pytest.mark.e2e
+def test_tool_choice_none_answers_text_and_a_call_goes_back_in_the_chat(server):
+    chat = client(server, CHAT).chat.completions
+    text = chat.create(model=CHAT, messages=MESSAGES, tools=TOOLS, tool_choice="none", **GREEDY)
+    assert text.choices[0].message.tool_calls is None and text.choices[0].message.content
+    room = {"temperature": 0, "max_tokens": LIMIT}
+    called = chat.create(model=CHAT, messages=MESSAGES, tools=TOOLS, tool_choice=NAMED, **room)
+    call = called.choices[0].message.tool_calls[0]
+    follow_up = [
+        *MESSAGES,
+        called.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny"},
+    ]
+    again = chat.create(model=CHAT, messages=follow_up, tools=TOOLS, **GREEDY)
+    assert again.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_an_auto_answer_is_a_call_only_when_it_is_one():
+    from layerstream.serving.openai.tools import as_call, parse_tools
+
+    tools = parse_tools({"tools": TOOLS})
+    assert tools.choice == "auto" and not tools.must_call
+    good = '{"name": "wx", "arguments": {"c": "R", "d": 2}}'
+    for text in (good, f"<tool_call>\n{good}\n</tool_call>"):
+        called = as_call(tools, text)
+        assert called["function"]["name"] == "wx"
+        assert json.loads(called["function"]["arguments"]) == {"c": "R", "d": 2}
+    for text in (
+        "The weather is fine.",
+        '{"name": "wx", "arguments": {"c": "O", "d": 2}}',  # not in its schema
+        '{"name": "nope", "arguments": {}}',
+        '{"name": "wx", "arguments": {"c": "R", "d": 2}} and more',
+    ):
+        assert as_call(tools, text) is None, text
+    assert as_call(parse_tools({"tools": TOOLS, "tool_choice": "none"}), good) is None
 
 
 # -- embeddings -------------------------------------------------------------------------------

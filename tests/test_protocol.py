@@ -461,7 +461,18 @@ def test_messages_are_parsed_into_the_request():
         ([{"role": "user", "content": "x", "name": "\udfff"}], CHAT_CAPS, "name is not valid"),
         ('[{"role": "user", "content": "x", "name": ' + "9" * 5000 + "}]", CHAT_CAPS, "JSON"),
         ([{"role": "user", "content": None}], CHAT_CAPS, "content must be a string, got null"),
-        ([{"role": "user", "content": "x", "tool_calls": []}], CHAT_CAPS, "'tool_calls'"),
+        ([{"role": "user", "content": "x", "tool_calls": []}], CHAT_CAPS, "an assistant's turn"),
+        ([{"role": "user", "content": "x", "audio": {}}], CHAT_CAPS, "'audio'"),
+        (
+            [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{"}}]}],
+            CHAT_CAPS,
+            "arguments is not JSON",
+        ),
+        (
+            [{"role": "assistant", "tool_calls": [{"function": {"arguments": "{}"}}]}],
+            CHAT_CAPS,
+            "must be like",
+        ),
         ([{"role": "user", "content": "x", "name": 3}], CHAT_CAPS, "name must be a string"),
         # it was taken as empty text
         ([{"role": "user", "content": []}], CHAT_CAPS, "content is an empty list of parts"),

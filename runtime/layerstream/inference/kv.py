@@ -49,7 +49,7 @@ def request_tokens(request: Request, context: int | None, chat_overhead: int = 0
     if request.input_ids is not None:
         prompt = len(request.input_ids)
     elif request.messages is not None:
-        prompt = chat_bytes(request.messages, chat_overhead) + PROMPT_SPECIALS
+        prompt = chat_bytes(request.messages, chat_overhead, request.tools) + PROMPT_SPECIALS
     else:
         assert request.prompt is not None  # the protocol sets one of the three
         prompt = len(request.prompt.encode()) + PROMPT_SPECIALS

@@ -18,6 +18,7 @@ which the limit refuses: the ``max_prompt_bytes`` setting overrides it.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -114,14 +115,23 @@ def chat_overhead(tokenizer: PreTrainedTokenizerBase) -> int:
     return per_message
 
 
-def chat_bytes(messages: list[dict[str, str]], overhead: int) -> int:
-    """A bound on the UTF-8 size of ``messages`` rendered: their text plus the template's
-    ``overhead`` per message (chat_overhead)."""
-    text = sum(len(m["content"].encode()) + len(m.get("name", "").encode()) for m in messages)
+def chat_bytes(messages: list[dict], overhead: int, tools: list[dict] | None = None) -> int:
+    """A bound on the UTF-8 size of ``messages`` rendered: their text (a turn's tool calls
+    and the tools as JSON) plus the template's ``overhead`` per message (chat_overhead)."""
+    text = 0
+    for m in messages:
+        text += len(m["content"].encode()) + len(m.get("name", "").encode())
+        text += len(m.get("tool_call_id", "").encode())
+        if "tool_calls" in m:
+            text += len(json.dumps(m["tool_calls"], ensure_ascii=False).encode())
+    if tools:
+        text += len(json.dumps(tools, ensure_ascii=False).encode())
     return text + overhead * len(messages)
 
 
-def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
+def chat_ids(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict], tools: list[dict] | None = None
+) -> list[int]:
     """The ids of a chat rendered with the model's own template, the assistant's turn
     opened (``add_generation_prompt``). Control tokens typed into a message
     (``<|im_start|>``, ...) are encoded as the text they are, never as the tokens that
@@ -129,6 +139,7 @@ def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]])
     try:
         ids = tokenizer.apply_chat_template(
             messages,
+            tools=tools,
             add_generation_prompt=True,
             tokenize=True,
             return_dict=False,

@@ -54,6 +54,8 @@ class Request:
     logprobs: int | None = None
     # an llguidance grammar (constraints.py) the output must follow; set by the OpenAI routes
     grammar: str | None = None
+    # the tools a chat's template renders (OpenAI's ``tools``); set by the OpenAI routes
+    tools: list[dict] | None = None
     stop: list[str] = field(default_factory=list)
     # normalised into 0..num_layers, in the request's order and count
     layers: list[int] = field(default_factory=list)
@@ -82,3 +84,22 @@ def check_context(n_prompt: int, request: Request, caps: ModelCapabilities) -> N
             f"prompt of {n_prompt} tokens{extra} exceeds the model's context of "
             f"{caps.context_length} tokens; shorten the prompt or {fix}"
         )
+
+
+@dataclass(frozen=True)
+class Extras:
+    """What an OpenAI request asks beyond what V2 parameters say (the OpenAI routes set it
+    on the request they make): log probabilities, a grammar, tools for the template."""
+
+    logprobs: int | None = None
+    grammar: str | None = None
+    tools: list[dict] | None = None
+
+    def apply(self, request: Request) -> None:
+        if self == Extras():
+            return
+        if request.mode is not Mode.TOKENS:
+            raise InvalidRequest("log probabilities, schemas and tools are for generated tokens")
+        if self.tools is not None and request.messages is None:
+            raise InvalidRequest("tools are rendered into a chat: send messages")
+        request.logprobs, request.grammar, request.tools = self.logprobs, self.grammar, self.tools

@@ -48,6 +48,6 @@ def prompt_ids(engine: Engine, request: Request) -> list[int]:
     if request.input_ids is not None:
         return list(request.input_ids)
     if request.messages is not None:
-        return chat_ids(engine.tokenizer, request.messages)
+        return chat_ids(engine.tokenizer, request.messages, request.tools)
     assert request.prompt is not None  # the protocol sets one of the three
     return tokenize(engine.tokenizer, request.prompt)

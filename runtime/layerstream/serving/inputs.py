@@ -27,8 +27,9 @@ _HOW = (
     "send one of 'prompt' (BYTES, one UTF-8 string), 'messages' (BYTES, one JSON string: "
     '[{"role": "user", "content": "..."}]) or \'input_ids\' (INT64, token ids)'
 )
-# the keys a chat message may have: what every chat template reads
-MESSAGE_KEYS = ("role", "content", "name")
+# the keys a chat message may have: what every chat template reads, and the tool calls of an
+# assistant's turn and the call a tool's answer is for, which templates with tools read
+MESSAGE_KEYS = ("role", "content", "name", "tool_calls", "tool_call_id")
 # The roles chat templates know (OpenAI's, and Llama 3.1's ipython). Templates build a
 # turn's header from the role ("<|{{ role }}|>"), so a free-form role could spell a control
 # token ("eos") that no sanitizing of the content can see.
@@ -131,15 +132,62 @@ def _message(index: int, message: Any) -> dict[str, str]:
     role, content = message.get("role"), message.get("content")
     if role not in ROLES:
         raise InvalidRequest(f"{where}.role must be one of {', '.join(ROLES)}, got {_shown(role)}")
+    if content is None and "tool_calls" in message:
+        content = ""  # an assistant's turn that only calls tools
     if isinstance(content, list):
         content = _joined_parts(where, content)
     if not isinstance(content, str):
         raise InvalidRequest(f"{where}.content must be a string, got {_shown(content)}")
-    out = {"role": role, "content": unicode_text(f"{where}.content", content)}
-    if "name" in message:
-        if not isinstance(message["name"], str):
-            raise InvalidRequest(f"{where}.name must be a string, got {_shown(message['name'])}")
-        out["name"] = unicode_text(f"{where}.name", message["name"])
+    out: dict[str, Any] = {"role": role, "content": unicode_text(f"{where}.content", content)}
+    for key in ("name", "tool_call_id"):
+        if key in message:
+            if not isinstance(message[key], str):
+                raise InvalidRequest(f"{where}.{key} must be a string, got {_shown(message[key])}")
+            out[key] = unicode_text(f"{where}.{key}", message[key])
+    if "tool_calls" in message:
+        if role != "assistant":
+            raise InvalidRequest(f"{where}.tool_calls is for an assistant's turn, not {role!r}")
+        out["tool_calls"] = [
+            _tool_call(f"{where}.tool_calls[{i}]", call)
+            for i, call in enumerate(_list(f"{where}.tool_calls", message["tool_calls"]))
+        ]
+    return out
+
+
+def _list(where: str, value: Any) -> list:
+    if not isinstance(value, list):
+        raise InvalidRequest(f"{where} must be a list, got {_shown(value)}")
+    return value
+
+
+def _tool_call(where: str, call: Any) -> dict[str, Any]:
+    """An OpenAI tool call echoed back (``{"id", "type": "function", "function": {"name",
+    "arguments"}}``), its arguments as the object templates render (OpenAI sends them as a
+    JSON string)."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise InvalidRequest(f"{where} must be like {{'function': {{'name', 'arguments'}}}}")
+    arguments = function.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except (ValueError, RecursionError):
+            raise InvalidRequest(f"{where}.function.arguments is not JSON") from None
+    if not isinstance(arguments, dict):
+        raise InvalidRequest(f"{where}.function.arguments must be a JSON object")
+    try:  # a lone surrogate (which JSON can spell) is not text
+        json.dumps(arguments, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest(f"{where}.function.arguments holds text that is not UTF-8") from None
+    out: dict[str, Any] = {
+        "type": "function",
+        "function": {
+            "name": unicode_text(f"{where}.function.name", function["name"]),
+            "arguments": arguments,
+        },
+    }
+    if isinstance(call.get("id"), str):
+        out["id"] = call["id"]
     return out
 
 

@@ -34,9 +34,9 @@ from ..inference.kv import (
     resolve_kv_budget,
 )
 from ..inference.prompts import NO_CONTEXT_LIMIT, chat_overhead, prompt_byte_limit
-from ..inference.request import ModelCapabilities, Request
+from ..inference.request import Extras, ModelCapabilities, Request
 from ..inference.run import prompt_ids, run
-from ..inference.types import Cancelled, Emit, Event, FinalEvent, HiddenStateEvent, Mode
+from ..inference.types import Cancelled, Emit, Event, FinalEvent, HiddenStateEvent
 from ..stores import open_store
 from ..units import format_size
 from . import grpc_status, loaded, shutdown, workers
@@ -261,16 +261,15 @@ class LayerStreamRuntime(OpenAIRoutes, MLModel):
             )
 
     async def events(
-        self, payload: InferenceRequest, logprobs: int | None = None, grammar: str | None = None
+        self, payload: InferenceRequest, extras: Extras | None = None
     ) -> AsyncIterator[Event]:
         """The engine events of one V2 request, accounted for like any other (metrics, the
-        log line): what the OpenAI endpoints serve, with each token's log probability and its
-        ``logprobs`` most likely alternatives' where asked, its output following ``grammar``
-        (inference/constraints.py) where given. A failure raises the LayerStreamError the
-        client gets (its ``kind`` and ``message``)."""
+        log line): what the OpenAI endpoints serve, with what an OpenAI request asks beyond
+        V2 parameters (``extras``: log probabilities, a grammar, tools). A failure raises the
+        LayerStreamError the client gets (its ``kind`` and ``message``)."""
         record = RequestRecord(self.name, self._metrics, payload.id)
         with record.failures():
-            events = self._events(payload, record, STREAM, logprobs, grammar)
+            events = self._events(payload, record, STREAM, extras)
             async with contextlib.aclosing(events) as stream:
                 async for event in stream:
                     yield event
@@ -333,8 +332,7 @@ class LayerStreamRuntime(OpenAIRoutes, MLModel):
         payload: InferenceRequest,
         record: RequestRecord,
         call: str,
-        logprobs: int | None = None,
-        grammar: str | None = None,
+        extras: Extras | None = None,
     ) -> AsyncIterator[Event]:
         """The one path of every request: parse, queue, run; the final event is recorded
         (metrics, log) as it passes. ``call``: outputs.STREAM or UNARY (which outputs the
@@ -344,9 +342,8 @@ class LayerStreamRuntime(OpenAIRoutes, MLModel):
             # the store may have been repaired since (hashing is I/O: off the event loop)
             await asyncio.to_thread(engine.recheck_damage)
         request = record.request = self._parse(payload)
-        if (logprobs is not None or grammar is not None) and request.mode is not Mode.TOKENS:
-            raise InvalidRequest("log probabilities and schemas are for generated tokens")
-        request.logprobs, request.grammar = logprobs, grammar
+        if extras is not None:
+            extras.apply(request)
         record.outputs = requested_outputs(payload, request.mode, call)
         async with contextlib.aclosing(self._stream(request, payload, record.arrived)) as events:
             async for event in events:

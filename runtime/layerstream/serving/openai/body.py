@@ -14,65 +14,17 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pydantic
-from fastapi.responses import JSONResponse
 from mlserver.types import InferenceRequest, Parameters, RequestInput
 from starlette.requests import Request
 
-from ...errors import InvalidRequest, LayerStreamError
+from ...errors import InvalidRequest
 from ...inference.constraints import ANY_OBJECT, grammar
 from ...inference.logprobs import MAX_TOP_LOGPROBS
 from ..parameters import show
+from .errors import invalid
+from .tools import Tools, parse_tools
 
 M = TypeVar("M", bound=pydantic.BaseModel)
-
-# layerstream error kind -> HTTP status. The openai client retries 408, 429 and 5xx
-# (``max_retries``): the statuses of the V2 path, except that a store that cannot be read
-# answers 503 (retry, here or on another replica) and a broken setting 500 (422 means
-# nothing to an OpenAI client).
-STATUS = {
-    "invalid_request": 400,
-    "overloaded": 503,
-    "timeout": 504,
-    "store_unavailable": 503,
-    "integrity": 500,
-    "configuration": 500,
-    "internal": 500,
-}
-
-
-class OpenAIError(Exception):
-    """An error as OpenAI sends it: ``{"error": {message, type, param, code}}``, its
-    status on the response. ``code`` is the layerstream kind for engine errors."""
-
-    def __init__(self, status: int, message: str, code: str, param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
-
-    @classmethod
-    def of(cls, error: LayerStreamError) -> OpenAIError:
-        return cls(STATUS.get(error.kind, 500), error.message, error.kind)
-
-    def body(self) -> dict[str, Any]:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return {
-            "error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}
-        }
-
-    def response(self) -> JSONResponse:
-        return _AsciiJSON(self.body(), status_code=self.status)
-
-
-class _AsciiJSON(JSONResponse):
-    """JSON with every non-ASCII character escaped: an error may quote what the client sent,
-    and a lone surrogate in it (JSON can spell one) cannot be encoded as UTF-8."""
-
-    def render(self, content: Any) -> bytes:
-        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
-
-
-def invalid(message: str, param: str | None, code: str = "invalid_request") -> OpenAIError:
-    """A 400 naming the field (``param``) that is wrong."""
-    return OpenAIError(400, message, code, param)
 
 
 def validated(model: type[M], body: dict[str, Any]) -> M:
@@ -117,7 +69,8 @@ _HARMLESS |= {"prompt_cache_key", "safety_identifier", "parallel_tool_calls"}
 _COMMON = (set(_MAPPED) - {"max_completion_tokens"}) | {"n"}
 MAX_CHOICES = 16  # choices of one request (each is a request of its own in the queue)
 _OWN = {
-    True: {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format"},
+    True: {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format"}
+    | {"tools", "tool_choice"},
     False: {"prompt", "logprobs"},
 }
 MAX_COMPLETION_LOGPROBS = 5  # the legacy completions API's limit
@@ -129,7 +82,7 @@ class _Refused:
     reason: str
 
 
-_NO_TOOLS = "tool and function calling are not supported"
+_NO_FUNCTIONS = "functions and function_call are OpenAI's older form: send tools and tool_choice"
 _NO_PENALTY = "only 0 is supported (repetition_penalty, an extension, is)"
 _REFUSED_BOTH = {
     "presence_penalty": _Refused((0, 0.0), _NO_PENALTY),
@@ -139,10 +92,8 @@ _REFUSED_BOTH = {
 _REFUSED = {
     True: {
         **_REFUSED_BOTH,
-        "tools": _Refused(([],), _NO_TOOLS),
-        "tool_choice": _Refused(("none",), _NO_TOOLS),
-        "functions": _Refused(([],), _NO_TOOLS),
-        "function_call": _Refused(("none",), _NO_TOOLS),
+        "functions": _Refused(([],), _NO_FUNCTIONS),
+        "function_call": _Refused(("none",), _NO_FUNCTIONS),
     },
     False: {
         **_REFUSED_BOTH,
@@ -165,7 +116,8 @@ class Call:
     include_usage: bool
     # each token's log probability and its this many most likely alternatives' (None: none)
     logprobs: int | None
-    grammar: str | None  # the llguidance grammar of its response_format (None: free text)
+    grammar: str | None  # the llguidance grammar its answer follows (None: free text)
+    tools: Tools | None  # the tools declared, and what the answer may or must do with them
     payloads: tuple[InferenceRequest, ...]  # one per choice (``n``)
 
     @property
@@ -213,6 +165,15 @@ def parse_call(body: dict[str, Any], model: str, chat: bool) -> Call:
         raise invalid(f"n must be between 1 and {MAX_CHOICES}, got {n}", "n")
     logprobs = _chat_logprobs(body) if chat else _completion_logprobs(body)
     constraint = _response_format(body.get("response_format")) if chat else None
+    tools = parse_tools(body) if chat else None
+    if tools is not None and tools.must_call:
+        if constraint is not None:
+            raise invalid(
+                "a required tool call and a response_format schema cannot both hold the "
+                "answer: send one",
+                "response_format",
+            )
+        constraint = tools.grammar
     call_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     item = messages_input(body) if chat else _prompt_input(body)
     return Call(
@@ -224,6 +185,7 @@ def parse_call(body: dict[str, Any], model: str, chat: bool) -> Call:
         include_usage=options.get("include_usage", False),
         logprobs=logprobs,
         grammar=constraint,
+        tools=tools,
         payloads=tuple(
             InferenceRequest(
                 id=call_id if n == 1 else f"{call_id}-{index}",

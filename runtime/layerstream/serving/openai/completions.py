@@ -20,7 +20,9 @@ from starlette.types import Receive, Scope, Send
 
 from ...errors import LayerStreamError
 from ...inference.types import Event, FinalEvent, TokenEvent
-from .body import Call, OpenAIError
+from .body import Call
+from .errors import OpenAIError
+from .tools import as_call
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +103,21 @@ def answer(call: Call, answers: list[Collected], token_text: TokenText) -> dict[
             "index": index,
             "logprobs": logprobs(call, tokens, token_text),
         }
-        if call.chat:
+        called = as_call(call.tools, text) if call.tools is not None else None
+        if called is not None:
+            message = {"role": "assistant", "content": None, "tool_calls": [called]}
+            choice.update(message=message, finish_reason=TOOL_CALLS)
+        elif call.chat:
             choice["message"] = {"role": "assistant", "content": text, "refusal": None}
         else:
             choice["text"] = text
-        choice["finish_reason"] = final.finish_reason.value
+        choice.setdefault("finish_reason", final.finish_reason.value)
         choices.append(choice)
     finals = [final for _, final, _ in answers]
     return _envelope(call, call.answer_object, choices, usage=usage(finals))
+
+
+TOOL_CALLS = "tool_calls"  # the finish_reason of an answer that is a tool call
 
 
 def _chunk(
@@ -118,6 +127,7 @@ def _chunk(
     finish: str | None = None,
     role: bool = False,
     chosen: Any = None,
+    called: dict[str, Any] | None = None,
 ) -> bytes:
     """One SSE event of a streamed answer: choice ``index``'s ``text`` (a chat's first chunk
     of a choice opens the assistant's turn), the finish reason on its last, the log
@@ -127,6 +137,8 @@ def _chunk(
         delta = {"role": "assistant", "content": text} if role else {}
         if text:
             delta["content"] = text
+        if called is not None:  # the whole call in one delta, as index 0 of its calls
+            delta["tool_calls"] = [{"index": 0, **called}]
         choice["delta"] = delta
     else:
         choice["text"] = text
@@ -145,28 +157,52 @@ DONE = b"data: [DONE]\n\n"
 
 
 class _Choice:
-    """A streamed choice: the tokens whose text is not sent yet, and how much text is."""
+    """A streamed choice: the tokens whose text is not sent yet, and how much text is.
 
-    def __init__(self, index: int) -> None:
+    With tools, text that may be a tool call is held until the end: all of it where a call
+    is required, and under ``auto`` while it begins like one (``{`` or ``<``); an answer
+    that is a call goes as one ``tool_calls`` delta, any other as text."""
+
+    def __init__(self, index: int, call: Call) -> None:
         self.index = index
         self.tokens: list[TokenEvent] = []
         self.sent = 0
+        tools = call.tools
+        self.holding = tools is not None and tools.choice != "none"
+        self.held = ""
 
     def chunks(self, call: Call, event: Event, token_text: TokenText) -> list[bytes]:
         if isinstance(event, TokenEvent):
             self.tokens.append(event)
             if not event.text:  # a character's bytes incomplete: nothing to send yet
                 return []
+            if self.holding:
+                self.held += event.text
+                if call.tools.must_call or self.held.lstrip()[:1] in ("", "{", "<"):
+                    return []
+                self.holding, text, self.held = False, self.held, ""
+                return [self._chunk(call, text, None, token_text)]
             return [self._chunk(call, event.text, None, token_text)]
         if isinstance(event, FinalEvent):
-            return [self._chunk(call, event.text, event.finish_reason.value, token_text)]
+            text, finish = self.held + event.text, event.finish_reason.value
+            called = as_call(call.tools, text) if self.holding else None
+            if called is not None:
+                return [self._chunk(call, "", TOOL_CALLS, token_text, called)]
+            return [self._chunk(call, text, finish, token_text)]
         return []  # mode "tokens" produces no other event
 
-    def _chunk(self, call: Call, text: str, finish: str | None, token_text: TokenText) -> bytes:
+    def _chunk(
+        self,
+        call: Call,
+        text: str,
+        finish: str | None,
+        token_text: TokenText,
+        called: dict[str, Any] | None = None,
+    ) -> bytes:
         chosen = logprobs(call, self.tokens, token_text, self.sent)
         self.tokens = []
         self.sent += len(text)
-        return _chunk(call, self.index, text, finish, chosen=chosen)
+        return _chunk(call, self.index, text, finish, chosen=chosen, called=called)
 
 
 async def first_events(streams: list[Events]) -> list[Event]:
@@ -183,7 +219,7 @@ async def stream(
     events where the scheduler's deadline reaches them (serving/scheduler.py)."""
     pending: dict[asyncio.Future, int] = {}
     finals: list[FinalEvent] = []
-    choices = [_Choice(index) for index in range(len(streams))]
+    choices = [_Choice(index, call) for index in range(len(streams))]
     try:
         if call.chat:
             for index in range(len(streams)):

@@ -20,8 +20,9 @@ from mlserver.types import InferenceRequest, Parameters, RequestInput
 
 from ...errors import LayerStreamError
 from ...inference.types import Event, FinalEvent
-from .body import invalid, validated
+from .body import validated
 from .completions import all_of
+from .errors import invalid
 
 # OpenAI's own limit on the inputs of one request
 MAX_INPUTS = 2048

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import loaded
 from ..parameters import show
-from .body import OpenAIError, invalid
+from .errors import OpenAIError, invalid
 
 if TYPE_CHECKING:
     from ..runtime import LayerStreamRuntime

@@ -27,9 +27,11 @@ from mlserver.handlers import custom_handler
 from starlette.requests import Request
 
 from ...errors import LayerStreamError
+from ...inference.request import Extras
 from ...inference.types import Event
 from . import completions, embeddings, tokens
-from .body import OpenAIError, json_body, parse_call
+from .body import json_body, parse_call
+from .errors import OpenAIError
 from .models import Target, by_body, by_path, model_card, served_ids
 
 log = logging.getLogger(__name__)
@@ -84,7 +86,9 @@ async def _complete(resolve: Resolve, request: Request, chat: bool) -> Response:
             # refused before it became a V2 request: counted with the model's other refusals
             runtime.count_refused("invalid_request" if error.status < 500 else "internal")
         return error.response()
-    streams = [runtime.events(p, call.logprobs, call.grammar) for p in call.payloads]
+    tools = call.tools.declared if call.tools is not None else None
+    extras = Extras(logprobs=call.logprobs, grammar=call.grammar, tools=tools)
+    streams = [runtime.events(payload, extras) for payload in call.payloads]
     try:
         if call.stream:
             # the first events before the 200: a refused or queued-out request gets its status

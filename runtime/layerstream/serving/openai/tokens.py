@@ -14,7 +14,8 @@ from typing import Any, Literal
 import pydantic
 from mlserver.types import InferenceRequest, Parameters
 
-from .body import invalid, messages_input, text_input, validated
+from .body import messages_input, text_input, validated
+from .errors import invalid
 
 
 class TokenizeBody(pydantic.BaseModel):
