@@ -18,6 +18,7 @@ import numpy as np
 import openai
 import pytest
 import torch
+from conftest import CONFIGS
 from mlserver_proc import (
     ModelSpec,
     ids_input,
@@ -41,6 +42,7 @@ pytest_plugins = ["mlserver_proc"]
 # version 1 ("<model>_<version>")
 CHAT, PLAIN = "chat", "plain_1"
 VERSIONED = "versioned"  # two versions of one name: 1 is PLAIN's store, 2 is CHAT's
+TIGHT = "tight"  # PLAIN's store, with a KV cache budget that one request fills
 LIMIT = 64  # max_new_tokens_limit of both (a tool call takes some 45 tokens of this vocabulary)
 PROMPT = "Once upon a time"
 MESSAGES = [
@@ -97,9 +99,25 @@ def server(model_factory, tmp_path_factory):
     specs += [
         ModelSpec(VERSIONED, stores[PLAIN], extra, version="1"),
         ModelSpec(VERSIONED, stores[CHAT], extra, version="2"),
+        # room for one request's KV cache at a time: choices queue behind one another
+        ModelSpec(TIGHT, stores[PLAIN], {**extra, "kv_cache_budget": str(one_request_kv())}),
     ]
     with serve(root / "server", specs) as running:
         yield running
+
+
+def one_request_kv() -> int:
+    """A KV budget in bytes that holds one request of TIGHT_TOKENS over PROMPT, not two."""
+    import transformers
+
+    from layerstream.inference.kv import PROMPT_SPECIALS, kv_bytes_per_token
+
+    config = transformers.AutoConfig.for_model(**{"model_type": "gpt2", **CONFIGS["gpt2"]})
+    per_token = kv_bytes_per_token(config, config.n_layer, "float32")
+    return int(per_token * (len(PROMPT.encode()) + PROMPT_SPECIALS + TIGHT_TOKENS) * 1.5)
+
+
+TIGHT_TOKENS = 8
 
 
 def client(server, name: str) -> OpenAI:
@@ -405,7 +423,7 @@ def test_one_base_url_serves_every_model_and_version_by_the_body(server):
     """Gateways and UIs take one base URL and a list of every model: /v1, routed by the
     body's ``model`` (NAME: its default version, NAME:VERSION: that one)."""
     ids = [m.id for m in server_client(server).models.list().data]
-    assert ids == [CHAT, PLAIN, VERSIONED, f"{VERSIONED}:2", f"{VERSIONED}:1"]
+    assert ids == [CHAT, PLAIN, TIGHT, VERSIONED, f"{VERSIONED}:2", f"{VERSIONED}:1"]
     assert server_client(server).models.retrieve(f"{VERSIONED}:1").id == f"{VERSIONED}:1"
     for name in (CHAT, PLAIN):
         assert completion(server_client(server), name) == completion(client(server, name), name)
@@ -727,6 +745,67 @@ def test_an_auto_answer_is_a_call_only_when_it_is_one():
     assert as_call(parse_tools({"tools": TOOLS, "tool_choice": "none"}), good) is None
 
 
+# -- what a hostile check found ----------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_streamed_choices_that_do_not_fit_at_once_stream(server):
+    """A streamed n > 1 waited for every choice's first event before its 200, while the
+    first choices held the KV cache the later ones waited for: it hung until the deadline."""
+    tight = OpenAI(
+        base_url=f"{server.http_url}/v2/models/{TIGHT}/openai/v1", api_key="unused", timeout=60
+    )
+    sampled = {"temperature": 1.0, "max_tokens": TIGHT_TOKENS, "seed": 9}
+    texts = {0: "", 1: "", 2: ""}
+    for chunk in tight.completions.create(model=TIGHT, prompt=PROMPT, n=3, stream=True, **sampled):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    for index in range(3):
+        alone = tight.completions.create(
+            model=TIGHT, prompt=PROMPT, **{**sampled, "seed": 9 + index}
+        )
+        assert texts[index] == alone.choices[0].text
+
+
+@pytest.mark.e2e
+def test_a_refusal_of_streamed_choices_is_a_400(server):
+    """It was a plain-text 500 (closing a generator still running)."""
+    long_prompt = PROMPT * 40  # with max_tokens, more than the model's context
+    for _ in range(3):
+        with pytest.raises(openai.BadRequestError, match="context"):
+            client(server, PLAIN).completions.create(
+                model=PLAIN, prompt=long_prompt, n=4, stream=True, max_tokens=LIMIT
+            )
+
+
+@pytest.mark.e2e
+def test_a_body_that_cannot_be_read_is_a_400(server):
+    answer = httpx.post(
+        f"{server.http_url}/v1/completions",
+        content=b'{"model": "chat", "prompt": "x"}',
+        headers={"content-type": "application/json", "content-encoding": "gzip"},
+        timeout=30,
+    )
+    assert answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_request"
+
+
+@pytest.mark.e2e
+def test_an_embeddings_batch_larger_than_the_queue_is_answered(server):
+    texts = [f"text number {i}" for i in range(100)]  # the queue holds 64
+    answer = server_client(server).embeddings.create(model=PLAIN, input=texts)
+    assert [d.index for d in answer.data] == list(range(100))
+
+
+@pytest.mark.e2e
+def test_a_seed_whose_choices_leave_int64_is_a_400_naming_seed(server):
+    answer = httpx.post(
+        f"{server.http_url}/v1/completions",
+        json={"model": PLAIN, "prompt": "x", "n": 2, "seed": 2**63 - 1, "max_tokens": 2},
+        timeout=30,
+    )
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "seed"
+
+
 # -- embeddings -------------------------------------------------------------------------------
 
 
@@ -881,7 +960,7 @@ def sse_bytes(body: dict[str, Any], events: list[Any]) -> bytes:
     async def run() -> bytes:
         stream = source()
         first = await stream.__anext__()
-        body = completions.stream(call, [first], [stream], str)
+        body = completions.stream(call, first, [stream], str)
         return b"".join([chunk async for chunk in body])
 
     return asyncio.run(run())
@@ -969,7 +1048,7 @@ def test_closing_the_stream_closes_the_engine_events():
     async def run() -> None:
         events = source()
         first = await events.__anext__()
-        stream = completions.stream(call, [first], [events], str)
+        stream = completions.stream(call, first, [events], str)
         await stream.__anext__()
         await stream.__anext__()
         assert not closed

@@ -275,6 +275,10 @@ class LayerStreamRuntime(OpenAIRoutes, MLModel):
                     yield event
                     record.events += 1
 
+    def max_in_flight(self) -> int:
+        """How many of its requests the model runs at once (max_active_sequences, or 1)."""
+        return self._scheduler.max_active if self._scheduler is not None else 1
+
     def token_text(self, token_id: int) -> str:
         """One token's own text, special tokens spelled out (U+FFFD where its bytes are part
         of a character)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+import zlib
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -163,6 +164,11 @@ def parse_call(body: dict[str, Any], model: str, chat: bool) -> Call:
     _check_type("n", n, _INT)
     if not 1 <= n <= MAX_CHOICES:
         raise invalid(f"n must be between 1 and {MAX_CHOICES}, got {n}", "n")
+    if n > 1 and isinstance(body.get("seed"), int) and body["seed"] + n - 1 >= 2**63:
+        raise invalid(
+            f"seed {body['seed']} with n={n}: choice i uses seed + i, which must fit in int64",
+            "seed",
+        )
     logprobs = _chat_logprobs(body) if chat else _completion_logprobs(body)
     constraint = _response_format(body.get("response_format")) if chat else None
     tools = parse_tools(body) if chat else None
@@ -340,7 +346,11 @@ def _prompt_input(body: dict[str, Any]) -> RequestInput:
 
 async def json_body(request: Request) -> dict[str, Any]:
     try:
-        body = json.loads(await request.body())
+        raw = await request.body()
+    except (OSError, EOFError, zlib.error) as exc:  # a gzip body that is not gzip
+        raise invalid(f"the request body cannot be read: {str(exc)[:120]}", None) from None
+    try:
+        body = json.loads(raw)
     except (ValueError, RecursionError) as exc:
         raise invalid(f"the request body is not valid JSON: {str(exc)[:120]}", None) from None
     if not isinstance(body, dict):

@@ -205,14 +205,16 @@ class _Choice:
         return _chunk(call, self.index, text, finish, chosen=chosen, called=called)
 
 
-async def first_events(streams: list[Events]) -> list[Event]:
-    """Each choice's first event: a refused or queued-out request fails here, before the
-    200, with its status."""
-    return list(await asyncio.gather(*(stream.__anext__() for stream in streams)))
+async def first_event(streams: list[Events]) -> Event:
+    """The first choice's first event: a refused or queued-out request fails here, before
+    the 200, with its status. Only the first: choices that do not all fit at once wait for
+    the ones before them to be read, which only the stream does (each choice's KV stays
+    reserved until its events are read)."""
+    return await anext(streams[0])
 
 
 async def stream(
-    call: Call, firsts: list[Event], streams: list[Events], token_text: TokenText
+    call: Call, first: Event, streams: list[Events], token_text: TokenText
 ) -> AsyncIterator[bytes]:
     """The SSE body: every choice's chunks as they come, a usage chunk, ``[DONE]``. At most
     one event of each choice is read ahead of the client: one that stops reading holds its
@@ -224,11 +226,11 @@ async def stream(
         if call.chat:
             for index in range(len(streams)):
                 yield _chunk(call, index, "", role=True)
-        for index, first in enumerate(firsts):
-            finals += [first] if isinstance(first, FinalEvent) else []
-            for chunk in choices[index].chunks(call, first, token_text):
-                yield chunk
-            pending[asyncio.ensure_future(anext(streams[index]))] = index
+        finals += [first] if isinstance(first, FinalEvent) else []
+        for chunk in choices[0].chunks(call, first, token_text):
+            yield chunk
+        for index, events in enumerate(streams):
+            pending[asyncio.ensure_future(anext(events))] = index
         while pending:
             done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for task in sorted(done, key=pending.__getitem__):  # choices in order

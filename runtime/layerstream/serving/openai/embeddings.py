@@ -8,6 +8,7 @@ The pooling is the V2 default (mean over the prompt's tokens) unless the body's 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import uuid
@@ -99,9 +100,17 @@ async def final_of(events: AsyncIterator[Event]) -> FinalEvent:
     raise LayerStreamError("the request's events ended without a final event")
 
 
-async def all_finals(streams: list[AsyncIterator[Event]]) -> list[FinalEvent]:
-    """Every input's final event; the first failure fails the request (the others stop)."""
-    return await all_of([final_of(stream) for stream in streams])
+async def all_finals(streams: list[AsyncIterator[Event]], at_once: int) -> list[FinalEvent]:
+    """Every input's final event, ``at_once`` inputs in the model's queue at a time (a batch
+    of thousands would fill the queue, refusing its own inputs and every other client's);
+    the first failure fails the request (the others stop)."""
+    gate = asyncio.Semaphore(max(at_once, 1))
+
+    async def one(stream: AsyncIterator[Event]) -> FinalEvent:
+        async with gate:
+            return await final_of(stream)
+
+    return await all_of([one(stream) for stream in streams])
 
 
 def answer(parsed: EmbeddingsBody, model: str, finals: list[FinalEvent]) -> dict[str, Any]:

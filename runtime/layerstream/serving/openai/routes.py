@@ -91,9 +91,9 @@ async def _complete(resolve: Resolve, request: Request, chat: bool) -> Response:
     streams = [runtime.events(payload, extras) for payload in call.payloads]
     try:
         if call.stream:
-            # the first events before the 200: a refused or queued-out request gets its status
-            firsts = await _unless_client_leaves(completions.first_events(streams), request)
-            body = completions.stream(call, firsts, streams, runtime.token_text)
+            # the first event before the 200: a refused or queued-out request gets its status
+            first = await _unless_client_leaves(completions.first_event(streams), request)
+            body = completions.stream(call, first, streams, runtime.token_text)
             return completions.EventStream(body, streams)
         answers = await _unless_client_leaves(completions.collect_all(streams), request)
         return JSONResponse(completions.answer(call, answers, runtime.token_text))
@@ -125,7 +125,8 @@ async def _embed(resolve: Resolve, request: Request) -> Response:
         return error.response()
     streams = [runtime.events(payload) for payload in payloads]
     try:
-        finals = await _unless_client_leaves(embeddings.all_finals(streams), request)
+        at_once = runtime.max_in_flight()
+        finals = await _unless_client_leaves(embeddings.all_finals(streams, at_once), request)
     except LayerStreamError as error:
         return OpenAIError.of(error).response()
     except _ClientGone:
