@@ -745,6 +745,58 @@ def test_an_auto_answer_is_a_call_only_when_it_is_one():
     assert as_call(parse_tools({"tools": TOOLS, "tool_choice": "none"}), good) is None
 
 
+# -- the Responses API ------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_responses_are_the_chat_answer_whole_and_streamed(server):
+    """What the openai client's README leads with: text in, text out, as a chat is."""
+    room = {"max_output_tokens": GREEDY["max_tokens"], "temperature": 0}
+    chat = client(server, CHAT).chat.completions.create(model=CHAT, messages=MESSAGES, **GREEDY)
+    expected = chat.choices[0].message.content
+    answer = server_client(server).responses.create(
+        model=CHAT, instructions=MESSAGES[0]["content"], input=MESSAGES[1]["content"], **room
+    )
+    assert answer.output_text == expected
+    assert answer.usage.input_tokens == chat.usage.prompt_tokens
+    assert answer.usage.output_tokens == chat.usage.completion_tokens
+    assert answer.status in ("completed", "incomplete")
+    as_list = server_client(server).responses.create(model=CHAT, input=MESSAGES, **room)
+    assert as_list.output_text == expected
+    events = list(
+        server_client(server).responses.create(model=CHAT, input=MESSAGES, stream=True, **room)
+    )
+    kinds = [e.type for e in events]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-1] in ("response.completed", "response.incomplete")
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == expected == events[-1].response.output_text
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"tools": [{"type": "web_search"}]}, "tools"),
+        ({"previous_response_id": "resp_1"}, "previous_response_id"),
+        ({"reasoning": {"effort": "low"}}, "reasoning"),
+        ({"input": 5}, "input"),
+        ({"input": [{"role": "user", "content": [{"type": "input_image"}]}]}, "input"),
+    ],
+)
+def test_responses_refusals_name_the_field(server, fields, param):
+    body = {"model": CHAT, "input": "hi", **fields}
+    answer = httpx.post(f"{server.http_url}/v1/responses", json=body, timeout=30)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == param
+
+
 # -- what a hostile check found ----------------------------------------------------------------
 
 
@@ -917,8 +969,8 @@ def test_tokenize_refusals(server, path, fields, param):
 
 @pytest.mark.e2e
 def test_a_path_not_served_is_an_openai_404(server):
-    with pytest.raises(openai.NotFoundError, match="/responses is not served here"):
-        client(server, CHAT).responses.create(model=CHAT, input="hi")
+    with pytest.raises(openai.NotFoundError, match="/files is not served here"):
+        client(server, CHAT).files.list()
     gone = httpx.get(f"{server.http_url}/v2/models/{CHAT}/openai/v1/files", timeout=30)
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "not_found"
 

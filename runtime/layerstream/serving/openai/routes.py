@@ -29,7 +29,7 @@ from starlette.requests import Request
 from ...errors import LayerStreamError
 from ...inference.request import Extras
 from ...inference.types import Event
-from . import completions, embeddings, tokens
+from . import completions, embeddings, responses, tokens
 from .body import json_body, parse_call
 from .errors import OpenAIError
 from .models import Target, by_body, by_path, model_card, served_ids
@@ -150,6 +150,33 @@ async def _tokens(resolve: Resolve, request: Request, decode: bool) -> Response:
     return JSONResponse({"count": len(ids), "max_model_len": caps.context_length, "tokens": ids})
 
 
+async def _respond(resolve: Resolve, request: Request) -> Response:
+    runtime = None
+    try:
+        body = await json_body(request)
+        target = resolve(body.get("model"))
+        runtime = target.runtime
+        call = responses.parse(body, target.model)
+    except OpenAIError as error:
+        if runtime is not None:
+            runtime.count_refused("invalid_request" if error.status < 500 else "internal")
+        return error.response()
+    streams = [runtime.events(call.payloads[0])]
+    try:
+        if call.stream:
+            first = await _unless_client_leaves(completions.first_event(streams), request)
+            return completions.EventStream(responses.stream(call, first, streams[0]), streams)
+        ((text, final, _),) = await _unless_client_leaves(completions.collect_all(streams), request)
+        return JSONResponse(responses.answer(call, text, final))
+    except LayerStreamError as error:
+        await _close(streams)
+        return OpenAIError.of(error).response()
+    except _ClientGone:
+        await _close(streams)
+        log.info("%s: response %s: the client left before the answer began", call.model, call.id)
+        return Response(status_code=CLIENT_GONE)
+
+
 async def _post(resolve: Resolve, path: str, request: Request) -> Response:
     """``POST`` under a base URL: the route its path names."""
     route = path.strip("/")
@@ -159,6 +186,8 @@ async def _post(resolve: Resolve, path: str, request: Request) -> Response:
         return await _complete(resolve, request, chat=False)
     if route == "embeddings":
         return await _embed(resolve, request)
+    if route == "responses":
+        return await _respond(resolve, request)
     if route in {"tokenize", "detokenize"}:
         return await _tokens(resolve, request, decode=route == "detokenize")
     if route == "models" or route.startswith("models/"):
@@ -176,7 +205,7 @@ def _get(path: str, resolve: Resolve, models: Callable[[], list[str]]) -> Respon
             return JSONResponse(model_card(resolve(route.removeprefix("models/")).model))
     except OpenAIError as error:
         return error.response()
-    if route in {"chat/completions", "completions", "embeddings", "tokenize", "detokenize"}:
+    if route in POSTED:
         return _wrong_method("GET", path)
     return _not_served(path)
 
@@ -279,7 +308,11 @@ class OpenAIRoutes:
         return _wrong_method("DELETE", path)
 
 
-SERVED = "POST /chat/completions, /completions, /embeddings, /tokenize, /detokenize and GET /models"
+SERVED = (
+    "POST /chat/completions, /completions, /responses, /embeddings, /tokenize, /detokenize "
+    "and GET /models"
+)
+POSTED = {"chat/completions", "completions", "responses", "embeddings", "tokenize", "detokenize"}
 
 
 def _wrong_method(method: str, path: str) -> Response:
