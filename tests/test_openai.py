@@ -745,6 +745,34 @@ def test_an_auto_answer_is_a_call_only_when_it_is_one():
     assert as_call(parse_tools({"tools": TOOLS, "tool_choice": "none"}), good) is None
 
 
+# -- litellm ----------------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_litellm_as_its_docs_show_it_with_an_openai_compatible_server(server, monkeypatch):
+    """litellm's "OpenAI-compatible endpoints": model "openai/NAME", api_base the server's
+    /v1; whole and streamed, the same text as the openai client's."""
+    # its model price list from the package, not fetched from GitHub (loopback only)
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+
+    expected = (
+        client(server, CHAT)
+        .chat.completions.create(model=CHAT, messages=MESSAGES, **GREEDY)
+        .choices[0]
+        .message.content
+    )
+    base = {"api_base": f"{server.http_url}/v1", "api_key": "unused"}
+    answer = litellm.completion(model=f"openai/{CHAT}", messages=MESSAGES, **base, **GREEDY)
+    assert answer.choices[0].message.content == expected
+    chunks = litellm.completion(
+        model=f"openai/{CHAT}", messages=MESSAGES, stream=True, **base, **GREEDY
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    vectors = litellm.embedding(model=f"openai/{PLAIN}", input=["one", "two"], **base)
+    assert len(vectors.data) == 2
+
+
 # -- the Responses API ------------------------------------------------------------------------
 
 
