@@ -318,6 +318,9 @@ def test_the_seldon_name_of_a_model(server):
         ({"functions": [{"name": "f"}]}, "functions"),
         ({"extra_body": {"guided_json": {}}}, "guided_json"),
         ({"temperature": "hot"}, "temperature"),
+        # refused by the V2 path's checks, named in OpenAI's words
+        ({"top_p": 5}, "top_p"),
+        ({"seed": -(2**64)}, "seed"),
     ],
 )
 def test_refused_fields(server, fields, param):
@@ -337,7 +340,7 @@ def test_max_tokens_out_of_range(server, max_tokens, stream):
             model=PLAIN, prompt=PROMPT, max_tokens=max_tokens, stream=stream
         )
     error = error_of(excinfo)
-    assert error["code"] == "invalid_request"
+    assert error["code"] == "invalid_request" and error["param"] == "max_tokens"
     assert f"max_new_tokens must be between 1 and {LIMIT}, got {max_tokens}" in error["message"]
 
 
@@ -940,7 +943,7 @@ def test_embeddings_are_the_v2_embedding_mode(server, name):
         ({"input": "a", "dimensions": 3}, "dimensions"),
         ({"input": "a", "encoding_format": "hex"}, "encoding_format"),
         ({"input": "a", "truncate": True}, "truncate"),
-        ({"input": "a", "pooling": "max"}, None),
+        ({"input": "a", "pooling": "max"}, "pooling"),
     ],
 )
 def test_embeddings_refusals_name_the_field(server, fields, param):

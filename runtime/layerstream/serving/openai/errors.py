@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from fastapi.responses import JSONResponse
@@ -34,7 +35,7 @@ class OpenAIError(Exception):
 
     @classmethod
     def of(cls, error: LayerStreamError) -> OpenAIError:
-        return cls(STATUS.get(error.kind, 500), error.message, error.kind)
+        return cls(STATUS.get(error.kind, 500), error.message, error.kind, _field(error))
 
     def body(self) -> dict[str, Any]:
         kind = "invalid_request_error" if self.status < 500 else "server_error"
@@ -57,3 +58,27 @@ class _AsciiJSON(JSONResponse):
 def invalid(message: str, param: str | None, code: str = "invalid_request") -> OpenAIError:
     """A 400 naming the field (``param``) that is wrong."""
     return OpenAIError(400, message, code, param)
+
+
+# the V2 parameters an OpenAI field sets, by the name the V2 path's messages give them
+_FIELDS = {
+    "max_new_tokens": "max_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "seed": "seed",
+    "stop": "stop",
+    "repetition_penalty": "repetition_penalty",
+    "do_sample": "temperature",
+    "pooling": "pooling",
+}
+_NAMED = re.compile(r"^(?:parameter )?(\w+) ")
+
+
+def _field(error: LayerStreamError) -> str | None:
+    """The OpenAI field a V2 refusal is about, where its message begins by naming the V2
+    parameter (``parameter seed must ...``, ``max_new_tokens must be ...``)."""
+    if error.kind != "invalid_request":
+        return None
+    named = _NAMED.match(error.message)
+    return _FIELDS.get(named.group(1)) if named else None
