@@ -192,6 +192,13 @@ def test_stop_list_as_json_string_as_grpc_sends_it():
     assert parse(request(stop='["a", 1]')).stop == ['["a", 1]']
 
 
+@pytest.mark.parametrize("stop", ["\ud800", ["ok", "x\udfff"], '["\\ud800"]'])
+def test_a_stop_string_that_is_not_utf8_is_refused(stop):
+    """A lone surrogate (which JSON can spell) was taken as a stop string no output holds."""
+    with pytest.raises(InvalidRequest, match="stop holds text that is not UTF-8"):
+        parse(request(stop=stop))
+
+
 def test_nested_input_ids_for_shape_1_by_n():
     nested = [{"name": "input_ids", "datatype": "INT64", "shape": [1, 3], "data": [[4, 5, 6]]}]
     assert parse(request(nested)).input_ids == [4, 5, 6]

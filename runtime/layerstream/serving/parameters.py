@@ -127,6 +127,13 @@ def _as_stop(name: str, value: Any) -> list[str]:
             f"parameter stop takes at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} "
             f"characters (got {len(stops)}, the longest {max(map(len, stops))})"
         )
+    for stop in stops:
+        try:  # a lone surrogate (which JSON can spell) is not text, and no output holds one
+            stop.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidRequest(
+                f"parameter stop holds text that is not UTF-8: {show(stop)}"
+            ) from None
     return stops
 
 
