@@ -74,35 +74,48 @@ async def _disconnected(request: Request) -> None:
 Resolve = Callable[[Any], Target]  # the body's ``model`` -> the model the request is for
 
 
-async def _complete(resolve: Resolve, request: Request, chat: bool) -> Response:
-    runtime = None
+class _Refused(Exception):
+    """A request refused before it became a V2 request: its response."""
+
+    def __init__(self, response: Response):
+        self.response = response
+
+
+async def _read(resolve: Resolve, request: Request, parse: Callable[[dict, Target], T]):
+    """The body, the model it is for and ``parse(body, target)``; _Refused with the
+    OpenAI error where any of them fails (counted with the model's other refusals)."""
+    target = None
     try:
         body = await json_body(request)
         target = resolve(body.get("model"))
-        runtime = target.runtime
-        call = parse_call(body, target.model, chat)
+        return target, parse(body, target)
     except OpenAIError as error:
-        if runtime is not None:
-            # refused before it became a V2 request: counted with the model's other refusals
-            runtime.count_refused("invalid_request" if error.status < 500 else "internal")
-        return error.response()
-    tools = call.tools.declared if call.tools is not None else None
-    extras = Extras(logprobs=call.logprobs, grammar=call.grammar, tools=tools)
-    streams = [runtime.events(payload, extras) for payload in call.payloads]
+        if target is not None:
+            target.runtime.count_refused("invalid_request" if error.status < 500 else "internal")
+        raise _Refused(error.response()) from None
+
+
+async def _answered(
+    request: Request,
+    label: str,
+    streams: list[AsyncIterator[Event]],
+    whole: Callable[[], Awaitable[Response]],
+    streamed: Callable[[Event], AsyncIterator[bytes]] | None = None,
+) -> Response:
+    """Run a request's streams: with ``streamed``, its first event before the 200 (a
+    refused or queued-out request gets its status), then SSE; else ``whole()``. An error
+    is OpenAI's; a client that leaves first stops the work."""
     try:
-        if call.stream:
-            # the first event before the 200: a refused or queued-out request gets its status
+        if streamed is not None:
             first = await _unless_client_leaves(completions.first_event(streams), request)
-            body = completions.stream(call, first, streams, runtime.token_text)
-            return completions.EventStream(body, streams)
-        answers = await _unless_client_leaves(completions.collect_all(streams), request)
-        return JSONResponse(completions.answer(call, answers, runtime.token_text))
+            return completions.EventStream(streamed(first), streams)
+        return await _unless_client_leaves(whole(), request)
     except LayerStreamError as error:
         await _close(streams)
         return OpenAIError.of(error).response()
     except _ClientGone:
         await _close(streams)
-        log.info("%s: request %s: the client left before the answer began", call.model, call.id)
+        log.info("%s: the client left before the answer began", label)
         return Response(status_code=CLIENT_GONE)
 
 
@@ -111,28 +124,66 @@ async def _close(streams: list[AsyncIterator[Event]]) -> None:
         await events.aclose()  # type: ignore[attr-defined]
 
 
+async def _complete(resolve: Resolve, request: Request, chat: bool) -> Response:
+    try:
+        target, call = await _read(
+            resolve, request, lambda body, target: parse_call(body, target.model, chat)
+        )
+    except _Refused as refused:
+        return refused.response
+    runtime = target.runtime
+    tools = call.tools.declared if call.tools is not None else None
+    extras = Extras(logprobs=call.logprobs, grammar=call.grammar, tools=tools)
+    streams = [runtime.events(payload, extras) for payload in call.payloads]
+
+    async def whole() -> Response:
+        answers = await completions.collect_all(streams)
+        return JSONResponse(completions.answer(call, answers, runtime.token_text))
+
+    def streamed(first: Event) -> AsyncIterator[bytes]:
+        return completions.stream(call, first, streams, runtime.token_text)
+
+    label = f"{call.model}: request {call.id}"
+    return await _answered(request, label, streams, whole, streamed if call.stream else None)
+
+
+async def _respond(resolve: Resolve, request: Request) -> Response:
+    try:
+        target, call = await _read(
+            resolve, request, lambda body, target: responses.parse(body, target.model)
+        )
+    except _Refused as refused:
+        return refused.response
+    streams = [target.runtime.events(call.payloads[0])]
+
+    async def whole() -> Response:
+        ((text, final, _),) = await completions.collect_all(streams)
+        return JSONResponse(responses.answer(call, text, final))
+
+    def streamed(first: Event) -> AsyncIterator[bytes]:
+        return responses.stream(call, first, streams[0])
+
+    label = f"{call.model}: response {call.id}"
+    return await _answered(request, label, streams, whole, streamed if call.stream else None)
+
+
 async def _embed(resolve: Resolve, request: Request) -> Response:
-    runtime = None
+    def parse(body: dict, target: Target) -> tuple[embeddings.EmbeddingsBody, list]:
+        parsed = embeddings.parse_embeddings(body, target.runtime.caps().hidden_size)
+        return parsed, embeddings.payloads(parsed)
+
     try:
-        body = await json_body(request)
-        target = resolve(body.get("model"))
-        runtime = target.runtime
-        parsed = embeddings.parse_embeddings(body, runtime.caps().hidden_size)
-        payloads = embeddings.payloads(parsed)
-    except OpenAIError as error:
-        if runtime is not None:
-            runtime.count_refused("invalid_request" if error.status < 500 else "internal")
-        return error.response()
+        target, (parsed, payloads) = await _read(resolve, request, parse)
+    except _Refused as refused:
+        return refused.response
+    runtime = target.runtime
     streams = [runtime.events(payload) for payload in payloads]
-    try:
-        at_once = runtime.max_in_flight()
-        finals = await _unless_client_leaves(embeddings.all_finals(streams, at_once), request)
-    except LayerStreamError as error:
-        return OpenAIError.of(error).response()
-    except _ClientGone:
-        log.info("%s: embeddings: the client left before the answer", target.model)
-        return Response(status_code=CLIENT_GONE)
-    return JSONResponse(embeddings.answer(parsed, target.model, finals))
+
+    async def whole() -> Response:
+        finals = await embeddings.all_finals(streams, runtime.max_in_flight())
+        return JSONResponse(embeddings.answer(parsed, target.model, finals))
+
+    return await _answered(request, f"{target.model}: embeddings", streams, whole)
 
 
 async def _tokens(resolve: Resolve, request: Request, decode: bool) -> Response:
