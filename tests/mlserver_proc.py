@@ -345,10 +345,7 @@ def gated_layerstream_server(model_factory, tmp_path_factory) -> Iterator[MLServ
     llama = model_factory("llama")
     store = GatedStore(llama.store).start()
     root = tmp_path_factory.mktemp("mlserver-gated")
-    hooks = root / "hooks"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(JOIN_HOOK)
-    path = os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")]))
+    env = hooked(root, JOIN_HOOK)
     extra = {
         "memory_budget": "25%",
         "read_ahead": 1,
@@ -360,12 +357,21 @@ def gated_layerstream_server(model_factory, tmp_path_factory) -> Iterator[MLServ
     }
     spec = ModelSpec(GATED, store.url, extra, store_mode="raw")
     try:
-        with serve(root / "server", [spec], env={"PYTHONPATH": path}) as server:
+        with serve(root / "server", [spec], env=env) as server:
             server.chunked = {GATED: llama}
             server.gate = store.gate
             yield server
     finally:
         store.stop()
+
+
+def hooked(root: Path, code: str) -> dict[str, str]:
+    """The environment of a server that runs ``code`` at startup (its sitecustomize.py,
+    written under ``root``): test hooks the server has no other way to take."""
+    hooks = root / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(code)
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")]))}
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:

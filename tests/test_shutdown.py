@@ -16,6 +16,7 @@ from mlserver_proc import (
     JOIN_HOOK,
     MLServerProcess,
     ModelSpec,
+    hooked,
     joined,
     prompt_input,
     raw_sse,
@@ -120,10 +121,7 @@ def test_sigterm_ends_streams_in_flight_with_a_final_shutdown_event(model_factor
 
     llama = model_factory("llama")
     store = GatedStore(llama.store).start()
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(NO_DRAIN_TIME)
-    path = os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")]))
+    env = hooked(tmp_path, NO_DRAIN_TIME)
     extra = {
         "memory_budget": "25%",
         "read_ahead": 0,
@@ -135,7 +133,7 @@ def test_sigterm_ends_streams_in_flight_with_a_final_shutdown_event(model_factor
     server = MLServerProcess(
         tmp_path / "server",
         [ModelSpec("drained", store.url, extra, store_mode="raw")],
-        env={"PYTHONPATH": path},
+        env=env,
     ).start()
     clients = {
         "grpc": GRPCClient(server.grpc_target, timeout=120.0),
