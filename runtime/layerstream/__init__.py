@@ -33,6 +33,7 @@ __all__ = [
     "LayerStreamRuntime",
     "Manifest",
     "chunk_checkpoint",
+    "load",
     "open_store",
 ]
 __version__ = "0.1.0"
@@ -43,6 +44,7 @@ _EXPORTS = {
     "LayerStreamRuntime": "serving.runtime",
     "Manifest": "format.manifest",
     "chunk_checkpoint": "chunker.convert",
+    "load": "library",
     "open_store": "stores",
 }
 
@@ -50,6 +52,7 @@ if TYPE_CHECKING:
     from .chunker.convert import chunk_checkpoint
     from .engine.engine import Engine, EngineOptions
     from .format.manifest import Manifest
+    from .library import load
     from .serving.runtime import LayerStreamRuntime
     from .stores import open_store
 

@@ -1,0 +1,76 @@
+"""layerstream as a library (library.py): ``layerstream.load`` returns the model's own
+transformers class, its blocks streamed while it runs; it generates, runs forward with
+hidden states and in a pipeline exactly as ``from_pretrained`` of the same checkpoint does,
+from several threads at once too."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+import transformers
+
+import layerstream
+
+PROMPT = torch.tensor([[5, 17, 99, 3, 250, 7, 42, 130]])
+
+
+def greedy(model, steps: int = 8) -> list[int]:
+    out = model.generate(
+        PROMPT, attention_mask=torch.ones_like(PROMPT), max_new_tokens=steps, do_sample=False
+    )
+    return out[0].tolist()
+
+
+def test_load_generates_and_runs_forward_as_from_pretrained(model_factory):
+    chunked = model_factory("llama")
+    reference = chunked.resident()
+    with layerstream.load(chunked.store, memory_budget="25%") as model:
+        assert isinstance(model, transformers.LlamaForCausalLM)
+        assert type(model).__name__ == "LlamaForCausalLM"
+        assert model.tokenizer is not None
+        assert model._layerstream_engine.plan.n_blocks > len(
+            model._layerstream_engine.plan.resident
+        )
+        with torch.no_grad():
+            expected = greedy(reference)
+            got = greedy(model)
+            mine = model(PROMPT, output_hidden_states=True)
+            theirs = reference(PROMPT, output_hidden_states=True)
+        assert got == expected
+        assert torch.equal(mine.logits, theirs.logits)
+        assert len(mine.hidden_states) == len(theirs.hidden_states)
+        for a, b in zip(mine.hidden_states, theirs.hidden_states, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_a_pipeline_runs_the_streamed_model(model_factory):
+    chunked = model_factory("gpt2")
+    reference = chunked.resident()
+    text = "Once upon a time"
+    with layerstream.load(chunked.store, memory_budget="25%") as model:
+        streamed = transformers.pipeline("text-generation", model=model, tokenizer=model.tokenizer)
+        expected = transformers.pipeline(
+            "text-generation", model=reference, tokenizer=model.tokenizer
+        )
+        settings = {"max_new_tokens": 8, "do_sample": False}
+        assert streamed(text, **settings) == expected(text, **settings)
+
+
+def test_generate_from_threads_is_each_what_it_is_alone(model_factory):
+    chunked = model_factory("llama")
+    with layerstream.load(chunked.store, memory_budget="25%") as model:
+        alone = greedy(model, 12)
+        answers: list = [None] * 3
+        start = threading.Barrier(3)
+
+        def run(k: int) -> None:
+            start.wait()
+            answers[k] = greedy(model, 12)
+
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert answers == [alone, alone, alone]
