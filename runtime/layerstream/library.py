@@ -16,6 +16,7 @@ the buffers and the threads.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from pathlib import Path
 from typing import Any
@@ -64,8 +65,6 @@ class _Streamed:
             return super().forward(*args, **kwargs)
 
     def _layerstream_request(self):
-        import contextlib
-
         calls = self._layerstream_calls
         if getattr(calls, "inside", False):  # generate's own forwards: one request
             return contextlib.nullcontext()

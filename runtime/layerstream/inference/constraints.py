@@ -69,19 +69,20 @@ class JsonConstraint(LogitsProcessor):
         self.mask = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        for token in input_ids[0, self.prompt + self.consumed :].tolist():
-            self.consume(token)
+        self.catch_up(input_ids)
         if self.mask is None:
             self.mask = self._torch.allocate_token_bitmask(1, scores.shape[-1])
         self._torch.fill_next_token_bitmask(self.matcher, self.mask, 0)
         self._torch.apply_token_bitmask_inplace(scores, self.mask)
         return scores
 
-    def consume(self, token: int) -> None:
-        if not self.matcher.consume_token(token):
-            error = self.matcher.get_error()
-            raise RuntimeError(f"the grammar refused a token its mask allowed: {error}")
-        self.consumed += 1
+    def catch_up(self, input_ids: torch.LongTensor) -> None:
+        """Give the matcher the generated tokens it has not seen."""
+        for token in input_ids[0, self.prompt + self.consumed :].tolist():
+            if not self.matcher.consume_token(token):
+                error = self.matcher.get_error()
+                raise RuntimeError(f"the grammar refused a token its mask allowed: {error}")
+            self.consumed += 1
 
     def done(self) -> bool:
         """Whether the grammar is complete (or can take nothing more)."""
@@ -97,8 +98,7 @@ class GrammarDone(StoppingCriteria):
     def __call__(
         self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs
     ) -> torch.BoolTensor:
-        constraint = self.constraint
-        # the processor consumes each token at the next step; the last one is consumed here
-        for token in input_ids[0, constraint.prompt + constraint.consumed :].tolist():
-            constraint.consume(token)
-        return torch.full((input_ids.shape[0],), constraint.done(), dtype=torch.bool)
+        # the token just chosen, which the processor would only see at the next step
+        self.constraint.catch_up(input_ids)
+        done = self.constraint.done()
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool)

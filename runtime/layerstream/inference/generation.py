@@ -267,7 +267,10 @@ def run_generation(
         if streamer is None:  # stopped before it began: nothing to end
             raise
         # the server's drain is over: the tokens sent stand, and the final event says why
-        ending = shutdown_end(streamer)
+        # (unless a stop string had ended it already)
+        ending = generation_end(streamer, [], set())
+        if ending.finish_reason is FinishReason.LENGTH:
+            ending = Ending(FinishReason.SHUTDOWN, ending.text)
     else:
         eos = config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -293,12 +296,3 @@ def generation_end(streamer: _EventStreamer, new_ids: list[int], eos_ids: set[in
     ended = streamer.matcher.stopped or (bool(new_ids) and new_ids[-1] in eos_ids)
     reason = FinishReason.STOP if ended else FinishReason.LENGTH
     return Ending(finish_reason=reason, text=tail + streamer.matcher.flush())
-
-
-def shutdown_end(streamer: _EventStreamer) -> Ending:
-    """A generation the server's shutdown ended: the text held back goes out with it (no
-    stop string can complete it now), unless a stop string had ended it already."""
-    if streamer.matcher.stopped:
-        return Ending(finish_reason=FinishReason.STOP, text=streamer.matcher.flush())
-    tail = streamer.matcher.feed(streamer.decoder.flush())
-    return Ending(finish_reason=FinishReason.SHUTDOWN, text=tail + streamer.matcher.flush())

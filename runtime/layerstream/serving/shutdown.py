@@ -67,9 +67,6 @@ class Drain:
         for subscriber in subscribers:
             subscriber.drain_begins()
 
-    def begun(self) -> bool:
-        return self._due is not None
-
     def due(self) -> bool:
         """Whether requests in flight must end now."""
         due = self._due

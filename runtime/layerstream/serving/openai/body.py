@@ -29,10 +29,10 @@ M = TypeVar("M", bound=pydantic.BaseModel)
 
 
 def validated(model: type[M], body: dict[str, Any]) -> M:
-    """``body`` as ``model`` (a pydantic model): a field it does not validate is a 400 naming
-    that field, as OpenAI words it."""
+    """``body`` as ``model`` (a pydantic model), its nulls read as absent fields (as OpenAI
+    reads them): a field it does not validate is a 400 naming that field, as OpenAI words it."""
     try:
-        return model.model_validate(body)
+        return model.model_validate({k: v for k, v in body.items() if v is not None})
     except pydantic.ValidationError as exc:
         error = exc.errors(include_url=False)[0]
         where = error["loc"][0] if error["loc"] else None

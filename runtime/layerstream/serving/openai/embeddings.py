@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Literal
@@ -19,10 +18,9 @@ import numpy as np
 import pydantic
 from mlserver.types import InferenceRequest, Parameters, RequestInput
 
-from ...errors import LayerStreamError
 from ...inference.types import Event, FinalEvent
 from .body import validated
-from .completions import all_of
+from .completions import all_of, collect
 from .errors import invalid
 
 # OpenAI's own limit on the inputs of one request
@@ -70,7 +68,7 @@ def _is_ids(value: list) -> bool:
 
 
 def parse_embeddings(body: dict[str, Any], hidden_size: int | None) -> EmbeddingsBody:
-    parsed = validated(EmbeddingsBody, {k: v for k, v in body.items() if v is not None})
+    parsed = validated(EmbeddingsBody, body)
     if parsed.dimensions is not None and parsed.dimensions != hidden_size:
         raise invalid(
             f"dimensions={parsed.dimensions} is not supported: this model's embeddings have "
@@ -92,14 +90,6 @@ def payloads(parsed: EmbeddingsBody) -> list[InferenceRequest]:
     ]
 
 
-async def final_of(events: AsyncIterator[Event]) -> FinalEvent:
-    async with contextlib.aclosing(events):
-        async for event in events:
-            if isinstance(event, FinalEvent):
-                return event
-    raise LayerStreamError("the request's events ended without a final event")
-
-
 async def all_finals(streams: list[AsyncIterator[Event]], at_once: int) -> list[FinalEvent]:
     """Every input's final event, ``at_once`` inputs in the model's queue at a time (a batch
     of thousands would fill the queue, refusing its own inputs and every other client's);
@@ -108,7 +98,8 @@ async def all_finals(streams: list[AsyncIterator[Event]], at_once: int) -> list[
 
     async def one(stream: AsyncIterator[Event]) -> FinalEvent:
         async with gate:
-            return await final_of(stream)
+            _, final, _ = await collect(stream)
+            return final
 
     return await all_of([one(stream) for stream in streams])
 

@@ -10,6 +10,8 @@ stored) are refused with a 400 naming them.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -81,8 +83,13 @@ def _input_messages(value: Any) -> list[dict[str, Any]]:
     return messages
 
 
+def _item_id(call: Call) -> str:
+    """The id of the response's one output item (its own id is ``resp_`` and the same)."""
+    return "msg_" + call.id.removeprefix("chatcmpl-")
+
+
 def _envelope(call: Call, status: str, text: str, final: FinalEvent | None) -> dict[str, Any]:
-    item_id = "msg_" + call.id.removeprefix("chatcmpl-")
+    item_id = _item_id(call)
     output = []
     if status != "in_progress":
         part = {"type": "output_text", "text": text, "annotations": []}
@@ -107,7 +114,7 @@ def _envelope(call: Call, status: str, text: str, final: FinalEvent | None) -> d
         }
     length = final is not None and final.finish_reason.value == "length"
     return {
-        "id": "resp_" + call.id.removeprefix("chatcmpl-"),
+        "id": "resp_" + item_id.removeprefix("msg_"),
         "object": "response",
         "created_at": call.created,
         "status": "incomplete" if length else status,
@@ -134,13 +141,16 @@ def answer(call: Call, text: str, final: FinalEvent) -> dict[str, Any]:
 async def stream(call: Call, first: Event, events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
     """The Responses API's streaming events: created, the item and its text part opened,
     a delta per piece of text, each closed, completed."""
-    item_id = "msg_" + call.id.removeprefix("chatcmpl-")
-    number = 0
+    item_id = _item_id(call)
+    numbers = itertools.count()
 
     def event(kind: str, **fields: Any) -> bytes:
-        nonlocal number
-        number += 1
-        return sse({"type": kind, "sequence_number": number - 1, **fields})
+        return sse({"type": kind, "sequence_number": next(numbers), **fields})
+
+    async def from_first() -> AsyncIterator[Event]:
+        yield first
+        async for later in events:
+            yield later
 
     where = {"item_id": item_id, "output_index": 0, "content_index": 0}
     yield event("response.created", response=_envelope(call, "in_progress", "", None))
@@ -152,18 +162,14 @@ async def stream(call: Call, first: Event, events: AsyncIterator[Event]) -> Asyn
     texts: list[str] = []
     final = None
     try:
-        pending: Event | None = first
-        while True:
-            current = pending if pending is not None else await anext(events)
-            pending = None
-            if isinstance(current, TokenEvent | FinalEvent) and current.text:
-                texts.append(current.text)
-                yield event("response.output_text.delta", delta=current.text, **where)
-            if isinstance(current, FinalEvent):
-                final = current
-                break
-    except StopAsyncIteration:
-        pass
+        async with contextlib.aclosing(from_first()) as everything:
+            async for current in everything:
+                if isinstance(current, TokenEvent | FinalEvent) and current.text:
+                    texts.append(current.text)
+                    yield event("response.output_text.delta", delta=current.text, **where)
+                if isinstance(current, FinalEvent):
+                    final = current
+                    break
     except LayerStreamError as error:
         failure = OpenAIError.of(error)
         yield event("error", code=failure.code, message=failure.message, param=None)

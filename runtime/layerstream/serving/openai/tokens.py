@@ -39,7 +39,7 @@ class DetokenizeBody(pydantic.BaseModel):
 def tokenize_payload(body: dict[str, Any], mode: str) -> InferenceRequest:
     """The V2 request whose prompt is tokenized (it is checked, never run), in the model's
     default ``mode``."""
-    parsed = validated(TokenizeBody, {k: v for k, v in body.items() if v is not None})
+    parsed = validated(TokenizeBody, body)
     if (parsed.prompt is None) == (parsed.messages is None):
         raise invalid("send one of prompt (a string) and messages (a chat)", "prompt")
     if parsed.prompt is not None:
@@ -54,4 +54,4 @@ def tokenize_payload(body: dict[str, Any], mode: str) -> InferenceRequest:
 
 
 def detokenize_ids(body: dict[str, Any]) -> list[int]:
-    return validated(DetokenizeBody, {k: v for k, v in body.items() if v is not None}).tokens
+    return validated(DetokenizeBody, body).tokens

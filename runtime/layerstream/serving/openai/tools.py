@@ -19,6 +19,7 @@ A call is returned as OpenAI's ``tool_calls`` (``finish_reason`` ``tool_calls``)
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import uuid
@@ -166,13 +167,8 @@ def _valid(arguments: dict[str, Any], schema: dict[str, Any]) -> bool:
     return matcher.consume_tokens(text) and matcher.is_accepting()
 
 
+@functools.cache
 def _byte_tokenizer():
     import llguidance
 
-    global _BYTES
-    if _BYTES is None:
-        _BYTES = llguidance.LLTokenizer("byte")
-    return _BYTES
-
-
-_BYTES = None
+    return llguidance.LLTokenizer("byte")
