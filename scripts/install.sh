@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Create .venv and install layerstream into it; `scripts/install.sh dev` adds the test tools.
+# Create .venv and install layerstream with its server into it (the package's `server` extra:
+# MLServer); `scripts/install.sh dev` adds the test tools. The library and the chunker alone
+# are `pip install .` (docs/library.md).
 #
 # torch: without an NVIDIA GPU, take a CPU-only build (a plain `pip install torch` pulls
 # several GB of CUDA libraries). `torch==X+cpu` resolves where pip is configured with a CPU
@@ -63,9 +65,9 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 
 if [ "$MODE" = dev ]; then
-    pip install --quiet -e ".[dev]"
+    pip install --quiet -e ".[server,dev]"
 else
-    pip install --quiet -e .
+    pip install --quiet -e ".[server]"
 fi
 "$VENV/bin/python" -c "import torch, transformers, mlserver; print(f'torch {torch.__version__}, transformers {transformers.__version__}, mlserver {mlserver.__version__}')"
 echo "$hash $MODE" >"$STAMP"

@@ -388,7 +388,9 @@ def test_the_base_image_is_an_mlserver_the_package_accepts():
     assert match, base
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     (mlserver,) = [
-        Requirement(r) for r in pyproject["project"]["dependencies"] if r.startswith("mlserver")
+        Requirement(r)
+        for r in pyproject["project"]["optional-dependencies"]["server"]
+        if r.startswith("mlserver")
     ]
     assert Version(match.group(1)) in mlserver.specifier
     # the official image's Python is 3.10: the oldest the package declares

@@ -74,3 +74,61 @@ def test_generate_from_threads_is_each_what_it_is_alone(model_factory):
         for thread in threads:
             thread.join(120)
         assert answers == [alone, alone, alone]
+
+
+# Run where MLServer cannot be imported (as after `pip install layerstream` without the
+# server extra): chunk a checkpoint with the CLI, load the store, generate, and fail with
+# layerstream's own error; then check that nothing of the server was imported.
+WITHOUT_SERVER = """
+import sys
+
+for name in ("mlserver", "grpc", "fastapi", "uvicorn", "prometheus_client"):
+    sys.modules[name] = None  # `import name` raises ImportError from here on
+
+import torch
+
+import layerstream
+from layerstream.chunker.cli import main as chunker
+from layerstream.errors import SettingsError
+
+source, store = sys.argv[1], sys.argv[2]
+assert chunker(["chunk", source, store, "--name", "nolib"]) == 0
+with layerstream.load(store, memory_budget="25%") as model:
+    prompt = torch.tensor([[5, 17, 99, 3]])
+    ids = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4,
+                         do_sample=False)
+    print("ids", ids[0].tolist())
+try:
+    layerstream.load(store, memory_budget="1KiB")
+except SettingsError as exc:
+    print("refused", exc.status_code, exc)
+loaded = sorted(n for n, m in sys.modules.items()
+                if m is not None and n.split(".")[0] in ("mlserver", "grpc", "fastapi"))
+print("server modules", loaded)
+"""
+
+
+def test_the_library_and_the_chunker_run_without_mlserver(model_factory, tmp_path):
+    import subprocess
+    import sys
+
+    chunked = model_factory("llama")
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_SERVER, str(chunked.source), str(tmp_path / "store")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    with torch.no_grad():
+        expected = chunked.resident().generate(
+            PROMPT[:, :4],
+            attention_mask=torch.ones_like(PROMPT[:, :4]),
+            max_new_tokens=4,
+            do_sample=False,
+        )
+    assert f"ids {expected[0].tolist()}" in lines
+    refused = next(line for line in lines if line.startswith("refused"))
+    assert refused.startswith("refused 422 configuration: memory_budget")
+    assert "server modules []" in lines

@@ -15,6 +15,7 @@ import logging
 import pickle
 
 import pytest
+from mlserver.errors import MLServerError
 from mlserver.settings import ModelParameters, ModelSettings
 from mlserver.types import InferenceRequest
 
@@ -114,8 +115,10 @@ def test_the_engine_serves_again_after_the_failures(runtime):
 def test_an_error_copied_for_each_request_it_fails_reads_as_the_original(kind):
     # engine/sweeps.py hands each waiting request its own copy of a block's error
     error = kind("chunk block_0003 failed its sha256 check")
+    # MLServer is imported here, as in a server: MLServer's handlers map it by its status
+    assert isinstance(error, MLServerError) and error.status_code == kind.status
     for clone in (copy.copy(error), pickle.loads(pickle.dumps(error))):
-        assert type(clone) is kind
+        assert type(clone) is type(error) and isinstance(clone, kind)
         assert (str(clone), clone.message, clone.kind) == (str(error), error.message, error.kind)
 
 

@@ -22,11 +22,16 @@ Kinds (``error_type``; HTTP status; gRPC status once ``grpc_status.install`` has
 
 A manifest that does not describe the store or the model (``ManifestError``) is an
 ``integrity`` error, like a chunk that does not match the manifest.
+
+MLServer is not imported here: the library and the chunker run without it. In a process
+that has imported MLServer (a server), each error is created as its class's twin that is
+also an ``MLServerError``, the class MLServer's REST and gRPC handlers map to a status.
 """
 
 from __future__ import annotations
 
-from mlserver.errors import MLServerError
+import functools
+import sys
 
 __all__ = [
     "ERROR_TYPES",
@@ -54,7 +59,7 @@ ERROR_TYPES = (
 )
 
 
-class LayerStreamError(MLServerError):
+class LayerStreamError(Exception):
     """Base class: a server-side failure (HTTP 500, gRPC INTERNAL) unless a subclass says so.
 
     ``str(exc)`` is ``"<kind>: <message>"``: MLServer's REST error body is fixed to
@@ -65,14 +70,32 @@ class LayerStreamError(MLServerError):
     status = 500
     kind = "internal"
 
+    def __new__(cls, *args: object, **kwargs: object):
+        # asked at creation, not at import: whichever of the two is imported first
+        return super().__new__(_served(cls) if "mlserver.errors" in sys.modules else cls)
+
     def __init__(self, message: str):
         self.message = message
-        super().__init__(f"{self.kind}: {message}", status_code=self.status)
+        super().__init__(f"{self.kind}: {message}")
+        self.status_code = self.status  # what MLServer's handlers read
 
     def __reduce__(self):
         # copied (one copy per request an error fails, engine/sweeps.py) or pickled from the
-        # message: the default rebuilds from ``args``, which hold the kind prefix already
-        return type(self), (self.message,), self.__dict__
+        # message and the public class (a twin is made again where MLServer is imported): the
+        # default rebuilds from ``args``, which hold the kind prefix already
+        return _public(type(self)), (self.message,), self.__dict__
+
+
+@functools.cache
+def _served(cls: type[LayerStreamError]) -> type[LayerStreamError]:
+    """``cls`` that is also an ``MLServerError`` (module docstring)."""
+    from mlserver.errors import MLServerError
+
+    return type(cls.__name__, (cls, MLServerError), {"__module__": cls.__module__, "_twin": True})
+
+
+def _public(cls: type[LayerStreamError]) -> type[LayerStreamError]:
+    return cls.__bases__[0] if cls.__dict__.get("_twin") else cls
 
 
 class InvalidRequest(LayerStreamError):
