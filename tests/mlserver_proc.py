@@ -220,6 +220,20 @@ class MLServerProcess:
                 else:
                     time.sleep(0.2)  # polling interval, not a timing assertion
 
+    def wait_pinned(self, timeout: float = READY_TIMEOUT_S) -> None:
+        """Until every model's metadata says its pinned blocks, read in the background after
+        it became ready, are all in memory (``pinned_bytes`` == ``pinned_bytes_target``)."""
+        deadline = time.monotonic() + timeout
+        with httpx.Client(timeout=5.0) as client:
+            for model in self.models:
+                while True:
+                    params = client.get(f"{self.http_url}/v2/models/{model.name}").json()
+                    params = params["parameters"]
+                    if params["pinned_bytes"] == params["pinned_bytes_target"]:
+                        break
+                    assert time.monotonic() < deadline, f"{model.name}: the fill never ended"
+                    time.sleep(0.2)  # polling interval, not a timing assertion
+
     def wait_exit(self, timeout: float) -> int | None:
         """The exit code, or None if the process is still running after ``timeout``."""
         assert self.proc is not None
@@ -306,6 +320,8 @@ def layerstream_server(model_factory, tmp_path_factory) -> Iterator[MLServerProc
     ]
     with serve(tmp_path_factory.mktemp("mlserver"), specs) as server:
         server.chunked = chunked
+        # the tests count block runs and bytes of the steady state, from the first request
+        server.wait_pinned()
         yield server
 
 

@@ -119,6 +119,7 @@ def test_albert_as_released_chunks_one_shared_block(tmp_path):
     engine = engine_at(store, "100%")
     layers = ARCHITECTURES["albert"]["num_hidden_layers"]
     try:
+        engine.wait_pinned()  # the steady state (engine/fill.py)
         ids = torch.tensor([PROMPT])
         with engine.request() as scope:
             engine.model(input_ids=ids)

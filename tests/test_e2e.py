@@ -643,6 +643,10 @@ def test_metrics_report_streamed_bytes_of_the_small_budget_model(server):
     assert after[("layerstream_bytes_streamed_total", labels(LLAMA_25))] > 0
     assert after[("layerstream_bytes_streamed_total", labels(LLAMA))] == 0
     assert after[("layerstream_block_cache_misses_total", labels(LLAMA))] == 0
+    # every block of the 100% model pinned (the fill is done: the fixture waited for it)
+    pinned = after[("layerstream_pinned_bytes", labels(LLAMA))]
+    assert pinned == after[("layerstream_pinned_bytes_target", labels(LLAMA))] > 0
+    assert after[("layerstream_pinned_bytes", labels(LLAMA_25))] <= pinned
     compute = ("layerstream_compute_seconds_total", labels(LLAMA_25))
     wait = ("layerstream_weight_wait_seconds_total", labels(LLAMA_25))
     assert after[compute] > 0 and wait in after

@@ -168,6 +168,7 @@ def test_cache_hit_rate_is_pinned_over_total(model_factory):
     model = model_factory("llama")
     engine = engine_for(model, "60%", read_ahead=1)
     try:
+        engine.wait_pinned()  # the steady state (fill.py)
         n, k = engine.plan.n_blocks, len(engine.plan.resident)
         assert 0 < k < n
         with engine.request() as scope:

@@ -367,14 +367,30 @@ def test_background_verification_can_be_switched_off(model_factory):
         engine.close()
 
 
-# -- the pinned blocks: hashed at load, whatever the budget ----------------------------------
+# -- the pinned blocks: hashed before their first use, whatever the budget -------------------
 
 
 @pytest.mark.parametrize("budget", ["100%", "60%"])
-def test_tampered_pinned_block_fails_the_load(store_copy, budget):
+def test_tampered_pinned_block_fails_the_load_when_pinned_at_load(store_copy, budget):
     flip_tensor_byte(block_file(store_copy, 0))  # the first blocks are the pinned ones
     with pytest.raises(ChunkIntegrityError, match=r"block_0000.*sha256"):
-        engine_for(store_copy, budget, verify_in_background=False)
+        engine_for(store_copy, budget, verify_in_background=False, pin_in_background=False)
+
+
+@pytest.mark.parametrize("budget", ["100%", "60%"])
+def test_tampered_pinned_block_read_in_the_background_is_never_used(store_copy, budget):
+    """Ready before its pinned blocks are read (fill.py): the damaged one is found by the
+    fill's hash, the model leaves readiness, and a request fails naming it, never runs."""
+    flip_tensor_byte(block_file(store_copy, 0))
+    engine = engine_for(store_copy, budget, verify_in_background=False)
+    try:
+        with pytest.raises(ChunkIntegrityError, match=r"block_0000.*sha256"):
+            engine.wait_pinned()
+        assert engine.damage is not None and "block_0000" in str(engine.damage)
+        with pytest.raises(ChunkIntegrityError, match=r"block_0000.*sha256"), engine.request():
+            engine.model(PROMPT)
+    finally:
+        engine.close()
 
 
 # -- 5. manifest fields are typed and plausible -----------------------------------------------

@@ -250,6 +250,7 @@ def test_every_streamed_block_is_read_once_and_ahead_with_the_read_reader(
         memory_budget="40%", read_ahead=read_ahead, reader="read", verify_in_background=False
     )
     engine = Engine(open_store(str(model_factory("llama").store)), options)
+    engine.wait_pinned()  # the steady state (fill.py)
     tokens = 6
     try:
         assert engine.plan.read_ahead == read_ahead and len(engine.plan.streamed) > read_ahead

@@ -10,10 +10,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import torch
@@ -145,6 +146,7 @@ class ChunkChecks:
         self.stats = StreamStats()
         self.health = ChunkHealth()
         self._lock = threading.Lock()  # the I/O threads count into ``stats`` too
+        self._apart = threading.local()  # set on a thread whose reads count apart
         # chunk name -> (store version, parsed header): a streamed block's header is parsed
         # once, not on every token (less Python on the I/O thread, less GIL for compute)
         self._layouts: dict[str, tuple[str, list[TensorEntry]]] = {}
@@ -176,9 +178,22 @@ class ChunkChecks:
             with self._lock:
                 self.stats.chunks_verified += 1
         with self._lock:
+            if getattr(self._apart, "on", False):
+                self.stats.pinned_bytes_read += data.numel()
+                return
             self.stats.bytes_read += data.numel()
             self.stats.chunks_read += 1
             self.stats.read_s += read_done - start
+
+    @contextlib.contextmanager
+    def counted_apart(self) -> Iterator[None]:
+        """The reads this thread makes meanwhile count as ``pinned_bytes_read`` (the
+        background fill's), not as bytes read for the requests in flight."""
+        self._apart.on = True
+        try:
+            yield
+        finally:
+            self._apart.on = False
 
     def check_parts(
         self,

@@ -2,9 +2,10 @@
 
 transformers' own classes run unchanged on a meta skeleton: the non-block weights and the
 pinned blocks are installed once, the other blocks are bound by a pre-forward hook and
-unbound by a post-forward hook (hooks.py). ``forward`` and ``generate`` (KV cache,
-sampling, masks, RoPE) are transformers' own, so any architecture it can build from a
-config works.
+unbound by a post-forward hook (hooks.py). The engine is ready once the non-block weights
+are in: the pinned blocks arrive in the background meanwhile (fill.py). ``forward`` and
+``generate`` (KV cache, sampling, masks, RoPE) are transformers' own, so any architecture
+it can build from a config works.
 
 Threading: each request runs on a thread of its own, inside ``request()``; the requests in
 flight share every pass over the streamed blocks (sweeps.py). Store reads run on the
@@ -34,7 +35,14 @@ from .expert_cache import ExpertCache
 from .expert_plan import expert_parts
 from .expert_reader import ExpertReader
 from .experts import ExpertsModule, find_experts
-from .hooks import BlockBinding, BlockHook, ResidentBlockHook, StreamedBlockHook
+from .fill import PinFill
+from .hooks import (
+    BlockBinding,
+    BlockHook,
+    PendingBlockHook,
+    ResidentBlockHook,
+    StreamedBlockHook,
+)
 from .integrity import (
     BackgroundVerifier,
     check_chunk_heads,
@@ -82,6 +90,9 @@ class EngineOptions:
     expert_prefetch: bool = True  # guess the next block's experts and read them ahead
     # fill expert slices that were not read with NaN (tests: proves an unread one is unused)
     poison_unread_experts: bool = False
+    # ready once the non-block weights are in; the pinned blocks are read in the background
+    # (fill.py). False: ready once every pinned block is in memory
+    pin_in_background: bool = True
 
 
 @dataclass
@@ -126,6 +137,9 @@ class Engine:
             slots = ComputeSlots(tuning.compute_slots(options.compute_slots))
             self.sweeps = SweepGroup(self.streamer, slots)
             stack.callback(self.sweeps.close)
+            self.fill = self._start_fill()
+            if self.fill is not None:
+                stack.callback(self.fill.close)
             self._load_weights()
             self.hooks = self._install_hooks()
             stack.callback(self._remove_hooks)
@@ -320,10 +334,54 @@ class Engine:
     def _streamed_chunks(self) -> list[ChunkInfo]:
         return [self.manifest.chunks[self.manifest.blocks[j].chunk] for j in self.plan.streamed]
 
+    def _start_fill(self) -> PinFill | None:
+        """The pinned blocks' reads, in the background from now on (fill.py); None where they
+        are read before the engine is ready: so asked, or a model whose first forward, run
+        at load, writes to its weights (it needs them all)."""
+        self._pending: list[PendingBlockHook] = []
+        if not (self.options.pin_in_background and self.plan.resident) or self.writes.first:
+            return None
+        # what a chunk read whole at load would have refused at once still refuses the load:
+        # a chunk missing, of another size or of other tensors (its hash waits for its read)
+        pinned = [self.manifest.chunks[self.manifest.blocks[j].chunk] for j in self.plan.resident]
+        check_chunk_heads(self.store, pinned, self.specs, max(self.io_threads, 4))
+        return PinFill(
+            self.manifest,
+            sorted(self.plan.resident),
+            self.streamer.load_pinned,
+            self.io_threads,
+        )
+
+    @property
+    def pinned_bytes(self) -> tuple[int, int]:
+        """Bytes of the blocks the plan pins that are in memory, and of all it pins: equal
+        once the background fill is complete."""
+        target = sum(self.manifest.block_memory_bytes[j] for j in self.plan.resident)
+        if self.fill is None:
+            return target, target
+        return self.fill.pinned_bytes, self.fill.target_bytes
+
+    def _install_arrived(self) -> None:
+        """Install every pinned block the fill has read since the last call (a block
+        boundary where nobody computes: the sweeps' ``at_boundary``)."""
+        for hook in self._pending:
+            if not hook.pinned and (lease := hook.fill.arrived(hook.index)) is not None:
+                hook.install(lease)
+        self._pending = [h for h in self._pending if not h.pinned]
+
+    def wait_pinned(self) -> None:
+        """Return once every block the plan pins is in memory and installed: requests run
+        at the speed of the complete plan from then on (tests, benchmarks, a script that
+        wants it before its first call). Raises the error of a block that cannot be read."""
+        if self.fill is None:
+            return
+        self.fill.wait()
+        self.sweeps.when_quiet(lambda: not self._pending, self._install_arrived)
+
     def _load_weights(self) -> None:
-        """Load the rest and the pinned blocks."""
+        """Load the rest and, unless the fill reads them, the pinned blocks."""
         self._load_rest()
-        for j in sorted(self.plan.resident):
+        for j in sorted(self.plan.resident if self.fill is None else ()):
             chunk = self.manifest.blocks[j].chunk
             self.bindings[j].bind(self.streamer.load_resident(chunk))
         for j in sorted(self.plan.pinned_bases):
@@ -364,14 +422,24 @@ class Engine:
         hooks: list[BlockHook] = []
         for j, binding in enumerate(self.bindings):
             hook: BlockHook
-            if j in self.plan.resident:
+            if j in self.plan.resident and self.fill is not None:
+                hook = PendingBlockHook(j, binding, self.sweeps, self.fill)
+            elif j in self.plan.resident:
                 hook = ResidentBlockHook(j, binding, self.sweeps)
             else:
                 hook = StreamedBlockHook(j, binding, self.sweeps, self._block_experts(j))
             hook.attach()
             hooks.append(hook)
         self.sweeps.hooks = [h if isinstance(h, StreamedBlockHook) else None for h in hooks]
+        self._pending = [h for h in hooks if isinstance(h, PendingBlockHook)]
+        if self.fill is not None:
+            self.sweeps.at_boundary = self._install_arrived
+            self.fill.on_arrival = self._install_arrived_if_quiet
+            self._install_arrived_if_quiet()  # those that arrived before the hooks
         return hooks
+
+    def _install_arrived_if_quiet(self) -> None:
+        self.sweeps.if_quiet(self._install_arrived)
 
     def _block_experts(self, j: int) -> list[tuple[int, ExpertsModule]]:
         parts = self.parts.get(self.manifest.blocks[j].chunk)
@@ -380,6 +448,8 @@ class Engine:
         return [(g, self.experts[group.module]) for g, group in enumerate(parts.groups)]
 
     def _remove_hooks(self) -> None:
+        if self.fill is not None:
+            self.fill.close()  # no block arrives to be installed past here
         for hook in self.hooks:
             hook.detach()  # the views go first, so the streamer can unmap the mappings
 
@@ -397,7 +467,8 @@ class Engine:
     def _log_loaded(self, load_s: float) -> None:
         stats = self.streamer.stats
         log.info(
-            "loaded %s (%s, %s) in %.2fs: read %s at %.2f GB/s; %s; %d I/O thread(s), reader %s%s",
+            "loaded %s (%s, %s) in %.2fs: read %s at %.2f GB/s; %s; %d I/O thread(s), "
+            "reader %s%s%s",
             self.manifest.name,
             self.manifest.architecture,
             self.manifest.dtype,
@@ -410,6 +481,7 @@ class Engine:
             "; streamed chunks leave the page cache after use (it cannot hold them)"
             if self.evict_after_use
             else "",
+            "; the pinned blocks are being read in the background" if self.fill else "",
         )
         if self.parts:
             base = sum(p.base_bytes for p in self.parts.values())

@@ -4,7 +4,9 @@ The module keeps its meta tensors as placeholders; binding swaps in views of the
 bytes (no copy), unbinding swaps the placeholders back so the bytes can be reused. Each
 block has one hook object, registered and removed as one unit: a resident block's only
 counts its runs, a streamed block's waits for the sweep group (sweeps.py) to install the
-block, which leases the block's tensors from the streamer.
+block, which leases the block's tensors from the streamer. A block the plan pins that the
+background fill (fill.py) has not installed yet has a pending block's hook: a streamed
+block's until its pinned copy is installed, a resident block's after.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch.utils.hooks import RemovableHandle
 from ..errors import ChunkIntegrityError
 from .expert_reader import ExpertLease
 from .experts import ExpertsModule, routed
+from .fill import PinFill
 from .readers import Lease
 from .skeleton import tied_groups
 from .sweeps import SweepGroup
@@ -162,6 +165,11 @@ class StreamedBlockHook(BlockHook):
         # always_call: also after a failed forward (output None), which must not confirm
         self.group.exit(ran=output is not None)
 
+    def acquire(self) -> Lease:
+        """The block's tensors for its next install (the sweep group calls it, nobody
+        computing)."""
+        return self.group.streamer.acquire(self.index)
+
     def install(self, lease: Lease) -> None:
         if self._bound is not lease.tensors:
             self.binding.bind(lease.tensors)
@@ -179,3 +187,33 @@ class StreamedBlockHook(BlockHook):
     def _unbind(self) -> None:
         self.binding.unbind()
         self._bound = None
+
+
+class PendingBlockHook(StreamedBlockHook):
+    """A block the plan pins, before the fill (fill.py) has installed it: a run waits in the
+    sweeps as for a streamed block, for the fill's pinned copy; that copy, once installed,
+    stays bound (its lease is kept) and later runs go as a pinned block's. A run that found
+    the block pending just before it was installed still waits and is admitted with the
+    same copy: either way every run computes on the same bytes."""
+
+    def __init__(self, index: int, binding: BlockBinding, group: SweepGroup, fill: PinFill):
+        super().__init__(index, binding, group)
+        self.fill = fill
+        self.pinned = False
+
+    def _pre(self, module: nn.Module, args: tuple) -> None:
+        if self.pinned:
+            self.group.resident_run()
+        else:
+            self.group.enter(self.index)
+
+    def acquire(self) -> Lease:
+        lease = self.fill.lease(self.index)
+        # the streamed blocks after it start reading now, not once the first of them is
+        # needed: the pinned ones before them come from the fill, not the read-ahead
+        self.group.streamer.read_ahead(self.index)
+        return lease
+
+    def install(self, lease: Lease) -> None:
+        super().install(lease)
+        self.pinned = True

@@ -16,8 +16,10 @@ class StreamStats:
     resident_runs: int = 0  # block runs served by a resident (pinned) block
     streamed_runs: int = 0  # block runs that needed a streamed block
     read_aheads: int = 0  # reads handed to an I/O thread (not those found in the page cache)
-    bytes_read: int = 0
+    bytes_read: int = 0  # for requests: streamed, and pinned at load
     chunks_read: int = 0
+    # read by the background fill (fill.py), for no request in particular: not in bytes_read
+    pinned_bytes_read: int = 0
     read_s: float = 0.0  # time spent in store reads (I/O threads)
     wait_s: float = 0.0  # time the compute thread waited for weights
     dequantize_s: float = 0.0  # time spent dequantizing a quantized store's tensors

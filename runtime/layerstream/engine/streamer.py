@@ -111,6 +111,12 @@ class WeightStreamer:
         """A chunk's tensors in memory of their own, for good (the rest, pinned blocks)."""
         return self._reader.load_resident(self.manifest.chunks[chunk])
 
+    def load_pinned(self, chunk: str) -> dict[str, torch.Tensor]:
+        """``load_resident`` for the background fill (fill.py): its bytes are counted as
+        ``pinned_bytes_read``, not as read for the requests in flight."""
+        with self._reader.checks.counted_apart():
+            return self.load_resident(chunk)
+
     def pin_base(self, j: int) -> None:
         """Hold block j's non-expert part in memory for good (its routers teach the
         predictor at once)."""

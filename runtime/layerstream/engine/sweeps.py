@@ -120,7 +120,10 @@ def _own_copy(error: Exception) -> Exception:
 
 
 class Installable(Protocol):
-    """A streamed block's hook: binds a lease's tensors into its module, and unbinds them."""
+    """A streamed block's hook: leases its tensors, binds them into its module, and unbinds
+    them."""
+
+    def acquire(self) -> Lease: ...
 
     def install(self, lease: Lease) -> None: ...
 
@@ -168,6 +171,9 @@ class SweepGroup:
         self.slots = slots
         self.on_sweep = on_sweep
         self.hooks: Sequence[Installable | None] = ()  # by block index; set once built
+        # run at every block boundary where nobody computes, before the next install (the
+        # engine installs the pinned blocks the background fill has read since)
+        self.at_boundary: Callable[[], None] | None = None
         self._cond = threading.Condition()
         self._members = 0
         self._running = 0  # members computing: not waiting for a block
@@ -356,10 +362,12 @@ class SweepGroup:
         try:
             self._retire(old)
             self._report(closed)
+            if self.at_boundary is not None:
+                self.at_boundary()
             hook = self.hooks[j]
             if hook is None:
                 raise RuntimeError(f"block {j} is pinned, not streamed: it cannot be installed")
-            lease = self.streamer.acquire(j)
+            lease = hook.acquire()
             try:
                 hook.install(lease)
             except BaseException:
@@ -417,6 +425,25 @@ class SweepGroup:
             self.on_sweep(record)
         except Exception:
             log.exception("reporting a sweep failed")
+
+    def if_quiet(self, work: Callable[[], None]) -> bool:
+        """Run ``work`` now if no request is in flight (nobody is inside a block), else
+        not: the block boundaries of the requests in flight run ``at_boundary``."""
+        with self._cond:
+            if self._members or self._busy:
+                return False
+            work()
+            return True
+
+    def when_quiet(self, done: Callable[[], bool], work: Callable[[], None]) -> None:
+        """Wait until ``done()``; while it is not, run ``work`` whenever no request is in
+        flight (the block boundaries of requests in flight run ``at_boundary``)."""
+        with self._cond:
+            while not done():
+                if self._members == 0 and not self._busy:
+                    work()
+                else:
+                    self._cond.wait()
 
     def close(self) -> None:
         """Give back what is installed (the engine is closing; no request is in flight)."""

@@ -31,6 +31,7 @@ def model_metadata(
     max_new_tokens_limit: int,
     max_prompt_bytes: int | None,
     stored_format: str | None = None,
+    pinned: tuple[int, int] = (0, 0),
 ) -> MetadataModelResponse:
     """What a client needs to call the model: its inputs (the prompt only where it has a
     tokenizer, messages only where that has a chat template), the outputs of the modes it
@@ -45,6 +46,9 @@ def model_metadata(
         "stored_format": stored_format or dtype,
         "vocab_size": caps.vocab_size,
         "max_new_tokens_limit": max_new_tokens_limit,
+        # the bytes of the blocks the budget pins in memory now, and once the fill is done
+        "pinned_bytes": pinned[0],
+        "pinned_bytes_target": pinned[1],
     }
     if Mode.HIDDEN_STATES in caps.modes:
         params["hidden_state_layers"] = caps.num_layers + 1  # indexes 0..num_layers

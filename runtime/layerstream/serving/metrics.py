@@ -13,6 +13,7 @@ happen. The metric names are the contract; keep them.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -117,6 +118,17 @@ COMPUTE = Counter(
     "layerstream_compute_seconds", "Request time not spent waiting for weights", _MODEL
 )
 TTFT = Histogram("layerstream_time_to_first_token_seconds", "Time to first token", _MODEL)
+PINNED = Gauge(
+    "layerstream_pinned_bytes",
+    "Bytes of the blocks the memory budget pins that are in memory (read in the background "
+    "after the model is ready, pin_in_background)",
+    _MODEL,
+)
+PINNED_TARGET = Gauge(
+    "layerstream_pinned_bytes_target",
+    "Bytes of every block the memory budget pins: layerstream_pinned_bytes once the fill is done",
+    _MODEL,
+)
 # every metric labelled by the model alone
 _PER_MODEL = (
     QUEUED,
@@ -138,6 +150,8 @@ _PER_MODEL = (
     WEIGHT_WAIT,
     COMPUTE,
     TTFT,
+    PINNED,
+    PINNED_TARGET,
 )
 
 
@@ -159,6 +173,11 @@ class ModelMetrics:
             metric.labels(*self.labels)
         QUEUED.labels(*self.labels).set(0)
         ACTIVE.labels(*self.labels).set(0)
+
+    def watch_pinning(self, pinned: Callable[[], tuple[int, int]]) -> None:
+        """The fill's progress, read at every scrape: (bytes pinned, bytes to pin)."""
+        PINNED.labels(*self.labels).set_function(lambda: pinned()[0])
+        PINNED_TARGET.labels(*self.labels).set_function(lambda: pinned()[1])
 
     def forget(self) -> None:
         """The model was unloaded: its series leave /metrics (Seldon loads each version

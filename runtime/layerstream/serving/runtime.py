@@ -138,6 +138,7 @@ class LayerStreamRuntime(OpenAIRoutes, MLModel):
             )
             max_active = 1
         self._metrics.declare()
+        self._metrics.watch_pinning(lambda: engine.pinned_bytes)
         engine.sweeps.on_sweep = self._metrics.record_sweep
         self._scheduler = Scheduler(
             name,
@@ -172,6 +173,7 @@ class LayerStreamRuntime(OpenAIRoutes, MLModel):
             self._options.max_new_tokens_limit,
             self._prompt_limit.max_bytes if self._prompt_limit is not None else None,
             manifest.quantization.describe() if manifest.quantization is not None else None,
+            self._engine.pinned_bytes,
         )
 
     def _model_folder(self) -> Path | None:
@@ -443,6 +445,7 @@ def _build_engine(settings: LayerStreamSettings, folder: Path | None) -> Engine:
         reader=settings.reader,
         expert_streaming=settings.expert_streaming,
         expert_prefetch=settings.expert_prefetch,
+        pin_in_background=settings.pin_in_background,
     )
     try:
         engine = Engine(store, options)

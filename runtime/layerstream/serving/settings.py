@@ -115,6 +115,17 @@ class LayerStreamSettings(BaseSettings):
         "bound (a rate-limited network) their wrong guesses' bytes made it slower: turn it "
         "off there (docs/benchmarks.md).",
     )
+    pin_in_background: bool = Field(
+        default=True,
+        description="Report ready once the non-block weights are in memory, and read the "
+        "blocks the budget pins in the background: until a block has arrived, requests wait "
+        "for it as for a streamed block's read, and it is hashed before its first use as at "
+        "load. The first token then needs one pass over the blocks, not the whole budget "
+        "read first. A damaged pinned block takes the model out of readiness when its read "
+        "finds it (where `false` fails the load). `false`: ready once every pinned block is "
+        "in memory. Progress: the log, `layerstream_pinned_bytes` against "
+        "`layerstream_pinned_bytes_target`, and the model's metadata.",
+    )
     max_new_tokens_limit: int = Field(
         default=1024, ge=1, description="Largest `max_new_tokens` a request may ask for."
     )

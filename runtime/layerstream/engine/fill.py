@@ -1,0 +1,177 @@
+"""The plan's pinned blocks, read after the model is ready.
+
+A model is ready once its non-block weights are installed: a token needs one pass over the
+blocks, which the sweeps can run without waiting for the whole budget. The blocks the plan
+pins are read here in the background, in block order, a few at a time, each into memory of
+its own and checked as a pinned block is at load (the copy hashed, docs/integrity.md): no
+byte is used before its check. A request that reaches such a block before it has arrived
+waits for it in the sweeps, as for a streamed block's read (hooks.PendingBlockHook); the
+block is installed from its pinned copy at a block boundary, where nobody computes, and runs
+as a pinned block from then on. Every read goes into the block's own room in the budget, so
+weights in memory stay within the plan's bound at every moment of the fill.
+
+A block whose read failed is read again when a request needs it, on that request's time: a
+request gets the error only if that read fails too (as for a streamed block). A damaged
+chunk of a local store takes the model out of readiness (checks.py), as at load it failed
+the load.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+
+import torch
+
+from ..format.manifest import ChunkInfo, Manifest
+from ..units import format_size
+from .readers import Lease
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVERY_S = 5.0  # the fill logs its progress at most this often
+
+
+class PinnedLease(Lease):
+    """A pinned block's tensors, lent to the sweeps for its first install: they stay bound
+    (kept) and belong to the fill, so giving the lease back frees nothing."""
+
+    kept = True
+
+    def __init__(self, index: int, info: ChunkInfo, tensors: dict[str, torch.Tensor]):
+        super().__init__(index, info, None)
+        self._pinned = tensors
+        self.tensors = tensors
+
+    def _views(self) -> dict[str, torch.Tensor]:
+        return self._pinned
+
+    def _give_back(self) -> None:
+        return None
+
+
+class PinFill:
+    """Reads ``blocks`` (block indexes the plan pins) with ``read`` (a chunk, by name, into
+    memory of its own, checked) on ``threads`` threads, in order."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        blocks: list[int],
+        read: Callable[[str], dict[str, torch.Tensor]],
+        threads: int,
+    ):
+        self.manifest = manifest
+        self._read = read
+        self._sizes = {j: manifest.block_memory_bytes[j] for j in blocks}
+        self.target_bytes = sum(self._sizes.values())
+        self.pinned_bytes = 0
+        self._lock = threading.Lock()
+        self._started = time.perf_counter()
+        self._logged = self._started
+        self._tensors: dict[int, dict[str, torch.Tensor]] = {}
+        # called after each block arrives (the engine installs it then if nobody computes)
+        self.on_arrival: Callable[[], None] | None = None
+        self._pool = ThreadPoolExecutor(max(threads, 1), thread_name_prefix="layerstream-fill")
+        self._futures: dict[int, Future[dict[str, torch.Tensor]]] = {
+            j: self._pool.submit(self._background, j) for j in sorted(blocks)
+        }
+        log.info(
+            "%s: ready before its %d pinned blocks (%s) are read; they are read in the "
+            "background, and streamed until then",
+            manifest.name,
+            len(blocks),
+            format_size(self.target_bytes),
+        )
+
+    def _info(self, j: int) -> ChunkInfo:
+        return self.manifest.chunks[self.manifest.blocks[j].chunk]
+
+    @property
+    def complete(self) -> bool:
+        return self.pinned_bytes == self.target_bytes
+
+    def _background(self, j: int) -> dict[str, torch.Tensor]:
+        try:
+            return self._arrived(j, self._read(self._info(j).name))
+        except Exception as exc:
+            log.warning(
+                "reading pinned block %d in the background failed (%s); it is read again "
+                "when a request needs it",
+                j,
+                exc,
+            )
+            raise
+
+    def _arrived(self, j: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with self._lock:
+            if j in self._tensors:  # read twice (after a failure): the first copy stays
+                return self._tensors[j]
+            self._tensors[j] = tensors
+            self.pinned_bytes += self._sizes[j]
+            done, now = self.pinned_bytes, time.perf_counter()
+            report = done == self.target_bytes or now - self._logged >= PROGRESS_EVERY_S
+            if report:
+                self._logged = now
+        if report:
+            self._log_progress(done, now - self._started)
+        if self.on_arrival is not None:
+            self.on_arrival()
+        return tensors
+
+    def _log_progress(self, done: int, elapsed: float) -> None:
+        rate = done / max(elapsed, 1e-9)
+        if done == self.target_bytes:
+            log.info(
+                "%s: every pinned block is in memory (%s in %.1fs, %.0f MB/s)",
+                self.manifest.name,
+                format_size(done),
+                elapsed,
+                rate / 1e6,
+            )
+            return
+        log.info(
+            "%s: pinned %s of %s (%.0f%%) in %.1fs, %.0f MB/s, about %.0fs left",
+            self.manifest.name,
+            format_size(done),
+            format_size(self.target_bytes),
+            100 * done / self.target_bytes,
+            elapsed,
+            rate / 1e6,
+            (self.target_bytes - done) / max(rate, 1.0),
+        )
+
+    def arrived(self, j: int) -> PinnedLease | None:
+        """Block j's lease if its pinned copy is in memory, else None (never waits)."""
+        with self._lock:
+            tensors = self._tensors.get(j)
+        return None if tensors is None else PinnedLease(j, self._info(j), tensors)
+
+    def wait(self) -> None:
+        """Return once every block is read (each that failed read again here: its error
+        is raised if that fails too)."""
+        for j in self._futures:
+            self.lease(j)
+
+    def lease(self, j: int) -> PinnedLease:
+        """Block j's pinned tensors, once read (waits for the background read; reads again,
+        on the calling thread, if that failed)."""
+        with self._lock:
+            tensors = self._tensors.get(j)
+        if tensors is None:
+            try:
+                tensors = self._futures[j].result()
+            except (Exception, CancelledError):
+                tensors = self._arrived(j, self._read(self._info(j).name))
+        return PinnedLease(j, self._info(j), tensors)
+
+    def close(self) -> None:
+        """Stop reading (reads under way finish) and drop the fill's hold on the tensors."""
+        for future in self._futures.values():
+            future.cancel()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            self._tensors.clear()
