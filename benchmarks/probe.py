@@ -36,6 +36,7 @@ def main() -> None:
         result["plan"] = engine.plan.describe(engine.manifest)
         model, context = engine.model, engine.request
         result["weights_held"] = engine.plan.weight_bytes(engine.manifest)
+        engine.wait_pinned()  # the steady state: every block the plan pins in memory
         if engine.verifier is not None:
             # timed as a server runs once its background pass has hashed every streamed
             # chunk (until then each part read is hashed, and the pass reads every chunk)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 import transformers
 
@@ -82,7 +83,7 @@ def test_generate_from_threads_is_each_what_it_is_alone(model_factory):
 WITHOUT_SERVER = """
 import sys
 
-for name in ("mlserver", "grpc", "fastapi", "uvicorn", "prometheus_client"):
+for name in ("mlserver", "grpc", "fastapi", "uvicorn", "prometheus_client", "pydantic_settings"):
     sys.modules[name] = None  # `import name` raises ImportError from here on
 
 import torch
@@ -102,6 +103,11 @@ try:
     layerstream.load(store, memory_budget="1KiB")
 except SettingsError as exc:
     print("refused", exc.status_code, exc)
+assert chunker(["size", store]) == 2  # it needs the server extra, and says so
+try:
+    layerstream.LayerStreamRuntime
+except ModuleNotFoundError as exc:
+    print("runtime:", exc)
 loaded = sorted(n for n, m in sys.modules.items()
                 if m is not None and n.split(".")[0] in ("mlserver", "grpc", "fastapi"))
 print("server modules", loaded)
@@ -132,3 +138,15 @@ def test_the_library_and_the_chunker_run_without_mlserver(model_factory, tmp_pat
     refused = next(line for line in lines if line.startswith("refused"))
     assert refused.startswith("refused 422 configuration: memory_budget")
     assert "server modules []" in lines
+    assert any(line.startswith("runtime:") and "layerstream[server]" in line for line in lines), (
+        lines
+    )
+    assert "layerstream size reads a model's server settings" in done.stderr
+
+
+def test_a_closed_model_says_so(model_factory):
+    model = layerstream.load(model_factory("gpt2").store, memory_budget="25%")
+    model.close()
+    model.close()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        model.generate(PROMPT, max_new_tokens=2)

@@ -61,5 +61,15 @@ def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         import importlib
 
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        try:
+            module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name != "mlserver":
+                raise
+            raise ModuleNotFoundError(
+                f"layerstream.{name} is the MLServer runtime, which needs the server extra: "
+                "pip install 'layerstream[server]' (or scripts/install.sh)",
+                name=exc.name,
+            ) from exc
+        return getattr(module, name)
     raise AttributeError(f"module 'layerstream' has no attribute {name!r}")

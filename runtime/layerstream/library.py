@@ -65,6 +65,8 @@ class _Streamed:
             return super().forward(*args, **kwargs)
 
     def _layerstream_request(self):
+        if self._layerstream_engine is None:
+            raise RuntimeError("this layerstream model was closed: load it again to run it")
         calls = self._layerstream_calls
         if getattr(calls, "inside", False):  # generate's own forwards: one request
             return contextlib.nullcontext()
@@ -72,7 +74,9 @@ class _Streamed:
 
     def close(self) -> None:
         """Release the store, buffers and threads (the model cannot run after)."""
-        self._layerstream_engine.close()
+        engine, self._layerstream_engine = self._layerstream_engine, None
+        if engine is not None:
+            engine.close()
 
     def __enter__(self) -> Any:
         return self

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 from pathlib import Path
@@ -106,7 +107,8 @@ def _parser() -> argparse.ArgumentParser:
 def _size_parser(sub) -> None:
     size = sub.add_parser(
         "size",
-        help="print the memory a served model needs (Seldon's Model spec.memory)",
+        help="print the memory a served model needs (Seldon's Model spec.memory; needs the "
+        "server extra)",
         usage="%(prog)s [options] MODEL",
         description="Print each term of the memory a model needs when served (process "
         "baseline, pinned weights, streaming buffers, a quantized store's dequantized "
@@ -401,6 +403,12 @@ def size_command(args: argparse.Namespace) -> int:
     problem = _size_usage_error(args)
     if problem is not None:
         log.error("%s", problem)
+        return 2
+    if importlib.util.find_spec("pydantic_settings") is None:  # found without importing it
+        log.error(
+            "layerstream size reads a model's server settings, which needs the server extra: "
+            "pip install 'layerstream[server]' (or scripts/install.sh)"
+        )
         return 2
     import dataclasses
 
