@@ -78,6 +78,7 @@ def test_damaged_cache_entry_is_discarded_and_fetched_again(
     damage,
 ):
     engine = cached_engine(proxy.url, tmp_path, budget="100%")  # every chunk read once
+    engine.wait_pinned()  # read in the background (engine/fill.py): all of them, then close
     engine.close()
     entries = sorted((tmp_path / "sha256").glob("*/*"), key=lambda p: (p.stat().st_size, p.name))
     victim = next(p for p in entries if "model.layers." in _tensor_names(p))
