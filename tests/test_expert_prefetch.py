@@ -130,6 +130,7 @@ def test_a_lease_is_given_back_only_after_its_prefetch_ends(moe_models, monkeypa
     read has ended (else the read would write into the next block's weights)."""
     _, store = moe_models("qwen3_moe")
     engine = expert_engine(store, streaming_budget(store), read_ahead=0)
+    engine.wait_pinned()  # the fill's own buffer use over before the one watched here
     order: list[str] = []
     given_back = threading.Event()
     reader = engine.streamer._reader

@@ -113,6 +113,7 @@ def test_bytes_read_are_the_bases_and_the_routed_experts(moe_models, pinned):
         store, _bases_budget(store, pinned, buffers=1), read_ahead=0, expert_prefetch=False
     )
     try:
+        engine.wait_pinned()  # the steady state (engine/fill.py)
         plan = engine.plan
         assert sorted(plan.pinned_bases) == list(range(pinned)) and not plan.resident
         before = engine.streamer.stats.snapshot()
@@ -263,9 +264,19 @@ def test_a_damaged_part_is_an_error_naming_it(tmp_path, where):
     else:  # every expert's first byte: whichever is routed is found
         for e in range(parts.groups[0].count):
             _damage(path, parts.experts[0][e][0][0])
-    if where == "pinned base":
+    if where == "pinned base":  # pinned at load: the load fails
         with pytest.raises(ChunkIntegrityError, match=r"block_0005.*its base"):
-            expert_engine(store, streaming_budget(store), verify_in_background=False)
+            expert_engine(
+                store, streaming_budget(store), verify_in_background=False, pin_in_background=False
+            )
+        # pinned in the background (engine/fill.py): the fill finds it, the model is damaged
+        engine = expert_engine(store, streaming_budget(store), verify_in_background=False)
+        try:
+            with pytest.raises(ChunkIntegrityError, match=r"block_0005.*its base"):
+                engine.wait_pinned()
+            assert engine.damage is not None and "block_0005" in str(engine.damage)
+        finally:
+            engine.close()
         return
     engine = expert_engine(store, _bases_budget(store, 3), verify_in_background=False)
     try:
@@ -424,6 +435,7 @@ def test_with_verify_once_each_part_is_hashed_once_per_version(moe_models, monke
     _, store = moe_models("olmoe")
     engine = expert_engine(store, streaming_budget(store), verify_in_background=False)
     try:
+        engine.wait_pinned()  # the bases' own hashes first (engine/fill.py)
         for _ in range(2):
             with engine.request():
                 engine.model.generate(

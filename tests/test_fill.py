@@ -182,3 +182,54 @@ def test_the_fill_logs_its_end_and_can_be_turned_off(llama, caplog):
         assert scope.stats.resident_runs == len(engine.plan.resident) * TOKENS
     finally:
         engine.close()
+
+
+class FillGatedStore(LocalStore):
+    """Reads made by the fill's threads of ``gated`` files wait for ``go``: the same file's
+    reads for a request go through."""
+
+    def __init__(self, root: Path, gated: set[str]):
+        super().__init__(root)
+        self.gated = gated
+        self.reading, self.go = threading.Event(), threading.Event()
+
+    def read_ranges(self, name: str, *args, **kwargs):
+        if name in self.gated and threading.current_thread().name.startswith("layerstream-fill"):
+            self.reading.set()
+            assert self.go.wait(WAIT_S), "the test never let the gated read go on"
+        return super().read_ranges(name, *args, **kwargs)
+
+
+def test_expert_streamed_bases_arrive_in_the_background_exactly(moe_models):
+    """With expert streaming the plan pins the bases of streamed blocks: they are read in
+    the background too. While block 1's base is held, its streamed reads read the base with
+    the experts; every step is exact (unread experts NaN) before and after it arrives."""
+    from architectures import compare_generation, reference_model
+    from test_experts import _bases_budget
+
+    source, store = moe_models("olmoe")
+    gated = FillGatedStore(store, {block_file(1)})
+    options = EngineOptions(
+        memory_budget=_bases_budget(store, 3),
+        read_ahead=1,
+        expert_streaming="on",
+        poison_unread_experts=True,
+        verify_in_background=False,
+    )
+    engine = Engine(gated, options)
+    try:
+        reference = reference_model(source)
+        assert sorted(engine.plan.pinned_bases) == [0, 1, 2]
+        assert gated.reading.wait(WAIT_S)
+        pinned, target = engine.pinned_bytes
+        assert pinned < target
+        during = compare_generation(engine, reference, 4)
+        assert during.ids_equal and during.step_diffs == [0.0] * 4
+        gated.go.set()
+        engine.wait_pinned()
+        assert engine.pinned_bytes == (target, target)
+        after = compare_generation(engine, reference, 4)
+        assert after.ids_equal and after.step_diffs == [0.0] * 4
+    finally:
+        gated.go.set()
+        engine.close()

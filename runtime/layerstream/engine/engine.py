@@ -339,7 +339,9 @@ class Engine:
         are read before the engine is ready: so asked, or a model whose first forward, run
         at load, writes to its weights (it needs them all)."""
         self._pending: list[PendingBlockHook] = []
-        if not (self.options.pin_in_background and self.plan.resident) or self.writes.first:
+        plan = self.plan
+        wanted = plan.resident or plan.pinned_bases
+        if not (self.options.pin_in_background and wanted) or self.writes.first:
             return None
         # what a chunk read whole at load would have refused at once still refuses the load:
         # a chunk missing, of another size or of other tensors (its hash waits for its read)
@@ -347,16 +349,30 @@ class Engine:
         check_chunk_heads(self.store, pinned, self.specs, max(self.io_threads, 4))
         return PinFill(
             self.manifest,
-            sorted(self.plan.resident),
-            self.streamer.load_pinned,
+            sorted(plan.resident),
+            self._read_pinned,
             self.io_threads,
+            plan.pinned_bases,
+            self._pin_base_apart,
         )
+
+    def _read_pinned(self, chunk: str) -> dict[str, torch.Tensor]:
+        """A pinned block's chunk for the fill: its bytes are counted as
+        ``pinned_bytes_read``, not as read for the requests in flight."""
+        with self.streamer.counted_apart():
+            return self.streamer.load_resident(chunk)
+
+    def _pin_base_apart(self, j: int) -> None:
+        with self.streamer.counted_apart():
+            self.streamer.pin_base(j)
 
     @property
     def pinned_bytes(self) -> tuple[int, int]:
         """Bytes of the blocks the plan pins that are in memory, and of all it pins: equal
         once the background fill is complete."""
-        target = sum(self.manifest.block_memory_bytes[j] for j in self.plan.resident)
+        plan = self.plan
+        target = sum(self.manifest.block_memory_bytes[j] for j in plan.resident)
+        target += sum(plan.pinned_bases.values())
         if self.fill is None:
             return target, target
         return self.fill.pinned_bytes, self.fill.target_bytes
@@ -384,7 +400,7 @@ class Engine:
         for j in sorted(self.plan.resident if self.fill is None else ()):
             chunk = self.manifest.blocks[j].chunk
             self.bindings[j].bind(self.streamer.load_resident(chunk))
-        for j in sorted(self.plan.pinned_bases):
+        for j in sorted(self.plan.pinned_bases if self.fill is None else ()):
             self.streamer.pin_base(j)
         self._check_materialised()
 

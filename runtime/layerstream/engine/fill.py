@@ -10,6 +10,11 @@ block is installed from its pinned copy at a block boundary, where nobody comput
 as a pinned block from then on. Every read goes into the block's own room in the budget, so
 weights in memory stay within the plan's bound at every moment of the fill.
 
+With expert streaming the plan also pins the bases (every byte outside the experts) of
+streamed blocks: the fill reads those too, after or between the whole blocks in block
+order; until a block's base is in, its streamed reads read the base with the experts, as a
+plan that cannot pin it does (expert_reader.py).
+
 A block whose read failed is read again when a request needs it, on that request's time: a
 request gets the error only if that read fails too (as for a streamed block). A damaged
 chunk of a local store takes the model out of readiness (checks.py), as at load it failed
@@ -55,7 +60,8 @@ class PinnedLease(Lease):
 
 class PinFill:
     """Reads ``blocks`` (block indexes the plan pins) with ``read`` (a chunk, by name, into
-    memory of its own, checked) on ``threads`` threads, in order."""
+    memory of its own, checked) and pins ``bases`` (block index -> bytes) with ``pin_base``,
+    on ``threads`` threads, in block order."""
 
     def __init__(
         self,
@@ -63,12 +69,17 @@ class PinFill:
         blocks: list[int],
         read: Callable[[str], dict[str, torch.Tensor]],
         threads: int,
+        bases: dict[int, int] | None = None,
+        pin_base: Callable[[int], object] | None = None,
     ):
         self.manifest = manifest
         self._read = read
-        self._sizes = {j: manifest.block_memory_bytes[j] for j in blocks}
+        self._pin_base = pin_base
+        self._sizes = {j: manifest.block_memory_bytes[j] for j in blocks} | dict(bases or {})
         self.target_bytes = sum(self._sizes.values())
+        self._counted: set[int] = set()
         self.pinned_bytes = 0
+        self.done_s: float | None = None  # how long the fill took, once complete
         self._lock = threading.Lock()
         self._started = time.perf_counter()
         self._logged = self._started
@@ -76,14 +87,19 @@ class PinFill:
         # called after each block arrives (the engine installs it then if nobody computes)
         self.on_arrival: Callable[[], None] | None = None
         self._pool = ThreadPoolExecutor(max(threads, 1), thread_name_prefix="layerstream-fill")
-        self._futures: dict[int, Future[dict[str, torch.Tensor]]] = {
-            j: self._pool.submit(self._background, j) for j in sorted(blocks)
-        }
+        self._futures: dict[int, Future[dict[str, torch.Tensor]]] = {}
+        self._base_futures: dict[int, Future[None]] = {}
+        for j in sorted(self._sizes):
+            if j in (bases or {}):
+                self._base_futures[j] = self._pool.submit(self._background_base, j)
+            else:
+                self._futures[j] = self._pool.submit(self._background, j)
         log.info(
-            "%s: ready before its %d pinned blocks (%s) are read; they are read in the "
-            "background, and streamed until then",
+            "%s: ready before its %d pinned blocks and %d pinned bases (%s) are read; they "
+            "are read in the background, and streamed until then",
             manifest.name,
-            len(blocks),
+            len(self._futures),
+            len(self._base_futures),
             format_size(self.target_bytes),
         )
 
@@ -106,13 +122,42 @@ class PinFill:
             )
             raise
 
+    def _background_base(self, j: int) -> None:
+        try:
+            self._base(j)
+        except Exception as exc:
+            log.warning(
+                "reading block %d's base in the background failed (%s); its streamed reads "
+                "read it until it is read again (wait_pinned)",
+                j,
+                exc,
+            )
+            raise
+
+    def _base(self, j: int) -> None:
+        assert self._pin_base is not None
+        self._pin_base(j)
+        with self._lock:
+            if j in self._counted:
+                return
+        self._count(j)
+
     def _arrived(self, j: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         with self._lock:
             if j in self._tensors:  # read twice (after a failure): the first copy stays
                 return self._tensors[j]
             self._tensors[j] = tensors
+        self._count(j)
+        return tensors
+
+    def _count(self, j: int) -> None:
+        """Block j (or its base) is in: count it, log the progress, tell ``on_arrival``."""
+        with self._lock:
+            self._counted.add(j)
             self.pinned_bytes += self._sizes[j]
             done, now = self.pinned_bytes, time.perf_counter()
+            if done == self.target_bytes:
+                self.done_s = now - self._started
             report = done == self.target_bytes or now - self._logged >= PROGRESS_EVERY_S
             if report:
                 self._logged = now
@@ -120,7 +165,6 @@ class PinFill:
             self._log_progress(done, now - self._started)
         if self.on_arrival is not None:
             self.on_arrival()
-        return tensors
 
     def _log_progress(self, done: int, elapsed: float) -> None:
         rate = done / max(elapsed, 1e-9)
@@ -155,6 +199,11 @@ class PinFill:
         is raised if that fails too)."""
         for j in self._futures:
             self.lease(j)
+        for j, future in self._base_futures.items():
+            try:
+                future.result()
+            except (Exception, CancelledError):
+                self._base(j)
 
     def lease(self, j: int) -> PinnedLease:
         """Block j's pinned tensors, once read (waits for the background read; reads again,

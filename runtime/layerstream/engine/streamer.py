@@ -9,6 +9,7 @@ checked is the reader's business (readers.py, mapped.py, checks.py).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import time
@@ -111,11 +112,9 @@ class WeightStreamer:
         """A chunk's tensors in memory of their own, for good (the rest, pinned blocks)."""
         return self._reader.load_resident(self.manifest.chunks[chunk])
 
-    def load_pinned(self, chunk: str) -> dict[str, torch.Tensor]:
-        """``load_resident`` for the background fill (fill.py): its bytes are counted as
-        ``pinned_bytes_read``, not as read for the requests in flight."""
-        with self._reader.checks.counted_apart():
-            return self.load_resident(chunk)
+    def counted_apart(self) -> contextlib.AbstractContextManager[None]:
+        """The reads this thread makes meanwhile count as ``pinned_bytes_read``."""
+        return self._reader.checks.counted_apart()
 
     def pin_base(self, j: int) -> None:
         """Hold block j's non-expert part in memory for good (its routers teach the

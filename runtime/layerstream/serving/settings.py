@@ -118,10 +118,12 @@ class LayerStreamSettings(BaseSettings):
     pin_in_background: bool = Field(
         default=True,
         description="Report ready once the non-block weights are in memory, and read the "
-        "blocks the budget pins in the background: until a block has arrived, requests wait "
-        "for it as for a streamed block's read, and it is hashed before its first use as at "
-        "load. The first token then needs one pass over the blocks, not the whole budget "
-        "read first. A damaged pinned block takes the model out of readiness when its read "
+        "blocks the budget pins (and, with expert streaming, the pinned non-expert parts of "
+        "streamed blocks) in the background: until a block has arrived, requests wait for it "
+        "as for a streamed block's read (a part not yet pinned is read with its block), and "
+        "it is hashed before its first use as at load. The first token then needs one pass "
+        "over the blocks, not the whole budget read first. A damaged pinned block takes the "
+        "model out of readiness when its read "
         "finds it (where `false` fails the load). `false`: ready once every pinned block is "
         "in memory. Progress: the log, `layerstream_pinned_bytes` against "
         "`layerstream_pinned_bytes_target`, and the model's metadata.",
