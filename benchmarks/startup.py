@@ -218,14 +218,23 @@ def prepare(preset: str, dtype: str) -> tuple[Path, Path]:
     return source, store
 
 
-def reference_ids(source: Path, prompts: list[list[int]], tokens: int) -> list[list[int]]:
+def reference_ids(source: Path, prompts: list[list[int]], *calls: int) -> list[list[int]]:
+    """Each prompt's greedy ids from ``from_pretrained``, generated in the same ``calls``
+    as the runs (each call's new tokens; a call goes on from the last one's ids: its
+    prefill then covers them, which rounds otherwise than decoding them one by one)."""
     import torch
     import transformers
 
     torch.set_num_threads(1)
     model = transformers.AutoModelForCausalLM.from_pretrained(source).eval()
+    out = []
     with torch.inference_mode():
-        return [greedy(model, torch.tensor([p]), tokens)[0].tolist() for p in prompts]
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            for tokens in calls:
+                ids = greedy(model, ids, tokens)
+            out.append(ids[0].tolist())
+    return out
 
 
 def minimum_budget(store: Path) -> int:
@@ -307,6 +316,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--budgets", default="25%,75%")
     parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--no-local", action="store_true", help="leave out the local store")
     parser.add_argument("--http", action="store_true", help="also over nginx (rate-limited)")
     parser.add_argument("--rate", default="20m", help="nginx limit_rate per connection")
     parser.add_argument("--s3", action="store_true", help="also from moto's S3 server")
@@ -316,7 +326,7 @@ def main() -> None:
     args = parser.parse_args()
 
     source, store = prepare(args.preset, args.dtype)
-    expected = reference_ids(source, [PROMPT], 1 + 2 * TOKENS)[0]
+    expected = reference_ids(source, [PROMPT], 1, TOKENS, TOKENS)[0]
     cold = cgroup.available() is None
     base = streaming.baseline_usage() if cold else 0
     total = streaming.model_bytes(store)
@@ -330,7 +340,8 @@ def main() -> None:
 
     rows: list[dict] = []
     with contextlib.ExitStack() as stack:
-        stores = {"local": {"store": str(store)}}
+        local = {"store": str(store)}
+        stores = {} if args.no_local else {"local": local}
         if args.http:
             stores["http"] = {"store": stack.enter_context(remote.nginx(store, args.rate))}
         if args.s3:
@@ -352,7 +363,7 @@ def main() -> None:
             prompts = [client_prompt(i) for i in range(args.clients)]
             wanted = reference_ids(source, prompts, TOKENS)
             for name in args.budgets.split(","):
-                spec = stores["local"] | {
+                spec = local | {
                     "kind": "clients",
                     "budget": str(budgets[name]),
                     "background": True,
