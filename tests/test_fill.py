@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent import futures
 from pathlib import Path
 
 import pytest
@@ -232,4 +233,59 @@ def test_expert_streamed_bases_arrive_in_the_background_exactly(moe_models):
         assert after.ids_equal and after.step_diffs == [0.0] * 4
     finally:
         gated.go.set()
+        engine.close()
+
+
+def test_wait_pinned_inside_a_request_is_refused(llama):
+    chunked, _ = llama
+    engine = Engine(LocalStore(chunked.store), EngineOptions(memory_budget="60%"))
+    try:
+        with engine.request(), pytest.raises(RuntimeError, match="inside a request"):
+            engine.wait_pinned()
+    finally:
+        engine.close()
+
+
+class FailingBaseStore(LocalStore):
+    """The fill's first ``failures`` reads of ``name`` fail (a store gone for a moment)."""
+
+    def __init__(self, root: Path, name: str, failures: int):
+        super().__init__(root)
+        self.name, self.failures = name, failures
+
+    def read_ranges(self, name: str, *args, **kwargs):
+        fill = threading.current_thread().name.startswith("layerstream-fill")
+        if name == self.name and fill and self.failures:
+            self.failures -= 1
+            raise ChunkStoreError(f"{name}: the store went away for a moment (a test's fault)")
+        return super().read_ranges(name, *args, **kwargs)
+
+
+def test_a_base_whose_background_read_failed_is_read_again_and_counted_apart(moe_models):
+    """A server never calls wait_pinned: a base whose background read failed is read again
+    from a later block boundary. The fill's reads are never counted as a request's."""
+    from architectures import compare_generation, reference_model
+    from test_experts import _bases_budget
+
+    source, store = moe_models("olmoe")
+    failing = FailingBaseStore(store, block_file(1), failures=1)
+    options = EngineOptions(
+        memory_budget=_bases_budget(store, 3),
+        expert_streaming="on",
+        poison_unread_experts=True,
+        verify_in_background=False,
+    )
+    engine = Engine(failing, options)
+    try:
+        fill = engine.fill
+        futures.wait(list(fill._base_futures.values()), timeout=WAIT_S)
+        assert engine.pinned_bytes[0] < engine.pinned_bytes[1]  # block 1's base failed
+        stats = engine.streamer.stats
+        assert stats.bytes_read == engine.manifest.rest_bytes  # the fill's are apart
+        assert stats.pinned_bytes_read > 0
+        generation = compare_generation(engine, reference_model(source), 2)  # boundaries
+        assert generation.ids_equal and generation.step_diffs == [0.0] * 2
+        futures.wait(list(fill._base_futures.values()), timeout=WAIT_S)
+        assert engine.pinned_bytes[0] == engine.pinned_bytes[1]
+    finally:
         engine.close()

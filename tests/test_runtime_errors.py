@@ -117,7 +117,9 @@ def test_an_error_copied_for_each_request_it_fails_reads_as_the_original(kind):
     error = kind("chunk block_0003 failed its sha256 check")
     # MLServer is imported here, as in a server: MLServer's handlers map it by its status
     assert isinstance(error, MLServerError) and error.status_code == kind.status
-    for clone in (copy.copy(error), pickle.loads(pickle.dumps(error))):
+    remade = type(error)(error.message)  # from the twin class: the same twin, not a new one
+    assert type(remade) is type(error)
+    for clone in (copy.copy(error), pickle.loads(pickle.dumps(error)), remade):
         assert type(clone) is type(error) and isinstance(clone, kind)
         assert (str(clone), clone.message, clone.kind) == (str(error), error.message, error.kind)
 

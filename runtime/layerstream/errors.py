@@ -72,7 +72,9 @@ class LayerStreamError(Exception):
 
     def __new__(cls, *args: object, **kwargs: object):
         # asked at creation, not at import: whichever of the two is imported first
-        return super().__new__(_served(cls) if "mlserver.errors" in sys.modules else cls)
+        cls = _public(cls)  # type(error)(...) of a twin makes the same twin
+        served = sys.modules.get("mlserver.errors") is not None
+        return super().__new__(_served(cls) if served else cls)
 
     def __init__(self, message: str):
         self.message = message

@@ -222,6 +222,9 @@ class ChunkChecks:
         self.health.part_passed(info.name, version)
         got = sum(span(ranges) for _, ranges, _ in parts)
         with self._lock:
+            if getattr(self._apart, "on", False):
+                self.stats.pinned_bytes_read += got
+                return
             self.stats.bytes_read += got
             self.stats.read_s += read_done - start
             if experts:

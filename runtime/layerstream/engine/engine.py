@@ -377,22 +377,43 @@ class Engine:
             return target, target
         return self.fill.pinned_bytes, self.fill.target_bytes
 
-    def _install_arrived(self) -> None:
+    def _install_arrived(self, strict: bool = False) -> None:
         """Install every pinned block the fill has read since the last call (a block
-        boundary where nobody computes: the sweeps' ``at_boundary``)."""
+        boundary where nobody computes: the sweeps' ``at_boundary``), and have the bases
+        whose background read failed read again. A block that cannot be installed stays
+        pending, its copy dropped: the request that needs it gets the error, not another
+        (``strict``: the caller gets it)."""
+        fill = self.fill
+        assert fill is not None
         for hook in self._pending:
-            if not hook.pinned and (lease := hook.fill.arrived(hook.index)) is not None:
+            if hook.pinned or (lease := fill.arrived(hook.index)) is None:
+                continue
+            try:
                 hook.install(lease)
+            except Exception:
+                fill.forget(hook.index)
+                if strict:
+                    raise
+                log.exception("installing pinned block %d failed", hook.index)
         self._pending = [h for h in self._pending if not h.pinned]
+        fill.retry_bases()
 
     def wait_pinned(self) -> None:
         """Return once every block the plan pins is in memory and installed: requests run
         at the speed of the complete plan from then on (tests, benchmarks, a script that
-        wants it before its first call). Raises the error of a block that cannot be read."""
-        if self.fill is None:
+        wants it before its first call). Raises the error of a block that cannot be read.
+        Not from inside a request: it would wait for its own request to end."""
+        fill = self.fill
+        if fill is None:
             return
-        self.fill.wait()
-        self.sweeps.when_quiet(lambda: not self._pending, self._install_arrived)
+        if self.sweeps.current() is not None:
+            raise RuntimeError("wait_pinned() cannot be called inside a request on this engine")
+        fill.wait()
+        self.sweeps.when_quiet(
+            lambda: not self._pending or fill.closed, lambda: self._install_arrived(strict=True)
+        )
+        if fill.closed:
+            raise RuntimeError("the engine was closed while waiting for its pinned blocks")
 
     def _load_weights(self) -> None:
         """Load the rest and, unless the fill reads them, the pinned blocks."""

@@ -38,6 +38,7 @@ from .readers import Lease
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 5.0  # the fill logs its progress at most this often
+BASE_TRIES = 3  # background reads of a pinned base, the first included
 
 
 class PinnedLease(Lease):
@@ -78,6 +79,8 @@ class PinFill:
         self._sizes = {j: manifest.block_memory_bytes[j] for j in blocks} | dict(bases or {})
         self.target_bytes = sum(self._sizes.values())
         self._counted: set[int] = set()
+        self.closed = False
+        self._base_tries: dict[int, int] = {}  # by block: background reads of its base
         self.pinned_bytes = 0
         self.done_s: float | None = None  # how long the fill took, once complete
         self._lock = threading.Lock()
@@ -128,24 +131,43 @@ class PinFill:
         except Exception as exc:
             log.warning(
                 "reading block %d's base in the background failed (%s); its streamed reads "
-                "read it until it is read again (wait_pinned)",
+                "read it until a later try succeeds",
                 j,
                 exc,
             )
             raise
 
+    def retry_bases(self) -> None:
+        """Read again, in the background, each base whose read failed (a block boundary
+        calls it): at most ``BASE_TRIES`` reads of each in all; until then its block's
+        streamed reads read it with the experts."""
+        for j, future in list(self._base_futures.items()):
+            if self.closed or not future.done() or future.cancelled():
+                continue
+            if future.exception() is None or self._base_tries.get(j, 1) >= BASE_TRIES:
+                continue
+            self._base_tries[j] = self._base_tries.get(j, 1) + 1
+            self._base_futures[j] = self._pool.submit(self._background_base, j)
+
+    def forget(self, j: int) -> None:
+        """Drop block j's copy (it could not be installed): the next lease reads it again."""
+        with self._lock:
+            self._tensors.pop(j, None)
+            if j in self._counted:
+                self._counted.discard(j)
+                self.pinned_bytes -= self._sizes[j]
+
     def _base(self, j: int) -> None:
         assert self._pin_base is not None
         self._pin_base(j)
-        with self._lock:
-            if j in self._counted:
-                return
         self._count(j)
 
     def _arrived(self, j: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         with self._lock:
             if j in self._tensors:  # read twice (after a failure): the first copy stays
                 return self._tensors[j]
+            if self.closed:  # a read that ends after close: nothing keeps it
+                return tensors
             self._tensors[j] = tensors
         self._count(j)
         return tensors
@@ -153,6 +175,8 @@ class PinFill:
     def _count(self, j: int) -> None:
         """Block j (or its base) is in: count it, log the progress, tell ``on_arrival``."""
         with self._lock:
+            if j in self._counted or self.closed:
+                return
             self._counted.add(j)
             self.pinned_bytes += self._sizes[j]
             done, now = self.pinned_bytes, time.perf_counter()
@@ -219,7 +243,8 @@ class PinFill:
 
     def close(self) -> None:
         """Stop reading (reads under way finish) and drop the fill's hold on the tensors."""
-        for future in self._futures.values():
+        self.closed = True
+        for future in [*self._futures.values(), *self._base_futures.values()]:
             future.cancel()
         self._pool.shutdown(wait=True, cancel_futures=True)
         with self._lock:

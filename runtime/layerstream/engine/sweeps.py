@@ -442,8 +442,11 @@ class SweepGroup:
             while not done():
                 if self._members == 0 and not self._busy:
                     work()
-                else:
-                    self._cond.wait()
+                    if done():
+                        return
+                # until the next install or request end; bounded, so a ``done`` that turns
+                # true without a notification (an engine closing) is seen
+                self._cond.wait(timeout=1.0)
 
     def close(self) -> None:
         """Give back what is installed (the engine is closing; no request is in flight)."""
