@@ -38,7 +38,10 @@ from .readers import Lease
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 5.0  # the fill logs its progress at most this often
-BASE_TRIES = 3  # background reads of a pinned base, the first included
+# a base whose background read failed is read again no sooner than this after the failure,
+# doubling with each failure up to a minute: a store back after an outage is used again, a
+# damaged chunk is not read on every block boundary
+RETRY_AFTER_S = 1.0
 
 
 class PinnedLease(Lease):
@@ -80,7 +83,7 @@ class PinFill:
         self.target_bytes = sum(self._sizes.values())
         self._counted: set[int] = set()
         self.closed = False
-        self._base_tries: dict[int, int] = {}  # by block: background reads of its base
+        self._base_failures: dict[int, tuple[int, float]] = {}  # by block: count, last at
         self.pinned_bytes = 0
         self.done_s: float | None = None  # how long the fill took, once complete
         self._lock = threading.Lock()
@@ -129,6 +132,9 @@ class PinFill:
         try:
             self._base(j)
         except Exception as exc:
+            with self._lock:
+                count, _ = self._base_failures.get(j, (0, 0.0))
+                self._base_failures[j] = (count + 1, time.monotonic())
             log.warning(
                 "reading block %d's base in the background failed (%s); its streamed reads "
                 "read it until a later try succeeds",
@@ -138,15 +144,19 @@ class PinFill:
             raise
 
     def retry_bases(self) -> None:
-        """Read again, in the background, each base whose read failed (a block boundary
-        calls it): at most ``BASE_TRIES`` reads of each in all; until then its block's
-        streamed reads read it with the experts."""
+        """Read again, in the background, each base whose read failed, once its wait since
+        the failure is over (``RETRY_AFTER_S``; a block boundary calls it); until then its
+        block's streamed reads read it with the experts."""
+        now = time.monotonic()
         for j, future in list(self._base_futures.items()):
             if self.closed or not future.done() or future.cancelled():
                 continue
-            if future.exception() is None or self._base_tries.get(j, 1) >= BASE_TRIES:
+            if future.exception() is None:
                 continue
-            self._base_tries[j] = self._base_tries.get(j, 1) + 1
+            with self._lock:
+                count, at = self._base_failures.get(j, (1, 0.0))
+            if now < at + min(RETRY_AFTER_S * 2 ** (count - 1), 60.0):
+                continue
             self._base_futures[j] = self._pool.submit(self._background_base, j)
 
     def forget(self, j: int) -> None:
