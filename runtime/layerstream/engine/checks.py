@@ -178,12 +178,18 @@ class ChunkChecks:
             with self._lock:
                 self.stats.chunks_verified += 1
         with self._lock:
-            if getattr(self._apart, "on", False):
-                self.stats.pinned_bytes_read += data.numel()
+            if self._counted_apart(data.numel()):
                 return
             self.stats.bytes_read += data.numel()
             self.stats.chunks_read += 1
             self.stats.read_s += read_done - start
+
+    def _counted_apart(self, size: int) -> bool:
+        """The lock held: a read made inside ``counted_apart`` is counted there, alone."""
+        if not getattr(self._apart, "on", False):
+            return False
+        self.stats.pinned_bytes_read += size
+        return True
 
     @contextlib.contextmanager
     def counted_apart(self) -> Iterator[None]:
@@ -222,8 +228,7 @@ class ChunkChecks:
         self.health.part_passed(info.name, version)
         got = sum(span(ranges) for _, ranges, _ in parts)
         with self._lock:
-            if getattr(self._apart, "on", False):
-                self.stats.pinned_bytes_read += got
+            if self._counted_apart(got):
                 return
             self.stats.bytes_read += got
             self.stats.read_s += read_done - start

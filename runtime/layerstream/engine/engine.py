@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -332,7 +332,10 @@ class Engine:
         return ExpertCache(self.plan.expert_cache, largest)
 
     def _streamed_chunks(self) -> list[ChunkInfo]:
-        return [self.manifest.chunks[self.manifest.blocks[j].chunk] for j in self.plan.streamed]
+        return self._chunks_of(self.plan.streamed)
+
+    def _chunks_of(self, blocks: Iterable[int]) -> list[ChunkInfo]:
+        return [self.manifest.chunks[self.manifest.blocks[j].chunk] for j in blocks]
 
     def _start_fill(self) -> PinFill | None:
         """The pinned blocks' reads, in the background from now on (fill.py); None where they
@@ -345,7 +348,7 @@ class Engine:
             return None
         # what a chunk read whole at load would have refused at once still refuses the load:
         # a chunk missing, of another size or of other tensors (its hash waits for its read)
-        pinned = [self.manifest.chunks[self.manifest.blocks[j].chunk] for j in self.plan.resident]
+        pinned = self._chunks_of(plan.resident)
         check_chunk_heads(self.store, pinned, self.specs, max(self.io_threads, 4))
         return PinFill(
             self.manifest,
