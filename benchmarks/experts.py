@@ -1,10 +1,12 @@
 """Expert streaming vs whole-block streaming on mixture-of-experts models.
 
 Random-init models of current releases' shapes (``qwen3-moe-2b``: 64 experts, top-8;
-``mixtral-1b``: 8 experts, top-2), saved and chunked in bfloat16, each at least 4x the
-budget. Every run is its own process (benchmarks/probe.py), greedy ids checked against the
-resident ``from_pretrained`` model. Regimes as in streaming.py: warm (page cache, no limit)
-and cold (page cache dropped, a memory cgroup of import baseline + budget + margin).
+``mixtral-1b``: 8 experts, top-2; ``gpt-oss-2b``: 32 experts, top-4), saved and chunked in
+bfloat16 (``--dtypes bfloat16,mxfp4``: also with random MXFP4 experts, as gpt-oss ships
+them), each at least 4x the budget. Every run is its own process (benchmarks/probe.py),
+greedy ids checked against the resident ``from_pretrained`` model. Regimes as in
+streaming.py: warm (page cache, no limit) and cold (page cache dropped, a memory cgroup
+of import baseline + budget + margin).
 
 Each streaming run is timed once the engine's background pass has hashed every streamed
 chunk (a server's steady state; before that, each part is hashed on its first read).
@@ -19,6 +21,8 @@ plus the blocks' non-expert parts not pinned): every row is held to the same flo
 
     .venv/bin/python benchmarks/experts.py                        # both models, both regimes
     .venv/bin/python benchmarks/experts.py --presets mixtral-1b --regimes warm --reps 1
+    .venv/bin/python benchmarks/experts.py --presets gpt-oss-2b --dtypes bfloat16,mxfp4 \
+        --regimes cold --reps 1
 """
 
 from __future__ import annotations
@@ -270,6 +274,29 @@ def print_table(title: str, rows: list[dict]) -> None:
         )
 
 
+def run_store(preset: str, dtype: str, args: argparse.Namespace, work: Path) -> dict:
+    """Every regime's rows on one store of ``preset``."""
+    source, store = streaming.prepare(preset, dtype=dtype)
+    report: dict = {"model_bytes": streaming.model_bytes(store), "dtype": dtype}
+    reference, compute_ms = resident_reference(source, store, args, work)
+    report["resident_ms_per_token"] = compute_ms
+    for regime in args.regimes.split(","):
+        if regime == "cold" and (why := cgroup.available()):
+            report[regime] = {"skipped": why}
+            log.warning("cold regime skipped: %s", why)
+            continue
+        runs = run_regime(regime, source, store, args, work)
+        rows = rows_of(runs, reference, args)
+        add_routed_floor(rows, runs, compute_ms)
+        title = (
+            f"{preset} ({streaming.model_bytes(store) / 2**30:.2f} GiB {dtype}), {regime}, "
+            f"25% budget, {args.new_tokens} tokens, {args.reps} rep(s)"
+        )
+        print_table(title, rows)
+        report[regime] = {"rows": rows, "runs": runs}
+    return report
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = argparse.ArgumentParser(
@@ -282,29 +309,17 @@ def main() -> None:
     parser.add_argument("--regimes", default="warm,cold")
     parser.add_argument("--peers", action="store_true", help="accelerate and llama.cpp rows too")
     parser.add_argument("--only", default="", help="comma-separated systems to run, of those")
+    parser.add_argument(
+        "--dtypes", default="bfloat16", help="stores to run: bfloat16, and mxfp4 (gpt-oss-2b)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "experts.json")
     args = parser.parse_args()
     report: dict = {"args": vars(args) | {"out": str(args.out)}}
     work = Path(tempfile.mkdtemp(prefix="layerstream-experts-"))
     for preset in args.presets.split(","):
-        source, store = streaming.prepare(preset, dtype="bfloat16")
-        report[preset] = {"model_bytes": streaming.model_bytes(store)}
-        reference, compute_ms = resident_reference(source, store, args, work)
-        report[preset]["resident_ms_per_token"] = compute_ms
-        for regime in args.regimes.split(","):
-            if regime == "cold" and (why := cgroup.available()):
-                report[preset][regime] = {"skipped": why}
-                log.warning("cold regime skipped: %s", why)
-                continue
-            runs = run_regime(regime, source, store, args, work)
-            rows = rows_of(runs, reference, args)
-            add_routed_floor(rows, runs, compute_ms)
-            title = (
-                f"{preset} ({streaming.model_bytes(store) / 2**30:.2f} GiB bf16), {regime}, "
-                f"25% budget, {args.new_tokens} tokens, {args.reps} rep(s)"
-            )
-            print_table(title, rows)
-            report[preset][regime] = {"rows": rows, "runs": runs}
+        for dtype in args.dtypes.split(","):
+            name = preset if dtype == "bfloat16" else f"{preset}:{dtype}"
+            report[name] = run_store(preset, dtype, args, work)
     args.out.write_text(json.dumps(report, indent=1, default=str))
     print(f"\nwrote {args.out}")
 

@@ -66,19 +66,22 @@ DEFAULT_SYSTEMS = [
 def prepare(preset: str, dtype: str | None = None) -> tuple[Path, Path]:
     """The preset's random-init checkpoint (saved in ``dtype``, else its default) and its
     chunk store, built once under .cache. ``fp8``: the bfloat16 checkpoint quantized to
-    block-wise fp8 as `layerstream chunk --quantize fp8` does it, and its store."""
+    block-wise fp8 as `layerstream chunk --quantize fp8` does it, and its store; ``mxfp4``:
+    the bfloat16 checkpoint with its experts replaced by random MXFP4 ones, as gpt-oss
+    ships them (quantize.write_random_mxfp4_checkpoint)."""
     from layerstream.chunker.convert import chunk_checkpoint
     from layerstream.chunker.presets import write_random_checkpoint
-    from layerstream.chunker.quantize import write_fp8_checkpoint
+    from layerstream.chunker.quantize import write_fp8_checkpoint, write_random_mxfp4_checkpoint
 
     name = preset if dtype is None else f"{preset}-{dtype}"
     source, store = CACHE / f"{name}-source", CACHE / f"{name}-chunks"
     if not (store / "manifest.json").exists():
         CACHE.mkdir(exist_ok=True)
-        if dtype == "fp8":
+        if dtype in ("fp8", "mxfp4"):
             plain, _ = prepare(preset, "bfloat16")
             if not (source / "config.json").exists():
-                write_fp8_checkpoint(plain, source)
+                write = write_fp8_checkpoint if dtype == "fp8" else write_random_mxfp4_checkpoint
+                write(plain, source)
         else:
             write_random_checkpoint(preset, source, dtype=dtype)
         chunk_checkpoint(source, store, preset, force=True, progress=False)

@@ -23,8 +23,10 @@ from layerstream.chunker.sizing import config_from_json, size_model
 from layerstream.engine.engine import Engine, EngineOptions
 from layerstream.errors import ManifestError, SettingsError
 from layerstream.format.manifest import Manifest
+from layerstream.format.quantization import Fp8Blocks
 from layerstream.stores import open_store
 
+FP8_BLOCKS = Fp8Blocks((128, 128), "float32")
 PROMPT = torch.tensor([[1, 5, 9, 13, 2, 7, 3, 11]])
 # the shapes fp8 releases tile: 128 x 128 blocks of the linear weights
 CONFIGS = {
@@ -184,7 +186,12 @@ def _requantize(source: Path, dest: Path, config: dict) -> Path:
 @pytest.mark.parametrize(
     ("config", "words", "todo"),
     [
-        ({"quant_method": "mxfp4"}, "quant_method 'mxfp4'", r"Mxfp4Config\(dequantize=True\)"),
+        (
+            {"quant_method": "compressed-tensors"},
+            "quant_method 'compressed-tensors'",
+            r"CompressedTensorsConfig\(dequantize=True\)",
+        ),
+        ({"quant_method": "mxfp4"}, "mxfp4 with scales in", "uint8"),
         ({"quant_method": "gptq", "bits": 4}, "quant_method 'gptq'", "unquantized checkpoint"),
         ({"quant_method": "awq", "bits": 4}, "quant_method 'awq'", "unquantized checkpoint"),
         (
@@ -288,7 +295,7 @@ def test_fp8_experts_are_fused_fp8_and_exact(tmp_path, name, budget):
     finally:
         engine.close()
     if budget == "25%":  # its blocks stream whole: asking for experts alone says why
-        with pytest.raises(SettingsError, match="quantized, which stream whole"):
+        with pytest.raises(SettingsError, match="quantized tensors outside its experts"):
             Engine(
                 open_store(str(tmp_path / "store")),
                 EngineOptions(memory_budget=budget, expert_streaming="on"),
@@ -336,6 +343,12 @@ def test_a_store_chunked_as_plain_from_a_quantized_checkpoint_is_refused(fp8_mod
         (lambda m: m["quantization"].update(method="int4"), "not a quantization"),
         (
             lambda m: m["chunks"]["block_0001"]["quantized"].append("model.norm.weight"),
+            "quantized tensors it does not hold",
+        ),
+        (
+            lambda m: m["chunks"]["block_0001"]["quantized"].append(
+                "model.layers.1.input_layernorm.weight"
+            ),
             "does not hold with their scales",
         ),
     ],
@@ -459,7 +472,7 @@ def _jobs(count: int):
     for i in range(count):
         weight = (torch.randn(256, 128) * 100).to(torch.float8_e4m3fn)
         scales = torch.rand(2, 1) * 1e-3
-        jobs.append(Job(f"w{i}", weight, scales, torch.bfloat16, None))
+        jobs.append(Job(f"w{i}", weight, scales, torch.bfloat16, None, FP8_BLOCKS))
         want[f"w{i}"] = dequantize_reference(weight, scales, torch.bfloat16)
     return jobs, want
 
@@ -473,18 +486,18 @@ def test_dequantization_is_shared_by_two_threads_each_tensor_once(monkeypatch):
 
     jobs, want = _jobs(6)
     done: list[tuple[str, str]] = []
-    real = dequantization.dequantize
+    real = Fp8Blocks.dequantize
     first_started, release_first = threading.Event(), threading.Event()
 
-    def slow(weight, scales, dtype, out):
+    def slow(self, weight, scales, dtype, out):
         name = threading.current_thread().name
         done.append((name, next(j.key for j in jobs if j.weight is weight)))
         if name == "reader" and len(done) == 1:
             first_started.set()
             assert release_first.wait(30)
-        return real(weight, scales, dtype, out)
+        return real(self, weight, scales, dtype, out)
 
-    monkeypatch.setattr(dequantization, "dequantize", slow)
+    monkeypatch.setattr(Fp8Blocks, "dequantize", slow)
     seconds: list[float] = []
     work = dequantization.Dequantization(jobs, seconds.append)
     reader = threading.Thread(target=work.work, name="reader")
@@ -523,13 +536,13 @@ def test_a_closed_dequantization_waits_for_what_runs_and_starts_nothing(monkeypa
     started, go = threading.Event(), threading.Event()
     calls: list[int] = []
 
-    def blocking(weight, scales, dtype, out):
+    def blocking(self, weight, scales, dtype, out):
         calls.append(1)
         started.set()
         assert go.wait(30)
         return weight.to(dtype)
 
-    monkeypatch.setattr(dequantization, "dequantize", blocking)
+    monkeypatch.setattr(Fp8Blocks, "dequantize", blocking)
     work = dequantization.Dequantization(jobs, lambda s: None)
     reader = threading.Thread(target=work.work)
     reader.start()
@@ -553,7 +566,7 @@ def test_a_failed_tensor_fails_the_block(monkeypatch):
     def broken(*args):
         raise ValueError("bad scales")
 
-    monkeypatch.setattr(dequantization, "dequantize", broken)
+    monkeypatch.setattr(Fp8Blocks, "dequantize", broken)
     work = dequantization.Dequantization(jobs, lambda s: None)
     work.work()
     with pytest.raises(ValueError, match="bad scales"):

@@ -18,7 +18,7 @@ import torch
 from transformers import PreTrainedModel
 
 from ..engine.skeleton import block_of, get_tensor, tied_groups
-from ..format.quantization import FP8_DTYPE, Quantization, scale_key
+from ..format.quantization import Quantization
 from ..format.safetensors import TENSOR_ALIGNMENT
 from ..format.writer import ChunkEntry, SourceTensor
 from .sinks import ChunkerError
@@ -79,20 +79,22 @@ def direct_entries(
             return None
         scale = next((scales[name] for name in names if name in scales), None)
         want = meta.dtype  # from_pretrained's dtype for it (engine/skeleton.py)
+        shape = tuple(meta.shape)
         if scale is not None:
             if quant is None or len(names) > 1 or not _on_grid(scale, meta, quant):
                 return None
-            want = FP8_DTYPE
-        if found[0].dtype != want or found[0].shape != tuple(meta.shape):
+            want, shape = quant.stored_dtype, quant.stored_shape(shape)
+        if found[0].dtype != want or found[0].shape != shape:
             return None
         entries.append(ChunkEntry.of_source(key, found[0]))
         if scale is not None:
-            entries.append(ChunkEntry.of_source(scale_key(key), scale))
+            assert quant is not None
+            entries.append(ChunkEntry.of_source(quant.scale_key(key), scale))
     return entries
 
 
 def _on_grid(scale: SourceTensor, meta: torch.Tensor, quant: Quantization) -> bool:
-    """Whether ``scale`` holds one scale per ``weight_block_size`` block of ``meta``."""
+    """Whether ``scale`` holds the scales ``quant`` keeps for ``meta``."""
     shape = tuple(meta.shape)
     return (
         quant.tileable(shape)

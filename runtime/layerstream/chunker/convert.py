@@ -44,7 +44,7 @@ from ..engine.writes import (
 )
 from ..format import quantization
 from ..format.manifest import BlockInfo, ChunkInfo, Manifest, WeightWrites
-from ..format.quantization import Quantization, UnsupportedQuantization
+from ..format.quantization import Fp8Blocks, Quantization, UnsupportedQuantization
 from ..format.writer import ChunkEntry, SourceTensor, sha256_file
 from ..stores.ranged import StoreOptions
 from . import blocks, fused
@@ -102,20 +102,14 @@ def _quantization(
     raw = quantization.of_config(config)
     if raw is None:
         return None
-    scales = {
-        t.dtype
-        for index in checkpoint.indexes()
-        for key, t in index.items()
-        if key.endswith(quantization.SCALE_SUFFIX)
-    }
+    indexes = checkpoint.indexes()
+
+    def scale_dtypes(suffix: str) -> set[torch.dtype]:
+        return {t.dtype for index in indexes for key, t in index.items() if key.endswith(suffix)}
+
     where = f"{source_dir} (config.json quantization_config)"
     try:
-        if len(scales) != 1:
-            raise UnsupportedQuantization(
-                f"{where}: its weights have scales in {len(scales)} dtypes "
-                f"({sorted(map(str, scales))}), not one"
-            )
-        return quantization.supported(raw, scales.pop(), where)
+        return quantization.supported(raw, scale_dtypes, where)
     except UnsupportedQuantization as exc:
         raise ChunkerError(str(exc)) from None
 
@@ -259,6 +253,13 @@ class _Routes:
     fused: dict[Part, set[str]] = field(default_factory=lambda: collections.defaultdict(set))
 
 
+def _with_scales(module: ExpertsModule, quantized: list[str], quant: Quantization) -> ExpertsModule:
+    """``module`` with the scales of its quantized tensors among its tensors (each
+    ``[count, ...]`` too): an expert read alone brings its scales."""
+    scales = [quant.scale_key(k) for k in module.tensors if k in quantized]
+    return dataclasses.replace(module, tensors=module.tensors + scales)
+
+
 def _route(
     model: transformers.PreTrainedModel,
     prefixes: list[str],
@@ -273,10 +274,16 @@ def _route(
     indexes = checkpoint.indexes()  # our own reading of every header first: its errors say more
     routes.handles = checkpoint.handles()
     # A checkpoint whose keys are all the model's own (most are) needs no renaming, so the
-    # conversion table is not built for it.
-    suffix = quantization.SCALE_SUFFIX if quant is not None else None
+    # conversion table is not built for it. A quantized weight may carry a suffix of its
+    # format's (mxfp4: `<key>_blocks`), its scales always do.
+    suffix = quant.scale_suffix if quant is not None else None
+    stored = quant.weight_suffix if quant is not None else ""
+
+    def stem(key: str) -> str:
+        return key.removesuffix(stored) if stored and key.endswith(stored) else key
+
     identity = all(
-        key in meta or (suffix is not None and key.endswith(suffix))
+        stem(key) in meta or (suffix is not None and key.endswith(suffix))
         for index in indexes
         for key in index
     )
@@ -288,13 +295,16 @@ def _route(
                 scales.append(index[key])
                 scale_slices[key] = handle.get_slice(key)
                 continue
-            renamed, converter = (key, None) if identity else conversion.rename(key, meta)
-            _check_shape(index[key], renamed, converter, meta)
+            name = stem(key)
+            renamed, converter = (name, None) if identity else conversion.rename(name, meta)
+            if name == key:  # a quantized weight's shape is its format's (direct_entries)
+                _check_shape(index[key], renamed, converter, meta)
             part = block_of(renamed, prefixes)
             routes.slices[part][key] = handle.get_slice(key)
             routes.sources[part].append(Routed(renamed, converter, index[key]))
     if scales:
-        _route_scales(routes, scales, scale_slices, prefixes, conversion)
+        assert quant is not None
+        _route_scales(routes, scales, scale_slices, prefixes, conversion, quant)
     return routes
 
 
@@ -319,6 +329,7 @@ def _route_scales(
     slices: dict[str, Any],
     prefixes: list[str],
     conversion: Conversion,
+    quant: Quantization,
 ) -> None:
     """Each scale tensor into its weight's part: beside a weight stored as is, or one that
     transformers fuses by stacking and concatenating (fused.py)."""
@@ -326,21 +337,21 @@ def _route_scales(
         r.source.key: r for sources in routes.sources.values() for r in sources
     }  # checkpoint key -> its route
     for scale in scales:
-        weight = weights.get(scale.key.removesuffix(quantization.SCALE_SUFFIX))
-        if weight is None or weight.source.dtype != quantization.FP8_DTYPE:
+        weight = weights.get(scale.key.removesuffix(quant.scale_suffix) + quant.weight_suffix)
+        if weight is None or weight.source.dtype != quant.stored_dtype:
             raise ChunkerError(
-                f"{scale.path.name}: {scale.key} scales no float8_e4m3fn weight of the "
-                "checkpoint; it is not a block-wise fp8 checkpoint layerstream can serve"
+                f"{scale.path.name}: {scale.key} scales no {quant.stored_dtype} weight of the "
+                f"checkpoint; it is not a {quant.method} checkpoint layerstream can serve"
             )
         converter = conversion.converter_of(weight.converter)  # Routed keeps its pattern
-        fused = converter is not None and fuses_alike(converter)
-        if not fused and (weight.converter is not None or not weight.key.endswith(".weight")):
+        fused = isinstance(quant, Fp8Blocks) and converter is not None and fuses_alike(converter)
+        if not fused and (weight.converter is not None or not quant.takes(weight.key)):
             raise ChunkerError(
-                f"{weight.source.key}: an fp8 weight that transformers converts at load other "
-                "than by stacking or concatenating (split, transposed), or that is no "
-                "module's `.weight`; layerstream cannot keep it quantized yet. Dequantize the "
-                "checkpoint first (from_pretrained on a CPU dequantizes it; save_pretrained) "
-                "and chunk that"
+                f"{weight.source.key}: a {quant.method} weight that transformers converts at "
+                "load other than by stacking or concatenating (split, transposed), or that "
+                f"{quant.method} does not quantize there; layerstream cannot keep it quantized "
+                "yet. Dequantize the checkpoint first (from_pretrained on a CPU dequantizes "
+                "it; save_pretrained) and chunk that"
             )
         part = block_of(weight.key, prefixes)
         routes.slices[part][scale.key] = slices[scale.key]  # for transformers' loader
@@ -419,9 +430,10 @@ def _write_chunks(
             log.debug("%s: %s", name, "converted" if converted else "copied from the source")
             label = "rest" if part is None else prefixes[part]
             dequantized = sum(meta[k].numel() * meta[k].element_size() for k in quantized)
-            written = writer.submit(
-                name, entries, label, by_block.get(part), quantized, dequantized
-            )
+            experts = by_block.get(part)
+            if experts and quant is not None:  # an expert's scales are part of it
+                experts = [_with_scales(m, quantized, quant) for m in experts]
+            written = writer.submit(name, entries, label, experts, quantized, dequantized)
             if converted:
                 written.result()  # its tensors live in the model until written
             if part is not None:  # back to meta: one block in memory at a time

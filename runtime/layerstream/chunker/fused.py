@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..engine.skeleton import get_tensor
-from ..format.quantization import FP8_DTYPE, SCALE_SUFFIX, Quantization, scale_key
+from ..format.quantization import FP8_DTYPE, SCALE_SUFFIX, Quantization
 from .sinks import ChunkerError
 
 # transformers' ops that only stack and concatenate (core_model_loading.py)
@@ -60,7 +60,7 @@ def scale_parameters(
     added = []
     try:
         for key in keys:
-            owner, _, name = scale_key(key).rpartition(".")
+            owner, _, name = quant.scale_key(key).rpartition(".")
             module = model.get_submodule(owner)
             shape = quant.scale_shape(tuple(meta[key].shape))
             placeholder = torch.empty(shape, dtype=torch.float32, device="meta")
@@ -81,7 +81,7 @@ def stored(
     for key in keys:
         value = tensors[key]
         weight = value.to(FP8_DTYPE)
-        scales = get_tensor(model, scale_key(key)).detach()
+        scales = get_tensor(model, quant.scale_key(key)).detach()
         if scales.device.type == "meta" or not torch.equal(weight.to(value.dtype), value):
             raise ChunkerError(
                 f"{key}: its fp8 values or its scales did not load unchanged (scales that are "
@@ -91,7 +91,7 @@ def stored(
             )
         scale = scales.to(quant.scale_torch_dtype)
         if not torch.equal(scale.to(scales.dtype), scales):
-            raise ChunkerError(f"{key}: its scales do not fit {quant.scale_dtype}")
+            raise ChunkerError(f"{key}: its scales do not fit {quant.scale_torch_dtype}")
         out[key] = weight
-        out[scale_key(key)] = scale.contiguous()
+        out[quant.scale_key(key)] = scale.contiguous()
     return out

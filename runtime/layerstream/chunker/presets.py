@@ -124,6 +124,26 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
             tie_word_embeddings=False,
         ),
     ),
+    # gpt-oss's layout (32 experts, top-4, MXFP4 as released: benchmarks/streaming.py's
+    # "mxfp4" dtype writes such a checkpoint of it)
+    "gpt-oss-2b": (
+        "gpt_oss",
+        dict(
+            hidden_size=1024,
+            intermediate_size=512,
+            num_local_experts=32,
+            num_experts_per_tok=4,
+            num_hidden_layers=16,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+            head_dim=64,
+            vocab_size=4096,
+            max_position_embeddings=512,
+            layer_types=["sliding_attention", "full_attention"] * 8,
+            sliding_window=128,
+            tie_word_embeddings=False,
+        ),
+    ),
     "mixtral-1b": (
         "mixtral",
         dict(
@@ -161,6 +181,7 @@ _ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "mixtral": "MixtralForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",
     "bert": "BertModel",
 }
 

@@ -210,3 +210,43 @@ def _outputs(model: transformers.PreTrainedModel, ids: torch.Tensor) -> torch.Te
     out = model(ids, **kwargs)
     found = getattr(out, "logits", None)
     return (found if found is not None else out.last_hidden_state)[0]
+
+
+def write_random_mxfp4_checkpoint(source: Path, dest: Path, seed: int = 0) -> Path:
+    """A random-init MXFP4 checkpoint as gpt-oss ships one, from a plain random-init one:
+    every tensor transformers' mxfp4 loader takes (the experts' ``gate_up_proj`` and
+    ``down_proj``) replaced by random 4-bit values and scales of 2^-9 .. 2^-5 (weights of
+    the order of a random init's), the rest as it was. For tests and benchmarks: there is
+    no MXFP4 quantizer on a CPU (transformers' needs triton kernels)."""
+    from ..format.quantization import MXFP4_GROUP, Mxfp4
+
+    fmt = Mxfp4()
+    config = json.loads((Path(source) / "config.json").read_text())
+    checkpoint = Checkpoint.open(Path(source))
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in _tensors(checkpoint):
+        if value.ndim == 3 and fmt.takes(key) and fmt.tileable(tuple(value.shape)):
+            shape = tuple(value.shape)
+            blocks = fmt.stored_shape(shape)
+            tensors[key + fmt.weight_suffix] = torch.randint(
+                0, 256, blocks, dtype=torch.uint8, generator=generator
+            )
+            scales = torch.randint(118, 123, fmt.scale_shape(shape), generator=generator)
+            tensors[fmt.scale_key(key)] = scales.to(torch.uint8)
+        else:
+            tensors[key] = value
+    if not any(k.endswith(fmt.scale_suffix) for k in tensors):
+        raise ChunkerError(f"{source}: no experts tensor of {MXFP4_GROUP}-divisible rows")
+    dest.mkdir(parents=True)
+    save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    config["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                   "model.embed_tokens", "lm_head"],
+    }  # fmt: skip
+    (dest / "config.json").write_text(json.dumps(config, indent=2))
+    for name in SIDE_FILES:
+        if (Path(source) / name).exists() and name != "config.json":
+            shutil.copy(Path(source) / name, dest / name)
+    return dest

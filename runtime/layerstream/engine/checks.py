@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ import torch
 from ..errors import ChunkIntegrityError
 from ..format.manifest import ChunkInfo
 from ..format.parts import Range, span, verify_part
-from ..format.quantization import aligned, scale_key
+from ..format.quantization import Quantization, aligned
 from ..format.safetensors import (
     ChunkSpec,
     TensorEntry,
@@ -282,19 +283,36 @@ class ChunkChecks:
     def _dequantization(
         self, spec: ChunkSpec, views: dict[str, torch.Tensor], into: torch.Tensor | None
     ) -> Dequantization:
-        jobs = []
-        offset = 0
-        for key, dtype in spec.quantized.items():
-            weight = views[key]
-            target = None
-            if into is not None:
-                size = weight.numel() * dtype.itemsize
-                target = into[offset : offset + size].view(dtype).view(weight.shape)
-                offset = aligned(offset + size)
-            jobs.append(Job(key, weight, views[scale_key(key)], dtype, target))
-        return Dequantization(jobs, self._count_dequantize)
+        quant = spec.quantization
+        assert quant is not None
+        targets = self._targets(spec, into) if into is not None else {}
+        jobs = [
+            Job(key, views[key], views[quant.scale_key(key)], want.dtype, targets.get(key), quant)
+            for key, want in spec.quantized.items()
+        ]
+        return Dequantization(jobs, self.count_dequantize)
 
-    def _count_dequantize(self, seconds: float) -> None:
+    def dequantized_targets(self, info: ChunkInfo, into: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Where each quantized tensor of ``info`` goes dequantized in ``into`` (bytes with
+        ``info.dequantized_room``): by key, each from a 64-byte boundary."""
+        spec = self.specs.get(info.name)
+        return {} if spec is None else self._targets(spec, into)
+
+    @staticmethod
+    def _targets(spec: ChunkSpec, into: torch.Tensor) -> dict[str, torch.Tensor]:
+        targets, offset = {}, 0
+        for key, want in spec.quantized.items():
+            size = math.prod(want.shape) * want.dtype.itemsize
+            targets[key] = into[offset : offset + size].view(want.dtype).view(want.shape)
+            offset = aligned(offset + size)
+        return targets
+
+    def quantization(self, info: ChunkInfo) -> Quantization | None:
+        """How ``info``'s quantized tensors are stored (None for a plain chunk)."""
+        spec = self.specs.get(info.name)
+        return None if spec is None or not spec.quantized else spec.quantization
+
+    def count_dequantize(self, seconds: float) -> None:
         with self._lock:
             self.stats.dequantize_s += seconds
 
@@ -314,8 +332,9 @@ class ChunkChecks:
             return tensors
         if dequantized is None:
             dequantized = self._dequantization(spec, tensors, None).finish()
+        assert spec.quantization is not None
         for key in spec.quantized:
-            del tensors[scale_key(key)]
+            del tensors[spec.quantization.scale_key(key)]
         tensors.update(dequantized)
         return tensors
 

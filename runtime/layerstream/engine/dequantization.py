@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..format.quantization import dequantize
+from ..format.quantization import Quantization
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class Job:
     scales: torch.Tensor
     dtype: torch.dtype
     out: torch.Tensor | None  # where the result goes (None: memory of its own)
+    quantization: Quantization
 
 
 class Dequantization:
@@ -46,7 +47,7 @@ class Dequantization:
             start = time.perf_counter()
             result = error = None
             try:
-                result = dequantize(job.weight, job.scales, job.dtype, job.out)
+                result = job.quantization.dequantize(job.weight, job.scales, job.dtype, job.out)
             except BaseException as exc:  # handed to whoever finishes
                 error = exc
             with self._lock:

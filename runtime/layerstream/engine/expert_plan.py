@@ -38,22 +38,24 @@ def expert_parts(
             f"expert_streaming must be one of {', '.join(EXPERT_STREAMING)}, not {mode!r}"
         )
     listed = [name for name in layouts if manifest.chunks[name].experts is not None]
-    quantized = [name for name in listed if manifest.chunks[name].quantized is not None]
-    if quantized:
-        # its quantized tensors are dequantized on install, which expert leases do not do
+    whole = [name for name in listed if not _experts_hold_quantized(manifest, name)]
+    if whole:
+        # quantized tensors outside its experts (fp8 attention weights): dequantized whole
         log.info(
-            "%s: %d blocks hold quantized tensors: they stream whole, not expert by expert",
+            "%s: %d blocks hold quantized tensors outside their experts: they stream whole, "
+            "not expert by expert",
             manifest.name,
-            len(quantized),
+            len(whole),
         )
-        listed = [name for name in listed if name not in quantized]
+        listed = [name for name in listed if name not in whole]
     if mode == "on" and not listed:
         why = (
             "has no experts modules"
             if not experts
-            else "holds its blocks quantized, which stream whole (experts read alone are "
-            "not dequantized yet): set expert_streaming to auto or off"
-            if quantized
+            else "holds quantized tensors outside its experts (or a store chunked before "
+            "experts kept their scales), so its blocks stream whole: set expert_streaming "
+            "to auto or off"
+            if whole
             else "was chunked without its experts' byte ranges: re-run the chunker"
         )
         raise SettingsError(
@@ -87,15 +89,30 @@ def _chunk_parts(
     """A chunk's parts, its experts checked against the model's own experts modules."""
     info = manifest.chunks[name]
     assert info.experts is not None
+    quant = manifest.quantization
     for group in info.experts.groups:
         module = experts.get(group.module)
-        if module is None or (module.count, sorted(module.tensors)) != (
-            group.count,
-            sorted(group.tensors),
-        ):
+        held = list(module.tensors) if module is not None else []
+        if quant is not None:  # a quantized tensor's scales are listed beside it
+            held += [quant.scale_key(k) for k in held if k in (info.quantized or ())]
+        if module is None or (module.count, sorted(held)) != (group.count, sorted(group.tensors)):
             raise ManifestError(
                 f"chunk {name} lists experts of {group.module} ({group.count} experts in "
                 f"{group.tensors}), which the model built from config.json does not have "
                 "as such; the chunks do not belong to this config: re-run the chunker"
             )
     return chunk_parts(info, layout)
+
+
+def _experts_hold_quantized(manifest: Manifest, name: str) -> bool:
+    """Whether every quantized tensor of chunk ``name`` lies in one of its experts groups
+    with its scales, so each expert read alone can be dequantized alone."""
+    info, quant = manifest.chunks[name], manifest.quantization
+    if info.quantized is None or quant is None:
+        return True
+    assert info.experts is not None
+    for key in info.quantized:
+        group = next((g for g in info.experts.groups if key in g.tensors), None)
+        if group is None or quant.scale_key(key) not in group.tensors:
+            return False
+    return True

@@ -27,6 +27,7 @@ import torch
 from ..errors import ChunkIntegrityError
 from ..format.manifest import ChunkInfo
 from ..format.parts import ChunkParts, Range, coalesce, span
+from ..format.quantization import Quantization
 from ..format.safetensors import TensorEntry, tensors_from_layout
 from ..stores import CachingStore, ChunkStore, MappableStore, ReadResult
 from ..stores.ranged import split
@@ -81,6 +82,47 @@ class PinnedBase:
         return cls(version, tensors, experts, end)
 
 
+class QuantizedExperts:
+    """A quantized block's expert tensors as its lease holds them: the stored values and
+    scales in its buffer, each expert dequantized on its own into room of its own beside
+    them once read (every format's dequantization is per expert: format/quantization.py).
+    Unread experts' rooms hold whatever was there, never read by the experts module."""
+
+    def __init__(
+        self,
+        quant: Quantization,
+        stored: dict[str, torch.Tensor],
+        targets: dict[str, torch.Tensor],
+        groups: list[list[str]],
+        count: Callable[[float], None],
+    ):
+        self.quant = quant
+        self._stored = stored  # views of the buffer: the quantized values and the scales
+        self.targets = targets  # by quantized key: its dequantized tensor
+        # by group, its quantized keys
+        self._keys = [[k for k in tensors if k in targets] for tensors in groups]
+        self._count = count
+
+    def dequantize(self, group: int, experts: list[int]) -> None:
+        start = time.perf_counter()
+        for key in self._keys[group]:
+            weight, scales = self._stored[key], self._stored[self.quant.scale_key(key)]
+            target = self.targets[key]
+            for e in experts:
+                self.quant.dequantize(
+                    weight[e : e + 1], scales[e : e + 1], target.dtype, target[e : e + 1]
+                )
+        self._count(time.perf_counter() - start)
+
+    def replace(self, views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``views`` with the dequantized tensors in place of the stored ones and scales."""
+        out = dict(views)
+        for key, target in self.targets.items():
+            del out[self.quant.scale_key(key)]
+            out[key] = target
+        return out
+
+
 class ExpertLease(PooledLease):
     """A mixture-of-experts block's buffer: its base read, its experts read on demand or
     ahead of demand (``prefetch``, on a guess of what the router will choose)."""
@@ -95,10 +137,12 @@ class ExpertLease(PooledLease):
         reader: ExpertReader,
         parts: ChunkParts,
         pinned: PinnedBase | None = None,
+        quantized: QuantizedExperts | None = None,
     ):
         super().__init__(index, info, version, data, buffer, reader)
         self.parts = parts
         self.pinned = pinned  # its base in memory of its own (else read into the buffer)
+        self.quantized = quantized
         self._experts = reader
         self._lock = threading.Lock()
         self._loaded: list[set[int]] = [set() for _ in parts.groups]
@@ -110,10 +154,15 @@ class ExpertLease(PooledLease):
         self.changed = False  # a read found another version of the chunk than its base's
 
     def _views(self) -> dict[str, torch.Tensor]:
-        if self.pinned is None:
-            return super()._views()
         assert self._data is not None
-        return {**self.pinned.tensors, **tensors_from_layout(self.pinned.experts, self._data)}
+        if self.pinned is None:
+            layout = self._experts.checks.layout(self.info, self._data, self.version)
+            views = tensors_from_layout(layout, self._data)
+        else:
+            views = {**self.pinned.tensors, **tensors_from_layout(self.pinned.experts, self._data)}
+        if self.quantized is not None:  # the experts read, dequantized as they arrived
+            views = self.quantized.replace(views)
+        return views
 
     def confirm(self) -> None:
         """After the block has run: every request that ran it fails if a read into its
@@ -275,15 +324,41 @@ class ExpertReader(PooledReader):
         buffer = self.pool.acquire()
         try:
             data = buffer[: info.bytes]
+            room = buffer[self._dequantized_at : self._dequantized_at + info.dequantized_room]
             if self.poison:
                 data.fill_(POISON)
+                room.fill_(POISON)
             if pinned is not None:  # its base is in memory: only its experts are read
-                return ExpertLease(j, info, pinned.version, data, buffer, self, parts, pinned)
-            version = self._read_base(info, data, parts)
+                version, experts = pinned.version, pinned.experts
+            else:
+                version = self._read_base(info, data, parts)
+                keys = {key for group in parts.groups for key in group.tensors}
+                layout = self.checks.layout(info, data, version)
+                experts = [t for t in layout if t.key in keys]
+            quantized = self._quantized(info, parts, data, room, experts)
         except BaseException:
             self.pool.release(buffer)
             raise
-        return ExpertLease(j, info, version, data, buffer, self, parts)
+        return ExpertLease(j, info, version, data, buffer, self, parts, pinned, quantized)
+
+    def _quantized(
+        self,
+        info: ChunkInfo,
+        parts: ChunkParts,
+        data: torch.Tensor,
+        room: torch.Tensor,
+        experts: list[TensorEntry],
+    ) -> QuantizedExperts | None:
+        quant = self.checks.quantization(info)
+        if quant is None:
+            return None
+        return QuantizedExperts(
+            quant,
+            tensors_from_layout(experts, data),
+            self.checks.dequantized_targets(info, room),
+            [group.tensors for group in parts.groups],
+            self.checks.count_dequantize,
+        )
 
     def _read_base(self, info: ChunkInfo, data: torch.Tensor, parts: ChunkParts) -> str | None:
         base = [("its base", parts.base, parts.base_sha256)]
@@ -308,6 +383,13 @@ class ExpertReader(PooledReader):
     ) -> None:
         """``experts`` of ``group`` into ``data``: those the expert cache keeps copied from
         it, the others read, checked, and offered to it."""
+        self._bring_experts(lease, data, group, experts)
+        if lease.quantized is not None:
+            lease.quantized.dequantize(group, experts)
+
+    def _bring_experts(
+        self, lease: ExpertLease, data: torch.Tensor, group: int, experts: list[int]
+    ) -> None:
         info, parts = lease.info, lease.parts
         cache = self.cache
         if cache is not None:

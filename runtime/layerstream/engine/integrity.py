@@ -135,28 +135,28 @@ def _quantized(spec: ChunkSpec, manifest: Manifest, chunk: str) -> ChunkSpec:
         return spec
     tensors = dict(spec.tensors)
     required = list(spec.required)
-    decoded: dict[str, torch.dtype] = {}
+    decoded: dict[str, TensorSpec] = {}
     for key in keys:
         want = tensors.get(key)
         if want is None or not want.dtype.is_floating_point or not quant.tileable(want.shape):
             raise ManifestError(
                 f"manifest.json lists {key} of chunk {chunk} as quantized, but the model built "
-                "from config.json has no floating tensor there that weight_block_size "
-                f"{list(quant.weight_block_size)} tiles; re-run the chunker"
+                f"from config.json has no floating tensor there that {quant.describe()} can "
+                "hold; re-run the chunker"
             )
-        decoded[key] = want.dtype
-        tensors[key] = TensorSpec(quantization.FP8_DTYPE, want.shape)
-        scales = quantization.scale_key(key)
+        decoded[key] = want
+        tensors[key] = TensorSpec(quant.stored_dtype, quant.stored_shape(want.shape))
+        scales = quant.scale_key(key)
         tensors[scales] = TensorSpec(quant.scale_torch_dtype, quant.scale_shape(want.shape))
         required.append(frozenset({scales}))
-    size = sum(math.prod(tensors[k].shape) * dtype.itemsize for k, dtype in decoded.items())
+    size = sum(math.prod(t.shape) * t.dtype.itemsize for t in decoded.values())
     if size != manifest.chunks[chunk].dequantized_bytes:
         raise ManifestError(
             f"manifest.json says chunk {chunk}'s quantized tensors take "
             f"{manifest.chunks[chunk].dequantized_bytes} bytes dequantized, the model built "
             f"from config.json needs {size}; re-run the chunker"
         )
-    return ChunkSpec(tensors, tuple(required), decoded)
+    return ChunkSpec(tensors, tuple(required), decoded, quant)
 
 
 def check_chunk_heads(

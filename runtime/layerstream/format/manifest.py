@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import ManifestError
-from .quantization import DEQUANTIZED_ALIGNMENT, SCALE_DTYPES, Quantization, scale_key
+from .quantization import DEQUANTIZED_ALIGNMENT, MXFP4, SCALE_DTYPES, Fp8Blocks, Mxfp4, Quantization
 
 FORMAT = "layerstream.chunks"
 # 2: a block's chunk may list its experts (ExpertGroup); 3: a store may keep tensors
@@ -63,7 +63,7 @@ class ChunkInfo:
     sha256: str
     tensors: list[str]  # state-dict keys (module key space) held in the file
     experts: ChunkExperts | None = None  # a mixture-of-experts block's expert slices
-    # keys of ``tensors`` stored quantized, each with its scales (quantization.scale_key),
+    # keys of ``tensors`` stored quantized, each with its scales (Quantization.scale_key),
     # and the bytes they take once dequantized, which a block holds beside its chunk's
     # bytes while it runs
     quantized: list[str] | None = None
@@ -276,23 +276,33 @@ def _chunk(name: str, raw: Any, source: str) -> ChunkInfo:
                 f"{source}: {what} says {base} of its {info.bytes} bytes lie outside its "
                 "experts, leaving none for them; the manifest was edited: re-run the chunker"
             )
-    if info.quantized is not None:
-        held = set(info.tensors)
-        if (
-            not info.quantized
-            or any(k not in held or scale_key(k) not in held for k in info.quantized)
-            or not 0 < info.dequantized_bytes <= MAX_CHUNK_BYTES
-        ):
-            raise ManifestError(
-                f"{source}: {what} lists quantized tensors it does not hold with their "
-                "scales, or no size for them dequantized; the manifest was edited: re-run "
-                "the chunker"
-            )
+    if info.quantized is not None and (
+        not info.quantized
+        or not set(info.quantized) <= set(info.tensors)
+        or not 0 < info.dequantized_bytes <= MAX_CHUNK_BYTES
+    ):
+        raise ManifestError(
+            f"{source}: {what} lists quantized tensors it does not hold, or no size for them "
+            "dequantized; the manifest was edited: re-run the chunker"
+        )
     return info
+
+
+def _check_scales(chunks: dict[str, ChunkInfo], quant: Quantization, source: str) -> None:
+    """Every quantized tensor's scales are in its chunk."""
+    for name, info in chunks.items():
+        held = set(info.tensors)
+        if any(quant.scale_key(k) not in held for k in info.quantized or ()):
+            raise ManifestError(
+                f"{source}: chunk {name} lists quantized tensors it does not hold with their "
+                "scales; the manifest was edited: re-run the chunker"
+            )
 
 
 def _quantization(raw: Any, source: str) -> Quantization:
     raw = _typed(raw, dict, "'quantization'", source)
+    if raw == {"method": MXFP4}:
+        return Mxfp4()
     block = raw.get("weight_block_size")
     if (
         set(raw) != {"method", "weight_block_size", "scale_dtype"}
@@ -304,10 +314,10 @@ def _quantization(raw: Any, source: str) -> Quantization:
     ):
         raise ManifestError(
             f"{source}: 'quantization' {raw!r} is not a quantization this layerstream reads "
-            "(method 'fp8', weight_block_size [rows, cols], scale_dtype); upgrade "
-            "layerstream or re-run the chunker"
+            "(method 'fp8', weight_block_size [rows, cols], scale_dtype; or method 'mxfp4'); "
+            "upgrade layerstream or re-run the chunker"
         )
-    return Quantization(raw["method"], (block[0], block[1]), raw["scale_dtype"])
+    return Fp8Blocks((block[0], block[1]), raw["scale_dtype"])
 
 
 def _digest(value: Any, what: str, source: str) -> str:
@@ -421,6 +431,8 @@ def _parse(data: Any, source: str) -> Manifest:
         )
     quantization = _quantization(data["quantization"], source) if "quantization" in data else None
     quantized = [name for name, c in chunks.items() if c.quantized is not None]
+    if quantization is not None:
+        _check_scales(chunks, quantization, source)
     if (quantization is None) != (not quantized) or (quantization is not None and version < 3):
         raise ManifestError(
             f"{source}: its 'quantization' and the chunks it lists as quantized "

@@ -10,6 +10,10 @@ quantized bytes, and the engine dequantizes a block once it is read: with a fast
 the same exact product (``dequantize``), checked bit-identical to transformers' routine,
 which stays the fallback, so the weights it computes with are from_pretrained's.
 
+MXFP4 (``quant_method: "mxfp4"``, gpt-oss): experts stored as 4-bit values with a power
+of two per 32 (``Mxfp4``). On a CPU without triton kernels, transformers dequantizes them at
+load with its own routine, which the engine runs too, on each block (or each expert) read.
+
 Every other ``quantization_config`` is refused, by the chunker and by the engine: read as
 plain weights it would be served silently wrong.
 """
@@ -18,12 +22,16 @@ from __future__ import annotations
 
 import math
 import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 FP8 = "fp8"
+MXFP4 = "mxfp4"
+MXFP4_GROUP = 32  # values per scale
 FP8_DTYPE = torch.float8_e4m3fn
 SCALE_SUFFIX = "_scale_inv"  # transformers' name: `x.weight` -> `x.weight_scale_inv`
 SCALE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -41,14 +49,16 @@ def aligned(size: int) -> int:
 # whose transformers config can dequantize at load, and bitsandbytes, which can after it
 _DEQUANTIZING_CONFIGS = {
     "fp8": "FineGrainedFP8Config",
-    "mxfp4": "Mxfp4Config",
     "compressed-tensors": "CompressedTensorsConfig",
 }
 
 
 def what_to_do(method: object) -> str:
     """How to turn a checkpoint quantized with ``method`` into one layerstream serves."""
-    served = "layerstream serves block-wise fp8 checkpoints (quant_method 'fp8', float scales)"
+    served = (
+        "layerstream serves block-wise fp8 checkpoints (quant_method 'fp8', float scales) "
+        "and mxfp4 experts as gpt-oss ships them"
+    )
     config = _DEQUANTIZING_CONFIGS.get(str(method))
     if config is not None:
         return (
@@ -69,39 +79,115 @@ class UnsupportedQuantization(ValueError):
     """A checkpoint quantized in a format or layout layerstream cannot serve exactly."""
 
 
-def scale_key(key: str) -> str:
-    """The key of ``key``'s scales (transformers' naming, for `.weight` and fused tensors)."""
-    return key + SCALE_SUFFIX
+class Quantization(ABC):
+    """How a store's quantized tensors are stored (the manifest's ``quantization``) and how
+    each becomes the weight a model computes with. A quantized tensor is stored under the
+    model's key, its scales under ``scale_key(key)``."""
+
+    method: ClassVar[str]
+    # the checkpoint's names: `<key><weight_suffix>` holds the quantized values
+    weight_suffix: ClassVar[str] = ""
+    scale_suffix: ClassVar[str]
+
+    def scale_key(self, key: str) -> str:
+        """The key of ``key``'s scales (transformers' naming)."""
+        return key + self.scale_suffix
+
+    @property
+    @abstractmethod
+    def stored_dtype(self) -> torch.dtype:
+        """The dtype the quantized values are stored in."""
+
+    @property
+    @abstractmethod
+    def scale_torch_dtype(self) -> torch.dtype: ...
+
+    @abstractmethod
+    def stored_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The stored values' shape for a model tensor of ``shape``."""
+
+    @abstractmethod
+    def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The scales' shape for a model tensor of ``shape``."""
+
+    @abstractmethod
+    def tileable(self, shape: tuple[int, ...]) -> bool:
+        """Whether a model tensor of ``shape`` can be stored in this format."""
+
+    @abstractmethod
+    def takes(self, key: str) -> bool:
+        """Whether transformers loads a tensor of the format into the model's ``key``."""
+
+    def stored_bytes(self, shape: tuple[int, ...]) -> int:
+        """Bytes of a quantized tensor of ``shape`` and of its scales."""
+        return (
+            math.prod(self.stored_shape(shape)) * self.stored_dtype.itemsize
+            + math.prod(self.scale_shape(shape)) * self.scale_torch_dtype.itemsize
+        )
+
+    @abstractmethod
+    def dequantize(
+        self,
+        weight: torch.Tensor,
+        scales: torch.Tensor,
+        dtype: torch.dtype,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The weight in ``dtype`` (into ``out`` if given), bit-identical to what
+        from_pretrained computes from it on a CPU."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """Model metadata's stored_format."""
+
+    @abstractmethod
+    def to_json(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
-class Quantization:
-    """How a store's quantized tensors are stored: the manifest's ``quantization``."""
+class Fp8Blocks(Quantization):
+    """Block-wise fp8: ``float8_e4m3fn`` values, one scale per ``weight_block_size`` block."""
 
-    method: str
     weight_block_size: tuple[int, int]
     scale_dtype: str  # one of SCALE_DTYPES
+
+    method: ClassVar[str] = FP8
+    scale_suffix: ClassVar[str] = SCALE_SUFFIX
+
+    @property
+    def stored_dtype(self) -> torch.dtype:
+        return FP8_DTYPE
 
     @property
     def scale_torch_dtype(self) -> torch.dtype:
         return SCALE_DTYPES[self.scale_dtype]
 
+    def stored_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return shape
+
     def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """The scale grid of a weight of ``shape`` (leading dimensions, e.g. experts, kept)."""
+        """The scale grid (leading dimensions, e.g. experts, kept)."""
         rows, cols = self.weight_block_size
         return (*shape[:-2], shape[-2] // rows, shape[-1] // cols)
-
-    def stored_bytes(self, shape: tuple[int, ...]) -> int:
-        """Bytes of a quantized weight of ``shape`` and of its scales."""
-        scales = math.prod(self.scale_shape(shape)) * self.scale_torch_dtype.itemsize
-        return math.prod(shape) * FP8_DTYPE.itemsize + scales
 
     def tileable(self, shape: tuple[int, ...]) -> bool:
         rows, cols = self.weight_block_size
         return len(shape) >= 2 and shape[-2] % rows == 0 and shape[-1] % cols == 0
 
+    def takes(self, key: str) -> bool:
+        return key.endswith(".weight")  # a linear module's, which its fp8 layer replaces
+
+    def dequantize(
+        self,
+        weight: torch.Tensor,
+        scales: torch.Tensor,
+        dtype: torch.dtype,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return dequantize(weight, scales, dtype, out)
+
     def describe(self) -> str:
-        """E.g. ``fp8 (128x128 blocks, float32 scales)``: model metadata's stored_format."""
+        """E.g. ``fp8 (128x128 blocks, float32 scales)``."""
         rows, cols = self.weight_block_size
         return f"{self.method} ({rows}x{cols} blocks, {self.scale_dtype} scales)"
 
@@ -111,6 +197,63 @@ class Quantization:
             "weight_block_size": list(self.weight_block_size),
             "scale_dtype": self.scale_dtype,
         }
+
+
+@dataclass(frozen=True)
+class Mxfp4(Quantization):
+    """MXFP4 as gpt-oss ships its experts: a ``[E, A, B]`` parameter is stored as
+    ``<key>_blocks`` ``[E, B, A/32, 16]`` uint8 (two fp4 e2m1 values a byte, low nibble
+    first) and ``<key>_scales`` ``[E, B, A/32]`` uint8 (a power of two, biased by 127), one
+    scale per 32 values. transformers dequantizes it on a CPU (no triton kernels there) with
+    ``convert_moe_packed_tensors``: each value from a table, times its power of two, then
+    the last two dimensions transposed. Every step is elementwise or a per-expert transpose,
+    so an expert's slice dequantized alone equals its slice of the whole."""
+
+    method: ClassVar[str] = MXFP4
+    weight_suffix: ClassVar[str] = "_blocks"
+    scale_suffix: ClassVar[str] = "_scales"
+
+    @property
+    def stored_dtype(self) -> torch.dtype:
+        return torch.uint8
+
+    @property
+    def scale_torch_dtype(self) -> torch.dtype:
+        return torch.uint8
+
+    def stored_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        *lead, a, b = shape
+        return (*lead, b, a // MXFP4_GROUP, MXFP4_GROUP // 2)
+
+    def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        *lead, a, b = shape
+        return (*lead, b, a // MXFP4_GROUP)
+
+    def tileable(self, shape: tuple[int, ...]) -> bool:
+        return len(shape) == 3 and shape[-2] % MXFP4_GROUP == 0
+
+    def takes(self, key: str) -> bool:
+        # what transformers' mxfp4 quantizer deserializes (Mxfp4HfQuantizer.serialized_names)
+        return key.rpartition(".")[2] in ("gate_up_proj", "down_proj")
+
+    def dequantize(
+        self,
+        weight: torch.Tensor,
+        scales: torch.Tensor,
+        dtype: torch.dtype,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+        with torch.inference_mode(False):  # weights like from_pretrained's, in any mode
+            value = convert_moe_packed_tensors(weight, scales, dtype=dtype)
+        return _into(value, out)
+
+    def describe(self) -> str:
+        return f"{self.method} (blocks of {MXFP4_GROUP}, e8m0 scales)"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"method": self.method}
 
 
 def of_config(config: Any) -> dict[str, Any] | None:
@@ -123,10 +266,20 @@ def of_config(config: Any) -> dict[str, Any] | None:
     return dict(raw)
 
 
-def supported(raw: dict[str, Any], scale_dtype: torch.dtype, where: str) -> Quantization:
+def supported(
+    raw: dict[str, Any], scale_dtypes: Callable[[str], set[torch.dtype]], where: str
+) -> Quantization:
     """The store layout of a checkpoint's ``quantization_config``, if layerstream serves it
-    exactly; UnsupportedQuantization saying why and what to do otherwise."""
+    exactly (``scale_dtypes``: the dtypes of the checkpoint's tensors named with a suffix);
+    UnsupportedQuantization saying why and what to do otherwise."""
     method = raw.get("quant_method")
+    if method == MXFP4:
+        found = scale_dtypes(Mxfp4.scale_suffix)
+        if found != {torch.uint8}:
+            raise UnsupportedQuantization(
+                f"{where}: mxfp4 with scales in {sorted(map(str, found))}, not uint8 (e8m0)"
+            )
+        return Mxfp4()
     if method != FP8:
         raise UnsupportedQuantization(
             f"{where} is quantized with quant_method {method!r}; {what_to_do(method)}"
@@ -152,13 +305,20 @@ def supported(raw: dict[str, Any], scale_dtype: torch.dtype, where: str) -> Quan
                 f"{where}: fp8 with {name} {value!r} is not served yet (only {served!r}); "
                 f"{what_to_do(FP8)}"
             )
+    found = scale_dtypes(SCALE_SUFFIX)
+    if len(found) != 1:
+        raise UnsupportedQuantization(
+            f"{where}: its weights have scales in {len(found)} dtypes "
+            f"({sorted(map(str, found))}), not one"
+        )
+    scale_dtype = found.pop()
     names = {v: k for k, v in SCALE_DTYPES.items()}
     if scale_dtype not in names:
         raise UnsupportedQuantization(
             f"{where}: fp8 scales in {scale_dtype} are not served (float32, bfloat16 or "
             f"float16 only); {what_to_do(FP8)}"
         )
-    return Quantization(FP8, (block[0], block[1]), names[scale_dtype])
+    return Fp8Blocks((block[0], block[1]), names[scale_dtype])
 
 
 def dequantize_reference(

@@ -18,6 +18,7 @@ from ..errors import ChunkIntegrityError
 from .header import HeaderError, Problem, TensorEntry, decode_header
 from .header import header_length as _header_length
 from .manifest import ChunkInfo
+from .quantization import Quantization
 
 __all__ = ["TensorEntry"]  # re-exported: the engine's name for a chunk's tensor
 
@@ -118,9 +119,10 @@ class ChunkSpec:
 
     tensors: dict[str, TensorSpec]
     required: tuple[frozenset[str], ...] = ()
-    # keys held quantized, with their scales (format/quantization.py): the dtype each is
-    # dequantized to when its chunk is loaded
-    quantized: dict[str, torch.dtype] = field(default_factory=dict)
+    # keys held quantized, with their scales (format/quantization.py): the dtype and shape
+    # each is dequantized to when its chunk is loaded, and how
+    quantized: dict[str, TensorSpec] = field(default_factory=dict)
+    quantization: Quantization | None = None
 
 
 def check_layout(info: ChunkInfo, layout: list[TensorEntry], spec: ChunkSpec) -> None:

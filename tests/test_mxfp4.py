@@ -1,0 +1,201 @@
+"""MXFP4 checkpoints as gpt-oss ships them: the store keeps the 4-bit experts and their
+scales, and serves what from_pretrained of the same checkpoint computes on a CPU (which
+dequantizes them at load), streamed whole or expert by expert.
+
+The expert-streaming tests poison every byte the engine did not read, dequantized room
+included: an output equal to from_pretrained's proves an unread expert is never used."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from architectures import (
+    ARCHITECTURES,
+    PROMPT,
+    compare_generation,
+    compare_hidden_states,
+    reference_model,
+)
+from safetensors.torch import load_file
+from test_exactness import assert_same_generation, generate_both
+from test_experts import IMPLEMENTATIONS, STEPS, expert_engine
+
+from layerstream.chunker.convert import ChunkerError, chunk_checkpoint
+from layerstream.chunker.presets import write_random_checkpoint
+from layerstream.chunker.quantize import write_random_mxfp4_checkpoint
+from layerstream.engine.engine import Engine, EngineOptions
+from layerstream.format.manifest import Manifest
+from layerstream.format.quantization import Mxfp4
+from layerstream.stores import open_store
+
+
+@pytest.fixture(scope="module")
+def gpt_oss(tmp_path_factory) -> tuple[Path, Path]:
+    """(the MXFP4 checkpoint, its store): gpt-oss's layout at 8 experts, top-2."""
+    root = tmp_path_factory.mktemp("mxfp4")
+    (root / "config.json").write_text(json.dumps(ARCHITECTURES["gpt_oss"]))
+    plain = write_random_checkpoint(
+        str(root / "config.json"), root / "plain", weight_scale=8.0, dtype="bfloat16"
+    )
+    checkpoint = write_random_mxfp4_checkpoint(plain, root / "mxfp4")
+    chunk_checkpoint(checkpoint, root / "store", "gpt-oss", progress=False)
+    return checkpoint, root / "store"
+
+
+def _budget(store: Path) -> int:
+    """Room for the rest, every block's base and two streaming buffers (each with its block
+    dequantized): the experts stream."""
+    manifest = Manifest.from_json((store / "manifest.json").read_text())
+    largest = max(manifest.chunks[b.chunk].memory_bytes for b in manifest.blocks)
+    return manifest.rest_bytes + 3 * largest
+
+
+def test_the_store_keeps_the_4_bit_experts_and_their_scales(gpt_oss):
+    checkpoint, store = gpt_oss
+    manifest = Manifest.from_json((store / "manifest.json").read_text())
+    assert manifest.quantization == Mxfp4()
+    source = load_file(checkpoint / "model.safetensors")
+    block = manifest.chunks[manifest.blocks[0].chunk]
+    chunk = load_file(store / block.file)
+    key = "model.layers.0.mlp.experts.gate_up_proj"
+    assert block.quantized == sorted([key, key.replace("gate_up", "down")])
+    assert torch.equal(chunk[key], source[key + "_blocks"])
+    assert torch.equal(chunk[key + "_scales"], source[key + "_scales"])
+    # an expert read alone brings its scales: they are part of its group
+    (group,) = block.experts.groups
+    assert key + "_scales" in group.tensors
+    # the store holds a quarter of bfloat16's bytes for the experts, and a little more
+    dequantized = block.dequantized_bytes
+    stored = sum(chunk[k].numel() + chunk[k + "_scales"].numel() for k in block.quantized)
+    assert stored / dequantized == pytest.approx(0.25 * (1 + 1 / 16))
+
+
+def test_each_expert_dequantized_alone_equals_transformers_on_the_whole_tensor():
+    """Every byte value and a spread of exponents, sliced by expert as a lease does."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    fmt = Mxfp4()
+    shape = (4, 64, 96)  # [E, A, B]: stored [E, B, A/32, 16]
+    blocks = torch.arange(256, dtype=torch.uint8).repeat(4 * 96 * 2 * 16 // 256)
+    blocks = blocks[torch.randperm(blocks.numel())].view(fmt.stored_shape(shape))
+    scales = torch.randint(100, 150, fmt.scale_shape(shape), dtype=torch.uint8)
+    for dtype in (torch.bfloat16, torch.float32):
+        want = convert_moe_packed_tensors(blocks, scales, dtype=dtype)
+        assert want.shape == shape
+        out = torch.full(shape, float("nan"), dtype=dtype)
+        for e in (2, 0, 3, 1):
+            fmt.dequantize(blocks[e : e + 1], scales[e : e + 1], dtype, out[e : e + 1])
+        assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("budget", ["100%", "25%"])
+def test_whole_blocks_are_exact_to_from_pretrained(gpt_oss, budget):
+    checkpoint, store = gpt_oss
+    reference = reference_model(checkpoint)
+    engine = Engine(
+        open_store(str(store)), EngineOptions(memory_budget=budget, expert_streaming="off")
+    )
+    try:
+        assert engine.plan.fully_resident == (budget == "100%")
+        generation = compare_generation(engine, reference, STEPS)
+        assert generation.ids_equal and generation.step_diffs == [0.0] * STEPS
+        hidden = compare_hidden_states(engine, reference)
+        assert hidden.diffs == [0.0] * hidden.expected
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_streamed_4_bit_experts_are_exact_and_only_the_routed_are_read(gpt_oss, impl):
+    """Each routed expert's 4-bit values and scales read and dequantized alone, the
+    unread ones NaN in both their stored bytes and their dequantized room."""
+    checkpoint, store = gpt_oss
+    reference = reference_model(checkpoint)
+    reference.set_experts_implementation(impl)
+    engine = expert_engine(store, _budget(store))
+    try:
+        engine.model.set_experts_implementation(impl)
+        assert engine.parts, "the experts must stream one by one"
+        generation = compare_generation(engine, reference, STEPS)
+        assert generation.ids_equal and generation.step_diffs == [0.0] * STEPS
+        hidden = compare_hidden_states(engine, reference)
+        assert hidden.diffs == [0.0] * hidden.expected
+        stats = engine.streamer.stats
+        (size,) = {
+            p.expert_bytes(0, e) for p in engine.parts.values() for e in range(p.groups[0].count)
+        }
+        assert stats.expert_bytes == stats.experts_read * size
+        assert stats.experts_read > 0
+        assert stats.dequantize_s > 0
+    finally:
+        engine.close()
+
+
+def test_sampling_and_concurrent_requests_stay_exact(gpt_oss):
+    """Seeded sampling equals from_pretrained's, and requests sharing installs (each
+    expert read and dequantized once, whoever routed to it) each get their solo output."""
+    checkpoint, store = gpt_oss
+    reference = reference_model(checkpoint)
+    engine = expert_engine(store, _budget(store), compute_slots=2)
+    prompts = [PROMPT, PROMPT[::-1], PROMPT[2:]]
+
+    def run(prompt: list[int]) -> list[int]:
+        with engine.request():
+            out = engine.model.generate(
+                torch.tensor([prompt]), max_new_tokens=STEPS, do_sample=False, pad_token_id=0
+            )
+        return out[0].tolist()
+
+    try:
+        sampling = dict(do_sample=True, top_k=20, temperature=0.8, seed=7)
+        assert_same_generation(*generate_both(engine, reference, **sampling))
+        solo = [run(p) for p in prompts]
+        results: dict[int, list[int]] = {}
+        errors: list[BaseException] = []
+        start = threading.Barrier(len(prompts))
+
+        def worker(i: int) -> None:
+            try:
+                start.wait(timeout=60)
+                results[i] = run(prompts[i])
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert not errors
+        assert [results[i] for i in range(len(prompts))] == solo
+    finally:
+        engine.close()
+
+
+def test_mxfp4_outside_the_experts_is_refused(gpt_oss, tmp_path):
+    """Only the experts' gate_up_proj and down_proj are what transformers' mxfp4 loader
+    reads: 4-bit values anywhere else are refused, naming the tensor."""
+    checkpoint, _ = gpt_oss
+    tensors = load_file(checkpoint / "model.safetensors")
+    weight = tensors.pop("model.layers.0.self_attn.q_proj.weight")
+    rows, cols = weight.shape
+    tensors["model.layers.0.self_attn.q_proj.weight_blocks"] = torch.zeros(
+        rows, cols // 32, 16, dtype=torch.uint8
+    )
+    tensors["model.layers.0.self_attn.q_proj.weight_scales"] = torch.zeros(
+        rows, cols // 32, dtype=torch.uint8
+    )
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        if (checkpoint / name).exists():
+            (bad / name).write_bytes((checkpoint / name).read_bytes())
+    with pytest.raises(ChunkerError, match=r"q_proj\.weight_blocks"):
+        chunk_checkpoint(bad, tmp_path / "store", "bad", progress=False)
