@@ -28,6 +28,7 @@ from layerstream.chunker.convert import ChunkerError, chunk_checkpoint
 from layerstream.chunker.presets import write_random_checkpoint
 from layerstream.chunker.quantize import write_random_mxfp4_checkpoint
 from layerstream.engine.engine import Engine, EngineOptions
+from layerstream.format import quantization
 from layerstream.format.manifest import Manifest
 from layerstream.format.quantization import Mxfp4
 from layerstream.stores import open_store
@@ -74,22 +75,33 @@ def test_the_store_keeps_the_4_bit_experts_and_their_scales(gpt_oss):
     assert stored / dequantized == pytest.approx(0.25 * (1 + 1 / 16))
 
 
-def test_each_expert_dequantized_alone_equals_transformers_on_the_whole_tensor():
-    """Every byte value and a spread of exponents, sliced by expert as a lease does."""
+@pytest.mark.parametrize("piece", [quantization.PIECE, 1])
+def test_each_expert_dequantized_alone_equals_transformers_on_the_whole_tensor(
+    monkeypatch, piece
+):
+    """Every byte value and every scale, bit for bit in each dtype, sliced by expert as a
+    lease does, and in pieces of rows (down to one) as the engine bounds its working
+    memory."""
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    monkeypatch.setattr(quantization, "PIECE", piece)
 
     fmt = Mxfp4()
     shape = (4, 64, 96)  # [E, A, B]: stored [E, B, A/32, 16]
     blocks = torch.arange(256, dtype=torch.uint8).repeat(4 * 96 * 2 * 16 // 256)
     blocks = blocks[torch.randperm(blocks.numel())].view(fmt.stored_shape(shape))
-    scales = torch.randint(100, 150, fmt.scale_shape(shape), dtype=torch.uint8)
-    for dtype in (torch.bfloat16, torch.float32):
+    # every scale: 0 (2^-127) and 255 (NaN) take transformers' routine, the rest a faster one
+    scales = torch.randint(0, 256, fmt.scale_shape(shape), dtype=torch.uint8)
+    scales[1] = torch.randint(1, 255, scales[1].shape, dtype=torch.uint8)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
         want = convert_moe_packed_tensors(blocks, scales, dtype=dtype)
         assert want.shape == shape
+        bits = {2: torch.int16, 4: torch.int32}[dtype.itemsize]
+        assert torch.equal(fmt.dequantize(blocks, scales, dtype).view(bits), want.view(bits))
         out = torch.full(shape, float("nan"), dtype=dtype)
         for e in (2, 0, 3, 1):
             fmt.dequantize(blocks[e : e + 1], scales[e : e + 1], dtype, out[e : e + 1])
-        assert torch.equal(out, want)
+        assert torch.equal(out.view(bits), want.view(bits))
 
 
 @pytest.mark.parametrize("budget", ["100%", "25%"])

@@ -245,9 +245,29 @@ class Mxfp4(Quantization):
     ) -> torch.Tensor:
         from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-        with torch.inference_mode(False):  # weights like from_pretrained's, in any mode
-            value = convert_moe_packed_tensors(weight, scales, dtype=dtype)
-        return _into(value, out)
+        if out is None:
+            with torch.inference_mode(False):  # weights like from_pretrained's, in any mode
+                out = torch.empty(self.dequantized_shape(tuple(weight.shape)), dtype=dtype)
+        # transformers' routine on the whole tensor holds ~4 temporaries of its size (the
+        # table's indices as int32, the values, their transpose): a piece of an expert's
+        # rows at a time keeps that within a few MiB. Each value depends only on its own
+        # byte and scale, so a piece dequantized alone equals its part of the whole.
+        rows = max(PIECE // (weight.shape[-2] * weight.shape[-1] * 2), 1)
+        for e in range(weight.shape[0]):
+            for r in range(0, weight.shape[1], rows):
+                blocks, exps = weight[e, r : r + rows], scales[e, r : r + rows]
+                target = out[e, :, r : r + rows]
+                if int(exps.min()) == 0 or int(exps.max()) == 255:  # 2^-127, NaN: theirs
+                    piece = convert_moe_packed_tensors(blocks[None], exps[None], dtype=dtype)
+                    target.copy_(piece[0])
+                else:
+                    _mxfp4_piece(blocks, exps, target)
+        return out
+
+    def dequantized_shape(self, stored: tuple[int, ...]) -> tuple[int, ...]:
+        """The model tensor's shape for stored values of shape ``stored``."""
+        *lead, b, groups, half = stored
+        return (*lead, groups * half * 2, b)
 
     def describe(self) -> str:
         return f"{self.method} (blocks of {MXFP4_GROUP}, e8m0 scales)"
@@ -415,3 +435,30 @@ def _into(value: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     if out is None:
         return value
     return out.copy_(value)
+
+
+_MXFP4_PAIRS: dict[str, torch.Tensor] = {}
+
+
+def _mxfp4_piece(blocks: torch.Tensor, exps: torch.Tensor, out: torch.Tensor) -> None:
+    """``blocks`` ``[B, G, 16]`` and their scales ``[B, G]`` into ``out`` ``[G * 32, B]``:
+    transformers' ``convert_moe_packed_tensors`` computes each value as a float32 product
+    of its fp4 value (from a table) and ``2^(scale - 127)`` (``torch.ldexp``), rounded to
+    the output dtype once; here the same product from a table of both values of a byte at
+    once, rounded once by the copy into ``out``: 2-3x faster, checked bit-identical for
+    every byte and every scale but 0 and 255 (which take transformers' routine)."""
+    from transformers.integrations.mxfp4 import FP4_VALUES
+
+    pairs = _MXFP4_PAIRS.get("float32")
+    if pairs is None:
+        values = torch.tensor(FP4_VALUES, dtype=torch.float32)
+        byte = torch.arange(256)
+        pairs = _MXFP4_PAIRS.setdefault(
+            "float32", torch.stack([values[byte & 0x0F], values[byte >> 4]], 1).contiguous()
+        )
+    b, g, half = blocks.shape
+    rows = b * g
+    index = blocks.reshape(-1).to(torch.int32)
+    products = pairs.index_select(0, index).view(rows, half * 2)
+    products.mul_(torch.pow(2.0, exps.reshape(rows, 1).to(torch.int32) - 127))
+    out.copy_(products.view(b, g * half * 2).t())
