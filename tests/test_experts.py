@@ -143,7 +143,14 @@ def test_concurrent_requests_share_each_install_and_stay_exact(moe_models):
     """Requests riding one sweep share each expert read; each output is its solo output."""
     _, store = moe_models("qwen3_moe")
     engine = expert_engine(store, streaming_budget(store), compute_slots=2)
-    prompts = [PROMPT, PROMPT[::-1], PROMPT[2:]]
+    try:
+        assert_together_as_solo(engine, [PROMPT, PROMPT[::-1], PROMPT[2:]])
+    finally:
+        engine.close()
+
+
+def assert_together_as_solo(engine: Engine, prompts: list[list[int]]) -> None:
+    """Greedy generations of ``prompts`` run at once equal each one run alone."""
 
     def run(prompt: list[int]) -> list[int]:
         with engine.request():
@@ -152,28 +159,25 @@ def test_concurrent_requests_share_each_install_and_stay_exact(moe_models):
             )
         return out[0].tolist()
 
-    try:
-        solo = [run(p) for p in prompts]
-        results: dict[int, list[int]] = {}
-        errors: list[BaseException] = []
-        start = threading.Barrier(len(prompts))
+    solo = [run(p) for p in prompts]
+    results: dict[int, list[int]] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(prompts))
 
-        def worker(i: int) -> None:
-            try:
-                start.wait(timeout=60)
-                results[i] = run(prompts[i])
-            except BaseException as exc:
-                errors.append(exc)
+    def worker(i: int) -> None:
+        try:
+            start.wait(timeout=60)
+            results[i] = run(prompts[i])
+        except BaseException as exc:
+            errors.append(exc)
 
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=300)
-        assert not errors
-        assert [results[i] for i in range(len(prompts))] == solo
-    finally:
-        engine.close()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors
+    assert [results[i] for i in range(len(prompts))] == solo
 
 
 def test_an_expert_is_read_once_per_install_whoever_asks(moe_models):

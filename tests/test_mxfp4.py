@@ -8,7 +8,6 @@ included: an output equal to from_pretrained's proves an unread expert is never 
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from architectures import (
 )
 from safetensors.torch import load_file
 from test_exactness import assert_same_generation, generate_both
-from test_experts import IMPLEMENTATIONS, STEPS, expert_engine
+from test_experts import IMPLEMENTATIONS, STEPS, assert_together_as_solo, expert_engine
 
 from layerstream.chunker.convert import ChunkerError, chunk_checkpoint
 from layerstream.chunker.presets import write_random_checkpoint
@@ -76,9 +75,7 @@ def test_the_store_keeps_the_4_bit_experts_and_their_scales(gpt_oss):
 
 
 @pytest.mark.parametrize("piece", [quantization.PIECE, 1])
-def test_each_expert_dequantized_alone_equals_transformers_on_the_whole_tensor(
-    monkeypatch, piece
-):
+def test_each_expert_dequantized_alone_equals_transformers_on_the_whole_tensor(monkeypatch, piece):
     """Every byte value and every scale, bit for bit in each dtype, sliced by expert as a
     lease does, and in pieces of rows (down to one) as the engine bounds its working
     memory."""
@@ -153,37 +150,10 @@ def test_sampling_and_concurrent_requests_stay_exact(gpt_oss):
     checkpoint, store = gpt_oss
     reference = reference_model(checkpoint)
     engine = expert_engine(store, _budget(store), compute_slots=2)
-    prompts = [PROMPT, PROMPT[::-1], PROMPT[2:]]
-
-    def run(prompt: list[int]) -> list[int]:
-        with engine.request():
-            out = engine.model.generate(
-                torch.tensor([prompt]), max_new_tokens=STEPS, do_sample=False, pad_token_id=0
-            )
-        return out[0].tolist()
-
     try:
         sampling = dict(do_sample=True, top_k=20, temperature=0.8, seed=7)
         assert_same_generation(*generate_both(engine, reference, **sampling))
-        solo = [run(p) for p in prompts]
-        results: dict[int, list[int]] = {}
-        errors: list[BaseException] = []
-        start = threading.Barrier(len(prompts))
-
-        def worker(i: int) -> None:
-            try:
-                start.wait(timeout=60)
-                results[i] = run(prompts[i])
-            except BaseException as exc:
-                errors.append(exc)
-
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=300)
-        assert not errors
-        assert [results[i] for i in range(len(prompts))] == solo
+        assert_together_as_solo(engine, [PROMPT, PROMPT[::-1], PROMPT[2:]])
     finally:
         engine.close()
 
