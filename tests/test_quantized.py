@@ -269,12 +269,17 @@ MOE_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("budget", ["25%", "100%"])
+@pytest.mark.parametrize(
+    ("budget", "experts"),
+    [("100%", "auto"), ("25%", "off"), ("25%", "on"), ("one buffer", "on")],
+)
 @pytest.mark.parametrize("name", sorted(MOE_CONFIGS))
-def test_fp8_experts_are_fused_fp8_and_exact(tmp_path, name, budget):
+def test_fp8_experts_are_fused_fp8_and_exact(tmp_path, name, budget, experts):
     """A mixture-of-experts checkpoint holds each expert's fp8 weights and scales apart,
     which transformers dequantizes and fuses at load: the store keeps the fused parameter
-    fp8 with its scales fused alike, and serves what from_pretrained computes."""
+    fp8 with its scales fused alike, and serves what from_pretrained computes: whole
+    blocks, or expert by expert (each read expert dequantized alone, the base's fp8
+    attention weights with the base; every byte not read NaN)."""
     (tmp_path / "config.json").write_text(json.dumps(MOE_CONFIGS[name]))
     plain = write_random_checkpoint(
         str(tmp_path / "config.json"), tmp_path / "plain", weight_scale=8.0, dtype="bfloat16"
@@ -284,22 +289,57 @@ def test_fp8_experts_are_fused_fp8_and_exact(tmp_path, name, budget):
     assert any(".experts.1." in k and k.endswith(".weight_scale_inv") for k in keys)
     manifest = chunk_checkpoint(fp8, tmp_path / "store", name, progress=False)
     block = manifest.chunks[manifest.blocks[0].chunk]
-    experts = [k for k in block.quantized or [] if ".experts." in k]
-    assert experts, block.quantized  # the fused experts parameters, stored fp8
+    experts_keys = [k for k in block.quantized or [] if ".experts." in k]
+    assert experts_keys, block.quantized  # the fused experts parameters, stored fp8
+    assert any(".self_attn." in k for k in block.quantized)  # and the attention's
     header = load_file(tmp_path / "store" / block.file)
-    assert all(header[k].dtype == torch.float8_e4m3fn and header[k].dim() == 3 for k in experts)
+    assert all(
+        header[k].dtype == torch.float8_e4m3fn and header[k].dim() == 3 for k in experts_keys
+    )
     ref = reference(fp8)
-    engine = Engine(open_store(str(tmp_path / "store")), EngineOptions(memory_budget=budget))
+    tight = budget == "one buffer"  # no base pinned: each install reads and dequantizes it
+    memory = max(manifest.chunks[b.chunk].memory_bytes for b in manifest.blocks)
+    options = EngineOptions(
+        memory_budget=manifest.rest_bytes + memory + 2**16 if tight else budget,
+        read_ahead=0 if tight else 1,
+        expert_streaming=experts,
+        poison_unread_experts=True,
+    )
+    engine = Engine(open_store(str(tmp_path / "store")), options)
     try:
+        assert bool(engine.parts) == (experts == "on")
+        assert bool(engine.plan.pinned_bases) == (budget == "25%" and experts == "on")
         assert_same_forward_and_greedy(engine, ref)
+        if experts == "on":
+            assert engine.streamer.stats.experts_read > 0
     finally:
         engine.close()
-    if budget == "25%":  # its blocks stream whole: asking for experts alone says why
-        with pytest.raises(SettingsError, match="quantized tensors outside its experts"):
-            Engine(
-                open_store(str(tmp_path / "store")),
-                EngineOptions(memory_budget=budget, expert_streaming="on"),
-            )
+
+
+def test_an_fp8_store_chunked_before_experts_kept_their_scales_streams_whole(tmp_path):
+    """A store whose expert groups do not list the experts' scales (an older chunker's)
+    cannot read an expert alone with its scales: its blocks stream whole, and asking for
+    experts alone says to re-run the chunker."""
+    (tmp_path / "config.json").write_text(json.dumps(MOE_CONFIGS["qwen3_moe"]))
+    plain = write_random_checkpoint(
+        str(tmp_path / "config.json"), tmp_path / "plain", weight_scale=8.0, dtype="bfloat16"
+    )
+    fp8 = write_fp8_checkpoint(plain, tmp_path / "fp8")
+    store = tmp_path / "store"
+    chunk_checkpoint(fp8, store, "old", progress=False)
+    data = json.loads((store / "manifest.json").read_text())
+    for chunk in data["chunks"].values():
+        for group in (chunk.get("experts") or {}).get("groups", []):
+            group["tensors"] = [t for t in group["tensors"] if not t.endswith("_scale_inv")]
+    (store / "manifest.json").write_text(json.dumps(data))
+    engine = Engine(open_store(str(store)), EngineOptions(memory_budget="25%"))
+    try:
+        assert not engine.parts and engine.plan.streamed
+        assert_same_forward_and_greedy(engine, reference(fp8))
+    finally:
+        engine.close()
+    with pytest.raises(SettingsError, match="re-run the chunker"):
+        Engine(open_store(str(store)), EngineOptions(memory_budget="25%", expert_streaming="on"))
 
 
 def test_fp8_weights_transformers_splits_are_refused(tmp_path, monkeypatch):

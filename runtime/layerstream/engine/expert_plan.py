@@ -40,10 +40,10 @@ def expert_parts(
     listed = [name for name in layouts if manifest.chunks[name].experts is not None]
     whole = [name for name in listed if not _experts_hold_quantized(manifest, name)]
     if whole:
-        # quantized tensors outside its experts (fp8 attention weights): dequantized whole
+        # chunked before an expert's scales were part of it: its experts cannot be read alone
         log.info(
-            "%s: %d blocks hold quantized tensors outside their experts: they stream whole, "
-            "not expert by expert",
+            "%s: %d blocks hold quantized experts without their scales beside each (chunked "
+            "by an older layerstream): they stream whole; re-run the chunker to stream experts",
             manifest.name,
             len(whole),
         )
@@ -52,9 +52,8 @@ def expert_parts(
         why = (
             "has no experts modules"
             if not experts
-            else "holds quantized tensors outside its experts (or a store chunked before "
-            "experts kept their scales), so its blocks stream whole: set expert_streaming "
-            "to auto or off"
+            else "was chunked before an expert's scales were kept beside it, so its "
+            "blocks stream whole: re-run the chunker, or set expert_streaming to auto or off"
             if whole
             else "was chunked without its experts' byte ranges: re-run the chunker"
         )
@@ -105,14 +104,16 @@ def _chunk_parts(
 
 
 def _experts_hold_quantized(manifest: Manifest, name: str) -> bool:
-    """Whether every quantized tensor of chunk ``name`` lies in one of its experts groups
-    with its scales, so each expert read alone can be dequantized alone."""
+    """Whether every quantized expert tensor of chunk ``name`` has its scales in its group,
+    so each expert read alone can be dequantized alone (quantized tensors outside the
+    experts are dequantized with the base)."""
     info, quant = manifest.chunks[name], manifest.quantization
     if info.quantized is None or quant is None:
         return True
     assert info.experts is not None
-    for key in info.quantized:
-        group = next((g for g in info.experts.groups if key in g.tensors), None)
-        if group is None or quant.scale_key(key) not in group.tensors:
-            return False
-    return True
+    return all(
+        quant.scale_key(key) in group.tensors
+        for group in info.experts.groups
+        for key in group.tensors
+        if key in info.quantized
+    )

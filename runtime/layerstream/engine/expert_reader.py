@@ -83,10 +83,11 @@ class PinnedBase:
 
 
 class QuantizedExperts:
-    """A quantized block's expert tensors as its lease holds them: the stored values and
-    scales in its buffer, each expert dequantized on its own into room of its own beside
-    them once read (every format's dequantization is per expert: format/quantization.py).
-    Unread experts' rooms hold whatever was there, never read by the experts module."""
+    """A quantized block's tensors as its lease holds them: the stored values and scales
+    (in its buffer, or its pinned base), each dequantized into room of its own: the base's
+    when the lease is made, each expert's alone once read (every format's dequantization is
+    per expert: format/quantization.py). Unread experts' rooms hold whatever was there,
+    never read by the experts module."""
 
     def __init__(
         self,
@@ -102,6 +103,16 @@ class QuantizedExperts:
         # by group, its quantized keys
         self._keys = [[k for k in tensors if k in targets] for tensors in groups]
         self._count = count
+
+    def dequantize_base(self) -> None:
+        """The quantized tensors outside the experts (fp8 attention weights), whole."""
+        in_groups = {key for keys in self._keys for key in keys}
+        start = time.perf_counter()
+        for key, target in self.targets.items():
+            if key not in in_groups:
+                weight, scales = self._stored[key], self._stored[self.quant.scale_key(key)]
+                self.quant.dequantize(weight, scales, target.dtype, target)
+        self._count(time.perf_counter() - start)
 
     def dequantize(self, group: int, experts: list[int]) -> None:
         start = time.perf_counter()
@@ -329,13 +340,12 @@ class ExpertReader(PooledReader):
                 data.fill_(POISON)
                 room.fill_(POISON)
             if pinned is not None:  # its base is in memory: only its experts are read
-                version, experts = pinned.version, pinned.experts
+                version = pinned.version
+                stored = {**pinned.tensors, **tensors_from_layout(pinned.experts, data)}
             else:
                 version = self._read_base(info, data, parts)
-                keys = {key for group in parts.groups for key in group.tensors}
-                layout = self.checks.layout(info, data, version)
-                experts = [t for t in layout if t.key in keys]
-            quantized = self._quantized(info, parts, data, room, experts)
+                stored = tensors_from_layout(self.checks.layout(info, data, version), data)
+            quantized = self._quantized(info, parts, stored, room)
         except BaseException:
             self.pool.release(buffer)
             raise
@@ -345,20 +355,23 @@ class ExpertReader(PooledReader):
         self,
         info: ChunkInfo,
         parts: ChunkParts,
-        data: torch.Tensor,
+        stored: dict[str, torch.Tensor],
         room: torch.Tensor,
-        experts: list[TensorEntry],
     ) -> QuantizedExperts | None:
+        """A quantized chunk's tensors as its lease holds them, its base's dequantized now
+        (on this reading thread), its experts' as each is read."""
         quant = self.checks.quantization(info)
         if quant is None:
             return None
-        return QuantizedExperts(
+        quantized = QuantizedExperts(
             quant,
-            tensors_from_layout(experts, data),
+            stored,
             self.checks.dequantized_targets(info, room),
             [group.tensors for group in parts.groups],
             self.checks.count_dequantize,
         )
+        quantized.dequantize_base()
+        return quantized
 
     def _read_base(self, info: ChunkInfo, data: torch.Tensor, parts: ChunkParts) -> str | None:
         base = [("its base", parts.base, parts.base_sha256)]
