@@ -180,3 +180,31 @@ def test_mxfp4_outside_the_experts_is_refused(gpt_oss, tmp_path):
             (bad / name).write_bytes((checkpoint / name).read_bytes())
     with pytest.raises(ChunkerError, match=r"q_proj\.weight_blocks"):
         chunk_checkpoint(bad, tmp_path / "store", "bad", progress=False)
+
+
+def test_an_mxfp4_model_served_by_mlserver_streams_its_checkpoints_tokens(gpt_oss, tmp_path):
+    """`mlserver start` on the MXFP4 store, 4-bit experts streamed one by one: greedy
+    tokens over SSE and gRPC are from_pretrained's, and the metadata names the format."""
+    import httpx
+    from mlserver_proc import ModelSpec, serve
+
+    from layerstream_client import Final, GRPCClient, SSEClient, Token
+
+    checkpoint, store = gpt_oss
+    reference = reference_model(checkpoint)
+    prompt = torch.tensor([PROMPT])
+    with torch.inference_mode():
+        out = reference.generate(
+            prompt, max_new_tokens=8, do_sample=False, attention_mask=torch.ones_like(prompt)
+        )
+    expected = out[0, len(PROMPT) :].tolist()
+    settings = {"memory_budget": str(_budget(store)), "expert_streaming": "on", "torch_threads": 1}
+    with serve(tmp_path / "repo", [ModelSpec("oss", store, settings)]) as server:
+        metadata = httpx.get(f"{server.http_url}/v2/models/oss", timeout=30).json()
+        assert metadata["parameters"]["stored_format"] == Mxfp4().describe()
+        for client in (SSEClient(server.http_url, 60.0), GRPCClient(server.grpc_target, 60.0)):
+            events = list(client.generate("oss", input_ids=PROMPT, max_new_tokens=8))
+            final = events[-1]
+            assert isinstance(final, Final) and final.error is None
+            assert [e.token_id for e in events if isinstance(e, Token)] == expected
+            assert final.stats["experts_read"] > 0
