@@ -25,6 +25,7 @@ PRESET_NAMES = (
     "llama-1b",
     "llama-4b",
     "qwen3-moe-2b",
+    "gpt-oss-2b",
     "mixtral-1b",
     "llama-demo",
 )
