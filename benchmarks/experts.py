@@ -139,7 +139,7 @@ def expert_bandwidth(store: Path, cold: bool, samples: int = 512, depth: int = 1
 def run_regime(
     regime: str, source: Path, store: Path, args: argparse.Namespace, work: Path
 ) -> dict[str, list[dict]]:
-    total = streaming.model_bytes(store)
+    total = streaming.memory_bytes(store)  # the cgroup's budget is the engine's
     base = streaming.baseline_usage() if regime == "cold" else 0
     if regime == "warm":
         streaming.warm_page_cache(store)

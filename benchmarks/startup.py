@@ -329,7 +329,7 @@ def main() -> None:
     expected = reference_ids(source, [PROMPT], 1, TOKENS, TOKENS)[0]
     cold = cgroup.available() is None
     base = streaming.baseline_usage() if cold else 0
-    total = streaming.model_bytes(store)
+    total = streaming.memory_bytes(store)  # what the engine takes a percentage of
     budgets = {"min": minimum_budget(store)} | {
         b: int(total * float(b.rstrip("%")) / 100) for b in args.budgets.split(",")
     }

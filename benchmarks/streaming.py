@@ -93,6 +93,14 @@ def model_bytes(store: Path) -> int:
     return sum(c["bytes"] for c in manifest["chunks"].values())
 
 
+def memory_bytes(store: Path) -> int:
+    """What a percentage ``memory_budget`` is a share of: the model held in memory (a
+    quantized store's chunks and their tensors dequantized; the chunks' bytes otherwise)."""
+    from layerstream.format.manifest import Manifest
+
+    return Manifest.from_json((store / "manifest.json").read_text()).total_memory_bytes
+
+
 def command(
     system: str, source: Path, store: Path, args: argparse.Namespace, work: Path
 ) -> list[str]:
@@ -329,7 +337,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "streaming.json")
     args = parser.parse_args()
     source, store = prepare(args.preset)
-    total = model_bytes(store)
+    total = memory_bytes(store)  # what the engine takes a percentage of
     systems = args.systems.split(",")
     cold_only = set(filter(None, args.cold_only.split(",")))
     if not PEERS_PYTHON.exists():
