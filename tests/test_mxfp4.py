@@ -208,3 +208,26 @@ def test_an_mxfp4_model_served_by_mlserver_streams_its_checkpoints_tokens(gpt_os
             assert isinstance(final, Final) and final.error is None
             assert [e.token_id for e in events if isinstance(e, Token)] == expected
             assert final.stats["experts_read"] > 0
+
+
+@pytest.mark.parametrize("budget", ["50%", "75%"])
+def test_the_expert_cache_keeps_4_bit_experts_dequantized(gpt_oss, budget):
+    """A hit copies the expert as it was dequantized (and its plain slices): no read, no
+    dequantization, and the output stays from_pretrained's with every unread byte NaN."""
+    checkpoint, store = gpt_oss
+    reference = reference_model(checkpoint)
+    engine = expert_engine(store, budget, expert_prefetch=False)
+    try:
+        assert engine.plan.expert_cache > 0 and engine.plan.streamed
+        engine.wait_pinned()
+        for _ in range(2):  # the second pass finds what the first kept
+            generation = compare_generation(engine, reference, STEPS)
+            assert generation.ids_equal and generation.step_diffs == [0.0] * STEPS
+        stats = engine.streamer.stats
+        assert stats.expert_cache_hits > 0
+        # a kept expert is its dequantized slices and its biases, not its 4-bit bytes
+        part = next(iter(engine.parts.values()))
+        kept = engine.streamer._reader.cache.slot_bytes
+        assert kept > 3 * part.expert_bytes(0, 0)
+    finally:
+        engine.close()

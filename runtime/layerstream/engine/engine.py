@@ -33,7 +33,7 @@ from . import allocator, tuning
 from .checks import ChunkChecks, VerifyMode
 from .expert_cache import ExpertCache
 from .expert_plan import expert_parts
-from .expert_reader import ExpertReader
+from .expert_reader import ExpertReader, kept_bytes
 from .experts import ExpertsModule, find_experts
 from .fill import PinFill
 from .hooks import (
@@ -320,14 +320,14 @@ class Engine:
         return streamer
 
     def _expert_cache(self) -> ExpertCache | None:
-        """The plan's expert cache, in slots of the largest expert."""
+        """The plan's expert cache, in slots of the largest expert as it keeps it (a
+        quantized store's dequantized)."""
         if not self.plan.expert_cache:
             return None
         largest = max(
-            p.expert_bytes(g, e)
-            for p in self.parts.values()
-            for g, group in enumerate(p.groups)
-            for e in range(group.count)
+            kept_bytes(self.specs[name], group.tensors)
+            for name, p in self.parts.items()
+            for group in p.groups
         )
         return ExpertCache(self.plan.expert_cache, largest)
 

@@ -21,7 +21,8 @@ values grow as ``DECAY**-tick``; they are brought back to the current tick befor
 could overflow.
 
 Kept bytes are the bytes read and checked for a version of the chunk; an install of
-another version misses them (and replaces them as it reads).
+another version misses them (and replaces them as it reads). A quantized store keeps its
+experts dequantized (expert_reader.py): a hit then costs a copy, not a dequantization.
 """
 
 from __future__ import annotations
@@ -101,6 +102,16 @@ class ExpertCache:
     ) -> bool:
         """Copy ``key``'s kept bytes into ``data`` at ``ranges``; False when not kept (for
         this version)."""
+        return self.copy_to(key, version, _views(data, ranges))
+
+    def offer(self, key: Key, version: str | None, data: torch.Tensor, ranges: list[Range]) -> None:
+        """``key``'s bytes were read (and checked) into ``data`` at ``ranges``: keep them if
+        a slot is free or its score beats the lowest kept one."""
+        self.offer_from(key, version, _views(data, ranges))
+
+    def copy_to(self, key: Key, version: str | None, views: list[torch.Tensor]) -> bool:
+        """Copy ``key``'s kept bytes into ``views`` (flat bytes, in the order they were
+        offered); False when not kept (for this version)."""
         if not self.slots:
             return False
         with self._lock:  # a slot is not reused while it is copied out
@@ -108,16 +119,16 @@ class ExpertCache:
             if slot is None or self._version[key] != version:
                 return False
             at = slot * self.slot_bytes
-            for offset, length in ranges:
-                data[offset : offset + length] = self._memory[at : at + length]
-                at += length
+            for view in views:
+                view.copy_(self._memory[at : at + view.numel()])
+                at += view.numel()
             self.stats.hits += 1
             return True
 
-    def offer(self, key: Key, version: str | None, data: torch.Tensor, ranges: list[Range]) -> None:
-        """``key``'s bytes were read (and checked) into ``data`` at ``ranges``: keep them if
-        a slot is free or its score beats the lowest kept one."""
-        if not self.slots or sum(n for _, n in ranges) > self.slot_bytes:
+    def offer_from(self, key: Key, version: str | None, views: list[torch.Tensor]) -> None:
+        """``key``'s bytes, checked, are ``views`` (flat bytes): keep them if a slot is free
+        or its score beats the lowest kept one."""
+        if not self.slots or sum(v.numel() for v in views) > self.slot_bytes:
             return
         with self._lock:
             slot = self._slot.get(key)
@@ -127,9 +138,9 @@ class ExpertCache:
                     return
             self._version[key] = version
             at = slot * self.slot_bytes
-            for offset, length in ranges:
-                self._memory[at : at + length] = data[offset : offset + length]
-                at += length
+            for view in views:
+                self._memory[at : at + view.numel()] = view
+                at += view.numel()
 
     def _take_slot(self, key: Key) -> int | None:
         """(Under the lock) a slot for ``key``: a free one, or the lowest-scored kept key's
@@ -153,3 +164,7 @@ class ExpertCache:
     def kept(self) -> list[Key]:
         with self._lock:
             return sorted(self._slot)
+
+
+def _views(data: torch.Tensor, ranges: list[Range]) -> list[torch.Tensor]:
+    return [data[offset : offset + length] for offset, length in ranges]

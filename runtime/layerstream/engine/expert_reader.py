@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from ..errors import ChunkIntegrityError
 from ..format.manifest import ChunkInfo
 from ..format.parts import ChunkParts, Range, coalesce, span
 from ..format.quantization import Quantization
-from ..format.safetensors import TensorEntry, tensors_from_layout
+from ..format.safetensors import ChunkSpec, TensorEntry, tensors_from_layout
 from ..stores import CachingStore, ChunkStore, MappableStore, ReadResult
 from ..stores.ranged import split
 from .checks import ChunkChecks
@@ -82,6 +83,21 @@ class PinnedBase:
         return cls(version, tensors, experts, end)
 
 
+def kept_bytes(spec: ChunkSpec, tensors: list[str]) -> int:
+    """The bytes the expert cache keeps of one expert of the group of ``tensors`` (``spec``:
+    its chunk's): its slice of each tensor, a quantized one's dequantized, scales none."""
+    scales = (
+        {spec.quantization.scale_key(k) for k in spec.quantized} if spec.quantization else set()
+    )
+    total = 0
+    for key in tensors:
+        if key in scales:
+            continue
+        t = spec.quantized.get(key) or spec.tensors[key]
+        total += math.prod(t.shape[1:]) * t.dtype.itemsize
+    return total
+
+
 class QuantizedExperts:
     """A quantized block's tensors as its lease holds them: the stored values and scales
     (in its buffer, or its pinned base), each dequantized into room of its own: the base's
@@ -100,8 +116,10 @@ class QuantizedExperts:
         self.quant = quant
         self._stored = stored  # views of the buffer: the quantized values and the scales
         self.targets = targets  # by quantized key: its dequantized tensor
-        # by group, its quantized keys
+        # by group, its quantized keys, and all its keys in file order
         self._keys = [[k for k in tensors if k in targets] for tensors in groups]
+        self._groups = groups
+        self._scale_keys = {quant.scale_key(k) for k in targets}
         self._count = count
 
     def dequantize_base(self) -> None:
@@ -124,6 +142,19 @@ class QuantizedExperts:
                     weight[e : e + 1], scales[e : e + 1], target.dtype, target[e : e + 1]
                 )
         self._count(time.perf_counter() - start)
+
+    def kept(self, group: int, expert: int) -> list[torch.Tensor]:
+        """What the expert cache keeps of ``expert`` of ``group``, as flat bytes: its
+        dequantized slices and its plain tensors' stored ones (its scales are spent)."""
+        views = []
+        for key in self._groups[group]:
+            if key in self._scale_keys:
+                continue
+            tensor = self.targets.get(key)
+            if tensor is None:
+                tensor = self._stored[key]
+            views.append(tensor[expert].reshape(-1).view(torch.uint8))
+        return views
 
     def replace(self, views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``views`` with the dequantized tensors in place of the stored ones and scales."""
@@ -395,10 +426,28 @@ class ExpertReader(PooledReader):
         self, lease: ExpertLease, data: torch.Tensor, group: int, experts: list[int]
     ) -> None:
         """``experts`` of ``group`` into ``data``: those the expert cache keeps copied from
-        it, the others read, checked, and offered to it."""
-        self._bring_experts(lease, data, group, experts)
-        if lease.quantized is not None:
-            lease.quantized.dequantize(group, experts)
+        it, the others read, checked, and offered to it. A quantized block's experts are
+        dequantized as read, and kept dequantized: a hit is a copy, not a dequantization."""
+        quantized, cache = lease.quantized, self.cache
+        if quantized is None or cache is None:
+            self._bring_experts(lease, data, group, experts)
+            if quantized is not None:
+                quantized.dequantize(group, experts)
+            return
+        name = lease.info.name
+        missed = [
+            e
+            for e in experts
+            if not cache.copy_to((name, group, e), lease.version, quantized.kept(group, e))
+        ]
+        if len(missed) < len(experts):
+            self.checks.count_cache_hits(len(experts) - len(missed))
+        if not missed:
+            return
+        version = self._read_experts(lease, data, group, missed)
+        quantized.dequantize(group, missed)
+        for e in missed:
+            cache.offer_from((name, group, e), version, quantized.kept(group, e))
 
     def _bring_experts(
         self, lease: ExpertLease, data: torch.Tensor, group: int, experts: list[int]
