@@ -26,15 +26,15 @@ def test_a_kept_expert_is_copied_back_to_its_ranges():
     cache = ExpertCache(4 * SLOT, SLOT)
     source = torch.arange(64, dtype=torch.uint8)
     ranges = [(3, 5), (40, 11)]  # two slices, 16 bytes in all
-    cache.offer(("block_0001", 0, 2), "v1", source, ranges)
+    cache.offer(("block_0001", 0, 2), "v1", _at(source, ranges))
     target = torch.zeros(64, dtype=torch.uint8)
-    assert cache.copy_into(("block_0001", 0, 2), "v1", target, ranges)
+    assert cache.copy_into(("block_0001", 0, 2), "v1", _at(target, ranges))
     for offset, length in ranges:
         assert torch.equal(target[offset : offset + length], source[offset : offset + length])
     assert int(target.sum()) == sum(int(source[o : o + n].sum()) for o, n in ranges)
     # another version of the chunk, another expert: not kept
-    assert not cache.copy_into(("block_0001", 0, 2), "v2", target, ranges)
-    assert not cache.copy_into(("block_0001", 0, 3), "v1", target, ranges)
+    assert not cache.copy_into(("block_0001", 0, 2), "v2", _at(target, ranges))
+    assert not cache.copy_into(("block_0001", 0, 3), "v1", _at(target, ranges))
     assert cache.stats.hits == 1
 
 
@@ -46,16 +46,16 @@ def test_the_most_routed_experts_stay():
     ranges = [(0, SLOT)]
     for expert, times in [(0, 5), (1, 3), (2, 1)]:
         _route(cache, expert, times)
-        cache.offer(("block_0001", 0, expert), None, _data(expert), ranges)
+        cache.offer(("block_0001", 0, expert), None, _at(_data(expert), ranges))
     assert cache.kept() == [("block_0001", 0, 0), ("block_0001", 0, 1)]
     _route(cache, 3, 4)  # 4 <= 1.5 x 3
-    cache.offer(("block_0001", 0, 3), None, _data(3), ranges)
+    cache.offer(("block_0001", 0, 3), None, _at(_data(3), ranges))
     assert cache.kept() == [("block_0001", 0, 0), ("block_0001", 0, 1)]
     _route(cache, 3, 1)  # 5 > 1.5 x 3
-    cache.offer(("block_0001", 0, 3), None, _data(3), ranges)
+    cache.offer(("block_0001", 0, 3), None, _at(_data(3), ranges))
     assert cache.kept() == [("block_0001", 0, 0), ("block_0001", 0, 3)]
     target = torch.zeros(64, dtype=torch.uint8)
-    assert cache.copy_into(("block_0001", 0, 3), None, target, ranges)
+    assert cache.copy_into(("block_0001", 0, 3), None, _at(target, ranges))
     assert torch.equal(target[:SLOT], _data(3)[:SLOT])  # expert 1's slot holds expert 3 now
 
 
@@ -72,10 +72,10 @@ def test_a_pass_over_the_blocks_does_not_churn_the_cache():
             cache.tick()
             key = ("block_0001", 0, expert)
             cache.routed(*key[:2], [expert])
-            if cache.copy_into(key, None, target, ranges):
+            if cache.copy_into(key, None, _at(target, ranges)):
                 hits += 1
             else:
-                cache.offer(key, None, _data(expert), ranges)
+                cache.offer(key, None, _at(_data(expert), ranges))
     assert hits == 2 * 4  # passes 2 and 3 find the first four
 
 
@@ -84,11 +84,11 @@ def test_old_routing_decays():
     cache = ExpertCache(SLOT, SLOT)
     ranges = [(0, SLOT)]
     _route(cache, 0, 8)
-    cache.offer(("block_0001", 0, 0), None, _data(0), ranges)
+    cache.offer(("block_0001", 0, 0), None, _at(_data(0), ranges))
     for _ in range(4 * HALF_LIFE):  # eight routings decay to half of one
         cache.tick()
     _route(cache, 1, 1)
-    cache.offer(("block_0001", 0, 1), None, _data(1), ranges)
+    cache.offer(("block_0001", 0, 1), None, _at(_data(1), ranges))
     assert cache.kept() == [("block_0001", 0, 1)]
 
 
@@ -97,23 +97,23 @@ def test_scores_survive_their_rescaling():
     cache = ExpertCache(SLOT, SLOT)
     ranges = [(0, SLOT)]
     _route(cache, 0, 3)
-    cache.offer(("block_0001", 0, 0), None, _data(0), ranges)
+    cache.offer(("block_0001", 0, 0), None, _at(_data(0), ranges))
     for _ in range(600 * HALF_LIFE):  # past the rescaling threshold (2**500)
         cache.tick()
     assert 1.0 <= cache._unit < 1e150
     _route(cache, 0, 1)  # 1 + what is left of 3 (nothing, after 600 half-lives)
     _route(cache, 1, 2)
-    cache.offer(("block_0001", 0, 1), None, _data(1), ranges)
+    cache.offer(("block_0001", 0, 1), None, _at(_data(1), ranges))
     assert cache.kept() == [("block_0001", 0, 1)]
 
 
 def test_an_expert_larger_than_a_slot_or_a_cache_without_slots_keeps_nothing():
     empty = ExpertCache(SLOT - 1, SLOT)
     assert empty.slots == 0
-    empty.offer(("block_0001", 0, 0), None, _data(0), [(0, SLOT)])
+    empty.offer(("block_0001", 0, 0), None, [_data(0)[:SLOT]])
     assert empty.kept() == []
     cache = ExpertCache(2 * SLOT, SLOT)
-    cache.offer(("block_0001", 0, 0), None, _data(0), [(0, SLOT + 1)])
+    cache.offer(("block_0001", 0, 0), None, [torch.zeros(SLOT + 1, dtype=torch.uint8)])
     assert cache.kept() == []
 
 
@@ -172,3 +172,7 @@ def _parts(store):
         return list(engine.parts.values())
     finally:
         engine.close()
+
+
+def _at(data: torch.Tensor, ranges: list[tuple[int, int]]) -> list[torch.Tensor]:
+    return [data[offset : offset + length] for offset, length in ranges]

@@ -33,8 +33,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..format.parts import Range
-
 HALF_LIFE = 1024  # installs: with 16 streamed blocks, about 64 tokens
 DECAY = 0.5 ** (1 / HALF_LIFE)
 _RESCALE = 1e150  # normalised scores are brought back to the current tick past this
@@ -97,19 +95,7 @@ class ExpertCache:
                     self._score[key] /= self._unit
                 self._unit = 1.0
 
-    def copy_into(
-        self, key: Key, version: str | None, data: torch.Tensor, ranges: list[Range]
-    ) -> bool:
-        """Copy ``key``'s kept bytes into ``data`` at ``ranges``; False when not kept (for
-        this version)."""
-        return self.copy_to(key, version, _views(data, ranges))
-
-    def offer(self, key: Key, version: str | None, data: torch.Tensor, ranges: list[Range]) -> None:
-        """``key``'s bytes were read (and checked) into ``data`` at ``ranges``: keep them if
-        a slot is free or its score beats the lowest kept one."""
-        self.offer_from(key, version, _views(data, ranges))
-
-    def copy_to(self, key: Key, version: str | None, views: list[torch.Tensor]) -> bool:
+    def copy_into(self, key: Key, version: str | None, views: list[torch.Tensor]) -> bool:
         """Copy ``key``'s kept bytes into ``views`` (flat bytes, in the order they were
         offered); False when not kept (for this version)."""
         if not self.slots:
@@ -125,7 +111,7 @@ class ExpertCache:
             self.stats.hits += 1
             return True
 
-    def offer_from(self, key: Key, version: str | None, views: list[torch.Tensor]) -> None:
+    def offer(self, key: Key, version: str | None, views: list[torch.Tensor]) -> None:
         """``key``'s bytes, checked, are ``views`` (flat bytes): keep them if a slot is free
         or its score beats the lowest kept one."""
         if not self.slots or sum(v.numel() for v in views) > self.slot_bytes:
@@ -164,7 +150,3 @@ class ExpertCache:
     def kept(self) -> list[Key]:
         with self._lock:
             return sorted(self._slot)
-
-
-def _views(data: torch.Tensor, ranges: list[Range]) -> list[torch.Tensor]:
-    return [data[offset : offset + length] for offset, length in ranges]

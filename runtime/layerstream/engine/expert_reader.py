@@ -428,46 +428,25 @@ class ExpertReader(PooledReader):
         """``experts`` of ``group`` into ``data``: those the expert cache keeps copied from
         it, the others read, checked, and offered to it. A quantized block's experts are
         dequantized as read, and kept dequantized: a hit is a copy, not a dequantization."""
-        quantized, cache = lease.quantized, self.cache
-        if quantized is None or cache is None:
-            self._bring_experts(lease, data, group, experts)
-            if quantized is not None:
-                quantized.dequantize(group, experts)
-            return
-        name = lease.info.name
-        missed = [
-            e
-            for e in experts
-            if not cache.copy_to((name, group, e), lease.version, quantized.kept(group, e))
-        ]
-        if len(missed) < len(experts):
-            self.checks.count_cache_hits(len(experts) - len(missed))
-        if not missed:
-            return
-        version = self._read_experts(lease, data, group, missed)
-        quantized.dequantize(group, missed)
-        for e in missed:
-            cache.offer_from((name, group, e), version, quantized.kept(group, e))
-
-    def _bring_experts(
-        self, lease: ExpertLease, data: torch.Tensor, group: int, experts: list[int]
-    ) -> None:
-        info, parts = lease.info, lease.parts
-        cache = self.cache
+        cache, name = self.cache, lease.info.name
+        missed = experts
         if cache is not None:
-            wanted, experts = experts, []
-            for e in wanted:
-                key = (info.name, group, e)
-                if not cache.copy_into(key, lease.version, data, parts.experts[group][e]):
-                    experts.append(e)
-            if len(experts) < len(wanted):
-                self.checks.count_cache_hits(len(wanted) - len(experts))
-            if not experts:
+            ours = lease.version
+            missed = [
+                e
+                for e in experts
+                if not cache.copy_into((name, group, e), ours, _kept(lease, data, group, e))
+            ]
+            if len(missed) < len(experts):
+                self.checks.count_cache_hits(len(experts) - len(missed))
+            if not missed:
                 return
-        version = self._read_experts(lease, data, group, experts)
+        version = self._read_experts(lease, data, group, missed)
+        if lease.quantized is not None:
+            lease.quantized.dequantize(group, missed)
         if cache is not None:
-            for e in experts:
-                cache.offer((info.name, group, e), version, data, parts.experts[group][e])
+            for e in missed:
+                cache.offer((name, group, e), version, _kept(lease, data, group, e))
 
     def _read_experts(
         self, lease: ExpertLease, data: torch.Tensor, group: int, experts: list[int]
@@ -559,3 +538,12 @@ class ExpertReader(PooledReader):
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         super().close()
+
+
+def _kept(lease: ExpertLease, data: torch.Tensor, group: int, expert: int) -> list[torch.Tensor]:
+    """What the expert cache keeps of an expert, as flat views of where the lease holds it:
+    its byte ranges, or a quantized block's dequantized slices and plain ones."""
+    if lease.quantized is not None:
+        return lease.quantized.kept(group, expert)
+    ranges = lease.parts.experts[group][expert]
+    return [data[offset : offset + length] for offset, length in ranges]
