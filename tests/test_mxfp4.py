@@ -27,6 +27,7 @@ from layerstream.chunker.convert import ChunkerError, chunk_checkpoint
 from layerstream.chunker.presets import write_random_checkpoint
 from layerstream.chunker.quantize import write_random_mxfp4_checkpoint
 from layerstream.engine.engine import Engine, EngineOptions
+from layerstream.errors import SettingsError
 from layerstream.format import quantization
 from layerstream.format.manifest import Manifest
 from layerstream.format.quantization import Mxfp4
@@ -157,29 +158,61 @@ def test_sampling_and_concurrent_requests_stay_exact(gpt_oss):
         engine.close()
 
 
-def test_mxfp4_outside_the_experts_is_refused(gpt_oss, tmp_path):
-    """Only the experts' gate_up_proj and down_proj are what transformers' mxfp4 loader
-    reads: 4-bit values anywhere else are refused, naming the tensor."""
-    checkpoint, _ = gpt_oss
-    tensors = load_file(checkpoint / "model.safetensors")
-    weight = tensors.pop("model.layers.0.self_attn.q_proj.weight")
-    rows, cols = weight.shape
-    tensors["model.layers.0.self_attn.q_proj.weight_blocks"] = torch.zeros(
-        rows, cols // 32, 16, dtype=torch.uint8
-    )
-    tensors["model.layers.0.self_attn.q_proj.weight_scales"] = torch.zeros(
-        rows, cols // 32, dtype=torch.uint8
-    )
-    bad = tmp_path / "bad"
-    bad.mkdir()
+GATE_UP = "model.layers.0.mlp.experts.gate_up_proj"
+Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
+
+
+def _outside_the_experts(tensors: dict[str, torch.Tensor]) -> None:
+    rows, cols = tensors.pop(Q_PROJ).shape
+    tensors[Q_PROJ + "_blocks"] = torch.zeros(rows, cols // 32, 16, dtype=torch.uint8)
+    tensors[Q_PROJ + "_scales"] = torch.zeros(rows, cols // 32, dtype=torch.uint8)
+
+
+def _wrong_shape(tensors: dict[str, torch.Tensor]) -> None:
+    blocks = tensors[GATE_UP + "_blocks"]
+    tensors[GATE_UP + "_blocks"] = blocks[:, :, :1].contiguous()
+    tensors[GATE_UP + "_scales"] = tensors[GATE_UP + "_scales"][:, :, :1].contiguous()
+
+
+@pytest.mark.parametrize(
+    ("damage", "words"),
+    [
+        # only the experts' gate_up_proj and down_proj are what transformers' loader reads
+        (_outside_the_experts, r"q_proj\.weight_blocks"),
+        (_wrong_shape, r"gate_up_proj_blocks is torch\.uint8 \[8, 128, 1, 16\]; mxfp4"),
+        (lambda t: t.pop(GATE_UP + "_scales"), r"gate_up_proj_blocks has no .*_scales beside"),
+        (lambda t: t.pop(GATE_UP + "_blocks"), r"gate_up_proj_scales has no torch\.uint8"),
+    ],
+)
+def test_a_damaged_mxfp4_checkpoint_is_one_clear_error_naming_the_tensor(
+    gpt_oss, tmp_path, damage, words
+):
     from safetensors.torch import save_file
 
+    checkpoint, _ = gpt_oss
+    tensors = load_file(checkpoint / "model.safetensors")
+    damage(tensors)
+    bad = tmp_path / "bad"
+    bad.mkdir()
     save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         if (checkpoint / name).exists():
             (bad / name).write_bytes((checkpoint / name).read_bytes())
-    with pytest.raises(ChunkerError, match=r"q_proj\.weight_blocks"):
+    with pytest.raises(ChunkerError, match=words) as error:
         chunk_checkpoint(bad, tmp_path / "store", "bad", progress=False)
+    assert "fp8" not in str(error.value) and "weight_block_size" not in str(error.value)
+    assert not (tmp_path / "store" / "manifest.json").exists()
+
+
+def test_experts_alone_at_a_budget_that_streams_no_block_says_so(gpt_oss, tmp_path):
+    _, store = gpt_oss
+    with pytest.raises(SettingsError, match="streams no block at this budget"):
+        Engine(open_store(str(store)), EngineOptions(memory_budget="100%", expert_streaming="on"))
+    # paths as strings are fine for the checkpoint writer too
+    plain = tmp_path / "plain"
+    (tmp_path / "config.json").write_text(json.dumps(ARCHITECTURES["gpt_oss"]))
+    write_random_checkpoint(str(tmp_path / "config.json"), plain, dtype="bfloat16")
+    assert write_random_mxfp4_checkpoint(str(plain), str(tmp_path / "mx")).is_dir()
 
 
 def test_an_mxfp4_model_served_by_mlserver_streams_its_checkpoints_tokens(gpt_oss, tmp_path):

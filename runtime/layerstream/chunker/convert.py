@@ -168,7 +168,7 @@ def _chunk_into(
         name,
         len(prefixes),
         manifest.total_bytes / 2**20,
-        dtype,
+        dtype if quant is None else f"{dtype}, stored {quant.describe()}",
         sink.uri,
     )
     return manifest
@@ -302,10 +302,42 @@ def _route(
             part = block_of(renamed, prefixes)
             routes.slices[part][key] = handle.get_slice(key)
             routes.sources[part].append(Routed(renamed, converter, index[key]))
-    if scales:
+    if scales or stored:
         assert quant is not None
         _route_scales(routes, scales, scale_slices, prefixes, conversion, quant)
+        held = {key for index in indexes for key in index}
+        for key in sorted(held):
+            if stored and key.endswith(stored) and quant.scale_key(stem(key)) not in held:
+                raise ChunkerError(
+                    f"{key} has no {quant.scale_key(stem(key))} beside it: a {quant.method} "
+                    "checkpoint keeps the scales of each quantized tensor; the checkpoint is "
+                    "incomplete: download it again"
+                )
     return routes
+
+
+def _unstorable(
+    scales: dict[str, SourceTensor],
+    sources: list[Routed],
+    meta: dict[str, torch.Tensor],
+    quant: Quantization,
+) -> str:
+    """Which quantized weight of a part is not in its format's layout, and how."""
+    found = {r.key: r.source for r in sources}
+    for key, scale in sorted(scales.items()):
+        shape = tuple(meta[key].shape)
+        want = (quant.stored_dtype, quant.stored_shape(shape))
+        weight = found.get(key)
+        for tensor, (dtype, expected) in (
+            (weight, want),
+            (scale, (quant.scale_torch_dtype, quant.scale_shape(shape))),
+        ):
+            if tensor is not None and (tensor.dtype, tensor.shape) != (dtype, expected):
+                return (
+                    f"{tensor.key} is {tensor.dtype} {list(tensor.shape)}; {quant.describe()} "
+                    f"keeps the model's {key} {list(shape)} as {dtype} {list(expected)}"
+                )
+    return f"{sorted(scales)[:3]}: not plain tensors of the model, in its format's layout"
 
 
 def _check_shape(
@@ -337,11 +369,12 @@ def _route_scales(
         r.source.key: r for sources in routes.sources.values() for r in sources
     }  # checkpoint key -> its route
     for scale in scales:
-        weight = weights.get(scale.key.removesuffix(quant.scale_suffix) + quant.weight_suffix)
+        wanted = scale.key.removesuffix(quant.scale_suffix) + quant.weight_suffix
+        weight = weights.get(wanted)
         if weight is None or weight.source.dtype != quant.stored_dtype:
             raise ChunkerError(
-                f"{scale.path.name}: {scale.key} scales no {quant.stored_dtype} weight of the "
-                f"checkpoint; it is not a {quant.method} checkpoint layerstream can serve"
+                f"{scale.path.name}: {scale.key} has no {quant.stored_dtype} {wanted} beside "
+                f"it to scale; it is not a {quant.method} checkpoint layerstream can serve"
             )
         converter = conversion.converter_of(weight.converter)  # Routed keeps its pattern
         fused = isinstance(quant, Fp8Blocks) and converter is not None and fuses_alike(converter)
@@ -400,12 +433,12 @@ def _write_chunks(
                     keys, meta, routes.sources.get(part, []), scales, quant
                 )
             if entries is None and scales and not routes.fused.get(part):
+                assert quant is not None
+                why = _unstorable(scales, routes.sources.get(part, []), meta, quant)
                 raise ChunkerError(
-                    f"{chunk_name(part)}: its fp8 weights cannot be stored as they are "
-                    f"({sorted(scales)[:3]}: not plain tensors of the model, in its shapes, "
-                    "with scales on the weight_block_size grid); re-quantize it, or "
-                    "dequantize it (from_pretrained on a CPU dequantizes it; save_pretrained) "
-                    "and chunk that"
+                    f"{chunk_name(part)}: its {quant.method} weights cannot be stored as they "
+                    f"are ({why}); re-quantize it, or dequantize it (from_pretrained on a CPU "
+                    "dequantizes it; save_pretrained) and chunk that"
                 )
             converted = entries is None
             if entries is None:

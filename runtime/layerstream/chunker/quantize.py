@@ -212,7 +212,7 @@ def _outputs(model: transformers.PreTrainedModel, ids: torch.Tensor) -> torch.Te
     return (found if found is not None else out.last_hidden_state)[0]
 
 
-def write_random_mxfp4_checkpoint(source: Path, dest: Path, seed: int = 0) -> Path:
+def write_random_mxfp4_checkpoint(source: Path | str, dest: Path | str, seed: int = 0) -> Path:
     """A random-init MXFP4 checkpoint as gpt-oss ships one, from a plain random-init one:
     every tensor transformers' mxfp4 loader takes (the experts' ``gate_up_proj`` and
     ``down_proj``) replaced by random 4-bit values and scales of 2^-9 .. 2^-5 (weights of
@@ -221,8 +221,9 @@ def write_random_mxfp4_checkpoint(source: Path, dest: Path, seed: int = 0) -> Pa
     from ..format.quantization import MXFP4_GROUP, Mxfp4
 
     fmt = Mxfp4()
-    config = json.loads((Path(source) / "config.json").read_text())
-    checkpoint = Checkpoint.open(Path(source))
+    source, dest = Path(source), Path(dest)
+    config = json.loads((source / "config.json").read_text())
+    checkpoint = Checkpoint.open(source)
     generator = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
     for key, value in _tensors(checkpoint):
@@ -247,6 +248,6 @@ def write_random_mxfp4_checkpoint(source: Path, dest: Path, seed: int = 0) -> Pa
     }  # fmt: skip
     (dest / "config.json").write_text(json.dumps(config, indent=2))
     for name in SIDE_FILES:
-        if (Path(source) / name).exists() and name != "config.json":
-            shutil.copy(Path(source) / name, dest / name)
+        if (source / name).exists() and name != "config.json":
+            shutil.copy(source / name, dest / name)
     return dest

@@ -511,7 +511,9 @@ class Engine:
             "reader %s%s%s",
             self.manifest.name,
             self.manifest.architecture,
-            self.manifest.dtype,
+            self.manifest.dtype
+            if self.manifest.quantization is None
+            else f"{self.manifest.dtype}, stored {self.manifest.quantization.describe()}",
             load_s,
             format_size(stats.bytes_read),
             stats.bytes_read / max(stats.read_s, 1e-9) / 1e9,

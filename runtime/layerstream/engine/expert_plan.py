@@ -52,6 +52,9 @@ def expert_parts(
         why = (
             "has no experts modules"
             if not experts
+            else "streams no block at this budget: every block is in memory, so there are "
+            "no experts to read (set expert_streaming to auto, or lower memory_budget)"
+            if not layouts
             else "was chunked before an expert's scales were kept beside it, so its "
             "blocks stream whole: re-run the chunker, or set expert_streaming to auto or off"
             if whole
@@ -59,7 +62,6 @@ def expert_parts(
         )
         raise SettingsError(
             f"expert_streaming=on, but {manifest.name} ({manifest.architecture}) {why}"
-            f"{'' if layouts else ' (and no block streams at this budget)'}"
         )
     if mode == "auto" and listed and cache_holds_chunks:
         log.info(
