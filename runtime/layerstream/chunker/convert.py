@@ -26,7 +26,7 @@ from tqdm import tqdm
 from transformers import AutoConfig
 from transformers.utils import logging as hf_logging
 
-from ..engine.experts import ExpertsModule, find_experts
+from ..engine.experts import ExpertsModule, find_experts, with_scales
 from ..engine.skeleton import (
     TORCH_DTYPES,
     block_of,
@@ -168,7 +168,7 @@ def _chunk_into(
         name,
         len(prefixes),
         manifest.total_bytes / 2**20,
-        dtype if quant is None else f"{dtype}, stored {quant.describe()}",
+        manifest.weights_label,
         sink.uri,
     )
     return manifest
@@ -251,13 +251,6 @@ class _Routes:
     )
     # by part, the parameters transformers fuses from fp8 weights (fused.py)
     fused: dict[Part, set[str]] = field(default_factory=lambda: collections.defaultdict(set))
-
-
-def _with_scales(module: ExpertsModule, quantized: list[str], quant: Quantization) -> ExpertsModule:
-    """``module`` with the scales of its quantized tensors among its tensors (each
-    ``[count, ...]`` too): an expert read alone brings its scales."""
-    scales = [quant.scale_key(k) for k in module.tensors if k in quantized]
-    return dataclasses.replace(module, tensors=module.tensors + scales)
 
 
 def _route(
@@ -465,7 +458,7 @@ def _write_chunks(
             dequantized = sum(meta[k].numel() * meta[k].element_size() for k in quantized)
             experts = by_block.get(part)
             if experts and quant is not None:  # an expert's scales are part of it
-                experts = [_with_scales(m, quantized, quant) for m in experts]
+                experts = [with_scales(m, quantized, quant) for m in experts]
             written = writer.submit(name, entries, label, experts, quantized, dequantized)
             if converted:
                 written.result()  # its tensors live in the model until written

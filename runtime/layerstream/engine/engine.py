@@ -511,9 +511,7 @@ class Engine:
             "reader %s%s%s",
             self.manifest.name,
             self.manifest.architecture,
-            self.manifest.dtype
-            if self.manifest.quantization is None
-            else f"{self.manifest.dtype}, stored {self.manifest.quantization.describe()}",
+            self.manifest.weights_label,
             load_s,
             format_size(stats.bytes_read),
             stats.bytes_read / max(stats.read_s, 1e-9) / 1e9,

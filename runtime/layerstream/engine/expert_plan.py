@@ -17,7 +17,7 @@ from ..errors import ManifestError, SettingsError
 from ..format.manifest import Manifest
 from ..format.parts import ChunkParts, chunk_parts
 from ..format.safetensors import TensorEntry
-from .experts import ExpertsModule
+from .experts import ExpertsModule, with_scales
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +93,12 @@ def _chunk_parts(
     quant = manifest.quantization
     for group in info.experts.groups:
         module = experts.get(group.module)
-        held = list(module.tensors) if module is not None else []
-        if quant is not None:  # a quantized tensor's scales are listed beside it
-            held += [quant.scale_key(k) for k in held if k in (info.quantized or ())]
-        if module is None or (module.count, sorted(held)) != (group.count, sorted(group.tensors)):
+        if module is not None and quant is not None:  # its scales are listed beside it
+            module = with_scales(module, info.quantized or (), quant)
+        if module is None or (module.count, sorted(module.tensors)) != (
+            group.count,
+            sorted(group.tensors),
+        ):
             raise ManifestError(
                 f"chunk {name} lists experts of {group.module} ({group.count} experts in "
                 f"{group.tensors}), which the model built from config.json does not have "

@@ -114,7 +114,7 @@ class QuantizedExperts:
         count: Callable[[float], None],
     ):
         self.quant = quant
-        self._stored = stored  # views of the buffer: the quantized values and the scales
+        self._stored = stored  # every tensor as stored: views of the buffer, or pinned
         self.targets = targets  # by quantized key: its dequantized tensor
         # by group, its quantized keys, and all its keys in file order
         self._keys = [[k for k in tensors if k in targets] for tensors in groups]
@@ -156,9 +156,10 @@ class QuantizedExperts:
             views.append(tensor[expert].reshape(-1).view(torch.uint8))
         return views
 
-    def replace(self, views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``views`` with the dequantized tensors in place of the stored ones and scales."""
-        out = dict(views)
+    def views(self) -> dict[str, torch.Tensor]:
+        """The block's tensors: the dequantized ones in place of the stored ones and
+        their scales."""
+        out = dict(self._stored)
         for key, target in self.targets.items():
             del out[self.quant.scale_key(key)]
             out[key] = target
@@ -196,15 +197,12 @@ class ExpertLease(PooledLease):
         self.changed = False  # a read found another version of the chunk than its base's
 
     def _views(self) -> dict[str, torch.Tensor]:
-        assert self._data is not None
-        if self.pinned is None:
-            layout = self._experts.checks.layout(self.info, self._data, self.version)
-            views = tensors_from_layout(layout, self._data)
-        else:
-            views = {**self.pinned.tensors, **tensors_from_layout(self.pinned.experts, self._data)}
         if self.quantized is not None:  # the experts read, dequantized as they arrived
-            views = self.quantized.replace(views)
-        return views
+            return self.quantized.views()
+        if self.pinned is None:
+            return super()._views()
+        assert self._data is not None
+        return {**self.pinned.tensors, **tensors_from_layout(self.pinned.experts, self._data)}
 
     def confirm(self) -> None:
         """After the block has run: every request that ran it fails if a read into its
@@ -370,13 +368,9 @@ class ExpertReader(PooledReader):
             if self.poison:
                 data.fill_(POISON)
                 room.fill_(POISON)
-            if pinned is not None:  # its base is in memory: only its experts are read
-                version = pinned.version
-                stored = {**pinned.tensors, **tensors_from_layout(pinned.experts, data)}
-            else:
-                version = self._read_base(info, data, parts)
-                stored = tensors_from_layout(self.checks.layout(info, data, version), data)
-            quantized = self._quantized(info, parts, stored, room)
+            # its base in memory already (pinned): only its experts are read
+            version = pinned.version if pinned else self._read_base(info, data, parts)
+            quantized = self._quantized(info, parts, data, version, pinned, room)
         except BaseException:
             self.pool.release(buffer)
             raise
@@ -386,14 +380,20 @@ class ExpertReader(PooledReader):
         self,
         info: ChunkInfo,
         parts: ChunkParts,
-        stored: dict[str, torch.Tensor],
+        data: torch.Tensor,
+        version: str | None,
+        pinned: PinnedBase | None,
         room: torch.Tensor,
     ) -> QuantizedExperts | None:
         """A quantized chunk's tensors as its lease holds them, its base's dequantized now
-        (on this reading thread), its experts' as each is read."""
+        (on this reading thread), its experts' as each is read; None for a plain chunk."""
         quant = self.checks.quantization(info)
         if quant is None:
             return None
+        if pinned is not None:
+            stored = {**pinned.tensors, **tensors_from_layout(pinned.experts, data)}
+        else:
+            stored = tensors_from_layout(self.checks.layout(info, data, version), data)
         quantized = QuantizedExperts(
             quant,
             stored,

@@ -9,12 +9,17 @@ experts' slices, so a block whose router has chosen needs only those slices' byt
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from ..format.quantization import Quantization
 
 # What use_experts_implementation sets on every instance of a class it wraps.
 _MARKS = ("has_gate", "is_transposed", "_is_expert_parallel")
@@ -73,3 +78,13 @@ def routed(args: tuple[Any, ...], kwargs: dict[str, Any], module: ExpertsModule)
             f"({module.index_arg}); cannot tell which experts it needs"
         )
     return [e for e in torch.unique(index).tolist() if 0 <= e < module.count]
+
+
+def with_scales(
+    module: ExpertsModule, quantized: Collection[str], quant: Quantization
+) -> ExpertsModule:
+    """``module`` with the scales of its ``quantized`` tensors among its tensors (each
+    ``[count, ...]`` too): how a store lists an experts group, so an expert read alone
+    brings its scales."""
+    scales = [quant.scale_key(k) for k in module.tensors if k in quantized]
+    return dataclasses.replace(module, tensors=module.tensors + scales)

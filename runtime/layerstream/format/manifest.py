@@ -143,6 +143,13 @@ class Manifest:
         return sum(self.chunks[name].memory_bytes for name in self.rest)
 
     @property
+    def weights_label(self) -> str:
+        """The compute dtype and, for a quantized store, how it holds the weights (logs)."""
+        if self.quantization is None:
+            return self.dtype
+        return f"{self.dtype}, stored {self.quantization.describe()}"
+
+    @property
     def total_memory_bytes(self) -> int:
         return sum(c.memory_bytes for c in self.chunks.values())
 

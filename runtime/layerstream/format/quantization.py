@@ -21,7 +21,6 @@ plain weights it would be served silently wrong.
 
 from __future__ import annotations
 
-import math
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -118,13 +117,6 @@ class Quantization(ABC):
     @abstractmethod
     def takes(self, key: str) -> bool:
         """Whether transformers loads a tensor of the format into the model's ``key``."""
-
-    def stored_bytes(self, shape: tuple[int, ...]) -> int:
-        """Bytes of a quantized tensor of ``shape`` and of its scales."""
-        return (
-            math.prod(self.stored_shape(shape)) * self.stored_dtype.itemsize
-            + math.prod(self.scale_shape(shape)) * self.scale_torch_dtype.itemsize
-        )
 
     @abstractmethod
     def dequantize(
@@ -245,7 +237,6 @@ class Mxfp4(Quantization):
         dtype: torch.dtype,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-
         if out is None:
             with torch.inference_mode(False):  # weights like from_pretrained's, in any mode
                 out = torch.empty(self.dequantized_shape(tuple(weight.shape)), dtype=dtype)
