@@ -342,6 +342,31 @@ def test_every_safetensors_dtype_round_trips_through_writer_and_reader(tmp_path)
     }
 
 
+def test_a_permuted_source_tensor_is_written_permuted_a_slice_at_a_time(tmp_path):
+    """A source tensor written permuted (how a store keeps MXFP4 blocks) equals the tensor
+    permuted, whatever its dtype; an order that moves the first dimension is refused."""
+    import pytest
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from layerstream.format.writer import ChunkEntry, read_safetensors_index, write_chunk
+
+    tensors = {
+        "u8": torch.randint(0, 256, (3, 5, 4, 7), dtype=torch.uint8),
+        "f32": torch.randn(2, 6, 9),
+    }
+    save_file(tensors, str(tmp_path / "source.safetensors"))
+    index = read_safetensors_index(tmp_path / "source.safetensors")
+    orders = {"u8": (0, 2, 3, 1), "f32": (0, 2, 1)}
+    entries = [ChunkEntry.of_permuted(k, index[k], order) for k, order in orders.items()]
+    write_chunk(tmp_path / "chunk.safetensors", entries, {"format": "pt"})
+    written = load_file(tmp_path / "chunk.safetensors")
+    for key, order in orders.items():
+        assert torch.equal(written[key], tensors[key].permute(order)), key
+    with pytest.raises(ValueError, match="does not keep the first dimension"):
+        ChunkEntry.of_permuted("u8", index["u8"], (1, 0, 2, 3))
+
+
 def test_chunker_refuses_tensor_names_with_the_padding_prefix(tmp_path):
     import torch
 

@@ -27,7 +27,7 @@ from layerstream.chunker.convert import ChunkerError, chunk_checkpoint
 from layerstream.chunker.presets import write_random_checkpoint
 from layerstream.chunker.quantize import write_random_mxfp4_checkpoint
 from layerstream.engine.engine import Engine, EngineOptions
-from layerstream.errors import SettingsError
+from layerstream.errors import ManifestError, SettingsError
 from layerstream.format import quantization
 from layerstream.format.manifest import Manifest
 from layerstream.format.quantization import Mxfp4
@@ -64,8 +64,9 @@ def test_the_store_keeps_the_4_bit_experts_and_their_scales(gpt_oss):
     chunk = load_file(store / block.file)
     key = "model.layers.0.mlp.experts.gate_up_proj"
     assert block.quantized == sorted([key, key.replace("gate_up", "down")])
-    assert torch.equal(chunk[key], source[key + "_blocks"])
-    assert torch.equal(chunk[key + "_scales"], source[key + "_scales"])
+    # the checkpoint's bytes, each expert's transposed as transformers transposes its values
+    assert torch.equal(chunk[key], source[key + "_blocks"].permute(0, 2, 3, 1))
+    assert torch.equal(chunk[key + "_scales"], source[key + "_scales"].permute(0, 2, 1))
     # an expert read alone brings its scales: they are part of its group
     (group,) = block.experts.groups
     assert key + "_scales" in group.tensors
@@ -73,6 +74,17 @@ def test_the_store_keeps_the_4_bit_experts_and_their_scales(gpt_oss):
     dequantized = block.dequantized_bytes
     stored = sum(chunk[k].numel() + chunk[k + "_scales"].numel() for k in block.quantized)
     assert stored / dequantized == pytest.approx(0.25 * (1 + 1 / 16))
+
+
+def test_a_store_of_4_bit_blocks_in_the_checkpoints_order_is_refused(gpt_oss):
+    """An earlier layerstream kept the blocks as the checkpoint orders them: read in this
+    store's order they would be other values, so such a store is refused, not served."""
+    _, store = gpt_oss
+    data = json.loads((store / "manifest.json").read_text())
+    assert data["quantization"] == {"method": "mxfp4", "layout": "transposed"}
+    data["quantization"] = {"method": "mxfp4"}
+    with pytest.raises(ManifestError, match=r"checkpoint's order.*re-run the chunker"):
+        Manifest.from_json(json.dumps(data))
 
 
 @pytest.mark.parametrize("piece", [quantization.PIECE, 1])
@@ -85,19 +97,21 @@ def test_each_expert_dequantized_alone_equals_transformers_on_the_whole_tensor(m
     monkeypatch.setattr(quantization, "PIECE", piece)
 
     fmt = Mxfp4()
-    shape = (4, 64, 96)  # [E, A, B]: stored [E, B, A/32, 16]
+    shape = (4, 64, 96)  # [E, A, B]: the checkpoint's [E, B, A/32, 16]
     blocks = torch.arange(256, dtype=torch.uint8).repeat(4 * 96 * 2 * 16 // 256)
-    blocks = blocks[torch.randperm(blocks.numel())].view(fmt.stored_shape(shape))
+    blocks = blocks[torch.randperm(blocks.numel())].view(fmt.checkpoint_shape(shape))
     # every scale, 0 (2^-127) and 255 (NaN) included
-    scales = torch.randint(0, 256, fmt.scale_shape(shape), dtype=torch.uint8)
+    scales = torch.randint(0, 256, fmt.checkpoint_scale_shape(shape), dtype=torch.uint8)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         want = convert_moe_packed_tensors(blocks, scales, dtype=dtype)
         assert want.shape == shape
         bits = {2: torch.int16, 4: torch.int32}[dtype.itemsize]
-        assert torch.equal(fmt.dequantize(blocks, scales, dtype).view(bits), want.view(bits))
+        stored, stored_scales = fmt.to_stored(blocks), fmt.to_stored(scales)
+        got = fmt.dequantize(stored, stored_scales, dtype)
+        assert torch.equal(got.view(bits), want.view(bits))
         out = torch.full(shape, float("nan"), dtype=dtype)
         for e in (2, 0, 3, 1):
-            fmt.dequantize(blocks[e : e + 1], scales[e : e + 1], dtype, out[e : e + 1])
+            fmt.dequantize(stored[e : e + 1], stored_scales[e : e + 1], dtype, out[e : e + 1])
         assert torch.equal(out.view(bits), want.view(bits))
 
 

@@ -83,13 +83,20 @@ def direct_entries(
         if scale is not None:
             if quant is None or len(names) > 1 or not _on_grid(scale, meta, quant):
                 return None
-            want, shape = quant.stored_dtype, quant.stored_shape(shape)
+            want, shape = quant.stored_dtype, quant.checkpoint_shape(shape)
         if found[0].dtype != want or found[0].shape != shape:
             return None
-        entries.append(ChunkEntry.of_source(key, found[0]))
-        if scale is not None:
-            assert quant is not None
-            entries.append(ChunkEntry.of_source(quant.scale_key(key), scale))
+        if scale is None:
+            entries.append(ChunkEntry.of_source(key, found[0]))
+            continue
+        assert quant is not None
+        for name, source in ((key, found[0]), (quant.scale_key(key), scale)):
+            order = quant.stored_order(len(source.shape))
+            entries.append(
+                ChunkEntry.of_source(name, source)
+                if order is None
+                else ChunkEntry.of_permuted(name, source, order)
+            )
     return entries
 
 
@@ -99,7 +106,7 @@ def _on_grid(scale: SourceTensor, meta: torch.Tensor, quant: Quantization) -> bo
     return (
         quant.tileable(shape)
         and scale.dtype == quant.scale_torch_dtype
-        and scale.shape == quant.scale_shape(shape)
+        and scale.shape == quant.checkpoint_scale_shape(shape)
     )
 
 

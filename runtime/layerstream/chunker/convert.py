@@ -319,11 +319,11 @@ def _unstorable(
     found = {r.key: r.source for r in sources}
     for key, scale in sorted(scales.items()):
         shape = tuple(meta[key].shape)
-        want = (quant.stored_dtype, quant.stored_shape(shape))
+        want = (quant.stored_dtype, quant.checkpoint_shape(shape))
         weight = found.get(key)
         for tensor, (dtype, expected) in (
             (weight, want),
-            (scale, (quant.scale_torch_dtype, quant.scale_shape(shape))),
+            (scale, (quant.scale_torch_dtype, quant.checkpoint_scale_shape(shape))),
         ):
             if tensor is not None and (tensor.dtype, tensor.shape) != (dtype, expected):
                 return (

@@ -229,11 +229,11 @@ def write_random_mxfp4_checkpoint(source: Path | str, dest: Path | str, seed: in
     for key, value in _tensors(checkpoint):
         if value.ndim == 3 and fmt.takes(key) and fmt.tileable(tuple(value.shape)):
             shape = tuple(value.shape)
-            blocks = fmt.stored_shape(shape)
+            blocks = fmt.checkpoint_shape(shape)
             tensors[key + fmt.weight_suffix] = torch.randint(
                 0, 256, blocks, dtype=torch.uint8, generator=generator
             )
-            scales = torch.randint(118, 123, fmt.scale_shape(shape), generator=generator)
+            scales = torch.randint(118, 123, fmt.checkpoint_scale_shape(shape), generator=generator)
             tensors[fmt.scale_key(key)] = scales.to(torch.uint8)
         else:
             tensors[key] = value

@@ -308,8 +308,13 @@ def _check_scales(chunks: dict[str, ChunkInfo], quant: Quantization, source: str
 
 def _quantization(raw: Any, source: str) -> Quantization:
     raw = _typed(raw, dict, "'quantization'", source)
-    if raw == {"method": MXFP4}:
+    if raw == Mxfp4().to_json():
         return Mxfp4()
+    if raw == {"method": MXFP4}:
+        raise ManifestError(
+            f"{source}: its mxfp4 blocks are in the checkpoint's order, which an earlier "
+            "layerstream wrote and this one no longer reads; re-run the chunker"
+        )
     block = raw.get("weight_block_size")
     if (
         set(raw) != {"method", "weight_block_size", "scale_dtype"}

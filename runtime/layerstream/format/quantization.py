@@ -32,6 +32,7 @@ import torch
 FP8 = "fp8"
 MXFP4 = "mxfp4"
 MXFP4_GROUP = 32  # values per scale
+MXFP4_LAYOUT = "transposed"  # the manifest's name for Mxfp4's stored order
 FP8_DTYPE = torch.float8_e4m3fn
 SCALE_SUFFIX = "_scale_inv"  # transformers' name: `x.weight` -> `x.weight_scale_inv`
 SCALE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -109,6 +110,34 @@ class Quantization(ABC):
     @abstractmethod
     def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """The scales' shape for a model tensor of ``shape``."""
+
+    def stored_order(self, ndim: int) -> tuple[int, ...] | None:
+        """How a checkpoint's quantized tensor (values or scales) of ``ndim`` dimensions is
+        permuted into the store's (None: stored as the checkpoint holds it). The first
+        dimension stays first, so each of its slices is a byte range in both layouts."""
+        return None
+
+    def to_stored(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A checkpoint's quantized tensor (values or scales) in the store's layout."""
+        order = self.stored_order(tensor.ndim)
+        return tensor if order is None else tensor.permute(order).contiguous()
+
+    def checkpoint_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The checkpoint's quantized values' shape for a model tensor of ``shape``."""
+        return self._unpermuted(self.stored_shape(shape))
+
+    def checkpoint_scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The checkpoint's scales' shape for a model tensor of ``shape``."""
+        return self._unpermuted(self.scale_shape(shape))
+
+    def _unpermuted(self, stored: tuple[int, ...]) -> tuple[int, ...]:
+        order = self.stored_order(len(stored))
+        if order is None:
+            return stored
+        shape = [0] * len(stored)
+        for axis, size in zip(order, stored, strict=True):
+            shape[axis] = size
+        return tuple(shape)
 
     @abstractmethod
     def tileable(self, shape: tuple[int, ...]) -> bool:
@@ -201,7 +230,12 @@ class Mxfp4(Quantization):
     ``convert_moe_packed_tensors``: each value from a table, times its power of two, then
     the last two dimensions transposed. Every step is elementwise or a per-expert transpose,
     so an expert's slice dequantized alone equals its slice of the whole; here each value
-    comes from a table of that routine's own results, by nibble and scale."""
+    comes from a table of that routine's own results, by nibble and scale.
+
+    A store keeps the blocks ``[E, A/32, 16, B]`` and scales ``[E, A/32, B]``: the
+    checkpoint's bytes, each expert's transposed the way the routine transposes its values
+    (``stored_order``). A value is then looked up straight into its place with contiguous
+    passes only; transposing at every read cost more than the lookups (docs/quantization.md)."""
 
     method: ClassVar[str] = MXFP4
     weight_suffix: ClassVar[str] = "_blocks"
@@ -217,11 +251,14 @@ class Mxfp4(Quantization):
 
     def stored_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         *lead, a, b = shape
-        return (*lead, b, a // MXFP4_GROUP, MXFP4_GROUP // 2)
+        return (*lead, a // MXFP4_GROUP, MXFP4_GROUP // 2, b)
 
     def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         *lead, a, b = shape
-        return (*lead, b, a // MXFP4_GROUP)
+        return (*lead, a // MXFP4_GROUP, b)
+
+    def stored_order(self, ndim: int) -> tuple[int, ...] | None:
+        return (0, *range(2, ndim), 1)  # the checkpoint's [E, B, ...] -> [E, ..., B]
 
     def tileable(self, shape: tuple[int, ...]) -> bool:
         return len(shape) == 3 and shape[-2] % MXFP4_GROUP == 0
@@ -240,30 +277,33 @@ class Mxfp4(Quantization):
         if out is None:
             with torch.inference_mode(False):  # weights like from_pretrained's, in any mode
                 out = torch.empty(self.dequantized_shape(tuple(weight.shape)), dtype=dtype)
-        # transformers' routine on a whole tensor holds ~4 temporaries of its size: a piece
-        # of an expert's groups of 32 at a time keeps the working memory to a few MiB
-        groups = weight.shape[-2]
-        step = max(PIECE // (weight.shape[1] * MXFP4_GROUP), 1)
+        # a piece of an expert's rows at a time keeps the working memory to a few MiB
+        # (transformers' routine on a whole tensor holds ~4 temporaries of its size)
+        _, groups, half, b = weight.shape
+        rows = groups * half  # of bytes, two values each
+        step = max(PIECE // (2 * b * half), 1) * half  # whole groups
         for e in range(weight.shape[0]):
-            for g in range(0, groups, step):
-                n = min(step, groups - g)
+            values = weight[e].reshape(rows, b)
+            target = out[e].view(rows, 2, b)
+            for r in range(0, rows, step):
+                n = min(step, rows - r)
                 _mxfp4_piece(
-                    weight[e, :, g : g + n],
-                    scales[e, :, g : g + n],
-                    out[e, g * MXFP4_GROUP : (g + n) * MXFP4_GROUP],
+                    values[r : r + n],
+                    scales[e, r // half : (r + n) // half],
+                    target[r : r + n],
                 )
         return out
 
     def dequantized_shape(self, stored: tuple[int, ...]) -> tuple[int, ...]:
         """The model tensor's shape for stored values of shape ``stored``."""
-        *lead, b, groups, half = stored
+        *lead, groups, half, b = stored
         return (*lead, groups * half * 2, b)
 
     def describe(self) -> str:
         return f"{self.method} (blocks of {MXFP4_GROUP}, e8m0 scales)"
 
     def to_json(self) -> dict[str, Any]:
-        return {"method": self.method}
+        return {"method": self.method, "layout": MXFP4_LAYOUT}
 
 
 def of_config(config: Any) -> dict[str, Any] | None:
@@ -428,13 +468,18 @@ def _into(value: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
 
 
 _MXFP4_TABLES: dict[torch.dtype, torch.Tensor] = {}
+# A byte's two values sit in two rows of the dequantized tensor: its low nibble's in the
+# first (table entries from 0), its high nibble's in the second (from _HIGH)
+_HIGH = 256 * 256
+_HALVES = torch.tensor([0, _HIGH], dtype=torch.int32).view(1, 2, 1)
 
 
 def _mxfp4_table(dtype: torch.dtype) -> torch.Tensor:
-    """Every value MXFP4 can hold, by ``scale * 16 + nibble``, in ``dtype``: computed by
-    ``torch.ldexp`` of the fp4 value in ``dtype`` by ``scale - 127``, the elementwise step
-    of transformers' ``convert_moe_packed_tensors``, so each entry is the value that
-    routine gives for that nibble and scale."""
+    """Every value MXFP4 can hold, in ``dtype``, by ``half * _HIGH + scale * 256 + byte``:
+    the byte's low (half 0) or high (half 1) nibble, computed by ``torch.ldexp`` of the fp4
+    value in ``dtype`` by ``scale - 127``, the elementwise step of transformers'
+    ``convert_moe_packed_tensors``, so each entry is the value that routine gives for that
+    nibble and scale."""
     table = _MXFP4_TABLES.get(dtype)
     if table is None:
         from transformers.integrations.mxfp4 import FP4_VALUES
@@ -442,19 +487,34 @@ def _mxfp4_table(dtype: torch.dtype) -> torch.Tensor:
         with torch.inference_mode(False):
             values = torch.tensor(FP4_VALUES, dtype=dtype).repeat(256, 1)
             exponents = torch.arange(256, dtype=torch.int32)[:, None] - 127
-            torch.ldexp(values, exponents, out=values)
-        table = _MXFP4_TABLES.setdefault(dtype, values.view(-1))
+            torch.ldexp(values, exponents, out=values)  # [scale, nibble]
+            byte = torch.arange(256)
+            halves = (values[:, byte & 0x0F], values[:, byte >> 4])  # [scale, byte] each
+            table = torch.stack(halves).contiguous().view(-1)
+        table = _MXFP4_TABLES.setdefault(dtype, table)
     return table
 
 
 def _mxfp4_piece(blocks: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> None:
-    """``blocks`` ``[B, G, 16]`` and their ``scales`` ``[B, G]`` dequantized into ``out``
-    ``[G * 32, B]`` (contiguous): each value looked up by its nibble and scale, already in
-    the layout transformers' routine transposes into. Bit-identical to that routine for
-    every byte and every scale, 3-4x faster."""
-    b, g, half = blocks.shape
-    packed = blocks.reshape(b, g * half).t()  # [G*16, B]: a byte per (group, pair, row)
-    nibbles = torch.stack((packed & 0x0F, packed >> 4), 1)  # low nibble first
-    index = nibbles.view(g, half * 2, b).to(torch.int32)
-    index.add_(scales.t().to(torch.int32).mul_(16).view(g, 1, b))
-    torch.index_select(_mxfp4_table(out.dtype), 0, index.view(-1), out=out.view(-1))
+    """Stored ``blocks`` ``[R, B]`` (R rows of bytes, 16 per group) and their ``scales``
+    ``[R/16, B]`` dequantized into ``out`` ``[R, 2, B]`` (contiguous): each value looked up
+    by its half, scale and byte, already where transformers' routine puts it. Bit-identical
+    to that routine for every byte and every scale, with contiguous passes only."""
+    rows, b = blocks.shape
+    scratch = _int32_scratch(3 * rows * b)
+    index = scratch[: rows * b].view(rows, b)
+    index.copy_(blocks)
+    index.view(-1, MXFP4_GROUP // 2, b).add_(scales.to(torch.int32).mul_(256).unsqueeze(1))
+    both = scratch[rows * b : 3 * rows * b].view(rows, 2, b)
+    torch.add(index.unsqueeze(1), _HALVES, out=both)
+    torch.index_select(_mxfp4_table(out.dtype), 0, both.view(-1), out=out.view(-1))
+
+
+def _int32_scratch(n: int) -> torch.Tensor:
+    """This thread's int32 scratch of at least ``n`` elements (a fresh allocation of this
+    size each piece would fault in its pages every time)."""
+    buffer = getattr(_scratch, "int32", None)
+    if buffer is None or buffer.numel() < n:
+        with torch.inference_mode(False):  # a normal tensor, usable in and out of that mode
+            buffer = _scratch.int32 = torch.empty(max(n, 3 * PIECE // 2), dtype=torch.int32)
+    return buffer

@@ -47,6 +47,20 @@ class SourceTensor:
     nbytes: int
 
 
+@dataclass(frozen=True)
+class PermutedSource:
+    """A source tensor written with its dimensions permuted by ``order``, which keeps the
+    first one first: each of its slices is a byte range of the source, read and permuted
+    alone, so memory stays at one slice (one expert)."""
+
+    source: SourceTensor
+    order: tuple[int, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.source.shape[axis] for axis in self.order)
+
+
 def read_safetensors_index(path: Path) -> dict[str, SourceTensor]:
     """Where each tensor of a safetensors file lies, from its header alone (HeaderError when
     the header does not describe the file)."""
@@ -72,7 +86,7 @@ class ChunkEntry:
     dtype: torch.dtype  # one of header.DTYPES
     shape: tuple[int, ...]
     nbytes: int
-    source: SourceTensor | torch.Tensor
+    source: SourceTensor | PermutedSource | torch.Tensor
     residue: int = 0  # where it starts, modulo TENSOR_ALIGNMENT (see ``_aligned``)
 
     @classmethod
@@ -87,6 +101,15 @@ class ChunkEntry:
             raise ValueError(f"tensor {source.key} of {source.path}: a dtype chunks cannot hold")
         residue = source.offset % TENSOR_ALIGNMENT
         return cls(key, source.dtype, source.shape, source.nbytes, source, residue)
+
+    @classmethod
+    def of_permuted(cls, key: str, source: SourceTensor, order: tuple[int, ...]) -> ChunkEntry:
+        if source.dtype is None:
+            raise ValueError(f"tensor {source.key} of {source.path}: a dtype chunks cannot hold")
+        if order[0] != 0 or sorted(order) != list(range(len(source.shape))):
+            raise ValueError(f"tensor {source.key}: {order} does not keep the first dimension")
+        permuted = PermutedSource(source, order)
+        return cls(key, source.dtype, permuted.shape, source.nbytes, permuted)
 
 
 def _aligned(entries: list[ChunkEntry]) -> list[ChunkEntry]:
@@ -183,6 +206,30 @@ def _copy_range(staging: _Staging, source: SourceTensor, fd: int) -> None:
         staging.advance(n)
 
 
+def _copy_permuted(staging: _Staging, permuted: PermutedSource, fd: int) -> None:
+    """Read ``permuted``'s source a slice of its first dimension at a time, and put each
+    slice permuted into the staging buffer."""
+    source = permuted.source
+    assert source.dtype is not None
+    count = source.shape[0]
+    if not count:
+        return
+    size = source.nbytes // count
+    raw = bytearray(size)
+    view = memoryview(raw)
+    inner = [axis - 1 for axis in permuted.order[1:]]
+    for i in range(count):
+        done = 0
+        while done < size:
+            n = os.preadv(fd, [view[done:]], source.offset + i * size + done)
+            if n == 0:
+                raise OSError(f"{source.path} ended inside tensor {source.key}")
+            done += n
+        values = torch.frombuffer(raw, dtype=torch.uint8).view(source.dtype)
+        moved = values.view(source.shape[1:]).permute(inner).contiguous()
+        staging.put(memoryview(moved.view(-1).view(torch.uint8).numpy()))
+
+
 def write_chunk(
     path: Path, entries: Iterable[ChunkEntry], metadata: dict[str, str]
 ) -> tuple[int, str]:
@@ -207,10 +254,14 @@ def write_chunk(
             staging = _Staging(fd, hasher)
             staging.put(memoryview(_header(ordered, metadata)))
             for e in ordered:
-                if isinstance(e.source, SourceTensor):
-                    if e.source.path not in sources:
-                        sources[e.source.path] = os.open(e.source.path, os.O_RDONLY)
-                    _copy_range(staging, e.source, sources[e.source.path])
+                if isinstance(e.source, (SourceTensor, PermutedSource)):
+                    source = e.source if isinstance(e.source, SourceTensor) else e.source.source
+                    if source.path not in sources:
+                        sources[source.path] = os.open(source.path, os.O_RDONLY)
+                    if isinstance(e.source, PermutedSource):
+                        _copy_permuted(staging, e.source, sources[source.path])
+                    else:
+                        _copy_range(staging, e.source, sources[source.path])
                 elif e.nbytes:
                     staging.put(memoryview(e.source.reshape(-1).view(torch.uint8).numpy()))
             staging.flush()
