@@ -42,8 +42,10 @@ import streaming
 log = logging.getLogger("benchmarks.experts")
 ROOT = Path(__file__).resolve().parent
 WHOLE, EXPERTS = "ls:25%:expert_streaming=off", "ls:25%:expert_streaming=on"
+# the guesses never, always, and (EXPERTS, the default) where timed passes find them faster
 NO_GUESS = "ls:25%:expert_streaming=on:expert_prefetch=false"
-SYSTEMS = ["resident", WHOLE, NO_GUESS, EXPERTS]
+GUESS = "ls:25%:expert_streaming=on:expert_prefetch=true"
+SYSTEMS = ["resident", WHOLE, NO_GUESS, GUESS, EXPERTS]
 # with --peers (benchmarks/.venv-peers, setup_peers.sh): accelerate's disk offload at the
 # same budget, and llama.cpp with mmap on a GGUF of the same checkpoint, in the same cgroup
 LLAMA_CPP = "llama.cpp"
@@ -215,6 +217,9 @@ def rows_of(runs: dict[str, list[dict]], reference: list[int] | None, args) -> l
         routed = sum(r.get("experts_routed_predicted", 0) for r in ok)
         row["prediction_precision"] = used / guessed if guessed else None
         row["prediction_recall"] = used / routed if routed else None
+        passes = [r["guess_passes"] for r in ok if "guess_passes" in r]
+        if passes:  # passes without guesses and with them, over every repetition
+            row["guess_passes"] = [sum(p[0] for p in passes), sum(p[1] for p in passes)]
         rows.append(row)
     return rows
 
@@ -257,7 +262,7 @@ def _share(value: float | None) -> str:
 def print_table(title: str, rows: list[dict]) -> None:
     print(f"\n== {title}")
     cols = ["system", "ms/tok", "x whole", "floor", "x floor", "MiB/tok", "experts", "rest",
-            "peakRSS", "cgroup", "guess P", "guess R", "cached", "exact"]  # fmt: skip
+            "peakRSS", "cgroup", "guess P", "guess R", "cached", "off/on", "exact"]  # fmt: skip
     print(f"{cols[0]:<30}" + "".join(f"{c:>9}" for c in cols[1:]))
     for r in rows:
         if "error" in r:
@@ -270,6 +275,7 @@ def print_table(title: str, rows: list[dict]) -> None:
             f"{experts:>9.1f}{mib - experts:>9.1f}{r['peak_rss_mib']:>9.0f}"
             f"{r['cgroup_peak_mib']:>9.0f}{_share(r.get('prediction_precision'))}"
             f"{_share(r.get('prediction_recall'))}{_share(r.get('expert_cache_hit_rate'))}"
+            f"{'/'.join(map(str, r.get('guess_passes', ()))):>9}"
             f"{r['identical_to_resident']!s:>9}"
         )
 

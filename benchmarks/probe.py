@@ -72,6 +72,8 @@ def main() -> None:
         result["experts_predicted_used"] = stats.experts_predicted_used
         result["experts_routed_predicted"] = stats.experts_routed_predicted
         result["expert_cache_hits"] = stats.expert_cache_hits
+        # passes run without guesses and with them (expert_prefetch auto chooses), warm-up in
+        result["guess_passes"] = list(engine.guessing.passes)
         decode = engine.streamer.stats.since(clock.first)  # the decode steps alone
         result["decode_bytes_per_token"] = decode.bytes_read / max(new_tokens - 1, 1)
         result["decode_expert_bytes_per_token"] = decode.expert_bytes / max(new_tokens - 1, 1)

@@ -16,7 +16,9 @@ from test_architectures import streaming_budget
 from test_experts import MOE, expert_engine
 
 from layerstream.engine.expert_reader import ExpertLease
+from layerstream.engine.guessing import RETRY_EVERY, TRIALS, GuessChoice
 from layerstream.engine.prediction import ExpertPredictor, find_router
+from layerstream.errors import SettingsError
 
 STEPS = 6
 
@@ -33,7 +35,7 @@ def test_guesses_are_read_ahead_and_the_output_stays_exact(moe_models, name):
     """Every MoE row: a router is found beside each experts module, guesses are made and
     mostly used, and ids and every step's logits stay from_pretrained's."""
     source, store = moe_models(name)
-    engine = expert_engine(store, streaming_budget(store))
+    engine = expert_engine(store, streaming_budget(store), expert_prefetch=True)
     try:
         predictor = engine.streamer.predictor
         assert predictor is not None and predictor.routers == len(engine.parts)
@@ -184,3 +186,64 @@ def test_a_failed_guess_read_is_read_again_by_the_block_that_needs_it(moe_models
         assert generation.ids_equal and generation.step_diffs == [0.0] * STEPS
     finally:
         engine.close()
+
+
+def _passes(choice: GuessChoice, took: dict[bool, float], count: int, rows: int = 1) -> list[bool]:
+    """Run ``count`` passes over blocks 0..3, each taking ``took[on]`` seconds with guesses
+    on or off (timestamps given, no clock): the way each pass ran."""
+    ways, now = [], 1000.0
+    for _ in range(count):
+        choice.observe(0, rows, now)  # ends the pass before, and picks this one's way
+        on = choice.on
+        ways.append(on)
+        for block in range(1, 4):
+            choice.observe(block, rows, now + block * took[on] / 3)
+        now += took[on] + 1.0  # the time outside the streamed blocks is not counted
+    choice.observe(0, rows, now)  # the next pass starts: the last one ends
+    return ways
+
+
+@pytest.mark.parametrize("faster", [True, False])
+def test_auto_keeps_the_faster_way_and_tries_the_other_now_and_then(faster):
+    choice = GuessChoice("auto")
+    took = {faster: 0.1, not faster: 0.25}
+    ways = _passes(choice, took, 2 * TRIALS + 2 * RETRY_EVERY)
+    trials, chosen = ways[: 2 * TRIALS], ways[2 * TRIALS :]
+    assert sorted(trials) == [False] * TRIALS + [True] * TRIALS  # a few each way first
+    # then the faster way, and the other once every RETRY_EVERY passes
+    assert chosen.count(not faster) == 2
+    assert chosen.count(faster) == 2 * RETRY_EVERY - 2
+    assert choice.passes == [ways.count(False), ways.count(True)]
+
+
+def test_auto_times_passes_of_one_shape_against_each_other():
+    """Passes of another shape (more requests on them, or a prompt) are timed apart: a
+    slow prompt pass with guesses does not count against guesses on one-token passes."""
+    choice = GuessChoice("auto")
+    ways = _passes(choice, {True: 0.1, False: 0.2}, 2 * TRIALS)
+    assert ways.count(True) == ways.count(False) == TRIALS
+    _passes(choice, {True: 5.0, False: 0.1}, 1, rows=64)  # a prompt, slow with guesses
+    assert _passes(choice, {True: 0.1, False: 0.2}, 4)[1:] == [True] * 3
+
+
+@pytest.mark.parametrize("mode", [True, False])
+def test_fixed_prefetch_never_changes_its_way(mode):
+    choice = GuessChoice(mode)
+    assert set(_passes(choice, {mode: 1.0, not mode: 0.01}, 3 * TRIALS)) == {mode}
+
+
+def test_auto_on_an_engine_tries_both_ways_and_stays_exact(moe_models):
+    """The default (auto): passes run with guesses and without, every output exact."""
+    source, store = moe_models("qwen3_moe")
+    steps = 2 * TRIALS + 2
+    engine = expert_engine(store, streaming_budget(store))
+    try:
+        assert engine.options.expert_prefetch == "auto" and engine.streamer.predictor
+        generation = compare_generation(engine, reference_model(source), steps)
+        assert generation.ids_equal and generation.step_diffs == [0.0] * steps
+        off, on = engine.guessing.passes
+        assert off >= TRIALS and on >= TRIALS
+    finally:
+        engine.close()
+    with pytest.raises(SettingsError, match="expert_prefetch must be true, false or 'auto'"):
+        expert_engine(store, streaming_budget(store), expert_prefetch="sometimes")

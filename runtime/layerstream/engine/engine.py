@@ -36,6 +36,7 @@ from .expert_plan import expert_parts
 from .expert_reader import ExpertReader, kept_bytes
 from .experts import ExpertsModule, find_experts
 from .fill import PinFill
+from .guessing import GuessChoice
 from .hooks import (
     BlockBinding,
     BlockHook,
@@ -87,7 +88,9 @@ class EngineOptions:
     reader: str = "auto"  # see readers.pick_reader
     compute_slots: int | str = "auto"  # requests computing at once; see tuning.compute_slots
     expert_streaming: str = "auto"  # see expert_plan.py
-    expert_prefetch: bool = True  # guess the next block's experts and read them ahead
+    # guess the next block's experts and read them ahead: always, never, or "auto" (where
+    # passes timed both ways find it faster: guessing.py)
+    expert_prefetch: bool | str = "auto"
     # fill expert slices that were not read with NaN (tests: proves an unread one is unused)
     poison_unread_experts: bool = False
     # ready once the non-block weights are in; the pinned blocks are read in the background
@@ -128,6 +131,7 @@ class Engine:
         self.options = options
         with contextlib.ExitStack() as stack:
             stack.callback(store.close)
+            self.guessing = GuessChoice(options.expert_prefetch)  # a bad value: before the load
             self._read_manifest_and_side_files()
             self._build_skeleton()
             self._plan()
@@ -310,11 +314,12 @@ class Engine:
                 self.store, checks, plan.pool_buffers, plan.buffer_bytes, plan.dequantized
             )
         streamer = WeightStreamer(reader, self.manifest, plan, self.io_threads)
-        if self.parts and self.options.expert_prefetch:
+        if self.parts and self.options.expert_prefetch is not False:
             groups = {j: [m for _, m in self._block_experts(j)] for j in plan.streamed}
             predictor = ExpertPredictor(self.model, self.prefixes, groups)
             if predictor.routers:
                 streamer.predictor = predictor
+                streamer.guessing = self.guessing
             else:
                 log.info("expert prefetch off: found no router beside the experts modules")
         return streamer

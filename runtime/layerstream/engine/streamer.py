@@ -20,6 +20,7 @@ import torch
 from ..format.manifest import ChunkInfo, Manifest
 from .checks import ChunkHealth
 from .expert_reader import ExpertLease, ExpertReader
+from .guessing import GuessChoice
 from .plan import ResidencyPlan
 from .prediction import ExpertPredictor
 from .readers import BlockReader, Lease, ReaderKind
@@ -94,6 +95,7 @@ class WeightStreamer:
         self._hints: dict[int, list[tuple[int, list[int]]]] = {}
         self._hint_lock = threading.Lock()
         self.predictor: ExpertPredictor | None = None
+        self.guessing = GuessChoice(True)  # whether the predictor's guesses are read ahead
         self._wanted: frozenset[int] = frozenset()  # the last read-ahead's predictions
         self._io = (
             ThreadPoolExecutor(max_workers=max(io_threads, 1), thread_name_prefix="layerstream-io")
@@ -180,6 +182,9 @@ class WeightStreamer:
         of the block order (the block after the last one runs on the next token)."""
         predictor = self.predictor
         if predictor is None:
+            return
+        self.guessing.observe(j, hidden.numel() // hidden.shape[-1], time.perf_counter())
+        if not self.guessing.on:
             return
         guessed = 0
         for k in self.order.upcoming(j, self.plan.resident, self.plan.n_blocks):

@@ -104,16 +104,17 @@ class LayerStreamSettings(BaseSettings):
         "cache (mapped whole, no copy: faster there). Needs the `read` reader (`auto` "
         "picks it).",
     )
-    expert_prefetch: bool = Field(
-        default=True,
+    expert_prefetch: Literal["auto"] | bool = Field(
+        default="auto",
         description="With expert streaming: while a block computes, guess the experts the "
         "next block's router will choose (its router applied to the hidden state at hand) "
-        "and read them ahead. A wrong guess costs bytes, never correctness: a block always "
-        "computes with exactly the experts its router chose, read then if not ahead. The "
-        "final event reports `experts_predicted` and `experts_predicted_used` (precision). "
-        "From a local disk the guesses made it faster; over a store whose bandwidth is the "
-        "bound (a rate-limited network) their wrong guesses' bytes made it slower: turn it "
-        "off there (docs/benchmarks.md).",
+        "and read them ahead. A wrong guess costs bytes (and, quantized, a dequantization), "
+        "never correctness: a block always computes with exactly the experts its router "
+        "chose, read then if not ahead. `auto`: passes over the streamed blocks are timed "
+        "with guesses and without, and the faster way is kept (tried again now and then): "
+        "from a local disk guesses were faster, over a rate-limited network slower "
+        "(docs/benchmarks.md). `true`/`false`: always, never. The final event reports "
+        "`experts_predicted` and `experts_predicted_used` (precision).",
     )
     pin_in_background: bool = Field(
         default=True,
