@@ -239,3 +239,21 @@ def test_a_moe_store_is_sized_as_expert_streaming_plans_it(moe_models):
         engine.close()
     report = sizing.report()
     assert "pinned bases" in report and "expert cache" in report
+
+
+def test_a_short_read_ahead_is_told_once_for_a_moe_store(moe_models, caplog):
+    """Sized (or loaded) with expert streaming, a model is planned twice, without its bases
+    and with them: a budget that leaves no room for the read-ahead is told once."""
+    import logging
+
+    _, store = moe_models("olmoe")
+    manifest = Manifest.from_json((store / "manifest.json").read_text())
+    config = config_from_json((store / "config.json").read_text())
+    largest = max(manifest.block_bytes) + max(
+        manifest.chunks[b.chunk].dequantized_room for b in manifest.blocks
+    )
+    budget = manifest.rest_memory_bytes + largest + largest // 2  # one buffer, not two
+    with caplog.at_level(logging.WARNING, logger="layerstream"):
+        size_model(manifest, config, memory_budget=str(budget), read_ahead="1")
+    told = [r for r in caplog.records if "leaves room for a read-ahead" in r.getMessage()]
+    assert len(told) == 1

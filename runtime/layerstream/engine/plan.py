@@ -132,7 +132,7 @@ def plan_residency(
     buffers = 1 + max(read_ahead, 0)
     while buffers > 1 and rest + buffers * per_buffer > budget:
         buffers -= 1
-    if buffers < 1 + read_ahead:
+    if buffers < 1 + read_ahead and not bases:  # a plan with bases follows one without: told
         log.warning(
             "memory_budget %s leaves room for a read-ahead of %d blocks, not %d",
             format_size(budget),
