@@ -312,6 +312,71 @@ def test_fp8_experts_are_fused_fp8_and_exact(tmp_path, name, budget, experts):
         assert_same_forward_and_greedy(engine, ref)
         if experts == "on":
             assert engine.streamer.stats.experts_read > 0
+        if engine.plan.pinned_bases:
+            _assert_pinned_bases_hold_their_fp8_weights_dequantized(engine)
+    finally:
+        engine.close()
+
+
+def _assert_pinned_bases_hold_their_fp8_weights_dequantized(engine: Engine) -> None:
+    """Each pinned base holds its fp8 attention weights dequantized (no fp8 bytes, no
+    scales), within what the plan counted for it; no install dequantizes them again."""
+    if engine.fill is not None:
+        engine.fill.wait()
+    reader = engine.streamer._reader
+    pinned: set[str] = set()
+    for j, planned in engine.plan.pinned_bases.items():
+        base = reader.bases[engine.manifest.blocks[j].chunk]
+        pinned |= base.dequantized
+        assert base.dequantized and base.nbytes <= planned
+        assert all(".self_attn." in k for k in base.dequantized)
+        assert all(t.dtype != torch.float8_e4m3fn for t in base.tensors.values())
+        assert not any(k.endswith("_scale_inv") for k in base.tensors)
+    from layerstream.engine.expert_reader import QuantizedExperts
+
+    redone: list[str] = []
+    original = QuantizedExperts.dequantize_base
+
+    def dequantize_base(self):
+        in_groups = {key for keys in self._keys for key in keys}
+        redone.extend(k for k in self.targets if k not in in_groups)
+        original(self)
+
+    QuantizedExperts.dequantize_base = dequantize_base
+    try:
+        with engine.request():
+            engine.model(torch.tensor([[3, 1, 4, 1, 5]]))
+    finally:
+        QuantizedExperts.dequantize_base = original
+    assert not pinned & set(redone)  # only the bases not pinned are dequantized per install
+
+
+def test_an_fp8_moe_store_is_sized_as_the_engine_plans_it(tmp_path):
+    """`layerstream size` counts each pinned base with its fp8 weights dequantized, as the
+    engine holds it: the same bases, bytes and expert cache."""
+    from layerstream.chunker.sizing import config_from_json, size_model
+
+    (tmp_path / "config.json").write_text(json.dumps(MOE_CONFIGS["qwen3_moe"]))
+    plain = write_random_checkpoint(
+        str(tmp_path / "config.json"), tmp_path / "plain", weight_scale=8.0, dtype="bfloat16"
+    )
+    manifest = chunk_checkpoint(
+        write_fp8_checkpoint(plain, tmp_path / "fp8"), tmp_path / "store", "q", progress=False
+    )
+    config = config_from_json((tmp_path / "store" / "config.json").read_text())
+    sizing = size_model(manifest, config, memory_budget="40%")
+    engine = Engine(
+        open_store(str(tmp_path / "store")),
+        EngineOptions(memory_budget="40%", expert_streaming="on"),
+    )
+    try:
+        plan = engine.plan
+        assert sizing.based_blocks == len(plan.pinned_bases) > 0
+        assert sizing.bases == sum(plan.pinned_bases.values())
+        assert sizing.expert_cache == plan.expert_cache
+        # a base held dequantized is bigger than its bytes in the chunk
+        chunks = [manifest.chunks[manifest.blocks[j].chunk] for j in plan.pinned_bases]
+        assert sizing.bases > sum(c.experts.base_bytes for c in chunks)
     finally:
         engine.close()
 

@@ -178,7 +178,7 @@ def size_model(
 
     budget = resolve_sizing_budget(memory_budget, manifest.total_memory_bytes)
     plan = plan_residency(manifest, budget, tuning.read_ahead(read_ahead))
-    bases = expert_bases(manifest)
+    bases = expert_bases(manifest, config)
     if bases and not plan.fully_resident:  # as the engine plans once it streams experts
         plan = plan_residency(manifest, budget, tuning.read_ahead(read_ahead), bases)
     sizes = manifest.block_memory_bytes
@@ -215,16 +215,28 @@ def size_model(
     )
 
 
-def expert_bases(manifest: Manifest) -> dict[int, int]:
-    """By block, the size of each block's non-expert part, from the manifest: empty for a
-    dense model, or a store chunked before the sizes were recorded (planned whole then)."""
+def expert_bases(manifest: Manifest, config: PretrainedConfig) -> dict[int, int]:
+    """By block, what each block's non-expert part holds once pinned, from the manifest (and
+    for a quantized one the shapes its model built from ``config`` has: its quantized
+    tensors are held dequantized): empty for a dense model, or a store chunked before the
+    sizes were recorded (planned whole then)."""
+    from ..engine.expert_plan import base_quantized, pinned_base_bytes
+    from ..format.safetensors import TensorSpec
+
+    shapes: dict[str, TensorSpec] = {}
+    if any(base_quantized(manifest.chunks[b.chunk]) for b in manifest.blocks):
+        from ..engine.skeleton import build_skeleton
+
+        model = build_skeleton(config, manifest.architecture, manifest.dtype, buffers=False)
+        shapes = {k: TensorSpec(v.dtype, tuple(v.shape)) for k, v in model.state_dict().items()}
     bases = {}
     for j, block in enumerate(manifest.blocks):
-        experts = manifest.chunks[block.chunk].experts
-        if experts is not None:
-            if experts.base_bytes is None:
+        info = manifest.chunks[block.chunk]
+        if info.experts is not None:
+            if info.experts.base_bytes is None:
                 return {}
-            bases[j] = experts.base_bytes
+            mine = {key: shapes[key] for key in base_quantized(info)}
+            bases[j] = pinned_base_bytes(info.experts.base_bytes, mine, manifest.quantization)
     return bases
 
 

@@ -32,7 +32,7 @@ from ..units import format_size
 from . import allocator, tuning
 from .checks import ChunkChecks, VerifyMode
 from .expert_cache import ExpertCache
-from .expert_plan import expert_parts
+from .expert_plan import base_quantized, expert_parts, pinned_base_bytes
 from .expert_reader import ExpertReader, kept_bytes
 from .experts import ExpertsModule, find_experts
 from .fill import PinFill
@@ -269,9 +269,16 @@ class Engine:
             self.store, unread, self.specs, max(self.io_threads, 4)
         )
         parts = expert_parts("on", manifest, self.experts, layouts, cache_holds_chunks=False)
-        bases = {
-            j: parts[b.chunk].base_bytes for j, b in enumerate(manifest.blocks) if b.chunk in parts
-        }
+        bases = {}
+        for j, block in enumerate(manifest.blocks):
+            if block.chunk in parts:
+                spec = self.specs[block.chunk]
+                dequantized = {
+                    k: spec.quantized[k] for k in base_quantized(manifest.chunks[block.chunk])
+                }
+                bases[j] = pinned_base_bytes(
+                    parts[block.chunk].base_bytes, dequantized, spec.quantization
+                )
         self.plan = plan_residency(
             manifest, self.budget, tuning.read_ahead(self.options.read_ahead), bases
         )

@@ -12,11 +12,14 @@ setting), and where each part of their chunks lies.
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Mapping
 
 from ..errors import ManifestError, SettingsError
-from ..format.manifest import Manifest
+from ..format.manifest import ChunkInfo, Manifest
 from ..format.parts import ChunkParts, chunk_parts
-from ..format.safetensors import TensorEntry
+from ..format.quantization import DEQUANTIZED_ALIGNMENT, Quantization, aligned
+from ..format.safetensors import TensorEntry, TensorSpec
 from .experts import ExpertsModule, with_scales
 
 log = logging.getLogger(__name__)
@@ -121,3 +124,29 @@ def _experts_hold_quantized(manifest: Manifest, name: str) -> bool:
         for key in group.tensors
         if key in info.quantized
     )
+
+
+def base_quantized(info: ChunkInfo) -> list[str]:
+    """The quantized tensors of a block's base (outside its experts): fp8 attention weights."""
+    if info.experts is None:
+        return []
+    experts = {key for group in info.experts.groups for key in group.tensors}
+    return [key for key in info.quantized or () if key not in experts]
+
+
+def pinned_base_bytes(
+    base_bytes: int, dequantized: Mapping[str, TensorSpec], quant: Quantization | None
+) -> int:
+    """What a base of ``base_bytes`` in its chunk (header included) holds once pinned: a
+    quantized tensor of it (``dequantized``: by key, its dtype and shape dequantized) is held
+    dequantized from a 64-byte boundary, its values and scales dropped (PinnedBase)."""
+    if not dequantized:
+        return base_bytes
+    assert quant is not None
+    stored = room = 0
+    for want in dequantized.values():
+        shape = tuple(want.shape)
+        stored += math.prod(quant.stored_shape(shape)) * quant.stored_dtype.itemsize
+        stored += math.prod(quant.scale_shape(shape)) * quant.scale_torch_dtype.itemsize
+        room += aligned(math.prod(shape) * want.dtype.itemsize)
+    return base_bytes - stored + room + DEQUANTIZED_ALIGNMENT

@@ -28,7 +28,7 @@ import torch
 from ..errors import ChunkIntegrityError
 from ..format.manifest import ChunkInfo
 from ..format.parts import ChunkParts, Range, coalesce, span
-from ..format.quantization import Quantization
+from ..format.quantization import Quantization, aligned
 from ..format.safetensors import ChunkSpec, TensorEntry, tensors_from_layout
 from ..stores import CachingStore, ChunkStore, MappableStore, ReadResult
 from ..stores.ranged import split
@@ -48,12 +48,16 @@ ALIGN = 64  # a pinned base tensor keeps its file offset modulo this (PinnedBase
 class PinnedBase:
     """A streamed block's base held for good: its tensors in memory of their own, each at
     the offset mod 64 it has in the chunk (transformers' CPU kernels round by a weight's
-    address: docs/exactness.md), and where its expert tensors lie in the chunk."""
+    address: docs/exactness.md), and where its expert tensors lie in the chunk. A quantized
+    base tensor (fp8 attention weights) is held dequantized, 64-byte aligned like
+    from_pretrained's, without its stored values and scales: every token computes with it,
+    so dequantizing it once beats dequantizing it at every install."""
 
     version: str | None
     tensors: dict[str, torch.Tensor]
     experts: list[TensorEntry]
     nbytes: int  # the memory it holds
+    dequantized: frozenset[str] = frozenset()  # keys of ``tensors`` held dequantized
 
     @classmethod
     def copy_of(
@@ -66,21 +70,63 @@ class PinnedBase:
     ) -> PinnedBase:
         """From ``data``, a buffer holding the chunk's checked base at its file offsets."""
         layout = checks.layout(info, data, version)
-        expert_keys = {key for group in parts.groups for key in group.tensors}
-        base = [t for t in layout if t.key not in expert_keys]
-        offsets, end = [], 0
-        for t in base:
-            offset = end + (t.begin - end) % ALIGN  # the same residue mod ALIGN as in the file
-            offsets.append(offset)
-            end = offset + t.nbytes
-        memory = torch.empty(end, dtype=torch.uint8)
+        spec = checks.specs.get(info.name)
+        plan = _BaseLayout.of(layout, parts, spec)
+        memory = torch.empty(plan.nbytes, dtype=torch.uint8)
         placed = []
-        for t, offset in zip(base, offsets, strict=True):
+        for t, offset in zip(plan.held, plan.offsets, strict=True):
             memory[offset : offset + t.nbytes] = data[t.begin : t.end]
             placed.append(dataclasses.replace(t, begin=offset, end=offset + t.nbytes))
         tensors = tensors_from_layout(placed, memory)
+        if plan.dequantized:
+            assert spec is not None and spec.quantization is not None
+            quant = spec.quantization
+            stored = tensors_from_layout(plan.stored, data)
+            for key, offset in plan.dequantized.items():
+                want = spec.quantized[key]
+                size = math.prod(want.shape) * want.dtype.itemsize
+                out = memory[offset : offset + size].view(want.dtype).view(want.shape)
+                quant.dequantize(stored[key], stored[quant.scale_key(key)], want.dtype, out)
+                tensors[key] = out
+        return cls(version, tensors, plan.experts, plan.nbytes, frozenset(plan.dequantized))
+
+
+@dataclass(frozen=True)
+class _BaseLayout:
+    """Where a pinned base's tensors go in its memory: the plain ones (``held``, at
+    ``offsets``), then each quantized one dequantized from a 64-byte boundary; ``stored``:
+    the quantized ones' values and scales in the chunk, dropped once dequantized."""
+
+    held: list[TensorEntry]
+    offsets: list[int]
+    dequantized: dict[str, int]  # by key, its offset
+    stored: list[TensorEntry]
+    experts: list[TensorEntry]
+    nbytes: int
+
+    @classmethod
+    def of(
+        cls, layout: list[TensorEntry], parts: ChunkParts, spec: ChunkSpec | None
+    ) -> _BaseLayout:
+        expert_keys = {key for group in parts.groups for key in group.tensors}
+        quantized = {} if spec is None else spec.quantized
+        quant = None if spec is None else spec.quantization
+        base_keys = {t.key for t in layout if t.key not in expert_keys}
+        mine = sorted(k for k in quantized if k in base_keys)
+        dropped = set(mine) | {quant.scale_key(k) for k in mine if quant is not None}
+        held = [t for t in layout if t.key in base_keys and t.key not in dropped]
+        offsets, end = [], 0
+        for t in held:
+            offset = end + (t.begin - end) % ALIGN  # the same residue mod ALIGN as in the file
+            offsets.append(offset)
+            end = offset + t.nbytes
+        dequantized = {}
+        for key in mine:
+            dequantized[key] = end = aligned(end)
+            end += math.prod(quantized[key].shape) * quantized[key].dtype.itemsize
+        stored = [t for t in layout if t.key in dropped]
         experts = [t for t in layout if t.key in expert_keys]
-        return cls(version, tensors, experts, end)
+        return cls(held, offsets, dequantized, stored, experts, end)
 
 
 def kept_bytes(spec: ChunkSpec, tensors: list[str]) -> int:
@@ -390,14 +436,16 @@ class ExpertReader(PooledReader):
         quant = self.checks.quantization(info)
         if quant is None:
             return None
-        if pinned is not None:
+        targets = self.checks.dequantized_targets(info, room)
+        if pinned is not None:  # its base's quantized tensors are held dequantized
             stored = {**pinned.tensors, **tensors_from_layout(pinned.experts, data)}
+            targets = {k: v for k, v in targets.items() if k not in pinned.dequantized}
         else:
             stored = tensors_from_layout(self.checks.layout(info, data, version), data)
         quantized = QuantizedExperts(
             quant,
             stored,
-            self.checks.dequantized_targets(info, room),
+            targets,
             [group.tensors for group in parts.groups],
             self.checks.count_dequantize,
         )
