@@ -217,6 +217,12 @@ def rows_of(runs: dict[str, list[dict]], reference: list[int] | None, args) -> l
         routed = sum(r.get("experts_routed_predicted", 0) for r in ok)
         row["prediction_precision"] = used / guessed if guessed else None
         row["prediction_recall"] = used / routed if routed else None
+        # per streamed install of a decode step: the time its dequantizing and its reads
+        # took (each summed over the threads that did them)
+        for key, name in (("dequantize_s_per_install", "deq"), ("read_s_per_install", "read")):
+            values = [r[key] for r in ok if key in r]
+            if values:
+                row[f"{name}_ms_per_install"] = statistics.median(values) * 1e3
         passes = [r["guess_passes"] for r in ok if "guess_passes" in r]
         if passes:  # passes without guesses and with them, over every repetition
             row["guess_passes"] = [sum(p[0] for p in passes), sum(p[1] for p in passes)]
@@ -259,10 +265,17 @@ def _share(value: float | None) -> str:
     return f"{'':>9}" if value is None else f"{value:>9.2f}"
 
 
+def _per_install(row: dict) -> str:
+    """A quantized store's ms per install dequantizing / reading (nothing for a plain one)."""
+    deq = row.get("deq_ms_per_install")
+    return f"{deq:.1f}/{row.get('read_ms_per_install', 0):.1f}" if deq else ""
+
+
 def print_table(title: str, rows: list[dict]) -> None:
     print(f"\n== {title}")
     cols = ["system", "ms/tok", "x whole", "floor", "x floor", "MiB/tok", "experts", "rest",
-            "peakRSS", "cgroup", "guess P", "guess R", "cached", "off/on", "exact"]  # fmt: skip
+            "peakRSS", "cgroup", "guess P", "guess R", "cached", "off/on", "deq/read",
+            "exact"]  # fmt: skip
     print(f"{cols[0]:<30}" + "".join(f"{c:>9}" for c in cols[1:]))
     for r in rows:
         if "error" in r:
@@ -276,7 +289,7 @@ def print_table(title: str, rows: list[dict]) -> None:
             f"{r['cgroup_peak_mib']:>9.0f}{_share(r.get('prediction_precision'))}"
             f"{_share(r.get('prediction_recall'))}{_share(r.get('expert_cache_hit_rate'))}"
             f"{'/'.join(map(str, r.get('guess_passes', ()))):>9}"
-            f"{r['identical_to_resident']!s:>9}"
+            f"{_per_install(r):>11}{r['identical_to_resident']!s:>9}"
         )
 
 

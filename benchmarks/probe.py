@@ -72,14 +72,15 @@ def main() -> None:
         result["experts_predicted_used"] = stats.experts_predicted_used
         result["experts_routed_predicted"] = stats.experts_routed_predicted
         result["expert_cache_hits"] = stats.expert_cache_hits
-        # passes run without guesses and with them (expert_prefetch auto chooses), warm-up in
-        result["guess_passes"] = list(engine.guessing.passes)
+        if engine.guessing.fixed is None:  # expert_prefetch auto: passes without and with
+            result["guess_passes"] = list(engine.guessing.passes)  # guesses, warm-up in
         decode = engine.streamer.stats.since(clock.first)  # the decode steps alone
         result["decode_bytes_per_token"] = decode.bytes_read / max(new_tokens - 1, 1)
         result["decode_expert_bytes_per_token"] = decode.expert_bytes / max(new_tokens - 1, 1)
         # a quantized store's: dequantizing per streamed install, and reading per chunk read
         result["dequantize_s_per_install"] = decode.dequantize_s / max(decode.streamed_runs, 1)
         result["read_s_per_chunk"] = decode.read_s / max(decode.chunks_read, 1)
+        result["read_s_per_install"] = decode.read_s / max(decode.streamed_runs, 1)
     io_after = timing.io_counters()
     result["disk_read_per_token"] = (io_after["disk_read"] - io_before["disk_read"]) / (
         new_tokens + 1
