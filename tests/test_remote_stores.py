@@ -573,6 +573,42 @@ def test_read_ranges_fills_exactly_the_ranges_asked(kind, llama, s3, s3_env, s3_
             server.stop()
 
 
+def test_a_few_routed_experts_are_read_in_parts_over_the_connections(tmp_path):
+    """A ranged read (routed experts) is split into parts of its total / max_concurrency,
+    down to MIN_RANGE_PART, so a store that limits each connection's rate serves a few
+    experts at the rate of several connections; a small read stays one request."""
+    import os
+
+    from remote_servers import _RangeHandler
+
+    from layerstream.stores.ranged import MIN_RANGE_PART
+
+    asked: list[str] = []
+
+    class Recording(_RangeHandler):
+        def do_GET(self) -> None:
+            asked.append(self.headers.get("Range", ""))
+            super().do_GET()
+
+    data = os.urandom(4 << 20)
+    (tmp_path / "chunk.safetensors").write_bytes(data)
+    server = StaticServer(tmp_path, base=Recording).start()
+    store = HTTPStore(server.url, StoreOptions(max_concurrency=4))
+    try:
+        buffer = bytearray(len(data))
+        ranges = [(0, 3 * MIN_RANGE_PART), (2 << 20, MIN_RANGE_PART)]  # two experts
+        store.read_ranges("chunk.safetensors", memoryview(buffer), ranges, len(data))
+        assert len(asked) == 4  # 1 MiB over 4 connections: four parts
+        for offset, length in ranges:
+            assert buffer[offset : offset + length] == data[offset : offset + length]
+        asked.clear()
+        store.read_ranges("chunk.safetensors", memoryview(buffer), [(64, 1000)], len(data))
+        assert asked == ["bytes=64-1063"]
+    finally:
+        store.close()
+        server.stop()
+
+
 def test_a_server_that_ignores_ranges_is_named_at_once_for_a_ranged_read(llama):
     server = StaticServer(llama.store, ranges=False).start()
     store = HTTPStore(server.url, StoreOptions(**FAST))

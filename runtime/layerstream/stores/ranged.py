@@ -22,6 +22,10 @@ T = TypeVar("T")
 
 MiB = 1 << 20
 MIN_PART = 1 * MiB  # below this, per-request overhead outweighs the parallelism
+# Byte ranges (routed experts) are split finer: a read of a few experts waits for its
+# slowest part, and a store that limits each connection's rate delivers each part at that
+# rate (docs/benchmarks.md, "Over a rate-limited HTTP store")
+MIN_RANGE_PART = MiB // 4
 
 
 @dataclass(frozen=True)
@@ -196,10 +200,15 @@ class RangedReader:
         size: int,
     ) -> int:
         """Fetch ``ranges`` (file offsets, coalesced by the caller) of a file the manifest
-        says has ``size`` bytes into ``buffer`` at their offsets, each split into parts of
-        at most ``part_bytes``; returns the bytes fetched."""
+        says has ``size`` bytes into ``buffer`` at their offsets, in parts of the total /
+        ``max_concurrency`` (at least MIN_RANGE_PART, at most ``part_bytes``), all at once;
+        returns the bytes fetched."""
         until = time.monotonic() + self.options.deadline_s
-        step = self.options.part_bytes
+        total = sum(n for _, n in ranges)
+        step = min(
+            self.options.part_bytes,
+            max(MIN_RANGE_PART, -(-total // self.options.max_concurrency)),
+        )
         pieces = split(ranges, step)
         if pieces and max(o + n for o, n in pieces) > min(size, len(buffer)):
             raise ChunkStoreError(f"{what}: a range ends past the chunk's {size} bytes")
