@@ -245,5 +245,25 @@ def test_auto_on_an_engine_tries_both_ways_and_stays_exact(moe_models):
         assert off >= TRIALS and on >= TRIALS
     finally:
         engine.close()
-    with pytest.raises(SettingsError, match="expert_prefetch must be true, false or 'auto'"):
+    with pytest.raises(SettingsError, match="expert_prefetch must be True, False or 'auto'"):
         expert_engine(store, streaming_budget(store), expert_prefetch="sometimes")
+
+
+@pytest.mark.parametrize(("mode", "level"), [(True, "WARNING"), ("auto", "INFO")])
+def test_without_a_read_ahead_nothing_is_guessed_and_it_says_so(moe_models, caplog, mode, level):
+    """A guess is read into the next block's lease, which only a read-ahead makes: at a
+    budget with none, no router runs for guesses and the log says why (a warning when
+    expert_prefetch asked for them)."""
+    import logging
+
+    _, store = moe_models("qwen3_moe")
+    with caplog.at_level(logging.INFO, logger="layerstream"):
+        engine = expert_engine(store, streaming_budget(store), read_ahead=0, expert_prefetch=mode)
+    try:
+        assert engine.plan.read_ahead == 0 and engine.streamer.predictor is None
+        _generate(engine)
+        assert engine.streamer.stats.experts_predicted == 0
+    finally:
+        engine.close()
+    (told,) = [r for r in caplog.records if "no lease to read guessed experts" in r.getMessage()]
+    assert told.levelname == level

@@ -182,6 +182,24 @@ def _outside_the_experts(tensors: dict[str, torch.Tensor]) -> None:
     tensors[Q_PROJ + "_scales"] = torch.zeros(rows, cols // 32, dtype=torch.uint8)
 
 
+def _signed_blocks(tensors: dict[str, torch.Tensor]) -> None:
+    tensors[GATE_UP + "_blocks"] = tensors[GATE_UP + "_blocks"].view(torch.int8)
+
+
+def _float_scales(tensors: dict[str, torch.Tensor]) -> None:
+    tensors[GATE_UP + "_scales"] = tensors[GATE_UP + "_scales"].float()
+
+
+def _plain_experts(tensors: dict[str, torch.Tensor]) -> None:
+    """Every 4-bit tensor replaced by a plain one (config.json still says mxfp4)."""
+    for key in [k for k in tensors if k.endswith(("_blocks", "_scales"))]:
+        blocks = tensors.pop(key)
+        if key.endswith("_blocks"):
+            stem = key.removesuffix("_blocks")
+            e, b, g, _ = blocks.shape
+            tensors[stem] = torch.zeros(e, g * 32, b, dtype=torch.bfloat16)
+
+
 def _wrong_shape(tensors: dict[str, torch.Tensor]) -> None:
     blocks = tensors[GATE_UP + "_blocks"]
     tensors[GATE_UP + "_blocks"] = blocks[:, :, :1].contiguous()
@@ -196,6 +214,9 @@ def _wrong_shape(tensors: dict[str, torch.Tensor]) -> None:
         (_wrong_shape, r"gate_up_proj_blocks is torch\.uint8 \[8, 128, 1, 16\]; mxfp4"),
         (lambda t: t.pop(GATE_UP + "_scales"), r"gate_up_proj_blocks has no .*_scales beside"),
         (lambda t: t.pop(GATE_UP + "_blocks"), r"gate_up_proj_scales has no torch\.uint8"),
+        (_signed_blocks, r"gate_up_proj_blocks is torch\.int8; mxfp4 .* as torch\.uint8"),
+        (_plain_experts, r"says mxfp4, but the checkpoint holds no `_scales` tensors"),
+        (_float_scales, r"mxfp4 with scales in \['torch\.float32', 'torch\.uint8'\]"),
     ],
 )
 def test_a_damaged_mxfp4_checkpoint_is_one_clear_error_naming_the_tensor(

@@ -191,7 +191,7 @@ def _requantize(source: Path, dest: Path, config: dict) -> Path:
             "quant_method 'compressed-tensors'",
             r"CompressedTensorsConfig\(dequantize=True\)",
         ),
-        ({"quant_method": "mxfp4"}, "mxfp4 with scales in", "uint8"),
+        ({"quant_method": "mxfp4"}, "says mxfp4, but the checkpoint holds no", "4-bit"),
         ({"quant_method": "gptq", "bits": 4}, "quant_method 'gptq'", "unquantized checkpoint"),
         ({"quant_method": "awq", "bits": 4}, "quant_method 'awq'", "unquantized checkpoint"),
         (

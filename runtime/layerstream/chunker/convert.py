@@ -364,7 +364,12 @@ def _route_scales(
     for scale in scales:
         wanted = scale.key.removesuffix(quant.scale_suffix) + quant.weight_suffix
         weight = weights.get(wanted)
-        if weight is None or weight.source.dtype != quant.stored_dtype:
+        if weight is not None and weight.source.dtype != quant.stored_dtype:
+            raise ChunkerError(
+                f"{weight.source.path.name}: {wanted} is {weight.source.dtype}; "
+                f"{quant.describe()} keeps its values as {quant.stored_dtype}: re-quantize it"
+            )
+        if weight is None:
             raise ChunkerError(
                 f"{scale.path.name}: {scale.key} has no {quant.stored_dtype} {wanted} beside "
                 f"it to scale; it is not a {quant.method} checkpoint layerstream can serve"

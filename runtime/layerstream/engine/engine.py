@@ -321,7 +321,13 @@ class Engine:
                 self.store, checks, plan.pool_buffers, plan.buffer_bytes, plan.dequantized
             )
         streamer = WeightStreamer(reader, self.manifest, plan, self.io_threads)
-        if self.parts and self.options.expert_prefetch is not False:
+        if self.parts and self.options.expert_prefetch is not False and not plan.read_ahead:
+            # a guess is read into the next block's lease, which exists only read ahead
+            (log.warning if self.options.expert_prefetch is True else log.info)(
+                "expert prefetch off: this budget leaves no block read ahead, so there is no "
+                "lease to read guessed experts into (raise memory_budget for a read-ahead)"
+            )
+        elif self.parts and self.options.expert_prefetch is not False:
             groups = {j: [m for _, m in self._block_experts(j)] for j in plan.streamed}
             predictor = ExpertPredictor(self.model, self.prefixes, groups)
             if predictor.routers:

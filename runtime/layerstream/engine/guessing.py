@@ -38,7 +38,10 @@ class GuessChoice:
 
     def __init__(self, mode: bool | str = AUTO):
         if mode != AUTO and not isinstance(mode, bool):
-            raise SettingsError(f"expert_prefetch must be true, false or 'auto', not {mode!r}")
+            kind = type(mode).__name__
+            raise SettingsError(
+                f"expert_prefetch must be True, False or 'auto', not {mode!r} ({kind})"
+            )
         self.fixed: bool | None = None if mode == AUTO else mode
         self.on = True if self.fixed is None else self.fixed
         # by shape: the last TRIALS pass times (s) with guesses off, and on

@@ -326,8 +326,8 @@ def _quantization(raw: Any, source: str) -> Quantization:
     ):
         raise ManifestError(
             f"{source}: 'quantization' {raw!r} is not a quantization this layerstream reads "
-            "(method 'fp8', weight_block_size [rows, cols], scale_dtype; or method 'mxfp4'); "
-            "upgrade layerstream or re-run the chunker"
+            "(method 'fp8', weight_block_size [rows, cols], scale_dtype; or method 'mxfp4', "
+            "layout 'transposed'); upgrade layerstream or re-run the chunker"
         )
     return Fp8Blocks((block[0], block[1]), raw["scale_dtype"])
 

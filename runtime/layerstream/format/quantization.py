@@ -325,6 +325,12 @@ def supported(
     method = raw.get("quant_method")
     if method == MXFP4:
         found = scale_dtypes(Mxfp4.scale_suffix)
+        if not found:
+            raise UnsupportedQuantization(
+                f"{where} says mxfp4, but the checkpoint holds no `{Mxfp4.scale_suffix}` "
+                "tensors: none of its weights is 4-bit. If they are plain, remove "
+                "quantization_config from config.json"
+            )
         if found != {torch.uint8}:
             raise UnsupportedQuantization(
                 f"{where}: mxfp4 with scales in {sorted(map(str, found))}, not uint8 (e8m0)"

@@ -202,7 +202,9 @@ class LayerStreamSettings(BaseSettings):
     store_part_size: ByteSize = Field(
         default="8MiB",
         description="Largest ranged GET of a remote chunk: a chunk is read in parts of its "
-        "size / `store_max_concurrency`, at least 1 MiB and at most this.",
+        "size / `store_max_concurrency`, at least 1 MiB and at most this; a block's routed "
+        "experts (byte ranges) in parts of their total / `store_max_concurrency`, at least 256 "
+        "KiB and at most this.",
     )
     s3_endpoint_url: str | None = Field(
         default=None,
