@@ -257,3 +257,30 @@ def test_a_short_read_ahead_is_told_once_for_a_moe_store(moe_models, caplog):
         size_model(manifest, config, memory_budget=str(budget), read_ahead="1")
     told = [r for r in caplog.records if "leaves room for a read-ahead" in r.getMessage()]
     assert len(told) == 1
+
+
+def test_a_moe_store_is_sized_for_the_expert_streaming_it_is_served_with(moe_models, capsys):
+    """`--expert-streaming off` sizes whole blocks, as the engine plans them then; auto
+    (the default) sizes expert streaming and says when auto streams whole blocks instead."""
+    from layerstream.engine.engine import Engine, EngineOptions
+    from layerstream.stores import open_store
+
+    _, store = moe_models("olmoe")
+    manifest = Manifest.from_json((store / "manifest.json").read_text())
+    config = config_from_json((store / "config.json").read_text())
+    whole = size_model(manifest, config, memory_budget="60%", expert_streaming="off")
+    engine = Engine(
+        open_store(str(store)), EngineOptions(memory_budget="60%", expert_streaming="off")
+    )
+    try:
+        assert whole.based_blocks == 0 and whole.pinned_blocks == len(engine.plan.resident)
+    finally:
+        engine.close()
+    size = ["size", str(store), "--memory-budget", "60%"]
+    assert cli.main([*size, "--expert-streaming", "off"]) == 0
+    assert "pinned bases" not in capsys.readouterr().out
+    assert cli.main(size) == 0
+    out = capsys.readouterr().out
+    assert "pinned bases" in out and "auto streams whole blocks instead" in out
+    with pytest.raises(ValueError, match="expert_streaming must be auto, on or off"):
+        size_model(manifest, config, memory_budget="60%", expert_streaming="sometimes")

@@ -148,6 +148,12 @@ def _size_parser(sub) -> None:
         "(default: the model's, auto)",
     )
     size.add_argument(
+        "--expert-streaming",
+        choices=("auto", "on", "off"),
+        help="a mixture-of-experts model's blocks as base + routed experts, or whole "
+        "(default: the model's, auto)",
+    )
+    size.add_argument(
         "--context",
         type=int,
         metavar="TOKENS",
@@ -436,6 +442,7 @@ def size_command(args: argparse.Namespace) -> int:
             max_active_sequences=args.max_active_sequences or settings.max_active_sequences,
             kv_cache_budget=args.kv_cache_budget or settings.kv_cache_budget,
             context=args.context,
+            expert_streaming=args.expert_streaming or settings.expert_streaming,
         )
     except (LayerStreamError, OSError, ValueError) as exc:
         log.error("%s", getattr(exc, "message", None) or exc)

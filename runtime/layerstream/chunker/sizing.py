@@ -71,6 +71,7 @@ class Sizing:
     based_blocks: int = 0
     expert_cache: int = 0
     dequantized: int = 0  # a quantized store's: the blocks in flight, dequantized
+    expert_streaming: str = AUTO  # the setting the bases and cache were planned for
 
     @property
     def weights(self) -> int:
@@ -104,7 +105,13 @@ class Sizing:
                         "pinned bases",
                         self.bases,
                         f"the non-expert parts of {self.based_blocks} streamed blocks "
-                        "(expert streaming)",
+                        "(expert streaming"
+                        + (
+                            "; auto streams whole blocks instead where a local store's "
+                            "chunks stay in the page cache)"
+                            if self.expert_streaming == AUTO
+                            else ")"
+                        ),
                     ),
                     ("expert cache", self.expert_cache, "the most routed experts"),
                 ]
@@ -168,9 +175,12 @@ def size_model(
     max_active_sequences: int = 8,
     kv_cache_budget: str = AUTO,
     context: int | None = None,
+    expert_streaming: str = AUTO,
 ) -> Sizing:
     """The terms for ``manifest`` (with its transformers ``config``) served with these
-    settings; ``context`` overrides the model's context length for the KV term."""
+    settings; ``context`` overrides the model's context length for the KV term. A store
+    that lists its experts is planned as expert streaming pins it, unless
+    ``expert_streaming`` is off."""
     from ..engine import tuning
     from ..engine.plan import plan_residency
     from ..engine.skeleton import context_length
@@ -178,7 +188,9 @@ def size_model(
 
     budget = resolve_sizing_budget(memory_budget, manifest.total_memory_bytes)
     plan = plan_residency(manifest, budget, tuning.read_ahead(read_ahead))
-    bases = expert_bases(manifest, config)
+    if expert_streaming not in (AUTO, "on", "off"):
+        raise ValueError(f"expert_streaming must be auto, on or off, not {expert_streaming!r}")
+    bases = expert_bases(manifest, config) if expert_streaming != "off" else {}
     if bases and not plan.fully_resident:  # as the engine plans once it streams experts
         plan = plan_residency(manifest, budget, tuning.read_ahead(read_ahead), bases)
     sizes = manifest.block_memory_bytes
@@ -209,6 +221,7 @@ def size_model(
         based_blocks=len(plan.pinned_bases),
         expert_cache=plan.expert_cache,
         dequantized=plan.pool_buffers * plan.dequantized,
+        expert_streaming=expert_streaming,
         kv=kv,
         kv_per_token=per_token,
         kv_how=kv_how,
