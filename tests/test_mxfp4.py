@@ -106,7 +106,9 @@ def test_each_expert_dequantized_alone_equals_transformers_on_the_whole_tensor(m
         want = convert_moe_packed_tensors(blocks, scales, dtype=dtype)
         assert want.shape == shape
         bits = {2: torch.int16, 4: torch.int32}[dtype.itemsize]
-        stored, stored_scales = fmt.to_stored(blocks), fmt.to_stored(scales)
+        # as the chunker stores them (each expert transposed: Mxfp4.stored_order)
+        stored = blocks.permute(fmt.stored_order(4)).contiguous()
+        stored_scales = scales.permute(fmt.stored_order(3)).contiguous()
         got = fmt.dequantize(stored, stored_scales, dtype)
         assert torch.equal(got.view(bits), want.view(bits))
         out = torch.full(shape, float("nan"), dtype=dtype)

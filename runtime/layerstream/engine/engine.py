@@ -321,21 +321,26 @@ class Engine:
                 self.store, checks, plan.pool_buffers, plan.buffer_bytes, plan.dequantized
             )
         streamer = WeightStreamer(reader, self.manifest, plan, self.io_threads)
-        if self.parts and self.options.expert_prefetch is not False and not plan.read_ahead:
-            # a guess is read into the next block's lease, which exists only read ahead
+        if self.parts and self.options.expert_prefetch is not False:
+            self._start_predictor(streamer)
+        return streamer
+
+    def _start_predictor(self, streamer: WeightStreamer) -> None:
+        """Guesses of the next block's experts, read into its lease ahead: a lease that
+        exists only read ahead, so none at a budget without a read-ahead."""
+        if not self.plan.read_ahead:
             (log.warning if self.options.expert_prefetch is True else log.info)(
                 "expert prefetch off: this budget leaves no block read ahead, so there is no "
                 "lease to read guessed experts into (raise memory_budget for a read-ahead)"
             )
-        elif self.parts and self.options.expert_prefetch is not False:
-            groups = {j: [m for _, m in self._block_experts(j)] for j in plan.streamed}
-            predictor = ExpertPredictor(self.model, self.prefixes, groups)
-            if predictor.routers:
-                streamer.predictor = predictor
-                streamer.guessing = self.guessing
-            else:
-                log.info("expert prefetch off: found no router beside the experts modules")
-        return streamer
+            return
+        groups = {j: [m for _, m in self._block_experts(j)] for j in self.plan.streamed}
+        predictor = ExpertPredictor(self.model, self.prefixes, groups)
+        if not predictor.routers:
+            log.info("expert prefetch off: found no router beside the experts modules")
+            return
+        streamer.predictor = predictor
+        streamer.guessing = self.guessing
 
     def _expert_cache(self) -> ExpertCache | None:
         """The plan's expert cache, in slots of the largest expert as it keeps it (a

@@ -117,11 +117,6 @@ class Quantization(ABC):
         dimension stays first, so each of its slices is a byte range in both layouts."""
         return None
 
-    def to_stored(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A checkpoint's quantized tensor (values or scales) in the store's layout."""
-        order = self.stored_order(tensor.ndim)
-        return tensor if order is None else tensor.permute(order).contiguous()
-
     def checkpoint_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """The checkpoint's quantized values' shape for a model tensor of ``shape``."""
         return self._unpermuted(self.stored_shape(shape))
