@@ -248,8 +248,8 @@ def expert_bases(manifest: Manifest, config: PretrainedConfig) -> dict[int, int]
         if info.experts is not None:
             if info.experts.base_bytes is None:
                 return {}
-            mine = {key: shapes[key] for key in base_quantized(info)}
-            bases[j] = pinned_base_bytes(info.experts.base_bytes, mine, manifest.quantization)
+            base = info.experts.base_bytes
+            bases[j] = pinned_base_bytes(info, base, shapes, manifest.quantization)
     return bases
 
 

@@ -32,7 +32,7 @@ from ..units import format_size
 from . import allocator, tuning
 from .checks import ChunkChecks, VerifyMode
 from .expert_cache import ExpertCache
-from .expert_plan import base_quantized, expert_parts, pinned_base_bytes
+from .expert_plan import expert_parts, pinned_base_bytes
 from .expert_reader import ExpertReader, kept_bytes
 from .experts import ExpertsModule, find_experts
 from .fill import PinFill
@@ -272,13 +272,9 @@ class Engine:
         bases = {}
         for j, block in enumerate(manifest.blocks):
             if block.chunk in parts:
-                spec = self.specs[block.chunk]
-                dequantized = {
-                    k: spec.quantized[k] for k in base_quantized(manifest.chunks[block.chunk])
-                }
-                bases[j] = pinned_base_bytes(
-                    parts[block.chunk].base_bytes, dequantized, spec.quantization
-                )
+                spec, info = self.specs[block.chunk], manifest.chunks[block.chunk]
+                base = parts[block.chunk].base_bytes
+                bases[j] = pinned_base_bytes(info, base, spec.quantized, spec.quantization)
         self.plan = plan_residency(
             manifest, self.budget, tuning.read_ahead(self.options.read_ahead), bases
         )

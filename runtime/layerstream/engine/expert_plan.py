@@ -135,18 +135,22 @@ def base_quantized(info: ChunkInfo) -> list[str]:
 
 
 def pinned_base_bytes(
-    base_bytes: int, dequantized: Mapping[str, TensorSpec], quant: Quantization | None
+    info: ChunkInfo,
+    base_bytes: int,
+    shapes: Mapping[str, TensorSpec],
+    quant: Quantization | None,
 ) -> int:
-    """What a base of ``base_bytes`` in its chunk (header included) holds once pinned: a
-    quantized tensor of it (``dequantized``: by key, its dtype and shape dequantized) is held
-    dequantized from a 64-byte boundary, its values and scales dropped (PinnedBase)."""
-    if not dequantized:
+    """What ``info``'s base of ``base_bytes`` in its chunk (header included) holds once
+    pinned: each quantized tensor of it (``base_quantized``; ``shapes``: by key, its dtype
+    and shape dequantized) is held dequantized from a 64-byte boundary, its values and
+    scales dropped (PinnedBase)."""
+    mine = base_quantized(info)
+    if not mine:
         return base_bytes
     assert quant is not None
-    stored = room = 0
-    for want in dequantized.values():
-        shape = tuple(want.shape)
-        stored += math.prod(quant.stored_shape(shape)) * quant.stored_dtype.itemsize
-        stored += math.prod(quant.scale_shape(shape)) * quant.scale_torch_dtype.itemsize
-        room += aligned(math.prod(shape) * want.dtype.itemsize)
-    return base_bytes - stored + room + DEQUANTIZED_ALIGNMENT
+    held = base_bytes + DEQUANTIZED_ALIGNMENT
+    for key in mine:
+        shape = tuple(shapes[key].shape)
+        held += aligned(math.prod(shape) * shapes[key].dtype.itemsize)
+        held -= quant.stored_bytes(shape)
+    return held

@@ -34,6 +34,7 @@ from ..stores import CachingStore, ChunkStore, MappableStore, ReadResult
 from ..stores.ranged import split
 from .checks import ChunkChecks
 from .expert_cache import ExpertCache
+from .expert_plan import base_quantized
 from .readers import Lease, PooledLease, PooledReader
 
 log = logging.getLogger(__name__)
@@ -109,12 +110,10 @@ class _BaseLayout:
         cls, layout: list[TensorEntry], parts: ChunkParts, spec: ChunkSpec | None
     ) -> _BaseLayout:
         expert_keys = {key for group in parts.groups for key in group.tensors}
-        quantized = {} if spec is None else spec.quantized
         quant = None if spec is None else spec.quantization
-        base_keys = {t.key for t in layout if t.key not in expert_keys}
-        mine = sorted(k for k in quantized if k in base_keys)
+        mine = base_quantized(parts.info)
         dropped = set(mine) | {quant.scale_key(k) for k in mine if quant is not None}
-        held = [t for t in layout if t.key in base_keys and t.key not in dropped]
+        held = [t for t in layout if t.key not in expert_keys and t.key not in dropped]
         offsets, end = [], 0
         for t in held:
             offset = end + (t.begin - end) % ALIGN  # the same residue mod ALIGN as in the file
@@ -122,8 +121,10 @@ class _BaseLayout:
             end = offset + t.nbytes
         dequantized = {}
         for key in mine:
+            assert spec is not None
+            want = spec.quantized[key]
             dequantized[key] = end = aligned(end)
-            end += math.prod(quantized[key].shape) * quantized[key].dtype.itemsize
+            end += math.prod(want.shape) * want.dtype.itemsize
         stored = [t for t in layout if t.key in dropped]
         experts = [t for t in layout if t.key in expert_keys]
         return cls(held, offsets, dequantized, stored, experts, end)

@@ -21,6 +21,7 @@ plain weights it would be served silently wrong.
 
 from __future__ import annotations
 
+import math
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -133,6 +134,13 @@ class Quantization(ABC):
         for axis, size in zip(order, stored, strict=True):
             shape[axis] = size
         return tuple(shape)
+
+    def stored_bytes(self, shape: tuple[int, ...]) -> int:
+        """Bytes a model tensor of ``shape`` takes stored: its values and its scales."""
+        return (
+            math.prod(self.stored_shape(shape)) * self.stored_dtype.itemsize
+            + math.prod(self.scale_shape(shape)) * self.scale_torch_dtype.itemsize
+        )
 
     @abstractmethod
     def tileable(self, shape: tuple[int, ...]) -> bool:
