@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import threading
 import types
 from pathlib import Path
 
@@ -510,12 +511,21 @@ def test_an_fp8_model_served_by_mlserver_streams_its_checkpoints_tokens(fp8_mode
             assert final.stats["bytes_streamed"] > 0
 
 
+@pytest.mark.parametrize("piece", [None, 3 * 256, 100])  # whole, pieces of rows, < a row
 @pytest.mark.parametrize("flush", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_dequantize_is_bit_identical_to_transformers_for_every_fp8_value(dtype, flush):
+def test_dequantize_is_bit_identical_to_transformers_for_every_fp8_value(
+    dtype, flush, piece, monkeypatch
+):
     """Every byte (subnormals, ±0, NaN) against scales of every kind (a scale × 256 past
-    float32 included): the fast path and its fallbacks equal transformers' routine."""
+    float32 included), a tensor at once or a piece of it at a time: the fast path and its
+    fallbacks equal transformers' routine."""
+    from layerstream.format import quantization
     from layerstream.format.quantization import dequantize, dequantize_reference
+
+    if piece is not None:
+        monkeypatch.setattr(quantization, "FP8_PIECE", piece)
+        monkeypatch.setattr(quantization, "_scratch", threading.local())
 
     every = torch.arange(256, dtype=torch.uint8)
     finite = every[(every & 0x7F) != 0x7F]
