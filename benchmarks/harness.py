@@ -88,7 +88,7 @@ def main() -> None:
     theirs = answers(HFLM(pretrained=reference, tokenizer=tokenizer, batch_size=1))
     with layerstream.load(store, memory_budget=args.budget) as model:
         engine = model._layerstream_engine
-        plan = engine.plan.describe(engine.manifest)
+        plan = engine.plan.describe()
         mine = answers(HFLM(pretrained=model, tokenizer=model.tokenizer, batch_size=1))
     report = {"preset": args.preset, "budget": args.budget, "plan": plan}
     print(f"\n== lm-eval HFLM, {args.preset} at {args.budget}: {plan}")

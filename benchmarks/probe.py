@@ -33,9 +33,9 @@ def main() -> None:
         result["read_ahead"] = engine.plan.read_ahead
         result["io_threads"] = engine.io_threads
         result["evict_after_use"] = engine.evict_after_use
-        result["plan"] = engine.plan.describe(engine.manifest)
+        result["plan"] = engine.plan.describe()
         model, context = engine.model, engine.request
-        result["weights_held"] = engine.plan.weight_bytes(engine.manifest)
+        result["weights_held"] = engine.plan.weight_bytes()
         engine.wait_pinned()  # the steady state: every block the plan pins in memory
         if engine.verifier is not None:
             # timed as a server runs once its background pass has hashed every streamed

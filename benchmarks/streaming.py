@@ -95,10 +95,12 @@ def model_bytes(store: Path) -> int:
 
 def memory_bytes(store: Path) -> int:
     """What a percentage ``memory_budget`` is a share of: the model held in memory (a
-    quantized store's chunks and their tensors dequantized; the chunks' bytes otherwise)."""
+    quantized store's tensors dequantized; the chunks' bytes otherwise)."""
+    from layerstream.chunker.sizing import config_from_json, held_sizes
     from layerstream.format.manifest import Manifest
 
-    return Manifest.from_json((store / "manifest.json").read_text()).total_memory_bytes
+    manifest = Manifest.from_json((store / "manifest.json").read_text())
+    return held_sizes(manifest, config_from_json((store / "config.json").read_text())).total
 
 
 def command(

@@ -143,7 +143,7 @@ def main() -> None:
         engine = Engine(open_store(store), EngineOptions(memory_budget=sys.argv[2], read_ahead=1))
         model = engine.model
         result["budget"] = engine.plan.budget
-        result["weights_held"] = engine.plan.weight_bytes(engine.manifest)
+        result["weights_held"] = engine.plan.weight_bytes()
         context = engine.request
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(source).eval()

@@ -149,10 +149,10 @@ def test_the_cache_is_in_the_budget_and_reported(moe_models):
     engine = expert_engine(store, budget)
     try:
         plan = engine.plan
-        assert plan.expert_cache > 0 and plan.weight_bytes(engine.manifest) <= budget
+        assert plan.expert_cache > 0 and plan.weight_bytes() <= budget
         cache = engine.streamer._reader.cache
         assert cache is not None and cache.nbytes <= plan.expert_cache
-        assert "expert cache" in plan.describe(engine.manifest)
+        assert "expert cache" in plan.describe()
         hits = []
         for _ in range(2):
             with engine.request() as ctx:

@@ -591,8 +591,8 @@ def test_the_plan_pins_every_base_before_any_expert(moe_models):
         plan = plan_residency(manifest, budget, 1, bases)
         assert sorted(plan.pinned_bases) == pinned_bases
         assert not plan.resident and plan.expert_cache == cache
-        assert plan.weight_bytes(manifest) <= budget
-        assert "non-expert parts of" in plan.describe(manifest)
+        assert plan.weight_bytes() <= budget
+        assert "non-expert parts of" in plan.describe()
 
 
 def test_a_chunk_replaced_while_its_block_runs_fails_every_request_on_that_install(

@@ -49,7 +49,7 @@ def test_terms_at_a_budget_follow_the_residency_plan(llama):
     assert sizing.pinned_blocks == len(plan.resident)
     assert sizing.buffers == 2 * max(sizes)
     # what the engine holds at most is what the budget allows, and the plan says it holds
-    assert sizing.weights == plan.weight_bytes(manifest) <= budget
+    assert sizing.weights == plan.weight_bytes() <= budget
 
 
 def test_auto_kv_budget_is_max_active_full_context_sequences(llama):
@@ -234,7 +234,7 @@ def test_a_moe_store_is_sized_as_expert_streaming_plans_it(moe_models):
         assert sizing.based_blocks == len(plan.pinned_bases) > 0
         assert sizing.bases == sum(plan.pinned_bases.values())
         assert sizing.expert_cache == plan.expert_cache > 0
-        assert sizing.weights == plan.weight_bytes(manifest) <= sizing.budget
+        assert sizing.weights == plan.weight_bytes() <= sizing.budget
     finally:
         engine.close()
     report = sizing.report()
@@ -252,7 +252,7 @@ def test_a_short_read_ahead_is_told_once_for_a_moe_store(moe_models, caplog):
     largest = max(manifest.block_bytes) + max(
         manifest.chunks[b.chunk].dequantized_room for b in manifest.blocks
     )
-    budget = manifest.rest_memory_bytes + largest + largest // 2  # one buffer, not two
+    budget = manifest.rest_bytes + largest + largest // 2  # one buffer, not two
     with caplog.at_level(logging.WARNING, logger="layerstream"):
         size_model(manifest, config, memory_budget=str(budget), read_ahead="1")
     told = [r for r in caplog.records if "leaves room for a read-ahead" in r.getMessage()]

@@ -256,7 +256,8 @@ def chunk_command(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             store_options=options,
         )
-        sizing = _chunk_sizing(manifest, source / "config.json", args.memory_budget)
+        config_text = (source / "config.json").read_text()
+        sizing = _chunk_sizing(manifest, config_text, args.memory_budget)
         if args.quantize:
             _report_quantization(original, source)
     except (ChunkerError, ValueError, LayerStreamError) as exc:
@@ -283,7 +284,7 @@ def chunk_command(args: argparse.Namespace) -> int:
         )
         code = 0
     else:
-        code = _write_settings(args, manifest, model_dir)
+        code = _write_settings(args, manifest, model_dir, config_text)
     if code == 0 and sizing is not None:
         print(sizing.report())
     return code
@@ -316,7 +317,7 @@ def _report_quantization(original: Path, quantized: Path) -> None:
     )
 
 
-def _chunk_sizing(manifest, config_path: Path, memory_budget: str | None):
+def _chunk_sizing(manifest, config_text: str, memory_budget: str | None):
     """What `layerstream size` would print for the new store with default settings; None
     (with the reason logged) where it cannot be told: `_write_settings` reports a budget
     below the model's minimum itself."""
@@ -324,20 +325,20 @@ def _chunk_sizing(manifest, config_path: Path, memory_budget: str | None):
     from .sizing import config_from_json, size_model
 
     try:
-        config = config_from_json(config_path.read_text())
+        config = config_from_json(config_text)
         return size_model(manifest, config, memory_budget=memory_budget or "auto")
     except (LayerStreamError, OSError, ValueError) as exc:
         log.warning("cannot size %s: %s", manifest.name, exc)
         return None
 
 
-def _write_settings(args: argparse.Namespace, manifest, model_dir: Path) -> int:
+def _write_settings(args: argparse.Namespace, manifest, model_dir: Path, config_text: str) -> int:
     from ..errors import LayerStreamError
     from .model_settings import write_model_settings
 
     if args.memory_budget and args.memory_budget != "auto":
         try:  # what load() will check: a budget below the model's minimum never loads
-            _check_budget(manifest, args.memory_budget)
+            _check_budget(manifest, config_text, args.memory_budget)
         except LayerStreamError as exc:
             log.error("%s; %s not written", exc.message, model_dir / "model-settings.json")
             return 1
@@ -349,12 +350,14 @@ def _write_settings(args: argparse.Namespace, manifest, model_dir: Path) -> int:
     return 0
 
 
-def _check_budget(manifest, budget: str) -> None:
+def _check_budget(manifest, config_text: str, budget: str) -> None:
     from ..engine import tuning
     from ..engine.plan import plan_residency, resolve_budget
+    from .sizing import config_from_json, held_sizes
 
+    held = held_sizes(manifest, config_from_json(config_text))
     plan_residency(
-        manifest, resolve_budget(budget, manifest.total_memory_bytes), tuning.read_ahead("auto")
+        manifest, resolve_budget(budget, held.total), tuning.read_ahead("auto"), held=held
     )
 
 

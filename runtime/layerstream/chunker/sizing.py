@@ -32,7 +32,12 @@ from ..format.manifest import Manifest
 from ..units import format_size, parse_size
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from transformers import PretrainedConfig
+
+    from ..engine.held import HeldSizes
+    from ..format.safetensors import TensorSpec
 
 MiB = 2**20
 
@@ -182,19 +187,20 @@ def size_model(
     that lists its experts is planned as expert streaming pins it, unless
     ``expert_streaming`` is off."""
     from ..engine import tuning
+    from ..engine.held import HeldSizes
     from ..engine.plan import plan_residency
     from ..engine.skeleton import context_length
     from ..inference.kv import full_kv_budget, kv_bytes_per_token
 
-    budget = resolve_sizing_budget(memory_budget, manifest.total_memory_bytes)
-    plan = plan_residency(manifest, budget, tuning.read_ahead(read_ahead))
     if expert_streaming not in (AUTO, "on", "off"):
         raise ValueError(f"expert_streaming must be auto, on or off, not {expert_streaming!r}")
-    bases = expert_bases(manifest, config) if expert_streaming != "off" else {}
+    shapes = quantized_shapes(manifest, config)
+    held = HeldSizes.of(manifest, shapes)
+    budget = resolve_sizing_budget(memory_budget, held.total)
+    plan = plan_residency(manifest, budget, tuning.read_ahead(read_ahead), held=held)
+    bases = expert_bases(manifest, shapes) if expert_streaming != "off" else {}
     if bases and not plan.fully_resident:  # as the engine plans once it streams experts
-        plan = plan_residency(manifest, budget, tuning.read_ahead(read_ahead), bases)
-    sizes = manifest.block_memory_bytes
-    pinned = manifest.rest_memory_bytes + sum(sizes[j] for j in plan.resident)
+        plan = plan_residency(manifest, budget, tuning.read_ahead(read_ahead), bases, held)
     per_token = kv_bytes_per_token(config, len(manifest.blocks), manifest.dtype)
     if kv_cache_budget == AUTO:
         context = context or context_length(config)
@@ -209,10 +215,10 @@ def size_model(
         kv_how = f"kv_cache_budget {kv_cache_budget} ({kv // max(per_token, 1)} tokens)"
     return Sizing(
         model=manifest.name,
-        model_bytes=manifest.total_memory_bytes,
+        model_bytes=held.total,
         budget=budget,
         budget_spec=str(memory_budget),
-        pinned=pinned,
+        pinned=plan.pinned_bytes,
         pinned_blocks=len(plan.resident),
         n_blocks=plan.n_blocks,
         buffers=plan.pool_buffers * plan.buffer_bytes,
@@ -228,20 +234,33 @@ def size_model(
     )
 
 
-def expert_bases(manifest: Manifest, config: PretrainedConfig) -> dict[int, int]:
-    """By block, what each block's non-expert part holds once pinned, from the manifest (and
-    for a quantized one the shapes its model built from ``config`` has: its quantized
-    tensors are held dequantized): empty for a dense model, or a store chunked before the
-    sizes were recorded (planned whole then)."""
-    from ..engine.expert_plan import base_quantized, pinned_base_bytes
+def quantized_shapes(manifest: Manifest, config: PretrainedConfig) -> dict[str, TensorSpec]:
+    """By key, the dtype and shape each quantized tensor of ``manifest`` has dequantized: its
+    model's, built from ``config`` (none for a plain store)."""
+    if manifest.quantization is None:
+        return {}
+    from ..engine.skeleton import build_skeleton
     from ..format.safetensors import TensorSpec
 
-    shapes: dict[str, TensorSpec] = {}
-    if any(base_quantized(manifest.chunks[b.chunk]) for b in manifest.blocks):
-        from ..engine.skeleton import build_skeleton
+    model = build_skeleton(config, manifest.architecture, manifest.dtype, buffers=False)
+    return {k: TensorSpec(v.dtype, tuple(v.shape)) for k, v in model.state_dict().items()}
 
-        model = build_skeleton(config, manifest.architecture, manifest.dtype, buffers=False)
-        shapes = {k: TensorSpec(v.dtype, tuple(v.shape)) for k, v in model.state_dict().items()}
+
+def held_sizes(manifest: Manifest, config: PretrainedConfig) -> HeldSizes:
+    """What each chunk of ``manifest`` holds pinned, as the engine plans it."""
+    from ..engine.held import HeldSizes
+
+    return HeldSizes.of(manifest, quantized_shapes(manifest, config))
+
+
+def expert_bases(manifest: Manifest, shapes: Mapping[str, TensorSpec]) -> dict[int, int]:
+    """By block, what each block's non-expert part holds once pinned, from the manifest (and
+    for a quantized one its quantized tensors' ``shapes`` dequantized: quantized_shapes):
+    empty for a dense model, or a store chunked before the sizes were recorded (planned
+    whole then)."""
+    from ..engine.expert_plan import base_quantized
+    from ..engine.held import held_bytes
+
     bases = {}
     for j, block in enumerate(manifest.blocks):
         info = manifest.chunks[block.chunk]
@@ -249,7 +268,7 @@ def expert_bases(manifest: Manifest, config: PretrainedConfig) -> dict[int, int]
             if info.experts.base_bytes is None:
                 return {}
             base = info.experts.base_bytes
-            bases[j] = pinned_base_bytes(info, base, shapes, manifest.quantization)
+            bases[j] = held_bytes(base, base_quantized(info), shapes, manifest.quantization)
     return bases
 
 

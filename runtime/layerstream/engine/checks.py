@@ -35,6 +35,7 @@ from ..format.safetensors import (
 from ..stores import CachingStore, ChunkStore, MappableStore
 from ..words import Word
 from .dequantization import Dequantization, Job
+from .held import HeldLayout
 from .stats import StreamStats
 
 log = logging.getLogger(__name__)
@@ -337,6 +338,18 @@ class ChunkChecks:
             del tensors[spec.quantization.scale_key(key)]
         tensors.update(dequantized)
         return tensors
+
+    def held(
+        self, info: ChunkInfo, data: torch.Tensor, version: str | None
+    ) -> dict[str, torch.Tensor]:
+        """The tensors of ``data`` (checked bytes of ``info``) to hold for good: views of it,
+        or a quantized chunk's in memory of their own, its quantized tensors dequantized
+        without their values and scales (held.py): ``data`` is not kept then."""
+        spec = self.specs.get(info.name)
+        if spec is None or not spec.quantized:
+            return self.tensors(info, data, version)
+        layout = self.layout(info, data, version)
+        return HeldLayout.of(layout, spec, list(spec.quantized)).copy(data, spec)
 
     def layout(self, info: ChunkInfo, data: torch.Tensor, version: str | None) -> list[TensorEntry]:
         """The tensors ``data`` (checked bytes of ``info``, header included) holds, checked

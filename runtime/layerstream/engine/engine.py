@@ -32,11 +32,12 @@ from ..units import format_size
 from . import allocator, tuning
 from .checks import ChunkChecks, VerifyMode
 from .expert_cache import ExpertCache
-from .expert_plan import expert_parts, pinned_base_bytes
+from .expert_plan import base_quantized, expert_parts
 from .expert_reader import ExpertReader, kept_bytes
 from .experts import ExpertsModule, find_experts
 from .fill import PinFill
 from .guessing import GuessChoice
+from .held import HeldSizes, held_bytes
 from .hooks import (
     BlockBinding,
     BlockHook,
@@ -209,7 +210,7 @@ class Engine:
             f"{served_only_resident(self.manifest.architecture, writes)}; a memory_budget of "
             f"{format_size(self.budget)} streams {plan.n_blocks - len(plan.resident)} of its "
             f"{plan.n_blocks} blocks. Set memory_budget to 100% "
-            f"({format_size(self.manifest.total_memory_bytes)})"
+            f"({format_size(self.held.total)})"
         )
 
     def _write_once(self) -> None:
@@ -226,9 +227,11 @@ class Engine:
 
     def _plan(self) -> None:
         options = self.options
-        self.budget = resolve_budget(options.memory_budget, self.manifest.total_memory_bytes)
+        shapes = {k: t for spec in self.specs.values() for k, t in spec.quantized.items()}
+        self.held = HeldSizes.of(self.manifest, shapes)
+        self.budget = resolve_budget(options.memory_budget, self.held.total)
         self.plan: ResidencyPlan = plan_residency(
-            self.manifest, self.budget, tuning.read_ahead(options.read_ahead)
+            self.manifest, self.budget, tuning.read_ahead(options.read_ahead), held=self.held
         )
         self._check_writes_fit_plan()
         self.io_threads = tuning.io_threads(options.io_threads, self.plan.read_ahead)
@@ -274,9 +277,9 @@ class Engine:
             if block.chunk in parts:
                 spec, info = self.specs[block.chunk], manifest.chunks[block.chunk]
                 base = parts[block.chunk].base_bytes
-                bases[j] = pinned_base_bytes(info, base, spec.quantized, spec.quantization)
+                bases[j] = held_bytes(base, base_quantized(info), spec.quantized, spec.quantization)
         self.plan = plan_residency(
-            manifest, self.budget, tuning.read_ahead(self.options.read_ahead), bases
+            manifest, self.budget, tuning.read_ahead(self.options.read_ahead), bases, self.held
         )
         streamed = {manifest.blocks[j].chunk for j in self.plan.streamed}
         self.parts = {name: p for name, p in parts.items() if name in streamed}
@@ -371,7 +374,7 @@ class Engine:
         check_chunk_heads(self.store, pinned, self.specs, max(self.io_threads, 4))
         return PinFill(
             self.manifest,
-            sorted(plan.resident),
+            {j: plan.held[j] for j in sorted(plan.resident)},
             self._read_pinned,
             self.io_threads,
             plan.pinned_bases,
@@ -393,7 +396,7 @@ class Engine:
         """Bytes of the blocks the plan pins that are in memory, and of all it pins: equal
         once the background fill is complete."""
         plan = self.plan
-        target = sum(self.manifest.block_memory_bytes[j] for j in plan.resident)
+        target = sum(plan.held[j] for j in plan.resident)
         target += sum(plan.pinned_bases.values())
         if self.fill is None:
             return target, target
@@ -534,7 +537,7 @@ class Engine:
             load_s,
             format_size(stats.bytes_read),
             stats.bytes_read / max(stats.read_s, 1e-9) / 1e9,
-            self.plan.describe(self.manifest),
+            self.plan.describe(),
             self.io_threads,
             self.streamer.reader,
             "; streamed chunks leave the page cache after use (it cannot hold them)"

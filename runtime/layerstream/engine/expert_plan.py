@@ -12,14 +12,11 @@ setting), and where each part of their chunks lies.
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Mapping
 
 from ..errors import ManifestError, SettingsError
 from ..format.manifest import ChunkInfo, Manifest
 from ..format.parts import ChunkParts, chunk_parts
-from ..format.quantization import DEQUANTIZED_ALIGNMENT, Quantization, aligned
-from ..format.safetensors import TensorEntry, TensorSpec
+from ..format.safetensors import TensorEntry
 from .experts import ExpertsModule, with_scales
 
 log = logging.getLogger(__name__)
@@ -132,25 +129,3 @@ def base_quantized(info: ChunkInfo) -> list[str]:
         return []
     experts = {key for group in info.experts.groups for key in group.tensors}
     return [key for key in info.quantized or () if key not in experts]
-
-
-def pinned_base_bytes(
-    info: ChunkInfo,
-    base_bytes: int,
-    shapes: Mapping[str, TensorSpec],
-    quant: Quantization | None,
-) -> int:
-    """What ``info``'s base of ``base_bytes`` in its chunk (header included) holds once
-    pinned: each quantized tensor of it (``base_quantized``; ``shapes``: by key, its dtype
-    and shape dequantized) is held dequantized from a 64-byte boundary, its values and
-    scales dropped (PinnedBase)."""
-    mine = base_quantized(info)
-    if not mine:
-        return base_bytes
-    assert quant is not None
-    held = base_bytes + DEQUANTIZED_ALIGNMENT
-    for key in mine:
-        shape = tuple(shapes[key].shape)
-        held += aligned(math.prod(shape) * shapes[key].dtype.itemsize)
-        held -= quant.stored_bytes(shape)
-    return held

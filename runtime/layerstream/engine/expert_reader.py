@@ -13,7 +13,6 @@ was routed to (``poison`` fills such slices with NaN, which proves it in the tes
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import threading
@@ -28,13 +27,14 @@ import torch
 from ..errors import ChunkIntegrityError
 from ..format.manifest import ChunkInfo
 from ..format.parts import ChunkParts, Range, coalesce, span
-from ..format.quantization import Quantization, aligned
+from ..format.quantization import Quantization
 from ..format.safetensors import ChunkSpec, TensorEntry, tensors_from_layout
 from ..stores import CachingStore, ChunkStore, MappableStore, ReadResult
 from ..stores.ranged import split
 from .checks import ChunkChecks
 from .expert_cache import ExpertCache
 from .expert_plan import base_quantized
+from .held import HeldLayout
 from .readers import Lease, PooledLease, PooledReader
 
 log = logging.getLogger(__name__)
@@ -42,17 +42,13 @@ log = logging.getLogger(__name__)
 # 0xFF bytes are NaN in float32, float16 and bfloat16 alike.
 POISON = 0xFF
 PIECE = 1 << 20  # a local read of experts is split into reads of this size, run at once
-ALIGN = 64  # a pinned base tensor keeps its file offset modulo this (PinnedBase)
 
 
 @dataclass(frozen=True)
 class PinnedBase:
-    """A streamed block's base held for good: its tensors in memory of their own, each at
-    the offset mod 64 it has in the chunk (transformers' CPU kernels round by a weight's
-    address: docs/exactness.md), and where its expert tensors lie in the chunk. A quantized
-    base tensor (fp8 attention weights) is held dequantized, 64-byte aligned like
-    from_pretrained's, without its stored values and scales: every token computes with it,
-    so dequantizing it once beats dequantizing it at every install."""
+    """A streamed block's base held for good, as a pinned chunk is held (held.py): its
+    quantized tensors (fp8 attention weights) dequantized, without their stored values and
+    scales; and where its expert tensors lie in the chunk."""
 
     version: str | None
     tensors: dict[str, torch.Tensor]
@@ -72,62 +68,11 @@ class PinnedBase:
         """From ``data``, a buffer holding the chunk's checked base at its file offsets."""
         layout = checks.layout(info, data, version)
         spec = checks.specs.get(info.name)
-        plan = _BaseLayout.of(layout, parts, spec)
-        memory = torch.empty(plan.nbytes, dtype=torch.uint8)
-        placed = []
-        for t, offset in zip(plan.held, plan.offsets, strict=True):
-            memory[offset : offset + t.nbytes] = data[t.begin : t.end]
-            placed.append(dataclasses.replace(t, begin=offset, end=offset + t.nbytes))
-        tensors = tensors_from_layout(placed, memory)
-        if plan.dequantized:
-            assert spec is not None and spec.quantization is not None
-            quant = spec.quantization
-            stored = tensors_from_layout(plan.stored, data)
-            for key, offset in plan.dequantized.items():
-                want = spec.quantized[key]
-                size = math.prod(want.shape) * want.dtype.itemsize
-                out = memory[offset : offset + size].view(want.dtype).view(want.shape)
-                quant.dequantize(stored[key], stored[quant.scale_key(key)], want.dtype, out)
-                tensors[key] = out
-        return cls(version, tensors, plan.experts, plan.nbytes, frozenset(plan.dequantized))
-
-
-@dataclass(frozen=True)
-class _BaseLayout:
-    """Where a pinned base's tensors go in its memory: the plain ones (``held``, at
-    ``offsets``), then each quantized one dequantized from a 64-byte boundary; ``stored``:
-    the quantized ones' values and scales in the chunk, dropped once dequantized."""
-
-    held: list[TensorEntry]
-    offsets: list[int]
-    dequantized: dict[str, int]  # by key, its offset
-    stored: list[TensorEntry]
-    experts: list[TensorEntry]
-    nbytes: int
-
-    @classmethod
-    def of(
-        cls, layout: list[TensorEntry], parts: ChunkParts, spec: ChunkSpec | None
-    ) -> _BaseLayout:
         expert_keys = {key for group in parts.groups for key in group.tensors}
-        quant = None if spec is None else spec.quantization
-        mine = base_quantized(parts.info)
-        dropped = set(mine) | {quant.scale_key(k) for k in mine if quant is not None}
-        held = [t for t in layout if t.key not in expert_keys and t.key not in dropped]
-        offsets, end = [], 0
-        for t in held:
-            offset = end + (t.begin - end) % ALIGN  # the same residue mod ALIGN as in the file
-            offsets.append(offset)
-            end = offset + t.nbytes
-        dequantized = {}
-        for key in mine:
-            assert spec is not None
-            want = spec.quantized[key]
-            dequantized[key] = end = aligned(end)
-            end += math.prod(want.shape) * want.dtype.itemsize
-        stored = [t for t in layout if t.key in dropped]
+        plan = HeldLayout.of(layout, spec, base_quantized(info), expert_keys)
         experts = [t for t in layout if t.key in expert_keys]
-        return cls(held, offsets, dequantized, stored, experts, end)
+        tensors = plan.copy(data, spec)
+        return cls(version, tensors, experts, plan.nbytes, frozenset(plan.dequantized))
 
 
 def kept_bytes(spec: ChunkSpec, tensors: list[str]) -> int:

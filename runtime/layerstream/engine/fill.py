@@ -63,14 +63,14 @@ class PinnedLease(Lease):
 
 
 class PinFill:
-    """Reads ``blocks`` (block indexes the plan pins) with ``read`` (a chunk, by name, into
-    memory of its own, checked) and pins ``bases`` (block index -> bytes) with ``pin_base``,
-    on ``threads`` threads, in block order."""
+    """Reads ``blocks`` (block index -> the bytes it holds pinned: those the plan pins) with
+    ``read`` (a chunk, by name, into memory of its own, checked) and pins ``bases`` (block
+    index -> bytes) with ``pin_base``, on ``threads`` threads, in block order."""
 
     def __init__(
         self,
         manifest: Manifest,
-        blocks: list[int],
+        blocks: dict[int, int],
         read: Callable[[str], dict[str, torch.Tensor]],
         threads: int,
         bases: dict[int, int] | None = None,
@@ -79,7 +79,7 @@ class PinFill:
         self.manifest = manifest
         self._read = read
         self._pin_base = pin_base
-        self._sizes = {j: manifest.block_memory_bytes[j] for j in blocks} | dict(bases or {})
+        self._sizes = dict(blocks) | dict(bases or {})
         self.target_bytes = sum(self._sizes.values())
         self._counted: set[int] = set()
         self.closed = False

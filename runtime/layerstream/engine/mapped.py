@@ -188,11 +188,12 @@ class MappedReader(BlockReader):
     def load_resident(self, info: ChunkInfo) -> dict[str, torch.Tensor]:
         """The bytes are copied out of a mapping rather than read: the page cache then holds
         the file in 2 MiB folios like every streamed chunk (see LocalStore.map), instead of
-        the small ones a plain read() leaves behind."""
+        the small ones a plain read() leaves behind. A quantized chunk's copy goes once its
+        tensors are dequantized (checks.held)."""
         copy, version = self.checks.refetching(info, lambda: self._copy(info))
         if self._evict is not None:
             self._evict(info.file)  # the copy is what stays; its page cache would not
-        return self.checks.tensors(info, copy, version)
+        return self.checks.held(info, copy, version)
 
     def _copy(self, info: ChunkInfo) -> tuple[torch.Tensor, str | None]:
         """A copy of a mapped chunk, hashed after it was made: a file rewritten between a

@@ -15,7 +15,9 @@ blocks without experts whole, and the room left holds the most routed experts
 
 A quantized store's block is read at its stored size and dequantized right after, on the
 thread that read it (format/quantization.py): each streaming buffer has room for a block's
-bytes and its dequantized tensors, and a pinned block keeps both for good.
+bytes and its dequantized tensors. A pinned block keeps its tensors dequantized only
+(held.py), so blocks are planned at what they hold pinned (HeldSizes), and a percentage
+budget is a share of the whole model held that way.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 from ..errors import SettingsError
 from ..format.manifest import Manifest
 from ..units import format_size, parse_size
+from .held import HeldSizes
 from .sysinfo import available_memory
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,7 @@ class ResidencyPlan:
     expert_cache: int = 0  # bytes for the most routed experts of the streamed blocks
     # a quantized store's: room beside each buffer for a block's tensors dequantized
     dequantized: int = 0
+    held: tuple[int, ...] = ()  # what each block holds pinned (HeldSizes.blocks)
 
     @property
     def read_ahead(self) -> int:
@@ -57,22 +61,23 @@ class ResidencyPlan:
     def fully_resident(self) -> bool:
         return len(self.resident) == self.n_blocks
 
-    def weight_bytes(self, manifest: Manifest) -> int:
+    @property
+    def pinned_bytes(self) -> int:
+        """The pinned blocks' bytes held, with the non-block weights."""
+        return self.rest_bytes + sum(self.held[j] for j in self.resident)
+
+    def weight_bytes(self) -> int:
         """Bytes of weights this plan holds in memory at most."""
-        sizes = manifest.block_memory_bytes
         return (
-            self.rest_bytes
-            + sum(sizes[j] for j in self.resident)
+            self.pinned_bytes
             + sum(self.pinned_bases.values())
             + self.expert_cache
             + self.pool_buffers * (self.buffer_bytes + self.dequantized)
         )
 
-    def describe(self, manifest: Manifest) -> str:
+    def describe(self) -> str:
         if self.fully_resident:
-            return (
-                f"all {self.n_blocks} blocks resident ({format_size(manifest.total_memory_bytes)})"
-            )
+            return f"all {self.n_blocks} blocks resident ({format_size(self.weight_bytes())})"
         bases = (
             f" (the non-expert parts of {len(self.pinned_bases)} of them pinned, "
             f"{format_size(sum(self.pinned_bases.values()))}; an expert cache of "
@@ -91,7 +96,7 @@ class ResidencyPlan:
                 else ""
             )
             + "; weights in memory <= "
-            f"{format_size(self.weight_bytes(manifest))} of a {format_size(self.budget)} budget"
+            f"{format_size(self.weight_bytes())} of a {format_size(self.budget)} budget"
         )
 
 
@@ -109,15 +114,25 @@ def resolve_budget(spec: str | int, model_bytes: int) -> int:
 
 
 def plan_residency(
-    manifest: Manifest, budget: int, read_ahead: int, bases: dict[int, int] | None = None
+    manifest: Manifest,
+    budget: int,
+    read_ahead: int,
+    bases: dict[int, int] | None = None,
+    held: HeldSizes | None = None,
 ) -> ResidencyPlan:
     """Pin the first blocks that fit beside the non-block weights and the streaming pool;
     with ``bases`` (by block, the bytes of an expert-streamed block's non-expert part), pin
-    the first bases that fit before any whole block (module docstring)."""
-    sizes = manifest.block_memory_bytes  # held pinned: stored and dequantized
-    n, rest = len(sizes), manifest.rest_memory_bytes
-    if budget >= manifest.total_memory_bytes:
-        return ResidencyPlan(budget, frozenset(range(n)), 0, 0, n, rest)
+    the first bases that fit before any whole block (module docstring). ``held``: what each
+    chunk holds pinned, which a quantized store needs (HeldSizes.of); a plain store's are
+    its chunks' sizes."""
+    if held is None:
+        if manifest.quantization is not None:
+            raise TypeError("a quantized store is planned with what its blocks hold pinned")
+        held = HeldSizes.of(manifest, {})
+    sizes = held.blocks
+    n, rest = len(sizes), held.rest
+    if budget >= held.total:
+        return ResidencyPlan(budget, frozenset(range(n)), 0, 0, n, rest, held=sizes)
     largest = max(manifest.block_bytes)  # a streaming buffer
     dequantized = max(manifest.chunks[b.chunk].dequantized_room for b in manifest.blocks)
     per_buffer = largest + dequantized
@@ -171,4 +186,5 @@ def plan_residency(
         pinned_bases,
         cache,
         dequantized,
+        sizes,
     )

@@ -231,5 +231,18 @@ class PooledReader(BlockReader):
         return PooledLease(j, info, version, data, buffer, self, work)
 
     def load_resident(self, info: ChunkInfo) -> dict[str, torch.Tensor]:
-        data, version = self.read_chunk(info)
-        return self.checks.tensors(info, data, version)
+        """A plain chunk is read into memory of its own and held there; a quantized one is
+        read through a streaming buffer (memory of its own when there is none, or it is
+        too small): only its tensors dequantized stay (checks.held)."""
+        loan = (
+            self.checks.quantization(info) is not None
+            and self.pool.buffers
+            and info.bytes <= self.pool.buffers[0].numel()
+        )
+        buffer = self.pool.acquire() if loan else None
+        try:
+            data, version = self.read_chunk(info, buffer)
+            return self.checks.held(info, data, version)
+        finally:
+            if buffer is not None:
+                self.pool.release(buffer)

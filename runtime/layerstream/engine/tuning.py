@@ -64,4 +64,4 @@ def evict_after_use(manifest: Manifest, plan: ResidencyPlan) -> bool:
         return False
     sizes = manifest.block_bytes
     streamed = sum(sizes[j] for j in plan.streamed)
-    return resident_set() + plan.weight_bytes(manifest) + streamed > memory_limit()
+    return resident_set() + plan.weight_bytes() + streamed > memory_limit()

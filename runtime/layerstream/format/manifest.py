@@ -76,7 +76,8 @@ class ChunkInfo:
 
     @property
     def memory_bytes(self) -> int:
-        """What the chunk holds in memory once loaded: its bytes and its dequantized tensors."""
+        """What the chunk takes in a streaming buffer: its bytes, then its tensors
+        dequantized (pinned, it holds less: engine/held.py)."""
         return self.bytes + self.dequantized_room
 
 
@@ -135,23 +136,11 @@ class Manifest:
         return sum(self.chunks[name].bytes for name in self.rest)
 
     @property
-    def block_memory_bytes(self) -> list[int]:
-        return [self.chunks[b.chunk].memory_bytes for b in self.blocks]
-
-    @property
-    def rest_memory_bytes(self) -> int:
-        return sum(self.chunks[name].memory_bytes for name in self.rest)
-
-    @property
     def weights_label(self) -> str:
         """The compute dtype and, for a quantized store, how it holds the weights (logs)."""
         if self.quantization is None:
             return self.dtype
         return f"{self.dtype}, stored {self.quantization.describe()}"
-
-    @property
-    def total_memory_bytes(self) -> int:
-        return sum(c.memory_bytes for c in self.chunks.values())
 
     @property
     def has_experts(self) -> bool:
