@@ -545,7 +545,9 @@ def test_an_fp8_model_served_by_mlserver_streams_its_checkpoints_tokens(fp8_mode
             assert final.stats["bytes_streamed"] > 0
 
 
-@pytest.mark.parametrize("piece", [None, 3 * 256, 100])  # whole, pieces of rows, < a row
+# a piece: the whole tensor, whole block rows (200 rows cut to 128), part of a block row, and
+# less than a row
+@pytest.mark.parametrize("piece", [None, 200 * 256, 3 * 256, 100])
 @pytest.mark.parametrize("flush", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_dequantize_is_bit_identical_to_transformers_for_every_fp8_value(

@@ -436,33 +436,41 @@ def dequantize(
     nan = int(raw.max()) == 0xFF or int(raw.view(torch.int8).max()) == 0x7F
     if nan or not bool(torch.isfinite(scaled).all()) or _flushes_subnormals():
         return _into(dequantize_reference(weight, scales, dtype), out)
-    block_cols = cols // scale_cols
+    block_rows, block_cols = rows // scale_rows, cols // scale_cols
     signed = raw.view(torch.int8).reshape(-1, cols)
-    # one scale per row and column block: a row's scales repeat over its block's rows
-    row_scales = scaled.reshape(-1, scale_cols).repeat_interleave(rows // scale_rows, 0)
+    scaled = scaled.reshape(-1, scale_cols)  # by block row (of every expert, in order)
     if out is None:
         with torch.inference_mode(False):  # weights like from_pretrained's, in any mode
             out = torch.empty(weight.shape, dtype=dtype)
     target = out.view(-1, cols)
+    # A piece is whole block rows, or part of one: its scales are then a view, broadcast.
+    # Nothing is allocated per piece: under the engine's fixed mmap threshold (allocator.py)
+    # each temporary is a fresh mapping, faulted in and unmapped, 5x slower beside compute.
     step = max(FP8_PIECE // cols, 1)
+    step -= step % block_rows if step >= block_rows else 0
     bits_buffer, values_buffer = _piece_buffers()
     if step * cols > FP8_PIECE:  # a row longer than a piece
         bits_buffer, values_buffer = torch.empty(cols, dtype=torch.int16), torch.empty(cols)
-    for r in range(0, signed.shape[0], step):
-        n = min(step, signed.shape[0] - r)
+    r, total = 0, signed.shape[0]
+    while r < total:
+        n = min(step, total - r, block_rows - r % block_rows if step < block_rows else step)
         bits = bits_buffer[: n * cols].view(n, cols)
         bits.copy_(signed[r : r + n])  # sign-extended: bits 15 and 14 hold the sign
         bits.bitwise_left_shift_(7).bitwise_and_(-(1 << 14) - 1)  # bit 14 cleared
-        # Every pass on one dtype: a multiply of mixed dtypes takes a scalar path (10x slower
-        # on float16 subnormals as an input; ~1.5x a multiply and a cast as the output)
-        values = values_buffer[: n * cols].view(n, scale_cols, block_cols)
-        values.copy_(bits.view(torch.float16).view(n, scale_cols, block_cols))
-        scale = row_scales[r : r + n].view(n, scale_cols, 1)
+        # Every pass on one dtype, in place: a multiply of mixed dtypes takes a scalar path
+        # (10x slower on float16 subnormals) and, to an output of another dtype, a temporary
+        k = min(n, block_rows)  # rows a scale covers in this piece
+        shape = (n // k, k, scale_cols, block_cols)
+        values = values_buffer[: n * cols].view(shape)
+        values.copy_(bits.view(torch.float16).view(shape))
+        first = r // block_rows
+        scale = scaled[first : first + n // k].view(n // k, 1, scale_cols, 1)
         piece = target[r : r + n]
         if piece.dtype == torch.float32:
-            torch.mul(values, scale, out=piece.view(n, scale_cols, block_cols))
+            torch.mul(values, scale, out=piece.view(shape))
         else:  # the float32 product, rounded once more to dtype as transformers' .to(dtype)
             piece.copy_(values.mul_(scale).view(n, cols))
+        r += n
     return out
 
 
