@@ -8,6 +8,7 @@ included: an output equal to from_pretrained's proves an unread expert is never 
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,22 @@ def test_a_store_of_4_bit_blocks_in_the_checkpoints_order_is_refused(gpt_oss):
     data["quantization"] = {"method": "mxfp4"}
     with pytest.raises(ManifestError, match=r"checkpoint's order.*re-run the chunker"):
         Manifest.from_json(json.dumps(data))
+
+
+def test_dequantizing_allocates_nothing_the_size_of_the_experts(monkeypatch):
+    """Into its destination, MXFP4 dequantization allocates nothing per piece (its index,
+    values' indices and scales are a thread's scratch, made once): as fp8's, never a fresh
+    mapping per piece under the engine's fixed mmap threshold."""
+    from test_quantized import allocated_bytes
+
+    fmt = Mxfp4()
+    blocks = torch.randint(0, 256, (4, 8, 16, 512), dtype=torch.uint8)  # [E, A/32, 16, B]
+    scales = torch.randint(120, 130, (4, 8, 512), dtype=torch.uint8)
+    out = torch.empty(fmt.dequantized_shape(tuple(blocks.shape)), dtype=torch.bfloat16)
+    for piece in (quantization.PIECE, 16 * 512 * 2):  # an expert whole, a group a piece
+        monkeypatch.setattr(quantization, "PIECE", piece)
+        monkeypatch.setattr(quantization, "_scratch", threading.local())
+        assert allocated_bytes(lambda: fmt.dequantize(blocks, scales, torch.bfloat16, out)) < 1024
 
 
 @pytest.mark.parametrize("piece", [quantization.PIECE, 1])

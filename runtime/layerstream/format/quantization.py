@@ -521,10 +521,13 @@ def _mxfp4_piece(blocks: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) 
     by its half, scale and byte, already where transformers' routine puts it. Bit-identical
     to that routine for every byte and every scale, with contiguous passes only."""
     rows, b = blocks.shape
-    scratch = _int32_scratch(3 * rows * b)
+    groups = rows // (MXFP4_GROUP // 2)
+    scratch = _int32_scratch(3 * rows * b + groups * b)  # nothing allocated per piece
     index = scratch[: rows * b].view(rows, b)
     index.copy_(blocks)
-    index.view(-1, MXFP4_GROUP // 2, b).add_(scales.to(torch.int32).mul_(256).unsqueeze(1))
+    offsets = scratch[3 * rows * b : 3 * rows * b + groups * b].view(groups, 1, b)
+    offsets.copy_(scales.unsqueeze(1)).mul_(256)
+    index.view(groups, MXFP4_GROUP // 2, b).add_(offsets)
     both = scratch[rows * b : 3 * rows * b].view(rows, 2, b)
     torch.add(index.unsqueeze(1), _HALVES, out=both)
     torch.index_select(_mxfp4_table(out.dtype), 0, both.view(-1), out=out.view(-1))
@@ -536,5 +539,6 @@ def _int32_scratch(n: int) -> torch.Tensor:
     buffer = getattr(_scratch, "int32", None)
     if buffer is None or buffer.numel() < n:
         with torch.inference_mode(False):  # a normal tensor, usable in and out of that mode
-            buffer = _scratch.int32 = torch.empty(max(n, 3 * PIECE // 2), dtype=torch.int32)
+            # a piece: its index and its two values' indices (3/2 PIECE at most), its scales
+            buffer = _scratch.int32 = torch.empty(max(n, 13 * PIECE // 8), dtype=torch.int32)
     return buffer
