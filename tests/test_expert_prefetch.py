@@ -249,6 +249,62 @@ def test_auto_on_an_engine_tries_both_ways_and_stays_exact(moe_models):
         expert_engine(store, streaming_budget(store), expert_prefetch="sometimes")
 
 
+def test_with_every_base_pinned_an_auto_read_ahead_becomes_expert_cache(moe_models, caplog):
+    """Once every streamed block's non-expert part is pinned, a block read ahead would hold
+    only guessed experts: `read_ahead: auto` is 0 then and its buffer goes to the expert
+    cache, unless guesses are asked for (expert_prefetch true) or a read-ahead is set.
+    `layerstream size` plans the same, and the output stays exact."""
+    import logging
+
+    from layerstream.chunker.sizing import config_from_json, size_model
+    from layerstream.format.manifest import Manifest
+
+    source, store = moe_models("qwen3_moe")
+    manifest = Manifest.from_json((store / "manifest.json").read_text())
+    config = config_from_json((store / "config.json").read_text())
+    bases = sum(manifest.chunks[b.chunk].experts.base_bytes for b in manifest.blocks)
+    largest = max(manifest.block_bytes)  # room for two buffers, every base and some experts
+    budget = manifest.rest_bytes + 2 * largest + bases + largest // 4
+    caches = {}
+    for prefetch, ahead, want in [
+        ("auto", "auto", 0),
+        (False, "auto", 0),
+        (True, "auto", 1),
+        ("auto", 1, 1),
+    ]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="layerstream"):
+            engine = expert_engine(store, budget, read_ahead=ahead, expert_prefetch=prefetch)
+        try:
+            plan = engine.plan
+            assert set(plan.streamed) <= set(plan.pinned_bases) and plan.streamed
+            assert plan.read_ahead == want and plan.cache_over_read_ahead == (want == 0)
+            guessing = want == 1 and prefetch is not False
+            assert (engine.streamer.predictor is not None) == guessing
+            if want == 0 and prefetch == "auto":
+                assert any(
+                    "holds the expert cache instead" in r.getMessage() for r in caplog.records
+                )
+            sizing = size_model(
+                manifest,
+                config,
+                memory_budget=str(budget),
+                read_ahead=ahead,
+                expert_streaming="on",
+                expert_prefetch=prefetch,
+            )
+            assert (sizing.buffer_count, sizing.expert_cache) == (
+                plan.pool_buffers,
+                plan.expert_cache,
+            )
+            caches[want] = plan.expert_cache
+            generation = compare_generation(engine, reference_model(source), 3)
+            assert generation.ids_equal and generation.step_diffs == [0.0] * 3
+        finally:
+            engine.close()
+    assert caches[0] >= caches[1] + plan.buffer_bytes  # the read-ahead's buffer, and more
+
+
 @pytest.mark.parametrize(("mode", "level"), [(True, "WARNING"), ("auto", "INFO")])
 def test_without_a_read_ahead_nothing_is_guessed_and_it_says_so(moe_models, caplog, mode, level):
     """A guess is read into the next block's lease, which only a read-ahead makes: at a

@@ -446,6 +446,7 @@ def size_command(args: argparse.Namespace) -> int:
             kv_cache_budget=args.kv_cache_budget or settings.kv_cache_budget,
             context=args.context,
             expert_streaming=args.expert_streaming or settings.expert_streaming,
+            expert_prefetch=settings.expert_prefetch,
         )
     except (LayerStreamError, OSError, ValueError) as exc:
         log.error("%s", getattr(exc, "message", None) or exc)

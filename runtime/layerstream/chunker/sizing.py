@@ -181,6 +181,7 @@ def size_model(
     kv_cache_budget: str = AUTO,
     context: int | None = None,
     expert_streaming: str = AUTO,
+    expert_prefetch: bool | str = AUTO,
 ) -> Sizing:
     """The terms for ``manifest`` (with its transformers ``config``) served with these
     settings; ``context`` overrides the model's context length for the KV term. A store
@@ -188,7 +189,7 @@ def size_model(
     ``expert_streaming`` is off."""
     from ..engine import tuning
     from ..engine.held import HeldSizes
-    from ..engine.plan import plan_residency
+    from ..engine.plan import plan_residency, plan_with_bases
     from ..engine.skeleton import context_length
     from ..inference.kv import full_kv_budget, kv_bytes_per_token
 
@@ -200,7 +201,8 @@ def size_model(
     plan = plan_residency(manifest, budget, tuning.read_ahead(read_ahead), held=held)
     bases = expert_bases(manifest, shapes) if expert_streaming != "off" else {}
     if bases and not plan.fully_resident:  # as the engine plans once it streams experts
-        plan = plan_residency(manifest, budget, tuning.read_ahead(read_ahead), bases, held)
+        ahead = tuning.read_ahead_with_bases(read_ahead, expert_prefetch)
+        plan = plan_with_bases(manifest, budget, ahead, bases, held)
     per_token = kv_bytes_per_token(config, len(manifest.blocks), manifest.dtype)
     if kv_cache_budget == AUTO:
         context = context or context_length(config)

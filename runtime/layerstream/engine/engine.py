@@ -53,7 +53,7 @@ from .integrity import (
     chunk_specs,
 )
 from .mapped import MappedReader
-from .plan import ResidencyPlan, plan_residency, resolve_budget
+from .plan import ResidencyPlan, plan_residency, plan_with_bases, resolve_budget
 from .prediction import ExpertPredictor
 from .readers import BlockReader, PooledReader, ReaderKind, pick_reader
 from .sidefiles import load_side_files
@@ -278,9 +278,8 @@ class Engine:
                 spec, info = self.specs[block.chunk], manifest.chunks[block.chunk]
                 base = parts[block.chunk].base_bytes
                 bases[j] = held_bytes(base, base_quantized(info), spec.quantized, spec.quantization)
-        self.plan = plan_residency(
-            manifest, self.budget, tuning.read_ahead(self.options.read_ahead), bases, self.held
-        )
+        ahead = tuning.read_ahead_with_bases(self.options.read_ahead, self.options.expert_prefetch)
+        self.plan = plan_with_bases(manifest, self.budget, ahead, bases, self.held)
         streamed = {manifest.blocks[j].chunk for j in self.plan.streamed}
         self.parts = {name: p for name, p in parts.items() if name in streamed}
 
@@ -329,8 +328,13 @@ class Engine:
         exists only read ahead, so none at a budget without a read-ahead."""
         if not self.plan.read_ahead:
             (log.warning if self.options.expert_prefetch is True else log.info)(
-                "expert prefetch off: this budget leaves no block read ahead, so there is no "
-                "lease to read guessed experts into (raise memory_budget for a read-ahead)"
+                "expert prefetch off: no block is read ahead, so there is no lease to read "
+                "guessed experts into (%s)",
+                "its buffer holds the expert cache instead: set read_ahead to 1 for guesses"
+                if self.plan.cache_over_read_ahead
+                else "read_ahead is 0"
+                if tuning.read_ahead(self.options.read_ahead) == 0
+                else "the budget leaves no room for one: raise memory_budget",
             )
             return
         groups = {j: [m for _, m in self._block_experts(j)] for j in self.plan.streamed}

@@ -13,6 +13,11 @@ routes to). So the bases of the streamed blocks are pinned first, as many as fit
 blocks without experts whole, and the room left holds the most routed experts
 (expert_cache.py): a whole block pinned would hold its experts whatever the routing.
 
+Once every streamed block's base is pinned, a block read ahead reads nothing but guessed
+experts (its base is in memory already), while the same buffer as expert cache saves reads
+on every token: an `auto` read-ahead is then 0, unless guesses are asked for
+(`expert_prefetch: true`), and the buffer goes to the cache (plan_with_bases).
+
 A quantized store's block is read at its stored size and dequantized right after, on the
 thread that read it (format/quantization.py): each streaming buffer has room for a block's
 bytes and its dequantized tensors. A pinned block keeps its tensors dequantized only
@@ -22,6 +27,7 @@ budget is a share of the whole model held that way.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -48,6 +54,7 @@ class ResidencyPlan:
     # a quantized store's: room beside each buffer for a block's tensors dequantized
     dequantized: int = 0
     held: tuple[int, ...] = ()  # what each block holds pinned (HeldSizes.blocks)
+    cache_over_read_ahead: bool = False  # the read-ahead's buffer went to the expert cache
 
     @property
     def read_ahead(self) -> int:
@@ -188,3 +195,24 @@ def plan_residency(
         dequantized,
         sizes,
     )
+
+
+def plan_with_bases(
+    manifest: Manifest,
+    budget: int,
+    read_ahead: int | None,
+    bases: dict[int, int],
+    held: HeldSizes | None = None,
+) -> ResidencyPlan:
+    """The plan of an expert-streamed model once its ``bases`` are known. ``read_ahead`` None
+    (auto, guesses not asked for): 1, or 0 where every streamed block's base is pinned,
+    the read-ahead's buffer then going to the expert cache (module docstring)."""
+    plan = plan_residency(manifest, budget, 1 if read_ahead is None else read_ahead, bases, held)
+    if read_ahead is None and plan.read_ahead and set(plan.streamed) <= set(plan.pinned_bases):
+        log.info(
+            "read-ahead 0: every streamed block's non-expert part is pinned, so its buffer "
+            "holds the most routed experts instead of guesses (set read_ahead to read ahead)"
+        )
+        plan = plan_residency(manifest, budget, 0, bases, held)
+        plan = dataclasses.replace(plan, cache_over_read_ahead=True)
+    return plan

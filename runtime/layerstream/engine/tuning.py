@@ -37,6 +37,12 @@ def read_ahead(value: int | str) -> int:
     return DEFAULT_READ_AHEAD if value == AUTO else _explicit("read_ahead", value)
 
 
+def read_ahead_with_bases(value: int | str, expert_prefetch: bool | str) -> int | None:
+    """An expert-streamed plan's read-ahead: the one set, or None where plan_with_bases
+    chooses it (``auto``, guesses not asked for)."""
+    return None if value == AUTO and expert_prefetch is not True else read_ahead(value)
+
+
 def io_threads(value: int | str, planned_read_ahead: int) -> int:
     """One thread per block read in flight."""
     if value == AUTO:
