@@ -251,9 +251,10 @@ def test_auto_on_an_engine_tries_both_ways_and_stays_exact(moe_models):
 
 def test_with_every_base_pinned_an_auto_read_ahead_becomes_expert_cache(moe_models, caplog):
     """Once every streamed block's non-expert part is pinned, a block read ahead would hold
-    only guessed experts: `read_ahead: auto` is 0 then and its buffer goes to the expert
-    cache, unless guesses are asked for (expert_prefetch true) or a read-ahead is set.
-    `layerstream size` plans the same, and the output stays exact."""
+    only guessed experts: where every base fits without one, `read_ahead: auto` is 0 and
+    its buffer goes to the bases and the expert cache, unless guesses are asked for
+    (expert_prefetch true) or a read-ahead is set. `layerstream size` plans the same, and
+    the output stays exact."""
     import logging
 
     from layerstream.chunker.sizing import config_from_json, size_model
@@ -303,6 +304,16 @@ def test_with_every_base_pinned_an_auto_read_ahead_becomes_expert_cache(moe_mode
         finally:
             engine.close()
     assert caches[0] >= caches[1] + plan.buffer_bytes  # the read-ahead's buffer, and more
+    # where a read-ahead's buffer would leave some bases unpinned, going without it pins all
+    lean = manifest.rest_bytes + largest + bases + largest // 4
+    for ahead, want, every_base in [("auto", 0, True), (1, 1, False)]:
+        engine = expert_engine(store, lean, read_ahead=ahead)
+        try:
+            plan = engine.plan
+            assert plan.read_ahead == want
+            assert (set(plan.streamed) <= set(plan.pinned_bases)) == every_base
+        finally:
+            engine.close()
 
 
 @pytest.mark.parametrize(("mode", "level"), [(True, "WARNING"), ("auto", "INFO")])

@@ -193,6 +193,57 @@ def test_a_pinned_block_holds_its_tensors_dequantized_without_its_stored_bytes(
         engine.close()
 
 
+@pytest.mark.parametrize("reader", ["read", "mmap"])
+def test_quantized_chunks_are_pinned_one_at_a_time_within_the_budget(
+    fp8_models, reader, monkeypatch
+):
+    """A quantized chunk is read whole before what it holds is dequantized from it. With no
+    streaming buffer to read it through (every block pinned), the plan keeps room for one
+    such chunk and the pins, four threads reading, take it one at a time; the mmap reader
+    dequantizes straight from the mapping, with no copy of the chunk."""
+    from layerstream.engine.checks import ChunkChecks
+    from layerstream.engine.mapped import MappedReader
+
+    model = fp8_models("llama")
+    manifest = Manifest.from_json((model.store / "manifest.json").read_text())
+    held, lock, running, most = ChunkChecks.held, threading.Lock(), [0], [0]
+
+    def one_at_a_time(self, info, data, version):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            if info.quantized and reader == "read":
+                threading.Event().wait(0.01)  # long enough for another pin to start
+            return held(self, info, data, version)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    copy = MappedReader._copy
+
+    def no_copy(self, info):
+        assert not info.quantized, f"{info.name} copied whole"
+        return copy(self, info)
+
+    monkeypatch.setattr(ChunkChecks, "held", one_at_a_time)
+    monkeypatch.setattr(MappedReader, "_copy", no_copy)
+    options = EngineOptions(memory_budget="100%", reader=reader, io_threads=4)
+    engine = Engine(open_store(str(model.store)), options)
+    try:
+        engine.wait_pinned()
+        plan = engine.plan
+        assert plan.fully_resident and plan.staging == max(
+            c.bytes for c in manifest.chunks.values() if c.quantized
+        )
+        assert plan.weight_bytes() <= engine.budget
+        if reader == "read":
+            assert most[0] == 1
+        assert_same_forward_and_greedy(engine, reference(model.fp8))
+    finally:
+        engine.close()
+
+
 def test_size_shows_the_dequantized_block(fp8_models):
     model = fp8_models("llama")
     manifest = Manifest.from_json((model.store / "manifest.json").read_text())

@@ -61,7 +61,7 @@ class Sizing:
     model_bytes: int
     budget: int  # memory_budget resolved
     budget_spec: str  # as given: "25%", "2GiB", "auto"
-    pinned: int  # non-block weights + pinned blocks
+    pinned: int  # non-block weights + pinned blocks (+ a quantized chunk read in: staging)
     pinned_blocks: int
     n_blocks: int
     buffers: int  # streaming buffers x the largest block
@@ -76,6 +76,7 @@ class Sizing:
     based_blocks: int = 0
     expert_cache: int = 0
     dequantized: int = 0  # a quantized store's: the blocks in flight, dequantized
+    staging: int = 0  # a quantized store's: one chunk read in before it is pinned (in pinned)
     expert_streaming: str = AUTO  # the setting the bases and cache were planned for
 
     @property
@@ -102,7 +103,12 @@ class Sizing:
             (
                 "pinned weights",
                 self.pinned,
-                f"non-block weights + {self.pinned_blocks}/{self.n_blocks} blocks pinned",
+                f"non-block weights + {self.pinned_blocks}/{self.n_blocks} blocks pinned"
+                + (
+                    f" (+ {format_size(self.staging)} to read one in, then dequantized)"
+                    if self.staging
+                    else ""
+                ),
             ),
             *(
                 [
@@ -229,6 +235,7 @@ def size_model(
         based_blocks=len(plan.pinned_bases),
         expert_cache=plan.expert_cache,
         dequantized=plan.pool_buffers * plan.dequantized,
+        staging=plan.staging,
         expert_streaming=expert_streaming,
         kv=kv,
         kv_per_token=per_token,

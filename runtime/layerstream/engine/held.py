@@ -107,15 +107,20 @@ def held_bytes(
 
 @dataclass(frozen=True)
 class HeldSizes:
-    """What each chunk holds pinned: the non-block chunks together, and each block's."""
+    """What each chunk holds pinned: the non-block chunks together, and each block's; and
+    ``staging``, the largest quantized chunk's stored bytes: a quantized chunk is read
+    whole before it is dequantized into what it holds, one at a time where no streaming
+    buffer takes it (readers.py)."""
 
     rest: int
     blocks: tuple[int, ...]
+    staging: int = 0
 
     @property
     def total(self) -> int:
-        """The whole model in memory: what a percentage memory_budget is a share of."""
-        return self.rest + sum(self.blocks)
+        """The whole model in memory, read in: what a percentage memory_budget is a share
+        of."""
+        return self.rest + sum(self.blocks) + self.staging
 
     @classmethod
     def of(cls, manifest: Manifest, shapes: Mapping[str, TensorSpec]) -> HeldSizes:
@@ -128,4 +133,5 @@ class HeldSizes:
         return cls(
             sum(held(manifest.chunks[name]) for name in manifest.rest),
             tuple(held(manifest.chunks[b.chunk]) for b in manifest.blocks),
+            max((c.bytes for c in manifest.chunks.values() if c.quantized), default=0),
         )

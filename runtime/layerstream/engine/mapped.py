@@ -188,12 +188,38 @@ class MappedReader(BlockReader):
     def load_resident(self, info: ChunkInfo) -> dict[str, torch.Tensor]:
         """The bytes are copied out of a mapping rather than read: the page cache then holds
         the file in 2 MiB folios like every streamed chunk (see LocalStore.map), instead of
-        the small ones a plain read() leaves behind. A quantized chunk's copy goes once its
-        tensors are dequantized (checks.held)."""
-        copy, version = self.checks.refetching(info, lambda: self._copy(info))
+        the small ones a plain read() leaves behind. A quantized chunk is dequantized
+        straight from its mapping (checks.held): only what it holds is ever in memory."""
+        if self.checks.quantization(info) is not None:
+            tensors = self.checks.refetching(info, lambda: self._held(info))
+        else:
+            copy, version = self.checks.refetching(info, lambda: self._copy(info))
+            tensors = self.checks.tensors(info, copy, version)
         if self._evict is not None:
             self._evict(info.file)  # the copy is what stays; its page cache would not
-        return self.checks.held(info, copy, version)
+        return tensors
+
+    def _held(self, info: ChunkInfo) -> dict[str, torch.Tensor]:
+        """A quantized chunk's tensors held from its mapping, checked before they are made
+        and its file's version after: a file rewritten meanwhile shows through the mapping,
+        and fails the load (once more from the file, then for good)."""
+        start = time.perf_counter()
+        mapped = self.store.map(info.file)
+        data: torch.Tensor | None = None
+        try:
+            data = _view(mapped.data)
+            self.checks.check(info, data, mapped.version, start, always=True)
+            tensors = self.checks.held(info, data, mapped.version)
+        finally:
+            data = None  # release the view before unmapping
+            mapped.close()
+        if self.store.version(info.file) != mapped.version:
+            raise ChunkIntegrityError(
+                f"chunk {info.name} ({info.file} in {self.store.uri}) was modified while it "
+                "was being pinned. Replace chunk files by rename (as the chunker does), never "
+                "rewrite them in place"
+            )
+        return tensors
 
     def _copy(self, info: ChunkInfo) -> tuple[torch.Tensor, str | None]:
         """A copy of a mapped chunk, hashed after it was made: a file rewritten between a

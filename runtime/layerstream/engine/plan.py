@@ -15,8 +15,9 @@ blocks without experts whole, and the room left holds the most routed experts
 
 Once every streamed block's base is pinned, a block read ahead reads nothing but guessed
 experts (its base is in memory already), while the same buffer as expert cache saves reads
-on every token: an `auto` read-ahead is then 0, unless guesses are asked for
-(`expert_prefetch: true`), and the buffer goes to the cache (plan_with_bases).
+on every token: where every base fits without a read-ahead, an `auto` read-ahead is 0,
+unless guesses are asked for (`expert_prefetch: true`), and the buffer goes to the bases
+and the cache (plan_with_bases).
 
 A quantized store's block is read at its stored size and dequantized right after, on the
 thread that read it (format/quantization.py): each streaming buffer has room for a block's
@@ -55,6 +56,8 @@ class ResidencyPlan:
     dequantized: int = 0
     held: tuple[int, ...] = ()  # what each block holds pinned (HeldSizes.blocks)
     cache_over_read_ahead: bool = False  # the read-ahead's buffer went to the expert cache
+    # room to read a quantized chunk pinned where no streaming buffer takes it (HeldSizes)
+    staging: int = 0
 
     @property
     def read_ahead(self) -> int:
@@ -70,8 +73,8 @@ class ResidencyPlan:
 
     @property
     def pinned_bytes(self) -> int:
-        """The pinned blocks' bytes held, with the non-block weights."""
-        return self.rest_bytes + sum(self.held[j] for j in self.resident)
+        """The pinned blocks' bytes held, with the non-block weights and their staging."""
+        return self.rest_bytes + sum(self.held[j] for j in self.resident) + self.staging
 
     def weight_bytes(self) -> int:
         """Bytes of weights this plan holds in memory at most."""
@@ -139,10 +142,15 @@ def plan_residency(
     sizes = held.blocks
     n, rest = len(sizes), held.rest
     if budget >= held.total:
-        return ResidencyPlan(budget, frozenset(range(n)), 0, 0, n, rest, held=sizes)
+        everything = frozenset(range(n))
+        return ResidencyPlan(budget, everything, 0, 0, n, rest, held=sizes, staging=held.staging)
     largest = max(manifest.block_bytes)  # a streaming buffer
     dequantized = max(manifest.chunks[b.chunk].dequantized_room for b in manifest.blocks)
     per_buffer = largest + dequantized
+    # a block's chunk is read through a streaming buffer; a non-block one larger than that
+    # through room of its own
+    staging = held.staging if held.staging > per_buffer else 0
+    rest += staging
     minimum = rest + per_buffer
     if budget < minimum:
         working = f" + its tensors dequantized {format_size(dequantized)}" if dequantized else ""
@@ -189,11 +197,12 @@ def plan_residency(
         min(buffers, streamed),
         largest,
         n,
-        rest,
+        rest - staging,
         pinned_bases,
         cache,
         dequantized,
         sizes,
+        staging=staging,
     )
 
 
@@ -205,14 +214,17 @@ def plan_with_bases(
     held: HeldSizes | None = None,
 ) -> ResidencyPlan:
     """The plan of an expert-streamed model once its ``bases`` are known. ``read_ahead`` None
-    (auto, guesses not asked for): 1, or 0 where every streamed block's base is pinned,
-    the read-ahead's buffer then going to the expert cache (module docstring)."""
+    (auto, guesses not asked for): 1, or 0 where every streamed block's base is pinned
+    without a read-ahead, its buffer going to the bases and the expert cache (module
+    docstring)."""
     plan = plan_residency(manifest, budget, 1 if read_ahead is None else read_ahead, bases, held)
-    if read_ahead is None and plan.read_ahead and set(plan.streamed) <= set(plan.pinned_bases):
-        log.info(
-            "read-ahead 0: every streamed block's non-expert part is pinned, so its buffer "
-            "holds the most routed experts instead of guesses (set read_ahead to read ahead)"
-        )
-        plan = plan_residency(manifest, budget, 0, bases, held)
-        plan = dataclasses.replace(plan, cache_over_read_ahead=True)
+    if read_ahead is None and plan.read_ahead:
+        lean = plan_residency(manifest, budget, 0, bases, held)
+        if set(lean.streamed) <= set(lean.pinned_bases):
+            log.info(
+                "read-ahead 0: without one, every streamed block's non-expert part is pinned, "
+                "and its buffer holds the most routed experts instead of guesses (set "
+                "read_ahead to read ahead)"
+            )
+            return dataclasses.replace(lean, cache_over_read_ahead=True)
     return plan

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import mmap
 import queue
+import threading
 import time
 from abc import ABC, abstractmethod
 
@@ -199,6 +200,7 @@ class PooledReader(BlockReader):
         # its tensors dequantized
         self._dequantized_at = aligned(buffer_bytes) if dequantized else buffer_bytes
         self.pool = BufferPool(buffers, self._dequantized_at + dequantized)
+        self._staging = threading.Lock()  # one quantized chunk read outside the pool at once
 
     def read_chunk(
         self, info: ChunkInfo, buffer: torch.Tensor | None = None
@@ -231,18 +233,20 @@ class PooledReader(BlockReader):
         return PooledLease(j, info, version, data, buffer, self, work)
 
     def load_resident(self, info: ChunkInfo) -> dict[str, torch.Tensor]:
-        """A plain chunk is read into memory of its own and held there; a quantized one is
-        read through a streaming buffer (memory of its own when there is none, or it is
-        too small): only its tensors dequantized stay (checks.held)."""
-        loan = (
-            self.checks.quantization(info) is not None
-            and self.pool.buffers
-            and info.bytes <= self.pool.buffers[0].numel()
-        )
-        buffer = self.pool.acquire() if loan else None
-        try:
-            data, version = self.read_chunk(info, buffer)
-            return self.checks.held(info, data, version)
-        finally:
-            if buffer is not None:
+        """A plain chunk is read into memory of its own and held there. A quantized one is
+        read through a streaming buffer, or where none takes it through memory of its own,
+        one chunk at a time (the plan's ``staging``): only its tensors dequantized stay
+        (checks.held)."""
+        if self.checks.quantization(info) is None:
+            data, version = self.read_chunk(info)
+            return self.checks.tensors(info, data, version)
+        if self.pool.buffers and info.bytes <= self.pool.buffers[0].numel():
+            buffer = self.pool.acquire()
+            try:
+                data, version = self.read_chunk(info, buffer)
+                return self.checks.held(info, data, version)
+            finally:
                 self.pool.release(buffer)
+        with self._staging:
+            data, version = self.read_chunk(info)
+            return self.checks.held(info, data, version)

@@ -54,10 +54,11 @@ class LayerStreamSettings(BaseSettings):
     read_ahead: Annotated[int, Field(ge=0, le=64)] | Literal["auto"] = Field(
         default="auto",
         description="Streamed blocks read ahead of the one computing; `auto` is 1, or 0 "
-        "with expert streaming once every streamed block's non-expert part is pinned and "
-        "`expert_prefetch` is not `true` (a block read ahead would then hold only guessed "
-        "experts; its buffer serves as expert cache instead: 0.22-0.73x the time per token at "
-        "25% in the runs measured, docs/benchmarks.md). Lowered, "
+        "with expert streaming where every streamed block's non-expert part can be pinned "
+        "without a read-ahead and `expert_prefetch` is not `true` (a block read ahead would "
+        "then hold only guessed experts; its buffer serves as expert cache instead: 0.22-0.73x "
+        "the time per token at 25% in the runs measured, local disk and HTTP, "
+        "docs/benchmarks.md). Lowered, "
         "with a warning, when the budget cannot hold `1 + read_ahead` streaming buffers "
         "beside the non-block weights. With the `mmap` reader, blocks already in the page "
         "cache are mapped when needed instead of read ahead. `0` suits a token whose compute "
@@ -118,7 +119,8 @@ class LayerStreamSettings(BaseSettings):
         "with guesses and without, and the faster way is kept (tried again now and then): "
         "from a local disk guesses were faster, over a rate-limited network slower "
         "(docs/benchmarks.md). `true`/`false`: always, never. Guesses need a block read "
-        "ahead, which `read_ahead: auto` leaves out where every non-expert part is pinned "
+        "ahead, which `read_ahead: auto` leaves out where every non-expert part fits without "
+        "one "
         "unless this is `true`. The final event reports `experts_predicted` and "
         "`experts_predicted_used` (precision).",
     )
