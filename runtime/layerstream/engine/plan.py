@@ -150,17 +150,18 @@ def plan_residency(
     # a block's chunk is read through a streaming buffer; a non-block one larger than that
     # through room of its own
     staging = held.staging if held.staging > per_buffer else 0
-    rest += staging
-    minimum = rest + per_buffer
+    fixed = rest + staging  # held whatever else is pinned
+    minimum = fixed + per_buffer
     if budget < minimum:
         working = f" + its tensors dequantized {format_size(dequantized)}" if dequantized else ""
+        reading = f" + room to read them in {format_size(staging)}" if staging else ""
         raise SettingsError(
             f"memory_budget {format_size(budget)} is below this model's minimum of "
-            f"{format_size(minimum)} (non-block weights {format_size(rest)} + one block "
-            f"{format_size(largest)}{working}); raise memory_budget"
+            f"{format_size(minimum)} (non-block weights {format_size(rest)}{reading} + one "
+            f"block {format_size(largest)}{working}); raise memory_budget"
         )
     buffers = 1 + max(read_ahead, 0)
-    while buffers > 1 and rest + buffers * per_buffer > budget:
+    while buffers > 1 and fixed + buffers * per_buffer > budget:
         buffers -= 1
     if buffers < 1 + read_ahead and not bases:  # a plan with bases follows one without: told
         log.warning(
@@ -169,7 +170,7 @@ def plan_residency(
             buffers - 1,
             read_ahead,
         )
-    room = budget - rest - buffers * per_buffer
+    room = budget - fixed - buffers * per_buffer
     pinned_bases: dict[int, int] = {}
     for j, size in sorted((bases or {}).items()):
         if size > room:
@@ -197,7 +198,7 @@ def plan_residency(
         min(buffers, streamed),
         largest,
         n,
-        rest - staging,
+        rest,
         pinned_bases,
         cache,
         dequantized,
