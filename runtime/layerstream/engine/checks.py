@@ -342,12 +342,10 @@ class ChunkChecks:
     def held(
         self, info: ChunkInfo, data: torch.Tensor, version: str | None
     ) -> dict[str, torch.Tensor]:
-        """The tensors of ``data`` (checked bytes of ``info``) to hold for good: views of it,
-        or a quantized chunk's in memory of their own, its quantized tensors dequantized
-        without their values and scales (held.py): ``data`` is not kept then."""
-        spec = self.specs.get(info.name)
-        if spec is None or not spec.quantized:
-            return self.tensors(info, data, version)
+        """The tensors of ``data`` (checked bytes of quantized ``info``) to hold for good, in
+        memory of their own, its quantized tensors dequantized without their values and
+        scales (held.py): ``data`` is not kept. A plain chunk is held as ``tensors`` gives it."""
+        spec = self.specs[info.name]
         layout = self.layout(info, data, version)
         return HeldLayout.of(layout, spec, list(spec.quantized)).copy(data, spec)
 
