@@ -3,18 +3,25 @@ every streamed block's non-expert part is pinned."""
 
 from __future__ import annotations
 
+import mmap
+
 import pytest
 import torch
 from architectures import PROMPT, compare_generation, reference_model
 from test_experts import STEPS, _bases_budget, expert_engine
 
-from layerstream.engine.expert_cache import HALF_LIFE, ExpertCache
+from layerstream.engine.expert_cache import HALF_LIFE, ExpertCache, Home
 
-SLOT = 16
+SLOT = mmap.PAGESIZE  # an expert a page: what leaves its home is given back whole
+EXPERTS = 16
 
 
-def _data(fill: int) -> torch.Tensor:
-    return torch.full((64,), fill, dtype=torch.uint8)
+def _home(poison: bool = False) -> Home:
+    return Home("block_0001", EXPERTS * SLOT, poison)
+
+
+def _at(home: Home, expert: int) -> list[torch.Tensor]:
+    return [home.buffer[expert * SLOT : (expert + 1) * SLOT]]
 
 
 def _route(cache: ExpertCache, expert: int, times: int) -> None:
@@ -22,105 +29,161 @@ def _route(cache: ExpertCache, expert: int, times: int) -> None:
         cache.routed("block_0001", 0, [expert])
 
 
-def test_a_kept_expert_is_copied_back_to_its_ranges():
-    cache = ExpertCache(4 * SLOT, SLOT)
-    source = torch.arange(64, dtype=torch.uint8)
-    ranges = [(3, 5), (40, 11)]  # two slices, 16 bytes in all
-    cache.offer(("block_0001", 0, 2), "v1", _at(source, ranges))
-    target = torch.zeros(64, dtype=torch.uint8)
-    assert cache.copy_into(("block_0001", 0, 2), "v1", _at(target, ranges))
-    for offset, length in ranges:
-        assert torch.equal(target[offset : offset + length], source[offset : offset + length])
-    assert int(target.sum()) == sum(int(source[o : o + n].sum()) for o, n in ranges)
-    # another version of the chunk, another expert: not kept
-    assert not cache.copy_into(("block_0001", 0, 2), "v2", _at(target, ranges))
-    assert not cache.copy_into(("block_0001", 0, 3), "v1", _at(target, ranges))
+def _read(cache: ExpertCache, home: Home, expert: int, version: str | None = None) -> None:
+    """An install reads ``expert`` into ``home`` (its bytes: the expert's number), uses it,
+    and has run."""
+    views = _at(home, expert)
+    home.hold(views)
+    views[0].fill_(expert + 1)
+    key = ("block_0001", 0, expert)
+    cache.add(key, version, home, views)
+    cache.done([key])
+
+
+def _holds(home: Home, expert: int) -> bool:
+    return bool((_at(home, expert)[0] == expert + 1).all())
+
+
+def test_a_home_gives_back_the_pages_nothing_holds():
+    """Views that share a page: releasing one gives back its own pages but not the shared
+    one; releasing the other gives back the rest. A page given back reads as zeros."""
+    with torch.inference_mode():  # as a request makes it: still written outside that mode
+        home = Home("block_0001", 4 * SLOT)
+    left, right = home.buffer[: SLOT + 100], home.buffer[SLOT + 100 : 3 * SLOT]
+    home.hold([left, right])
+    home.buffer[: 3 * SLOT].fill_(7)
+    home.release([left])
+    assert int(home.buffer[:SLOT].sum()) == 0  # left's own page
+    assert bool((home.buffer[SLOT : 3 * SLOT] == 7).all())  # the shared page stays
+    home.release([right])
+    assert int(home.buffer.sum()) == 0
+
+
+def test_a_kept_expert_stays_where_it_was_read():
+    """An install finds a kept expert of its chunk's version in its home, where it was read
+    (no copy); another version, or an expert not read, is not found."""
+    cache, home = ExpertCache(4 * SLOT, SLOT), _home()
+    _read(cache, home, 2, "v1")
+    key = ("block_0001", 0, 2)
+    assert cache.kept() == [key]
+    assert cache.use(key, "v1") and _holds(home, 2)
+    cache.done([key])
+    assert not cache.use(key, "v2")
+    assert not cache.use(("block_0001", 0, 3), "v1")
     assert cache.stats.hits == 1
 
 
-def test_the_most_routed_experts_stay():
+def test_the_most_routed_experts_stay_and_the_others_leave_their_home():
     """Two slots: the two most routed experts are kept; a less routed one is not admitted,
     nor one routed a little more (by less than ADMIT); one routed ADMIT times more replaces
-    the least routed kept one."""
-    cache = ExpertCache(2 * SLOT, SLOT)
-    ranges = [(0, SLOT)]
-    for expert, times in [(0, 5), (1, 3), (2, 1)]:
-        _route(cache, expert, times)
-        cache.offer(("block_0001", 0, expert), None, _at(_data(expert), ranges))
-    assert cache.kept() == [("block_0001", 0, 0), ("block_0001", 0, 1)]
-    _route(cache, 3, 4)  # 4 <= 1.5 x 3
-    cache.offer(("block_0001", 0, 3), None, _at(_data(3), ranges))
-    assert cache.kept() == [("block_0001", 0, 0), ("block_0001", 0, 1)]
-    _route(cache, 3, 1)  # 5 > 1.5 x 3
-    cache.offer(("block_0001", 0, 3), None, _at(_data(3), ranges))
-    assert cache.kept() == [("block_0001", 0, 0), ("block_0001", 0, 3)]
-    target = torch.zeros(64, dtype=torch.uint8)
-    assert cache.copy_into(("block_0001", 0, 3), None, _at(target, ranges))
-    assert torch.equal(target[:SLOT], _data(3)[:SLOT])  # expert 1's slot holds expert 3 now
+    the least routed kept one. What is not kept is given back once used: its pages read as
+    zeros (a fresh page), or NaN where the home is poisoned."""
+    for poison in (False, True):
+        gone = 0xFF if poison else 0
+        cache, home = ExpertCache(2 * SLOT, SLOT), _home(poison)
+        for expert, times in [(0, 5), (1, 3), (2, 1)]:
+            _route(cache, expert, times)
+            _read(cache, home, expert)
+        assert cache.kept() == [("block_0001", 0, 0), ("block_0001", 0, 1)]
+        assert _holds(home, 0) and _holds(home, 1)
+        assert bool((_at(home, 2)[0] == gone).all())
+        _route(cache, 3, 4)  # 4 <= 1.5 x 3
+        _read(cache, home, 3)
+        assert cache.kept() == [("block_0001", 0, 0), ("block_0001", 0, 1)]
+        _route(cache, 3, 1)  # 5 > 1.5 x 3
+        _read(cache, home, 3)
+        assert cache.kept() == [("block_0001", 0, 0), ("block_0001", 0, 3)]
+        assert _holds(home, 3) and bool((_at(home, 1)[0] == gone).all())
+        assert (cache.stats.admitted, cache.stats.evicted) == (3, 1)
+
+
+def test_an_expert_in_use_is_neither_replaced_nor_given_back():
+    """An install computing with a kept expert keeps it in its home: one that outscores it
+    is not admitted meanwhile (and leaves once used); once the install has run, the next
+    one that outscores it replaces it."""
+    cache, home = ExpertCache(SLOT, SLOT), _home()
+    kept = ("block_0001", 0, 0)
+    _route(cache, 0, 1)
+    _read(cache, home, 0)
+    assert cache.use(kept, None)
+    _route(cache, 1, 10)
+    _read(cache, home, 1)
+    assert cache.kept() == [kept] and _holds(home, 0) and not _holds(home, 1)
+    cache.done([kept])
+    _read(cache, home, 1)
+    assert cache.kept() == [("block_0001", 0, 1)] and not _holds(home, 0)
+
+
+def test_a_failed_read_makes_its_home_forget_what_nobody_uses():
+    """Bytes beside a part whose read failed may not be the chunk's: every expert of that
+    chunk that no install uses leaves its home; those in use stay until done."""
+    cache, home = ExpertCache(4 * SLOT, SLOT), _home()
+    for expert in range(3):
+        _read(cache, home, expert)
+    assert cache.use(("block_0001", 0, 1), None)
+    cache.forget("block_0001")
+    assert cache.kept() == [("block_0001", 0, 1)]
+    assert not _holds(home, 0) and _holds(home, 1) and not _holds(home, 2)
+    assert not cache.use(("block_0001", 0, 0), None)
 
 
 def test_a_pass_over_the_blocks_does_not_churn_the_cache():
     """Experts routed once each, in order, pass after pass (a cache smaller than a pass):
     the ones kept first stay and serve the next pass; a least-recently-used cache would
     replace each by the next and never hit."""
-    cache = ExpertCache(4 * SLOT, SLOT)
-    ranges = [(0, SLOT)]
-    target = torch.zeros(64, dtype=torch.uint8)
+    cache, home = ExpertCache(4 * SLOT, SLOT), _home()
     hits = 0
     for _ in range(3):
         for expert in range(8):
             cache.tick()
             key = ("block_0001", 0, expert)
             cache.routed(*key[:2], [expert])
-            if cache.copy_into(key, None, _at(target, ranges)):
+            if cache.use(key, None):
                 hits += 1
+                cache.done([key])
             else:
-                cache.offer(key, None, _at(_data(expert), ranges))
+                _read(cache, home, expert)
     assert hits == 2 * 4  # passes 2 and 3 find the first four
 
 
 def test_old_routing_decays():
     """An expert routed often long ago loses its slot to one routed a little lately."""
-    cache = ExpertCache(SLOT, SLOT)
-    ranges = [(0, SLOT)]
+    cache, home = ExpertCache(SLOT, SLOT), _home()
     _route(cache, 0, 8)
-    cache.offer(("block_0001", 0, 0), None, _at(_data(0), ranges))
+    _read(cache, home, 0)
     for _ in range(4 * HALF_LIFE):  # eight routings decay to half of one
         cache.tick()
     _route(cache, 1, 1)
-    cache.offer(("block_0001", 0, 1), None, _at(_data(1), ranges))
+    _read(cache, home, 1)
     assert cache.kept() == [("block_0001", 0, 1)]
 
 
 def test_scores_survive_their_rescaling():
     """Normalised scores are brought back before they overflow, in order."""
-    cache = ExpertCache(SLOT, SLOT)
-    ranges = [(0, SLOT)]
+    cache, home = ExpertCache(SLOT, SLOT), _home()
     _route(cache, 0, 3)
-    cache.offer(("block_0001", 0, 0), None, _at(_data(0), ranges))
+    _read(cache, home, 0)
     for _ in range(600 * HALF_LIFE):  # past the rescaling threshold (2**500)
         cache.tick()
     assert 1.0 <= cache._unit < 1e150
     _route(cache, 0, 1)  # 1 + what is left of 3 (nothing, after 600 half-lives)
     _route(cache, 1, 2)
-    cache.offer(("block_0001", 0, 1), None, _at(_data(1), ranges))
+    _read(cache, home, 1)
     assert cache.kept() == [("block_0001", 0, 1)]
 
 
-def test_an_expert_larger_than_a_slot_or_a_cache_without_slots_keeps_nothing():
-    empty = ExpertCache(SLOT - 1, SLOT)
+def test_a_cache_without_slots_keeps_nothing():
+    empty, home = ExpertCache(SLOT - 1, SLOT), _home()
     assert empty.slots == 0
-    empty.offer(("block_0001", 0, 0), None, [_data(0)[:SLOT]])
-    assert empty.kept() == []
-    cache = ExpertCache(2 * SLOT, SLOT)
-    cache.offer(("block_0001", 0, 0), None, [torch.zeros(SLOT + 1, dtype=torch.uint8)])
-    assert cache.kept() == []
+    _read(empty, home, 0)
+    assert empty.kept() == [] and not _holds(home, 0)
 
 
 @pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
 def test_a_second_request_finds_what_the_first_routed_to(moe_models, name):
-    """Every base pinned and room for half the experts: the same prompt again copies kept
-    experts instead of reading them, exactly, with unread slices NaN."""
+    """Every base pinned and room for half the experts: the same prompt again computes with
+    kept experts where they lie in their block's home instead of reading them, exactly,
+    with unread slices NaN."""
     source, store = moe_models(name)
     room = sum(p.info.bytes - p.base_bytes for p in _parts(store)) // 2
     engine = expert_engine(store, _bases_budget(store, 8) + room, expert_prefetch=False)
@@ -129,8 +192,23 @@ def test_a_second_request_finds_what_the_first_routed_to(moe_models, name):
         reference = reference_model(source)
         first = compare_generation(engine, reference, STEPS)
         before = engine.streamer.stats.snapshot()
+        homes = engine.streamer._reader._homes
+        addresses = [
+            (h.buffer.data_ptr(), h.buffer.data_ptr() + h.buffer.numel()) for h in homes.values()
+        ]
+        computed_on = []
+
+        def where(module, args):  # after layerstream's own pre-hook has installed the block
+            computed_on.extend(p.data_ptr() for p in module.parameters(recurse=False))
+
+        experts = [m for n, m in engine.model.named_modules() if n.endswith("mlp.experts")]
+        handles = [m.register_forward_pre_hook(where) for m in experts]
         second = compare_generation(engine, reference, STEPS)
+        for handle in handles:
+            handle.remove()
         stats = engine.streamer.stats.since(before)
+        assert len(homes) == len(engine.plan.streamed) and computed_on
+        assert all(any(a <= ptr < b for a, b in addresses) for ptr in computed_on)
         for generation in (first, second):
             assert generation.ids_equal and generation.step_diffs == [0.0] * STEPS
         read_first = before.experts_read
@@ -145,7 +223,8 @@ def test_a_second_request_finds_what_the_first_routed_to(moe_models, name):
 
 def test_the_cache_is_in_the_budget_and_reported(moe_models):
     _, store = moe_models("olmoe")
-    budget = _bases_budget(store, 8) + 5 * 2**16
+    # room for the pages the homes keep at boundaries between experts (engine.py), and more
+    budget = _bases_budget(store, 8) + 2**20 + 5 * 2**16
     engine = expert_engine(store, budget)
     try:
         plan = engine.plan
@@ -172,7 +251,3 @@ def _parts(store):
         return list(engine.parts.values())
     finally:
         engine.close()
-
-
-def _at(data: torch.Tensor, ranges: list[tuple[int, int]]) -> list[torch.Tensor]:
-    return [data[offset : offset + length] for offset, length in ranges]

@@ -241,7 +241,7 @@ class ChunkChecks:
                 self.stats.chunks_read += 1
 
     def count_cache_hits(self, experts: int) -> None:
-        """Experts copied from the expert cache instead of read."""
+        """Experts found kept in memory (the expert cache) instead of read."""
         with self._lock:
             self.stats.expert_cache_hits += experts
 

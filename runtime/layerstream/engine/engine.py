@@ -347,7 +347,7 @@ class Engine:
 
     def _expert_cache(self) -> ExpertCache | None:
         """The plan's expert cache, in slots of the largest expert as it keeps it (a
-        quantized store's dequantized)."""
+        quantized store's dequantized), on the pages it may lie on in its block's home."""
         if not self.plan.expert_cache:
             return None
         largest = max(

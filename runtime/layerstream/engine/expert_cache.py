@@ -1,13 +1,20 @@
-"""The experts routed to most, kept in memory between installs of their block.
+"""The experts routed to most, kept where they were read between installs of their block.
 
-A streamed mixture-of-experts block reads its routed experts into a pool buffer on every
-install. Routers favour some experts over others (per model, per layer, and drifting with
-the text), so the budget left once the non-expert parts are pinned holds the most used
-experts: each routing adds one to its expert's score, and every score decays by half every
-HALF_LIFE installs, so the cache follows what the requests in flight route to. An expert
-read from the store is kept when a slot is free or its score beats the lowest kept one by
-ADMIT (which it then replaces); an install that routes to a kept expert copies it into its
-buffer instead of reading it.
+Once a streamed mixture-of-experts block's base is pinned, its leases read its routed experts
+into the block's home (``Home``): memory laid out like a streaming buffer (the chunk's bytes
+at their file offsets, then a quantized chunk's tensors dequantized), mapped for the block
+alone and backed only where written. Its experts module computes on views of the home, so
+an expert the home still holds is used where it lies: a hit costs nothing, where a copy
+into a shared buffer costs the memory bandwidth of the expert's bytes.
+
+Routers favour some experts over others (per model, per layer, and drifting with the text),
+so the budget left once the non-expert parts are pinned keeps the most used experts: each
+routing adds one to its expert's score, and every score decays by half every HALF_LIFE
+installs, so the cache follows what the requests in flight route to. An expert read from
+the store is kept when a slot is free or its score beats the lowest kept one by ADMIT
+(which it then replaces). One that is not kept leaves its home once no install uses it,
+and its pages go back to the system (but one a neighbour held still lies on). A kept expert
+in use is never replaced. A slot is the pages an expert may lie on (``span_bytes``).
 
 Without the margin, an expert routed once just now beats one routed once a pass ago (by
 the decay of a pass), and every read replaces the stalest entry: least recently used, which
@@ -20,15 +27,16 @@ score alike, so it never reorders them, and an update touches one entry. The nor
 values grow as ``DECAY**-tick``; they are brought back to the current tick before they
 could overflow.
 
-Kept bytes are the bytes read and checked for a version of the chunk; an install of
-another version misses them (and replaces them as it reads). A quantized store keeps its
-experts dequantized (expert_reader.py): a hit then costs a copy, not a dequantization.
+An expert is held for the version of the chunk it was read and checked from; an install of
+another version misses it. A quantized store's experts are held dequantized (their stored
+values and scales leave the home once dequantized): a hit is not a dequantization either.
 """
 
 from __future__ import annotations
 
 import mmap
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -37,31 +45,105 @@ HALF_LIFE = 1024  # installs: with 16 streamed blocks, about 64 tokens
 DECAY = 0.5 ** (1 / HALF_LIFE)
 _RESCALE = 1e150  # normalised scores are brought back to the current tick past this
 ADMIT = 1.5  # a read expert replaces the lowest kept one when it scores this much higher
+POISON = 0xFF  # NaN in float32, float16 and bfloat16 alike
+PAGE = mmap.PAGESIZE
 
 Key = tuple[str, int, int]  # (chunk name, expert group, expert)
 
 
+class Home:
+    """A streamed block's memory of its own, ``size`` bytes, backed only where written.
+
+    Each page counts the views held on it (``hold``: before anything is written there); a
+    page whose count falls to zero goes back to the system (``release``), so the home holds
+    the pages of what it holds and nothing more, whether or not views share pages.
+    ``poison``: such pages are filled with NaN instead (tests: an expert used after it left
+    would show)."""
+
+    def __init__(self, chunk: str, size: int, poison: bool = False):
+        self.chunk = chunk
+        # private: pages given back (MADV_DONTNEED) read as zeros and cost nothing
+        self._map = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE)
+        # made during a request, maybe in inference mode: normal tensors, written in any mode
+        with torch.inference_mode(False):
+            self.buffer = torch.frombuffer(self._map, dtype=torch.uint8)[:size]
+            self._held = torch.zeros(-(-max(size, 1) // PAGE), dtype=torch.int32)
+        self._address = self.buffer.data_ptr()
+        self._lock = threading.Lock()
+        self._poison = poison
+        self.busy = False  # a lease computes on it (under its reader's lock)
+        if poison:
+            self.buffer.fill_(POISON)
+
+    def pages(self, view: torch.Tensor) -> tuple[int, int]:
+        """The pages ``view`` (a view of ``buffer``) lies on: [first, last)."""
+        start = view.data_ptr() - self._address
+        end = start + view.numel() * view.element_size()
+        return start // PAGE, -(-end // PAGE)
+
+    def hold(self, views: Iterable[torch.Tensor]) -> None:
+        with self._lock:
+            for view in views:
+                first, last = self.pages(view)
+                self._held[first:last] += 1
+
+    def release(self, views: Iterable[torch.Tensor]) -> None:
+        """Views held before are no longer: the pages nothing else holds go back."""
+        with self._lock:
+            for view in views:
+                first, last = self.pages(view)
+                counts = self._held[first:last]
+                counts -= 1
+                free = (counts == 0).tolist()
+                at = 0
+                while at < len(free):
+                    if not free[at]:
+                        at += 1
+                        continue
+                    run = at
+                    while run < len(free) and free[run]:
+                        run += 1
+                    self._give_back(first + at, first + run)
+                    at = run
+
+    def _give_back(self, first: int, last: int) -> None:
+        start, end = first * PAGE, min(last * PAGE, len(self._map))
+        if self._poison:
+            self.buffer[start:end].fill_(POISON)
+        else:
+            self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
+def span_bytes(nbytes: int) -> int:
+    """The most memory a view of ``nbytes`` in a home takes: the pages it may lie on."""
+    return (-(-nbytes // PAGE) + 1) * PAGE
+
+
 @dataclass
 class CacheStats:
-    hits: int = 0  # experts copied from the cache instead of read
+    hits: int = 0  # experts used where their home held them instead of read
     admitted: int = 0
     evicted: int = 0
 
 
+@dataclass
+class _Held:
+    version: str | None
+    home: Home
+    views: list[torch.Tensor]  # where it lies in its home
+    users: int = 0  # installs computing with it
+
+
 class ExpertCache:
-    """``capacity`` bytes of slots of ``slot_bytes`` (the largest expert's size)."""
+    """``capacity`` bytes of slots of ``slot_bytes`` (the largest expert's size): which
+    experts stay in their homes."""
 
     def __init__(self, capacity: int, slot_bytes: int):
         self.slot_bytes = slot_bytes
         self.slots = capacity // slot_bytes if slot_bytes > 0 else 0
-        # one mapping for every slot: pages are taken as slots fill, never given back to a
-        # fragmenting heap (RSS stays at what the cache holds)
-        size = max(self.slots * slot_bytes, 1)
-        self._memory = torch.frombuffer(mmap.mmap(-1, size), dtype=torch.uint8)
         self._lock = threading.Lock()
-        self._free = list(range(self.slots - 1, -1, -1))
-        self._slot: dict[Key, int] = {}
-        self._version: dict[Key, str | None] = {}
+        self._held: dict[Key, _Held] = {}  # in their homes: kept, or in use
+        self._kept: set[Key] = set()
         self._score: dict[Key, float] = {}  # normalised to ``_epoch`` (module docstring)
         self._tick = 0
         self._unit = 1.0  # DECAY ** -(tick - epoch): what one routing adds, normalised
@@ -95,58 +177,77 @@ class ExpertCache:
                     self._score[key] /= self._unit
                 self._unit = 1.0
 
-    def copy_into(self, key: Key, version: str | None, views: list[torch.Tensor]) -> bool:
-        """Copy ``key``'s kept bytes into ``views`` (flat bytes, in the order they were
-        offered); False when not kept (for this version)."""
-        if not self.slots:
-            return False
-        with self._lock:  # a slot is not reused while it is copied out
-            slot = self._slot.get(key)
-            if slot is None or self._version[key] != version:
+    def use(self, key: Key, version: str | None) -> bool:
+        """Whether ``key``'s home holds it for ``version``; if so it stays there until
+        ``done``."""
+        with self._lock:
+            held = self._held.get(key)
+            if held is None or held.version != version:
                 return False
-            at = slot * self.slot_bytes
-            for view in views:
-                view.copy_(self._memory[at : at + view.numel()])
-                at += view.numel()
+            held.users += 1
             self.stats.hits += 1
             return True
 
-    def offer(self, key: Key, version: str | None, views: list[torch.Tensor]) -> None:
-        """``key``'s bytes, checked, are ``views`` (flat bytes): keep them if a slot is free
-        or its score beats the lowest kept one."""
-        if not self.slots or sum(v.numel() for v in views) > self.slot_bytes:
-            return
+    def add(self, key: Key, version: str | None, home: Home, views: list[torch.Tensor]) -> None:
+        """An install read ``key`` into ``home`` at ``views`` (held there before the read,
+        checked, for ``version``) and uses it until ``done``: kept after that if a slot is
+        free or its score beats the lowest kept one's."""
         with self._lock:
-            slot = self._slot.get(key)
-            if slot is None:
-                slot = self._take_slot(key)
-                if slot is None:
-                    return
-            self._version[key] = version
-            at = slot * self.slot_bytes
-            for view in views:
-                self._memory[at : at + view.numel()] = view
-                at += view.numel()
+            old = self._held.get(key)
+            users = 0
+            if old is not None:  # another version, which nobody can be using (use missed it)
+                users = old.users
+                old.home.release(old.views)
+            self._held[key] = _Held(version, home, views, users + 1)
+            if key not in self._kept and self._admit(key):
+                self._kept.add(key)
+                self.stats.admitted += 1
 
-    def _take_slot(self, key: Key) -> int | None:
-        """(Under the lock) a slot for ``key``: a free one, or the lowest-scored kept key's
-        when ``key`` scores higher."""
-        if self._free:
-            slot = self._free.pop()
-        else:
-            lowest = self._lowest
-            if lowest is None:
-                lowest = self._lowest = min(self._slot, key=lambda k: self._score.get(k, 0.0))
-            if self._score.get(key, 0.0) <= ADMIT * self._score.get(lowest, 0.0):
-                return None
-            slot = self._slot.pop(lowest)
-            del self._version[lowest]
+    def done(self, keys: Iterable[Key]) -> None:
+        """An install that used ``keys`` (``use`` or ``add``) has run: those not kept leave
+        their homes once nobody uses them."""
+        with self._lock:
+            for key in keys:
+                held = self._held[key]
+                held.users -= 1
+                if not held.users and key not in self._kept:
+                    self._leave(key)
+
+    def forget(self, chunk: str) -> None:
+        """Every expert of ``chunk`` that no install uses leaves its home (a read into it
+        failed: bytes beside the failed part may not be its)."""
+        with self._lock:
+            for key in [k for k, h in self._held.items() if k[0] == chunk and not h.users]:
+                self._kept.discard(key)
+                self._leave(key)
             self._lowest = None
-            self.stats.evicted += 1
-        self._slot[key] = slot
-        self.stats.admitted += 1
-        return slot
+
+    def _admit(self, key: Key) -> bool:
+        """(Under the lock) whether ``key`` takes a slot: a free one, or the lowest-scored
+        kept key's, when ``key`` scores higher and the other is not in use."""
+        if not self.slots:
+            return False
+        if len(self._kept) < self.slots:
+            return True
+        lowest = self._lowest
+        if lowest is None:
+            lowest = self._lowest = min(self._kept, key=lambda k: self._score.get(k, 0.0))
+        if self._score.get(key, 0.0) <= ADMIT * self._score.get(lowest, 0.0):
+            return False
+        if self._held[lowest].users:
+            return False  # an install computes with it: it stays this time
+        self._kept.remove(lowest)
+        self._leave(lowest)
+        self._lowest = None
+        self.stats.evicted += 1
+        return True
+
+    def _leave(self, key: Key) -> None:
+        """(Under the lock, so that no install reads it back in meanwhile) ``key`` leaves
+        its home."""
+        held = self._held.pop(key)
+        held.home.release(held.views)
 
     def kept(self) -> list[Key]:
         with self._lock:
-            return sorted(self._slot)
+            return sorted(self._kept)

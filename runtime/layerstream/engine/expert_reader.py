@@ -9,6 +9,11 @@ it has not read yet. Every request riding the install shares what was read, so e
 is read at most once per install. An expert slice that was not read holds whatever the
 buffer held before: transformers' experts implementations never touch an expert no token
 was routed to (``poison`` fills such slices with NaN, which proves it in the tests).
+
+Once the block's base is pinned and the plan has an expert cache, the buffer is the block's
+home (expert_cache.py), where the experts it kept from earlier installs still lie; a pool
+buffer is then taken only as a ticket, bounding the installs in flight (and so the experts
+read and not kept) as it bounds them without homes.
 """
 
 from __future__ import annotations
@@ -27,20 +32,18 @@ import torch
 from ..errors import ChunkIntegrityError
 from ..format.manifest import ChunkInfo
 from ..format.parts import ChunkParts, Range, coalesce, span
-from ..format.quantization import Quantization
+from ..format.quantization import Quantization, aligned
 from ..format.safetensors import ChunkSpec, TensorEntry, tensors_from_layout
 from ..stores import CachingStore, ChunkStore, MappableStore, ReadResult
 from ..stores.ranged import split
 from .checks import ChunkChecks
-from .expert_cache import ExpertCache
+from .expert_cache import POISON, ExpertCache, Home, Key, span_bytes
 from .expert_plan import base_quantized
 from .held import HeldLayout
 from .readers import Lease, PooledLease, PooledReader
 
 log = logging.getLogger(__name__)
 
-# 0xFF bytes are NaN in float32, float16 and bfloat16 alike.
-POISON = 0xFF
 PIECE = 1 << 20  # a local read of experts is split into reads of this size, run at once
 
 
@@ -76,8 +79,9 @@ class PinnedBase:
 
 
 def kept_bytes(spec: ChunkSpec, tensors: list[str]) -> int:
-    """The bytes the expert cache keeps of one expert of the group of ``tensors`` (``spec``:
-    its chunk's): its slice of each tensor, a quantized one's dequantized, scales none."""
+    """The memory the expert cache keeps of one expert of the group of ``tensors`` (``spec``:
+    its chunk's): the pages of its slice of each tensor, a quantized one's dequantized,
+    scales none."""
     scales = (
         {spec.quantization.scale_key(k) for k in spec.quantized} if spec.quantization else set()
     )
@@ -86,7 +90,7 @@ def kept_bytes(spec: ChunkSpec, tensors: list[str]) -> int:
         if key in scales:
             continue
         t = spec.quantized.get(key) or spec.tensors[key]
-        total += math.prod(t.shape[1:]) * t.dtype.itemsize
+        total += span_bytes(math.prod(t.shape[1:]) * t.dtype.itemsize)
     return total
 
 
@@ -135,6 +139,16 @@ class QuantizedExperts:
                 )
         self._count(time.perf_counter() - start)
 
+    def stored(self, group: int, experts: list[int]) -> list[torch.Tensor]:
+        """Where the stored values and scales of ``experts`` of ``group`` are read: spent
+        once dequantized."""
+        return [
+            self._stored[k][e]
+            for key in self._keys[group]
+            for k in (key, self.quant.scale_key(key))
+            for e in experts
+        ]
+
     def kept(self, group: int, expert: int) -> list[torch.Tensor]:
         """What the expert cache keeps of ``expert`` of ``group``, as flat bytes: its
         dequantized slices and its plain tensors' stored ones (its scales are spent)."""
@@ -173,11 +187,15 @@ class ExpertLease(PooledLease):
         parts: ChunkParts,
         pinned: PinnedBase | None = None,
         quantized: QuantizedExperts | None = None,
+        home: Home | None = None,
     ):
         super().__init__(index, info, version, data, buffer, reader)
         self.parts = parts
         self.pinned = pinned  # its base in memory of its own (else read into the buffer)
         self.quantized = quantized
+        self.home = home  # ``data`` lies in it (the buffer is a ticket), else in the buffer
+        self.used: list[Key] = []  # the experts it uses where its home holds them
+        self.failed = False  # a read into its home failed
         self._experts = reader
         self._lock = threading.Lock()
         self._loaded: list[set[int]] = [set() for _ in parts.groups]
@@ -303,6 +321,8 @@ class ExpertLease(PooledLease):
                 routed += len(chosen)
         if predicted:
             self._experts.checks.count_predictions(predicted, used, routed)
+        if self.home is not None:
+            self._experts.leave_home(self)
         super()._give_back()
 
 
@@ -342,6 +362,8 @@ class ExpertReader(PooledReader):
         # guessed experts are read here, each guess's reads split over the pool above; its
         # own threads, since a guess waits on the pool's (one pool would deadlock)
         self._prefetch = ThreadPoolExecutor(2, thread_name_prefix="layerstream-prefetch")
+        self._homes: dict[str, Home] = {}  # by chunk name, made at a block's first install
+        self._homes_lock = threading.Lock()
 
     def submit_prefetch(self, read: Callable[[], None]) -> None:
         self._prefetch.submit(read)
@@ -353,20 +375,55 @@ class ExpertReader(PooledReader):
         pinned = self.bases.get(info.name)
         if self.cache is not None:
             self.cache.tick()
-        buffer = self.pool.acquire()
+        home = self._enter_home(info) if pinned is not None else None
+        # with a home, the buffer is a ticket: what it held (a block read before the base
+        # was pinned, a dense block) goes back, so the home's experts take its place
+        buffer = self.pool.acquire() if home is None else self.pool.ticket()
         try:
-            data = buffer[: info.bytes]
-            room = buffer[self._dequantized_at : self._dequantized_at + info.dequantized_room]
-            if self.poison:
-                data.fill_(POISON)
-                room.fill_(POISON)
+            if home is not None:
+                at = aligned(info.bytes)
+                data, room = home.buffer[: info.bytes], home.buffer[at:]
+            else:
+                data = buffer[: info.bytes]
+                room = buffer[self._dequantized_at : self._dequantized_at + info.dequantized_room]
+                if self.poison:
+                    data.fill_(POISON)
+                    room.fill_(POISON)
             # its base in memory already (pinned): only its experts are read
             version = pinned.version if pinned else self._read_base(info, data, parts)
             quantized = self._quantized(info, parts, data, version, pinned, room)
         except BaseException:
+            if home is not None:
+                with self._homes_lock:
+                    home.busy = False
             self.pool.release(buffer)
             raise
-        return ExpertLease(j, info, version, data, buffer, self, parts, pinned, quantized)
+        return ExpertLease(j, info, version, data, buffer, self, parts, pinned, quantized, home)
+
+    def _enter_home(self, info: ChunkInfo) -> Home | None:
+        """``info``'s home, made busy for a lease; None without an expert cache, or while
+        another lease of the same block (a read-ahead that wrapped around) computes on it."""
+        if self.cache is None or not self.cache.slots:
+            return None
+        with self._homes_lock:
+            home = self._homes.get(info.name)
+            if home is None:
+                size = aligned(info.bytes) + info.dequantized_room
+                home = self._homes[info.name] = Home(info.name, size, self.poison)
+            if home.busy:
+                return None
+            home.busy = True
+            return home
+
+    def leave_home(self, lease: ExpertLease) -> None:
+        """``lease`` has run: the experts it read and the cache did not keep leave its home
+        (all that no install uses, where a read into it failed)."""
+        assert self.cache is not None and lease.home is not None
+        self.cache.done(lease.used)
+        if lease.failed:
+            self.cache.forget(lease.info.name)
+        with self._homes_lock:
+            lease.home.busy = False
 
     def _quantized(
         self,
@@ -419,28 +476,50 @@ class ExpertReader(PooledReader):
     def read_experts(
         self, lease: ExpertLease, data: torch.Tensor, group: int, experts: list[int]
     ) -> None:
-        """``experts`` of ``group`` into ``data``: those the expert cache keeps copied from
-        it, the others read, checked, and offered to it. A quantized block's experts are
-        dequantized as read, and kept dequantized: a hit is a copy, not a dequantization."""
-        cache, name = self.cache, lease.info.name
-        missed = experts
-        if cache is not None:
-            ours = lease.version
-            missed = [
-                e
-                for e in experts
-                if not cache.copy_into((name, group, e), ours, _kept(lease, data, group, e))
-            ]
-            if len(missed) < len(experts):
-                self.checks.count_cache_hits(len(experts) - len(missed))
-            if not missed:
-                return
-        version = self._read_experts(lease, data, group, missed)
+        """``experts`` of ``group`` into ``data``: where ``data`` is the block's home, those it
+        holds already are used where they lie; the others are read and checked (a quantized
+        block's dequantized as read) and offered to the cache."""
+        home, cache = lease.home, self.cache
+        if home is None or cache is None:
+            self._read_missed(lease, data, group, experts)
+            return
+        name, ours = lease.info.name, lease.version
+        missed = []
+        for e in experts:
+            if cache.use((name, group, e), ours):
+                with lease._lock:
+                    lease.used.append((name, group, e))
+            else:
+                missed.append(e)
+        if len(missed) < len(experts):
+            self.checks.count_cache_hits(len(experts) - len(missed))
+        if not missed:
+            return
+        # every page a read or a dequantization writes is held first (expert_cache.Home)
+        kept = {e: _kept(lease, data, group, e) for e in missed}
+        spent = [] if lease.quantized is None else lease.quantized.stored(group, missed)
+        home.hold([*spent, *(v for views in kept.values() for v in views)])
+        try:
+            version = self._read_missed(lease, data, group, missed)
+        except BaseException:
+            lease.failed = True
+            home.release([*spent, *(v for views in kept.values() for v in views)])
+            raise
+        home.release(spent)  # dequantized: its stored values and scales are spent
+        for e in missed:
+            key = (name, group, e)
+            cache.add(key, version, home, kept[e])
+            with lease._lock:
+                lease.used.append(key)
+
+    def _read_missed(
+        self, lease: ExpertLease, data: torch.Tensor, group: int, experts: list[int]
+    ) -> str | None:
+        """Read ``experts`` and dequantize them where stored quantized."""
+        version = self._read_experts(lease, data, group, experts)
         if lease.quantized is not None:
-            lease.quantized.dequantize(group, missed)
-        if cache is not None:
-            for e in missed:
-                cache.offer((name, group, e), version, _kept(lease, data, group, e))
+            lease.quantized.dequantize(group, experts)
+        return version
 
     def _read_experts(
         self, lease: ExpertLease, data: torch.Tensor, group: int, experts: list[int]
@@ -531,6 +610,7 @@ class ExpertReader(PooledReader):
         self._prefetch.shutdown(wait=True)
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+        self._homes.clear()  # each unmapped once no tensor views it
         super().close()
 
 

@@ -141,15 +141,32 @@ class BufferPool:
     def __init__(self, count: int, nbytes: int):
         self._free: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
         self.buffers: list[torch.Tensor] = []  # every buffer, free or not
+        self._maps: dict[int, mmap.mmap] = {}  # by buffer address
+        self._touched: set[int] = set()  # buffers acquired (maybe written) since a ticket
         for _ in range(count):
             # page-aligned (anonymous mappings are), so reads past the page cache (O_DIRECT)
-            # can land in it; a tensor's address mod 64 stays its offset's, as with malloc
-            memory = mmap.mmap(-1, max(nbytes, 1))
+            # can land in it; a tensor's address mod 64 stays its offset's, as with malloc.
+            # Private, so that pages given back (``ticket``) cost nothing until written
+            memory = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE)
             self.buffers.append(torch.frombuffer(memory, dtype=torch.uint8)[:nbytes])
+            self._maps[self.buffers[-1].data_ptr()] = memory
             self._free.put(self.buffers[-1])
 
     def acquire(self) -> torch.Tensor:
-        return self._free.get()
+        buffer = self._free.get()
+        self._touched.add(buffer.data_ptr())
+        return buffer
+
+    def ticket(self) -> torch.Tensor:
+        """A buffer taken only to count against the pool, its memory given back to the
+        system (where it was written since the last time): what its holder reads goes to
+        memory of its own, in its place."""
+        buffer = self._free.get()
+        if buffer.data_ptr() in self._touched:
+            memory = self._maps[buffer.data_ptr()]
+            memory.madvise(mmap.MADV_DONTNEED, 0, len(memory))
+            self._touched.discard(buffer.data_ptr())
+        return buffer
 
     def release(self, buffer: torch.Tensor) -> None:
         self._free.put(buffer)

@@ -29,7 +29,7 @@ class StreamStats:
     experts_read: int = 0
     expert_bytes: int = 0
     experts_routed: int = 0  # a request's: experts its streamed blocks' routers chose
-    expert_cache_hits: int = 0  # experts copied from the expert cache instead of read
+    expert_cache_hits: int = 0  # experts found kept in memory instead of read
     # prefetch by prediction (engine/prediction.py), over the installs that had a guess:
     # experts guessed, those the router then chose (precision: used / predicted), and all
     # the routers chose there (recall: used / routed_predicted)

@@ -95,7 +95,7 @@ class SweepRecord:
     expert_bytes: int = 0  # their bytes, a part of bytes_streamed
     experts_predicted: int = 0  # experts read ahead on a guess (a part of experts_read)
     experts_predicted_used: int = 0  # those the router then chose
-    expert_cache_hits: int = 0  # experts copied from the expert cache instead of read
+    expert_cache_hits: int = 0  # experts found kept in memory instead of read
 
 
 @dataclass(eq=False)

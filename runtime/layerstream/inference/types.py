@@ -78,7 +78,7 @@ class RequestStats:
     # experts read ahead on a guess of the next block's routing, and those its router chose
     experts_predicted: int = 0
     experts_predicted_used: int = 0
-    expert_cache_hits: int = 0  # routed experts copied from the expert cache, not read
+    expert_cache_hits: int = 0  # routed experts found in the expert cache, not read
 
     @classmethod
     def measure(

@@ -81,7 +81,7 @@ EXPERTS_PREDICTED_USED = Counter(
 )
 EXPERT_CACHE_HITS = Counter(
     "layerstream_expert_cache_hits",
-    "Routed experts copied from the expert cache instead of read from the chunk store "
+    "Routed experts found in the expert cache instead of read from the chunk store "
     "(over it plus layerstream_experts_read: the cache's hit rate)",
     _MODEL,
 )
