@@ -145,7 +145,7 @@ def run_regime(
     base = streaming.baseline_usage() if regime == "cold" else 0
     if regime == "warm":
         streaming.warm_page_cache(store)
-    systems = SYSTEMS + (PEERS if args.peers else [])
+    systems = (args.systems.split(",") if args.systems else SYSTEMS) + (PEERS if args.peers else [])
     if args.only:
         systems = [s for s in systems if s in args.only.split(",")]
     own = llama_baseline() if regime == "cold" and LLAMA_CPP_OWN in systems else 0
@@ -223,6 +223,9 @@ def rows_of(runs: dict[str, list[dict]], reference: list[int] | None, args) -> l
             values = [r[key] for r in ok if key in r]
             if values:
                 row[f"{name}_ms_per_install"] = statistics.median(values) * 1e3
+        places = [r["in_place"] for r in ok if "in_place" in r]
+        if places:  # where the experts module computed at the end of each repetition
+            row["in_place"] = places
         passes = [r["guess_passes"] for r in ok if "guess_passes" in r]
         if passes:  # passes without guesses and with them, over every repetition
             row["guess_passes"] = [sum(p[0] for p in passes), sum(p[1] for p in passes)]
@@ -328,6 +331,9 @@ def main() -> None:
     parser.add_argument("--regimes", default="warm,cold")
     parser.add_argument("--peers", action="store_true", help="accelerate and llama.cpp rows too")
     parser.add_argument("--only", default="", help="comma-separated systems to run, of those")
+    parser.add_argument(
+        "--systems", default="", help="comma-separated systems in place of the default ones"
+    )
     parser.add_argument(
         "--dtypes", default="bfloat16", help="stores to run: bfloat16, and mxfp4 (gpt-oss-2b)"
     )

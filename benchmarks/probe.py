@@ -72,6 +72,8 @@ def main() -> None:
         result["experts_predicted_used"] = stats.experts_predicted_used
         result["experts_routed_predicted"] = stats.experts_routed_predicted
         result["expert_cache_hits"] = stats.expert_cache_hits
+        if engine.parts:  # computed on kept experts where they lie (at the end)?
+            result["in_place"] = engine.placement.in_place
         if engine.guessing.fixed is None:  # expert_prefetch auto: passes without and with
             result["guess_passes"] = list(engine.guessing.passes)  # guesses, warm-up in
         decode = engine.streamer.stats.since(clock.first)  # the decode steps alone

@@ -140,9 +140,15 @@ def main() -> None:
     baseline = rss_now()
     result: dict = {"mode": mode, "baseline": baseline, "baseline_peak": peak_rss()}
     if mode == "stream":
-        engine = Engine(open_store(store), EngineOptions(memory_budget=sys.argv[2], read_ahead=1))
+        # stream BUDGET [KEY=VALUE ...] STORE SOURCE: engine options beside the budget
+        options: dict = {"read_ahead": 1}
+        for pair in sys.argv[3:-2]:
+            key, value = pair.split("=", 1)
+            options[key] = {"true": True, "false": False}.get(value, value)
+        engine = Engine(open_store(store), EngineOptions(memory_budget=sys.argv[2], **options))
         model = engine.model
         result["budget"] = engine.plan.budget
+        result["expert_cache"] = engine.plan.expert_cache
         result["weights_held"] = engine.plan.weight_bytes()
         context = engine.request
     else:
@@ -156,6 +162,9 @@ def main() -> None:
         result["per_token_s"] = (time.perf_counter() - start) / 8
     result["ids"] = out[0].tolist()
     result["peak"] = peak_rss()
+    if mode == "stream" and engine.parts:
+        result["in_place"] = engine.placement.in_place
+        result["expert_cache_hits"] = engine.streamer.stats.expert_cache_hits
     print(json.dumps(result))
 
 

@@ -59,6 +59,68 @@ def test_a_home_gives_back_the_pages_nothing_holds():
     assert int(home.buffer.sum()) == 0
 
 
+class _Costs:
+    """What a home says its pages cost: bytes taken and given back."""
+
+    def __init__(self) -> None:
+        self.taken = self.given_back = 0
+
+    def taken_(self, nbytes: int, seconds: float) -> None:
+        assert seconds >= 0
+        self.taken += nbytes
+
+    def given_back_(self, nbytes: int, seconds: float) -> None:
+        assert seconds >= 0
+        self.given_back += nbytes
+
+
+@pytest.mark.parametrize("poison", [False, True])
+def test_a_home_takes_the_pages_nothing_held_before_a_write_and_measures_it(poison):
+    """Holding views takes (and reports) only the pages no view held yet, leaving what they
+    read as; giving back reports the pages that went."""
+    costs = _Costs()
+    placement = type("P", (), {"taken": costs.taken_, "given_back": costs.given_back_})()
+    home = Home("block_0001", 4 * SLOT, poison, placement)
+    blank = home.buffer.clone()
+    left, right = home.buffer[: SLOT + 100], home.buffer[SLOT + 100 : 3 * SLOT]
+    home.hold([left])
+    assert costs.taken == 2 * SLOT and torch.equal(home.buffer, blank)
+    home.hold([right])
+    assert costs.taken == 3 * SLOT  # the page it shares with ``left`` was taken already
+    home.release([left])
+    assert costs.given_back == SLOT
+    home.release([right])
+    assert costs.given_back == 3 * SLOT and torch.equal(home.buffer, blank)
+
+
+def test_an_expert_read_into_a_buffer_is_copied_home_when_the_cache_keeps_it():
+    """A copying install offers what it read: copied into its home where a slot is free or
+    it outscores the lowest kept expert, else not written there at all."""
+    cache, home = ExpertCache(2 * SLOT, SLOT), _home()
+
+    def offer(expert: int, version: str | None = None) -> bool:
+        views = _at(home, expert)
+        key = ("block_0001", 0, expert)
+        return cache.offer(key, version, home, views, lambda: views[0].fill_(expert + 1))
+
+    _route(cache, 0, 2)
+    _route(cache, 1, 3)
+    assert offer(0) and offer(1) and _holds(home, 0) and _holds(home, 1)
+    assert not offer(0)  # kept already, for this version
+    _route(cache, 2, 1)
+    assert not offer(2) and int(_at(home, 2)[0].sum()) == 0  # not written
+    _route(cache, 2, 9)
+    views = cache.use(("block_0001", 0, 1), None)  # the lowest, 0, is replaced
+    assert views is not None and bool((views[0] == 2).all())
+    assert offer(2)
+    assert cache.kept() == [("block_0001", 0, 1), ("block_0001", 0, 2)]
+    assert int(_at(home, 0)[0].sum()) == 0  # gone from its home
+    cache.done([("block_0001", 0, 1)])
+    assert offer(1, version="v2")  # another version replaces the one kept
+    assert cache.use(("block_0001", 0, 1), None) is None
+    assert cache.use(("block_0001", 0, 1), "v2") is not None
+
+
 def test_a_kept_expert_stays_where_it_was_read():
     """An install finds a kept expert of its chunk's version in its home, where it was read
     (no copy); another version, or an expert not read, is not found."""
@@ -179,14 +241,21 @@ def test_a_cache_without_slots_keeps_nothing():
     assert empty.kept() == [] and not _holds(home, 0)
 
 
+@pytest.mark.parametrize("in_place", [True, False])
 @pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
-def test_a_second_request_finds_what_the_first_routed_to(moe_models, name):
+def test_a_second_request_finds_what_the_first_routed_to(moe_models, name, in_place):
     """Every base pinned and room for half the experts: the same prompt again computes with
-    kept experts where they lie in their block's home instead of reading them, exactly,
-    with unread slices NaN."""
+    the experts the first request kept instead of reading them, exactly, with unread slices
+    NaN: where they lie in their block's home (in place), or copied into a streaming buffer;
+    the first request computed the other way."""
     source, store = moe_models(name)
     room = sum(p.info.bytes - p.base_bytes for p in _parts(store)) // 2
-    engine = expert_engine(store, _bases_budget(store, 8) + room, expert_prefetch=False)
+    engine = expert_engine(
+        store,
+        _bases_budget(store, 8) + room,
+        expert_prefetch=False,
+        expert_cache_in_place=not in_place,
+    )
     try:
         assert engine.plan.expert_cache >= room and not engine.plan.resident
         reference = reference_model(source)
@@ -197,9 +266,10 @@ def test_a_second_request_finds_what_the_first_routed_to(moe_models, name):
             (h.buffer.data_ptr(), h.buffer.data_ptr() + h.buffer.numel()) for h in homes.values()
         ]
         computed_on = []
+        engine.placement.in_place = engine.placement.fixed = in_place
 
         def where(module, args):  # after layerstream's own pre-hook has installed the block
-            computed_on.extend(p.data_ptr() for p in module.parameters(recurse=False))
+            computed_on.append([p.data_ptr() for p in module.parameters(recurse=False)])
 
         experts = [m for n, m in engine.model.named_modules() if n.endswith("mlp.experts")]
         handles = [m.register_forward_pre_hook(where) for m in experts]
@@ -208,7 +278,11 @@ def test_a_second_request_finds_what_the_first_routed_to(moe_models, name):
             handle.remove()
         stats = engine.streamer.stats.since(before)
         assert len(homes) == len(engine.plan.streamed) and computed_on
-        assert all(any(a <= ptr < b for a, b in addresses) for ptr in computed_on)
+        at_home = [
+            all(any(a <= ptr < b for a, b in addresses) for ptr in call) for call in computed_on
+        ]
+        # the first block's lease was made (read ahead) as the first request ended
+        assert all(at_home[1:]) if in_place else not any(at_home[1:])
         for generation in (first, second):
             assert generation.ids_equal and generation.step_diffs == [0.0] * STEPS
         read_first = before.experts_read

@@ -57,6 +57,53 @@ def test_peak_rss_stays_within_budget_plus_working_set(big_model):
     assert resident["peak"] - resident["baseline"] >= manifest.total_bytes * 0.9
 
 
+# a Qwen3-MoE of ~400 MB in bfloat16, nearly all of it experts (64, top-8)
+MOE_CONFIG = {
+    "model_type": "qwen3_moe",
+    "hidden_size": 512,
+    "intermediate_size": 1024,
+    "moe_intermediate_size": 256,
+    "num_experts": 64,
+    "num_experts_per_tok": 8,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 64,
+    "vocab_size": 4096,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": False,
+}
+
+
+@pytest.fixture(scope="module")
+def moe_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe")
+    (root / "config.json").write_text(json.dumps(MOE_CONFIG))
+    source = write_random_checkpoint(str(root / "config.json"), root / "source", dtype="bfloat16")
+    manifest = chunk_checkpoint(source, root / "chunks", "moe", progress=False)
+    assert manifest.total_bytes > 350 * 2**20
+    return root / "chunks", source, manifest
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("in_place", ["true", "false"])
+def test_expert_streaming_peak_rss_stays_within_budget_plus_working_set(moe_model, in_place):
+    """With every non-expert part pinned and the rest of the budget an expert cache, the
+    experts kept, read and in flight stay in the budget, whether blocks compute on them in
+    their homes (pages taken and given back as experts come and go) or copy them."""
+    store, source, manifest = moe_model
+    options = ("expert_streaming=on", f"expert_cache_in_place={in_place}", "read_ahead=auto")
+    streamed = probe("stream", "25%", *options, str(store), str(source))
+    assert streamed["in_place"] is (in_place == "true")
+    assert streamed["expert_cache"] > 0 and streamed["expert_cache_hits"] > 0
+    assert streamed["ids"] == probe("resident", str(store), str(source))["ids"]
+    growth = streamed["peak"] - streamed["baseline"]
+    assert streamed["budget"] <= manifest.total_bytes * 0.25 + 1
+    assert growth <= streamed["budget"] + WORKING_SET, (
+        f"peak RSS grew {growth / 2**20:.0f} MiB for a {streamed['budget'] / 2**20:.0f} MiB budget"
+    )
+
+
 @pytest.mark.slow
 def test_peak_rss_with_8_concurrent_requests_within_budget_kv_and_working_set(big_model):
     """Eight requests in flight at once share the sweeps: the peak stays within the weight

@@ -297,21 +297,28 @@ def test_an_mxfp4_model_served_by_mlserver_streams_its_checkpoints_tokens(gpt_os
             assert final.stats["experts_read"] > 0
 
 
-@pytest.mark.parametrize("budget", ["50%", "75%"])
-def test_the_expert_cache_keeps_4_bit_experts_dequantized(gpt_oss, budget):
-    """A hit copies the expert as it was dequantized (and its plain slices): no read, no
-    dequantization, and the output stays from_pretrained's with every unread byte NaN."""
+@pytest.mark.parametrize(
+    ("budget", "places"), [("50%", (False, True, False)), ("75%", (True, False, True))]
+)
+def test_the_expert_cache_keeps_4_bit_experts_dequantized(gpt_oss, budget, places):
+    """A hit uses the expert as it was dequantized (and its plain slices), where it lies or
+    copied: no read, no dequantization, and the output stays from_pretrained's with every
+    unread byte NaN, whichever way each pass computes (each finds what the one before kept,
+    the other way)."""
     checkpoint, store = gpt_oss
     reference = reference_model(checkpoint)
-    engine = expert_engine(store, budget, expert_prefetch=False)
+    engine = expert_engine(store, budget, expert_prefetch=False, expert_cache_in_place=True)
     try:
         assert engine.plan.expert_cache > 0 and engine.plan.streamed
         engine.wait_pinned()
-        for _ in range(2):  # the second pass finds what the first kept
+        hits = []
+        for in_place in places:
+            engine.placement.in_place = in_place
+            before = engine.streamer.stats.snapshot()
             generation = compare_generation(engine, reference, STEPS)
             assert generation.ids_equal and generation.step_diffs == [0.0] * STEPS
-        stats = engine.streamer.stats
-        assert stats.expert_cache_hits > 0
+            hits.append(engine.streamer.stats.since(before).expert_cache_hits)
+        assert all(hits[1:])
         # a kept expert is its dequantized slices and its biases, not its 4-bit bytes
         part = next(iter(engine.parts.values()))
         kept = engine.streamer._reader.cache.slot_bytes

@@ -591,6 +591,7 @@ AS_STRINGS = {
     "reader": ("read", "read"),
     "expert_streaming": ("on", "on"),
     "expert_prefetch": ("false", False),
+    "expert_cache_in_place": ("true", True),
     "pin_in_background": ("false", False),
     "max_new_tokens_limit": ("32", 32),
     "default_max_new_tokens": ("16", 16),

@@ -53,6 +53,7 @@ from .integrity import (
     chunk_specs,
 )
 from .mapped import MappedReader
+from .placement import Placement
 from .plan import ResidencyPlan, plan_residency, plan_with_bases, resolve_budget
 from .prediction import ExpertPredictor
 from .readers import BlockReader, PooledReader, ReaderKind, pick_reader
@@ -92,6 +93,10 @@ class EngineOptions:
     # guess the next block's experts and read them ahead: always, never, or "auto" (where
     # passes timed both ways find it faster: guessing.py)
     expert_prefetch: bool | str = "auto"
+    # blocks compute on the experts the cache keeps where they lie, or copy them into a
+    # streaming buffer: always, never, or "auto" (whichever costs measured find cheaper:
+    # placement.py)
+    expert_cache_in_place: bool | str = "auto"
     # fill expert slices that were not read with NaN (tests: proves an unread one is unused)
     poison_unread_experts: bool = False
     # ready once the non-block weights are in; the pinned blocks are read in the background
@@ -132,7 +137,9 @@ class Engine:
         self.options = options
         with contextlib.ExitStack() as stack:
             stack.callback(store.close)
-            self.guessing = GuessChoice(options.expert_prefetch)  # a bad value: before the load
+            # a bad value: before the load
+            self.guessing = GuessChoice(options.expert_prefetch)
+            self.placement = Placement(options.expert_cache_in_place)
             self._read_manifest_and_side_files()
             self._build_skeleton()
             self._plan()
@@ -311,6 +318,7 @@ class Engine:
                 evict=self._evict,
                 cache=self._expert_cache(),
                 dequantized=plan.dequantized,
+                placement=self.placement,
             )
         elif kind is ReaderKind.MMAP and isinstance(self.store, MappableStore):
             reader = MappedReader(self.store, checks, plan.pool_buffers, self._evict)

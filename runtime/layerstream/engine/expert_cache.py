@@ -36,10 +36,13 @@ from __future__ import annotations
 
 import mmap
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+
+from .placement import Placement
 
 HALF_LIFE = 1024  # installs: with 16 streamed blocks, about 64 tokens
 DECAY = 0.5 ** (1 / HALF_LIFE)
@@ -60,7 +63,7 @@ class Home:
     ``poison``: such pages are filled with NaN instead (tests: an expert used after it left
     would show)."""
 
-    def __init__(self, chunk: str, size: int, poison: bool = False):
+    def __init__(self, chunk: str, size: int, poison: bool = False, costs: Placement | None = None):
         self.chunk = chunk
         # private: pages given back (MADV_DONTNEED) read as zeros and cost nothing
         self._map = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE)
@@ -71,7 +74,9 @@ class Home:
         self._address = self.buffer.data_ptr()
         self._lock = threading.Lock()
         self._poison = poison
-        self.busy = False  # a lease computes on it (under its reader's lock)
+        self._blank = POISON if poison else 0  # what a page nothing holds reads as
+        self._costs = costs  # told what taking and giving back pages cost
+        self.busy = False  # a lease writes into it (under its reader's lock)
         if poison:
             self.buffer.fill_(POISON)
 
@@ -82,29 +87,41 @@ class Home:
         return start // PAGE, -(-end // PAGE)
 
     def hold(self, views: Iterable[torch.Tensor]) -> None:
+        """Views about to be written: their pages are held, and those nothing held before
+        are taken from the system now (written with what they read as), so that what
+        that costs is measured apart from the read."""
         with self._lock:
+            fresh = []
             for view in views:
                 first, last = self.pages(view)
-                self._held[first:last] += 1
+                counts = self._held[first:last]
+                fresh.extend(_runs(first, (counts == 0).tolist()))
+                counts += 1
+            if fresh:
+                start = time.perf_counter()
+                for a, b in fresh:
+                    # one byte a page: the fault supplies the page, the value is what it held
+                    self.buffer[a * PAGE : b * PAGE : PAGE].fill_(self._blank)
+                if self._costs is not None:
+                    pages = sum(b - a for a, b in fresh)
+                    self._costs.taken(pages * PAGE, time.perf_counter() - start)
 
     def release(self, views: Iterable[torch.Tensor]) -> None:
         """Views held before are no longer: the pages nothing else holds go back."""
         with self._lock:
+            free = []
             for view in views:
                 first, last = self.pages(view)
                 counts = self._held[first:last]
                 counts -= 1
-                free = (counts == 0).tolist()
-                at = 0
-                while at < len(free):
-                    if not free[at]:
-                        at += 1
-                        continue
-                    run = at
-                    while run < len(free) and free[run]:
-                        run += 1
-                    self._give_back(first + at, first + run)
-                    at = run
+                free.extend(_runs(first, (counts == 0).tolist()))
+            if free:
+                start = time.perf_counter()
+                for a, b in free:
+                    self._give_back(a, b)
+                if self._costs is not None:
+                    pages = sum(b - a for a, b in free)
+                    self._costs.given_back(pages * PAGE, time.perf_counter() - start)
 
     def _give_back(self, first: int, last: int) -> None:
         start, end = first * PAGE, min(last * PAGE, len(self._map))
@@ -112,6 +129,21 @@ class Home:
             self.buffer[start:end].fill_(POISON)
         else:
             self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
+def _runs(first: int, flags: list[bool]) -> list[tuple[int, int]]:
+    """The runs of true ``flags`` as page ranges [a, b), ``flags[0]`` being page ``first``."""
+    runs, at = [], 0
+    while at < len(flags):
+        if not flags[at]:
+            at += 1
+            continue
+        end = at
+        while end < len(flags) and flags[end]:
+            end += 1
+        runs.append((first + at, first + end))
+        at = end
+    return runs
 
 
 def span_bytes(nbytes: int) -> int:
@@ -177,16 +209,16 @@ class ExpertCache:
                     self._score[key] /= self._unit
                 self._unit = 1.0
 
-    def use(self, key: Key, version: str | None) -> bool:
-        """Whether ``key``'s home holds it for ``version``; if so it stays there until
-        ``done``."""
+    def use(self, key: Key, version: str | None) -> list[torch.Tensor] | None:
+        """Where ``key``'s home holds it for ``version`` (None if it does not); if it does,
+        it stays there until ``done``."""
         with self._lock:
             held = self._held.get(key)
             if held is None or held.version != version:
-                return False
+                return None
             held.users += 1
             self.stats.hits += 1
-            return True
+            return held.views
 
     def add(self, key: Key, version: str | None, home: Home, views: list[torch.Tensor]) -> None:
         """An install read ``key`` into ``home`` at ``views`` (held there before the read,
@@ -202,6 +234,34 @@ class ExpertCache:
             if key not in self._kept and self._admit(key):
                 self._kept.add(key)
                 self.stats.admitted += 1
+
+    def offer(
+        self,
+        key: Key,
+        version: str | None,
+        home: Home,
+        views: list[torch.Tensor],
+        write: Callable[[], None],
+    ) -> bool:
+        """An install read ``key`` (checked, for ``version``) into a buffer: if a slot is
+        free or its score beats the lowest kept one's, ``write`` copies it to ``views`` of
+        ``home`` (held first), where it is kept. Whether it was."""
+        with self._lock:
+            old = self._held.get(key)
+            if old is not None:
+                if old.users or old.version == version:
+                    return False  # in use, or kept meanwhile by another install
+                self._kept.discard(key)  # another version, which nobody can use
+                self._leave(key)
+                self._lowest = None
+            if not self._admit(key):
+                return False
+            home.hold(views)
+            write()
+            self._held[key] = _Held(version, home, views)
+            self._kept.add(key)
+            self.stats.admitted += 1
+            return True
 
     def done(self, keys: Iterable[Key]) -> None:
         """An install that used ``keys`` (``use`` or ``add``) has run: those not kept leave

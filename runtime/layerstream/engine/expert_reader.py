@@ -40,6 +40,7 @@ from .checks import ChunkChecks
 from .expert_cache import POISON, ExpertCache, Home, Key, span_bytes
 from .expert_plan import base_quantized
 from .held import HeldLayout
+from .placement import Placement
 from .readers import Lease, PooledLease, PooledReader
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,9 @@ class QuantizedExperts:
     (in its buffer, or its pinned base), each dequantized into room of its own: the base's
     when the lease is made, each expert's alone once read (every format's dequantization is
     per expert: format/quantization.py). Unread experts' rooms hold whatever was there,
-    never read by the experts module."""
+    never read by the experts module. ``placed``: where the experts' plain tensors (biases)
+    are computed on, when not where they are read (a home: each expert's copied there as it
+    is dequantized)."""
 
     def __init__(
         self,
@@ -108,14 +111,17 @@ class QuantizedExperts:
         targets: dict[str, torch.Tensor],
         groups: list[list[str]],
         count: Callable[[float], None],
+        placed: dict[str, torch.Tensor] | None = None,
     ):
         self.quant = quant
         self._stored = stored  # every tensor as stored: views of the buffer, or pinned
         self.targets = targets  # by quantized key: its dequantized tensor
+        self._scale_keys = {quant.scale_key(k) for k in targets}
+        plain = {k for tensors in groups for k in tensors} - set(targets) - self._scale_keys
+        self._placed = {k: v for k, v in (placed or {}).items() if k in plain}
         # by group, its quantized keys, and all its keys in file order
         self._keys = [[k for k in tensors if k in targets] for tensors in groups]
         self._groups = groups
-        self._scale_keys = {quant.scale_key(k) for k in targets}
         self._count = count
 
     def dequantize_base(self) -> None:
@@ -137,17 +143,11 @@ class QuantizedExperts:
                 self.quant.dequantize(
                     weight[e : e + 1], scales[e : e + 1], target.dtype, target[e : e + 1]
                 )
+        for key in self._groups[group]:
+            if key in self._placed:
+                for e in experts:
+                    self._placed[key][e].copy_(self._stored[key][e])
         self._count(time.perf_counter() - start)
-
-    def stored(self, group: int, experts: list[int]) -> list[torch.Tensor]:
-        """Where the stored values and scales of ``experts`` of ``group`` are read: spent
-        once dequantized."""
-        return [
-            self._stored[k][e]
-            for key in self._keys[group]
-            for k in (key, self.quant.scale_key(key))
-            for e in experts
-        ]
 
     def kept(self, group: int, expert: int) -> list[torch.Tensor]:
         """What the expert cache keeps of ``expert`` of ``group``, as flat bytes: its
@@ -158,14 +158,14 @@ class QuantizedExperts:
                 continue
             tensor = self.targets.get(key)
             if tensor is None:
-                tensor = self._stored[key]
+                tensor = self._placed.get(key, self._stored[key])
             views.append(tensor[expert].reshape(-1).view(torch.uint8))
         return views
 
     def views(self) -> dict[str, torch.Tensor]:
         """The block's tensors: the dequantized ones in place of the stored ones and
         their scales."""
-        out = dict(self._stored)
+        out = {**self._stored, **self._placed}
         for key, target in self.targets.items():
             del out[self.quant.scale_key(key)]
             out[key] = target
@@ -188,12 +188,16 @@ class ExpertLease(PooledLease):
         pinned: PinnedBase | None = None,
         quantized: QuantizedExperts | None = None,
         home: Home | None = None,
+        in_place: bool = False,
     ):
         super().__init__(index, info, version, data, buffer, reader)
         self.parts = parts
         self.pinned = pinned  # its base in memory of its own (else read into the buffer)
         self.quantized = quantized
-        self.home = home  # ``data`` lies in it (the buffer is a ticket), else in the buffer
+        self.home = home  # its block's home, which it alone writes into while it holds it
+        # ``data`` lies in the home (the buffer is a ticket); else in the buffer, into which
+        # kept experts are copied, and from which those the cache keeps are copied home
+        self.in_place = in_place
         self.used: list[Key] = []  # the experts it uses where its home holds them
         self.failed = False  # a read into its home failed
         self._experts = reader
@@ -341,11 +345,13 @@ class ExpertReader(PooledReader):
         evict: Callable[[str], None] | None = None,
         cache: ExpertCache | None = None,
         dequantized: int = 0,
+        placement: Placement | None = None,
     ):
         super().__init__(store, checks, buffers, buffer_bytes, dequantized)
         self.parts = parts
         self.bases: dict[str, PinnedBase] = {}  # by chunk name
         self.cache = cache
+        self.placement = placement or Placement()
         self.poison = poison
         # where the page cache cannot hold the chunks anyway, a local store's parts are read
         # past it (O_DIRECT: no copy, no cache to fill and then reclaim; what lands beside a
@@ -376,13 +382,21 @@ class ExpertReader(PooledReader):
         if self.cache is not None:
             self.cache.tick()
         home = self._enter_home(info) if pinned is not None else None
-        # with a home, the buffer is a ticket: what it held (a block read before the base
-        # was pinned, a dense block) goes back, so the home's experts take its place
-        buffer = self.pool.acquire() if home is None else self.pool.ticket()
+        in_place = home is not None and self.placement.in_place
+        quantized_chunk = self.checks.quantization(info) is not None
+        if not in_place:
+            buffer = self.pool.acquire()
+        else:
+            # the buffer is a ticket: what it held (a block read before the base was
+            # pinned, a dense block) goes back, so the home's experts take its place; a
+            # quantized chunk's stored bytes are still read into it (they are spent once
+            # dequantized: written again and again, its pages stay)
+            buffer = self.pool.ticket(self._dequantized_at if quantized_chunk else 0)
         try:
-            if home is not None:
+            if home is not None and in_place:
                 at = aligned(info.bytes)
-                data, room = home.buffer[: info.bytes], home.buffer[at:]
+                stored_in = buffer if quantized_chunk else home.buffer
+                data, room = stored_in[: info.bytes], home.buffer[at:]
             else:
                 data = buffer[: info.bytes]
                 room = buffer[self._dequantized_at : self._dequantized_at + info.dequantized_room]
@@ -391,25 +405,28 @@ class ExpertReader(PooledReader):
                     room.fill_(POISON)
             # its base in memory already (pinned): only its experts are read
             version = pinned.version if pinned else self._read_base(info, data, parts)
-            quantized = self._quantized(info, parts, data, version, pinned, room)
+            placed = home.buffer[: info.bytes] if home is not None and in_place else None
+            quantized = self._quantized(info, parts, data, version, pinned, room, placed)
         except BaseException:
             if home is not None:
                 with self._homes_lock:
                     home.busy = False
             self.pool.release(buffer)
             raise
-        return ExpertLease(j, info, version, data, buffer, self, parts, pinned, quantized, home)
+        return ExpertLease(
+            j, info, version, data, buffer, self, parts, pinned, quantized, home, in_place
+        )
 
     def _enter_home(self, info: ChunkInfo) -> Home | None:
         """``info``'s home, made busy for a lease; None without an expert cache, or while
-        another lease of the same block (a read-ahead that wrapped around) computes on it."""
+        another lease of the same block (a read-ahead that wrapped around) holds it."""
         if self.cache is None or not self.cache.slots:
             return None
         with self._homes_lock:
             home = self._homes.get(info.name)
             if home is None:
                 size = aligned(info.bytes) + info.dequantized_room
-                home = self._homes[info.name] = Home(info.name, size, self.poison)
+                home = self._homes[info.name] = Home(info.name, size, self.poison, self.placement)
             if home.busy:
                 return None
             home.busy = True
@@ -433,9 +450,12 @@ class ExpertReader(PooledReader):
         version: str | None,
         pinned: PinnedBase | None,
         room: torch.Tensor,
+        placed: torch.Tensor | None = None,
     ) -> QuantizedExperts | None:
         """A quantized chunk's tensors as its lease holds them, its base's dequantized now
-        (on this reading thread), its experts' as each is read; None for a plain chunk."""
+        (on this reading thread), its experts' as each is read; None for a plain chunk.
+        ``placed``: a home (laid out like ``data``), where its experts' plain tensors are
+        computed on."""
         quant = self.checks.quantization(info)
         if quant is None:
             return None
@@ -445,12 +465,14 @@ class ExpertReader(PooledReader):
             targets = {k: v for k, v in targets.items() if k not in pinned.dequantized}
         else:
             stored = tensors_from_layout(self.checks.layout(info, data, version), data)
+        homed = None if placed is None or pinned is None else pinned.experts
         quantized = QuantizedExperts(
             quant,
             stored,
             targets,
             [group.tensors for group in parts.groups],
             self.checks.count_dequantize,
+            None if homed is None else tensors_from_layout(homed, placed),
         )
         quantized.dequantize_base()
         return quantized
@@ -476,41 +498,104 @@ class ExpertReader(PooledReader):
     def read_experts(
         self, lease: ExpertLease, data: torch.Tensor, group: int, experts: list[int]
     ) -> None:
-        """``experts`` of ``group`` into ``data``: where ``data`` is the block's home, those it
-        holds already are used where they lie; the others are read and checked (a quantized
+        """``experts`` of ``group`` into ``data``: those the cache holds are used where they
+        lie (in place) or copied from there; the others are read and checked (a quantized
         block's dequantized as read) and offered to the cache."""
-        home, cache = lease.home, self.cache
-        if home is None or cache is None:
+        if self.cache is None:
             self._read_missed(lease, data, group, experts)
-            return
+        elif lease.in_place:
+            self._read_in_place(lease, data, group, experts)
+        else:
+            self._read_copying(lease, data, group, experts)
+
+    def _read_in_place(
+        self, lease: ExpertLease, data: torch.Tensor, group: int, experts: list[int]
+    ) -> None:
+        home, cache = lease.home, self.cache
+        assert home is not None and cache is not None
         name, ours = lease.info.name, lease.version
         missed = []
         for e in experts:
-            if cache.use((name, group, e), ours):
+            if cache.use((name, group, e), ours) is not None:
                 with lease._lock:
                     lease.used.append((name, group, e))
             else:
                 missed.append(e)
-        if len(missed) < len(experts):
-            self.checks.count_cache_hits(len(experts) - len(missed))
+        self._found(len(experts) - len(missed), len(missed))
         if not missed:
             return
-        # every page a read or a dequantization writes is held first (expert_cache.Home)
+        # every page of the home a read, a dequantization or a copy writes is held first
+        # (expert_cache.Home); a quantized chunk's stored bytes go to the buffer
         kept = {e: _kept(lease, data, group, e) for e in missed}
-        spent = [] if lease.quantized is None else lease.quantized.stored(group, missed)
-        home.hold([*spent, *(v for views in kept.values() for v in views)])
+        written = [v for views in kept.values() for v in views]
+        home.hold(written)
         try:
             version = self._read_missed(lease, data, group, missed)
         except BaseException:
             lease.failed = True
-            home.release([*spent, *(v for views in kept.values() for v in views)])
+            home.release(written)
             raise
-        home.release(spent)  # dequantized: its stored values and scales are spent
         for e in missed:
             key = (name, group, e)
             cache.add(key, version, home, kept[e])
             with lease._lock:
                 lease.used.append(key)
+
+    def _read_copying(
+        self, lease: ExpertLease, data: torch.Tensor, group: int, experts: list[int]
+    ) -> None:
+        cache = self.cache
+        assert cache is not None
+        name, ours = lease.info.name, lease.version
+        missed = []
+        for e in experts:
+            key = (name, group, e)
+            kept = cache.use(key, ours)
+            if kept is None:
+                missed.append(e)
+                continue
+            try:
+                self._copy(_kept(lease, data, group, e), kept)
+            finally:
+                cache.done([key])
+        self._found(len(experts) - len(missed), len(missed))
+        if not missed:
+            return
+        version = self._read_missed(lease, data, group, missed)
+        home = lease.home
+        if home is None:  # another lease of the block holds it
+            return
+        for e in missed:
+            views = _kept(lease, data, group, e)
+            theirs = self._in_home(home, data, lease.info, views)
+            cache.offer((name, group, e), version, home, theirs, partial(self._copy, theirs, views))
+
+    def _found(self, hits: int, misses: int) -> None:
+        if hits:
+            self.checks.count_cache_hits(hits)
+        self.placement.read(hits, misses)
+
+    def _copy(self, targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+        start = time.perf_counter()
+        for target, source in zip(targets, sources, strict=True):
+            target.copy_(source)
+        self.placement.copied(sum(t.numel() for t in targets), time.perf_counter() - start)
+
+    def _in_home(
+        self, home: Home, data: torch.Tensor, info: ChunkInfo, views: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Where ``views`` (flat bytes of a buffer holding ``info``'s chunk at ``data``) lie
+        in its block's home: the chunk's bytes at the same offsets, the dequantized room
+        after them."""
+        base, size = data.data_ptr(), info.bytes
+        moved = aligned(size) - self._dequantized_at  # the room's offset, home less buffer
+        out = []
+        for view in views:
+            offset = view.data_ptr() - base
+            if offset >= size:
+                offset += moved
+            out.append(home.buffer[offset : offset + view.numel()])
+        return out
 
     def _read_missed(
         self, lease: ExpertLease, data: torch.Tensor, group: int, experts: list[int]

@@ -142,7 +142,7 @@ class BufferPool:
         self._free: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
         self.buffers: list[torch.Tensor] = []  # every buffer, free or not
         self._maps: dict[int, mmap.mmap] = {}  # by buffer address
-        self._touched: set[int] = set()  # buffers acquired (maybe written) since a ticket
+        self._written: dict[int, int] = {}  # by buffer address: its bytes maybe written
         for _ in range(count):
             # page-aligned (anonymous mappings are), so reads past the page cache (O_DIRECT)
             # can land in it; a tensor's address mod 64 stays its offset's, as with malloc.
@@ -154,18 +154,21 @@ class BufferPool:
 
     def acquire(self) -> torch.Tensor:
         buffer = self._free.get()
-        self._touched.add(buffer.data_ptr())
+        self._written[buffer.data_ptr()] = buffer.numel()
         return buffer
 
-    def ticket(self) -> torch.Tensor:
-        """A buffer taken only to count against the pool, its memory given back to the
-        system (where it was written since the last time): what its holder reads goes to
-        memory of its own, in its place."""
+    def ticket(self, keep: int = 0) -> torch.Tensor:
+        """A buffer of which only the first ``keep`` bytes will be written: the rest counts
+        against the pool for memory its holder uses elsewhere, so its pages go back to the
+        system (where written since the last time)."""
         buffer = self._free.get()
-        if buffer.data_ptr() in self._touched:
-            memory = self._maps[buffer.data_ptr()]
-            memory.madvise(mmap.MADV_DONTNEED, 0, len(memory))
-            self._touched.discard(buffer.data_ptr())
+        address = buffer.data_ptr()
+        if self._written.get(address, 0) > keep:
+            start = -(-keep // mmap.PAGESIZE) * mmap.PAGESIZE
+            memory = self._maps[address]
+            if start < len(memory):
+                memory.madvise(mmap.MADV_DONTNEED, start, len(memory) - start)
+        self._written[address] = keep
         return buffer
 
     def release(self, buffer: torch.Tensor) -> None:

@@ -445,6 +445,7 @@ def _build_engine(settings: LayerStreamSettings, folder: Path | None) -> Engine:
         reader=settings.reader,
         expert_streaming=settings.expert_streaming,
         expert_prefetch=settings.expert_prefetch,
+        expert_cache_in_place=settings.expert_cache_in_place,
         pin_in_background=settings.pin_in_background,
     )
     try:

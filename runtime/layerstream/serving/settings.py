@@ -125,6 +125,17 @@ class LayerStreamSettings(BaseSettings):
         "unless this is `true`. The final event reports `experts_predicted` and "
         "`experts_predicted_used` (precision).",
     )
+    expert_cache_in_place: Literal["auto"] | bool = Field(
+        default="auto",
+        description="With expert streaming and an expert cache: `true`: a block computes on "
+        "the experts the cache keeps where they lie, in memory of the block's own (a hit "
+        "costs nothing, but each expert read and not kept takes fresh pages from the system "
+        "and gives them back); `false`: it computes in a streaming buffer, the kept experts "
+        "it routes to copied in (a hit costs a copy; a miss lands on the buffer's pages). "
+        "`auto`: what a copied byte and a byte's page taken and given back cost is measured "
+        "while serving, with the hit rate, and the cheaper way is taken. Either way the "
+        "output is the same.",
+    )
     pin_in_background: bool = Field(
         default=True,
         description="Report ready once the non-block weights are in memory, and read the "
