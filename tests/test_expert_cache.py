@@ -11,6 +11,8 @@ from architectures import PROMPT, compare_generation, reference_model
 from test_experts import STEPS, _bases_budget, expert_engine
 
 from layerstream.engine.expert_cache import HALF_LIFE, ExpertCache, Home
+from layerstream.engine.expert_reader import ExpertReader
+from layerstream.errors import ChunkIntegrityError
 
 SLOT = mmap.PAGESIZE  # an expert a page: what leaves its home is given back whole
 EXPERTS = 16
@@ -176,17 +178,22 @@ def test_an_expert_in_use_is_neither_replaced_nor_given_back():
     assert cache.kept() == [("block_0001", 0, 1)] and not _holds(home, 0)
 
 
-def test_a_failed_read_makes_its_home_forget_what_nobody_uses():
-    """Bytes beside a part whose read failed may not be the chunk's: every expert of that
-    chunk that no install uses leaves its home; those in use stay until done."""
+def test_a_failed_read_makes_its_home_forget_its_experts():
+    """Bytes beside a part whose read failed may not be the chunk's: no expert of that
+    chunk is found any more; those no install uses leave their home now, the others once
+    done."""
     cache, home = ExpertCache(4 * SLOT, SLOT), _home()
     for expert in range(3):
         _read(cache, home, expert)
     assert cache.use(("block_0001", 0, 1), None)
     cache.forget("block_0001")
-    assert cache.kept() == [("block_0001", 0, 1)]
+    assert cache.kept() == []
     assert not _holds(home, 0) and _holds(home, 1) and not _holds(home, 2)
-    assert not cache.use(("block_0001", 0, 0), None)
+    assert cache.use(("block_0001", 0, 1), None) is None  # in use, but found by nobody
+    cache.done([("block_0001", 0, 1)])
+    assert not _holds(home, 1)
+    _read(cache, home, 1)  # read again: kept again
+    assert cache.kept() == [("block_0001", 0, 1)]
 
 
 def test_a_pass_over_the_blocks_does_not_churn_the_cache():
@@ -323,5 +330,49 @@ def _parts(store):
     engine = expert_engine(store, _bases_budget(store, 8))
     try:
         return list(engine.parts.values())
+    finally:
+        engine.close()
+
+
+def test_a_failed_read_past_the_page_cache_into_a_home_spoils_its_kept_experts(
+    moe_models, monkeypatch
+):
+    """A read past the page cache writes the file's bytes beside its parts, on pages kept
+    neighbours lie on: where one into a home fails, its chunk's kept experts are forgotten
+    and the request fails; the next request reads them again and is exact."""
+    source, store = moe_models("qwen3_moe")
+    room = sum(p.info.bytes - p.base_bytes for p in _parts(store)) // 2
+    engine = expert_engine(
+        store, _bases_budget(store, 8) + room, expert_prefetch=False, expert_cache_in_place=True
+    )
+    try:
+        reference = reference_model(source)
+        assert compare_generation(engine, reference, STEPS).ids_equal
+        reader, cache = engine.streamer._reader, engine.streamer._reader.cache
+        kept_before = {key[0] for key in cache.kept()}
+        read_missed = ExpertReader._read_missed
+        failed: list[str] = []
+
+        def fail_once(self, lease, data, group, experts):
+            if lease.in_place and not failed:
+                failed.append(lease.info.name)
+                self._direct = True  # as where the page cache cannot hold the chunks
+                raise ChunkIntegrityError("an expert's read failed (injected)")
+            return read_missed(self, lease, data, group, experts)
+
+        monkeypatch.setattr(ExpertReader, "_read_missed", fail_once)
+        with pytest.raises(ChunkIntegrityError, match="injected"), engine.request():
+            engine.model.generate(
+                torch.tensor([list(reversed(PROMPT))]),  # other experts: misses
+                max_new_tokens=2,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        (chunk,) = failed
+        assert chunk in kept_before and reader.spoiled(chunk) == 1
+        assert not [key for key in cache.kept() if key[0] == chunk]
+        reader._direct = False
+        second = compare_generation(engine, reference, STEPS)
+        assert second.ids_equal and second.step_diffs == [0.0] * STEPS
     finally:
         engine.close()

@@ -67,6 +67,8 @@ class Home:
         self.chunk = chunk
         # private: pages given back (MADV_DONTNEED) read as zeros and cost nothing
         self._map = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE)
+        # 4 KiB pages: a huge page would hold (and be held by) 2 MiB where a view takes a page
+        self._map.madvise(mmap.MADV_NOHUGEPAGE)
         # made during a request, maybe in inference mode: normal tensors, written in any mode
         with torch.inference_mode(False):
             self.buffer = torch.frombuffer(self._map, dtype=torch.uint8)[:size]
@@ -164,6 +166,7 @@ class _Held:
     home: Home
     views: list[torch.Tensor]  # where it lies in its home
     users: int = 0  # installs computing with it
+    stale: bool = False  # forgotten while in use: found by nobody, leaves once done
 
 
 class ExpertCache:
@@ -214,7 +217,7 @@ class ExpertCache:
         it stays there until ``done``."""
         with self._lock:
             held = self._held.get(key)
-            if held is None or held.version != version:
+            if held is None or held.stale or held.version != version:
                 return None
             held.users += 1
             self.stats.hits += 1
@@ -274,12 +277,16 @@ class ExpertCache:
                     self._leave(key)
 
     def forget(self, chunk: str) -> None:
-        """Every expert of ``chunk`` that no install uses leaves its home (a read into it
-        failed: bytes beside the failed part may not be its)."""
+        """No expert of ``chunk`` is found any more (a read into its home failed: bytes
+        beside the failed part may not be its): those no install uses leave their home
+        now, the others once done."""
         with self._lock:
-            for key in [k for k, h in self._held.items() if k[0] == chunk and not h.users]:
+            for key in [k for k in self._held if k[0] == chunk]:
                 self._kept.discard(key)
-                self._leave(key)
+                if self._held[key].users:
+                    self._held[key].stale = True
+                else:
+                    self._leave(key)
             self._lowest = None
 
     def _admit(self, key: Key) -> bool:

@@ -199,7 +199,9 @@ class ExpertLease(PooledLease):
         # kept experts are copied, and from which those the cache keeps are copied home
         self.in_place = in_place
         self.used: list[Key] = []  # the experts it uses where its home holds them
-        self.failed = False  # a read into its home failed
+        # the chunk's homes spoiled so far: one more by the time it has run, and the kept
+        # experts it computed with or copied may hold another version's bytes
+        self.spoiled = reader.spoiled(info.name)
         self._experts = reader
         self._lock = threading.Lock()
         self._loaded: list[set[int]] = [set() for _ in parts.groups]
@@ -220,8 +222,9 @@ class ExpertLease(PooledLease):
 
     def confirm(self) -> None:
         """After the block has run: every request that ran it fails if a read into its
-        buffer found the chunk changed (its bytes may mix two versions)."""
-        if self.changed:
+        buffer found the chunk changed, or a read into its home failed meanwhile (its bytes
+        may mix two versions)."""
+        if self.changed or self._experts.spoiled(self.info.name) != self.spoiled:
             raise ChunkIntegrityError(
                 f"chunk {self.info.name} ({self.info.file}) changed while its block ran, so "
                 "this request's output cannot be trusted; retry it. Replace chunk files by "
@@ -369,6 +372,7 @@ class ExpertReader(PooledReader):
         # own threads, since a guess waits on the pool's (one pool would deadlock)
         self._prefetch = ThreadPoolExecutor(2, thread_name_prefix="layerstream-prefetch")
         self._homes: dict[str, Home] = {}  # by chunk name, made at a block's first install
+        self._spoiled: dict[str, int] = {}  # by chunk name: reads into its home that failed
         self._homes_lock = threading.Lock()
 
     def submit_prefetch(self, read: Callable[[], None]) -> None:
@@ -384,14 +388,18 @@ class ExpertReader(PooledReader):
         home = self._enter_home(info) if pinned is not None else None
         in_place = home is not None and self.placement.in_place
         quantized_chunk = self.checks.quantization(info) is not None
-        if not in_place:
-            buffer = self.pool.acquire()
-        else:
-            # the buffer is a ticket: what it held (a block read before the base was
-            # pinned, a dense block) goes back, so the home's experts take its place; a
-            # quantized chunk's stored bytes are still read into it (they are spent once
-            # dequantized: written again and again, its pages stay)
-            buffer = self.pool.ticket(self._dequantized_at if quantized_chunk else 0)
+        try:
+            if not in_place:
+                buffer = self.pool.acquire()
+            else:
+                # the buffer is a ticket: what it held (a block read before the base was
+                # pinned, a dense block) goes back, so the home's experts take its place; a
+                # quantized chunk's stored bytes are still read into it (they are spent
+                # once dequantized: written again and again, its pages stay)
+                buffer = self.pool.ticket(self._dequantized_at if quantized_chunk else 0)
+        except BaseException:
+            self._free_home(home)
+            raise
         try:
             if home is not None and in_place:
                 at = aligned(info.bytes)
@@ -408,9 +416,7 @@ class ExpertReader(PooledReader):
             placed = home.buffer[: info.bytes] if home is not None and in_place else None
             quantized = self._quantized(info, parts, data, version, pinned, room, placed)
         except BaseException:
-            if home is not None:
-                with self._homes_lock:
-                    home.busy = False
+            self._free_home(home)
             self.pool.release(buffer)
             raise
         return ExpertLease(
@@ -433,14 +439,31 @@ class ExpertReader(PooledReader):
             return home
 
     def leave_home(self, lease: ExpertLease) -> None:
-        """``lease`` has run: the experts it read and the cache did not keep leave its home
-        (all that no install uses, where a read into it failed)."""
+        """``lease`` has run: the experts it read and the cache did not keep leave its
+        home."""
         assert self.cache is not None and lease.home is not None
-        self.cache.done(lease.used)
-        if lease.failed:
-            self.cache.forget(lease.info.name)
+        try:
+            self.cache.done(lease.used)
+        finally:
+            self._free_home(lease.home)
+
+    def _free_home(self, home: Home | None) -> None:
+        if home is not None:
+            with self._homes_lock:
+                home.busy = False
+
+    def spoiled(self, chunk: str) -> int:
+        return self._spoiled.get(chunk, 0)
+
+    def _spoil(self, chunk: str) -> None:
+        """A read past the page cache into ``chunk``'s home failed: such a read writes the
+        file's bytes beside its part, on pages kept neighbours lie on, and the file may
+        have changed or be damaged there. Its kept experts are forgotten, and every install
+        that computed with or copied one meanwhile fails (``confirm``)."""
+        assert self.cache is not None
         with self._homes_lock:
-            lease.home.busy = False
+            self._spoiled[chunk] = self.spoiled(chunk) + 1
+        self.cache.forget(chunk)
 
     def _quantized(
         self,
@@ -532,8 +555,9 @@ class ExpertReader(PooledReader):
         try:
             version = self._read_missed(lease, data, group, missed)
         except BaseException:
-            lease.failed = True
             home.release(written)
+            if self._direct:  # it may have written beside its parts
+                self._spoil(lease.info.name)
             raise
         for e in missed:
             key = (name, group, e)
