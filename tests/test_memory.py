@@ -82,7 +82,8 @@ def moe_model(tmp_path_factory):
     source = write_random_checkpoint(str(root / "config.json"), root / "source", dtype="bfloat16")
     manifest = chunk_checkpoint(source, root / "chunks", "moe", progress=False)
     assert manifest.total_bytes > 350 * 2**20
-    return root / "chunks", source, manifest
+    resident = probe("resident", str(root / "chunks"), str(source))  # once for both ways
+    return root / "chunks", source, manifest, resident["ids"]
 
 
 @pytest.mark.slow
@@ -91,12 +92,12 @@ def test_expert_streaming_peak_rss_stays_within_budget_plus_working_set(moe_mode
     """With every non-expert part pinned and the rest of the budget an expert cache, the
     experts kept, read and in flight stay in the budget, whether blocks compute on them in
     their homes (pages taken and given back as experts come and go) or copy them."""
-    store, source, manifest = moe_model
+    store, source, manifest, ids = moe_model
     options = ("expert_streaming=on", f"expert_cache_in_place={in_place}", "read_ahead=auto")
     streamed = probe("stream", "25%", *options, str(store), str(source))
     assert streamed["in_place"] is (in_place == "true")
     assert streamed["expert_cache"] > 0 and streamed["expert_cache_hits"] > 0
-    assert streamed["ids"] == probe("resident", str(store), str(source))["ids"]
+    assert streamed["ids"] == ids
     growth = streamed["peak"] - streamed["baseline"]
     assert streamed["budget"] <= manifest.total_bytes * 0.25 + 1
     assert growth <= streamed["budget"] + WORKING_SET, (
