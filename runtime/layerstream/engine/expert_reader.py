@@ -10,10 +10,12 @@ is read at most once per install. An expert slice that was not read holds whatev
 buffer held before: transformers' experts implementations never touch an expert no token
 was routed to (``poison`` fills such slices with NaN, which proves it in the tests).
 
-Once the block's base is pinned and the plan has an expert cache, the buffer is the block's
-home (expert_cache.py), where the experts it kept from earlier installs still lie; a pool
-buffer is then taken only as a ticket, bounding the installs in flight (and so the experts
-read and not kept) as it bounds them without homes.
+Once the block's base is pinned and the plan has an expert cache, the experts it keeps
+between installs lie in the block's home (expert_cache.py). An install computing in place
+(placement.py) reads into the home and computes there, its pool buffer taken only as a
+ticket that bounds the installs in flight (and so the experts read and not kept) as it
+bounds them without homes; one copying computes in its buffer, the kept experts it routes
+to copied in, and those it reads that the cache keeps copied home.
 """
 
 from __future__ import annotations
