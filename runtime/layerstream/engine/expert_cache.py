@@ -93,37 +93,46 @@ class Home:
         are taken from the system now (written with what they read as), so that what
         that costs is measured apart from the read."""
         with self._lock:
-            fresh = []
-            for view in views:
-                first, last = self.pages(view)
-                counts = self._held[first:last]
-                fresh.extend(_runs(first, (counts == 0).tolist()))
-                counts += 1
-            if fresh:
-                start = time.perf_counter()
-                for a, b in fresh:
-                    # one byte a page: the fault supplies the page, the value is what it held
-                    self.buffer[a * PAGE : b * PAGE : PAGE].fill_(self._blank)
-                if self._costs is not None:
-                    pages = sum(b - a for a, b in fresh)
-                    self._costs.taken(pages * PAGE, time.perf_counter() - start)
+            fresh = self._count(views, 1)
+            self._timed(fresh, self._take, self._costs.taken if self._costs else None)
 
     def release(self, views: Iterable[torch.Tensor]) -> None:
         """Views held before are no longer: the pages nothing else holds go back."""
         with self._lock:
-            free = []
-            for view in views:
-                first, last = self.pages(view)
-                counts = self._held[first:last]
-                counts -= 1
-                free.extend(_runs(first, (counts == 0).tolist()))
-            if free:
-                start = time.perf_counter()
-                for a, b in free:
-                    self._give_back(a, b)
-                if self._costs is not None:
-                    pages = sum(b - a for a, b in free)
-                    self._costs.given_back(pages * PAGE, time.perf_counter() - start)
+            free = self._count(views, -1)
+            self._timed(free, self._give_back, self._costs.given_back if self._costs else None)
+
+    def _count(self, views: Iterable[torch.Tensor], by: int) -> list[tuple[int, int]]:
+        """(Under the lock) each page ``views`` lie on counts ``by`` (1 or -1) more views:
+        the runs of pages that no view held before (1), or that none holds now (-1)."""
+        runs = []
+        for view in views:
+            first, last = self.pages(view)
+            counts = self._held[first:last]
+            if by > 0:
+                runs.extend(_runs(first, (counts == 0).tolist()))
+            counts += by
+            if by < 0:
+                runs.extend(_runs(first, (counts == 0).tolist()))
+        return runs
+
+    def _timed(
+        self,
+        runs: list[tuple[int, int]],
+        act: Callable[[int, int], None],
+        report: Callable[[int, float], None] | None,
+    ) -> None:
+        if not runs:
+            return
+        start = time.perf_counter()
+        for first, last in runs:
+            act(first, last)
+        if report is not None:
+            report(sum(b - a for a, b in runs) * PAGE, time.perf_counter() - start)
+
+    def _take(self, first: int, last: int) -> None:
+        # one byte a page: the fault supplies the page, the value is what it held
+        self.buffer[first * PAGE : last * PAGE : PAGE].fill_(self._blank)
 
     def _give_back(self, first: int, last: int) -> None:
         start, end = first * PAGE, min(last * PAGE, len(self._map))
@@ -230,7 +239,9 @@ class ExpertCache:
         with self._lock:
             old = self._held.get(key)
             users = 0
-            if old is not None:  # another version, which nobody can be using (use missed it)
+            # another version, or forgotten: use missed it, and who still copies it out
+            # (forgotten) fails at confirm
+            if old is not None:
                 users = old.users
                 old.home.release(old.views)
             self._held[key] = _Held(version, home, views, users + 1)
