@@ -10,6 +10,7 @@ import torch
 from architectures import PROMPT, compare_generation, reference_model
 from test_experts import STEPS, _bases_budget, expert_engine
 
+from layerstream.engine import expert_cache
 from layerstream.engine.expert_cache import HALF_LIFE, ExpertCache, Home
 from layerstream.engine.expert_reader import ExpertReader
 from layerstream.errors import ChunkIntegrityError
@@ -93,6 +94,34 @@ def test_a_home_takes_the_pages_nothing_held_before_a_write_and_measures_it(pois
     assert costs.given_back == SLOT
     home.release([right])
     assert costs.given_back == 3 * SLOT and torch.equal(home.buffer, blank)
+
+
+def test_a_view_around_held_pages_takes_the_runs_either_side():
+    """A view over pages another view holds in its middle takes only the two runs of
+    pages around them, and giving both back returns every page."""
+    costs = _Costs()
+    placement = type("P", (), {"taken": costs.taken_, "given_back": costs.given_back_})()
+    home = Home("block_0001", 8 * SLOT, costs=placement)
+    middle, around = home.buffer[3 * SLOT : 5 * SLOT], home.buffer[SLOT : 7 * SLOT]
+    home.hold([middle])
+    home.hold([around])
+    assert costs.taken == 2 * SLOT + 4 * SLOT
+    home.release([middle])
+    assert costs.given_back == 0  # ``around`` still holds them
+    home.release([around])
+    assert costs.given_back == 6 * SLOT
+
+
+def test_a_kernel_without_populate_write_has_its_pages_faulted_in(monkeypatch):
+    """Where madvise refuses MADV_POPULATE_WRITE (Linux before 5.14), pages are taken by a
+    write each, from the first refusal on."""
+    monkeypatch.setattr(expert_cache, "_POPULATE_WRITE", 0x7FFF)  # an advice no kernel has
+    home = Home("block_0001", 4 * SLOT)
+    view = home.buffer[SLOT : 3 * SLOT]
+    home.hold([view])
+    assert expert_cache._POPULATE_WRITE is None
+    view.fill_(5)
+    assert int(home.buffer.sum()) == 5 * 2 * SLOT
 
 
 def test_an_expert_read_into_a_buffer_is_copied_home_when_the_cache_keeps_it():

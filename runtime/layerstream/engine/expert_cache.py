@@ -35,11 +35,13 @@ values and scales leave the home once dequantized): a hit is not a dequantizatio
 from __future__ import annotations
 
 import mmap
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .placement import Placement
@@ -50,6 +52,8 @@ _RESCALE = 1e150  # normalised scores are brought back to the current tick past 
 ADMIT = 1.5  # a read expert replaces the lowest kept one when it scores this much higher
 POISON = 0xFF  # NaN in float32, float16 and bfloat16 alike
 PAGE = mmap.PAGESIZE
+# madvise(MADV_POPULATE_WRITE): pages supplied as if written, without the value changed
+_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23 if sys.platform == "linux" else None)
 
 Key = tuple[str, int, int]  # (chunk name, expert group, expert)
 
@@ -72,7 +76,8 @@ class Home:
         # made during a request, maybe in inference mode: normal tensors, written in any mode
         with torch.inference_mode(False):
             self.buffer = torch.frombuffer(self._map, dtype=torch.uint8)[:size]
-            self._held = torch.zeros(-(-max(size, 1) // PAGE), dtype=torch.int32)
+        # numpy: counted a few views at a time, where each torch call costs several times more
+        self._held = np.zeros(-(-max(size, 1) // PAGE), dtype=np.int32)
         self._address = self.buffer.data_ptr()
         self._lock = threading.Lock()
         self._poison = poison
@@ -90,8 +95,8 @@ class Home:
 
     def hold(self, views: Iterable[torch.Tensor]) -> None:
         """Views about to be written: their pages are held, and those nothing held before
-        are taken from the system now (written with what they read as), so that what
-        that costs is measured apart from the read."""
+        are taken from the system now (their values unchanged), so that what that costs
+        is measured apart from the read."""
         with self._lock:
             fresh = self._count(views, 1)
             self._timed(fresh, self._take, self._costs.taken if self._costs else None)
@@ -110,10 +115,10 @@ class Home:
             first, last = self.pages(view)
             counts = self._held[first:last]
             if by > 0:
-                runs.extend(_runs(first, (counts == 0).tolist()))
+                runs.extend(_runs(first, counts == 0))
             counts += by
             if by < 0:
-                runs.extend(_runs(first, (counts == 0).tolist()))
+                runs.extend(_runs(first, counts == 0))
         return runs
 
     def _timed(
@@ -131,8 +136,16 @@ class Home:
             report(sum(b - a for a, b in runs) * PAGE, time.perf_counter() - start)
 
     def _take(self, first: int, last: int) -> None:
+        global _POPULATE_WRITE
+        start, end = first * PAGE, min(last * PAGE, len(self._map))
+        if _POPULATE_WRITE is not None:
+            try:  # the pages supplied in one call, not a fault each (Linux 5.14)
+                self._map.madvise(_POPULATE_WRITE, start, end - start)
+                return
+            except OSError:  # an older kernel: each page faulted in from now on
+                _POPULATE_WRITE = None
         # one byte a page: the fault supplies the page, the value is what it held
-        self.buffer[first * PAGE : last * PAGE : PAGE].fill_(self._blank)
+        self.buffer[start:end:PAGE].fill_(self._blank)
 
     def _give_back(self, first: int, last: int) -> None:
         start, end = first * PAGE, min(last * PAGE, len(self._map))
@@ -142,19 +155,18 @@ class Home:
             self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
-def _runs(first: int, flags: list[bool]) -> list[tuple[int, int]]:
-    """The runs of true ``flags`` as page ranges [a, b), ``flags[0]`` being page ``first``."""
-    runs, at = [], 0
-    while at < len(flags):
-        if not flags[at]:
-            at += 1
-            continue
-        end = at
-        while end < len(flags) and flags[end]:
-            end += 1
-        runs.append((first + at, first + end))
-        at = end
-    return runs
+def _runs(first: int, flags: np.ndarray) -> list[tuple[int, int]]:
+    """The runs of true ``flags`` (bool) as page ranges [a, b), ``flags[0]`` being page
+    ``first``."""
+    if not flags.any():
+        return []
+    if flags.all():  # the common case: a view's pages all taken, or all given back
+        return [(first, first + len(flags))]
+    changes = (np.flatnonzero(flags[1:] != flags[:-1]) + 1).tolist()
+    bounds = [first + at for at in ([0] if flags[0] else []) + changes]
+    if flags[-1]:
+        bounds.append(first + len(flags))
+    return list(zip(bounds[::2], bounds[1::2], strict=True))
 
 
 def span_bytes(nbytes: int) -> int:
