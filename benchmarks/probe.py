@@ -74,6 +74,10 @@ def main() -> None:
         result["expert_cache_hits"] = stats.expert_cache_hits
         if engine.parts:  # computed on kept experts where they lie (at the end)?
             result["in_place"] = engine.placement.in_place
+            # the reads of experts (one per experts module run) after which auto switched,
+            # and how many there were in all, warm-up and prefill in
+            result["placement_switches"] = list(engine.placement.switched_at)
+            result["placement_reads"] = engine.placement.reads
         if engine.guessing.fixed is None:  # expert_prefetch auto: passes without and with
             result["guess_passes"] = list(engine.guessing.passes)  # guesses, warm-up in
         decode = engine.streamer.stats.since(clock.first)  # the decode steps alone

@@ -38,6 +38,9 @@ def test_auto_computes_in_place_where_hits_cost_more_copied_than_misses_in_fresh
     for _ in range(400):  # the routing spreads wider: most reads miss
         placement.read(hits=2, misses=8)
     assert not placement.in_place
+    # the first read switched to in place; a later one back (reported by the benchmarks)
+    assert placement.switched_at[0] == 1 and len(placement.switched_at) == 2
+    assert placement.reads == 401
 
 
 def test_auto_keeps_its_way_while_the_other_is_not_cheaper_by_the_margin():

@@ -63,6 +63,8 @@ class Placement:
         self._copy = _Rate()  # a byte copied between a home and a buffer
         self._take = _Rate()  # a byte's page taken from the system by a home
         self._give = _Rate()  # a byte's page given back
+        self.reads = 0  # reads of experts seen
+        self.switched_at: list[int] = []  # under auto: the read after which each switch came
 
     def copied(self, nbytes: int, seconds: float) -> None:
         with self._lock:
@@ -92,6 +94,7 @@ class Placement:
             return
         rate = hits / (hits + misses)
         with self._lock:
+            self.reads += 1
             last = self._hit_rate
             self._hit_rate = rate if last is None else last * KEEP + rate * (1 - KEEP)
             if self.fixed is not None:
@@ -105,6 +108,7 @@ class Placement:
             )
             if switch:
                 self.in_place = not self.in_place
+                self.switched_at.append(self.reads)
                 log.info(
                     "experts computed %s: a routed byte costs %.2f ns copied, %.2f ns in "
                     "place (hit rate %.2f)",
