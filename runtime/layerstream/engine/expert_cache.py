@@ -84,6 +84,8 @@ class Home:
         self._blank = POISON if poison else 0  # what a page nothing holds reads as
         self._costs = costs  # told what taking and giving back pages cost
         self.busy = False  # a lease writes into it (under its reader's lock)
+        # the block's tensors as its leases computing in place bind them (made by the first)
+        self.tensors: dict[str, torch.Tensor] | None = None
         if poison:
             self.buffer.fill_(POISON)
 

@@ -200,6 +200,9 @@ class ExpertLease(PooledLease):
         # ``data`` lies in the home (the buffer is a ticket); else in the buffer, into which
         # kept experts are copied, and from which those the cache keeps are copied home
         self.in_place = in_place
+        # in place, a plain block's tensors are its home's, the same views each install:
+        # they stay bound between installs (binding them costs more than a block's routing)
+        self.kept = in_place and pinned is not None and quantized is None
         self.used: list[Key] = []  # the experts it uses where its home holds them
         # the chunk's homes spoiled so far: one more by the time it has run, and the kept
         # experts it computed with or copied may hold another version's bytes
@@ -220,6 +223,12 @@ class ExpertLease(PooledLease):
         if self.pinned is None:
             return super()._views()
         assert self._data is not None
+        if self.kept:  # in place: its home's views, made once and bound until replaced
+            assert self.home is not None
+            if self.home.tensors is None:
+                experts = tensors_from_layout(self.pinned.experts, self._data)
+                self.home.tensors = {**self.pinned.tensors, **experts}
+            return self.home.tensors
         return {**self.pinned.tensors, **tensors_from_layout(self.pinned.experts, self._data)}
 
     def confirm(self) -> None:

@@ -56,7 +56,8 @@ def pick_reader(
 class Lease(ABC):
     """A streamed block's checked bytes, on loan from its reader until ``release``."""
 
-    # the tensors view a kept mapping: they may stay installed in the module after release
+    # the tensors view memory that outlives the lease (a kept mapping, a block's home): they
+    # may stay installed in the module after release
     kept = False
     # a quantized chunk's tensors, dequantized by the reading thread and the computing one
     dequantization: Dequantization | None = None
