@@ -26,6 +26,7 @@ from remote_servers import StaticServer
 from test_architectures import streaming_budget
 
 from layerstream.engine.engine import Engine, EngineOptions
+from layerstream.engine.experts import chosen
 from layerstream.errors import ChunkIntegrityError, ManifestError, SettingsError
 from layerstream.format.manifest import Manifest
 from layerstream.format.parts import chunk_parts
@@ -65,6 +66,15 @@ def expert_engine(
 
 def test_the_moe_rows_cover_the_released_layouts():
     assert set(MOE) >= {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss", "olmoe"}
+
+
+def test_the_experts_chosen_are_each_named_once_in_order_without_sentinels():
+    """Indices of a prefill (every token's choice) name each expert once; expert-parallel
+    sentinels (the expert count and above) compute nothing and are read for nobody."""
+    index = torch.tensor([[5, 1], [1, 7], [8, 5], [0, 12]])
+    assert chosen(index, 8) == [0, 1, 5, 7]
+    assert chosen(torch.tensor([3]), 8) == [3]
+    assert chosen(torch.empty(0, 2, dtype=torch.long), 8) == []
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)

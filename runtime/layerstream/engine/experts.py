@@ -77,8 +77,14 @@ def routed(args: tuple[Any, ...], kwargs: dict[str, Any], module: ExpertsModule)
             f"{module.name} was called without its routed expert indices "
             f"({module.index_arg}); cannot tell which experts it needs"
         )
+    return chosen(index, module.count)
+
+
+def chosen(index: torch.Tensor, count: int) -> list[int]:
+    """The experts ``index`` (routed expert indices, any shape) names, sorted, without the
+    expert-parallel sentinels (``count`` and above)."""
     # a Python set: torch.unique costs more than the handful of indices a decode step has
-    return sorted(e for e in set(index.reshape(-1).tolist()) if 0 <= e < module.count)
+    return sorted(e for e in set(index.reshape(-1).tolist()) if 0 <= e < count)
 
 
 def with_scales(

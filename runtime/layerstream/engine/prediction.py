@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .experts import ExpertsModule
+from .experts import ExpertsModule, chosen
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +135,7 @@ class ExpertPredictor:
                 router.name,
             )
             return None
-        count = router.experts.count
-        return target, [e for e in torch.unique(index).tolist() if 0 <= e < count]
+        return target, chosen(index, router.experts.count)
 
 
 def _indices(output: object) -> torch.Tensor | None:
