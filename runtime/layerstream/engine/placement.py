@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 
 from ..errors import SettingsError
 
@@ -29,6 +30,7 @@ MARGIN = 1.25  # the other way must be this much cheaper before blocks switch to
 # a token's blocks, so a cold start's misses are forgotten in a few tokens), and the costs
 # per measurement of them
 KEEP = 0.95
+SWITCHES = 64  # switches remembered for the stats
 
 
 class _Rate:
@@ -64,7 +66,8 @@ class Placement:
         self._take = _Rate()  # a byte's page taken from the system by a home
         self._give = _Rate()  # a byte's page given back
         self.reads = 0  # reads of experts seen
-        self.switched_at: list[int] = []  # under auto: the read after which each switch came
+        # under auto: the read after which each switch came (the last SWITCHES of a long run)
+        self.switched_at: deque[int] = deque(maxlen=SWITCHES)
 
     def copied(self, nbytes: int, seconds: float) -> None:
         with self._lock:
