@@ -172,6 +172,7 @@ class StreamedBlockHook(BlockHook):
 
     def install(self, lease: Lease) -> None:
         if self._bound is not lease.tensors:
+            self._bound = None  # a bind that fails part-way leaves nothing known bound
             self.binding.bind(lease.tensors)
             self._bound = lease.tensors if lease.kept else None
         self._lease = lease
