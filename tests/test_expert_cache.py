@@ -3,6 +3,7 @@ every streamed block's non-expert part is pinned."""
 
 from __future__ import annotations
 
+import errno
 import mmap
 
 import pytest
@@ -122,6 +123,34 @@ def test_a_kernel_without_populate_write_has_its_pages_faulted_in(monkeypatch):
     assert expert_cache._POPULATE_WRITE is None
     view.fill_(5)
     assert int(home.buffer.sum()) == 5 * 2 * SLOT
+
+
+@pytest.mark.skipif(expert_cache._POPULATE_WRITE is None, reason="no MADV_POPULATE_WRITE here")
+def test_a_refused_populate_of_a_supported_kernel_takes_those_pages_by_writes(monkeypatch):
+    """madvise(MADV_POPULATE_WRITE) failing for want of memory (ENOMEM, a cgroup at its
+    limit) takes those pages by a write each, and keeps using the call after."""
+
+    class Refusing:  # the home's mapping, whose populate fails once
+        def __init__(self, mapping: mmap.mmap) -> None:
+            self.mapping, self.refused = mapping, 0
+
+        def __len__(self) -> int:
+            return len(self.mapping)
+
+        def madvise(self, option: int, start: int, length: int) -> None:
+            if option == expert_cache._POPULATE_WRITE and not self.refused:
+                self.refused += 1
+                raise OSError(errno.ENOMEM, "Cannot allocate memory")
+            self.mapping.madvise(option, start, length)
+
+    monkeypatch.setattr(expert_cache, "_POPULATE_WRITE", expert_cache._POPULATE_WRITE)
+    home = Home("block_0001", 4 * SLOT)
+    home._map = refusing = Refusing(home._map)
+    home.hold([home.buffer[:SLOT]])
+    home.hold([home.buffer[2 * SLOT : 3 * SLOT]])
+    assert refusing.refused == 1 and expert_cache._POPULATE_WRITE is not None
+    home.buffer[: 3 * SLOT].fill_(1)
+    assert int(home.buffer.sum()) == 3 * SLOT
 
 
 def test_an_expert_read_into_a_buffer_is_copied_home_when_the_cache_keeps_it():
@@ -319,6 +348,10 @@ def test_a_second_request_finds_what_the_first_routed_to(moe_models, name, in_pl
         ]
         # the first block's lease was made (read ahead) as the first request ended
         assert all(at_home[1:]) if in_place else not any(at_home[1:])
+        # one of the two requests computed in place: its homes' views, made inside a
+        # request (inference mode), are normal tensors, which installs bind in any mode
+        bound = [h.tensors for h in homes.values() if h.tensors is not None]
+        assert bound and not any(t.is_inference() for views in bound for t in views.values())
         for generation in (first, second):
             assert generation.ids_equal and generation.step_diffs == [0.0] * STEPS
         read_first = before.experts_read

@@ -34,6 +34,7 @@ values and scales leave the home once dequantized): a hit is not a dequantizatio
 
 from __future__ import annotations
 
+import errno
 import mmap
 import sys
 import threading
@@ -144,8 +145,9 @@ class Home:
             try:  # the pages supplied in one call, not a fault each (Linux 5.14)
                 self._map.madvise(_POPULATE_WRITE, start, end - start)
                 return
-            except OSError:  # an older kernel: each page faulted in from now on
-                _POPULATE_WRITE = None
+            except OSError as exc:  # these pages are faulted in one by one, as below
+                if exc.errno == errno.EINVAL:  # an older kernel: all pages from now on
+                    _POPULATE_WRITE = None
         # one byte a page: the fault supplies the page, the value is what it held
         self.buffer[start:end:PAGE].fill_(self._blank)
 

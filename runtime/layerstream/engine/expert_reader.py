@@ -226,7 +226,10 @@ class ExpertLease(PooledLease):
         if self.kept:  # in place: its home's views, made once and bound until replaced
             assert self.home is not None
             if self.home.tensors is None:
-                experts = tensors_from_layout(self.pinned.experts, self._data)
+                # normal tensors, whatever mode this request runs in: a later install may
+                # bind them (as Parameters) in another
+                with torch.inference_mode(False):
+                    experts = tensors_from_layout(self.pinned.experts, self._data)
                 self.home.tensors = {**self.pinned.tensors, **experts}
             return self.home.tensors
         return {**self.pinned.tensors, **tensors_from_layout(self.pinned.experts, self._data)}
