@@ -222,16 +222,20 @@ class ExpertLease(PooledLease):
             return self.quantized.views()
         if self.pinned is None:
             return super()._views()
-        assert self._data is not None
-        if self.kept:  # in place: its home's views, made once and bound until replaced
-            assert self.home is not None
-            if self.home.tensors is None:
-                # normal tensors, whatever mode this request runs in: a later install may
-                # bind them (as Parameters) in another
-                with torch.inference_mode(False):
-                    experts = tensors_from_layout(self.pinned.experts, self._data)
-                self.home.tensors = {**self.pinned.tensors, **experts}
-            return self.home.tensors
+        if not self.kept:
+            return self._pinned_views()
+        # in place: its home's views, made once and bound until replaced
+        assert self.home is not None
+        if self.home.tensors is None:
+            # normal tensors, whatever mode this request runs in: a later install may bind
+            # them (as Parameters) in another
+            with torch.inference_mode(False):
+                self.home.tensors = self._pinned_views()
+        return self.home.tensors
+
+    def _pinned_views(self) -> dict[str, torch.Tensor]:
+        """The pinned base's tensors and the experts' views of ``_data``."""
+        assert self.pinned is not None and self._data is not None
         return {**self.pinned.tensors, **tensors_from_layout(self.pinned.experts, self._data)}
 
     def confirm(self) -> None:
