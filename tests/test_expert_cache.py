@@ -236,6 +236,53 @@ def test_an_expert_in_use_is_neither_replaced_nor_given_back():
     assert cache.kept() == [("block_0001", 0, 1)] and not _holds(home, 0)
 
 
+def _held_pages(home: Home) -> int:
+    return int((home._held > 0).sum())
+
+
+def test_the_buffers_memory_is_lent_while_blocks_compute_in_place():
+    """Two slots of its own and two lent: lent, four experts stay; an install about to read
+    two more makes room for them first (the lowest-scored leave), so what the home holds
+    never passes the four slots, and what it read is kept in the room left; a failed read
+    gives its room back; taken back, the kept experts beyond the cache's own two leave."""
+    cache, home = ExpertCache(2 * SLOT, SLOT), _home()
+    cache.spare = 2
+    cache.lend(True)
+    for expert, times in [(0, 6), (1, 5), (2, 4), (3, 3)]:
+        _route(cache, expert, times)
+        _read(cache, home, expert)
+    assert len(cache.kept()) == 4 and _held_pages(home) == 4
+    cache.reserve(2)  # the two lowest leave before the reads are held
+    assert [k[2] for k in cache.kept()] == [0, 1] and _held_pages(home) == 2
+    for expert in (4, 5):
+        _route(cache, expert, expert - 3)
+        views = _at(home, expert)
+        home.hold(views)
+        cache.add(("block_0001", 0, expert), None, home, views)
+        assert _held_pages(home) <= 4
+    cache.done([("block_0001", 0, 4), ("block_0001", 0, 5)])
+    assert [k[2] for k in cache.kept()] == [0, 1, 4, 5] and _held_pages(home) == 4
+    cache.reserve(1)
+    cache.unreserve(1)  # the read failed: its room is the cache's again
+    assert [k[2] for k in cache.kept()] == [0, 1, 5] and _held_pages(home) == 3
+    _route(cache, 6, 1)
+    _read(cache, home, 6)
+    assert len(cache.kept()) == 4
+    cache.lend(False)
+    assert [k[2] for k in cache.kept()] == [0, 1] and _held_pages(home) == 2
+    _read(cache, home, 7)  # not lent: two slots only
+    assert len(cache.kept()) == 2
+
+
+def test_a_cache_lends_nothing_without_spare_slots():
+    cache, home = ExpertCache(SLOT, SLOT), _home()
+    cache.lend(True)
+    assert not cache.wide
+    for expert in range(3):
+        _read(cache, home, expert)
+    assert len(cache.kept()) == 1
+
+
 def test_a_failed_read_makes_its_home_forget_its_experts():
     """Bytes beside a part whose read failed may not be the chunk's: no expert of that
     chunk is found any more; those no install uses leave their home now, the others once
@@ -382,7 +429,11 @@ def test_the_cache_is_in_the_budget_and_reported(moe_models):
                     torch.tensor([PROMPT]), max_new_tokens=4, do_sample=False, pad_token_id=0
                 )
             hits.append(ctx.stats.expert_cache_hits)
-        assert 0 < len(cache.kept()) <= cache.slots
+        # computing in place, the buffers' memory is the cache's: the homes hold no more
+        assert 0 < len(cache.kept()) <= cache.slots + (cache.spare if cache.wide else 0)
+        homes = engine.streamer._reader._homes.values()
+        held = sum(_held_pages(home) for home in homes) * mmap.PAGESIZE
+        assert held <= plan.expert_cache + plan.pool_buffers * plan.buffer_bytes
         assert hits[1] > 0  # the same prompt routes to what the first request kept
     finally:
         engine.close()

@@ -319,6 +319,8 @@ class Engine:
                 cache=self._expert_cache(),
                 dequantized=plan.dequantized,
                 placement=self.placement,
+                # every streamed block reads its experts into its home when in place
+                lend=set(plan.streamed) <= set(plan.pinned_bases),
             )
         elif kind is ReaderKind.MMAP and isinstance(self.store, MappableStore):
             reader = MappedReader(self.store, checks, plan.pool_buffers, self._evict)

@@ -27,6 +27,12 @@ score alike, so it never reorders them, and an update touches one entry. The nor
 values grow as ``DECAY**-tick``; they are brought back to the current tick before they
 could overflow.
 
+While blocks compute in place, the streaming buffers are tickets that hold nothing (a
+lease's experts lie in its home), so their memory is lent to the cache (``lend``): the
+kept experts may take it, less what the installs in flight hold in their homes, which
+``reserve`` makes room for (the lowest-scored kept experts leave). A block computing in a
+buffer takes the loan back first: the kept experts beyond the cache's own slots leave.
+
 An expert is held for the version of the chunk it was read and checked from; an install of
 another version misses it. A quantized store's experts are held dequantized (their stored
 values and scales leave the home once dequantized): a hit is not a dequantization either.
@@ -208,11 +214,59 @@ class ExpertCache:
         self._tick = 0
         self._unit = 1.0  # DECAY ** -(tick - epoch): what one routing adds, normalised
         self._lowest: Key | None = None  # the kept key with the lowest score, when known
+        # slots the streaming buffers lend while blocks compute in place (set by the reader),
+        # whether they are lent now, and slots reserved for reads about to be held
+        self.spare = 0
+        self.wide = False
+        self._reserved = 0
         self.stats = CacheStats()
 
     @property
     def nbytes(self) -> int:
         return self.slots * self.slot_bytes
+
+    def _capacity(self, admitting: Key) -> int:
+        """(Under the lock) the slots kept experts may take now: the cache's own, and while
+        the buffers' memory is lent, theirs less what installs hold in flight (read, in use,
+        not kept; reserved for reads), but for ``admitting`` (in flight until kept)."""
+        if not self.wide:
+            return self.slots
+        flight = len(self._held) - len(self._kept) - (admitting in self._held)
+        return self.slots + self.spare - flight - self._reserved
+
+    def lend(self, wide: bool) -> None:
+        """Whether the next install computes in place, lending the buffers' memory: taken
+        back, the kept experts beyond the cache's own slots leave first."""
+        with self._lock:
+            self.wide = wide and self.spare > 0
+            if not self.wide:
+                self._evict(len(self._kept) - self.slots)
+
+    def reserve(self, count: int) -> None:
+        """An install computing in place is about to hold ``count`` experts it reads (each
+        ``add``-ed once read, or ``unreserve``-d): while the buffers' memory is lent, kept
+        experts leave until they fit beside them."""
+        with self._lock:
+            self._reserved += count
+            if self.wide:
+                self._evict(len(self._held) + self._reserved - self.slots - self.spare)
+
+    def unreserve(self, count: int) -> None:
+        """Reserved reads that failed: nothing will be held for them."""
+        with self._lock:
+            self._reserved = max(self._reserved - count, 0)
+
+    def _evict(self, count: int) -> None:
+        """(Under the lock) ``count`` kept experts that no install uses leave, lowest scores
+        first."""
+        if count <= 0:
+            return
+        idle = [k for k in self._kept if not self._held[k].users]
+        for key in sorted(idle, key=lambda k: self._score.get(k, 0.0))[:count]:
+            self._kept.remove(key)
+            self._leave(key)
+            self.stats.evicted += 1
+        self._lowest = None
 
     def routed(self, chunk: str, group: int, experts: list[int]) -> None:
         """An install of ``chunk`` routes to ``experts`` of ``group``: their scores grow."""
@@ -253,6 +307,7 @@ class ExpertCache:
         checked, for ``version``) and uses it until ``done``: kept after that if a slot is
         free or its score beats the lowest kept one's."""
         with self._lock:
+            self._reserved = max(self._reserved - 1, 0)
             old = self._held.get(key)
             users = 0
             # another version, or forgotten: use missed it, and who still copies it out
@@ -321,7 +376,7 @@ class ExpertCache:
         kept key's, when ``key`` scores higher and the other is not in use."""
         if not self.slots:
             return False
-        if len(self._kept) < self.slots:
+        if len(self._kept) < self._capacity(key):
             return True
         lowest = self._lowest
         if lowest is None:

@@ -15,7 +15,9 @@ between installs lie in the block's home (expert_cache.py). An install computing
 (placement.py) reads into the home and computes there, its pool buffer taken only as a
 ticket that bounds the installs in flight (and so the experts read and not kept) as it
 bounds them without homes; one copying computes in its buffer, the kept experts it routes
-to copied in, and those it reads that the cache keeps copied home.
+to copied in, and those it reads that the cache keeps copied home. While installs compute
+in place, the tickets' memory is lent to the cache (``ExpertCache.lend``), where every
+streamed block is such a block of a plain store and every base is pinned.
 """
 
 from __future__ import annotations
@@ -367,6 +369,7 @@ class ExpertReader(PooledReader):
         cache: ExpertCache | None = None,
         dequantized: int = 0,
         placement: Placement | None = None,
+        lend: bool = False,
     ):
         super().__init__(store, checks, buffers, buffer_bytes, dequantized)
         self.parts = parts
@@ -392,6 +395,10 @@ class ExpertReader(PooledReader):
         self._homes: dict[str, Home] = {}  # by chunk name, made at a block's first install
         self._spoiled: dict[str, int] = {}  # by chunk name: reads into its home that failed
         self._homes_lock = threading.Lock()
+        # the buffers hold nothing while blocks compute in place: their memory is the
+        # cache's then (``lend``: every streamed block an expert block of a plain store)
+        if lend and cache is not None and cache.slots and not dequantized:
+            cache.spare = buffers * buffer_bytes // cache.slot_bytes
 
     def submit_prefetch(self, read: Callable[[], None]) -> None:
         self._prefetch.submit(read)
@@ -405,6 +412,9 @@ class ExpertReader(PooledReader):
             self.cache.tick()
         home = self._enter_home(info) if pinned is not None else None
         in_place = home is not None and self.placement.in_place
+        if self.cache is not None and self.cache.spare:
+            # lent once no base is read through a buffer any more; taken back before one is
+            self.cache.lend(in_place and len(self.bases) == len(self.parts))
         quantized_chunk = self.checks.quantization(info) is not None
         try:
             if not in_place:
@@ -569,10 +579,12 @@ class ExpertReader(PooledReader):
         # (expert_cache.Home); a quantized chunk's stored bytes go to the buffer
         kept = {e: _kept(lease, data, group, e) for e in missed}
         written = [v for views in kept.values() for v in views]
+        cache.reserve(len(missed))
         home.hold(written)
         try:
             version = self._read_missed(lease, data, group, missed)
         except BaseException:
+            cache.unreserve(len(missed))
             home.release(written)
             if self._direct:  # it may have written beside its parts
                 self._spoil(lease.info.name)
