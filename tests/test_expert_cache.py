@@ -14,6 +14,7 @@ from test_experts import STEPS, _bases_budget, expert_engine
 from layerstream.engine import expert_cache
 from layerstream.engine.expert_cache import HALF_LIFE, ExpertCache, Home
 from layerstream.engine.expert_reader import ExpertReader
+from layerstream.engine.readers import BufferPool
 from layerstream.errors import ChunkIntegrityError
 
 SLOT = mmap.PAGESIZE  # an expert a page: what leaves its home is given back whole
@@ -246,8 +247,7 @@ def test_the_buffers_memory_is_lent_while_blocks_compute_in_place():
     never passes the four slots, and what it read is kept in the room left; a failed read
     gives its room back; taken back, the kept experts beyond the cache's own two leave."""
     cache, home = ExpertCache(2 * SLOT, SLOT), _home()
-    cache.spare = 2
-    cache.lend(True)
+    cache.lend(2)
     for expert, times in [(0, 6), (1, 5), (2, 4), (3, 3)]:
         _route(cache, expert, times)
         _read(cache, home, expert)
@@ -268,16 +268,15 @@ def test_the_buffers_memory_is_lent_while_blocks_compute_in_place():
     _route(cache, 6, 1)
     _read(cache, home, 6)
     assert len(cache.kept()) == 4
-    cache.lend(False)
+    cache.lend(0)  # a buffer taken whole: its share leaves first
     assert [k[2] for k in cache.kept()] == [0, 1] and _held_pages(home) == 2
     _read(cache, home, 7)  # not lent: two slots only
     assert len(cache.kept()) == 2
 
 
-def test_a_cache_lends_nothing_without_spare_slots():
+def test_a_cache_lent_nothing_keeps_its_own_slots():
     cache, home = ExpertCache(SLOT, SLOT), _home()
-    cache.lend(True)
-    assert not cache.wide
+    cache.lend(0)
     for expert in range(3):
         _read(cache, home, expert)
     assert len(cache.kept()) == 1
@@ -396,8 +395,7 @@ def test_a_second_request_finds_what_the_first_routed_to(moe_models, name, in_pl
         # the first block's lease was made (read ahead) as the first request ended
         assert all(at_home[1:]) if in_place else not any(at_home[1:])
         # computing in place, the buffers' memory was lent to the cache; else taken back
-        cache = engine.streamer._reader.cache
-        assert cache.spare > 0 and cache.wide == in_place
+        assert (engine.streamer._reader.cache.spare > 0) == in_place
         # one of the two requests computed in place: its homes' views, made inside a
         # request (inference mode), are normal tensors, which installs bind in any mode
         bound = [h.tensors for h in homes.values() if h.tensors is not None]
@@ -415,26 +413,36 @@ def test_a_second_request_finds_what_the_first_routed_to(moe_models, name, in_pl
 
 
 def test_the_cache_is_in_the_budget_and_reported(moe_models, monkeypatch):
-    """The cache's slots fit the plan's room; computing in place, the kept experts may take
-    the buffers' memory too, but at no moment do the homes hold more than both (a long
-    prefill routes to every expert: its install makes room for them first)."""
+    """The cache's slots fit the plan's room; the kept experts may take the memory of the
+    buffers whose pages are given back too (in place), but at no moment do the homes and
+    the buffers hold more than both: not in a prefill routed to every expert (its install
+    makes room first), nor as blocks switch to computing in buffers (a buffer taken whole
+    takes its share back before it is written) and back."""
     _, store = moe_models("olmoe")
     # room for the pages the homes keep at boundaries between experts (engine.py), and more
     budget = _bases_budget(store, 8) + 2**20 + 5 * 2**16
     engine = expert_engine(store, budget, expert_cache_in_place=True)
-    homes = engine.streamer._reader._homes
+    reader = engine.streamer._reader
+    plan = engine.plan
+    limit = plan.expert_cache + plan.pool_buffers * plan.buffer_bytes
     peak = [0]
-    hold = Home.hold
 
-    def held_at_most(self, views):
-        hold(self, views)
-        peak[0] = max(peak[0], sum(_held_pages(home) for home in homes.values()))
+    def held() -> int:
+        homes = sum(_held_pages(home) for home in reader._homes.values()) * mmap.PAGESIZE
+        pool = reader.pool
+        return homes + sum(b.numel() for b in pool.buffers) - pool.unwritten()
 
-    monkeypatch.setattr(Home, "hold", held_at_most)
+    for cls, name in ((Home, "hold"), (BufferPool, "_taken")):
+        method = getattr(cls, name)
+
+        def watched(self, *args, _method=method):
+            _method(self, *args)
+            peak[0] = max(peak[0], held())
+
+        monkeypatch.setattr(cls, name, watched)
     try:
-        plan = engine.plan
         assert plan.expert_cache > 0 and plan.weight_bytes() <= budget
-        cache = engine.streamer._reader.cache
+        cache = reader.cache
         assert cache is not None and cache.nbytes <= plan.expert_cache
         assert "expert cache" in plan.describe()
         hits = []
@@ -444,11 +452,17 @@ def test_the_cache_is_in_the_budget_and_reported(moe_models, monkeypatch):
                     torch.tensor([prompt]), max_new_tokens=4, do_sample=False, pad_token_id=0
                 )
             hits.append(ctx.stats.expert_cache_hits)
-        assert cache.wide and cache.slots < len(cache.kept()) <= cache.slots + cache.spare
-        assert (
-            0 < peak[0] * mmap.PAGESIZE <= plan.expert_cache + plan.pool_buffers * plan.buffer_bytes
-        )
+        assert cache.spare > 0 and cache.slots < len(cache.kept()) <= cache.slots + cache.spare
         assert hits[2] > 0  # the same prompt routes to what the request before kept
+        for in_place in (False, True):  # in buffers, the loan taken back; then lent again
+            engine.placement.in_place = engine.placement.fixed = in_place
+            with engine.request():
+                engine.model.generate(
+                    torch.tensor([PROMPT * 2]), max_new_tokens=3, do_sample=False, pad_token_id=0
+                )
+            assert (cache.spare > 0) == in_place
+            assert len(cache.kept()) <= cache.slots + cache.spare
+        assert 0 < peak[0] <= limit
     finally:
         engine.close()
 

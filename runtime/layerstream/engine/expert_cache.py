@@ -28,10 +28,11 @@ values grow as ``DECAY**-tick``; they are brought back to the current tick befor
 could overflow.
 
 While blocks compute in place, the streaming buffers are tickets that hold nothing (a
-lease's experts lie in its home), so their memory is lent to the cache (``lend``): the
-kept experts may take it, less what the installs in flight hold in their homes, which
-``reserve`` makes room for (the lowest-scored kept experts leave). A block computing in a
-buffer takes the loan back first: the kept experts beyond the cache's own slots leave.
+lease's experts lie in its home), so the memory of those whose pages are given back is lent
+to the cache (``lend``, told by the buffer pool each time a buffer is taken): the kept
+experts may take it, less what the installs in flight hold in their homes, which
+``reserve`` makes room for (the lowest-scored kept experts leave). A buffer taken whole (a
+block computing in it) takes its share of the loan back before anything is written there.
 
 An expert is held for the version of the chunk it was read and checked from; an install of
 another version misses it. A quantized store's experts are held dequantized (their stored
@@ -214,10 +215,9 @@ class ExpertCache:
         self._tick = 0
         self._unit = 1.0  # DECAY ** -(tick - epoch): what one routing adds, normalised
         self._lowest: Key | None = None  # the kept key with the lowest score, when known
-        # slots the streaming buffers lend while blocks compute in place (set by the reader),
-        # whether they are lent now, and slots reserved for reads about to be held
+        # slots of the streaming buffers' memory lent now (their pages given back), and slots
+        # reserved for reads about to be held
         self.spare = 0
-        self.wide = False
         self._reserved = 0
         self.stats = CacheStats()
 
@@ -226,30 +226,31 @@ class ExpertCache:
         return self.slots * self.slot_bytes
 
     def _capacity(self, admitting: Key) -> int:
-        """(Under the lock) the slots kept experts may take now: the cache's own, and while
-        the buffers' memory is lent, theirs less what installs hold in flight (read, in use,
-        not kept; reserved for reads), but for ``admitting`` (in flight until kept)."""
-        if not self.wide:
-            return self.slots
+        """(Under the lock) the slots kept experts may take now: the cache's own and those
+        lent, less what installs hold in flight in their homes (read, in use, not kept;
+        reserved for reads), but for ``admitting`` (in flight until kept)."""
         flight = len(self._held) - len(self._kept) - (admitting in self._held)
         return self.slots + self.spare - flight - self._reserved
 
-    def lend(self, wide: bool) -> None:
-        """Whether the next install computes in place, lending the buffers' memory: taken
-        back, the kept experts beyond the cache's own slots leave first."""
+    def lend(self, slots: int) -> None:
+        """The streaming buffers' memory not in use lends ``slots`` from now on: fewer than
+        before, and what the homes hold beyond the rest leaves first (the lowest-scored
+        kept experts no install uses)."""
         with self._lock:
-            self.wide = wide and self.spare > 0
-            if not self.wide:
-                self._evict(len(self._kept) - self.slots)
+            self.spare = max(slots, 0)
+            self._fit()
 
     def reserve(self, count: int) -> None:
         """An install computing in place is about to hold ``count`` experts it reads (each
-        ``add``-ed once read, or ``unreserve``-d): while the buffers' memory is lent, kept
-        experts leave until they fit beside them."""
+        ``add``-ed once read, or ``unreserve``-d): kept experts leave until they fit beside
+        them."""
         with self._lock:
             self._reserved += count
-            if self.wide:
-                self._evict(len(self._held) + self._reserved - self.slots - self.spare)
+            self._fit()
+
+    def _fit(self) -> None:
+        """(Under the lock) what the homes hold and will hold within the slots and the loan."""
+        self._evict(len(self._held) + self._reserved - self.slots - self.spare)
 
     def unreserve(self, count: int) -> None:
         """Reserved reads that failed: nothing will be held for them."""

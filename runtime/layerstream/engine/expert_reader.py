@@ -16,8 +16,9 @@ between installs lie in the block's home (expert_cache.py). An install computing
 ticket that bounds the installs in flight (and so the experts read and not kept) as it
 bounds them without homes; one copying computes in its buffer, the kept experts it routes
 to copied in, and those it reads that the cache keeps copied home. While installs compute
-in place, the tickets' memory is lent to the cache (``ExpertCache.lend``), where every
-streamed block is such a block of a plain store and every base is pinned.
+in place, the tickets' memory is lent to the cache (``ExpertCache.lend``: the buffers
+whose pages are given back, as the pool tells each time a buffer is taken), where every
+streamed block is such a block of a plain store.
 """
 
 from __future__ import annotations
@@ -395,10 +396,13 @@ class ExpertReader(PooledReader):
         self._homes: dict[str, Home] = {}  # by chunk name, made at a block's first install
         self._spoiled: dict[str, int] = {}  # by chunk name: reads into its home that failed
         self._homes_lock = threading.Lock()
-        # the buffers hold nothing while blocks compute in place: their memory is the
-        # cache's then (``lend``: every streamed block an expert block of a plain store)
+        # the buffers hold nothing while blocks compute in place: the memory of those whose
+        # pages are given back is the cache's (``lend``: every streamed block an expert
+        # block of a plain store), taken back as a buffer is taken whole
         if lend and cache is not None and cache.slots and not dequantized:
-            cache.spare = buffers * buffer_bytes // cache.slot_bytes
+            slot = cache.slot_bytes
+            self.pool.on_taken = lambda unwritten: cache.lend(unwritten // slot)
+            cache.lend(self.pool.unwritten() // slot)
 
     def submit_prefetch(self, read: Callable[[], None]) -> None:
         self._prefetch.submit(read)
@@ -412,9 +416,6 @@ class ExpertReader(PooledReader):
             self.cache.tick()
         home = self._enter_home(info) if pinned is not None else None
         in_place = home is not None and self.placement.in_place
-        if self.cache is not None and self.cache.spare:
-            # lent once no base is read through a buffer any more; taken back before one is
-            self.cache.lend(in_place and len(self.bases) == len(self.parts))
         quantized_chunk = self.checks.quantization(info) is not None
         try:
             if not in_place:
@@ -579,21 +580,25 @@ class ExpertReader(PooledReader):
         # (expert_cache.Home); a quantized chunk's stored bytes go to the buffer
         kept = {e: _kept(lease, data, group, e) for e in missed}
         written = [v for views in kept.values() for v in views]
-        cache.reserve(len(missed))
-        home.hold(written)
+        cache.reserve(len(missed))  # room made for them in the homes first
+        added = 0
         try:
-            version = self._read_missed(lease, data, group, missed)
-        except BaseException:
-            cache.unreserve(len(missed))
-            home.release(written)
-            if self._direct:  # it may have written beside its parts
-                self._spoil(lease.info.name)
-            raise
-        for e in missed:
-            key = (name, group, e)
-            cache.add(key, version, home, kept[e])
-            with lease._lock:
-                lease.used.append(key)
+            home.hold(written)
+            try:
+                version = self._read_missed(lease, data, group, missed)
+            except BaseException:
+                home.release(written)
+                if self._direct:  # it may have written beside its parts
+                    self._spoil(lease.info.name)
+                raise
+            for e in missed:
+                key = (name, group, e)
+                cache.add(key, version, home, kept[e])
+                added += 1
+                with lease._lock:
+                    lease.used.append(key)
+        finally:
+            cache.unreserve(len(missed) - added)  # those nothing holds
 
     def _read_copying(
         self, lease: ExpertLease, data: torch.Tensor, group: int, experts: list[int]

@@ -17,6 +17,7 @@ import queue
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 
@@ -140,6 +141,9 @@ class BufferPool:
     """
 
     def __init__(self, count: int, nbytes: int):
+        # told the bytes whose pages are given back each time a buffer is taken, before its
+        # taker writes there (the expert cache borrows them: expert_cache.py)
+        self.on_taken: Callable[[int], None] | None = None
         self._free: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
         self.buffers: list[torch.Tensor] = []  # every buffer, free or not
         self._maps: dict[int, mmap.mmap] = {}  # by buffer address
@@ -156,6 +160,7 @@ class BufferPool:
     def acquire(self) -> torch.Tensor:
         buffer = self._free.get()
         self._written[buffer.data_ptr()] = buffer.numel()
+        self._taken()
         return buffer
 
     def ticket(self, keep: int = 0) -> torch.Tensor:
@@ -170,7 +175,16 @@ class BufferPool:
             if start < len(memory):
                 memory.madvise(mmap.MADV_DONTNEED, start, len(memory) - start)
         self._written[address] = keep
+        self._taken()
         return buffer
+
+    def unwritten(self) -> int:
+        """Bytes of the buffers whose pages are given back (never written, or since)."""
+        return sum(b.numel() - self._written.get(b.data_ptr(), 0) for b in self.buffers)
+
+    def _taken(self) -> None:
+        if self.on_taken is not None:
+            self.on_taken(self.unwritten())
 
     def release(self, buffer: torch.Tensor) -> None:
         self._free.put(buffer)
