@@ -274,6 +274,29 @@ def test_the_buffers_memory_is_lent_while_blocks_compute_in_place():
     assert len(cache.kept()) == 2
 
 
+def test_without_a_loan_what_is_in_flight_leaves_the_slots_to_the_kept():
+    """Where the buffers' memory is not lent (a quantized store), the tickets bound what
+    installs hold in flight apart: an expert read while others are in flight still takes a
+    free slot (it once found none, and no kept expert to replace: an error)."""
+    cache, home = ExpertCache(SLOT, SLOT), _home()
+
+    def add(expert: int) -> tuple[str, int, int]:
+        key, views = ("block_0001", 0, expert), _at(home, expert)
+        home.hold(views)
+        cache.add(key, None, home, views)
+        return key
+
+    _route(cache, 0, 2)
+    add(0)
+    stale = add(1)  # in flight, not kept
+    cache.done([("block_0001", 0, 0)])
+    cache.forget("block_0001")  # the kept one leaves; the one in flight stays till done
+    assert cache.kept() == []
+    add(2)
+    assert cache.kept() == [("block_0001", 0, 2)]
+    cache.done([stale, ("block_0001", 0, 2)])
+
+
 def test_a_cache_lent_nothing_keeps_its_own_slots():
     cache, home = ExpertCache(SLOT, SLOT), _home()
     cache.lend(0)

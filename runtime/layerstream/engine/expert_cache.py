@@ -215,8 +215,10 @@ class ExpertCache:
         self._tick = 0
         self._unit = 1.0  # DECAY ** -(tick - epoch): what one routing adds, normalised
         self._lowest: Key | None = None  # the kept key with the lowest score, when known
-        # slots of the streaming buffers' memory lent now (their pages given back), and slots
-        # reserved for reads about to be held
+        # whether the streaming buffers' memory is lent (``lend``: their tickets' room then
+        # counts here, and what installs hold in flight in homes takes from it; else the
+        # tickets bound that apart), the slots lent now, and slots reserved for reads
+        self.lending = False
         self.spare = 0
         self._reserved = 0
         self.stats = CacheStats()
@@ -229,6 +231,8 @@ class ExpertCache:
         """(Under the lock) the slots kept experts may take now: the cache's own and those
         lent, less what installs hold in flight in their homes (read, in use, not kept;
         reserved for reads), but for ``admitting`` (in flight until kept)."""
+        if not self.lending:
+            return self.slots
         flight = len(self._held) - len(self._kept) - (admitting in self._held)
         return self.slots + self.spare - flight - self._reserved
 
@@ -237,6 +241,7 @@ class ExpertCache:
         before, and what the homes hold beyond the rest leaves first (the lowest-scored
         kept experts no install uses)."""
         with self._lock:
+            self.lending = True
             self.spare = max(slots, 0)
             self._fit()
 
@@ -250,7 +255,8 @@ class ExpertCache:
 
     def _fit(self) -> None:
         """(Under the lock) what the homes hold and will hold within the slots and the loan."""
-        self._evict(len(self._held) + self._reserved - self.slots - self.spare)
+        if self.lending:
+            self._evict(len(self._held) + self._reserved - self.slots - self.spare)
 
     def unreserve(self, count: int) -> None:
         """Reserved reads that failed: nothing will be held for them."""
@@ -379,6 +385,8 @@ class ExpertCache:
             return False
         if len(self._kept) < self._capacity(key):
             return True
+        if not self._kept:  # installs in flight hold the whole room meanwhile
+            return False
         lowest = self._lowest
         if lowest is None:
             lowest = self._lowest = min(self._kept, key=lambda k: self._score.get(k, 0.0))
