@@ -237,9 +237,9 @@ class ExpertCache:
         return self.slots + self.spare - flight - self._reserved
 
     def lend(self, slots: int) -> None:
-        """The streaming buffers' memory not in use lends ``slots`` from now on: fewer than
-        before, and what the homes hold beyond the rest leaves first (the lowest-scored
-        kept experts no install uses)."""
+        """The streaming buffers' memory not in use lends ``slots`` from now on; where the
+        homes hold more than the cache's own slots and these, the lowest-scored kept
+        experts no install uses leave now."""
         with self._lock:
             self.lending = True
             self.spare = max(slots, 0)
@@ -312,7 +312,8 @@ class ExpertCache:
     def add(self, key: Key, version: str | None, home: Home, views: list[torch.Tensor]) -> None:
         """An install read ``key`` into ``home`` at ``views`` (held there before the read,
         checked, for ``version``) and uses it until ``done``: kept after that if a slot is
-        free or its score beats the lowest kept one's."""
+        free or its score beats the lowest kept one's. It takes the place of one read
+        ``reserve``-d, if any (so the room is counted once, as held)."""
         with self._lock:
             self._reserved = max(self._reserved - 1, 0)
             old = self._held.get(key)
