@@ -415,8 +415,9 @@ def test_a_second_request_finds_what_the_first_routed_to(moe_models, name, in_pl
         at_home = [
             all(any(a <= ptr < b for a, b in addresses) for ptr in call) for call in computed_on
         ]
-        # the first block's lease was made (read ahead) as the first request ended
-        assert all(at_home[1:]) if in_place else not any(at_home[1:])
+        # the first block's lease was made (read ahead) as the first request ended; copying,
+        # an install whose routed experts all lie kept computes in its home too
+        assert all(at_home[1:]) if in_place else not all(at_home[1:])
         # computing in place, the buffers' memory was lent to the cache; else taken back
         assert (engine.streamer._reader.cache.spare > 0) == in_place
         # one of the two requests computed in place: its homes' views, made inside a
@@ -538,5 +539,60 @@ def test_a_failed_read_past_the_page_cache_into_a_home_spoils_its_kept_experts(
         reader._direct = False
         second = compare_generation(engine, reference, STEPS)
         assert second.ids_equal and second.step_diffs == [0.0] * STEPS
+    finally:
+        engine.close()
+
+
+def test_a_copying_install_whose_routed_experts_all_lie_kept_computes_in_its_home(moe_models):
+    """Blocks computing in buffers: an install whose first routed experts all lie kept in
+    its block's home computes there (no copy), every other in its buffer; exact, with every
+    slice it did not read or keep NaN."""
+    from layerstream.engine.experts import chosen
+
+    source, store = moe_models("qwen3_moe")
+    room = sum(p.info.bytes - p.base_bytes for p in _parts(store)) // 2
+    engine = expert_engine(
+        store,
+        _bases_budget(store, 8, buffers=1) + room,
+        read_ahead=0,
+        expert_prefetch=False,
+        expert_cache_in_place=False,
+    )
+    try:
+        reader, manifest = engine.streamer._reader, engine.manifest
+        assert reader.cache.lending and engine.plan.read_ahead == 0
+        reference = reference_model(source)
+        first = compare_generation(engine, reference, STEPS)
+        experts = {n: m for n, m in engine.model.named_modules() if n.endswith("mlp.experts")}
+        kept, at_home = [], []
+
+        def before(name, module, args):  # before layerstream's hook: what the cache holds
+            chunk = manifest.blocks[int(name.split(".")[2])].chunk
+            version = reader.bases[chunk].version
+            routed = chosen(args[1], module.num_experts)
+            kept.append(all(reader.cache.holds((chunk, 0, e), version) for e in routed))
+
+        def after(module, args):  # after it: where the block computes
+            homes = [
+                (h.buffer.data_ptr(), h.buffer.data_ptr() + h.buffer.numel())
+                for h in reader._homes.values()
+            ]
+            ptrs = [p.data_ptr() for p in module.parameters(recurse=False)]
+            at_home.append(all(any(a <= ptr < b for a, b in homes) for ptr in ptrs))
+
+        handles = []
+        for name, module in experts.items():
+            handles.append(
+                module.register_forward_pre_hook(
+                    lambda m, a, name=name: before(name, m, a), prepend=True
+                )
+            )
+            handles.append(module.register_forward_pre_hook(after))
+        second = compare_generation(engine, reference, STEPS)
+        for handle in handles:
+            handle.remove()
+        for generation in (first, second):
+            assert generation.ids_equal and generation.step_diffs == [0.0] * STEPS
+        assert at_home == kept and any(at_home) and not all(at_home)
     finally:
         engine.close()

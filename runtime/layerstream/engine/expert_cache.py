@@ -298,6 +298,12 @@ class ExpertCache:
                     self._score[key] /= self._unit
                 self._unit = 1.0
 
+    def holds(self, key: Key, version: str | None) -> bool:
+        """Whether ``use`` would find ``key`` for ``version`` now."""
+        with self._lock:
+            held = self._held.get(key)
+            return held is not None and not held.stale and held.version == version
+
     def use(self, key: Key, version: str | None) -> list[torch.Tensor] | None:
         """Where ``key``'s home holds it for ``version`` (None if it does not); if it does,
         it stays there until ``done``."""

@@ -15,8 +15,10 @@ between installs lie in the block's home (expert_cache.py). An install computing
 (placement.py) reads into the home and computes there, its pool buffer taken only as a
 ticket that bounds the installs in flight (and so the experts read and not kept) as it
 bounds them without homes; one copying computes in its buffer, the kept experts it routes
-to copied in, and those it reads that the cache keeps copied home. While installs compute
-in place, the tickets' memory is lent to the cache (``ExpertCache.lend``: the buffers
+to copied in (while the missed ones are read), and those it reads that the cache keeps
+copied home; but where the first experts an install routes to all lie kept in its home, it
+computes there instead, with nothing to copy (``ExpertLease.missing``). While installs
+compute in place, the tickets' memory is lent to the cache (``ExpertCache.lend``: the buffers
 whose pages are given back, as the pool tells each time a buffer is taken), where every
 streamed block is such a block of a plain store.
 """
@@ -219,6 +221,9 @@ class ExpertLease(PooledLease):
         self._routed: list[set[int]] = [set() for _ in parts.groups]
         self._closing = False
         self.changed = False  # a read found another version of the chunk than its base's
+        # binds new tensors of the block in its module (set by the block's hook at install)
+        self.rebind: Callable[[dict[str, torch.Tensor]], None] | None = None
+        self._routing_seen = False
 
     def _views(self) -> dict[str, torch.Tensor]:
         if self.quantized is not None:  # the experts read, dequantized as they arrived
@@ -260,8 +265,41 @@ class ExpertLease(PooledLease):
             cache.routed(self.info.name, group, experts)
         with self._lock:
             self._routed[group].update(experts)
+            if not self._routing_seen:
+                self._routing_seen = True
+                self._move_home(group, experts)
             loaded = self._loaded[group]
             return any(e not in loaded for e in experts)
+
+    def _move_home(self, group: int, experts: list[int]) -> None:
+        """(Under the lock, at its first routing: no experts module has run on it yet) a
+        copying install whose routed experts all lie kept in its home computes there
+        instead of copying them into its buffer; its later misses are read into the home,
+        as in place (where the buffers' memory is lent to the cache, whose reservations
+        bound them; a hit copied costs a copy, a hit in place nothing)."""
+        home, cache = self.home, self._experts.cache
+        if self.in_place or home is None or cache is None or not cache.lending:
+            return
+        if self.quantized is not None or self.pinned is None or self.rebind is None:
+            return
+        if any(self._loaded) or any(self._pending):  # read into the buffer already
+            return
+        keys = [(self.info.name, group, e) for e in experts]
+        if not keys or not all(cache.holds(key, self.version) for key in keys):
+            return
+        taken = []
+        for key in keys:
+            if cache.use(key, self.version) is None:  # replaced since: it copies after all
+                cache.done(taken)
+                return
+            taken.append(key)
+        self.used.extend(taken)
+        self._loaded[group].update(experts)
+        self.in_place = True
+        self._data = home.buffer[: self.info.bytes]
+        self.tensors = self._pinned_views()
+        self.rebind(self.tensors)
+        self._experts.checks.count_cache_hits(len(keys))
 
     def _claim(self, group: int, experts: list[int]) -> tuple[list[int], Future[None] | None]:
         """(Under the lock) those of ``experts`` nobody has read or is reading, marked as
@@ -393,6 +431,8 @@ class ExpertReader(PooledReader):
         # guessed experts are read here, each guess's reads split over the pool above; its
         # own threads, since a guess waits on the pool's (one pool would deadlock)
         self._prefetch = ThreadPoolExecutor(2, thread_name_prefix="layerstream-prefetch")
+        # a copying install's missed experts are read here while its kept ones are copied
+        self._misses = ThreadPoolExecutor(2, thread_name_prefix="layerstream-misses")
         self._homes: dict[str, Home] = {}  # by chunk name, made at a block's first install
         self._spoiled: dict[str, int] = {}  # by chunk name: reads into its home that failed
         self._homes_lock = threading.Lock()
@@ -606,21 +646,36 @@ class ExpertReader(PooledReader):
         cache = self.cache
         assert cache is not None
         name, ours = lease.info.name, lease.version
+        found: dict[int, list[torch.Tensor]] = {}
         missed = []
         for e in experts:
-            key = (name, group, e)
-            kept = cache.use(key, ours)
+            kept = cache.use((name, group, e), ours)
             if kept is None:
                 missed.append(e)
-                continue
-            try:
+            else:
+                found[e] = kept
+        self._found(len(found), len(missed))
+        # the misses' read starts first, and the kept experts are copied while the store
+        # delivers it (a copy takes a fraction of a read: docs/benchmarks.md)
+        reading = (
+            self._misses.submit(self._read_missed, lease, data, group, missed)
+            if missed and found
+            else None
+        )
+        try:
+            for e, kept in found.items():
                 self._copy(_kept(lease, data, group, e), kept)
-            finally:
-                cache.done([key])
-        self._found(len(experts) - len(missed), len(missed))
+        finally:
+            cache.done([(name, group, e) for e in found])
+            if reading is not None:
+                wait([reading])  # it writes into the buffer: it ends before anything else
         if not missed:
             return
-        version = self._read_missed(lease, data, group, missed)
+        version = (
+            reading.result()
+            if reading is not None
+            else self._read_missed(lease, data, group, missed)
+        )
         home = lease.home
         if home is None:  # another lease of the block holds it
             return
@@ -752,6 +807,7 @@ class ExpertReader(PooledReader):
 
     def close(self) -> None:
         self._prefetch.shutdown(wait=True)
+        self._misses.shutdown(wait=True)
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         self._homes.clear()  # each unmapped once no tensor views it

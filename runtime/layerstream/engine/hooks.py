@@ -176,6 +176,8 @@ class StreamedBlockHook(BlockHook):
             self.binding.bind(lease.tensors)
             self._bound = lease.tensors if lease.kept else None
         self._lease = lease
+        if isinstance(lease, ExpertLease):
+            lease.rebind = self.binding.bind  # it may move to its block's home
         predictor = self.group.streamer.predictor
         if predictor is not None and isinstance(lease, ExpertLease):
             predictor.learn(self.index, lease.tensors)
