@@ -596,3 +596,49 @@ def test_a_copying_install_whose_routed_experts_all_lie_kept_computes_in_its_hom
         assert at_home == kept and any(at_home) and not all(at_home)
     finally:
         engine.close()
+
+
+def test_a_failed_read_of_misses_beside_copies_fails_the_request_and_nothing_else(
+    moe_models, monkeypatch
+):
+    """Copying, an install's missed experts are read while its kept ones are copied: a
+    read that fails there fails the request (after the copies, before the buffer is
+    reused), and the next request is exact."""
+    import threading
+
+    from layerstream.engine.expert_reader import ExpertReader
+
+    source, store = moe_models("mixtral")
+    room = sum(p.info.bytes - p.base_bytes for p in _parts(store)) // 2
+    engine = expert_engine(
+        store,
+        _bases_budget(store, 8, buffers=1) + room,
+        read_ahead=0,
+        expert_prefetch=False,
+        expert_cache_in_place=False,
+    )
+    real = ExpertReader._read_missed
+    failed: list[str] = []
+
+    def flaky(self, lease, *args):
+        if threading.current_thread().name.startswith("layerstream-misses") and not failed:
+            failed.append(lease.info.name)
+            raise OSError("connection reset")
+        return real(self, lease, *args)
+
+    try:
+        reference = reference_model(source)
+        compare_generation(engine, reference, STEPS)  # the cache holds what it routed to
+        monkeypatch.setattr(ExpertReader, "_read_missed", flaky)
+        with pytest.raises(OSError, match="connection reset"), engine.request():
+            engine.model.generate(
+                torch.tensor([PROMPT[::-1]]),
+                max_new_tokens=STEPS,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        assert failed, "no install read misses beside copies"
+        generation = compare_generation(engine, reference, STEPS)
+        assert generation.ids_equal and generation.step_diffs == [0.0] * STEPS
+    finally:
+        engine.close()
