@@ -642,3 +642,46 @@ def test_a_failed_read_of_misses_beside_copies_fails_the_request_and_nothing_els
         assert generation.ids_equal and generation.step_diffs == [0.0] * STEPS
     finally:
         engine.close()
+
+
+def test_requests_together_on_installs_that_moved_home_get_their_solo_outputs(
+    moe_models, monkeypatch
+):
+    """Blocks computing in buffers, every base pinned, half the experts kept: requests at
+    once share each install; an install whose first request's experts all lie kept moves
+    to its home, and the requests after it on that install read their misses there. Each
+    output equals the same request run alone."""
+    from test_experts import assert_together_as_solo
+
+    from layerstream.engine.expert_reader import ExpertLease, ExpertReader
+
+    moved, read_home = [], []
+    real_move, real_read = ExpertLease._move_home, ExpertReader._read_in_place
+
+    def move(self, group, experts):
+        real_move(self, group, experts)
+        moved.append(self.in_place)
+
+    def read(self, lease, *args):
+        read_home.append(not self.placement.in_place)  # a moved install's misses
+        return real_read(self, lease, *args)
+
+    monkeypatch.setattr(ExpertLease, "_move_home", move)
+    monkeypatch.setattr(ExpertReader, "_read_in_place", read)
+    _, store = moe_models("qwen3_moe")
+    room = sum(p.info.bytes - p.base_bytes for p in _parts(store)) // 2
+    engine = expert_engine(
+        store,
+        _bases_budget(store, 8, buffers=1) + room,
+        read_ahead=0,
+        expert_prefetch=False,
+        expert_cache_in_place=False,
+        compute_slots=2,
+    )
+    try:
+        prompts = [PROMPT, PROMPT[::-1], PROMPT[2:], PROMPT[::2]]
+        for _ in range(2):  # the second time, with what the first kept
+            assert_together_as_solo(engine, prompts)
+        assert any(moved) and any(read_home)
+    finally:
+        engine.close()
