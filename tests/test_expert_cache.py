@@ -543,6 +543,20 @@ def test_a_failed_read_past_the_page_cache_into_a_home_spoils_its_kept_experts(
         engine.close()
 
 
+def _copying_engine(store, **options):
+    """Every base pinned, one streaming buffer, room for half the experts in the cache, no
+    guesses, blocks computing in buffers."""
+    room = sum(p.info.bytes - p.base_bytes for p in _parts(store)) // 2
+    return expert_engine(
+        store,
+        _bases_budget(store, 8, buffers=1) + room,
+        read_ahead=0,
+        expert_prefetch=False,
+        expert_cache_in_place=False,
+        **options,
+    )
+
+
 def test_a_copying_install_whose_routed_experts_all_lie_kept_computes_in_its_home(moe_models):
     """Blocks computing in buffers: an install whose first routed experts all lie kept in
     its block's home computes there (no copy), every other in its buffer; exact, with every
@@ -550,14 +564,7 @@ def test_a_copying_install_whose_routed_experts_all_lie_kept_computes_in_its_hom
     from layerstream.engine.experts import chosen
 
     source, store = moe_models("qwen3_moe")
-    room = sum(p.info.bytes - p.base_bytes for p in _parts(store)) // 2
-    engine = expert_engine(
-        store,
-        _bases_budget(store, 8, buffers=1) + room,
-        read_ahead=0,
-        expert_prefetch=False,
-        expert_cache_in_place=False,
-    )
+    engine = _copying_engine(store)
     try:
         reader, manifest = engine.streamer._reader, engine.manifest
         assert reader.cache.lending and engine.plan.read_ahead == 0
@@ -609,14 +616,7 @@ def test_a_failed_read_of_misses_beside_copies_fails_the_request_and_nothing_els
     from layerstream.engine.expert_reader import ExpertReader
 
     source, store = moe_models("mixtral")
-    room = sum(p.info.bytes - p.base_bytes for p in _parts(store)) // 2
-    engine = expert_engine(
-        store,
-        _bases_budget(store, 8, buffers=1) + room,
-        read_ahead=0,
-        expert_prefetch=False,
-        expert_cache_in_place=False,
-    )
+    engine = _copying_engine(store)
     real = ExpertReader._read_missed
     failed: list[str] = []
 
@@ -669,15 +669,7 @@ def test_requests_together_on_installs_that_moved_home_get_their_solo_outputs(
     monkeypatch.setattr(ExpertLease, "_move_home", move)
     monkeypatch.setattr(ExpertReader, "_read_in_place", read)
     _, store = moe_models("qwen3_moe")
-    room = sum(p.info.bytes - p.base_bytes for p in _parts(store)) // 2
-    engine = expert_engine(
-        store,
-        _bases_budget(store, 8, buffers=1) + room,
-        read_ahead=0,
-        expert_prefetch=False,
-        expert_cache_in_place=False,
-        compute_slots=2,
-    )
+    engine = _copying_engine(store, compute_slots=2)
     try:
         prompts = [PROMPT, PROMPT[::-1], PROMPT[2:], PROMPT[::2]]
         for _ in range(2):  # the second time, with what the first kept
