@@ -325,3 +325,26 @@ def test_the_expert_cache_keeps_4_bit_experts_dequantized(gpt_oss, budget, place
         assert kept > 3 * part.expert_bytes(0, 0)
     finally:
         engine.close()
+
+
+def test_misses_read_beside_copies_are_dequantized_in_the_requests_mode(gpt_oss):
+    """A server runs each request in inference mode, and the tensors its installs make are
+    inference tensors: the missed experts read while the kept ones are copied (on a thread
+    of their own) are dequantized into them in that mode too (outside it, torch refuses an
+    in-place write into them: a request failed so under `mlserver start`)."""
+    checkpoint, store = gpt_oss
+    reference = reference_model(checkpoint)
+    engine = expert_engine(
+        store, "50%", read_ahead=0, expert_prefetch=False, expert_cache_in_place=False
+    )
+    try:
+        assert engine.plan.expert_cache > 0
+        before = engine.streamer.stats.snapshot()
+        for _ in range(2):  # the second finds what the first kept, and misses the rest
+            with torch.inference_mode():
+                generation = compare_generation(engine, reference, STEPS)
+            assert generation.ids_equal and generation.step_diffs == [0.0] * STEPS
+        stats = engine.streamer.stats.since(before)
+        assert stats.expert_cache_hits > 0 and stats.experts_read > 0
+    finally:
+        engine.close()

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from functools import partial
+from typing import TypeVar
 
 import torch
 
@@ -51,6 +52,7 @@ from .placement import Placement
 from .readers import Lease, PooledLease, PooledReader
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PIECE = 1 << 20  # a local read of experts is split into reads of this size, run at once
 
@@ -213,6 +215,9 @@ class ExpertLease(PooledLease):
         # experts it computed with or copied may hold another version's bytes
         self.spoiled = reader.spoiled(info.name)
         self._experts = reader
+        # the inference mode it was made in (a request's, or an I/O thread's none): its
+        # tensors take writes in that mode alone, so reads on other threads run in it
+        self.inference = torch.is_inference_mode_enabled()
         self._lock = threading.Lock()
         self._loaded: list[set[int]] = [set() for _ in parts.groups]
         # experts being read, by group: the future of the read that brings each
@@ -369,7 +374,7 @@ class ExpertLease(PooledLease):
 
     def _quiet_read(self, group: int, experts: list[int], future: Future[None]) -> None:
         try:
-            self._read(group, experts, future)
+            _in_mode(self.inference, partial(self._read, group, experts, future))
         except Exception as exc:  # the block's own ensure reads them again, and raises
             log.debug("prefetch of block %d's experts failed: %s", self.index, exc)
 
@@ -658,7 +663,9 @@ class ExpertReader(PooledReader):
         # the misses' read starts first, and the kept experts are copied while the store
         # delivers it (a copy takes a fraction of a read: docs/benchmarks.md)
         reading = (
-            self._misses.submit(self._read_missed, lease, data, group, missed)
+            self._misses.submit(
+                _in_mode, lease.inference, partial(self._read_missed, lease, data, group, missed)
+            )
             if missed and found
             else None
         )
@@ -812,6 +819,13 @@ class ExpertReader(PooledReader):
             self._pool.shutdown(wait=True)
         self._homes.clear()  # each unmapped once no tensor views it
         super().close()
+
+
+def _in_mode(inference: bool, call: Callable[[], T]) -> T:
+    """``call`` on this thread in a lease's inference mode (``ExpertLease.inference``): it
+    writes into the lease's tensors, which torch lets only that mode write to in place."""
+    with torch.inference_mode(inference):
+        return call()
 
 
 def _kept(lease: ExpertLease, data: torch.Tensor, group: int, expert: int) -> list[torch.Tensor]:
