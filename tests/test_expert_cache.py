@@ -649,24 +649,30 @@ def test_requests_together_on_installs_that_moved_home_get_their_solo_outputs(
 ):
     """Blocks computing in buffers, every base pinned, half the experts kept: requests at
     once share each install; an install whose first request's experts all lie kept moves
-    to its home, and the requests after it on that install read their misses there. Each
-    output equals the same request run alone."""
+    to its home, and back to its buffer (never reading into the home) when a request after
+    it routes to an expert it lacks. Each output equals the same request run alone."""
     from test_experts import assert_together_as_solo
 
     from layerstream.engine.expert_reader import ExpertLease, ExpertReader
 
-    moved, read_home = [], []
-    real_move, real_read = ExpertLease._move_home, ExpertReader._read_in_place
+    moved, back, read_home = [], [], []
+    real_move, real_back = ExpertLease._move_home, ExpertLease._move_back
+    real_read = ExpertReader._read_in_place
 
     def move(self, group, experts):
         real_move(self, group, experts)
         moved.append(self.in_place)
 
+    def move_back(self):
+        real_back(self)
+        back.append(self.in_place)
+
     def read(self, lease, *args):
-        read_home.append(not self.placement.in_place)  # a moved install's misses
+        read_home.append(lease)
         return real_read(self, lease, *args)
 
     monkeypatch.setattr(ExpertLease, "_move_home", move)
+    monkeypatch.setattr(ExpertLease, "_move_back", move_back)
     monkeypatch.setattr(ExpertReader, "_read_in_place", read)
     _, store = moe_models("qwen3_moe")
     engine = _copying_engine(store, compute_slots=2)
@@ -674,6 +680,71 @@ def test_requests_together_on_installs_that_moved_home_get_their_solo_outputs(
         prompts = [PROMPT, PROMPT[::-1], PROMPT[2:], PROMPT[::2]]
         for _ in range(2):  # the second time, with what the first kept
             assert_together_as_solo(engine, prompts)
-        assert any(moved) and any(read_home)
+        assert any(moved) and back and not any(back) and not read_home
+    finally:
+        engine.close()
+
+
+def test_a_move_home_whose_bind_fails_fails_that_request_alone(moe_models, monkeypatch):
+    """Binding an install's home views fails once: the request that moved it fails, the
+    install stays in its buffer as it was bound, and the requests riding it with that one
+    finish with their solo outputs."""
+    import threading
+
+    from layerstream.engine.expert_reader import ExpertLease
+
+    failed: list[int] = []
+    real_move = ExpertLease._move_home
+
+    def move(self, group, experts):
+        rebind = self.rebind
+        if rebind is not None and not failed:
+
+            def flaky(tensors):
+                if not failed:
+                    failed.append(self.index)
+                    raise RuntimeError("bind failed")
+                rebind(tensors)
+
+            self.rebind = flaky
+        try:
+            real_move(self, group, experts)
+        finally:
+            self.rebind = rebind
+
+    _, store = moe_models("qwen3_moe")
+    engine = _copying_engine(store, compute_slots=2)
+    prompts = [PROMPT, PROMPT[::-1], PROMPT[2:], PROMPT[::2]]
+
+    def run(prompt):
+        with engine.request():
+            out = engine.model.generate(
+                torch.tensor([prompt]), max_new_tokens=STEPS, do_sample=False, pad_token_id=0
+            )
+        return out[0].tolist()
+
+    try:
+        run(PROMPT)  # the cache holds what it routed to
+        solo = [run(p) for p in prompts]
+        monkeypatch.setattr(ExpertLease, "_move_home", move)
+        results: dict[int, list[int]] = {}
+        errors: list[BaseException] = []
+        barrier = threading.Barrier(len(prompts))
+
+        def worker(i: int) -> None:
+            try:
+                barrier.wait(timeout=60)
+                results[i] = run(prompts[i])
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert failed and len(errors) <= 1 and all("bind failed" in str(e) for e in errors)
+        assert len(results) + len(errors) == len(prompts)
+        assert all(results[i] == solo[i] for i in results)
     finally:
         engine.close()

@@ -17,7 +17,8 @@ ticket that bounds the installs in flight (and so the experts read and not kept)
 bounds them without homes; one copying computes in its buffer, the kept experts it routes
 to copied in (while the missed ones are read), and those it reads that the cache keeps
 copied home; but where the first experts an install routes to all lie kept in its home, it
-computes there instead, with nothing to copy (``ExpertLease.missing``). While installs
+computes there instead, with nothing to copy, until a later request on it routes to an
+expert it lacks (``ExpertLease.missing``). While installs
 compute in place, the tickets' memory is lent to the cache (``ExpertCache.lend``: the buffers
 whose pages are given back, as the pool tells each time a buffer is taken), where every
 streamed block is such a block of a plain store.
@@ -229,6 +230,7 @@ class ExpertLease(PooledLease):
         # binds new tensors of the block in its module (set by the block's hook at install)
         self.rebind: Callable[[dict[str, torch.Tensor]], None] | None = None
         self._routing_seen = False
+        self._moved = False  # computing in its home since its first routing (_move_home)
 
     def _views(self) -> dict[str, torch.Tensor]:
         if self.quantized is not None:  # the experts read, dequantized as they arrived
@@ -270,22 +272,23 @@ class ExpertLease(PooledLease):
             cache.routed(self.info.name, group, experts)
         with self._lock:
             self._routed[group].update(experts)
+            loaded = self._loaded[group]
             if not self._routing_seen:
                 self._routing_seen = True
                 self._move_home(group, experts)
-            loaded = self._loaded[group]
+            elif self._moved and any(e not in loaded for e in experts):
+                self._move_back()
             return any(e not in loaded for e in experts)
 
     def _move_home(self, group: int, experts: list[int]) -> None:
         """(Under the lock, at its first routing: no experts module has run on it yet) a
         copying install whose routed experts all lie kept in its home computes there
-        instead of copying them into its buffer; its later misses are read into the home,
-        as in place (where the buffers' memory is lent to the cache, whose reservations
-        bound them; a hit copied costs a copy, a hit in place nothing)."""
+        instead of copying them into its buffer (a hit copied costs a copy, one where it
+        lies nothing)."""
         home, cache = self.home, self._experts.cache
-        if self.in_place or home is None or cache is None or not cache.lending:
+        if self.in_place or home is None or cache is None or self.rebind is None:
             return
-        if self.quantized is not None or self.pinned is None or self.rebind is None:
+        if self.quantized is not None or self.pinned is None:
             return
         if any(self._loaded) or any(self._pending):  # read into the buffer already
             return
@@ -298,13 +301,41 @@ class ExpertLease(PooledLease):
                 cache.done(taken)
                 return
             taken.append(key)
+        try:
+            self._bind(home.buffer[: self.info.bytes])
+        except BaseException:
+            cache.done(taken)
+            raise
         self.used.extend(taken)
         self._loaded[group].update(experts)
-        self.in_place = True
-        self._data = home.buffer[: self.info.bytes]
-        self.tensors = self._pinned_views()
-        self.rebind(self.tensors)
+        self.in_place = self._moved = True
         self._experts.checks.count_cache_hits(len(keys))
+
+    def _move_back(self) -> None:
+        """(Under the lock) a request on a moved install routes to an expert it lacks: the
+        install goes back to its buffer, the experts it computes with copied there first,
+        so whoever computes meanwhile finds the same values wherever its views point; the
+        expert is then read into the buffer, not into fresh pages of the home."""
+        assert self._data is not None
+        buffer = self._buffer[: self.info.bytes]
+        for g, loaded in enumerate(self._loaded):
+            for e in loaded:
+                self._experts._copy(_kept(self, buffer, g, e), _kept(self, self._data, g, e))
+        self._bind(buffer)
+        self.in_place = self._moved = False
+
+    def _bind(self, data: torch.Tensor) -> None:
+        """(Under the lock) the block's module computes on ``data`` (its buffer or its home,
+        laid out like the chunk) from now on; a bind that fails leaves the views as they
+        were."""
+        assert self.pinned is not None and self.rebind is not None
+        views = {**self.pinned.tensors, **tensors_from_layout(self.pinned.experts, data)}
+        try:
+            self.rebind(views)
+        except BaseException:
+            self.rebind(self.tensors)  # back as they were: every rider sees one layout
+            raise
+        self._data, self.tensors = data, views
 
     def _claim(self, group: int, experts: list[int]) -> tuple[list[int], Future[None] | None]:
         """(Under the lock) those of ``experts`` nobody has read or is reading, marked as
@@ -437,7 +468,9 @@ class ExpertReader(PooledReader):
         # own threads, since a guess waits on the pool's (one pool would deadlock)
         self._prefetch = ThreadPoolExecutor(2, thread_name_prefix="layerstream-prefetch")
         # a copying install's missed experts are read here while its kept ones are copied
-        self._misses = ThreadPoolExecutor(2, thread_name_prefix="layerstream-misses")
+        self._misses = ThreadPoolExecutor(
+            max(self._threads // 4, 2), thread_name_prefix="layerstream-misses"
+        )
         self._homes: dict[str, Home] = {}  # by chunk name, made at a block's first install
         self._spoiled: dict[str, int] = {}  # by chunk name: reads into its home that failed
         self._homes_lock = threading.Lock()
@@ -662,14 +695,11 @@ class ExpertReader(PooledReader):
         self._found(len(found), len(missed))
         # the misses' read starts first, and the kept experts are copied while the store
         # delivers it (a copy takes a fraction of a read: docs/benchmarks.md)
-        reading = (
-            self._misses.submit(
-                _in_mode, lease.inference, partial(self._read_missed, lease, data, group, missed)
-            )
-            if missed and found
-            else None
-        )
+        reading = None
         try:
+            if missed and found:
+                read = partial(self._read_missed, lease, data, group, missed)
+                reading = self._misses.submit(_in_mode, lease.inference, read)
             for e, kept in found.items():
                 self._copy(_kept(lease, data, group, e), kept)
         finally:
