@@ -689,7 +689,7 @@ def test_a_move_home_whose_bind_fails_fails_that_request_alone(moe_models, monke
     """Binding an install's home views fails once: the request that moved it fails, the
     install stays in its buffer as it was bound, and the requests riding it with that one
     finish with their solo outputs."""
-    import threading
+    from test_experts import greedy, together
 
     from layerstream.engine.expert_reader import ExpertLease
 
@@ -715,34 +715,11 @@ def test_a_move_home_whose_bind_fails_fails_that_request_alone(moe_models, monke
     _, store = moe_models("qwen3_moe")
     engine = _copying_engine(store, compute_slots=2)
     prompts = [PROMPT, PROMPT[::-1], PROMPT[2:], PROMPT[::2]]
-
-    def run(prompt):
-        with engine.request():
-            out = engine.model.generate(
-                torch.tensor([prompt]), max_new_tokens=STEPS, do_sample=False, pad_token_id=0
-            )
-        return out[0].tolist()
-
     try:
-        run(PROMPT)  # the cache holds what it routed to
-        solo = [run(p) for p in prompts]
+        greedy(engine, PROMPT)  # the cache holds what it routed to
+        solo = [greedy(engine, p) for p in prompts]
         monkeypatch.setattr(ExpertLease, "_move_home", move)
-        results: dict[int, list[int]] = {}
-        errors: list[BaseException] = []
-        barrier = threading.Barrier(len(prompts))
-
-        def worker(i: int) -> None:
-            try:
-                barrier.wait(timeout=60)
-                results[i] = run(prompts[i])
-            except BaseException as exc:
-                errors.append(exc)
-
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=300)
+        results, errors = together(engine, prompts)
         assert failed and len(errors) <= 1 and all("bind failed" in str(e) for e in errors)
         assert len(results) + len(errors) == len(prompts)
         assert all(results[i] == solo[i] for i in results)

@@ -159,17 +159,20 @@ def test_concurrent_requests_share_each_install_and_stay_exact(moe_models):
         engine.close()
 
 
-def assert_together_as_solo(engine: Engine, prompts: list[list[int]]) -> None:
-    """Greedy generations of ``prompts`` run at once equal each one run alone."""
+def greedy(engine: Engine, prompt: list[int]) -> list[int]:
+    """The ids of a greedy generation of STEPS tokens after ``prompt``."""
+    with engine.request():
+        out = engine.model.generate(
+            torch.tensor([prompt]), max_new_tokens=STEPS, do_sample=False, pad_token_id=0
+        )
+    return out[0].tolist()
 
-    def run(prompt: list[int]) -> list[int]:
-        with engine.request():
-            out = engine.model.generate(
-                torch.tensor([prompt]), max_new_tokens=STEPS, do_sample=False, pad_token_id=0
-            )
-        return out[0].tolist()
 
-    solo = [run(p) for p in prompts]
+def together(
+    engine: Engine, prompts: list[list[int]]
+) -> tuple[dict[int, list[int]], list[BaseException]]:
+    """Greedy generations of ``prompts`` started at once: the ids of each that finished, by
+    index, and the errors of the others."""
     results: dict[int, list[int]] = {}
     errors: list[BaseException] = []
     start = threading.Barrier(len(prompts))
@@ -177,7 +180,7 @@ def assert_together_as_solo(engine: Engine, prompts: list[list[int]]) -> None:
     def worker(i: int) -> None:
         try:
             start.wait(timeout=60)
-            results[i] = run(prompts[i])
+            results[i] = greedy(engine, prompts[i])
         except BaseException as exc:
             errors.append(exc)
 
@@ -186,6 +189,13 @@ def assert_together_as_solo(engine: Engine, prompts: list[list[int]]) -> None:
         t.start()
     for t in threads:
         t.join(timeout=300)
+    return results, errors
+
+
+def assert_together_as_solo(engine: Engine, prompts: list[list[int]]) -> None:
+    """Greedy generations of ``prompts`` run at once equal each one run alone."""
+    solo = [greedy(engine, p) for p in prompts]
+    results, errors = together(engine, prompts)
     assert not errors
     assert [results[i] for i in range(len(prompts))] == solo
 
