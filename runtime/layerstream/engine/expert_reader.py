@@ -18,10 +18,10 @@ bounds them without homes; one copying computes in its buffer, the kept experts 
 to copied in (while the missed ones are read), and those it reads that the cache keeps
 copied home; but where the first experts an install routes to all lie kept in its home, it
 computes there instead, with nothing to copy, until a later request on it routes to an
-expert it lacks (``ExpertLease.missing``). While installs
-compute in place, the tickets' memory is lent to the cache (``ExpertCache.lend``: the buffers
-whose pages are given back, as the pool tells each time a buffer is taken), where every
-streamed block is such a block of a plain store.
+expert it lacks (``ExpertLease.missing``). While installs compute in place, the tickets'
+memory is lent to the cache (``ExpertCache.lend``: the buffers whose pages are given back,
+as the pool tells each time a buffer is taken), where every streamed block is such a
+block of a plain store.
 """
 
 from __future__ import annotations
@@ -248,10 +248,11 @@ class ExpertLease(PooledLease):
                 self.home.tensors = self._pinned_views()
         return self.home.tensors
 
-    def _pinned_views(self) -> dict[str, torch.Tensor]:
-        """The pinned base's tensors and the experts' views of ``_data``."""
-        assert self.pinned is not None and self._data is not None
-        return {**self.pinned.tensors, **tensors_from_layout(self.pinned.experts, self._data)}
+    def _pinned_views(self, data: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The pinned base's tensors and the experts' views of ``data`` (``_data``)."""
+        data = self._data if data is None else data
+        assert self.pinned is not None and data is not None
+        return {**self.pinned.tensors, **tensors_from_layout(self.pinned.experts, data)}
 
     def confirm(self) -> None:
         """After the block has run: every request that ran it fails if a read into its
@@ -328,8 +329,8 @@ class ExpertLease(PooledLease):
         """(Under the lock) the block's module computes on ``data`` (its buffer or its home,
         laid out like the chunk) from now on; a bind that fails leaves the views as they
         were."""
-        assert self.pinned is not None and self.rebind is not None
-        views = {**self.pinned.tensors, **tensors_from_layout(self.pinned.experts, data)}
+        assert self.rebind is not None
+        views = self._pinned_views(data)
         try:
             self.rebind(views)
         except BaseException:

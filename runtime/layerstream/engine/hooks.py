@@ -177,10 +177,10 @@ class StreamedBlockHook(BlockHook):
             self._bound = lease.tensors if lease.kept else None
         self._lease = lease
         if isinstance(lease, ExpertLease):
-            lease.rebind = self.binding.bind  # it may move to its block's home
-        predictor = self.group.streamer.predictor
-        if predictor is not None and isinstance(lease, ExpertLease):
-            predictor.learn(self.index, lease.tensors)
+            lease.rebind = self.binding.bind  # it may move to its block's home and back
+            predictor = self.group.streamer.predictor
+            if predictor is not None:
+                predictor.learn(self.index, lease.tensors)
 
     def uninstall(self, lease: Lease) -> None:
         self._lease = None
